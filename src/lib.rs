@@ -1,0 +1,12 @@
+//! memvisor: a small KVM hypervisor that shows, side by side, what a virtual machine costs the host
+//! (machine pages backing guest RAM, plus the VMM's own overhead) and what the guest actually uses
+//! (active memory, estimated by random write-protect sampling).
+#![deny(clippy::undocumented_unsafe_blocks)]
+
+pub mod abi;
+pub mod bitmap;
+pub mod kvm_ext;
+pub mod pagemap;
+pub mod pmp_mmp;
+pub mod sampler;
+pub mod stats;
