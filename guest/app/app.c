@@ -1,0 +1,313 @@
+/* memvisor guest app (ring 3): runs the workload's phases over the heap and keeps exact ground
+ * truth of what it touched, per phase and per reporting window. See docs/abi.md. */
+#include "../abi.h"
+
+#define U64_MAX (~0ULL)
+/* Accesses between TSC deadline checks (the window id is checked after every access). */
+#define DEADLINE_CHECK_EVERY 64
+
+struct counts {
+    u64 touched;    /* distinct heap pages read or written */
+    u64 written;    /* distinct heap pages written */
+    u64 iterations; /* page accesses */
+    u64 hi;         /* bitmap bits at or above this page are all clear */
+};
+
+static volatile struct boot_info *const bi = (volatile struct boot_info *)APP_BOOT_INFO_VA;
+static struct msg msgbuf __attribute__((aligned(128)));
+
+static u64 *bm_phase_t, *bm_phase_w, *bm_win_t, *bm_win_w;
+static u64 heap_pages;  /* pages the app holds, from APP_HEAP_VA up */
+static u64 touch_pages; /* pages of the running touch phase, else 0 */
+static u64 tsc_khz, rng, cur_phase;
+static struct counts ph, win;
+static u64 win_id, win_tsc;
+
+/* gcc may emit calls to these. */
+__attribute__((used)) void *memset(void *d, int c, unsigned long n)
+{
+    u8 *p = d;
+    while (n--)
+        *p++ = (u8)c;
+    return d;
+}
+
+__attribute__((used)) void *memcpy(void *d, const void *s, unsigned long n)
+{
+    u8 *p = d;
+    const u8 *q = s;
+    while (n--)
+        *p++ = *q++;
+    return d;
+}
+
+static inline u64 rdtsc(void)
+{
+    u32 lo, hi;
+    __asm__ volatile("rdtsc" : "=a"(lo), "=d"(hi));
+    return ((u64)hi << 32) | lo;
+}
+
+static inline u64 sys(u64 nr, u64 a0)
+{
+    u64 a1 = 0;
+    __asm__ volatile("syscall"
+                     : "+a"(nr), "+D"(a0), "+S"(a1)
+                     :
+                     : "rcx", "rdx", "r8", "r9", "r10", "r11", "memory");
+    return nr;
+}
+
+static u64 ns_to_ticks(u64 ns)
+{
+    return (ns / 1000000) * tsc_khz + (ns % 1000000) * tsc_khz / 1000000;
+}
+
+static u64 ticks_to_ns(u64 t)
+{
+    return (t / tsc_khz) * 1000000 + (t % tsc_khz) * 1000000 / tsc_khz;
+}
+
+/* xorshift64* */
+static inline u64 next_rand(void)
+{
+    u64 x = rng;
+    x ^= x >> 12;
+    x ^= x << 25;
+    x ^= x >> 27;
+    rng = x;
+    return x * 0x2545f4914f6cdd1dULL;
+}
+
+/* Uniform in [0, n). */
+static inline u64 range(u64 r, u64 n)
+{
+    return (u64)(((unsigned __int128)r * n) >> 64);
+}
+
+static void send(u32 kind, u64 window, const struct counts *c, u64 a0, u64 a1)
+{
+    struct msg *m = &msgbuf;
+    u64 *w = (u64 *)m;
+    for (unsigned i = 0; i < ABI_MSG_SIZE / 8; i++)
+        w[i] = 0;
+    m->magic = ABI_MSG_MAGIC;
+    m->kind = kind;
+    m->phase = cur_phase;
+    m->window = window;
+    if (c) {
+        m->touched = c->touched;
+        m->written = c->written;
+        m->iterations = c->iterations;
+    }
+    m->heap_pages = heap_pages;
+    m->arg0 = a0;
+    m->arg1 = a1;
+    m->tsc = rdtsc();
+    sys(SYS_REPORT, (u64)m);
+}
+
+static void clear_bits(u64 *b, u64 pages)
+{
+    u64 n = (pages + 63) >> 6;
+    for (u64 i = 0; i < n; i++)
+        b[i] = 0;
+}
+
+/* The VMM moved to a new window: report the one that ended and start counting afresh. */
+static __attribute__((noinline)) void window_end(void)
+{
+    u64 now = rdtsc();
+    send(MSG_WINDOW, win_id, &win, now - win_tsc, 0);
+    if (win.touched) {
+        clear_bits(bm_win_t, win.hi);
+        clear_bits(bm_win_w, win.hi);
+    }
+    win.touched = win.written = win.iterations = 0;
+    win.hi = touch_pages;
+    win_id = bi->window;
+    win_tsc = now;
+}
+
+static inline void check_window(void)
+{
+    if (bi->window != win_id)
+        window_end();
+}
+
+static inline __attribute__((always_inline)) void access(u64 p, int write)
+{
+    volatile u64 *a = (volatile u64 *)(APP_HEAP_VA + (p << 12));
+    u64 wi = p >> 6, b = 1ULL << (p & 63);
+    if (write) {
+        *a = p + 1;
+        if (!(bm_phase_w[wi] & b)) {
+            bm_phase_w[wi] |= b;
+            ph.written++;
+        }
+        if (!(bm_win_w[wi] & b)) {
+            bm_win_w[wi] |= b;
+            win.written++;
+        }
+    } else {
+        (void)*a;
+    }
+    if (!(bm_phase_t[wi] & b)) {
+        bm_phase_t[wi] |= b;
+        ph.touched++;
+    }
+    if (!(bm_win_t[wi] & b)) {
+        bm_win_t[wi] |= b;
+        win.touched++;
+    }
+    ph.iterations++;
+    win.iterations++;
+    check_window();
+}
+
+static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
+{
+    if (n > heap_pages || permille > 1000)
+        return PHASE_BAD;
+    if (n == 0)
+        return PHASE_OK;
+    touch_pages = n;
+    ph.hi = n;
+    if (win.hi < n)
+        win.hi = n;
+    int write = flags & PHASE_F_WRITE;
+    int random = flags & PHASE_F_RANDOM;
+    int split = hot && hot < n;
+    u64 total = duration ? U64_MAX : n; /* duration 0: one pass of n accesses */
+    u64 deadline = duration ? rdtsc() + ns_to_ticks(duration) : 0;
+    u64 seq = 0, seq_hot = 0, seq_cold = hot, acc = 0, done = 0;
+    while (done < total) {
+        u64 batch = total - done < DEADLINE_CHECK_EVERY ? total - done : DEADLINE_CHECK_EVERY;
+        for (u64 i = 0; i < batch; i++) {
+            u64 p;
+            if (random) {
+                u64 r = next_rand();
+                if (split) {
+                    u64 r2 = next_rand();
+                    p = (((r >> 32) * 1000) >> 32) < permille ? range(r2, hot)
+                                                              : hot + range(r2, n - hot);
+                } else {
+                    p = range(r, n);
+                }
+            } else if (split) {
+                /* Evenly spread: every access adds permille/1000 of a hot access. */
+                acc += permille;
+                if (acc >= 1000) {
+                    acc -= 1000;
+                    p = seq_hot;
+                    if (++seq_hot == hot)
+                        seq_hot = 0;
+                } else {
+                    p = seq_cold;
+                    if (++seq_cold == n)
+                        seq_cold = hot;
+                }
+            } else {
+                p = seq;
+                if (++seq == n)
+                    seq = 0;
+            }
+            if (write)
+                access(p, 1);
+            else
+                access(p, 0);
+        }
+        done += batch;
+        if (duration && rdtsc() >= deadline)
+            break;
+    }
+    touch_pages = 0;
+    return PHASE_OK;
+}
+
+static void phase_idle(u64 duration)
+{
+    u64 deadline = rdtsc() + ns_to_ticks(duration);
+    for (;;) {
+        check_window();
+        u64 now = rdtsc();
+        if (now >= deadline)
+            break;
+        sys(SYS_SLEEP, ticks_to_ns(deadline - now)); /* returns early at each VMM tick */
+    }
+}
+
+static u64 run_phase(u32 kind, u32 flags, u64 pages, u64 duration, u64 hot, u64 permille)
+{
+    switch (kind) {
+    case PHASE_ALLOC:
+        if (pages) {
+            u64 va = sys(SYS_ALLOC, pages);
+            if (!va)
+                return PHASE_OOM;
+            if (va != APP_HEAP_VA + (heap_pages << 12))
+                return PHASE_BAD;
+            heap_pages += pages;
+        }
+        return PHASE_OK;
+    case PHASE_FREE:
+        if (pages > heap_pages)
+            return PHASE_BAD;
+        if (pages) {
+            if (sys(SYS_FREE, pages) != 0)
+                return PHASE_BAD;
+            heap_pages -= pages;
+        }
+        return PHASE_OK;
+    case PHASE_TOUCH:
+        return phase_touch(flags, pages, duration, hot, permille);
+    case PHASE_IDLE:
+        phase_idle(duration);
+        return PHASE_OK;
+    case PHASE_FAULT:
+        (void)*(volatile u64 *)APP_UNMAPPED_VA; /* the kernel reports the #PF and halts */
+        return PHASE_BAD;
+    }
+    return PHASE_BAD;
+}
+
+void app_main(u64 *bitmaps, u64 words)
+{
+    if (bi->magic != ABI_BOOT_MAGIC)
+        return;
+    bm_phase_t = bitmaps;
+    bm_phase_w = bitmaps + words;
+    bm_win_t = bitmaps + 2 * words;
+    bm_win_w = bitmaps + 3 * words;
+    tsc_khz = bi->tsc_khz ? bi->tsc_khz : 1000000;
+    rng = bi->seed * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL;
+    if (!rng)
+        rng = 1;
+    win_id = bi->window;
+    win_tsc = rdtsc();
+    u64 nphases = bi->nphases < ABI_MAX_PHASES ? bi->nphases : ABI_MAX_PHASES;
+
+    for (u64 i = 0; i < nphases; i++) {
+        volatile struct phase *p = &bi->phases[i];
+        u32 kind = p->kind, flags = p->flags;
+        u64 pages = p->pages, duration = p->duration_ns, hot = p->hot_pages,
+            permille = p->hot_permille;
+        cur_phase = i;
+        if (ph.touched) {
+            clear_bits(bm_phase_t, ph.hi);
+            clear_bits(bm_phase_w, ph.hi);
+        }
+        ph.touched = ph.written = ph.iterations = ph.hi = 0;
+        check_window();
+        send(MSG_PHASE_START, win_id, 0, 0, 0);
+        u64 t0 = rdtsc();
+        u64 status = run_phase(kind, flags, pages, duration, hot, permille);
+        u64 ticks = rdtsc() - t0;
+        check_window();
+        send(MSG_PHASE_END, win_id, &ph, ticks, status);
+        if (status == PHASE_OOM)
+            break;
+    }
+    send(MSG_WINDOW, win_id, &win, rdtsc() - win_tsc, 1);
+    sys(SYS_EXIT, 0);
+}
