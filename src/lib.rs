@@ -10,3 +10,5 @@ pub mod pagemap;
 pub mod pmp_mmp;
 pub mod sampler;
 pub mod stats;
+pub mod units;
+pub mod workload;
