@@ -1,0 +1,314 @@
+//! Cost of one PMP-MMP harvest for 1, 4, 16 and 64 GiB of guest RAM with 256 MiB touched.
+//!
+//! Guest RAM is a private anonymous MAP_NORESERVE mapping in this process; the bench writes
+//! 256 MiB of it (128 blocks of 2 MiB spread evenly) and hands the map a synthetic dirty bitmap
+//! for exactly those pages. "first" is the harvest that finds all 256 MiB newly touched,
+//! "steady" one with nothing new (the bitmap and residency passes only), with the residency pass
+//! done by PAGEMAP_SCAN (the default where the kernel has it) and by mincore, and without it.
+//! With /dev/kvm, the cost of a real KVM_GET_DIRTY_LOG on a memslot of the same size is shown
+//! too.
+//!
+//! Run: `cargo bench --bench harvest`.
+
+use std::time::Instant;
+
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::Kvm;
+use memvisor::bitmap::Bitmap;
+use memvisor::kvm_ext;
+use memvisor::pmp_mmp::{MapOptions, PAGE_SIZE, PmpMmpMap, ResidencyMethod};
+
+const GIB: u64 = 1 << 30;
+const TOUCHED: u64 = 256 << 20;
+const BLOCK_PAGES: u64 = 512;
+const STEADY_RUNS: u32 = 5;
+
+/// A private anonymous mapping, unmapped on drop.
+struct Region {
+    addr: *mut u8,
+    len: usize,
+}
+
+impl Region {
+    fn new(len: usize) -> Result<Region, String> {
+        // SAFETY: a fresh anonymous mapping that aliases nothing; the result is checked.
+        let addr = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                len,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
+                -1,
+                0,
+            )
+        };
+        if addr == libc::MAP_FAILED {
+            return Err(format!("mmap {len}: {}", std::io::Error::last_os_error()));
+        }
+        Ok(Region {
+            addr: addr.cast(),
+            len,
+        })
+    }
+}
+
+impl Drop for Region {
+    fn drop(&mut self) {
+        // SAFETY: unmaps exactly our own mapping; nothing references it any more.
+        unsafe { libc::munmap(self.addr.cast(), self.len) };
+    }
+}
+
+fn ms_since(t: Instant) -> f64 {
+    t.elapsed().as_secs_f64() * 1e3
+}
+
+/// Mean milliseconds of KVM_GET_DIRTY_LOG on a dirty-logged memslot over `region`.
+fn get_dirty_log_ms(kvm: &Kvm, region: &Region) -> Result<f64, String> {
+    let vm = kvm.create_vm().map_err(|e| format!("create_vm: {e}"))?;
+    kvm_ext::enable_manual_dirty_log_protect(&vm).map_err(|e| e.to_string())?;
+    let mem = kvm_userspace_memory_region {
+        slot: 0,
+        flags: KVM_MEM_LOG_DIRTY_PAGES,
+        guest_phys_addr: 0,
+        memory_size: region.len as u64,
+        userspace_addr: region.addr as u64,
+    };
+    // SAFETY: the region is a live mapping of memory_size bytes that outlives the VM.
+    unsafe { vm.set_user_memory_region(mem) }.map_err(|e| format!("memslot: {e}"))?;
+    let runs = 10;
+    let t = Instant::now();
+    for _ in 0..runs {
+        let log = vm
+            .get_dirty_log(0, region.len)
+            .map_err(|e| format!("get_dirty_log: {e}"))?;
+        std::hint::black_box(log);
+    }
+    Ok(ms_since(t) / f64::from(runs))
+}
+
+struct Row {
+    gib: u64,
+    touch_ms: f64,
+    first_ms: f64,
+    first_lookups: u64,
+    steady_ms: f64,
+    steady_bitmap_ms: f64,
+    steady_scan_ms: f64,
+    mincore_first_ms: f64,
+    mincore_steady_ms: f64,
+    mincore_pass_ms: f64,
+    steady_no_residency_ms: f64,
+    auto_steady_ms: f64,
+    auto_method: &'static str,
+    refresh_ms: f64,
+    get_dirty_log_ms: Option<f64>,
+    overhead_mib: f64,
+    backed: u64,
+}
+
+fn bench(gib: u64, kvm: Option<&Kvm>) -> Result<Row, String> {
+    let pages = gib * GIB / PAGE_SIZE;
+    let region = Region::new((gib * GIB) as usize)?;
+    let blocks = TOUCHED / PAGE_SIZE / BLOCK_PAGES;
+    let stride = pages / blocks;
+    let mut dirty = Bitmap::new(pages);
+    let t = Instant::now();
+    for b in 0..blocks {
+        let first = b * stride;
+        for g in first..first + BLOCK_PAGES {
+            // SAFETY: g < pages: inside our live writable mapping.
+            unsafe { region.addr.add((g * PAGE_SIZE) as usize).write_volatile(1) };
+            dirty.set(g);
+        }
+    }
+    let touch_ms = ms_since(t);
+
+    let opts = |residency, residency_every| MapOptions {
+        residency,
+        residency_every,
+    };
+    let new_map = |o: MapOptions| {
+        PmpMmpMap::with_options(region.addr as usize, pages, o).map_err(|e| e.to_string())
+    };
+    let n = f64::from(STEADY_RUNS);
+
+    // PAGEMAP_SCAN residency on every harvest.
+    let mut map = new_map(opts(ResidencyMethod::PagemapScan, 1))?;
+    let t = Instant::now();
+    let first = map
+        .harvest(dirty.words(), &[], 0)
+        .map_err(|e| e.to_string())?;
+    let first_ms = ms_since(t);
+    let backed = map.summary().backed;
+    let (mut steady_ms, mut bitmap_ms, mut scan_ms) = (0.0, 0.0, 0.0);
+    for i in 1..=STEADY_RUNS {
+        let t = Instant::now();
+        let s = map
+            .harvest(dirty.words(), &[], i)
+            .map_err(|e| e.to_string())?;
+        steady_ms += ms_since(t);
+        bitmap_ms += s.bitmap_ms;
+        scan_ms += s.residency_ms;
+    }
+
+    // mincore residency.
+    let mut mc = new_map(opts(ResidencyMethod::Mincore, 1))?;
+    let t = Instant::now();
+    mc.harvest(dirty.words(), &[], 0)
+        .map_err(|e| e.to_string())?;
+    let mincore_first_ms = ms_since(t);
+    let (mut mincore_steady_ms, mut mincore_pass_ms) = (0.0, 0.0);
+    for i in 1..=STEADY_RUNS {
+        let t = Instant::now();
+        let s = mc
+            .harvest(dirty.words(), &[], i)
+            .map_err(|e| e.to_string())?;
+        mincore_steady_ms += ms_since(t);
+        mincore_pass_ms += s.residency_ms;
+    }
+    drop(mc);
+
+    // Default options (Auto picks the method per pass).
+    let mut auto = new_map(MapOptions::default())?;
+    auto.harvest(dirty.words(), &[], 0)
+        .map_err(|e| e.to_string())?;
+    let (mut auto_steady_ms, mut auto_method) = (0.0, "-");
+    for i in 1..=STEADY_RUNS {
+        let t = Instant::now();
+        let s = auto
+            .harvest(dirty.words(), &[], i)
+            .map_err(|e| e.to_string())?;
+        auto_steady_ms += ms_since(t);
+        auto_method = match s.residency_method {
+            Some(ResidencyMethod::PagemapScan) => "scan",
+            Some(ResidencyMethod::Mincore) => "mc",
+            _ => "-",
+        };
+    }
+    drop(auto);
+
+    // No residency pass after the first harvest (residency_every = 0).
+    let mut quiet = new_map(opts(ResidencyMethod::PagemapScan, 0))?;
+    quiet
+        .harvest(dirty.words(), &[], 0)
+        .map_err(|e| e.to_string())?;
+    let t = Instant::now();
+    for i in 1..=STEADY_RUNS {
+        quiet
+            .harvest(dirty.words(), &[], i)
+            .map_err(|e| e.to_string())?;
+    }
+    let steady_no_residency_ms = ms_since(t) / n;
+    drop(quiet);
+
+    let refresh_ms = map.refresh().map_err(|e| e.to_string())?.ms;
+    let get_dirty_log_ms = match kvm {
+        Some(kvm) => Some(get_dirty_log_ms(kvm, &region)?),
+        None => None,
+    };
+    Ok(Row {
+        gib,
+        touch_ms,
+        first_ms,
+        first_lookups: first.lookups,
+        steady_ms: steady_ms / n,
+        steady_bitmap_ms: bitmap_ms / n,
+        steady_scan_ms: scan_ms / n,
+        mincore_first_ms,
+        mincore_steady_ms: mincore_steady_ms / n,
+        mincore_pass_ms: mincore_pass_ms / n,
+        steady_no_residency_ms,
+        auto_steady_ms: auto_steady_ms / n,
+        auto_method,
+        refresh_ms,
+        get_dirty_log_ms,
+        overhead_mib: map.overhead_bytes() as f64 / f64::from(1 << 20),
+        backed,
+    })
+}
+
+fn main() {
+    // `cargo bench` passes --bench; any other argument is ignored.
+    let kvm = if std::path::Path::new("/dev/kvm").exists() {
+        match Kvm::new() {
+            Ok(k) => Some(k),
+            Err(e) => {
+                eprintln!("/dev/kvm present but unusable ({e}): no KVM_GET_DIRTY_LOG column");
+                None
+            }
+        }
+    } else {
+        eprintln!("/dev/kvm absent: no KVM_GET_DIRTY_LOG column");
+        None
+    };
+    println!(
+        "PMP-MMP harvest cost, 256 MiB touched (128 x 2 MiB blocks); ms; steady = mean of {STEADY_RUNS}"
+    );
+    println!(
+        "  scan: residency pass by PAGEMAP_SCAN; mc: by mincore; auto: default options (Auto picks \
+         per pass); none: residency pass off"
+    );
+    println!(
+        "{:>4} {:>7} {:>7} {:>6} | {:>7} {:>7} {:>7} | {:>7} {:>7} {:>7} | {:>12} | {:>6} | {:>7} {:>9} {:>8}",
+        "GiB",
+        "touch",
+        "first",
+        "lookup",
+        "steady",
+        "bitmap",
+        "scan",
+        "mc.1st",
+        "mc.stdy",
+        "mincore",
+        "auto stdy",
+        "none",
+        "refresh",
+        "GET_DIRTY",
+        "overhead"
+    );
+    let mut failed = false;
+    let t0 = Instant::now();
+    for gib in [1u64, 4, 16, 64] {
+        match bench(gib, kvm.as_ref()) {
+            Ok(r) => {
+                if r.backed != TOUCHED / PAGE_SIZE {
+                    eprintln!(
+                        "{gib} GiB: {} pages backed, expected {}",
+                        r.backed,
+                        TOUCHED / PAGE_SIZE
+                    );
+                    failed = true;
+                }
+                println!(
+                    "{:>4} {:>7.1} {:>7.2} {:>6} | {:>7.3} {:>7.3} {:>7.3} | {:>7.2} {:>7.3} {:>7.3} | {:>7.3} {:>4} | {:>6.3} | {:>7.2} {:>9} {:>6.2}Mi",
+                    r.gib,
+                    r.touch_ms,
+                    r.first_ms,
+                    r.first_lookups,
+                    r.steady_ms,
+                    r.steady_bitmap_ms,
+                    r.steady_scan_ms,
+                    r.mincore_first_ms,
+                    r.mincore_steady_ms,
+                    r.mincore_pass_ms,
+                    r.auto_steady_ms,
+                    r.auto_method,
+                    r.steady_no_residency_ms,
+                    r.refresh_ms,
+                    r.get_dirty_log_ms
+                        .map_or("-".to_string(), |v| format!("{v:.3}")),
+                    r.overhead_mib
+                );
+            }
+            Err(e) => {
+                eprintln!("{gib} GiB: {e}");
+                failed = true;
+            }
+        }
+    }
+    println!("total {:.1} s", t0.elapsed().as_secs_f64());
+    if failed {
+        std::process::exit(1);
+    }
+}
