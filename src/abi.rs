@@ -34,7 +34,7 @@ pub const SERIAL_PORT_BASE: u16 = 0x3f8;
 pub const REPORT_PORT: u16 = 0x510;
 
 /// Boot info magic.
-pub const BOOT_MAGIC: u64 = 0x3130_4f4f_4256_4d;
+pub const BOOT_MAGIC: u64 = 0x0031_304f_4f42_564d;
 /// Message magic ("MVR1").
 pub const MSG_MAGIC: u32 = 0x3152_564d;
 /// Size of one message.
@@ -288,7 +288,10 @@ mod tests {
     #[test]
     fn garbage_messages_are_rejected() {
         assert_eq!(Message::parse(&[0u8; 12]), Err(MessageError::Size(12)));
-        assert_eq!(Message::parse(&[0u8; MSG_SIZE]), Err(MessageError::Magic(0)));
+        assert_eq!(
+            Message::parse(&[0u8; MSG_SIZE]),
+            Err(MessageError::Magic(0))
+        );
         let mut b = Message::new(MsgKind::Done).to_bytes();
         b[4] = 99;
         assert_eq!(Message::parse(&b), Err(MessageError::Kind(99)));

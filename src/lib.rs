@@ -5,10 +5,18 @@
 
 pub mod abi;
 pub mod bitmap;
+pub mod boot;
+pub mod devices;
 pub mod kvm_ext;
+pub mod memory;
+pub mod output;
 pub mod pagemap;
 pub mod pmp_mmp;
 pub mod sampler;
 pub mod stats;
 pub mod units;
+pub mod usage;
+pub mod vcpu;
+pub mod vm;
+pub mod vmm;
 pub mod workload;

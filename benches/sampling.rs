@@ -1,0 +1,193 @@
+//! Active-memory sampling benchmarks (`make bench`): accuracy against the guest's truth, overhead
+//! on the guest's work rate, and the cost of one sampling round by guest size.
+//!
+//! `cargo bench --bench sampling [-- accuracy|overhead|cost]`
+
+use std::time::{Duration, Instant};
+
+use memvisor::abi::PAGE_SIZE;
+use memvisor::boot;
+use memvisor::memory::GuestRam;
+use memvisor::sampler::Sampler;
+use memvisor::usage::Row;
+use memvisor::vm::Vm;
+use memvisor::vmm::{self, RunConfig};
+use memvisor::workload::Workload;
+
+const GIB: u64 = 1 << 30;
+
+fn config(spec: &str, mem: u64, interval: Duration, samples: Option<u64>, seed: u64) -> RunConfig {
+    let w = Workload::parse(spec, mem).expect("bench spec parses");
+    let mut cfg = RunConfig::new(w, boot::DEFAULT_GUEST.to_vec());
+    cfg.mem_bytes = mem;
+    cfg.interval = interval;
+    cfg.samples = samples;
+    cfg.seed = Some(seed);
+    cfg.timeout = Some(Duration::from_secs(600));
+    cfg.console = Box::new(std::io::sink());
+    cfg
+}
+
+fn run(cfg: RunConfig) -> (memvisor::vmm::RunSummary, Vec<Row>) {
+    let mut rows = Vec::new();
+    let s = vmm::run(cfg, &mut |r: &Row| rows.push(r.clone())).expect("bench run");
+    (s, rows)
+}
+
+fn accuracy() {
+    let mem = GIB;
+    let n = 1000u64;
+    let interval = Duration::from_millis(250);
+    let windows = 34u64;
+    println!("## Accuracy: 1 GiB guest, n = {n}, interval {interval:?}, sequential writes over W");
+    println!();
+    println!(
+        "| W | truth (MiB) | intervals | mean error (MiB) | RMS error (MiB) | mean abs error (MiB) | binomial sd (MiB) | expected mean abs (MiB) | CI coverage |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|");
+    for pct in [5u64, 25, 50, 90] {
+        let ws = (mem * pct / 100) / (2 << 20) * (2 << 20);
+        let dur = interval * windows as u32;
+        let spec = format!(
+            "alloc {}K; touch {}K write {}ms",
+            ws / 1024,
+            ws / 1024,
+            dur.as_millis()
+        );
+        let (_, rows) = run(config(&spec, mem, interval, Some(n), 42 + pct));
+        // Only intervals that lie wholly inside the touch phase (skip its first two and last one).
+        let inside: Vec<&Row> = rows
+            .iter()
+            .filter(|r| r.phase.starts_with("touch") && !r.final_row)
+            .collect();
+        let inside = &inside[2.min(inside.len())..inside.len().saturating_sub(1)];
+        let mut errs = Vec::new();
+        let mut covered = 0usize;
+        let mut truth_mib = 0.0;
+        for r in inside {
+            let (Some(a), Some(t)) = (&r.active, &r.truth) else {
+                continue;
+            };
+            truth_mib = t.written_mib;
+            errs.push(a.estimate_mib - t.written_mib);
+            if a.ci_low_mib <= t.written_mib && t.written_mib <= a.ci_high_mib {
+                covered += 1;
+            }
+        }
+        let k = errs.len().max(1) as f64;
+        let mean = errs.iter().sum::<f64>() / k;
+        let rms = (errs.iter().map(|e| e * e).sum::<f64>() / k).sqrt();
+        let mae = errs.iter().map(|e| e.abs()).sum::<f64>() / k;
+        let p = truth_mib / 1024.0;
+        let sd = (p * (1.0 - p) / n as f64).sqrt() * 1024.0;
+        println!(
+            "| {pct}% | {truth_mib:.1} | {} | {mean:+.2} | {rms:.2} | {mae:.2} | {sd:.2} | {:.2} | {:.1}% |",
+            errs.len(),
+            sd * (2.0 / std::f64::consts::PI).sqrt(),
+            100.0 * covered as f64 / k
+        );
+    }
+    println!();
+}
+
+fn overhead() {
+    let mem = GIB;
+    let spec = "alloc 512M; touch 512M write random 6s";
+    println!(
+        "## Overhead: guest work rate (random writes over 512 MiB of a 1 GiB guest, 6 s, interval 1 s)"
+    );
+    println!();
+    println!("| sampling | rate run 1 (M accesses/s) | rate run 2 | mean | vs off |");
+    println!("|---|---|---|---|---|");
+    let configs: [Option<u64>; 4] = [None, Some(100), Some(1000), Some(10000)];
+    let mut rates = vec![Vec::new(); configs.len()];
+    for round in 0..2 {
+        for (i, n) in configs.iter().enumerate() {
+            let (s, _) = run(config(spec, mem, Duration::from_secs(1), *n, 7 + round));
+            let p = &s.phases[1];
+            rates[i].push(p.iterations as f64 / p.guest_seconds / 1e6);
+        }
+    }
+    let mean = |v: &Vec<f64>| v.iter().sum::<f64>() / v.len() as f64;
+    let off = mean(&rates[0]);
+    for (i, n) in configs.iter().enumerate() {
+        let m = mean(&rates[i]);
+        println!(
+            "| {} | {:.1} | {:.1} | {m:.1} | {:+.2}% |",
+            n.map(|n| format!("n = {n}"))
+                .unwrap_or_else(|| "off".into()),
+            rates[i][0],
+            rates[i][1],
+            100.0 * (m - off) / off
+        );
+    }
+    println!();
+}
+
+fn cost() {
+    println!("## Cost of one sampling round (n = 1000), median of 50, microseconds");
+    println!();
+    println!(
+        "| guest | GET_DIRTY_LOG | count t | pick sample + mask | CLEAR_DIRTY_LOG | round total |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for gib in [1u64, 4, 16, 64] {
+        let ram = GuestRam::new(gib * GIB, false).expect("guest RAM");
+        let vm = Vm::new(&ram).expect("VM");
+        let pages = ram.size() / PAGE_SIZE;
+        let mut sampler = Sampler::new(1000, pages, Some(1)).expect("sampler");
+        let mut mask = vec![0u64; pages.div_ceil(64) as usize];
+        let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..50 {
+            let a = Instant::now();
+            let dirty = vm.dirty_log().expect("dirty log");
+            let b = Instant::now();
+            let touched = sampler.count_touched(&dirty);
+            std::hint::black_box(touched);
+            let c = Instant::now();
+            sampler.unmask_from(&mut mask);
+            sampler.arm();
+            sampler.mask_into(&mut mask);
+            let d = Instant::now();
+            vm.clear_dirty(&mask).expect("clear");
+            let e = Instant::now();
+            for (i, (x, y)) in [(a, b), (b, c), (c, d), (d, e), (a, e)].iter().enumerate() {
+                t[i].push((*y - *x).as_secs_f64() * 1e6);
+            }
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v[v.len() / 2]
+        };
+        println!(
+            "| {gib} GiB | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
+            med(&mut t[0]),
+            med(&mut t[1]),
+            med(&mut t[2]),
+            med(&mut t[3]),
+            med(&mut t[4])
+        );
+    }
+    println!();
+}
+
+fn main() {
+    if std::fs::File::open("/dev/kvm").is_err() {
+        eprintln!("sampling bench skipped: /dev/kvm is absent");
+        return;
+    }
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let want = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
+    if want("cost") {
+        cost();
+    }
+    if want("accuracy") {
+        accuracy();
+    }
+    if want("overhead") {
+        overhead();
+    }
+}

@@ -1,0 +1,308 @@
+//! Preparing guest RAM for the first instruction: load the guest's ELF image, then write the
+//! GDT and TSS, the identity page tables and the boot-info page (see `docs/abi.md`).
+
+use std::io::Cursor;
+use std::path::Path;
+
+use linux_loader::loader::{Elf, KernelLoader};
+use thiserror::Error;
+use vm_memory::GuestAddress;
+
+use crate::abi::{self, PhaseEntry};
+use crate::memory::{GuestRam, MemoryError};
+use crate::units::fmt_mib;
+
+/// The test guest built from `guest/` by this crate's build script.
+pub static DEFAULT_GUEST: &[u8] = include_bytes!(env!("MEMVISOR_GUEST_ELF"));
+
+/// Errors while preparing the guest.
+#[derive(Debug, Error)]
+pub enum BootError {
+    #[error("cannot read guest image {path}: {source}")]
+    ReadImage {
+        path: String,
+        source: std::io::Error,
+    },
+    #[error("guest image is empty")]
+    Empty,
+    #[error("guest image is not a 64-bit little-endian x86-64 ELF executable ({0})")]
+    NotElf(&'static str),
+    #[error("guest image is truncated: {0}")]
+    Truncated(String),
+    #[error("guest image is too big for its RAM: {0}")]
+    TooBig(String),
+    #[error(
+        "guest image segment {index} at {start:#x}..{end:#x} is outside the kernel area {min:#x}..{max:#x}"
+    )]
+    BadSegment {
+        index: usize,
+        start: u64,
+        end: u64,
+        min: u64,
+        max: u64,
+    },
+    #[error("guest image entry point {0:#x} is not inside a loaded segment")]
+    BadEntry(u64),
+    #[error("loading guest image: {0}")]
+    Load(String),
+    #[error("writing boot structures: {0}")]
+    Memory(#[from] MemoryError),
+}
+
+/// Where the image landed.
+#[derive(Clone, Copy, Debug)]
+pub struct LoadedImage {
+    pub entry: u64,
+    pub end: u64,
+}
+
+/// Reads a guest image from a file.
+pub fn read_image(path: &Path) -> Result<Vec<u8>, BootError> {
+    std::fs::read(path).map_err(|source| BootError::ReadImage {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn u16_at(b: &[u8], o: usize) -> u16 {
+    u16::from_le_bytes([b[o], b[o + 1]])
+}
+fn u32_at(b: &[u8], o: usize) -> u32 {
+    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
+}
+fn u64_at(b: &[u8], o: usize) -> u64 {
+    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+}
+
+/// Checks an ELF image against guest RAM before anything is written, so that a truncated or
+/// oversized image gets a precise message. Returns the entry point and the highest loaded byte.
+pub fn check_image(image: &[u8], ram_bytes: u64) -> Result<LoadedImage, BootError> {
+    const EHDR: usize = 64;
+    const PHDR: usize = 56;
+    if image.is_empty() {
+        return Err(BootError::Empty);
+    }
+    if image.len() < 4 || &image[..4] != b"\x7fELF" {
+        return Err(BootError::NotElf("no ELF magic"));
+    }
+    if image.len() < EHDR {
+        return Err(BootError::Truncated(format!(
+            "{} bytes, an ELF header needs {EHDR}",
+            image.len()
+        )));
+    }
+    if image[4] != 2 || image[5] != 1 {
+        return Err(BootError::NotElf("not ELF64 little-endian"));
+    }
+    if u16_at(image, 18) != 62 {
+        return Err(BootError::NotElf("machine is not x86-64"));
+    }
+    let entry = u64_at(image, 24);
+    let phoff = u64_at(image, 32);
+    let phentsize = u16_at(image, 54) as usize;
+    let phnum = u16_at(image, 56) as usize;
+    if phentsize != PHDR {
+        return Err(BootError::NotElf("unexpected program header size"));
+    }
+    let ph_end = phoff.saturating_add((phnum * PHDR) as u64);
+    if ph_end > image.len() as u64 {
+        return Err(BootError::Truncated(format!(
+            "program headers end at byte {ph_end}, the file has {}",
+            image.len()
+        )));
+    }
+    let max = ram_bytes.min(abi::KERNEL_MAX_ADDR);
+    let mut end = 0u64;
+    let mut entry_ok = false;
+    for index in 0..phnum {
+        let ph = &image[phoff as usize + index * PHDR..][..PHDR];
+        if u32_at(ph, 0) != 1 {
+            continue; // not PT_LOAD
+        }
+        let offset = u64_at(ph, 8);
+        let paddr = u64_at(ph, 24);
+        let filesz = u64_at(ph, 32);
+        let memsz = u64_at(ph, 40).max(filesz);
+        let file_end = offset.saturating_add(filesz);
+        if file_end > image.len() as u64 {
+            return Err(BootError::Truncated(format!(
+                "segment {index} needs file bytes {offset}..{file_end}, the file has {}",
+                image.len()
+            )));
+        }
+        let seg_end = paddr.saturating_add(memsz);
+        if seg_end > ram_bytes {
+            return Err(BootError::TooBig(format!(
+                "segment {index} ends at {seg_end:#x} ({}), guest RAM is {}",
+                fmt_mib(seg_end),
+                fmt_mib(ram_bytes)
+            )));
+        }
+        if paddr < abi::KERNEL_MIN_ADDR || seg_end > max {
+            return Err(BootError::BadSegment {
+                index,
+                start: paddr,
+                end: seg_end,
+                min: abi::KERNEL_MIN_ADDR,
+                max,
+            });
+        }
+        if (paddr..seg_end).contains(&entry) {
+            entry_ok = true;
+        }
+        end = end.max(seg_end);
+    }
+    if !entry_ok {
+        return Err(BootError::BadEntry(entry));
+    }
+    Ok(LoadedImage { entry, end })
+}
+
+/// Loads the ELF image into guest RAM.
+pub fn load_image(ram: &GuestRam, image: &[u8]) -> Result<LoadedImage, BootError> {
+    let checked = check_image(image, ram.size())?;
+    let mut cursor = Cursor::new(image);
+    let res = Elf::load(
+        ram.mem(),
+        None,
+        &mut cursor,
+        Some(GuestAddress(abi::KERNEL_MIN_ADDR)),
+    )
+    .map_err(|e| BootError::Load(e.to_string()))?;
+    Ok(LoadedImage {
+        entry: res.kernel_load.0,
+        end: checked.end.max(res.kernel_end),
+    })
+}
+
+/// A GDT descriptor from its parts (flags: access byte | flags nibble << 12).
+fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
+    ((base as u64 & 0xff00_0000) << 32)
+        | ((base as u64 & 0x00ff_ffff) << 16)
+        | (limit as u64 & 0xffff)
+        | ((limit as u64 & 0xf_0000) << 32)
+        | ((flags as u64 & 0xf0ff) << 40)
+}
+
+/// The GDT entries (see the ABI table), including the two-slot TSS descriptor.
+pub fn gdt() -> [u64; 8] {
+    let tss_base = abi::TSS_ADDR;
+    let tss_limit = 0x67u64;
+    let tss_low = gdt_entry(0x0089, tss_base as u32, tss_limit as u32);
+    [
+        0,
+        gdt_entry(0xa09b, 0, 0xfffff), // kernel code 64
+        gdt_entry(0xc093, 0, 0xfffff), // kernel data
+        gdt_entry(0xc0fb, 0, 0xfffff), // user code 32 (placeholder for SYSRET)
+        gdt_entry(0xc0f3, 0, 0xfffff), // user data
+        gdt_entry(0xa0fb, 0, 0xfffff), // user code 64
+        tss_low,
+        tss_base >> 32,
+    ]
+}
+
+/// Writes GDT, TSS, page tables and the boot-info page.
+pub fn write_boot_structures(
+    ram: &GuestRam,
+    tsc_khz: u64,
+    seed: u64,
+    phases: &[PhaseEntry],
+    spec_text: &str,
+) -> Result<(), BootError> {
+    let gdt: Vec<u8> = gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
+    ram.write(abi::GDT_ADDR, &gdt)?;
+    ram.write(abi::TSS_ADDR, &[0u8; 0x68])?;
+    // PML4[0] -> PDPT (user bit set so lower levels decide), PDPT[0] -> PD0 (supervisor).
+    ram.write_u64(abi::PML4_ADDR, abi::PDPT_ADDR | 0x7)?;
+    ram.write_u64(abi::PDPT_ADDR, abi::PD0_ADDR | 0x3)?;
+    let pd: Vec<u8> = (0..512u64)
+        .flat_map(|i| ((i << 21) | 0x83).to_le_bytes())
+        .collect();
+    ram.write(abi::PD0_ADDR, &pd)?;
+    let info = abi::boot_info_page(ram.size(), tsc_khz, seed, phases, spec_text);
+    ram.write(abi::BOOT_INFO_ADDR, &info)?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn elf_with_segment(
+        paddr: u64,
+        filesz: u64,
+        memsz: u64,
+        entry: u64,
+        file_len: usize,
+    ) -> Vec<u8> {
+        let mut b = vec![0u8; file_len.max(64 + 56)];
+        b[..4].copy_from_slice(b"\x7fELF");
+        b[4] = 2;
+        b[5] = 1;
+        b[6] = 1;
+        b[16..18].copy_from_slice(&2u16.to_le_bytes());
+        b[18..20].copy_from_slice(&62u16.to_le_bytes());
+        b[24..32].copy_from_slice(&entry.to_le_bytes());
+        b[32..40].copy_from_slice(&64u64.to_le_bytes());
+        b[52..54].copy_from_slice(&64u16.to_le_bytes());
+        b[54..56].copy_from_slice(&56u16.to_le_bytes());
+        b[56..58].copy_from_slice(&1u16.to_le_bytes());
+        let ph = &mut b[64..120];
+        ph[0..4].copy_from_slice(&1u32.to_le_bytes());
+        ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
+        ph[16..24].copy_from_slice(&paddr.to_le_bytes());
+        ph[24..32].copy_from_slice(&paddr.to_le_bytes());
+        ph[32..40].copy_from_slice(&filesz.to_le_bytes());
+        ph[40..48].copy_from_slice(&memsz.to_le_bytes());
+        b
+    }
+
+    #[test]
+    fn accepts_a_good_image() {
+        let img = elf_with_segment(0x100000, 0x100, 0x2000, 0x100000, 0x1100);
+        let l = check_image(&img, 16 << 20).unwrap();
+        assert_eq!(l.entry, 0x100000);
+        assert_eq!(l.end, 0x102000);
+    }
+
+    #[test]
+    fn rejects_bad_images_with_reasons() {
+        assert!(matches!(check_image(&[], 1 << 24), Err(BootError::Empty)));
+        assert!(matches!(
+            check_image(b"hello", 1 << 24),
+            Err(BootError::NotElf(_))
+        ));
+        let img = elf_with_segment(0x100000, 0x100, 0x100, 0x100000, 0x1100);
+        assert!(matches!(
+            check_image(&img[..40], 1 << 24),
+            Err(BootError::Truncated(_))
+        ));
+        assert!(matches!(
+            check_image(&img[..0x1080], 1 << 24),
+            Err(BootError::Truncated(_))
+        ));
+        let big = elf_with_segment(0x100000, 0x100, 64 << 20, 0x100000, 0x1100);
+        let e = check_image(&big, 16 << 20).unwrap_err();
+        assert!(matches!(e, BootError::TooBig(_)), "{e}");
+        let low = elf_with_segment(0x1000, 0x100, 0x100, 0x1000, 0x1100);
+        assert!(matches!(
+            check_image(&low, 1 << 24),
+            Err(BootError::BadSegment { .. })
+        ));
+        let noentry = elf_with_segment(0x100000, 0x100, 0x100, 0x900000, 0x1100);
+        assert!(matches!(
+            check_image(&noentry, 1 << 24),
+            Err(BootError::BadEntry(0x900000))
+        ));
+    }
+
+    #[test]
+    fn gdt_has_long_mode_code_segments() {
+        let g = gdt();
+        // L bit (53) set, D bit (54) clear, present (47), DPL 0 and 3.
+        assert_eq!(g[1] >> 53 & 1, 1);
+        assert_eq!(g[1] >> 54 & 1, 0);
+        assert_eq!(g[5] >> 45 & 3, 3);
+        assert_eq!(g[1] >> 47 & 1, 1);
+    }
+}

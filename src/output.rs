@@ -1,0 +1,82 @@
+//! Rendering rows for people (a fixed-width table) and for scripts (one JSON object per line).
+
+use crate::usage::Row;
+
+/// The table's two header lines.
+pub fn table_header() -> String {
+    let l1 = format!(
+        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:>30} | {:>48}",
+        "", "", "", "guest's view", "guest truth", "host usage (MiB)", "active (writes), MiB"
+    );
+    let l2 = format!(
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6}",
+        "time",
+        "phase",
+        "cfg",
+        "alloc",
+        "free",
+        "touch",
+        "write",
+        "host",
+        "backed",
+        "ovhd",
+        "zero",
+        "swap",
+        "est",
+        "95% CI",
+        "fast",
+        "slow",
+        "max",
+        "err"
+    );
+    format!("{l1}\n{l2}")
+}
+
+fn num(v: Option<f64>) -> String {
+    match v {
+        Some(v) => format!("{v:.1}"),
+        None => "-".into(),
+    }
+}
+
+/// One table line.
+pub fn table_row(r: &Row) -> String {
+    let mut phase = r.phase.clone();
+    if phase.len() > 24 {
+        phase.truncate(23);
+        phase.push('~');
+    }
+    let t = r.truth.as_ref();
+    let h = r.host.as_ref();
+    let a = r.active.as_ref();
+    let ci = a
+        .map(|a| format!("{:.1}-{:.1}", a.ci_low_mib, a.ci_high_mib))
+        .unwrap_or_else(|| "-".into());
+    format!(
+        "{:>6.1} {:<24} {:>6.0} | {:>6.1} {:>6.1} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6}{}",
+        r.time_s,
+        phase,
+        r.configured_mib,
+        r.guest.allocated_mib,
+        r.guest.free_mib,
+        num(t.map(|t| t.touched_mib)),
+        num(t.map(|t| t.written_mib)),
+        num(h.map(|h| h.host_mib)),
+        num(h.map(|h| h.backed_mib)),
+        num(h.map(|h| h.overhead_mib)),
+        num(h.map(|h| h.zero_mib)),
+        num(h.map(|h| h.swapped_mib)),
+        num(a.map(|a| a.estimate_mib)),
+        ci,
+        num(a.map(|a| a.fast_mib)),
+        num(a.map(|a| a.slow_mib)),
+        num(a.map(|a| a.max_mib)),
+        num(a.and_then(|a| a.error_mib)),
+        if r.final_row { "  (end)" } else { "" }
+    )
+}
+
+/// One JSON line.
+pub fn json_row(r: &Row) -> String {
+    serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}

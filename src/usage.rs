@@ -1,0 +1,143 @@
+//! What the guest costs the host and what it actually uses, one [`Row`] per reporting interval.
+//!
+//! - **Host memory usage** = machine pages backing guest RAM (from the PMP-MMP map) + the VMM's own
+//!   overhead (its RSS minus the resident guest RAM: the map, bitmaps, vCPU state, code).
+//! - **Guest memory usage** = active memory, estimated by write-protect sampling (writes only).
+//! - **Guest's own view** and **truth** come from the guest over the report channel and are used
+//!   only to check the estimator.
+
+use serde::Serialize;
+
+use crate::abi::PAGE_SIZE;
+use crate::pmp_mmp::MapSummary;
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// Bytes to MiB.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB
+}
+
+/// Pages to MiB.
+pub fn pages_mib(pages: u64) -> f64 {
+    mib(pages * PAGE_SIZE)
+}
+
+/// The guest's own view of its memory (its kernel's lists).
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct GuestView {
+    pub allocated_pages: u64,
+    pub free_pages: u64,
+    pub heap_pages: u64,
+    pub allocated_mib: f64,
+    pub free_mib: f64,
+}
+
+/// Ground truth for one window, as the guest reported it.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Truth {
+    pub touched_pages: u64,
+    pub written_pages: u64,
+    pub touched_mib: f64,
+    pub written_mib: f64,
+    pub iterations: u64,
+    /// Page accesses per second of guest time.
+    pub rate: f64,
+}
+
+/// Host memory usage.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct HostUsage {
+    /// Machine memory charged to this VM: backed guest pages + overhead.
+    pub host_mib: f64,
+    /// Guest pages with a machine page of their own (incl. shared ones).
+    pub backed_mib: f64,
+    /// VMM overhead: RSS minus resident guest RAM.
+    pub overhead_mib: f64,
+    pub untouched_mib: f64,
+    /// Read but never written: mapped to the host's zero page, no machine page.
+    pub zero_mib: f64,
+    pub swapped_mib: f64,
+    pub shared_mib: f64,
+    /// Pages written by the VMM itself (image, boot info), counted in backed.
+    pub vmm_written_mib: f64,
+    pub backed_pages: u64,
+    pub zero_pages: u64,
+}
+
+impl HostUsage {
+    /// Combines the map's page counts with the VMM's RSS.
+    pub fn new(map: &MapSummary, rss_bytes: u64) -> Self {
+        let resident_guest = (map.backed + map.shared) * PAGE_SIZE;
+        let overhead = rss_bytes.saturating_sub(resident_guest);
+        HostUsage {
+            host_mib: mib(resident_guest + overhead),
+            backed_mib: pages_mib(map.backed + map.shared),
+            overhead_mib: mib(overhead),
+            untouched_mib: pages_mib(map.untouched),
+            zero_mib: pages_mib(map.zero),
+            swapped_mib: pages_mib(map.swapped),
+            shared_mib: pages_mib(map.shared),
+            vmm_written_mib: pages_mib(map.vmm_written),
+            backed_pages: map.backed + map.shared,
+            zero_pages: map.zero,
+        }
+    }
+}
+
+/// The VMM process's resident set in bytes (from `/proc/self/statm`).
+pub fn rss_bytes() -> std::io::Result<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm")?;
+    let resident: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| std::io::Error::other("unexpected /proc/self/statm format"))?;
+    Ok(resident * PAGE_SIZE)
+}
+
+/// Active memory (writes only) estimated by sampling.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Active {
+    /// Sample size and touched samples.
+    pub n: u64,
+    pub t: u64,
+    pub estimate_mib: f64,
+    /// 95% Wilson score interval.
+    pub ci_low_mib: f64,
+    pub ci_high_mib: f64,
+    pub fast_mib: f64,
+    pub slow_mib: f64,
+    pub max_mib: f64,
+    /// Estimate minus the guest's written truth, when the truth is known.
+    pub error_mib: Option<f64>,
+}
+
+/// One reporting interval.
+#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+pub struct Row {
+    /// Seconds since the guest started.
+    pub time_s: f64,
+    /// Window id (0-based).
+    pub window: u64,
+    /// The workload phase running when the window ended.
+    pub phase: String,
+    /// True for the last row, written when the guest finished.
+    #[serde(rename = "final")]
+    pub final_row: bool,
+    pub configured_mib: f64,
+    pub guest: GuestView,
+    pub truth: Option<Truth>,
+    pub host: Option<HostUsage>,
+    pub active: Option<Active>,
+}
+
+impl Row {
+    /// Fills the estimate's error once the truth is known.
+    pub fn attach_truth(&mut self, truth: Truth) {
+        if let Some(a) = &mut self.active {
+            a.error_mib = Some(a.estimate_mib - truth.written_mib);
+        }
+        self.truth = Some(truth);
+    }
+}

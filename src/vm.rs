@@ -1,0 +1,92 @@
+//! The KVM VM: guest RAM as memslot 0 with dirty logging in manual-protect mode, so the first guest
+//! write to each page is logged and only `KVM_CLEAR_DIRTY_LOG` re-arms protection.
+
+use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_ioctls::{Kvm, VmFd};
+use thiserror::Error;
+
+use crate::kvm_ext;
+use crate::memory::GuestRam;
+
+/// The one memslot that holds guest RAM.
+pub const RAM_SLOT: u32 = 0;
+/// Where KVM may put the three-page TSS it needs on Intel (outside guest RAM).
+const KVM_TSS_ADDR: usize = 0xfffb_d000;
+
+/// Errors while creating or driving the VM.
+#[derive(Debug, Error)]
+pub enum VmError {
+    #[error("opening /dev/kvm: {0}")]
+    OpenKvm(kvm_ioctls::Error),
+    #[error("KVM lacks a capability memvisor needs: {0}")]
+    Capability(kvm_ext::KvmExtError),
+    #[error("KVM_CREATE_VM: {0}")]
+    CreateVm(kvm_ioctls::Error),
+    #[error("KVM_SET_TSS_ADDR: {0}")]
+    SetTss(kvm_ioctls::Error),
+    #[error("enabling manual dirty-log protection: {0}")]
+    ManualProtect(kvm_ext::KvmExtError),
+    #[error("KVM_SET_USER_MEMORY_REGION for guest RAM: {0}")]
+    SetMemory(kvm_ioctls::Error),
+    #[error("KVM_GET_DIRTY_LOG: {0}")]
+    GetDirtyLog(kvm_ioctls::Error),
+    #[error("KVM_CLEAR_DIRTY_LOG: {0}")]
+    ClearDirtyLog(kvm_ext::KvmExtError),
+}
+
+/// A VM with guest RAM registered.
+pub struct Vm {
+    kvm: Kvm,
+    fd: VmFd,
+    ram_bytes: u64,
+}
+
+impl Vm {
+    /// Opens KVM, checks capabilities, creates the VM and registers `ram` with dirty logging.
+    pub fn new(ram: &GuestRam) -> Result<Self, VmError> {
+        let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
+        kvm_ext::check_capabilities(&kvm).map_err(VmError::Capability)?;
+        let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
+        fd.set_tss_address(KVM_TSS_ADDR).map_err(VmError::SetTss)?;
+        kvm_ext::enable_manual_dirty_log_protect(&fd).map_err(VmError::ManualProtect)?;
+        let region = kvm_userspace_memory_region {
+            slot: RAM_SLOT,
+            flags: KVM_MEM_LOG_DIRTY_PAGES,
+            guest_phys_addr: 0,
+            memory_size: ram.size(),
+            userspace_addr: ram.host_addr() as u64,
+        };
+        // SAFETY: the region is guest RAM's own mapping, which outlives the VM: `Vmm` drops the
+        // VM (and with it the memslot) before the memory.
+        unsafe { fd.set_user_memory_region(region) }.map_err(VmError::SetMemory)?;
+        Ok(Vm {
+            kvm,
+            fd,
+            ram_bytes: ram.size(),
+        })
+    }
+
+    /// The `/dev/kvm` handle.
+    pub fn kvm(&self) -> &Kvm {
+        &self.kvm
+    }
+
+    /// The VM file descriptor.
+    pub fn fd(&self) -> &VmFd {
+        &self.fd
+    }
+
+    /// KVM's dirty bitmap for guest RAM: bits stay set until cleared (manual protect).
+    pub fn dirty_log(&self) -> Result<Vec<u64>, VmError> {
+        self.fd
+            .get_dirty_log(RAM_SLOT, self.ram_bytes as usize)
+            .map_err(VmError::GetDirtyLog)
+    }
+
+    /// Clears the bits in `mask` (whole-slot bitmap) and write-protects those pages again.
+    pub fn clear_dirty(&self, mask: &[u64]) -> Result<(), VmError> {
+        let pages = self.ram_bytes / crate::abi::PAGE_SIZE;
+        kvm_ext::clear_dirty_log(&self.fd, RAM_SLOT, 0, pages as u32, mask)
+            .map_err(VmError::ClearDirtyLog)
+    }
+}

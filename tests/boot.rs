@@ -1,0 +1,122 @@
+//! Issue: boot the tiny test guest. Every phase runs and reports; the guest's own accounting
+//! (its kernel's free and allocated lists) matches the workload spec.
+
+mod common;
+
+use memvisor::vmm::RunSummary;
+use memvisor::workload::{DEFAULT_SPEC, Workload};
+
+/// Checks every phase against the spec: started, ended, ok, and the lists after it.
+fn assert_accounting(spec: &str, mem: u64, s: &RunSummary) {
+    let w = Workload::parse(spec, mem).unwrap();
+    let boot = s.boot.expect("the guest kernel reported BOOT");
+    assert!(boot.pool_pages > 0);
+    assert_eq!(boot.pool_start % (2 << 20), 0, "pool is 2 MiB aligned");
+    assert_eq!(s.phases.len(), w.phases.len());
+    for (i, p) in s.phases.iter().enumerate() {
+        assert!(p.started && p.ended, "phase {i} ({}) ran: {p:?}", p.name);
+        assert_eq!(p.status, 0, "phase {i} ({}) ok", p.name);
+        let heap = w.heap_after(i).unwrap();
+        assert_eq!(p.heap_pages, heap, "heap after phase {i} ({})", p.name);
+        assert_eq!(
+            p.allocated_pages, heap,
+            "allocated list after phase {i} ({}) holds exactly the heap",
+            p.name
+        );
+        assert_eq!(
+            p.allocated_pages + p.free_pages,
+            boot.pool_pages,
+            "free + allocated = pool after phase {i}"
+        );
+    }
+    assert_eq!(
+        Some(s.guest.allocated_pages),
+        w.heap_after(w.phases.len() - 1)
+    );
+    assert_eq!(s.report_errors, 0);
+    assert_eq!(s.unhandled_exits, 0);
+}
+
+#[test]
+fn default_workload_tells_the_whole_story() {
+    if !common::kvm("default_workload_tells_the_whole_story") {
+        return;
+    }
+    let mem = 256 << 20;
+    let mut cfg = common::config(DEFAULT_SPEC, mem);
+    cfg.interval = std::time::Duration::from_secs(1);
+    let (s, rows) = common::run_cfg(cfg).expect("default workload runs");
+    assert_accounting(DEFAULT_SPEC, mem, &s);
+    // alloc 192M; touch 64M write 3s; free 160M; idle 3s; touch 32M write 3s
+    let touch = &s.phases[1];
+    assert_eq!(touch.touched_pages, 64 * 256);
+    assert_eq!(touch.written_pages, 64 * 256);
+    assert_eq!(s.phases[3].touched_pages, 0, "idle touches nothing");
+    assert_eq!(s.phases[4].written_pages, 32 * 256);
+    assert!(rows.len() >= 8, "about one row per second: {}", rows.len());
+    assert!(rows.last().unwrap().final_row);
+    assert!(s.setup_ms < 1000.0, "set-up took {} ms", s.setup_ms);
+}
+
+#[test]
+fn one_pass_touches_are_exact() {
+    if !common::kvm("one_pass_touches_are_exact") {
+        return;
+    }
+    let spec = "alloc 16M; touch 16M write; touch 12M read; free 8M; touch 8M write; alloc 4M; touch 12M read";
+    let mem = 64 << 20;
+    let (s, _) = common::run_ok(spec, mem);
+    assert_accounting(spec, mem, &s);
+    let p = &s.phases;
+    assert_eq!((p[1].touched_pages, p[1].written_pages), (4096, 4096));
+    assert_eq!((p[2].touched_pages, p[2].written_pages), (3072, 0));
+    assert_eq!((p[4].touched_pages, p[4].written_pages), (2048, 2048));
+    assert_eq!((p[6].touched_pages, p[6].written_pages), (3072, 0));
+    assert_eq!(p[1].iterations, 4096);
+}
+
+#[test]
+fn random_hot_cold_workload_runs() {
+    if !common::kvm("random_hot_cold_workload_runs") {
+        return;
+    }
+    let spec = "alloc 32M; touch 32M write random 400ms hot 10%:90%; touch 8M read random";
+    let mem = 128 << 20;
+    let (s, rows) = common::run_ok(spec, mem);
+    assert_accounting(spec, mem, &s);
+    let hot = &s.phases[1];
+    // 400 ms of random writes over 8192 pages visits every page many times over.
+    assert_eq!(hot.touched_pages, 8192);
+    assert_eq!(hot.written_pages, 8192);
+    assert!(hot.iterations > 8192 * 10, "iterations {}", hot.iterations);
+    // A random one-pass read of 2048 pages makes 2048 accesses; distinct pages are fewer.
+    let read = &s.phases[2];
+    assert_eq!(read.iterations, 2048);
+    assert_eq!(read.written_pages, 0);
+    assert!(read.touched_pages > 1000 && read.touched_pages < 2048);
+    // Window truths add up: each window reports at most the touched range.
+    for r in &rows {
+        if let Some(t) = &r.truth {
+            assert!(t.touched_pages <= 8192, "{r:?}");
+        }
+    }
+}
+
+#[test]
+fn idle_and_repeated_alloc_free_cycles() {
+    if !common::kvm("idle_and_repeated_alloc_free_cycles") {
+        return;
+    }
+    let spec = "idle 300ms; alloc 8M; alloc 8M; touch 16M write; free 12M; alloc 20M; touch 24M write 200ms; free 24M; idle 300ms";
+    let mem = 64 << 20;
+    let (s, rows) = common::run_ok(spec, mem);
+    assert_accounting(spec, mem, &s);
+    assert_eq!(s.guest.allocated_pages, 0);
+    assert_eq!(s.phases[6].written_pages, 24 * 256);
+    assert!(
+        s.phases[0].guest_seconds >= 0.29,
+        "idle lasted {}",
+        s.phases[0].guest_seconds
+    );
+    assert!(!rows.is_empty());
+}

@@ -1,0 +1,154 @@
+//! Bad input and misbehaving guests get a clear error and a non-zero exit, never a panic.
+
+mod common;
+
+use common::{assert_clean_failure, memvisor_output, temp_file, tiny_elf};
+
+#[test]
+fn zero_and_garbage_sizes_are_rejected() {
+    let out = memvisor_output(&["run", "--mem", "0"]);
+    assert_clean_failure(&out, "zero");
+    let out = memvisor_output(&["run", "--mem", "12X"]);
+    assert_clean_failure(&out, "12X");
+    let out = memvisor_output(&["run", "--mem", "1000"]);
+    assert_clean_failure(&out, "4 KiB");
+}
+
+#[test]
+fn bad_workload_names_the_token() {
+    let out = memvisor_output(&["run", "--workload", "alloc 4M; touch 4M wrte"]);
+    assert_clean_failure(&out, "wrte");
+}
+
+#[test]
+fn missing_guest_image() {
+    let out = memvisor_output(&["run", "--guest", "/nonexistent/guest.elf"]);
+    assert_clean_failure(&out, "/nonexistent/guest.elf");
+}
+
+#[test]
+fn truncated_guest_image() {
+    let full = memvisor::boot::DEFAULT_GUEST;
+    let p = temp_file("truncated.elf", &full[..full.len() / 2]);
+    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap()]);
+    assert_clean_failure(&out, "truncated");
+    let p = temp_file("header-only.elf", &full[..40]);
+    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap()]);
+    assert_clean_failure(&out, "truncated");
+    let p = temp_file("empty.elf", b"");
+    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap()]);
+    assert_clean_failure(&out, "empty");
+}
+
+#[test]
+fn guest_image_too_big_for_its_ram() {
+    // A segment whose memory size is 8 MiB, in a 4 MiB guest.
+    let mut img = tiny_elf(&[0xf4]);
+    img[64 + 40..64 + 48].copy_from_slice(&(8u64 << 20).to_le_bytes());
+    let p = temp_file("big.elf", &img);
+    let out = memvisor_output(&[
+        "run",
+        "--mem",
+        "4M",
+        "--workload",
+        "idle 10ms",
+        "--guest",
+        p.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "too big for its RAM");
+    // A file larger than guest RAM.
+    let mut img = tiny_elf(&[0xf4]);
+    let len = 5usize << 20;
+    img[64 + 32..64 + 40].copy_from_slice(&(len as u64).to_le_bytes());
+    img[64 + 40..64 + 48].copy_from_slice(&(len as u64).to_le_bytes());
+    img.resize(0x1000 + len, 0x90);
+    let p = temp_file("huge.elf", &img);
+    let out = memvisor_output(&[
+        "run",
+        "--mem",
+        "4M",
+        "--workload",
+        "idle 10ms",
+        "--guest",
+        p.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "too big for its RAM");
+}
+
+#[test]
+fn triple_faulting_guest() {
+    if !common::kvm("triple_faulting_guest") {
+        return;
+    }
+    // ud2 with no IDT: #UD -> #GP -> #DF -> triple fault.
+    let p = temp_file("triple.elf", &tiny_elf(&[0x0f, 0x0b]));
+    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap(), "--timeout", "20s"]);
+    assert_clean_failure(&out, "triple-faulted");
+}
+
+#[test]
+fn guest_stuck_in_a_loop_times_out() {
+    if !common::kvm("guest_stuck_in_a_loop_times_out") {
+        return;
+    }
+    let p = temp_file("loop.elf", &tiny_elf(&[0xeb, 0xfe])); // jmp $
+    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap(), "--timeout", "1s"]);
+    assert_clean_failure(&out, "did not finish within 1s");
+}
+
+#[test]
+fn guest_writing_garbage_to_devices() {
+    if !common::kvm("guest_writing_garbage_to_devices") {
+        return;
+    }
+    let code = [
+        0x66, 0xba, 0x10, 0x05, // mov dx, 0x510 (report channel)
+        0xb8, 0x67, 0x45, 0x23, 0x01, // mov eax, 0x01234567
+        0xef, // out dx, eax  (address outside RAM)
+        0xee, // out dx, al   (wrong width)
+        0x66, 0xba, 0x99, 0x00, // mov dx, 0x99
+        0xee, // out dx, al   (nobody's port)
+        0xec, // in al, dx
+        0xf4, // hlt
+    ];
+    let p = temp_file("garbage.elf", &tiny_elf(&code));
+    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap(), "--timeout", "20s"]);
+    assert_clean_failure(&out, "malformed report");
+}
+
+#[test]
+fn a_guest_exception_in_the_app_is_reported() {
+    if !common::kvm("a_guest_exception_in_the_app_is_reported") {
+        return;
+    }
+    let out = memvisor_output(&[
+        "run",
+        "--mem",
+        "32M",
+        "--workload",
+        "alloc 4M; fault",
+        "--timeout",
+        "20s",
+    ]);
+    assert_clean_failure(&out, "page fault");
+}
+
+#[test]
+fn bad_sampling_options() {
+    let out = memvisor_output(&["run", "--samples", "0"]);
+    assert_clean_failure(&out, "--samples 0");
+    let out = memvisor_output(&[
+        "run",
+        "--mem",
+        "16M",
+        "--workload",
+        "idle 10ms",
+        "--samples",
+        "5000",
+    ]);
+    assert_clean_failure(&out, "4096");
+    let out = memvisor_output(&["run", "--interval", "0s"]);
+    assert_clean_failure(&out, "interval");
+    let out = memvisor_output(&["run", "--interval", "soon"]);
+    assert_clean_failure(&out, "soon");
+}

@@ -1,0 +1,124 @@
+//! Helpers shared by the integration tests.
+#![allow(dead_code)]
+
+use std::path::Path;
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use memvisor::boot;
+use memvisor::usage::Row;
+use memvisor::vmm::{self, RunConfig, RunError, RunSummary};
+use memvisor::workload::Workload;
+
+/// True when /dev/kvm can be used. Without it, says the test is skipped (and why); CI sets
+/// MEMVISOR_REQUIRE_KVM=1 on machines with KVM so that a broken /dev/kvm fails instead.
+pub fn kvm(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var_os("MEMVISOR_REQUIRE_KVM").is_none(),
+            "{test}: MEMVISOR_REQUIRE_KVM is set but /dev/kvm cannot be opened"
+        );
+        eprintln!("SKIPPED {test}: /dev/kvm is absent on this machine");
+    }
+    ok
+}
+
+/// A run config for `spec` on `mem` bytes with the built-in guest, a short interval and a timeout.
+pub fn config(spec: &str, mem: u64) -> RunConfig {
+    let w = Workload::parse(spec, mem).unwrap_or_else(|e| panic!("spec {spec:?}: {e}"));
+    let mut cfg = RunConfig::new(w, boot::DEFAULT_GUEST.to_vec());
+    cfg.mem_bytes = mem;
+    cfg.interval = Duration::from_millis(200);
+    cfg.timeout = Some(Duration::from_secs(60));
+    cfg.seed = Some(7);
+    cfg.console = Box::new(std::io::sink());
+    cfg
+}
+
+/// Runs a config to the end, collecting rows.
+pub fn run_cfg(cfg: RunConfig) -> Result<(RunSummary, Vec<Row>), RunError> {
+    let mut rows = Vec::new();
+    let s = vmm::run(cfg, &mut |r: &Row| rows.push(r.clone()))?;
+    Ok((s, rows))
+}
+
+/// Runs `spec` and panics with the error if the run fails.
+pub fn run_ok(spec: &str, mem: u64) -> (RunSummary, Vec<Row>) {
+    run_cfg(config(spec, mem)).unwrap_or_else(|e| panic!("run of {spec:?} failed: {e}"))
+}
+
+/// The memvisor binary.
+pub fn memvisor() -> Command {
+    Command::new(env!("CARGO_BIN_EXE_memvisor"))
+}
+
+/// Runs the binary with arguments.
+pub fn memvisor_output(args: &[&str]) -> Output {
+    memvisor().args(args).output().expect("spawn memvisor")
+}
+
+/// Asserts a failed run: non-zero exit, a message on stderr containing `needle`, no panic.
+pub fn assert_clean_failure(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success(),
+        "expected failure, got success; stderr: {stderr}"
+    );
+    // 1 for memvisor's own errors, 2 for clap's usage errors; 101 would be a panic.
+    assert!(
+        matches!(out.status.code(), Some(1) | Some(2)),
+        "exit status {:?}; stderr: {stderr}",
+        out.status
+    );
+    assert!(!stderr.contains("panicked"), "memvisor panicked: {stderr}");
+    assert!(
+        stderr.contains(needle),
+        "stderr does not mention {needle:?}: {stderr}"
+    );
+}
+
+/// A minimal ELF64 image: one PT_LOAD at 1 MiB holding `code`, entry at its start.
+pub fn tiny_elf(code: &[u8]) -> Vec<u8> {
+    let mut b = vec![0u8; 0x1000];
+    b[..4].copy_from_slice(b"\x7fELF");
+    b[4] = 2; // 64-bit
+    b[5] = 1; // little-endian
+    b[6] = 1;
+    b[16..18].copy_from_slice(&2u16.to_le_bytes()); // ET_EXEC
+    b[18..20].copy_from_slice(&62u16.to_le_bytes()); // x86-64
+    b[20..24].copy_from_slice(&1u32.to_le_bytes());
+    b[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes()); // entry
+    b[32..40].copy_from_slice(&64u64.to_le_bytes()); // phoff
+    b[52..54].copy_from_slice(&64u16.to_le_bytes());
+    b[54..56].copy_from_slice(&56u16.to_le_bytes());
+    b[56..58].copy_from_slice(&1u16.to_le_bytes());
+    let ph = &mut b[64..120];
+    ph[0..4].copy_from_slice(&1u32.to_le_bytes()); // PT_LOAD
+    ph[4..8].copy_from_slice(&5u32.to_le_bytes()); // R X
+    ph[8..16].copy_from_slice(&0x1000u64.to_le_bytes());
+    ph[16..24].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    ph[24..32].copy_from_slice(&0x10_0000u64.to_le_bytes());
+    ph[32..40].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    ph[40..48].copy_from_slice(&(code.len() as u64).to_le_bytes());
+    b.extend_from_slice(code);
+    b
+}
+
+/// Writes bytes to a fresh temporary file and returns its path.
+pub fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
+    let dir = std::env::temp_dir().join(format!("memvisor-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    std::fs::write(&p, bytes).unwrap();
+    p
+}
+
+/// True if `p` exists.
+pub fn exists(p: &Path) -> bool {
+    p.exists()
+}
