@@ -5,11 +5,11 @@ use crate::usage::Row;
 /// The table's two header lines.
 pub fn table_header() -> String {
     let l1 = format!(
-        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:>30} | {:>48}",
-        "", "", "", "guest's view", "guest truth", "host usage (MiB)", "active (writes), MiB"
+        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<48} | {:<48}",
+        "", "", "", "guest's view", "guest truth", "host usage (MiB)", "active (writes only), MiB"
     );
     let l2 = format!(
-        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6}",
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6}",
         "time",
         "phase",
         "cfg",
@@ -20,8 +20,10 @@ pub fn table_header() -> String {
         "host",
         "backed",
         "ovhd",
+        "untch",
         "zero",
         "swap",
+        "shard",
         "est",
         "95% CI",
         "fast",
@@ -53,7 +55,7 @@ pub fn table_row(r: &Row) -> String {
         .map(|a| format!("{:.1}-{:.1}", a.ci_low_mib, a.ci_high_mib))
         .unwrap_or_else(|| "-".into());
     format!(
-        "{:>6.1} {:<24} {:>6.0} | {:>6.1} {:>6.1} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6}{}",
+        "{:>6.1} {:<24} {:>6.0} | {:>6.1} {:>6.1} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6}{}",
         r.time_s,
         phase,
         r.configured_mib,
@@ -64,8 +66,10 @@ pub fn table_row(r: &Row) -> String {
         num(h.map(|h| h.host_mib)),
         num(h.map(|h| h.backed_mib)),
         num(h.map(|h| h.overhead_mib)),
+        num(h.map(|h| h.untouched_mib)),
         num(h.map(|h| h.zero_mib)),
         num(h.map(|h| h.swapped_mib)),
+        num(h.map(|h| h.shared_mib)),
         num(a.map(|a| a.estimate_mib)),
         ci,
         num(a.map(|a| a.fast_mib)),

@@ -61,6 +61,7 @@ pub struct HostUsage {
     pub shared_mib: f64,
     /// Pages written by the VMM itself (image, boot info), counted in backed.
     pub vmm_written_mib: f64,
+    pub configured_mib: f64,
     pub backed_pages: u64,
     pub zero_pages: u64,
 }
@@ -68,6 +69,7 @@ pub struct HostUsage {
 impl HostUsage {
     /// Combines the map's page counts with the VMM's RSS.
     pub fn new(map: &MapSummary, rss_bytes: u64) -> Self {
+        let configured = map.pages * PAGE_SIZE;
         let resident_guest = (map.backed + map.shared) * PAGE_SIZE;
         let overhead = rss_bytes.saturating_sub(resident_guest);
         HostUsage {
@@ -79,6 +81,7 @@ impl HostUsage {
             swapped_mib: pages_mib(map.swapped),
             shared_mib: pages_mib(map.shared),
             vmm_written_mib: pages_mib(map.vmm_written),
+            configured_mib: mib(configured),
             backed_pages: map.backed + map.shared,
             zero_pages: map.zero,
         }
@@ -129,6 +132,8 @@ pub struct Row {
     pub guest: GuestView,
     pub truth: Option<Truth>,
     pub host: Option<HostUsage>,
+    /// Active memory as seen through writes (the estimator cannot see reads).
+    #[serde(rename = "active_writes")]
     pub active: Option<Active>,
 }
 

@@ -301,6 +301,10 @@ pub struct RunSummary {
     pub rows: Vec<Row>,
     pub guest: GuestView,
     pub map: MapSummary,
+    /// At the end: guest pages mincore() calls resident (backed + zero-page mappings).
+    pub mincore_resident: u64,
+    /// At the end: backed pages inside the guest kernel's pool (the pages its lists manage).
+    pub pool_backed: u64,
     pub report_errors: u64,
     pub unhandled_exits: u64,
     pub tsc_khz: u64,
@@ -402,7 +406,13 @@ pub fn run(mut cfg: RunConfig, on_row: &mut dyn FnMut(&Row)) -> Result<RunSummar
     let _ = kicker.join();
     vmm.handler.console.flush();
     result?;
+    let pool_backed = vmm.boot.map_or(0, |b| {
+        let first = b.pool_start / PAGE_SIZE;
+        vmm.map.backed_in(first..first + b.pool_pages)
+    });
     Ok(RunSummary {
+        mincore_resident: vmm.mincore_resident()?,
+        pool_backed,
         setup_ms: setup.as_secs_f64() * 1e3,
         elapsed_s: vmm.start.elapsed().as_secs_f64(),
         boot: vmm.boot,
@@ -754,6 +764,20 @@ impl Vmm {
             }
         }
         Ok(())
+    }
+
+    /// Guest pages the kernel reports resident (mincore counts zero-page mappings too).
+    fn mincore_resident(&self) -> Result<u64, RunError> {
+        let mut vec = vec![0u8; self.ram.pages() as usize];
+        crate::pagemap::mincore(self.ram.host_addr(), self.ram.size() as usize, &mut vec).map_err(
+            |source| {
+                RunError::Map(MapError::Lookup {
+                    step: "final mincore count",
+                    source,
+                })
+            },
+        )?;
+        Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64)
     }
 
     fn write_map(&self) -> Result<(), RunError> {

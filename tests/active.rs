@@ -1,0 +1,114 @@
+//! Issue: active memory by random write-protect sampling, with confidence intervals, checked
+//! against the guest's exact truth.
+
+mod common;
+
+use std::time::Duration;
+
+use memvisor::usage::Row;
+
+/// Rows wholly inside the phase whose name starts with `prefix` (first and last dropped: the phase
+/// starts and ends mid-interval).
+fn inside<'a>(rows: &'a [Row], prefix: &str) -> Vec<&'a Row> {
+    let v: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.phase.starts_with(prefix) && !r.final_row)
+        .collect();
+    if v.len() < 3 {
+        return Vec::new();
+    }
+    v[1..v.len() - 1].to_vec()
+}
+
+#[test]
+fn write_working_set_estimate_covers_the_truth() {
+    if !common::kvm("write_working_set_estimate_covers_the_truth") {
+        return;
+    }
+    // 25% of a 256 MiB guest written sequentially, over and over, for 4 s in 100 ms intervals.
+    let mut cfg = common::config("alloc 64M; touch 64M write 4s", 256 << 20);
+    cfg.interval = Duration::from_millis(100);
+    cfg.samples = Some(1000);
+    let (_, rows) = common::run_cfg(cfg).unwrap();
+    let rows = inside(&rows, "touch");
+    assert!(
+        rows.len() >= 30,
+        "intervals inside the phase: {}",
+        rows.len()
+    );
+    let mut covered = 0;
+    for r in &rows {
+        let a = r.active.as_ref().unwrap();
+        let t = r.truth.as_ref().unwrap();
+        assert_eq!(a.n, 1000);
+        assert_eq!(
+            t.written_pages,
+            64 * 256,
+            "every page is written each interval"
+        );
+        if a.ci_low_mib <= t.written_mib && t.written_mib <= a.ci_high_mib {
+            covered += 1;
+        }
+    }
+    // Each 95% Wilson interval covers the true fraction with probability about 0.95, independently
+    // across intervals (fresh samples). With k >= 30 intervals, covered ~ Binomial(k, 0.95): mean
+    // 0.95k, sd <= 0.04k; asking for 80% is more than 3.7 sd below the mean (p < 1e-3), while an
+    // estimator that is wrong (biased by even 3% of RAM) would fail it.
+    let k = rows.len();
+    assert!(
+        covered * 100 >= k * 80,
+        "95% CIs covered the truth in {covered} of {k} intervals"
+    );
+}
+
+#[test]
+fn idle_guest_estimate_is_near_zero() {
+    if !common::kvm("idle_guest_estimate_is_near_zero") {
+        return;
+    }
+    let mut cfg = common::config("idle 2s", 256 << 20);
+    cfg.interval = Duration::from_millis(200);
+    let (_, rows) = common::run_cfg(cfg).unwrap();
+    let inside = inside(&rows, "idle");
+    assert!(inside.len() >= 5);
+    for r in inside {
+        let a = r.active.as_ref().unwrap();
+        // The idle guest writes only a few kernel pages (stack, messages): far below 1% of RAM.
+        assert!(a.estimate_mib <= 2.56, "{a:?}");
+        assert!(a.ci_low_mib <= 0.5, "{a:?}");
+        assert_eq!(r.truth.as_ref().unwrap().written_pages, 0);
+    }
+}
+
+#[test]
+fn sampler_survives_a_guest_that_exits_mid_interval() {
+    if !common::kvm("sampler_survives_a_guest_that_exits_mid_interval") {
+        return;
+    }
+    let mut cfg = common::config("alloc 32M; touch 32M write 300ms", 64 << 20);
+    cfg.interval = Duration::from_secs(10);
+    let (s, rows) = common::run_cfg(cfg).unwrap();
+    assert!(s.elapsed_s < 10.0);
+    let last = rows.last().unwrap();
+    assert!(last.final_row);
+    let a = last
+        .active
+        .as_ref()
+        .expect("the partial interval still gets an estimate");
+    assert_eq!(a.n, 1000);
+    assert!(a.t > 0);
+    let t = last.truth.as_ref().unwrap();
+    assert_eq!(t.written_pages, 32 * 256);
+    assert!(a.ci_low_mib <= a.estimate_mib && a.estimate_mib <= a.ci_high_mib);
+}
+
+#[test]
+fn sampling_can_be_turned_off() {
+    if !common::kvm("sampling_can_be_turned_off") {
+        return;
+    }
+    let mut cfg = common::config("alloc 8M; touch 8M write", 32 << 20);
+    cfg.samples = None;
+    let (_, rows) = common::run_cfg(cfg).unwrap();
+    assert!(rows.iter().all(|r| r.active.is_none()));
+}
