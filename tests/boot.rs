@@ -55,7 +55,6 @@ fn default_workload_tells_the_whole_story() {
     assert_eq!(s.phases[4].written_pages, 32 * 256);
     assert!(rows.len() >= 8, "about one row per second: {}", rows.len());
     assert!(rows.last().unwrap().final_row);
-    assert!(s.setup_ms < 1000.0, "set-up took {} ms", s.setup_ms);
 }
 
 #[test]
