@@ -64,7 +64,9 @@
 #define BOOT_ERR_APP (FAULT_BOOT_ERROR + 2)       /* embedded app header bad */
 #define BOOT_ERR_NO_MEMORY (FAULT_BOOT_ERROR + 3) /* reserved area does not fit below 1 GiB / RAM */
 
-/* System calls. */
+/* System calls: `int3` from ring 3 (IDT gate 3 has DPL 3). On this host's KVM (PVM) SYSCALL does
+ * not switch to ring 0 and `int $n` for n other than 3 raises #UD. */
+#define SYSCALL_VECTOR 3
 #define SYS_REPORT 0
 #define SYS_ALLOC 1
 #define SYS_FREE 2

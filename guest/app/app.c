@@ -51,7 +51,7 @@ static inline u64 rdtsc(void)
 static inline u64 sys(u64 nr, u64 a0)
 {
     u64 a1 = 0;
-    __asm__ volatile("syscall"
+    __asm__ volatile("int3"
                      : "+a"(nr), "+D"(a0), "+S"(a1)
                      :
                      : "rcx", "rdx", "r8", "r9", "r10", "r11", "memory");

@@ -15,7 +15,7 @@ _start:
         xorl %ebp, %ebp
         call app_main
         movl $SYS_EXIT, %eax
-        syscall
+        int3
 1:      jmp 1b
 
         .section .bss

@@ -1,17 +1,14 @@
-/* memvisor guest kernel: entry, system call entry, exception stubs, the static IDT and the
- * embedded app image. Ring 0 runs through the host's instruction emulator here, so every path is
- * kept to a handful of instructions. */
+/* memvisor guest kernel: entry, exception stubs, the system call gate, the static IDT and the
+ * embedded app image. Ring 0 runs through the host's instruction emulator here (about 1.3 us per
+ * instruction), so every path is a handful of instructions. */
 #include "../abi.h"
-
-#define MSR_STAR 0xc0000081
-#define MSR_LSTAR 0xc0000082
-#define MSR_SFMASK 0xc0000084
 
 /* Exceptions that push an error code: 8, 10-14, 17, 21, 29, 30. */
 #define ERRCODE_MASK 0x60227d00
 
 /* The 32 exception stubs, 16 bytes apart, at exactly ABI_KERNEL_BASE (the linker script asserts
- * it), so the IDT below can be built statically: stub i is at ABI_KERNEL_BASE + 16 * i. */
+ * it), so the IDT below is static: stub i is at ABI_KERNEL_BASE + 16 * i. The stub for vector
+ * SYSCALL_VECTOR is never used: that gate points at syscall_gate. */
         .section .text.isr, "ax"
         .globl isr_stubs, isr_stubs_end
 isr_stubs:
@@ -29,12 +26,24 @@ isr_stubs:
         .balign 16
 isr_stubs_end:
 
+/* System calls: `int3` from ring 3 (gate SYSCALL_VECTOR, DPL 3), at ABI_KERNEL_BASE + 0x200.
+ * rax = number, rdi, rsi = arguments, result in rax. The CPU switched to TSS.rsp0 and pushed SS,
+ * RSP, RFLAGS, CS and the RIP after the int3 (40 bytes). */
+        .globl syscall_gate
+syscall_gate:
+        subq $8, %rsp /* 16-byte alignment for the C call */
+        movq %rax, %rdx
+        call ksyscall
+        addq $8, %rsp
+        iretq
+
 /* Stack: vector, error code, RIP, CS, RFLAGS, RSP, SS. */
 isr_common:
         movq (%rsp), %rdi
         movq 8(%rsp), %rsi
         movq 16(%rsp), %rdx
         movq %cr2, %rcx
+        movq 24(%rsp), %r8
         andq $-16, %rsp
         call kfault /* does not return */
 
@@ -46,27 +55,16 @@ _start:
 1:      hlt
         jmp 1b
 
-/* enter_user(rdi = app rdi, rsi = app rsi, rdx = entry, rcx = user stack) */
+/* enter_user(rdi = app rdi, rsi = app rsi, rdx = entry, rcx = user stack): IRETQ to ring 3 with
+ * interrupts off (there is no interrupt controller). */
         .globl enter_user
 enter_user:
-        movq %rcx, %rsp
-        movq %rdx, %rcx
-        movl $2, %r11d /* RFLAGS: interrupts stay off, there is no interrupt controller */
-        sysretq
-
-/* syscall: rax = number, rdi, rsi = arguments. rcx = user RIP, r11 = user RFLAGS. */
-        .globl syscall_entry
-syscall_entry:
-        movq %rsp, user_rsp(%rip)
-        movl $kstack_top, %esp
+        pushq $ABI_SEL_UDATA
         pushq %rcx
-        pushq %r11
-        movq %rax, %rdx
-        call ksyscall
-        popq %r11
-        popq %rcx
-        movq user_rsp(%rip), %rsp
-        sysretq
+        pushq $2
+        pushq $ABI_SEL_UCODE
+        pushq %rdx
+        iretq
 
         .section .data.idt, "aw"
         .balign 16
@@ -74,10 +72,17 @@ syscall_entry:
 idt:
         .set vec, 0
         .rept 32
+        .if vec == SYSCALL_VECTOR
+        .word (ABI_KERNEL_BASE + 0x200) & 0xffff
+        .word ABI_SEL_KCODE
+        .byte 0, 0xee /* present, DPL 3, 64-bit interrupt gate */
+        .word ((ABI_KERNEL_BASE + 0x200) >> 16) & 0xffff
+        .else
         .word (ABI_KERNEL_BASE + 16 * vec) & 0xffff
         .word ABI_SEL_KCODE
         .byte 0, 0x8e /* present, DPL 0, 64-bit interrupt gate */
         .word ((ABI_KERNEL_BASE + 16 * vec) >> 16) & 0xffff
+        .endif
         .long 0
         .long 0
         .set vec, vec + 1
@@ -99,13 +104,10 @@ app_blob:
 app_blob_end:
 
         .section .bss
-        .balign 16
-        .globl kstack_top
-user_rsp:
-        .quad 0
         .balign 4096
 kstack:
         .skip 8192
+        .globl kstack_top
 kstack_top:
 
         .section .note.GNU-stack, "", @progbits

@@ -13,10 +13,6 @@
 #define PTE_USER (PTE_P | PTE_RW | PTE_U)
 #define PDE_2M_ADDR 0x000fffffffe00000ULL
 
-#define MSR_STAR 0xc0000081u
-#define MSR_LSTAR 0xc0000082u
-#define MSR_SFMASK 0xc0000084u
-#define SFMASK_BITS 0x47700ULL /* TF, IF, DF, IOPL, NT, AC */
 
 /* PD1 (virtual 1..2 GiB) slots of the app's regions. */
 #define PD1_APP 0                                      /* 0x4000_0000 */
@@ -37,7 +33,6 @@ extern char __kernel_end[];
 extern char app_blob[], app_blob_end[];
 extern char kstack_top[];
 extern char idt_desc[];
-extern void syscall_entry(void);
 extern void enter_user(u64 rdi, u64 rsi, u64 entry, u64 rsp) __attribute__((noreturn));
 
 static volatile struct boot_info *const bi = (volatile struct boot_info *)ABI_BOOT_INFO_ADDR;
@@ -52,11 +47,6 @@ static u64 *heap_pd; /* the heap's PDs, one array indexed by 2 MiB region */
 static u64 *heap_pt; /* the heap's PTs, one array indexed by heap page (PT r backs region r) */
 static u64 app_file_end, app_end; /* virtual */
 static u64 app_bss_pa;
-
-static inline void wrmsr(u32 msr, u64 v)
-{
-    __asm__ volatile("wrmsr" : : "c"(msr), "a"((u32)v), "d"((u32)(v >> 32)));
-}
 
 static inline u64 rdtsc(void)
 {
@@ -104,9 +94,10 @@ static void ksend(u32 kind, u64 a0, u64 a1, u64 a2)
 }
 
 /* Called by the exception stubs: report and stop. */
-__attribute__((noreturn, used)) void kfault(u64 vec, u64 err, u64 rip, u64 cr2)
+__attribute__((noreturn, used)) void kfault(u64 vec, u64 err, u64 rip, u64 cr2, u64 cs)
 {
     kmsg.reserved[0] = cr2;
+    kmsg.reserved[1] = cs;
     ksend(MSG_FAULT, vec, err, rip);
     halt();
 }
@@ -124,25 +115,31 @@ static __attribute__((noreturn)) void boot_fail(u64 code, u64 detail)
 static void map(u64 vp, u64 pfn, u64 n)
 {
     while (n) {
-        u64 r = vp >> 9;
         if (((vp | pfn) & 511) == 0 && n >= 512) {
-            heap_pd[r] = (pfn << 12) | PTE_USER | PTE_PS;
-            vp += 512;
-            pfn += 512;
-            n -= 512;
+            u64 m = n >> 9;
+            u64 *pd = &heap_pd[vp >> 9];
+            u64 v = (pfn << 12) | PTE_USER | PTE_PS;
+            vp += m << 9;
+            pfn += m << 9;
+            n -= m << 9;
+#pragma GCC unroll 4
+            do {
+                *pd++ = v;
+                v += 512 * ABI_PAGE_SIZE;
+            } while (--m);
             continue;
         }
         u64 k = 512 - (vp & 511);
         if (k > n)
             k = n;
         if ((vp & 511) == 0) /* a region's PDE is present exactly while the heap reaches into it */
-            heap_pd[r] = (u64)&heap_pt[r << 9] | PTE_USER;
+            heap_pd[vp >> 9] = (u64)&heap_pt[vp] | PTE_USER;
         u64 *pte = &heap_pt[vp];
         u64 v = (pfn << 12) | PTE_USER;
         vp += k;
         pfn += k;
         n -= k;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
         do {
             *pte++ = v;
             v += ABI_PAGE_SIZE;
@@ -150,38 +147,43 @@ static void map(u64 vp, u64 pfn, u64 n)
     }
 }
 
-/* Unmaps heap pages [vp, end), end being the heap top. The caller reloads CR3. */
+/* Unmaps heap pages [vp, end), end being the heap top: PTEs of unmapped pages are cleared, and a
+ * region's PDE is cleared when the region empties. The caller reloads CR3. */
 static void unmap(u64 vp, u64 end)
 {
     while (vp < end) {
-        u64 r = vp >> 9;
-        u64 rend = (r + 1) << 9;
-        if (rend > end)
-            rend = end;
-        u64 pde = heap_pd[r];
-        if (pde & PTE_PS) {
-            u64 keep = vp & 511;
-            if (keep) {
-                /* Split: the low `keep` pages of this 2 MiB page stay mapped by a PT. */
-                u64 *pte = &heap_pt[r << 9];
-                u64 v = (pde & PDE_2M_ADDR) | PTE_USER;
-                do {
-                    *pte++ = v;
-                    v += ABI_PAGE_SIZE;
-                } while (--keep);
-                heap_pd[r] = (u64)&heap_pt[r << 9] | PTE_USER;
-            } else {
-                heap_pd[r] = 0;
-            }
+        u64 *pd = &heap_pd[vp >> 9];
+        if ((vp & 511) == 0 && end - vp >= 512 && (*pd & PTE_PS)) {
+            /* A run of whole 2 MiB pages. */
+            u64 m = (end - vp) >> 9;
+            do {
+                *pd++ = 0;
+                vp += 512;
+            } while (--m && (*pd & PTE_PS));
+            continue;
+        }
+        u64 rbase = vp & ~511ULL;
+        u64 rend = rbase + 512 < end ? rbase + 512 : end;
+        if (*pd & PTE_PS) {
+            /* Split: the low vp - rbase pages of this 2 MiB page stay mapped, by PT. */
+            u64 *pte = &heap_pt[rbase];
+            u64 v = (*pd & PDE_2M_ADDR) | PTE_USER;
+            u64 keep = vp - rbase;
+#pragma GCC unroll 8
+            do {
+                *pte++ = v;
+                v += ABI_PAGE_SIZE;
+            } while (--keep);
+            *pd = (u64)&heap_pt[rbase] | PTE_USER;
         } else {
             u64 *pte = &heap_pt[vp];
             u64 k = rend - vp;
-#pragma GCC unroll 4
+#pragma GCC unroll 8
             do {
                 *pte++ = 0;
             } while (--k);
-            if ((vp & 511) == 0)
-                heap_pd[r] = 0;
+            if (vp == rbase)
+                *pd = 0;
         }
         vp = rend;
     }
@@ -214,7 +216,7 @@ static void free_insert(u64 start, u64 n)
     }
 }
 
-static u64 sys_alloc(u64 n)
+static __attribute__((noinline)) u64 sys_alloc(u64 n)
 {
     /* An allocation adds at most one allocated extent per free extent it consumes; a free adds at
      * most one free extent. Refusing when the lists could overflow keeps both bounded (with LIFO
@@ -250,7 +252,7 @@ static u64 sys_alloc(u64 n)
     return va;
 }
 
-static i64 sys_free(u64 n)
+static __attribute__((noinline)) i64 sys_free(u64 n)
 {
     if (n > alloc_pages || (nfree_ext >= MAX_EXTENTS - 1 && n))
         return -1;
@@ -307,14 +309,23 @@ __attribute__((used)) u64 ksyscall(u64 a0, u64 a1, u64 nr)
     return (u64)-1;
 }
 
+/* n consecutive entries mapping consecutive pages from v (n may be 0). */
+static __attribute__((noinline)) void fill_ptes(u64 *e, u64 v, u64 n)
+{
+    if (!n)
+        return;
+#pragma GCC unroll 8
+    do {
+        *e++ = v;
+        v += ABI_PAGE_SIZE;
+    } while (--n);
+}
+
 static const char banner[] = "memvisor guest\n";
 
 __attribute__((noreturn, used)) void kmain(void)
 {
     *(volatile u64 *)ABI_TSS_RSP0_ADDR = (u64)kstack_top;
-    wrmsr(MSR_STAR, ((u64)ABI_SEL_UCODE32 << 48) | ((u64)ABI_SEL_KCODE << 32));
-    wrmsr(MSR_LSTAR, (u64)syscall_entry);
-    wrmsr(MSR_SFMASK, SFMASK_BITS);
     __asm__ volatile("lidt %0" : : "m"(*(char(*)[10])idt_desc));
     kmsg.magic = ABI_MSG_MAGIC;
 
@@ -358,25 +369,13 @@ __attribute__((noreturn, used)) void kmain(void)
     u64 *pdpt = (u64 *)ABI_PDPT_ADDR;
     pdpt[1] = (u64)pd1 | PTE_USER;
     pd1[PD1_APP] = (u64)pt_app | PTE_USER;
-    u64 *pte = pt_app;
-    u64 v = (u64)app_blob | PTE_USER;
-    for (u64 i = 0; i < file_pages; i++, v += ABI_PAGE_SIZE)
-        *pte++ = v;
-    v = app_bss_pa | PTE_USER;
-    for (u64 i = 0; i < bss_pages; i++, v += ABI_PAGE_SIZE)
-        *pte++ = v;
+    fill_ptes(pt_app, (u64)app_blob | PTE_USER, file_pages);
+    fill_ptes(pt_app + file_pages, app_bss_pa | PTE_USER, bss_pages);
     pd1[PD1_BOOT_INFO] = (u64)pt_bi | PTE_USER;
     pt_bi[0] = ABI_BOOT_INFO_ADDR | PTE_P | PTE_U; /* read-only */
-    v = (u64)pt_bm | PTE_USER;
-    for (u64 i = 0; i < bm_pts; i++, v += ABI_PAGE_SIZE)
-        pd1[PD1_BITMAPS + i] = v;
-    v = bm_pa | PTE_USER;
-    pte = pt_bm;
-    for (u64 i = 0; i < bm_pages; i++, v += ABI_PAGE_SIZE)
-        *pte++ = v;
-    v = (u64)heap_pd | PTE_USER;
-    for (u64 i = 0; i < heap_pds; i++, v += ABI_PAGE_SIZE)
-        pdpt[PDPT_HEAP + i] = v;
+    fill_ptes(&pd1[PD1_BITMAPS], (u64)pt_bm | PTE_USER, bm_pts);
+    fill_ptes(pt_bm, bm_pa | PTE_USER, bm_pages);
+    fill_ptes(&pdpt[PDPT_HEAP], (u64)heap_pd | PTE_USER, heap_pds);
     reload_cr3();
 
     if (pool_pages) {
