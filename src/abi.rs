@@ -160,6 +160,18 @@ impl MsgKind {
 /// Byte offset of the reply field, written by the VMM.
 pub const MSG_REPLY_OFFSET: u64 = 0x60;
 
+/// FAULT messages: an `arg0` at or above this is a guest kernel boot error, not a CPU exception.
+pub const FAULT_BOOT_ERROR: u64 = 0x100;
+/// Boot error: the boot-info magic was wrong (`arg1` = the magic found).
+pub const BOOT_ERR_MAGIC: u64 = 0x101;
+/// Boot error: the header of the app image embedded in the kernel is bad.
+pub const BOOT_ERR_APP: u64 = 0x102;
+/// Boot error: the kernel's reserved area does not fit in RAM below 1 GiB (`arg1` = its end).
+pub const BOOT_ERR_NO_MEMORY: u64 = 0x103;
+/// The guest's system call gate: the app executes `int3` (vector 3, a DPL-3 gate). SYSCALL does
+/// not switch to ring 0 under this host's KVM (PVM), see `docs/abi.md`.
+pub const SYSCALL_VECTOR: u8 = 3;
+
 /// A decoded report-channel message.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct Message {
@@ -174,6 +186,7 @@ pub struct Message {
     pub heap_pages: u64,
     pub args: [u64; 3],
     pub tsc: u64,
+    /// Offset `0x70`: FAULT: CR2 at the exception.
     pub extra: u64,
 }
 
