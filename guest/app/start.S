@@ -1,4 +1,4 @@
-/* memvisor guest app: header and entry. The kernel enters at _start in ring 3 (SYSRET) with
+/* memvisor guest app: header and entry. The kernel enters at _start in ring 3 (IRETQ) with
  * rdi = truth bitmap base and rsi = words per bitmap. */
 #include "../abi.h"
 
