@@ -309,15 +309,15 @@ __attribute__((used)) u64 ksyscall(u64 a0, u64 a1, u64 nr)
     return (u64)-1;
 }
 
-/* n consecutive entries mapping consecutive pages from v (n may be 0). */
-static __attribute__((noinline)) void fill_ptes(u64 *e, u64 v, u64 n)
+/* n consecutive entries v, v + step, ... (n may be 0). */
+static __attribute__((noinline)) void fill_entries(u64 *e, u64 v, u64 n, u64 step)
 {
     if (!n)
         return;
 #pragma GCC unroll 8
     do {
         *e++ = v;
-        v += ABI_PAGE_SIZE;
+        v += step;
     } while (--n);
 }
 
@@ -348,7 +348,12 @@ __attribute__((noreturn, used)) void kmain(void)
     u64 heap_pds = (regions + 511) >> 9;             /* one PD per GiB of heap */
     u64 bm_words = (mem_pages + 63) >> 6;            /* one bitmap, sized for all of RAM */
     u64 bm_pages = (4 * bm_words * 8 + 4095) >> 12; /* the four bitmaps */
-    u64 bm_pts = (bm_pages + 511) >> 9;
+    /* Bitmaps of 2 MiB or more (RAM of 16 GiB or more) are mapped with 2 MiB pages. */
+    int bm_huge = bm_pages >= 512;
+    if (bm_huge)
+        bm_pages = (bm_pages + 511) & ~511ULL;
+    u64 bm_pts = bm_huge ? 0 : (bm_pages + 511) >> 9;
+    u64 bm_pdes = bm_huge ? bm_pages >> 9 : bm_pts;
     u64 rsv = (u64)__kernel_end;
     u64 *pd1 = (u64 *)rsv;
     u64 *pt_app = pd1 + 512;
@@ -358,9 +363,11 @@ __attribute__((noreturn, used)) void kmain(void)
     heap_pt = heap_pd + (heap_pds << 9);
     app_bss_pa = (u64)(heap_pt + (regions << 9));
     u64 bm_pa = app_bss_pa + (bss_pages << 12);
+    if (bm_huge)
+        bm_pa = (bm_pa + 0x1fffff) & ~0x1fffffULL;
     u64 rsv_end = bm_pa + (bm_pages << 12);
     u64 pool_start = (rsv_end + 0x1fffff) & ~0x1fffffULL;
-    if (rsv_end > ABI_KERNEL_MAX_ADDR || rsv_end > mem || bm_pts > PD1_UNMAPPED - PD1_BITMAPS ||
+    if (rsv_end > ABI_KERNEL_MAX_ADDR || rsv_end > mem || bm_pdes > PD1_UNMAPPED - PD1_BITMAPS ||
         PDPT_HEAP + heap_pds > 512)
         boot_fail(BOOT_ERR_NO_MEMORY, rsv_end);
     u64 pool_pages = pool_start < mem ? (mem - pool_start) >> 12 : 0;
@@ -369,13 +376,17 @@ __attribute__((noreturn, used)) void kmain(void)
     u64 *pdpt = (u64 *)ABI_PDPT_ADDR;
     pdpt[1] = (u64)pd1 | PTE_USER;
     pd1[PD1_APP] = (u64)pt_app | PTE_USER;
-    fill_ptes(pt_app, (u64)app_blob | PTE_USER, file_pages);
-    fill_ptes(pt_app + file_pages, app_bss_pa | PTE_USER, bss_pages);
+    fill_entries(pt_app, (u64)app_blob | PTE_USER, file_pages, ABI_PAGE_SIZE);
+    fill_entries(pt_app + file_pages, app_bss_pa | PTE_USER, bss_pages, ABI_PAGE_SIZE);
     pd1[PD1_BOOT_INFO] = (u64)pt_bi | PTE_USER;
     pt_bi[0] = ABI_BOOT_INFO_ADDR | PTE_P | PTE_U; /* read-only */
-    fill_ptes(&pd1[PD1_BITMAPS], (u64)pt_bm | PTE_USER, bm_pts);
-    fill_ptes(pt_bm, bm_pa | PTE_USER, bm_pages);
-    fill_ptes(&pdpt[PDPT_HEAP], (u64)heap_pd | PTE_USER, heap_pds);
+    if (bm_huge) {
+        fill_entries(&pd1[PD1_BITMAPS], bm_pa | PTE_USER | PTE_PS, bm_pdes, 512 * ABI_PAGE_SIZE);
+    } else {
+        fill_entries(&pd1[PD1_BITMAPS], (u64)pt_bm | PTE_USER, bm_pts, ABI_PAGE_SIZE);
+        fill_entries(pt_bm, bm_pa | PTE_USER, bm_pages, ABI_PAGE_SIZE);
+    }
+    fill_entries(&pdpt[PDPT_HEAP], (u64)heap_pd | PTE_USER, heap_pds, ABI_PAGE_SIZE);
     reload_cr3();
 
     if (pool_pages) {
