@@ -12,75 +12,47 @@
 
 use std::time::Instant;
 
-use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
+use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use kvm_ioctls::Kvm;
 use memvisor::bitmap::Bitmap;
 use memvisor::kvm_ext;
-use memvisor::pmp_mmp::{MapOptions, PAGE_SIZE, PmpMmpMap, ResidencyMethod};
+use memvisor::pagemap::AnonMapping;
+use memvisor::pmp_mmp::{HarvestStats, MapOptions, PAGE_SIZE, PmpMmpMap, ResidencyMethod};
 
 const GIB: u64 = 1 << 30;
 const TOUCHED: u64 = 256 << 20;
 const BLOCK_PAGES: u64 = 512;
 const STEADY_RUNS: u32 = 5;
 
-/// A private anonymous mapping, unmapped on drop.
-struct Region {
-    addr: *mut u8,
-    len: usize,
-}
-
-impl Region {
-    fn new(len: usize) -> Result<Region, String> {
-        // SAFETY: a fresh anonymous mapping that aliases nothing; the result is checked.
-        let addr = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                -1,
-                0,
-            )
-        };
-        if addr == libc::MAP_FAILED {
-            return Err(format!("mmap {len}: {}", std::io::Error::last_os_error()));
-        }
-        Ok(Region {
-            addr: addr.cast(),
-            len,
-        })
-    }
-}
-
-impl Drop for Region {
-    fn drop(&mut self) {
-        // SAFETY: unmaps exactly our own mapping; nothing references it any more.
-        unsafe { libc::munmap(self.addr.cast(), self.len) };
-    }
-}
-
 fn ms_since(t: Instant) -> f64 {
     t.elapsed().as_secs_f64() * 1e3
 }
 
+/// One harvest of the guest-dirty bitmap `dirty` in `interval`, timed: (milliseconds, stats).
+fn timed_harvest(
+    map: &mut PmpMmpMap,
+    dirty: &Bitmap,
+    interval: u32,
+) -> Result<(f64, HarvestStats), String> {
+    let t = Instant::now();
+    let s = map
+        .harvest(dirty.words(), &[], interval)
+        .map_err(|e| e.to_string())?;
+    Ok((ms_since(t), s))
+}
+
 /// Mean milliseconds of KVM_GET_DIRTY_LOG on a dirty-logged memslot over `region`.
-fn get_dirty_log_ms(kvm: &Kvm, region: &Region) -> Result<f64, String> {
+fn get_dirty_log_ms(kvm: &Kvm, region: &AnonMapping) -> Result<f64, String> {
     let vm = kvm.create_vm().map_err(|e| format!("create_vm: {e}"))?;
     kvm_ext::enable_manual_dirty_log_protect(&vm).map_err(|e| e.to_string())?;
-    let mem = kvm_userspace_memory_region {
-        slot: 0,
-        flags: KVM_MEM_LOG_DIRTY_PAGES,
-        guest_phys_addr: 0,
-        memory_size: region.len as u64,
-        userspace_addr: region.addr as u64,
-    };
-    // SAFETY: the region is a live mapping of memory_size bytes that outlives the VM.
-    unsafe { vm.set_user_memory_region(mem) }.map_err(|e| format!("memslot: {e}"))?;
+    // SAFETY: the region outlives the VM, which is dropped at the end of this function.
+    unsafe { kvm_ext::set_user_memory(&vm, 0, KVM_MEM_LOG_DIRTY_PAGES, region) }
+        .map_err(|e| format!("memslot: {e}"))?;
     let runs = 10;
     let t = Instant::now();
     for _ in 0..runs {
         let log = vm
-            .get_dirty_log(0, region.len)
+            .get_dirty_log(0, region.len())
             .map_err(|e| format!("get_dirty_log: {e}"))?;
         std::hint::black_box(log);
     }
@@ -109,7 +81,8 @@ struct Row {
 
 fn bench(gib: u64, kvm: Option<&Kvm>) -> Result<Row, String> {
     let pages = gib * GIB / PAGE_SIZE;
-    let region = Region::new((gib * GIB) as usize)?;
+    let len = (gib * GIB) as usize;
+    let region = AnonMapping::new(len).map_err(|e| format!("mmap {len}: {e}"))?;
     let blocks = TOUCHED / PAGE_SIZE / BLOCK_PAGES;
     let stride = pages / blocks;
     let mut dirty = Bitmap::new(pages);
@@ -117,8 +90,7 @@ fn bench(gib: u64, kvm: Option<&Kvm>) -> Result<Row, String> {
     for b in 0..blocks {
         let first = b * stride;
         for g in first..first + BLOCK_PAGES {
-            // SAFETY: g < pages: inside our live writable mapping.
-            unsafe { region.addr.add((g * PAGE_SIZE) as usize).write_volatile(1) };
+            region.write_volatile((g * PAGE_SIZE) as usize, 1);
             dirty.set(g);
         }
     }
@@ -128,58 +100,40 @@ fn bench(gib: u64, kvm: Option<&Kvm>) -> Result<Row, String> {
         residency,
         residency_every,
     };
-    let new_map = |o: MapOptions| {
-        PmpMmpMap::with_options(region.addr as usize, pages, o).map_err(|e| e.to_string())
-    };
+    let new_map =
+        |o: MapOptions| PmpMmpMap::with_options(region.addr(), pages, o).map_err(|e| e.to_string());
     let n = f64::from(STEADY_RUNS);
 
     // PAGEMAP_SCAN residency on every harvest.
     let mut map = new_map(opts(ResidencyMethod::PagemapScan, 1))?;
-    let t = Instant::now();
-    let first = map
-        .harvest(dirty.words(), &[], 0)
-        .map_err(|e| e.to_string())?;
-    let first_ms = ms_since(t);
+    let (first_ms, first) = timed_harvest(&mut map, &dirty, 0)?;
     let backed = map.summary().backed;
     let (mut steady_ms, mut bitmap_ms, mut scan_ms) = (0.0, 0.0, 0.0);
     for i in 1..=STEADY_RUNS {
-        let t = Instant::now();
-        let s = map
-            .harvest(dirty.words(), &[], i)
-            .map_err(|e| e.to_string())?;
-        steady_ms += ms_since(t);
+        let (ms, s) = timed_harvest(&mut map, &dirty, i)?;
+        steady_ms += ms;
         bitmap_ms += s.bitmap_ms;
         scan_ms += s.residency_ms;
     }
 
     // mincore residency.
     let mut mc = new_map(opts(ResidencyMethod::Mincore, 1))?;
-    let t = Instant::now();
-    mc.harvest(dirty.words(), &[], 0)
-        .map_err(|e| e.to_string())?;
-    let mincore_first_ms = ms_since(t);
+    let (mincore_first_ms, _) = timed_harvest(&mut mc, &dirty, 0)?;
     let (mut mincore_steady_ms, mut mincore_pass_ms) = (0.0, 0.0);
     for i in 1..=STEADY_RUNS {
-        let t = Instant::now();
-        let s = mc
-            .harvest(dirty.words(), &[], i)
-            .map_err(|e| e.to_string())?;
-        mincore_steady_ms += ms_since(t);
+        let (ms, s) = timed_harvest(&mut mc, &dirty, i)?;
+        mincore_steady_ms += ms;
         mincore_pass_ms += s.residency_ms;
     }
     drop(mc);
 
     // Default options (Auto picks the method per pass).
     let mut auto = new_map(MapOptions::default())?;
-    auto.harvest(dirty.words(), &[], 0)
-        .map_err(|e| e.to_string())?;
+    timed_harvest(&mut auto, &dirty, 0)?;
     let (mut auto_steady_ms, mut auto_method) = (0.0, "-");
     for i in 1..=STEADY_RUNS {
-        let t = Instant::now();
-        let s = auto
-            .harvest(dirty.words(), &[], i)
-            .map_err(|e| e.to_string())?;
-        auto_steady_ms += ms_since(t);
+        let (ms, s) = timed_harvest(&mut auto, &dirty, i)?;
+        auto_steady_ms += ms;
         auto_method = match s.residency_method {
             Some(ResidencyMethod::PagemapScan) => "scan",
             Some(ResidencyMethod::Mincore) => "mc",
@@ -190,16 +144,11 @@ fn bench(gib: u64, kvm: Option<&Kvm>) -> Result<Row, String> {
 
     // No residency pass after the first harvest (residency_every = 0).
     let mut quiet = new_map(opts(ResidencyMethod::PagemapScan, 0))?;
-    quiet
-        .harvest(dirty.words(), &[], 0)
-        .map_err(|e| e.to_string())?;
-    let t = Instant::now();
+    timed_harvest(&mut quiet, &dirty, 0)?;
+    let mut steady_no_residency_ms = 0.0;
     for i in 1..=STEADY_RUNS {
-        quiet
-            .harvest(dirty.words(), &[], i)
-            .map_err(|e| e.to_string())?;
+        steady_no_residency_ms += timed_harvest(&mut quiet, &dirty, i)?.0;
     }
-    let steady_no_residency_ms = ms_since(t) / n;
     drop(quiet);
 
     let refresh_ms = map.refresh().map_err(|e| e.to_string())?.ms;
@@ -218,7 +167,7 @@ fn bench(gib: u64, kvm: Option<&Kvm>) -> Result<Row, String> {
         mincore_first_ms,
         mincore_steady_ms: mincore_steady_ms / n,
         mincore_pass_ms: mincore_pass_ms / n,
-        steady_no_residency_ms,
+        steady_no_residency_ms: steady_no_residency_ms / n,
         auto_steady_ms: auto_steady_ms / n,
         auto_method,
         refresh_ms,

@@ -55,6 +55,28 @@ pub enum BitmapError {
     },
 }
 
+/// The words that the bits of `range` lie in, ascending, each with the mask of its bits inside
+/// `range`; nothing when `range` is empty.
+pub fn word_masks(range: Range<u64>) -> impl Iterator<Item = (usize, u64)> {
+    let end = range.end;
+    let mut i = range.start;
+    std::iter::from_fn(move || {
+        if i >= end {
+            return None;
+        }
+        let w = i / WORD_BITS;
+        let lo = i % WORD_BITS;
+        let hi = (end - w * WORD_BITS).min(WORD_BITS);
+        let mask = if hi - lo == WORD_BITS {
+            u64::MAX
+        } else {
+            ((1u64 << (hi - lo)) - 1) << lo
+        };
+        i = (w + 1) * WORD_BITS;
+        Some((w as usize, mask))
+    })
+}
+
 /// Number of `u64` words that hold `bits` bits.
 pub fn words_for(bits: u64) -> usize {
     // A 64-bit host: bits / 64 always fits usize.
@@ -165,19 +187,8 @@ impl Bitmap {
     }
 
     fn apply_range(&mut self, range: Range<u64>, f: impl Fn(&mut u64, u64)) {
-        let end = range.end.min(self.bits);
-        let mut i = range.start;
-        while i < end {
-            let w = (i / WORD_BITS) as usize;
-            let lo = i % WORD_BITS;
-            let hi = (end - w as u64 * WORD_BITS).min(WORD_BITS);
-            let mask = if hi - lo == WORD_BITS {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo)) - 1) << lo
-            };
+        for (w, mask) in word_masks(range.start..range.end.min(self.bits)) {
             f(&mut self.words[w], mask);
-            i = (w as u64 + 1) * WORD_BITS;
         }
     }
 
@@ -218,22 +229,9 @@ impl Bitmap {
 
     /// Number of set bits in `range` (clipped to the bitmap).
     pub fn count_ones_in(&self, range: Range<u64>) -> u64 {
-        let end = range.end.min(self.bits);
-        let mut i = range.start;
-        let mut n = 0u64;
-        while i < end {
-            let w = (i / WORD_BITS) as usize;
-            let lo = i % WORD_BITS;
-            let hi = (end - w as u64 * WORD_BITS).min(WORD_BITS);
-            let mask = if hi - lo == WORD_BITS {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo)) - 1) << lo
-            };
-            n += u64::from((self.words[w] & mask).count_ones());
-            i = (w as u64 + 1) * WORD_BITS;
-        }
-        n
+        word_masks(range.start..range.end.min(self.bits))
+            .map(|(w, mask)| u64::from((self.words[w] & mask).count_ones()))
+            .sum()
     }
 
     /// Indices of the set bits, ascending.
@@ -462,6 +460,23 @@ mod tests {
         assert_eq!(b.count_ones(), 6);
         let c = Bitmap::from_words(&[0b101], 2);
         assert_eq!(c.iter_ones().collect::<Vec<_>>(), vec![0]);
+    }
+
+    #[test]
+    fn word_masks_cover_exactly_the_range() {
+        assert_eq!(
+            word_masks(3..5).collect::<Vec<_>>(),
+            vec![(0, 0b11000)],
+            "within one word"
+        );
+        assert_eq!(
+            word_masks(60..130).collect::<Vec<_>>(),
+            vec![(0, 0xf << 60), (1, u64::MAX), (2, 0b11)]
+        );
+        assert_eq!(word_masks(64..128).collect::<Vec<_>>(), vec![(1, u64::MAX)]);
+        assert_eq!(word_masks(7..7).count(), 0);
+        let (hi, lo) = (200, 100);
+        assert_eq!(word_masks(hi..lo).count(), 0);
     }
 
     #[test]

@@ -1,11 +1,11 @@
-//! The KVM ioctls memvisor needs that kvm-ioctls lacks, in kvm-ioctls' style: one short function
-//! each, a typed error, validation before the ioctl so KVM never has to answer `EINVAL` for a
-//! request we could have checked.
+//! The KVM ioctls memvisor needs that kvm-ioctls lacks (or that take a memvisor type), in
+//! kvm-ioctls' style: one short function each, a typed error, validation before the ioctl so KVM
+//! never has to answer `EINVAL` for a request we could have checked.
 
 use kvm_bindings::{
     KVM_CAP_GET_TSC_KHZ, KVM_CAP_IMMEDIATE_EXIT, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_USER_MEMORY, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVMIO, kvm_clear_dirty_log,
-    kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap,
+    kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap, kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
@@ -14,6 +14,7 @@ use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
 use crate::bitmap::{self, BitmapError, ClearWindow};
+use crate::pagemap::AnonMapping;
 
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 
@@ -44,6 +45,14 @@ pub enum KvmExtError {
     /// `KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2)` failed.
     #[error("KVM_ENABLE_CAP(KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2): {0}")]
     EnableManualDirtyLogProtect(#[source] errno::Error),
+    /// KVM refused `KVM_SET_USER_MEMORY_REGION`.
+    #[error("KVM_SET_USER_MEMORY_REGION for slot {slot} over {len} bytes: {source}")]
+    SetUserMemory {
+        slot: u32,
+        len: usize,
+        #[source]
+        source: errno::Error,
+    },
     /// The host KVM lacks capabilities memvisor needs.
     #[error("host KVM lacks required capabilities: {}", .0.join(", "))]
     MissingCapabilities(Vec<&'static str>),
@@ -138,6 +147,34 @@ pub fn enable_manual_dirty_log_protect(vm: &VmFd) -> Result<(), KvmExtError> {
         .map_err(KvmExtError::EnableManualDirtyLogProtect)
 }
 
+/// `KVM_SET_USER_MEMORY_REGION`: memslot `slot` with `flags` (`KVM_MEM_*`) over guest-physical
+/// `0..mem.len()`, backed by `mem`.
+///
+/// # Safety
+///
+/// `mem` must outlive the memslot: drop the VM (or delete the slot) before `mem`.
+pub unsafe fn set_user_memory(
+    vm: &VmFd,
+    slot: u32,
+    flags: u32,
+    mem: &AnonMapping,
+) -> Result<(), KvmExtError> {
+    let region = kvm_userspace_memory_region {
+        slot,
+        flags,
+        guest_phys_addr: 0,
+        memory_size: mem.len() as u64,
+        userspace_addr: mem.addr() as u64,
+    };
+    // SAFETY: `mem` is a live mapping of memory_size bytes that the caller keeps alive as long
+    // as the slot exists.
+    unsafe { vm.set_user_memory_region(region) }.map_err(|source| KvmExtError::SetUserMemory {
+        slot,
+        len: mem.len(),
+        source,
+    })
+}
+
 /// The capabilities memvisor needs, by name and number.
 pub const REQUIRED_CAPABILITIES: [(&str, u32); 4] = [
     ("KVM_CAP_USER_MEMORY", KVM_CAP_USER_MEMORY),
@@ -178,50 +215,13 @@ pub fn check_capabilities(kvm: &Kvm) -> Result<(), KvmExtError> {
     }
 }
 
+/// Helpers for tests that run a guest, shared with the other modules' tests.
 #[cfg(test)]
-mod tests {
-    use super::*;
-    use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
-    use kvm_ioctls::VcpuExit;
+pub(crate) mod test_support {
+    use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
-    const PAGE: usize = 4096;
-
-    /// An anonymous private mapping unmapped on drop.
-    struct Region {
-        addr: *mut u8,
-        len: usize,
-    }
-
-    impl Region {
-        fn new(len: usize) -> Region {
-            // SAFETY: a fresh anonymous mapping; the result is checked.
-            let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    len,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(addr, libc::MAP_FAILED);
-            Region {
-                addr: addr.cast(),
-                len,
-            }
-        }
-    }
-
-    impl Drop for Region {
-        fn drop(&mut self) {
-            // SAFETY: unmaps exactly the mapping made in new(); the VM using it is gone first
-            // (tests drop the VmFd before the Region).
-            unsafe { libc::munmap(self.addr.cast(), self.len) };
-        }
-    }
-
-    fn kvm_or_skip(test: &str) -> Option<Kvm> {
+    /// Opens `/dev/kvm`, or says that `test` is skipped when it is absent.
+    pub(crate) fn kvm_or_skip(test: &str) -> Option<Kvm> {
         if !std::path::Path::new("/dev/kvm").exists() {
             println!("{test}: skipped, /dev/kvm is absent");
             return None;
@@ -229,16 +229,39 @@ mod tests {
         Some(Kvm::new().expect("/dev/kvm exists but cannot be opened"))
     }
 
-    fn set_slot(vm: &VmFd, region: &Region, flags: u32) {
-        let mem = kvm_userspace_memory_region {
-            slot: 0,
-            flags,
-            guest_phys_addr: 0,
-            memory_size: region.len as u64,
-            userspace_addr: region.addr as u64,
+    /// Runs `vcpu` in real mode from guest-physical 0 (CS and DS based at 0) until it halts;
+    /// any other exit fails the test.
+    pub(crate) fn run_to_hlt(vcpu: &mut VcpuFd) {
+        let mut sregs = vcpu.get_sregs().unwrap();
+        sregs.cs.base = 0;
+        sregs.cs.selector = 0;
+        sregs.ds.base = 0;
+        sregs.ds.selector = 0;
+        vcpu.set_sregs(&sregs).unwrap();
+        let regs = kvm_bindings::kvm_regs {
+            rip: 0,
+            rflags: 2,
+            ..Default::default()
         };
-        // SAFETY: the region is a live mapping of memory_size bytes that outlives the VM.
-        unsafe { vm.set_user_memory_region(mem) }.expect("set_user_memory_region");
+        vcpu.set_regs(&regs).unwrap();
+        match vcpu.run().expect("vcpu run") {
+            VcpuExit::Hlt => {}
+            other => panic!("unexpected exit {other:?}"),
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::test_support::{kvm_or_skip, run_to_hlt};
+    use super::*;
+    use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+
+    const PAGE: usize = 4096;
+
+    fn set_slot(vm: &VmFd, region: &AnonMapping, flags: u32) {
+        // SAFETY: the tests drop the VM before the region.
+        unsafe { set_user_memory(vm, 0, flags, region) }.expect("set_user_memory_region");
     }
 
     #[test]
@@ -278,7 +301,7 @@ mod tests {
             return;
         };
         let vm = kvm.create_vm().unwrap();
-        let region = Region::new(1000 * PAGE); // not a multiple of 64 pages
+        let region = AnonMapping::new(1000 * PAGE).expect("mmap"); // not a multiple of 64 pages
         enable_manual_dirty_log_protect(&vm).unwrap();
         set_slot(&vm, &region, KVM_MEM_LOG_DIRTY_PAGES);
         let ones = vec![u64::MAX; 16];
@@ -340,27 +363,6 @@ mod tests {
         drop(vm);
     }
 
-    /// Runs a real-mode guest that writes one byte to guest-physical 0x1000 and halts.
-    fn run_writer(vm: &VmFd, vcpu: &mut kvm_ioctls::VcpuFd) {
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        sregs.ds.base = 0;
-        sregs.ds.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let regs = kvm_bindings::kvm_regs {
-            rip: 0,
-            rflags: 2,
-            ..Default::default()
-        };
-        vcpu.set_regs(&regs).unwrap();
-        match vcpu.run().expect("vcpu run") {
-            VcpuExit::Hlt => {}
-            other => panic!("unexpected exit {other:?}"),
-        }
-        let _ = vm;
-    }
-
     fn dirty_pages(vm: &VmFd, size: usize) -> Vec<u64> {
         let log = vm.get_dirty_log(0, size).unwrap();
         let b = crate::bitmap::Bitmap::from_words(&log, (size / PAGE) as u64);
@@ -373,12 +375,13 @@ mod tests {
         };
         let vm = kvm.create_vm().unwrap();
         let size = 256 * PAGE;
-        let region = Region::new(size);
+        let region = AnonMapping::new(size).expect("mmap");
         // mov byte [0x1000], 1 ; hlt   (16-bit real mode), written through the host mapping,
         // which KVM's dirty log never sees.
         let code = [0xc6u8, 0x06, 0x00, 0x10, 0x01, 0xf4];
-        // SAFETY: the region is PAGE-aligned, writable and larger than the code.
-        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), region.addr, code.len()) };
+        for (i, &b) in code.iter().enumerate() {
+            region.write_volatile(i, b);
+        }
         if cap_before_slot {
             enable_manual_dirty_log_protect(&vm).unwrap();
             set_slot(&vm, &region, KVM_MEM_LOG_DIRTY_PAGES);
@@ -388,9 +391,8 @@ mod tests {
         }
         let mut vcpu = vm.create_vcpu(0).unwrap();
         assert!(dirty_pages(&vm, size).is_empty(), "nothing written yet");
-        run_writer(&vm, &mut vcpu);
-        // SAFETY: reading one byte of the live mapping.
-        let byte = unsafe { region.addr.add(0x1000).read_volatile() };
+        run_to_hlt(&mut vcpu);
+        let byte = region.read_volatile(0x1000);
         assert_eq!(byte, 1, "the guest's write reached the host mapping");
         assert_eq!(dirty_pages(&vm, size), vec![1]);
         // Manual protect: reading the log does not clear it.
@@ -402,7 +404,7 @@ mod tests {
         clear_dirty_log(&vm, 0, 0, 64, &[0b10]).unwrap();
         assert!(dirty_pages(&vm, size).is_empty());
         // ...so the next guest write is logged again.
-        run_writer(&vm, &mut vcpu);
+        run_to_hlt(&mut vcpu);
         assert_eq!(dirty_pages(&vm, size), vec![1]);
         drop(vcpu);
         drop(vm);

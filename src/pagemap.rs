@@ -232,13 +232,13 @@ impl Pagemap {
             huge_zero_pfn: None,
             scan_supported: false,
         };
-        let probe = ProbeMapping::new(pm.page_size)?;
-        let entry = probe.read_touch(&pm, 0)?;
+        let probe = AnonMapping::new(pm.page_size).map_err(PagemapError::ProbeMap)?;
+        let entry = pm.read_touch(&probe, 0)?;
         let mut buf = Vec::new();
         let mut found = 0u64;
         // Probe PAGEMAP_SCAN on the page just read: it must report it present.
         pm.scan_supported = true;
-        match pm.scan(probe.addr as usize, 1, PAGE_IS_PRESENT, &mut buf, |r| {
+        match pm.scan(probe.addr(), 1, PAGE_IS_PRESENT, &mut buf, |r| {
             found += (r.end - r.start) / pm.page_size as u64
         }) {
             Ok(()) if found == 1 => {}
@@ -273,16 +273,31 @@ impl Pagemap {
     /// region; `None` when THP does not give one (then reads map the small zero page).
     fn probe_huge_zero(&self, zero_pfn: u64) -> Option<u64> {
         let huge = HUGE_PAGES as usize * self.page_size;
-        let probe = ProbeMapping::new(2 * huge).ok()?;
-        let aligned = (probe.addr as usize).next_multiple_of(huge);
-        let off = aligned - probe.addr as usize;
+        let probe = AnonMapping::new(2 * huge).ok()?;
+        let aligned = probe.addr().next_multiple_of(huge);
+        let off = aligned - probe.addr();
         // SAFETY: madvise on a range inside our own live mapping; failure is harmless.
         unsafe {
             libc::madvise(aligned as *mut libc::c_void, huge, libc::MADV_HUGEPAGE);
         }
-        let e = probe.read_touch(self, off).ok()?;
+        let e = self.read_touch(&probe, off).ok()?;
         let pfn = e.pfn()?;
         (pfn != zero_pfn && !e.exclusive() && pfn % HUGE_PAGES == 0).then_some(pfn)
+    }
+
+    /// Reads one byte of `probe` at `off` (never writes) and returns that page's entry, which
+    /// must be present.
+    fn read_touch(&self, probe: &AnonMapping, off: usize) -> Result<PageEntry, PagemapError> {
+        if off >= probe.len() {
+            return Err(PagemapError::ProbeNotPresent { entry: 0 });
+        }
+        probe.read_volatile(off);
+        let e = self.entry(probe.addr() + off / self.page_size * self.page_size)?;
+        if e.present() {
+            Ok(e)
+        } else {
+            Err(PagemapError::ProbeNotPresent { entry: e.0 })
+        }
     }
 
     /// Whether PFNs are visible (false: every present page reads as PFN zero).
@@ -528,14 +543,17 @@ pub fn mincore(addr: usize, len: usize, out: &mut [u8]) -> Result<(), PagemapErr
     }
 }
 
-/// A private anonymous mapping of our own, for probing; unmapped on drop.
-struct ProbeMapping {
+/// A private anonymous read-write mapping, `MAP_NORESERVE` so that a large one costs nothing
+/// until touched; unmapped on drop. Its pages read as zero until written.
+#[derive(Debug)]
+pub struct AnonMapping {
     addr: *mut u8,
     len: usize,
 }
 
-impl ProbeMapping {
-    fn new(len: usize) -> Result<Self, PagemapError> {
+impl AnonMapping {
+    /// Maps `len` bytes (rounded up to whole pages by the kernel; `len == 0` fails with EINVAL).
+    pub fn new(len: usize) -> std::io::Result<Self> {
         // SAFETY: a fresh anonymous mapping that aliases nothing; the result is checked.
         let addr = unsafe {
             libc::mmap(
@@ -548,33 +566,73 @@ impl ProbeMapping {
             )
         };
         if addr == libc::MAP_FAILED {
-            return Err(PagemapError::ProbeMap(std::io::Error::last_os_error()));
+            return Err(std::io::Error::last_os_error());
         }
-        Ok(ProbeMapping {
+        Ok(AnonMapping {
             addr: addr.cast(),
             len,
         })
     }
 
-    /// Reads one byte at `off` (never writes) and returns that page's pagemap entry.
-    fn read_touch(&self, pm: &Pagemap, off: usize) -> Result<PageEntry, PagemapError> {
-        if off >= self.len {
-            return Err(PagemapError::ProbeNotPresent { entry: 0 });
-        }
-        // SAFETY: `off` is inside our live, readable mapping; a volatile read is not elided.
-        let _ = unsafe { self.addr.add(off).read_volatile() };
-        let e = pm.entry(self.addr as usize + off / pm.page_size * pm.page_size)?;
-        if e.present() {
-            Ok(e)
-        } else {
-            Err(PagemapError::ProbeNotPresent { entry: e.0 })
-        }
+    /// The start address (page aligned).
+    pub fn addr(&self) -> usize {
+        self.addr as usize
+    }
+
+    /// The length asked for, in bytes.
+    pub fn len(&self) -> usize {
+        self.len
+    }
+
+    /// Always false: an empty mapping cannot be made.
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+
+    /// The start as a raw pointer, valid for reads and writes of [`Self::len`] bytes while
+    /// `self` lives.
+    pub fn as_ptr(&self) -> *mut u8 {
+        self.addr
+    }
+
+    /// Reads the byte at `off` with a volatile read (never elided, so it maps the page if it
+    /// was not).
+    ///
+    /// # Panics
+    ///
+    /// When `off` is not below [`Self::len`].
+    pub fn read_volatile(&self, off: usize) -> u8 {
+        assert!(
+            off < self.len,
+            "offset {off} past a {}-byte mapping",
+            self.len
+        );
+        // SAFETY: `off` is inside our live, readable mapping; nothing holds a Rust reference
+        // into it (only raw pointers are handed out).
+        unsafe { self.addr.add(off).read_volatile() }
+    }
+
+    /// Writes `val` to the byte at `off` with a volatile write.
+    ///
+    /// # Panics
+    ///
+    /// When `off` is not below [`Self::len`].
+    pub fn write_volatile(&self, off: usize, val: u8) {
+        assert!(
+            off < self.len,
+            "offset {off} past a {}-byte mapping",
+            self.len
+        );
+        // SAFETY: `off` is inside our live, writable mapping; nothing holds a Rust reference
+        // into it (only raw pointers are handed out).
+        unsafe { self.addr.add(off).write_volatile(val) }
     }
 }
 
-impl Drop for ProbeMapping {
+impl Drop for AnonMapping {
     fn drop(&mut self) {
-        // SAFETY: unmaps exactly our own mapping; no reference into it outlives self.
+        // SAFETY: unmaps exactly our own mapping; no reference into it outlives self (users of
+        // the raw pointer, a KVM memslot for one, must be gone first).
         unsafe { libc::munmap(self.addr.cast(), self.len) };
     }
 }
@@ -583,37 +641,14 @@ impl Drop for ProbeMapping {
 mod tests {
     use super::*;
 
-    /// A test mapping; MAP_NORESERVE so large ones cost nothing until touched.
-    struct TestRegion {
-        pub addr: *mut u8,
-        pub len: usize,
+    /// Writes a byte to page `page` of `m`.
+    fn write_page(m: &AnonMapping, page: usize) {
+        m.write_volatile(page * page_size(), 0xa5);
     }
 
-    impl TestRegion {
-        pub fn new(len: usize) -> Self {
-            let m = ProbeMapping::new(len).expect("mmap");
-            let r = TestRegion {
-                addr: m.addr,
-                len: m.len,
-            };
-            std::mem::forget(m);
-            r
-        }
-        pub fn write(&self, page: usize) {
-            // SAFETY: page is inside our live writable mapping (callers pass in-range pages).
-            unsafe { self.addr.add(page * page_size()).write_volatile(0xa5) };
-        }
-        pub fn read(&self, page: usize) -> u8 {
-            // SAFETY: page is inside our live readable mapping.
-            unsafe { self.addr.add(page * page_size()).read_volatile() }
-        }
-    }
-
-    impl Drop for TestRegion {
-        fn drop(&mut self) {
-            // SAFETY: unmaps exactly our own mapping.
-            unsafe { libc::munmap(self.addr.cast(), self.len) };
-        }
+    /// Reads the first byte of page `page` of `m`.
+    fn read_page(m: &AnonMapping, page: usize) -> u8 {
+        m.read_volatile(page * page_size())
     }
 
     #[test]
@@ -632,15 +667,15 @@ mod tests {
     fn own_memory_written_read_untouched() {
         let pm = Pagemap::open().unwrap();
         let ps = page_size();
-        let r = TestRegion::new(16 * ps);
+        let r = AnonMapping::new(16 * ps).expect("mmap");
         for p in 0..4 {
-            r.write(p);
+            write_page(&r, p);
         }
         for p in 4..8 {
-            assert_eq!(r.read(p), 0);
+            assert_eq!(read_page(&r, p), 0);
         }
         let mut e = vec![0u64; 16];
-        pm.read(r.addr as usize, 16, &mut e).unwrap();
+        pm.read(r.addr(), 16, &mut e).unwrap();
         let e: Vec<PageEntry> = e.into_iter().map(PageEntry).collect();
         if pm.pfn_visible() {
             let zero = pm.zero_pfn().unwrap();
@@ -666,7 +701,7 @@ mod tests {
             assert_eq!(pm.classify(*x), Residency::Absent);
         }
         let mut v = vec![0u8; 16];
-        mincore(r.addr as usize, 16 * ps, &mut v).unwrap();
+        mincore(r.addr(), 16 * ps, &mut v).unwrap();
         let resident: Vec<bool> = v.iter().map(|b| b & 1 != 0).collect();
         assert!(
             resident[..8].iter().all(|&b| b),
@@ -680,13 +715,13 @@ mod tests {
         let pm = Pagemap::open().unwrap();
         let ps = page_size();
         let pages = READ_CHUNK_ENTRIES + 100;
-        let r = TestRegion::new(pages * ps);
-        r.write(0);
-        r.write(READ_CHUNK_ENTRIES - 1);
-        r.write(READ_CHUNK_ENTRIES);
-        r.write(pages - 1);
+        let r = AnonMapping::new(pages * ps).expect("mmap");
+        write_page(&r, 0);
+        write_page(&r, READ_CHUNK_ENTRIES - 1);
+        write_page(&r, READ_CHUNK_ENTRIES);
+        write_page(&r, pages - 1);
         let mut e = vec![0u64; pages];
-        pm.read(r.addr as usize, pages, &mut e).unwrap();
+        pm.read(r.addr(), pages, &mut e).unwrap();
         let present: Vec<usize> = (0..pages).filter(|&i| PageEntry(e[i]).present()).collect();
         assert_eq!(
             present,
@@ -700,17 +735,17 @@ mod tests {
         assert!(pm.scan_supported(), "this host's kernel has PAGEMAP_SCAN");
         let ps = page_size();
         let pages = 2 * READ_CHUNK_ENTRIES;
-        let r = TestRegion::new(pages * ps);
+        let r = AnonMapping::new(pages * ps).expect("mmap");
         for p in [3usize, 4, 5, 100, pages - 1] {
-            r.write(p);
+            write_page(&r, p);
         }
-        r.read(6);
-        r.read(50);
-        let base = r.addr as u64;
+        read_page(&r, 6);
+        read_page(&r, 50);
+        let base = r.addr() as u64;
         // A batch of one region forces the ioctl loop to go round.
         let mut buf = vec![PageRegion::default(); 1];
         let mut runs = Vec::new();
-        pm.scan(r.addr as usize, pages, PAGE_IS_PRESENT, &mut buf, |g| {
+        pm.scan(r.addr(), pages, PAGE_IS_PRESENT, &mut buf, |g| {
             runs.push((
                 (g.start - base) / ps as u64,
                 (g.end - base) / ps as u64,
@@ -754,11 +789,11 @@ mod tests {
         let pm = Pagemap::open_without_pfns().unwrap();
         assert!(!pm.pfn_visible());
         assert_eq!(pm.zero_pfn(), None);
-        let r = TestRegion::new(2 * page_size());
-        r.write(0);
-        r.read(1);
-        let e0 = pm.entry(r.addr as usize).unwrap();
-        let e1 = pm.entry(r.addr as usize + page_size()).unwrap();
+        let r = AnonMapping::new(2 * page_size()).expect("mmap");
+        write_page(&r, 0);
+        read_page(&r, 1);
+        let e0 = pm.entry(r.addr()).unwrap();
+        let e1 = pm.entry(r.addr() + page_size()).unwrap();
         assert_eq!(pm.classify(e0), Residency::Frame(None));
         assert_eq!(pm.classify(e1), Residency::Frame(None));
     }

@@ -96,7 +96,7 @@ use std::time::Instant;
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::bitmap::{Bitmap, WORD_BITS, words_for};
+use crate::bitmap::{Bitmap, WORD_BITS, word_masks, words_for};
 use crate::pagemap::{
     self, MINCORE_CHUNK_PAGES, PAGE_IS_PRESENT, PageEntry, PageRegion, Pagemap, PagemapError,
     READ_CHUNK_ENTRIES, Residency,
@@ -278,6 +278,20 @@ pub struct PageInfo {
     pub guest_written: bool,
     /// Ever written by the VMM through its own mapping.
     pub vmm_written: bool,
+}
+
+impl PageInfo {
+    /// Page `gfn`, never touched.
+    fn untouched(gfn: u64) -> PageInfo {
+        PageInfo {
+            gfn,
+            state: PageState::Untouched,
+            first_touch: None,
+            last_write: None,
+            guest_written: false,
+            vmm_written: false,
+        }
+    }
 }
 
 /// Page counts of a map.
@@ -696,16 +710,13 @@ impl PmpMmpMap {
             // p0 is a multiple of 64, so byte 64k of the buffer starts word p0/64 + k.
             let w0 = (p0 / WORD_BITS) as usize;
             for (k, bytes) in self.mincore_buf[..n as usize].chunks(64).enumerate() {
-                let now = pack_residency(bytes);
-                let w = w0 + k;
-                let prev = self.resident.words()[w];
-                if now == prev {
-                    continue;
-                }
-                let appeared = now & !prev;
-                let gone = prev & !now & self.touched.words()[w];
-                self.pending.words_mut()[w] |= appeared | gone;
-                self.resident.words_mut()[w] = now;
+                settle_residency(
+                    &mut self.resident,
+                    &mut self.pending,
+                    &self.touched,
+                    w0 + k,
+                    pack_residency(bytes),
+                );
             }
             p0 += n;
         }
@@ -741,29 +752,36 @@ impl PmpMmpMap {
     /// Looks up every pending page; returns (lookups, newly touched).
     fn lookup_pending(&mut self, interval: u32) -> Result<(u64, u64), MapError> {
         let pending = std::mem::take(&mut self.pending);
-        let ranges = gap_ranges(&pending, LOOKUP_GAP_PAGES, READ_CHUNK_ENTRIES as u64);
         let mut lookups = 0u64;
         let mut newly = 0u64;
-        let mut result = Ok(());
-        for r in ranges {
-            if let Err(e) = self.read_entries(r.clone()) {
-                result = Err(MapError::Lookup {
-                    step: "harvest",
-                    source: e,
-                });
-                break;
-            }
-            let entries = std::mem::take(&mut self.entry_buf);
-            for gfn in ones_in(&pending, r.clone()) {
-                let e = PageEntry(entries[(gfn - r.start) as usize]);
-                lookups += 1;
-                newly += u64::from(self.apply_entry(gfn, e, Some(interval)));
-            }
-            self.entry_buf = entries;
-        }
+        let result = self.for_each_entry(&pending, "harvest", |map, gfn, e| {
+            lookups += 1;
+            newly += u64::from(map.apply_entry(gfn, e, Some(interval)));
+        });
         self.pending = pending;
         self.pending.clear_all();
         result.map(|()| (lookups, newly))
+    }
+
+    /// Reads the pagemap entries of the pages set in `pages`, a range of nearby ones (see
+    /// [`gap_ranges`]) per read, and calls `f` with each of those pages and its entry, in
+    /// ascending order. A failed read ends the walk with [`MapError::Lookup`] for `step`.
+    fn for_each_entry(
+        &mut self,
+        pages: &Bitmap,
+        step: &'static str,
+        mut f: impl FnMut(&mut Self, u64, PageEntry),
+    ) -> Result<(), MapError> {
+        for r in gap_ranges(pages, LOOKUP_GAP_PAGES, READ_CHUNK_ENTRIES as u64) {
+            self.read_entries(r.clone())
+                .map_err(|source| MapError::Lookup { step, source })?;
+            let entries = std::mem::take(&mut self.entry_buf);
+            for gfn in ones_in(pages, r.clone()) {
+                f(self, gfn, PageEntry(entries[(gfn - r.start) as usize]));
+            }
+            self.entry_buf = entries;
+        }
+        Ok(())
     }
 
     fn read_entries(&mut self, r: Range<u64>) -> Result<(), PagemapError> {
@@ -796,17 +814,21 @@ impl PmpMmpMap {
             .record(gfn)
             .map(|r| r.state())
             .unwrap_or(PageState::Untouched);
+        self.set_residency(gfn, res, |pfn| match old {
+            PageState::Shared(p) if p == pfn && pfn != 0 => old,
+            _ => PageState::Backed(pfn),
+        });
+        newly
+    }
+
+    /// Sets the state and the residency bit of touched page `gfn` from `res`; `frame` gives the
+    /// state of a page a machine page backs, from its PFN (0 when hidden).
+    fn set_residency(&mut self, gfn: u64, res: Residency, frame: impl FnOnce(u64) -> PageState) {
         let state = match res {
             Residency::Absent => PageState::Discarded,
             Residency::Swapped => PageState::Swapped,
             Residency::Zero => PageState::Zero,
-            Residency::Frame(pfn) => {
-                let pfn = pfn.unwrap_or(0);
-                match old {
-                    PageState::Shared(p) if p == pfn && pfn != 0 => old,
-                    _ => PageState::Backed(pfn),
-                }
-            }
+            Residency::Frame(pfn) => frame(pfn.unwrap_or(0)),
         };
         if matches!(res, Residency::Zero | Residency::Frame(_)) {
             self.resident.set(gfn);
@@ -814,7 +836,6 @@ impl PmpMmpMap {
             self.resident.clear(gfn);
         }
         self.set_state(gfn, state);
-        newly
     }
 
     /// The sampler cleared the bits of `mask` (bit i = page i) in KVM's dirty log: a later set
@@ -829,49 +850,25 @@ impl PmpMmpMap {
         let t0 = Instant::now();
         let mut stats = RefreshStats::default();
         let touched = std::mem::take(&mut self.touched);
-        let ranges = gap_ranges(&touched, LOOKUP_GAP_PAGES, READ_CHUNK_ENTRIES as u64);
         // (PFN, gfn, old record word) of present pages not mapped exclusively: the only ones
         // that can be shared (a frame two guest pages map has a map count of at least 2).
         let mut candidates: Vec<(u64, u64, u64)> = Vec::new();
-        let mut result = Ok(());
-        for r in ranges {
-            if let Err(e) = self.read_entries(r.clone()) {
-                result = Err(MapError::Lookup {
-                    step: "refresh",
-                    source: e,
-                });
-                break;
-            }
-            for gfn in ones_in(&touched, r.clone()) {
-                let e = PageEntry(self.entry_buf[(gfn - r.start) as usize]);
-                stats.pages_read += 1;
-                let old = self.record(gfn).map_or(0, |r| r.pfn_state);
-                let res = self.pagemap.classify(e);
-                let mut candidate = false;
-                let state = match res {
-                    Residency::Absent => PageState::Discarded,
-                    Residency::Swapped => PageState::Swapped,
-                    Residency::Zero => PageState::Zero,
-                    Residency::Frame(pfn) => {
-                        let pfn = pfn.unwrap_or(0);
-                        if pfn != 0 && !e.exclusive() {
-                            candidates.push((pfn, gfn, old));
-                            candidate = true;
-                        }
-                        PageState::Backed(pfn)
-                    }
-                };
-                if matches!(res, Residency::Zero | Residency::Frame(_)) {
-                    self.resident.set(gfn);
-                } else {
-                    self.resident.clear(gfn);
+        let result = self.for_each_entry(&touched, "refresh", |map, gfn, e| {
+            stats.pages_read += 1;
+            let old = map.record(gfn).map_or(0, |r| r.pfn_state);
+            let res = map.pagemap.classify(e);
+            let mut candidate = false;
+            map.set_residency(gfn, res, |pfn| {
+                if pfn != 0 && !e.exclusive() {
+                    candidates.push((pfn, gfn, old));
+                    candidate = true;
                 }
-                self.set_state(gfn, state);
-                if !candidate && old != self.record(gfn).map_or(0, |r| r.pfn_state) {
-                    stats.changed += 1;
-                }
+                PageState::Backed(pfn)
+            });
+            if !candidate && old != map.record(gfn).map_or(0, |r| r.pfn_state) {
+                stats.changed += 1;
             }
-        }
+        });
         self.touched = touched;
         result?;
         candidates.sort_unstable();
@@ -942,14 +939,7 @@ impl PmpMmpMap {
             return None;
         }
         if !self.touched.get(gfn) {
-            return Some(PageInfo {
-                gfn,
-                state: PageState::Untouched,
-                first_touch: None,
-                last_write: None,
-                guest_written: false,
-                vmm_written: false,
-            });
+            return Some(PageInfo::untouched(gfn));
         }
         let r = self.record(gfn).copied().unwrap_or_default();
         Some(PageInfo {
@@ -1039,6 +1029,24 @@ fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
 
+/// Word `w` of the residency bitmap now reads `now`: pages newly resident, and touched pages no
+/// longer resident, are queued in `pending` for a lookup.
+fn settle_residency(
+    resident: &mut Bitmap,
+    pending: &mut Bitmap,
+    touched: &Bitmap,
+    w: usize,
+    now: u64,
+) {
+    let prev = resident.words()[w];
+    if prev != now {
+        let appeared = now & !prev;
+        let gone = prev & !now & touched.words()[w];
+        pending.words_mut()[w] |= appeared | gone;
+        resident.words_mut()[w] = now;
+    }
+}
+
 /// Residency diff built word by word from ascending runs of present pages: words between runs
 /// are "nothing resident".
 struct ResidencyDiff<'a> {
@@ -1053,17 +1061,8 @@ struct ResidencyDiff<'a> {
 
 impl ResidencyDiff<'_> {
     fn add_run(&mut self, start: u64, end: u64) {
-        let end = end.min(self.resident.len());
-        let mut p = start.max(self.next_word as u64 * WORD_BITS);
-        while p < end {
-            let w = (p / WORD_BITS) as usize;
-            let lo = p % WORD_BITS;
-            let hi = (end - w as u64 * WORD_BITS).min(WORD_BITS);
-            let mask = if hi - lo == WORD_BITS {
-                u64::MAX
-            } else {
-                ((1u64 << (hi - lo)) - 1) << lo
-            };
+        let start = start.max(self.next_word as u64 * WORD_BITS);
+        for (w, mask) in word_masks(start..end.min(self.resident.len())) {
             match self.cur {
                 Some((cw, ref mut bits)) if cw == w => *bits |= mask,
                 _ => {
@@ -1072,7 +1071,6 @@ impl ResidencyDiff<'_> {
                     self.cur = Some((w, mask));
                 }
             }
-            p = (w as u64 + 1) * WORD_BITS;
         }
     }
 
@@ -1094,13 +1092,7 @@ impl ResidencyDiff<'_> {
     }
 
     fn settle(&mut self, w: usize, now: u64) {
-        let prev = self.resident.words()[w];
-        if prev != now {
-            let appeared = now & !prev;
-            let gone = prev & !now & self.touched.words()[w];
-            self.pending.words_mut()[w] |= appeared | gone;
-            self.resident.words_mut()[w] = now;
-        }
+        settle_residency(self.resident, self.pending, self.touched, w, now);
     }
 
     fn finish(mut self) {
@@ -1356,14 +1348,7 @@ impl MapFile {
         }
         Some(match self.records.binary_search_by_key(&gfn, |r| r.gfn) {
             Ok(i) => self.records[i],
-            Err(_) => PageInfo {
-                gfn,
-                state: PageState::Untouched,
-                first_touch: None,
-                last_write: None,
-                guest_written: false,
-                vmm_written: false,
-            },
+            Err(_) => PageInfo::untouched(gfn),
         })
     }
 }
@@ -1431,61 +1416,50 @@ fn decode_record(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::pagemap::AnonMapping;
 
-    /// A private anonymous MAP_NORESERVE region standing in for guest RAM; unmapped on drop.
+    /// Two tests running `check` with each explicit residency method.
+    macro_rules! per_method {
+        ($check:ident: $mincore:ident, $scan:ident) => {
+            #[test]
+            fn $mincore() {
+                $check(ResidencyMethod::Mincore);
+            }
+
+            #[test]
+            fn $scan() {
+                $check(ResidencyMethod::PagemapScan);
+            }
+        };
+    }
+
+    /// Guest RAM stand-in: an anonymous mapping of `pages` guest pages.
     struct Ram {
-        addr: *mut u8,
+        mem: AnonMapping,
         pages: u64,
     }
 
     impl Ram {
         fn new(pages: u64) -> Ram {
-            // SAFETY: a fresh anonymous mapping that aliases nothing; the result is checked.
-            let addr = unsafe {
-                libc::mmap(
-                    std::ptr::null_mut(),
-                    (pages * PAGE_SIZE) as usize,
-                    libc::PROT_READ | libc::PROT_WRITE,
-                    libc::MAP_PRIVATE | libc::MAP_ANONYMOUS | libc::MAP_NORESERVE,
-                    -1,
-                    0,
-                )
-            };
-            assert_ne!(addr, libc::MAP_FAILED, "mmap of {pages} pages");
-            Ram {
-                addr: addr.cast(),
-                pages,
-            }
+            let mem = AnonMapping::new((pages * PAGE_SIZE) as usize)
+                .unwrap_or_else(|e| panic!("mmap of {pages} pages: {e}"));
+            Ram { mem, pages }
         }
         fn host(&self) -> usize {
-            self.addr as usize
+            self.mem.addr()
         }
         fn write(&self, gfn: u64, val: u8) {
             assert!(gfn < self.pages);
-            // SAFETY: inside our live writable mapping.
-            unsafe {
-                self.addr
-                    .add((gfn * PAGE_SIZE) as usize)
-                    .write_volatile(val)
-            };
+            self.mem.write_volatile((gfn * PAGE_SIZE) as usize, val);
         }
         fn read(&self, gfn: u64) -> u8 {
             assert!(gfn < self.pages);
-            // SAFETY: inside our live readable mapping.
-            unsafe { self.addr.add((gfn * PAGE_SIZE) as usize).read_volatile() }
+            self.mem.read_volatile((gfn * PAGE_SIZE) as usize)
         }
         fn resident(&self) -> u64 {
             let mut v = vec![0u8; self.pages as usize];
             pagemap::mincore(self.host(), (self.pages * PAGE_SIZE) as usize, &mut v).unwrap();
             v.iter().filter(|b| *b & 1 != 0).count() as u64
-        }
-    }
-
-    impl Drop for Ram {
-        fn drop(&mut self) {
-            // SAFETY: unmaps exactly our own mapping; the maps that looked at it never
-            // dereference it.
-            unsafe { libc::munmap(self.addr.cast(), (self.pages * PAGE_SIZE) as usize) };
         }
     }
 
@@ -1528,15 +1502,7 @@ mod tests {
         assert_eq!(map.summary().zero, 21);
     }
 
-    #[test]
-    fn states_with_mincore() {
-        check_states(ResidencyMethod::Mincore);
-    }
-
-    #[test]
-    fn states_with_pagemap_scan() {
-        check_states(ResidencyMethod::PagemapScan);
-    }
+    per_method!(check_states: states_with_mincore, states_with_pagemap_scan);
 
     fn check_states(method: ResidencyMethod) {
         let ram = Ram::new(1024);
@@ -1651,15 +1617,7 @@ mod tests {
         assert_eq!(map.page(70).unwrap().last_write, Some(4));
     }
 
-    #[test]
-    fn discarded_with_mincore() {
-        check_discarded(ResidencyMethod::Mincore);
-    }
-
-    #[test]
-    fn discarded_with_pagemap_scan() {
-        check_discarded(ResidencyMethod::PagemapScan);
-    }
+    per_method!(check_discarded: discarded_with_mincore, discarded_with_pagemap_scan);
 
     fn check_discarded(method: ResidencyMethod) {
         let ram = Ram::new(128);
@@ -1674,7 +1632,7 @@ mod tests {
         // SAFETY: discards two pages of our own mapping; nothing holds references into them.
         let r = unsafe {
             libc::madvise(
-                ram.addr.add(2 * PAGE_SIZE as usize).cast(),
+                ram.mem.as_ptr().add(2 * PAGE_SIZE as usize).cast(),
                 2 * PAGE_SIZE as usize,
                 libc::MADV_DONTNEED,
             )
@@ -1715,7 +1673,7 @@ mod tests {
             // SAFETY: MAP_FIXED over a page of our own mapping, which nothing references.
             let p = unsafe {
                 libc::mmap(
-                    ram.addr.add((g * PAGE_SIZE) as usize).cast(),
+                    ram.mem.as_ptr().add((g * PAGE_SIZE) as usize).cast(),
                     PAGE_SIZE as usize,
                     libc::PROT_READ | libc::PROT_WRITE,
                     libc::MAP_SHARED | libc::MAP_FIXED,
@@ -1780,45 +1738,25 @@ mod tests {
     /// log; the VMM wrote the code page itself.
     #[test]
     fn kvm_guest_write_read_and_vmm_write() {
-        use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
-        use kvm_ioctls::{Kvm, VcpuExit};
-        if !std::path::Path::new("/dev/kvm").exists() {
-            println!("kvm_guest_write_read_and_vmm_write: skipped, /dev/kvm is absent");
+        use crate::kvm_ext::test_support::{kvm_or_skip, run_to_hlt};
+        use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+        let Some(kvm) = kvm_or_skip("kvm_guest_write_read_and_vmm_write") else {
             return;
-        }
-        let kvm = Kvm::new().expect("/dev/kvm exists but cannot be opened");
+        };
         let vm = kvm.create_vm().unwrap();
         crate::kvm_ext::enable_manual_dirty_log_protect(&vm).unwrap();
         let pages = 64u64;
         let ram = Ram::new(pages);
         // mov byte [0x3000], 1 ; mov al, [0x5000] ; hlt   (real mode)
         let code = [0xc6u8, 0x06, 0x00, 0x30, 0x01, 0xa0, 0x00, 0x50, 0xf4];
-        // SAFETY: the start of our own writable mapping, larger than the code.
-        unsafe { std::ptr::copy_nonoverlapping(code.as_ptr(), ram.addr, code.len()) };
-        let mem = kvm_userspace_memory_region {
-            slot: 0,
-            flags: KVM_MEM_LOG_DIRTY_PAGES,
-            guest_phys_addr: 0,
-            memory_size: pages * PAGE_SIZE,
-            userspace_addr: ram.host() as u64,
-        };
-        // SAFETY: the mapping is live for memory_size bytes and outlives the VM.
-        unsafe { vm.set_user_memory_region(mem) }.unwrap();
-        let mut vcpu = vm.create_vcpu(0).unwrap();
-        let mut sregs = vcpu.get_sregs().unwrap();
-        sregs.cs.base = 0;
-        sregs.cs.selector = 0;
-        vcpu.set_sregs(&sregs).unwrap();
-        let regs = kvm_bindings::kvm_regs {
-            rip: 0,
-            rflags: 2,
-            ..Default::default()
-        };
-        vcpu.set_regs(&regs).unwrap();
-        match vcpu.run().unwrap() {
-            VcpuExit::Hlt => {}
-            other => panic!("unexpected exit {other:?}"),
+        for (i, &b) in code.iter().enumerate() {
+            ram.mem.write_volatile(i, b);
         }
+        // SAFETY: the mapping outlives the VM (dropped at the end of the test, before `ram`).
+        unsafe { crate::kvm_ext::set_user_memory(&vm, 0, KVM_MEM_LOG_DIRTY_PAGES, &ram.mem) }
+            .unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        run_to_hlt(&mut vcpu);
         let mut map = PmpMmpMap::new(ram.host(), pages).unwrap();
         let dirty = vm.get_dirty_log(0, (pages * PAGE_SIZE) as usize).unwrap();
         map.harvest(&dirty, &dirty_of(pages, &[0]), 0).unwrap();
@@ -1862,15 +1800,7 @@ mod tests {
         assert_eq!(map.page(4).unwrap().first_touch, Some(3));
     }
 
-    #[test]
-    fn sparse_64_gib_with_mincore() {
-        check_sparse_64_gib(ResidencyMethod::Mincore);
-    }
-
-    #[test]
-    fn sparse_64_gib_with_pagemap_scan() {
-        check_sparse_64_gib(ResidencyMethod::PagemapScan);
-    }
+    per_method!(check_sparse_64_gib: sparse_64_gib_with_mincore, sparse_64_gib_with_pagemap_scan);
 
     fn check_sparse_64_gib(method: ResidencyMethod) {
         let pages = 64u64 << 18; // 64 GiB
