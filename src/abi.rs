@@ -188,6 +188,8 @@ pub struct Message {
     pub tsc: u64,
     /// Offset `0x70`: FAULT: CR2 at the exception.
     pub extra: u64,
+    /// Offset `0x78`: FAULT: CS at the exception (`0x2b` the app, `0x08` the kernel).
+    pub cs: u64,
 }
 
 /// Why a message could not be decoded.
@@ -227,6 +229,7 @@ impl Message {
             args: [u64_at(0x48), u64_at(0x50), u64_at(0x58)],
             tsc: u64_at(0x68),
             extra: u64_at(0x70),
+            cs: u64_at(0x78),
         })
     }
 
@@ -259,6 +262,7 @@ impl Message {
             (0x58, self.args[2]),
             (0x68, self.tsc),
             (0x70, self.extra),
+            (0x78, self.cs),
         ];
         for (o, v) in fields {
             b[o..o + 8].copy_from_slice(&v.to_le_bytes());
@@ -281,6 +285,7 @@ impl Message {
             args: [0; 3],
             tsc: 0,
             extra: 0,
+            cs: 0,
         }
     }
 }

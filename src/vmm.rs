@@ -122,15 +122,18 @@ pub enum RunError {
     #[error("the guest triple-faulted (KVM shutdown exit) at RIP {rip:#x}")]
     TripleFault { rip: u64 },
     #[error(
-        "the guest took exception {name} (vector {vector}, error code {error:#x}) at RIP {rip:#x}{cr2}"
+        "the guest took exception {name} (vector {vector}, error code {error:#x}) in {ring} at RIP {rip:#x}{cr2}"
     )]
     GuestException {
         name: &'static str,
         vector: u64,
         error: u64,
+        ring: &'static str,
         rip: u64,
         cr2: String,
     },
+    #[error("the guest kernel could not boot: {0}")]
+    GuestBoot(&'static str),
     #[error("the guest did not finish within {timeout:?} (last phase: {phase})")]
     Timeout { timeout: Duration, phase: String },
     #[error("the guest halted before finishing its workload (last phase: {phase}){device}")]
@@ -487,23 +490,23 @@ impl Vmm {
                 Action::Continue | Action::Kicked => {}
                 Action::Report { msg, addr } => self.on_message(msg, addr, deadline, on_row)?,
                 Action::Halted => {
+                    if let Some(failure) = self.failure.take() {
+                        return Err(failure);
+                    }
                     if self.done {
                         self.tick(true, on_row)?;
                         return Ok(());
                     }
-                    return Err(self
-                        .failure
-                        .take()
-                        .unwrap_or_else(|| RunError::HaltedEarly {
-                            phase: self.phase_name(),
-                            device: match &self.handler.report.first_error {
-                                Some(e) => format!(
-                                    "; it sent {} malformed report(s), the first: {e}",
-                                    self.handler.report.errors
-                                ),
-                                None => String::new(),
-                            },
-                        }));
+                    return Err(RunError::HaltedEarly {
+                        phase: self.phase_name(),
+                        device: match &self.handler.report.first_error {
+                            Some(e) => format!(
+                                "; it sent {} malformed report(s), the first: {e}",
+                                self.handler.report.errors
+                            ),
+                            None => String::new(),
+                        },
+                    });
                 }
                 Action::TripleFault => {
                     return Err(RunError::TripleFault {
@@ -661,11 +664,26 @@ impl Vmm {
                 self.done = true;
                 self.current_phase = None;
             }
+            MsgKind::Fault if msg.args[0] >= abi::FAULT_BOOT_ERROR => {
+                self.failure = Some(RunError::GuestBoot(match msg.args[0] {
+                    abi::BOOT_ERR_MAGIC => "the boot-info page has a bad magic",
+                    abi::BOOT_ERR_APP => "the embedded app has a bad header",
+                    abi::BOOT_ERR_NO_MEMORY => {
+                        "its reserved area (page tables, truth bitmaps) does not fit in guest RAM"
+                    }
+                    _ => "unknown boot error",
+                }));
+            }
             MsgKind::Fault => {
                 self.failure = Some(RunError::GuestException {
                     name: exception_name(msg.args[0]),
                     vector: msg.args[0],
                     error: msg.args[1],
+                    ring: if msg.cs & 3 == 3 {
+                        "the app (ring 3)"
+                    } else {
+                        "the guest kernel (ring 0)"
+                    },
                     rip: msg.args[2],
                     cr2: if msg.args[0] == 14 {
                         format!(", address {:#x}", msg.extra)

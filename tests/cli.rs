@@ -131,6 +131,7 @@ fn a_guest_exception_in_the_app_is_reported() {
         "20s",
     ]);
     assert_clean_failure(&out, "page fault");
+    assert_clean_failure(&out, "in the app (ring 3)");
 }
 
 #[test]
@@ -151,4 +152,22 @@ fn bad_sampling_options() {
     assert_clean_failure(&out, "interval");
     let out = memvisor_output(&["run", "--interval", "soon"]);
     assert_clean_failure(&out, "soon");
+}
+
+#[test]
+fn a_guest_that_runs_out_of_memory_is_reported() {
+    if !common::kvm("a_guest_that_runs_out_of_memory_is_reported") {
+        return;
+    }
+    // The spec fits in RAM, but not in the guest kernel's pool (RAM minus its reserved area).
+    let out = memvisor_output(&[
+        "run",
+        "--mem",
+        "64M",
+        "--workload",
+        "alloc 63M",
+        "--timeout",
+        "20s",
+    ]);
+    assert_clean_failure(&out, "ran out of memory in phase 0 (alloc 63M)");
 }
