@@ -16,9 +16,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-bench: build
+# Figures for README: harvest cost, set-up and overhead by guest size, sampling round cost,
+# estimator accuracy and sampling overhead (a few minutes; needs /dev/kvm).
+bench:
 	$(CARGO) bench --bench harvest
-	./scripts/bench.sh
+	$(CARGO) bench --bench sampling
 
 clean:
 	$(CARGO) clean
