@@ -37,6 +37,9 @@ pub struct RunConfig {
     pub interval: Duration,
     /// Pages sampled per interval; `None` turns sampling off.
     pub samples: Option<u64>,
+    /// For benchmarks: sample sizes cycled interval by interval (`None` = off for that interval),
+    /// so that sampling costs can be compared inside one run. Empty: always `samples`.
+    pub sample_cycle: Vec<Option<u64>>,
     pub seed: Option<u64>,
     pub ewma_fast: f64,
     pub ewma_slow: f64,
@@ -58,12 +61,22 @@ impl RunConfig {
             timeout: None,
             interval: Duration::from_secs(1),
             samples: Some(1000),
+            sample_cycle: Vec::new(),
             seed: None,
             ewma_fast: crate::stats::DEFAULT_FAST_ALPHA,
             ewma_slow: crate::stats::DEFAULT_SLOW_ALPHA,
             map_out: None,
             map_every: None,
             console: Box::new(std::io::stderr()),
+        }
+    }
+
+    /// The sample size of each interval, cycled.
+    fn sample_sizes(&self) -> Vec<Option<u64>> {
+        if self.sample_cycle.is_empty() {
+            vec![self.samples]
+        } else {
+            self.sample_cycle.clone()
         }
     }
 
@@ -82,7 +95,7 @@ impl RunConfig {
                 self.interval
             )));
         }
-        if let Some(n) = self.samples {
+        for n in self.sample_sizes().into_iter().flatten() {
             Sampler::new(n, self.mem_bytes / PAGE_SIZE, Some(0))
                 .map_err(|e| RunError::Config(format!("--samples {n}: {e}")))?;
         }
@@ -319,7 +332,10 @@ struct Vmm {
     vm: Vm,
     handler: ExitHandler,
     map: PmpMmpMap,
-    sampler: Option<Sampler>,
+    /// Samplers cycled interval by interval (usually one); `None` entries are intervals without.
+    samplers: Vec<Option<Sampler>>,
+    /// The sampler whose sample is armed in the current interval.
+    armed: Option<usize>,
     mask: Vec<u64>,
     smoother: Smoother,
     interval: Duration,
@@ -354,10 +370,14 @@ pub fn run(mut cfg: RunConfig, on_row: &mut dyn FnMut(&Row)) -> Result<RunSummar
     let seed = cfg.seed.unwrap_or_else(rand::random);
     boot::write_boot_structures(&ram, tsc_khz, seed, &phases, &cfg.workload.text)?;
     let map = PmpMmpMap::new(ram.host_addr(), ram.pages())?;
-    let sampler = match cfg.samples {
-        Some(n) => Some(Sampler::new(n, ram.pages(), cfg.seed)?),
-        None => None,
-    };
+    let samplers = cfg
+        .sample_sizes()
+        .into_iter()
+        .map(|n| {
+            n.map(|n| Sampler::new(n, ram.pages(), cfg.seed))
+                .transpose()
+        })
+        .collect::<Result<Vec<_>, _>>()?;
     let smoother =
         Smoother::new(cfg.ewma_fast, cfg.ewma_slow).map_err(|e| RunError::Config(e.to_string()))?;
     let mut vmm = Vmm {
@@ -366,7 +386,8 @@ pub fn run(mut cfg: RunConfig, on_row: &mut dyn FnMut(&Row)) -> Result<RunSummar
         ram,
         vm,
         map,
-        sampler,
+        samplers,
+        armed: None,
         smoother,
         interval: cfg.interval,
         map_out: cfg.map_out,
@@ -395,7 +416,7 @@ pub fn run(mut cfg: RunConfig, on_row: &mut dyn FnMut(&Row)) -> Result<RunSummar
         rows: Vec::new(),
         failure: None,
     };
-    vmm.arm_sampler()?;
+    vmm.arm_sampler(0)?;
     let setup = t0.elapsed();
     vmm.start = Instant::now();
     vmm.next_tick = vmm.start + vmm.interval;
@@ -701,16 +722,20 @@ impl Vmm {
         self.rows.push(row);
     }
 
-    /// Re-arms write protection on a fresh random sample.
-    fn arm_sampler(&mut self) -> Result<(), RunError> {
-        let Some(s) = &mut self.sampler else {
+    /// Re-arms write protection on a fresh random sample for interval `window`.
+    fn arm_sampler(&mut self, window: u64) -> Result<(), RunError> {
+        if let Some(s) = self.armed.take().and_then(|i| self.samplers[i].as_ref()) {
+            s.unmask_from(&mut self.mask);
+        }
+        let i = (window % self.samplers.len() as u64) as usize;
+        let Some(s) = &mut self.samplers[i] else {
             return Ok(());
         };
-        s.unmask_from(&mut self.mask);
         s.arm();
         s.mask_into(&mut self.mask);
         self.vm.clear_dirty(&self.mask)?;
         self.map.note_cleared(&self.mask);
+        self.armed = Some(i);
         Ok(())
     }
 
@@ -721,7 +746,8 @@ impl Vmm {
         }
         let dirty = self.vm.dirty_log()?;
         let vmm_dirty = self.ram.take_vmm_dirty();
-        let active = self.sampler.as_ref().map(|s| {
+        let armed = self.armed.and_then(|i| self.samplers[i].as_ref());
+        let active = armed.map(|s| {
             let n = s.armed().len() as u64;
             let t = s.count_touched(&dirty);
             let est = Estimate::from_counts(t, n);
@@ -771,7 +797,7 @@ impl Vmm {
             self.pending = Some(row);
         }
         if !last {
-            self.arm_sampler()?;
+            self.arm_sampler(self.window + 1)?;
             self.window += 1;
             self.ram
                 .write_u64(abi::BOOT_INFO_ADDR + abi::boot::WINDOW, self.window)?;
