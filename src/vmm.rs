@@ -637,6 +637,12 @@ impl Vmm {
                         .note_error(format!("PHASE_END for unknown phase {phase_index}"));
                 }
             }
+            MsgKind::Window if msg.window > self.window => {
+                self.handler.report.note_error(format!(
+                    "WINDOW report for window {} from the future (current {})",
+                    msg.window, self.window
+                ));
+            }
             MsgKind::Window => {
                 let secs = msg.args[0] as f64 / (self.tsc_khz.max(1) as f64 * 1e3);
                 let truth = Truth {
@@ -659,7 +665,12 @@ impl Vmm {
                     }
                     self.pending = Some(row);
                 }
-                self.truths.insert(msg.window, truth);
+                // Keep only truths that a row can still claim (bounded, whatever the guest sends).
+                let oldest = self.window.saturating_sub(1);
+                self.truths.retain(|&w, _| w >= oldest);
+                if msg.window >= oldest {
+                    self.truths.insert(msg.window, truth);
+                }
             }
             MsgKind::Sleep => {
                 let until = Instant::now() + Duration::from_nanos(msg.args[0]);
