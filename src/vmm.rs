@@ -357,97 +357,28 @@ struct Vmm {
 }
 
 /// Boots the guest and runs its workload to the end, calling `on_row` once per interval.
-pub fn run(mut cfg: RunConfig, on_row: &mut dyn FnMut(&Row)) -> Result<RunSummary, RunError> {
+///
+/// The recipe: build guest memory and load the guest, create the VM and the vCPU, run until the
+/// guest halts (with an interval tick now and then), and summarise.
+pub fn run(cfg: RunConfig, on_row: &mut dyn FnMut(&Row)) -> Result<RunSummary, RunError> {
     cfg.validate()?;
+    let timeout = cfg.timeout;
     let t0 = Instant::now();
-    let ram = GuestRam::new(cfg.mem_bytes, cfg.hugepages)?;
-    let image = boot::load_image(&ram, &cfg.image)?;
-    cfg.image = Vec::new();
-    let vm = Vm::new(&ram)?;
-    let mut vcpu = Vcpu::new(&vm, 0, image.entry)?;
-    let tsc_khz = vcpu.tsc_khz()? as u64;
-    let phases: Vec<_> = cfg.workload.phases.iter().map(|p| p.entry()).collect();
-    let seed = cfg.seed.unwrap_or_else(rand::random);
-    boot::write_boot_structures(&ram, tsc_khz, seed, &phases, &cfg.workload.text)?;
-    let map = PmpMmpMap::new(ram.host_addr(), ram.pages())?;
-    let samplers = cfg
-        .sample_sizes()
-        .into_iter()
-        .map(|n| {
-            n.map(|n| Sampler::new(n, ram.pages(), cfg.seed))
-                .transpose()
-        })
-        .collect::<Result<Vec<_>, _>>()?;
-    let smoother =
-        Smoother::new(cfg.ewma_fast, cfg.ewma_slow).map_err(|e| RunError::Config(e.to_string()))?;
-    let mut vmm = Vmm {
-        mask: vec![0u64; ram.pages().div_ceil(64) as usize],
-        handler: ExitHandler::new(ram.size(), cfg.console),
-        ram,
-        vm,
-        map,
-        samplers,
-        armed: None,
-        smoother,
-        interval: cfg.interval,
-        map_out: cfg.map_out,
-        map_every: cfg.map_every,
-        tsc_khz,
-        start: t0,
-        next_tick: t0,
-        window: 0,
-        phases: cfg
-            .workload
-            .phases
-            .iter()
-            .enumerate()
-            .map(|(i, p)| PhaseRecord {
-                index: i as u64,
-                name: p.to_string(),
-                ..Default::default()
-            })
-            .collect(),
-        current_phase: None,
-        boot: None,
-        guest: GuestView::default(),
-        done: false,
-        truths: HashMap::new(),
-        pending: None,
-        rows: Vec::new(),
-        failure: None,
-    };
-    vmm.arm_sampler(0)?;
+    let (mut vmm, mut vcpu) = Vmm::new(cfg)?;
     let setup = t0.elapsed();
-    vmm.start = Instant::now();
-    vmm.next_tick = vmm.start + vmm.interval;
     log::info!("set-up took {:.1} ms", setup.as_secs_f64() * 1e3);
 
-    let deadline = cfg.timeout.map(|t| vmm.start + t);
+    vmm.start = Instant::now();
+    vmm.next_tick = vmm.start + vmm.interval;
+    let deadline = timeout.map(|t| vmm.start + t);
     let stop = Arc::new(AtomicBool::new(false));
     let kicker = spawn_kicker(vmm.start, vmm.interval, deadline, stop.clone());
-    let result = vmm.run_loop(&mut vcpu, deadline, cfg.timeout, on_row);
+    let result = vmm.run_loop(&mut vcpu, deadline, timeout, on_row);
     stop.store(true, Ordering::Relaxed);
     let _ = kicker.join();
     vmm.handler.console.flush();
     result?;
-    let pool_backed = vmm.boot.map_or(0, |b| {
-        let first = b.pool_start / PAGE_SIZE;
-        vmm.map.backed_in(first..first + b.pool_pages)
-    });
-    Ok(RunSummary {
-        mincore_resident: vmm.mincore_resident()?,
-        pool_backed,
-        setup_ms: setup.as_secs_f64() * 1e3,
-        elapsed_s: vmm.start.elapsed().as_secs_f64(),
-        boot: vmm.boot,
-        phases: vmm.phases,
-        rows: vmm.rows,
-        guest: vmm.guest,
-        map: vmm.map.summary(),
-        report_errors: vmm.handler.report.errors,
-        unhandled_exits: vmm.handler.unhandled,
-        tsc_khz,
-    })
+    vmm.summary(setup)
 }
 
 /// A thread that kicks the vCPU thread out of `KVM_RUN` at every interval tick and at the deadline.
@@ -484,6 +415,91 @@ fn spawn_kicker(
 }
 
 impl Vmm {
+    /// Guest RAM with the image and boot structures, the VM, the vCPU, the map and the samplers.
+    fn new(cfg: RunConfig) -> Result<(Self, Vcpu), RunError> {
+        let ram = GuestRam::new(cfg.mem_bytes, cfg.hugepages)?;
+        let image = boot::load_image(&ram, &cfg.image)?;
+        let vm = Vm::new(&ram)?;
+        let vcpu = Vcpu::new(&vm, 0, image.entry)?;
+        let tsc_khz = vcpu.tsc_khz()? as u64;
+        let entries: Vec<_> = cfg.workload.phases.iter().map(|p| p.entry()).collect();
+        let seed = cfg.seed.unwrap_or_else(rand::random);
+        boot::write_boot_structures(&ram, tsc_khz, seed, &entries, &cfg.workload.text)?;
+        let map = PmpMmpMap::new(ram.host_addr(), ram.pages())?;
+        let samplers = cfg
+            .sample_sizes()
+            .into_iter()
+            .map(|n| {
+                n.map(|n| Sampler::new(n, ram.pages(), cfg.seed))
+                    .transpose()
+            })
+            .collect::<Result<Vec<_>, _>>()?;
+        let smoother = Smoother::new(cfg.ewma_fast, cfg.ewma_slow)
+            .map_err(|e| RunError::Config(e.to_string()))?;
+        let phases = cfg
+            .workload
+            .phases
+            .iter()
+            .enumerate()
+            .map(|(i, p)| PhaseRecord {
+                index: i as u64,
+                name: p.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        let now = Instant::now();
+        let mut vmm = Vmm {
+            mask: vec![0u64; ram.pages().div_ceil(64) as usize],
+            handler: ExitHandler::new(ram.size(), cfg.console),
+            ram,
+            vm,
+            map,
+            samplers,
+            armed: None,
+            smoother,
+            interval: cfg.interval,
+            map_out: cfg.map_out,
+            map_every: cfg.map_every,
+            tsc_khz,
+            start: now,
+            next_tick: now,
+            window: 0,
+            phases,
+            current_phase: None,
+            boot: None,
+            guest: GuestView::default(),
+            done: false,
+            truths: HashMap::new(),
+            pending: None,
+            rows: Vec::new(),
+            failure: None,
+        };
+        vmm.arm_sampler(0)?;
+        Ok((vmm, vcpu))
+    }
+
+    /// The outcome, once the guest has halted.
+    fn summary(self, setup: Duration) -> Result<RunSummary, RunError> {
+        let pool_backed = self.boot.map_or(0, |b| {
+            let first = b.pool_start / PAGE_SIZE;
+            self.map.backed_in(first..first + b.pool_pages)
+        });
+        Ok(RunSummary {
+            mincore_resident: self.mincore_resident()?,
+            pool_backed,
+            setup_ms: setup.as_secs_f64() * 1e3,
+            elapsed_s: self.start.elapsed().as_secs_f64(),
+            boot: self.boot,
+            map: self.map.summary(),
+            report_errors: self.handler.report.errors,
+            unhandled_exits: self.handler.unhandled,
+            tsc_khz: self.tsc_khz,
+            phases: self.phases,
+            rows: self.rows,
+            guest: self.guest,
+        })
+    }
+
     fn elapsed_s(&self) -> f64 {
         self.start.elapsed().as_secs_f64()
     }
