@@ -171,3 +171,72 @@ fn a_guest_that_runs_out_of_memory_is_reported() {
     ]);
     assert_clean_failure(&out, "ran out of memory in phase 0 (alloc 63M)");
 }
+
+#[test]
+fn a_sleeping_guest_still_times_out() {
+    if !common::kvm("a_sleeping_guest_still_times_out") {
+        return;
+    }
+    let out = memvisor_output(&["run", "--workload", "idle 30s", "--timeout", "1s"]);
+    assert_clean_failure(&out, "did not finish within 1s (last phase: idle 30s)");
+}
+
+#[test]
+fn json_and_table_output() {
+    if !common::kvm("json_and_table_output") {
+        return;
+    }
+    let args = [
+        "run",
+        "--mem",
+        "64M",
+        "--workload",
+        "alloc 16M; touch 16M write 300ms; free 8M; idle 300ms",
+        "--interval",
+        "100ms",
+        "--seed",
+        "3",
+        "--console",
+        "/dev/null",
+    ];
+    let out = memvisor_output(&[&args[..], &["--json"]].concat());
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).expect("each line is one JSON object"))
+        .collect();
+    assert!(rows.len() >= 5, "{} rows", rows.len());
+    let last = rows.last().unwrap();
+    assert_eq!(last["final"], true);
+    assert_eq!(last["configured_mib"], 64.0);
+    assert_eq!(last["guest"]["allocated_pages"], 8 * 256);
+    assert!(last["host"]["backed_pages"].as_u64().unwrap() >= 16 * 256);
+    assert_eq!(last["active_writes"]["n"], 1000);
+    for r in &rows {
+        let a = &r["active_writes"];
+        let (lo, est, hi) = (
+            a["ci_low_mib"].as_f64().unwrap(),
+            a["estimate_mib"].as_f64().unwrap(),
+            a["ci_high_mib"].as_f64().unwrap(),
+        );
+        assert!(lo <= est && est <= hi, "{r}");
+    }
+
+    let out = memvisor_output(&args);
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    assert!(lines[0].contains("active (writes only)"));
+    assert!(lines[1].contains("backed") && lines[1].contains("95% CI"));
+    assert!(lines.last().unwrap().ends_with("(end)"));
+    assert_eq!(
+        lines.len(),
+        rows.len() + 2,
+        "one line per row after the header"
+    );
+}
