@@ -296,6 +296,8 @@ pub struct PhaseRecord {
     pub heap_pages: u64,
     /// Guest seconds the phase took (from its TSC).
     pub guest_seconds: f64,
+    /// The VMM's clock when the phase started, as the guest read it with the TIME hypercall (ns).
+    pub vmm_start_ns: u64,
 }
 
 /// What the guest kernel said at boot.
@@ -609,6 +611,7 @@ impl Vmm {
                 if let Some(p) = self.phases.get_mut(phase_index) {
                     p.started = true;
                     p.start_s = now;
+                    p.vmm_start_ns = msg.args[0];
                     self.current_phase = Some(phase_index);
                     log::info!("phase {phase_index} ({}) started", p.name);
                 } else {

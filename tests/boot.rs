@@ -118,6 +118,15 @@ fn idle_and_repeated_alloc_free_cycles() {
         s.phases[0].guest_seconds
     );
     assert!(!rows.is_empty());
+    // The guest read the VMM's clock (TIME hypercall) at each phase start: it never runs backwards,
+    // the first idle shows in it, and it stays within the run.
+    let starts: Vec<u64> = s.phases.iter().map(|p| p.vmm_start_ns).collect();
+    assert!(starts.windows(2).all(|w| w[0] <= w[1]), "{starts:?}");
+    assert!(starts[1] - starts[0] >= 300_000_000, "{starts:?}");
+    assert!(
+        *starts.last().unwrap() <= (s.elapsed_s * 1e9) as u64,
+        "{starts:?}"
+    );
 }
 
 /// The guest's access generator (guest/app/app.c): xorshift64* seeded from the boot info's seed,

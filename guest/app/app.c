@@ -114,6 +114,13 @@ static void clear_bits(u64 *b, u64 pages)
         b[i] = 0;
 }
 
+/* The VMM's clock (TIME hypercall): ns since the VM started. */
+static u64 vmm_time(void)
+{
+    send(MSG_TIME, win_id, 0, 0, 0);
+    return msgbuf.reply;
+}
+
 /* The VMM moved to a new window: report the one that ended and start counting afresh. */
 static __attribute__((noinline)) void window_end(void)
 {
@@ -301,7 +308,7 @@ void app_main(u64 *bitmaps, u64 words)
         }
         ph.touched = ph.written = ph.iterations = ph.hi = 0;
         check_window();
-        send(MSG_PHASE_START, win_id, 0, 0, 0);
+        send(MSG_PHASE_START, win_id, 0, vmm_time(), 0);
         u64 t0 = rdtsc();
         u64 status = run_phase(kind, flags, pages, duration, hot, permille);
         u64 ticks = rdtsc() - t0;
