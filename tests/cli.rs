@@ -2,7 +2,20 @@
 
 mod common;
 
+use std::process::Output;
+
 use common::{assert_clean_failure, memvisor_output, temp_file, tiny_elf};
+
+/// Runs `memvisor run` with the guest image `bytes` (written to a temporary file) and more args.
+fn run_image(name: &str, bytes: &[u8], args: &[&str]) -> Output {
+    let p = temp_file(name, bytes);
+    memvisor_output(&[&["run", "--guest", p.to_str().unwrap()], args].concat())
+}
+
+/// Runs `memvisor run` on `mem` of RAM with a workload and a 20 s timeout.
+fn run_spec(mem: &str, spec: &str) -> Output {
+    memvisor_output(&["run", "--mem", mem, "--workload", spec, "--timeout", "20s"])
+}
 
 #[test]
 fn zero_and_garbage_sizes_are_rejected() {
@@ -29,14 +42,11 @@ fn missing_guest_image() {
 #[test]
 fn truncated_guest_image() {
     let full = memvisor::boot::DEFAULT_GUEST;
-    let p = temp_file("truncated.elf", &full[..full.len() / 2]);
-    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap()]);
+    let out = run_image("truncated.elf", &full[..full.len() / 2], &[]);
     assert_clean_failure(&out, "truncated");
-    let p = temp_file("header-only.elf", &full[..40]);
-    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap()]);
+    let out = run_image("header-only.elf", &full[..40], &[]);
     assert_clean_failure(&out, "truncated");
-    let p = temp_file("empty.elf", b"");
-    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap()]);
+    let out = run_image("empty.elf", b"", &[]);
     assert_clean_failure(&out, "empty");
 }
 
@@ -45,16 +55,7 @@ fn guest_image_too_big_for_its_ram() {
     // A segment whose memory size is 8 MiB, in a 4 MiB guest.
     let mut img = tiny_elf(&[0xf4]);
     img[64 + 40..64 + 48].copy_from_slice(&(8u64 << 20).to_le_bytes());
-    let p = temp_file("big.elf", &img);
-    let out = memvisor_output(&[
-        "run",
-        "--mem",
-        "4M",
-        "--workload",
-        "idle 10ms",
-        "--guest",
-        p.to_str().unwrap(),
-    ]);
+    let out = run_image("big.elf", &img, &["--mem", "4M", "--workload", "idle 10ms"]);
     assert_clean_failure(&out, "too big for its RAM");
     // A file larger than guest RAM.
     let mut img = tiny_elf(&[0xf4]);
@@ -62,16 +63,11 @@ fn guest_image_too_big_for_its_ram() {
     img[64 + 32..64 + 40].copy_from_slice(&(len as u64).to_le_bytes());
     img[64 + 40..64 + 48].copy_from_slice(&(len as u64).to_le_bytes());
     img.resize(0x1000 + len, 0x90);
-    let p = temp_file("huge.elf", &img);
-    let out = memvisor_output(&[
-        "run",
-        "--mem",
-        "4M",
-        "--workload",
-        "idle 10ms",
-        "--guest",
-        p.to_str().unwrap(),
-    ]);
+    let out = run_image(
+        "huge.elf",
+        &img,
+        &["--mem", "4M", "--workload", "idle 10ms"],
+    );
     assert_clean_failure(&out, "too big for its RAM");
 }
 
@@ -81,8 +77,11 @@ fn triple_faulting_guest() {
         return;
     }
     // ud2 with no IDT: #UD -> #GP -> #DF -> triple fault.
-    let p = temp_file("triple.elf", &tiny_elf(&[0x0f, 0x0b]));
-    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap(), "--timeout", "20s"]);
+    let out = run_image(
+        "triple.elf",
+        &tiny_elf(&[0x0f, 0x0b]),
+        &["--timeout", "20s"],
+    );
     assert_clean_failure(&out, "triple-faulted");
 }
 
@@ -91,8 +90,8 @@ fn guest_stuck_in_a_loop_times_out() {
     if !common::kvm("guest_stuck_in_a_loop_times_out") {
         return;
     }
-    let p = temp_file("loop.elf", &tiny_elf(&[0xeb, 0xfe])); // jmp $
-    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap(), "--timeout", "1s"]);
+    let jmp_self = [0xeb, 0xfe];
+    let out = run_image("loop.elf", &tiny_elf(&jmp_self), &["--timeout", "1s"]);
     assert_clean_failure(&out, "did not finish within 1s");
 }
 
@@ -111,8 +110,7 @@ fn guest_writing_garbage_to_devices() {
         0xec, // in al, dx
         0xf4, // hlt
     ];
-    let p = temp_file("garbage.elf", &tiny_elf(&code));
-    let out = memvisor_output(&["run", "--guest", p.to_str().unwrap(), "--timeout", "20s"]);
+    let out = run_image("garbage.elf", &tiny_elf(&code), &["--timeout", "20s"]);
     assert_clean_failure(&out, "malformed report");
 }
 
@@ -121,15 +119,7 @@ fn a_guest_exception_in_the_app_is_reported() {
     if !common::kvm("a_guest_exception_in_the_app_is_reported") {
         return;
     }
-    let out = memvisor_output(&[
-        "run",
-        "--mem",
-        "32M",
-        "--workload",
-        "alloc 4M; fault",
-        "--timeout",
-        "20s",
-    ]);
+    let out = run_spec("32M", "alloc 4M; fault");
     assert_clean_failure(&out, "page fault");
     assert_clean_failure(&out, "in the app (ring 3)");
 }
@@ -160,15 +150,7 @@ fn a_guest_that_runs_out_of_memory_is_reported() {
         return;
     }
     // The spec fits in RAM, but not in the guest kernel's pool (RAM minus its reserved area).
-    let out = memvisor_output(&[
-        "run",
-        "--mem",
-        "64M",
-        "--workload",
-        "alloc 63M",
-        "--timeout",
-        "20s",
-    ]);
+    let out = run_spec("64M", "alloc 63M");
     assert_clean_failure(&out, "ran out of memory in phase 0 (alloc 63M)");
 }
 
