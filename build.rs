@@ -55,6 +55,17 @@ fn check_tool(name: &str) {
     }
 }
 
+/// Links `objs` with linker script `script` into `out`.
+fn link(ld: &str, script: &Path, out: &Path, objs: &[&Path]) {
+    run(Command::new(ld)
+        .args(LD_FLAGS)
+        .arg("-T")
+        .arg(script)
+        .arg("-o")
+        .arg(out)
+        .args(objs));
+}
+
 fn run(cmd: &mut Command) {
     let shown = format!("{cmd:?}");
     let out = cmd
@@ -107,14 +118,12 @@ fn main() {
     let app_bin = out.join("app.bin");
     compile(&cc, &guest, "app/start.S", &app_start, &[]);
     compile(&cc, &guest, "app/app.c", &app_o, &[]);
-    run(Command::new(&ld)
-        .args(LD_FLAGS)
-        .arg("-T")
-        .arg(guest.join("app/app.ld"))
-        .arg("-o")
-        .arg(&app_elf)
-        .arg(&app_start)
-        .arg(&app_o));
+    link(
+        &ld,
+        &guest.join("app/app.ld"),
+        &app_elf,
+        &[&app_start, &app_o],
+    );
     run(Command::new(&objcopy)
         .args(["-O", "binary"])
         .arg(&app_elf)
@@ -136,14 +145,12 @@ fn main() {
     compile(&cc, &guest, "kernel/entry.S", &k_entry, &kflags);
     compile(&cc, &guest, "kernel/kernel.c", &k_main, KERNEL_FLAGS);
     let elf = out.join("memvisor-guest.elf");
-    run(Command::new(&ld)
-        .args(LD_FLAGS)
-        .arg("-T")
-        .arg(guest.join("kernel/kernel.ld"))
-        .arg("-o")
-        .arg(&elf)
-        .arg(&k_entry)
-        .arg(&k_main));
+    link(
+        &ld,
+        &guest.join("kernel/kernel.ld"),
+        &elf,
+        &[&k_entry, &k_main],
+    );
 
     println!("cargo:rustc-env=MEMVISOR_GUEST_ELF={}", elf.display());
 }
