@@ -1,6 +1,10 @@
 //! Builds the test guest in `guest/` (a freestanding C kernel with its ring-3 app) with gcc, ld
 //! and objcopy, and hands its path to the crate as `MEMVISOR_GUEST_ELF`. `guest/Makefile` does the
 //! same for standalone builds; keep the flags in step.
+//!
+//! It also compiles and runs `guest/abi_dump.c` with the host compiler: it prints every constant
+//! and structure layout of `guest/abi.h` as Rust (`$OUT_DIR/abi_c.rs`), which `src/abi.rs`
+//! includes, so the guest ABI is defined once, in the header.
 
 use std::env;
 use std::path::{Path, PathBuf};
@@ -153,4 +157,24 @@ fn main() {
     );
 
     println!("cargo:rustc-env=MEMVISOR_GUEST_ELF={}", elf.display());
+
+    // The ABI as Rust, from the header (host compiler: the dump runs here).
+    let dump = out.join("abi_dump");
+    run(Command::new(&cc)
+        .args(["-O0", "-Wall", "-Wextra", "-I"])
+        .arg(&guest)
+        .arg(guest.join("abi_dump.c"))
+        .arg("-o")
+        .arg(&dump));
+    let printed = Command::new(&dump)
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {}: {e}", dump.display()));
+    assert!(
+        printed.status.success(),
+        "{} failed: {}",
+        dump.display(),
+        printed.status
+    );
+    std::fs::write(out.join("abi_c.rs"), &printed.stdout)
+        .unwrap_or_else(|e| panic!("writing abi_c.rs: {e}"));
 }

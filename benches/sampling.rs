@@ -6,31 +6,38 @@
 use std::time::{Duration, Instant};
 
 use memvisor::abi::PAGE_SIZE;
-use memvisor::boot;
+use memvisor::config::{RunConfig, RunOptions};
 use memvisor::memory::GuestRam;
 use memvisor::sampler::Sampler;
 use memvisor::usage::Row;
 use memvisor::vm::Vm;
-use memvisor::vmm::{self, RunConfig};
-use memvisor::workload::Workload;
+use memvisor::vmm;
 
 const GIB: u64 = 1 << 30;
 
 fn config(spec: &str, mem: u64, interval: Duration, samples: Option<u64>, seed: u64) -> RunConfig {
-    let w = Workload::parse(spec, mem).expect("bench spec parses");
-    let mut cfg = RunConfig::new(w, boot::DEFAULT_GUEST.to_vec());
-    cfg.mem_bytes = mem;
-    cfg.interval = interval;
-    cfg.samples = samples;
-    cfg.seed = Some(seed);
-    cfg.timeout = Some(Duration::from_secs(600));
+    let opts = RunOptions {
+        workload: spec.into(),
+        mem,
+        interval,
+        samples: samples.unwrap_or(1),
+        no_sampling: samples.is_none(),
+        seed: Some(seed),
+        timeout: Some(Duration::from_secs(600)),
+        ..RunOptions::default()
+    };
+    let mut cfg = RunConfig::new(opts).expect("bench options are valid");
     cfg.console = Box::new(std::io::sink());
     cfg
 }
 
 fn run(cfg: RunConfig) -> (memvisor::vmm::RunSummary, Vec<Row>) {
     let mut rows = Vec::new();
-    let s = vmm::run(cfg, &mut |r: &Row| rows.push(r.clone())).expect("bench run");
+    let s = vmm::run(cfg, &mut |r: &Row| {
+        rows.push(r.clone());
+        Ok(())
+    })
+    .expect("bench run");
     (s, rows)
 }
 
@@ -58,7 +65,7 @@ fn accuracy() {
         // Only intervals that lie wholly inside the touch phase (skip its first two and last one).
         let inside: Vec<&Row> = rows
             .iter()
-            .filter(|r| r.phase.starts_with("touch") && !r.final_row)
+            .filter(|r| r.phase.starts_with("touch") && r.end.is_none())
             .collect();
         let inside = &inside[2.min(inside.len())..inside.len().saturating_sub(1)];
         let mut errs = Vec::new();
@@ -102,7 +109,7 @@ fn mean_se(v: &[f64]) -> (f64, f64) {
 fn rates_by_n(rows: &[Row], phase: &str, cycle: &[Option<u64>]) -> Vec<Vec<f64>> {
     let timed: Vec<&Row> = rows
         .iter()
-        .filter(|r| r.phase.starts_with(phase) && !r.final_row)
+        .filter(|r| r.phase.starts_with(phase) && r.end.is_none())
         .collect();
     // Drop the first and last: they straddle the phase boundaries.
     let timed = &timed[1.min(timed.len())..timed.len().saturating_sub(1)];
@@ -138,8 +145,9 @@ fn overhead() {
     println!();
     println!("| sampling | intervals | rate (M accesses/s) | vs off |");
     println!("|---|---|---|---|");
-    let mut cfg = config(&spec, mem, Duration::from_secs(1), None, 7);
-    cfg.sample_cycle = cycle.to_vec();
+    let cfg = config(&spec, mem, Duration::from_secs(1), None, 7)
+        .with_sample_cycle(&cycle)
+        .expect("sample sizes fit");
     let (_, rows) = run(cfg);
     let rates = rates_by_n(&rows, "touch 512M write random", &cycle);
     let (off, _) = mean_se(&rates[0]);
@@ -160,15 +168,16 @@ fn overhead() {
     //    re-protected on alternate intervals (sequential writes: each written page faults once).
     let cycle2 = [None, Some(pages)];
     let spec2 = "alloc 512M; touch 512M write; touch 512M write 22s";
-    let mut cfg = config(spec2, mem, Duration::from_secs(1), None, 9);
-    cfg.sample_cycle = cycle2.to_vec();
+    let cfg = config(spec2, mem, Duration::from_secs(1), None, 9)
+        .with_sample_cycle(&cycle2)
+        .expect("sample sizes fit");
     let (_, rows) = run(cfg);
     let rates2 = rates_by_n(&rows, "touch 512M write 22s", &cycle2);
     let (r_off, _) = mean_se(&rates2[0]);
     let (r_all, _) = mean_se(&rates2[1]);
     let faults: Vec<f64> = rows
         .iter()
-        .filter(|r| r.phase.starts_with("touch 512M write 22s") && !r.final_row)
+        .filter(|r| r.phase.starts_with("touch 512M write 22s") && r.end.is_none())
         .filter_map(|r| r.active.as_ref().map(|a| a.t as f64))
         .collect();
     let (t_all, _) = mean_se(&faults);
@@ -195,9 +204,8 @@ fn cost() {
     );
     println!("|---|---|---|---|---|---|");
     for gib in [1u64, 4, 16, 64] {
-        let ram = GuestRam::new(gib * GIB, false).expect("guest RAM");
-        let vm = Vm::new(&ram).expect("VM");
-        let pages = ram.size() / PAGE_SIZE;
+        let vm = Vm::new(GuestRam::new(gib * GIB, false).expect("guest RAM")).expect("VM");
+        let pages = vm.ram().size() / PAGE_SIZE;
         let mut sampler = Sampler::new(1000, pages, Some(1)).expect("sampler");
         let mut mask = vec![0u64; pages.div_ceil(64) as usize];
         let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];

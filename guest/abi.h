@@ -1,12 +1,16 @@
-/* The memvisor guest ABI, guest side. Mirrors docs/abi.md and src/abi.rs: change all three
- * together. Usable from C and from GNU assembler (the C parts are guarded). */
+/* The memvisor guest ABI: the one definition of every constant and structure the VMM and the
+ * guest share. The VMM takes them from here too (build.rs compiles guest/abi_dump.c, which prints
+ * them as Rust for src/abi.rs), so nothing can drift; docs/abi.md explains them. Usable from C and
+ * from GNU assembler (the C parts are guarded). */
 #ifndef MEMVISOR_ABI_H
 #define MEMVISOR_ABI_H
 
 /* Guest-physical layout. */
 #define ABI_PAGE_SIZE 4096
 #define ABI_GDT_ADDR 0x1000
+#define ABI_GDT_ENTRIES 8
 #define ABI_TSS_ADDR 0x1800
+#define ABI_TSS_SIZE 0x68 /* 64-bit TSS: limit ABI_TSS_SIZE - 1 */
 #define ABI_TSS_RSP0_ADDR 0x1804
 #define ABI_BOOT_INFO_ADDR 0x2000
 #define ABI_PML4_ADDR 0x3000
@@ -14,6 +18,9 @@
 #define ABI_PD0_ADDR 0x5000
 #define ABI_KERNEL_BASE 0x100000
 #define ABI_KERNEL_MAX_ADDR 0x40000000 /* end of the VMM's identity map */
+/* Largest RAM the kernel boots with: its reserved area (a 4 KiB PT per 2 MiB of RAM, 4 bitmap bits
+ * per page) grows by about 2.1 MiB per GiB of RAM and must end below ABI_KERNEL_MAX_ADDR. */
+#define ABI_MAX_MEM_BYTES (448ULL << 30)
 
 /* GDT selectors. */
 #define ABI_SEL_KCODE 0x08
@@ -47,7 +54,7 @@
 #define MSG_BOOT 1
 #define MSG_PHASE_START 2
 #define MSG_PHASE_END 3
-#define MSG_WINDOW 4
+#define MSG_INTERVAL 4
 #define MSG_SLEEP 5
 #define MSG_TIME 6
 #define MSG_DONE 7
@@ -63,6 +70,7 @@
 #define BOOT_ERR_MAGIC (FAULT_BOOT_ERROR + 1)     /* boot info magic wrong */
 #define BOOT_ERR_APP (FAULT_BOOT_ERROR + 2)       /* embedded app header bad */
 #define BOOT_ERR_NO_MEMORY (FAULT_BOOT_ERROR + 3) /* reserved area does not fit below 1 GiB / RAM */
+#define BOOT_ERR_TOO_LARGE (FAULT_BOOT_ERROR + 4) /* RAM above ABI_MAX_MEM_BYTES */
 
 /* System calls: `int3` from ring 3 (IDT gate 3 has DPL 3). On this host's KVM (PVM) SYSCALL does
  * not switch to ring 0 and `int $n` for n other than 3 raises #UD. */
@@ -102,7 +110,7 @@ struct boot_info {
     u64 magic;
     u64 mem_bytes;
     u64 tsc_khz;
-    u64 window; /* bumped by the VMM: read it volatile */
+    u64 interval; /* bumped by the VMM at every interval tick: read it volatile */
     u64 nphases;
     u64 flags;
     u64 seed;
@@ -115,7 +123,7 @@ struct msg {
     u32 magic;
     u32 kind;
     u64 phase;
-    u64 window;
+    u64 interval;
     u64 touched;
     u64 written;
     u64 iterations;
@@ -127,7 +135,8 @@ struct msg {
     u64 arg2;
     u64 reply; /* written by the VMM */
     u64 tsc;
-    u64 reserved[2]; /* FAULT: reserved[0] = CR2 */
+    u64 cr2; /* FAULT: CR2 at the exception */
+    u64 cs;  /* FAULT: CS at the exception */
 };
 
 struct app_header {

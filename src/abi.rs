@@ -1,78 +1,104 @@
-//! The VMM side of the guest ABI (`docs/abi.md`): layout constants, the boot-info page and the
-//! report-channel message. Plain data and byte parsing, testable without KVM.
+//! The guest ABI (`docs/abi.md`), VMM side: the boot-info page and the report-channel message.
+//!
+//! Defined once, in `guest/abi.h`: `build.rs` compiles `guest/abi_dump.c`, which prints every
+//! constant and every structure layout of the header as Rust, and this module takes its constants
+//! from that output. The structures here are `#[repr(C)]` mirrors of the C ones, with the same field
+//! names, and a compile-time check (`check_layout!`) holds each field's offset, and each structure's
+//! size, to the C compiler's. Guest bytes are read and written through vm-memory's `ByteValued`,
+//! never at hand-written offsets.
+
+use std::mem::{offset_of, size_of};
 
 use thiserror::Error;
+use vm_memory::ByteValued;
+
+/// The header's constants and layouts, as the C compiler sees them (some are the guest's alone).
+#[allow(dead_code)]
+mod c {
+    include!(concat!(env!("OUT_DIR"), "/abi_c.rs"));
+}
 
 /// Guest page size (4 KiB).
-pub const PAGE_SIZE: u64 = 4096;
-
-/// GDT page; the TSS sits at `TSS_ADDR` in the same page.
-pub const GDT_ADDR: u64 = 0x1000;
+pub const PAGE_SIZE: u64 = c::ABI_PAGE_SIZE;
+/// GDT page; the TSS sits at [`TSS_ADDR`] in the same page.
+pub const GDT_ADDR: u64 = c::ABI_GDT_ADDR;
+/// Descriptors in the GDT (the TSS takes two).
+pub const GDT_ENTRIES: usize = c::ABI_GDT_ENTRIES as usize;
 /// 64-bit TSS.
-pub const TSS_ADDR: u64 = 0x1800;
+pub const TSS_ADDR: u64 = c::ABI_TSS_ADDR;
+/// Bytes of the 64-bit TSS (its limit is one less).
+pub const TSS_SIZE: u64 = c::ABI_TSS_SIZE;
 /// Boot info page.
-pub const BOOT_INFO_ADDR: u64 = 0x2000;
+pub const BOOT_INFO_ADDR: u64 = c::ABI_BOOT_INFO_ADDR;
 /// PML4 (CR3).
-pub const PML4_ADDR: u64 = 0x3000;
+pub const PML4_ADDR: u64 = c::ABI_PML4_ADDR;
 /// PDPT for the low identity map.
-pub const PDPT_ADDR: u64 = 0x4000;
+pub const PDPT_ADDR: u64 = c::ABI_PDPT_ADDR;
 /// PD mapping 0..1 GiB with 2 MiB pages.
-pub const PD0_ADDR: u64 = 0x5000;
+pub const PD0_ADDR: u64 = c::ABI_PD0_ADDR;
 /// Lowest address the kernel image may be loaded at.
-pub const KERNEL_MIN_ADDR: u64 = 0x10_0000;
+pub const KERNEL_MIN_ADDR: u64 = c::ABI_KERNEL_BASE;
 /// Highest address (exclusive) the kernel image may reach: the identity map's end.
-pub const KERNEL_MAX_ADDR: u64 = 1 << 30;
+pub const KERNEL_MAX_ADDR: u64 = c::ABI_KERNEL_MAX_ADDR;
+/// Largest RAM the built-in guest's kernel boots with (its reserved area must fit below 1 GiB).
+pub const MAX_MEM_BYTES: u64 = c::ABI_MAX_MEM_BYTES;
 
-/// Selectors of the GDT the VMM writes.
-pub const SEL_KERNEL_CODE: u16 = 0x08;
-pub const SEL_KERNEL_DATA: u16 = 0x10;
-pub const SEL_TSS: u16 = 0x30;
+/// Selectors of the GDT the VMM writes (index × 8, RPL in the low bits).
+pub const SEL_KERNEL_CODE: u16 = c::ABI_SEL_KCODE as u16;
+pub const SEL_KERNEL_DATA: u16 = c::ABI_SEL_KDATA as u16;
+pub const SEL_USER_CODE32: u16 = c::ABI_SEL_UCODE32 as u16;
+pub const SEL_USER_DATA: u16 = c::ABI_SEL_UDATA as u16;
+pub const SEL_USER_CODE: u16 = c::ABI_SEL_UCODE as u16;
+pub const SEL_TSS: u16 = c::ABI_SEL_TSS as u16;
 
 /// COM1.
-pub const SERIAL_PORT_BASE: u16 = 0x3f8;
+pub const SERIAL_PORT_BASE: u16 = c::ABI_COM1 as u16;
 /// Report channel port: a 4-byte OUT of the guest-physical address of a message.
-pub const REPORT_PORT: u16 = 0x510;
+pub const REPORT_PORT: u16 = c::ABI_REPORT_PORT as u16;
 
 /// Boot info magic.
-pub const BOOT_MAGIC: u64 = 0x0031_304f_4f42_564d;
+pub const BOOT_MAGIC: u64 = c::ABI_BOOT_MAGIC;
 /// Message magic ("MVR1").
-pub const MSG_MAGIC: u32 = 0x3152_564d;
+pub const MSG_MAGIC: u32 = c::ABI_MSG_MAGIC as u32;
 /// Size of one message.
-pub const MSG_SIZE: usize = 128;
+pub const MSG_SIZE: usize = c::ABI_MSG_SIZE as usize;
 /// Most phases a workload may have.
-pub const MAX_PHASES: usize = 32;
+pub const MAX_PHASES: usize = c::ABI_MAX_PHASES as usize;
 /// Most bytes of spec text passed to the guest.
-pub const MAX_SPEC_TEXT: usize = 1024;
-
-/// Boot info field offsets.
-pub mod boot {
-    pub const MAGIC: u64 = 0x000;
-    pub const MEM_BYTES: u64 = 0x008;
-    pub const TSC_KHZ: u64 = 0x010;
-    pub const WINDOW: u64 = 0x018;
-    pub const NPHASES: u64 = 0x020;
-    pub const FLAGS: u64 = 0x028;
-    pub const SEED: u64 = 0x030;
-    pub const SPEC_LEN: u64 = 0x038;
-    pub const PHASES: u64 = 0x040;
-    pub const PHASE_SIZE: u64 = 64;
-    pub const SPEC_TEXT: u64 = 0x840;
-}
+pub const MAX_SPEC_TEXT: usize = c::ABI_MAX_SPEC_TEXT as usize;
 
 /// Phase kinds in the boot info's phase table.
 pub mod phase_kind {
-    pub const ALLOC: u32 = 1;
-    pub const FREE: u32 = 2;
-    pub const TOUCH: u32 = 3;
-    pub const IDLE: u32 = 4;
-    pub const FAULT: u32 = 5;
+    use super::c;
+    pub const ALLOC: u32 = c::PHASE_ALLOC as u32;
+    pub const FREE: u32 = c::PHASE_FREE as u32;
+    pub const TOUCH: u32 = c::PHASE_TOUCH as u32;
+    pub const IDLE: u32 = c::PHASE_IDLE as u32;
+    pub const FAULT: u32 = c::PHASE_FAULT as u32;
 }
 
 /// Phase flags.
-pub const PHASE_WRITE: u32 = 1;
-pub const PHASE_RANDOM: u32 = 2;
+pub const PHASE_WRITE: u32 = c::PHASE_F_WRITE as u32;
+pub const PHASE_RANDOM: u32 = c::PHASE_F_RANDOM as u32;
 
-/// One phase as the guest reads it.
+/// PHASE_END status (`arg1`): the phase ran.
+pub const PHASE_OK: u64 = c::PHASE_OK;
+/// PHASE_END status: the guest ran out of memory; the workload ends.
+pub const PHASE_OOM: u64 = c::PHASE_OOM;
+
+/// FAULT messages: an `arg0` at or above this is a guest kernel boot error, not a CPU exception.
+pub const FAULT_BOOT_ERROR: u64 = c::FAULT_BOOT_ERROR;
+/// Boot error: the boot-info magic was wrong (`arg1` = the magic found).
+pub const BOOT_ERR_MAGIC: u64 = c::BOOT_ERR_MAGIC;
+/// Boot error: the header of the app image embedded in the kernel is bad.
+pub const BOOT_ERR_APP: u64 = c::BOOT_ERR_APP;
+/// Boot error: the kernel's reserved area does not fit in RAM below 1 GiB (`arg1` = its end).
+pub const BOOT_ERR_NO_MEMORY: u64 = c::BOOT_ERR_NO_MEMORY;
+/// Boot error: RAM is above [`MAX_MEM_BYTES`] (`arg1` = the RAM size).
+pub const BOOT_ERR_TOO_LARGE: u64 = c::BOOT_ERR_TOO_LARGE;
+
+/// One phase as the guest reads it (`struct phase`).
+#[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct PhaseEntry {
     pub kind: u32,
@@ -81,51 +107,152 @@ pub struct PhaseEntry {
     pub duration_ns: u64,
     pub hot_pages: u64,
     pub hot_permille: u64,
+    pub reserved: [u64; 3],
 }
 
-impl PhaseEntry {
-    /// The 64-byte encoding of the phase table entry.
-    pub fn to_bytes(&self) -> [u8; boot::PHASE_SIZE as usize] {
-        let mut b = [0u8; boot::PHASE_SIZE as usize];
-        b[0..4].copy_from_slice(&self.kind.to_le_bytes());
-        b[4..8].copy_from_slice(&self.flags.to_le_bytes());
-        b[8..16].copy_from_slice(&self.pages.to_le_bytes());
-        b[16..24].copy_from_slice(&self.duration_ns.to_le_bytes());
-        b[24..32].copy_from_slice(&self.hot_pages.to_le_bytes());
-        b[32..40].copy_from_slice(&self.hot_permille.to_le_bytes());
-        b
-    }
+/// The boot-info page (`struct boot_info`).
+#[repr(C)]
+#[derive(Clone, Copy, Debug)]
+pub struct BootInfo {
+    pub magic: u64,
+    pub mem_bytes: u64,
+    pub tsc_khz: u64,
+    /// The current interval number; the VMM bumps it at every interval tick.
+    pub interval: u64,
+    pub nphases: u64,
+    pub flags: u64,
+    pub seed: u64,
+    pub spec_len: u64,
+    pub phases: [PhaseEntry; MAX_PHASES],
+    pub spec: [u8; MAX_SPEC_TEXT],
 }
 
-/// Builds the boot info page.
-pub fn boot_info_page(
-    mem_bytes: u64,
-    tsc_khz: u64,
-    seed: u64,
-    phases: &[PhaseEntry],
-    spec_text: &str,
-) -> Vec<u8> {
-    let mut page = vec![0u8; PAGE_SIZE as usize];
-    let put = |page: &mut Vec<u8>, off: u64, v: u64| {
-        page[off as usize..off as usize + 8].copy_from_slice(&v.to_le_bytes())
+/// A report-channel message (`struct msg`), as the guest wrote it.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Message {
+    pub magic: u32,
+    pub kind: u32,
+    pub phase: u64,
+    /// The interval the numbers refer to.
+    pub interval: u64,
+    pub touched: u64,
+    pub written: u64,
+    pub iterations: u64,
+    pub alloc_pages: u64,
+    pub free_pages: u64,
+    pub heap_pages: u64,
+    pub arg0: u64,
+    pub arg1: u64,
+    pub arg2: u64,
+    /// Written by the VMM (SLEEP, TIME).
+    pub reply: u64,
+    pub tsc: u64,
+    /// FAULT: CR2 at the exception.
+    pub cr2: u64,
+    /// FAULT: CS at the exception (`0x2b` the app, `0x08` the kernel).
+    pub cs: u64,
+}
+
+// SAFETY: plain `repr(C)` integers and arrays of them, with no padding (the layout checks below
+// hold every offset and size to the C compiler's, which has none either): every bit pattern is a
+// valid value.
+unsafe impl ByteValued for PhaseEntry {}
+// SAFETY: as above.
+unsafe impl ByteValued for BootInfo {}
+// SAFETY: as above.
+unsafe impl ByteValued for Message {}
+
+/// Holds a Rust mirror's size and each named field's offset to the C compiler's, at compile time.
+macro_rules! check_layout {
+    ($ty:ty, $c:ident, [$($field:ident),* $(,)?]) => {
+        const _: () = {
+            assert!(size_of::<$ty>() == c::$c::SIZE);
+            $(assert!(offset_of!($ty, $field) == c::$c::$field);)*
+        };
     };
-    put(&mut page, boot::MAGIC, BOOT_MAGIC);
-    put(&mut page, boot::MEM_BYTES, mem_bytes);
-    put(&mut page, boot::TSC_KHZ, tsc_khz);
-    put(&mut page, boot::WINDOW, 0);
-    let n = phases.len().min(MAX_PHASES);
-    put(&mut page, boot::NPHASES, n as u64);
-    put(&mut page, boot::SEED, seed);
-    for (i, p) in phases.iter().take(n).enumerate() {
-        let off = (boot::PHASES + i as u64 * boot::PHASE_SIZE) as usize;
-        page[off..off + boot::PHASE_SIZE as usize].copy_from_slice(&p.to_bytes());
+}
+
+check_layout!(
+    PhaseEntry,
+    phase,
+    [
+        kind,
+        flags,
+        pages,
+        duration_ns,
+        hot_pages,
+        hot_permille,
+        reserved
+    ]
+);
+check_layout!(
+    BootInfo,
+    boot_info,
+    [
+        magic, mem_bytes, tsc_khz, interval, nphases, flags, seed, spec_len, phases, spec
+    ]
+);
+check_layout!(
+    Message,
+    msg,
+    [
+        magic,
+        kind,
+        phase,
+        interval,
+        touched,
+        written,
+        iterations,
+        alloc_pages,
+        free_pages,
+        heap_pages,
+        arg0,
+        arg1,
+        arg2,
+        reply,
+        tsc,
+        cr2,
+        cs
+    ]
+);
+const _: () = assert!(size_of::<Message>() == MSG_SIZE);
+
+/// Guest-physical address of the boot info's `interval` field, which the VMM bumps.
+pub const BOOT_INFO_INTERVAL_ADDR: u64 = BOOT_INFO_ADDR + offset_of!(BootInfo, interval) as u64;
+/// Byte offset of a message's `reply` field, written by the VMM.
+pub const MSG_REPLY_OFFSET: u64 = offset_of!(Message, reply) as u64;
+
+impl BootInfo {
+    /// The boot info for a guest: at most [`MAX_PHASES`] phases and [`MAX_SPEC_TEXT`] bytes of text.
+    pub fn new(
+        mem_bytes: u64,
+        tsc_khz: u64,
+        seed: u64,
+        phases: &[PhaseEntry],
+        spec_text: &str,
+    ) -> Self {
+        let mut info = BootInfo {
+            magic: BOOT_MAGIC,
+            mem_bytes,
+            tsc_khz,
+            interval: 0,
+            nphases: 0,
+            flags: 0,
+            seed,
+            spec_len: 0,
+            phases: [PhaseEntry::default(); MAX_PHASES],
+            spec: [0; MAX_SPEC_TEXT],
+        };
+        let n = phases.len().min(MAX_PHASES);
+        info.phases[..n].copy_from_slice(&phases[..n]);
+        info.nphases = n as u64;
+        let text = spec_text.as_bytes();
+        let len = text.len().min(MAX_SPEC_TEXT);
+        info.spec[..len].copy_from_slice(&text[..len]);
+        info.spec_len = len as u64;
+        info
     }
-    let text = spec_text.as_bytes();
-    let len = text.len().min(MAX_SPEC_TEXT);
-    put(&mut page, boot::SPEC_LEN, len as u64);
-    let off = boot::SPEC_TEXT as usize;
-    page[off..off + len].copy_from_slice(&text[..len]);
-    page
 }
 
 /// Message kinds on the report channel.
@@ -134,62 +261,39 @@ pub enum MsgKind {
     Boot,
     PhaseStart,
     PhaseEnd,
-    Window,
+    Interval,
     Sleep,
     Time,
     Done,
     Fault,
 }
 
+const KINDS: [(MsgKind, u64); 8] = [
+    (MsgKind::Boot, c::MSG_BOOT),
+    (MsgKind::PhaseStart, c::MSG_PHASE_START),
+    (MsgKind::PhaseEnd, c::MSG_PHASE_END),
+    (MsgKind::Interval, c::MSG_INTERVAL),
+    (MsgKind::Sleep, c::MSG_SLEEP),
+    (MsgKind::Time, c::MSG_TIME),
+    (MsgKind::Done, c::MSG_DONE),
+    (MsgKind::Fault, c::MSG_FAULT),
+];
+
 impl MsgKind {
-    fn from_u32(v: u32) -> Option<Self> {
-        Some(match v {
-            1 => Self::Boot,
-            2 => Self::PhaseStart,
-            3 => Self::PhaseEnd,
-            4 => Self::Window,
-            5 => Self::Sleep,
-            6 => Self::Time,
-            7 => Self::Done,
-            8 => Self::Fault,
-            _ => return None,
-        })
+    /// The kind's number on the wire.
+    pub fn code(self) -> u32 {
+        KINDS
+            .iter()
+            .find(|(k, _)| *k == self)
+            .map_or(0, |(_, v)| *v as u32)
     }
-}
 
-/// Byte offset of the reply field, written by the VMM.
-pub const MSG_REPLY_OFFSET: u64 = 0x60;
-
-/// FAULT messages: an `arg0` at or above this is a guest kernel boot error, not a CPU exception.
-pub const FAULT_BOOT_ERROR: u64 = 0x100;
-/// Boot error: the boot-info magic was wrong (`arg1` = the magic found).
-pub const BOOT_ERR_MAGIC: u64 = 0x101;
-/// Boot error: the header of the app image embedded in the kernel is bad.
-pub const BOOT_ERR_APP: u64 = 0x102;
-/// Boot error: the kernel's reserved area does not fit in RAM below 1 GiB (`arg1` = its end).
-pub const BOOT_ERR_NO_MEMORY: u64 = 0x103;
-/// The guest's system call gate: the app executes `int3` (vector 3, a DPL-3 gate). SYSCALL does
-/// not switch to ring 0 under this host's KVM (PVM), see `docs/abi.md`.
-pub const SYSCALL_VECTOR: u8 = 3;
-
-/// A decoded report-channel message.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct Message {
-    pub kind: MsgKind,
-    pub phase: u64,
-    pub window: u64,
-    pub touched: u64,
-    pub written: u64,
-    pub iterations: u64,
-    pub alloc_pages: u64,
-    pub free_pages: u64,
-    pub heap_pages: u64,
-    pub args: [u64; 3],
-    pub tsc: u64,
-    /// Offset `0x70`: FAULT: CR2 at the exception.
-    pub extra: u64,
-    /// Offset `0x78`: FAULT: CS at the exception (`0x2b` the app, `0x08` the kernel).
-    pub cs: u64,
+    fn from_code(v: u32) -> Option<Self> {
+        KINDS
+            .iter()
+            .find(|(_, c)| *c == u64::from(v))
+            .map(|(k, _)| *k)
+    }
 }
 
 /// Why a message could not be decoded.
@@ -204,89 +308,32 @@ pub enum MessageError {
 }
 
 impl Message {
-    /// Decodes a 128-byte message.
+    /// A zeroed message of the given kind, with the magic set.
+    pub fn new(kind: MsgKind) -> Self {
+        Message {
+            magic: MSG_MAGIC,
+            kind: kind.code(),
+            ..Default::default()
+        }
+    }
+
+    /// Checks the magic and decodes the kind.
+    pub fn decode_kind(&self) -> Result<MsgKind, MessageError> {
+        if self.magic != MSG_MAGIC {
+            return Err(MessageError::Magic(self.magic));
+        }
+        MsgKind::from_code(self.kind).ok_or(MessageError::Kind(self.kind))
+    }
+
+    /// A message from exactly [`MSG_SIZE`] bytes, checked.
     pub fn parse(b: &[u8]) -> Result<Self, MessageError> {
         if b.len() != MSG_SIZE {
             return Err(MessageError::Size(b.len()));
         }
-        let u32_at = |o: usize| u32::from_le_bytes(b[o..o + 4].try_into().unwrap());
-        let u64_at = |o: usize| u64::from_le_bytes(b[o..o + 8].try_into().unwrap());
-        let magic = u32_at(0);
-        if magic != MSG_MAGIC {
-            return Err(MessageError::Magic(magic));
-        }
-        let kind = MsgKind::from_u32(u32_at(4)).ok_or(MessageError::Kind(u32_at(4)))?;
-        Ok(Message {
-            kind,
-            phase: u64_at(0x08),
-            window: u64_at(0x10),
-            touched: u64_at(0x18),
-            written: u64_at(0x20),
-            iterations: u64_at(0x28),
-            alloc_pages: u64_at(0x30),
-            free_pages: u64_at(0x38),
-            heap_pages: u64_at(0x40),
-            args: [u64_at(0x48), u64_at(0x50), u64_at(0x58)],
-            tsc: u64_at(0x68),
-            extra: u64_at(0x70),
-            cs: u64_at(0x78),
-        })
-    }
-
-    /// Encodes a message (used by tests and by synthetic exits).
-    pub fn to_bytes(&self) -> [u8; MSG_SIZE] {
-        let mut b = [0u8; MSG_SIZE];
-        let kind = match self.kind {
-            MsgKind::Boot => 1u32,
-            MsgKind::PhaseStart => 2,
-            MsgKind::PhaseEnd => 3,
-            MsgKind::Window => 4,
-            MsgKind::Sleep => 5,
-            MsgKind::Time => 6,
-            MsgKind::Done => 7,
-            MsgKind::Fault => 8,
-        };
-        b[0..4].copy_from_slice(&MSG_MAGIC.to_le_bytes());
-        b[4..8].copy_from_slice(&kind.to_le_bytes());
-        let fields = [
-            (0x08, self.phase),
-            (0x10, self.window),
-            (0x18, self.touched),
-            (0x20, self.written),
-            (0x28, self.iterations),
-            (0x30, self.alloc_pages),
-            (0x38, self.free_pages),
-            (0x40, self.heap_pages),
-            (0x48, self.args[0]),
-            (0x50, self.args[1]),
-            (0x58, self.args[2]),
-            (0x68, self.tsc),
-            (0x70, self.extra),
-            (0x78, self.cs),
-        ];
-        for (o, v) in fields {
-            b[o..o + 8].copy_from_slice(&v.to_le_bytes());
-        }
-        b
-    }
-
-    /// A zeroed message of the given kind.
-    pub fn new(kind: MsgKind) -> Self {
-        Message {
-            kind,
-            phase: 0,
-            window: 0,
-            touched: 0,
-            written: 0,
-            iterations: 0,
-            alloc_pages: 0,
-            free_pages: 0,
-            heap_pages: 0,
-            args: [0; 3],
-            tsc: 0,
-            extra: 0,
-            cs: 0,
-        }
+        let mut m = Message::default();
+        m.as_mut_slice().copy_from_slice(b);
+        m.decode_kind()?;
+        Ok(m)
     }
 }
 
@@ -296,11 +343,21 @@ mod tests {
 
     #[test]
     fn message_round_trips() {
-        let mut m = Message::new(MsgKind::Window);
-        m.window = 7;
+        let mut m = Message::new(MsgKind::Interval);
+        m.interval = 7;
         m.written = 123;
-        m.args = [1, 2, 3];
-        assert_eq!(Message::parse(&m.to_bytes()).unwrap(), m);
+        m.arg0 = 1;
+        m.cs = 0x2b;
+        assert_eq!(Message::parse(m.as_slice()).unwrap(), m);
+        assert_eq!(m.decode_kind(), Ok(MsgKind::Interval));
+    }
+
+    #[test]
+    fn every_kind_round_trips_through_its_code() {
+        for (k, code) in KINDS {
+            assert_eq!(k.code() as u64, code);
+            assert_eq!(Message::new(k).decode_kind(), Ok(k));
+        }
     }
 
     #[test]
@@ -310,26 +367,34 @@ mod tests {
             Message::parse(&[0u8; MSG_SIZE]),
             Err(MessageError::Magic(0))
         );
-        let mut b = Message::new(MsgKind::Done).to_bytes();
-        b[4] = 99;
-        assert_eq!(Message::parse(&b), Err(MessageError::Kind(99)));
+        let mut m = Message::new(MsgKind::Done);
+        m.kind = 99;
+        assert_eq!(Message::parse(m.as_slice()), Err(MessageError::Kind(99)));
     }
 
     #[test]
-    fn boot_info_places_fields() {
+    fn boot_info_places_fields_and_bounds_its_tables() {
         let p = PhaseEntry {
             kind: phase_kind::TOUCH,
             flags: PHASE_WRITE,
             pages: 10,
             ..Default::default()
         };
-        let page = boot_info_page(1 << 28, 2_000_000, 5, &[p], "touch 40K write");
-        let at = |o: u64| u64::from_le_bytes(page[o as usize..o as usize + 8].try_into().unwrap());
-        assert_eq!(at(boot::MAGIC), BOOT_MAGIC);
-        assert_eq!(at(boot::MEM_BYTES), 1 << 28);
-        assert_eq!(at(boot::NPHASES), 1);
-        assert_eq!(at(boot::PHASES + 8), 10);
-        assert_eq!(at(boot::SPEC_LEN), 15);
-        assert_eq!(&page[boot::SPEC_TEXT as usize..][..15], b"touch 40K write");
+        let info = BootInfo::new(1 << 28, 2_000_000, 5, &[p], "touch 40K write");
+        let page = info.as_slice();
+        let at = |o: usize| u64::from_le_bytes(page[o..o + 8].try_into().unwrap());
+        assert_eq!(at(c::boot_info::magic), BOOT_MAGIC);
+        assert_eq!(at(c::boot_info::mem_bytes), 1 << 28);
+        assert_eq!(at(c::boot_info::nphases), 1);
+        assert_eq!(at(c::boot_info::phases + c::phase::pages), 10);
+        assert_eq!(at(c::boot_info::spec_len), 15);
+        assert_eq!(&page[c::boot_info::spec..][..15], b"touch 40K write");
+        // Too many phases and too much text are cut to what the page holds.
+        let many = vec![p; MAX_PHASES + 3];
+        let long = "x".repeat(MAX_SPEC_TEXT + 10);
+        let info = BootInfo::new(1 << 28, 1, 1, &many, &long);
+        assert_eq!(info.nphases, MAX_PHASES as u64);
+        assert_eq!(info.spec_len, MAX_SPEC_TEXT as u64);
+        assert!(size_of::<BootInfo>() as u64 <= PAGE_SIZE);
     }
 }

@@ -1,14 +1,19 @@
 //! Preparing guest RAM for the first instruction: load the guest's ELF image, then write the
-//! GDT and TSS, the identity page tables and the boot-info page (see `docs/abi.md`).
+//! GDT and TSS and the identity page tables (whose addresses the vCPU takes from [`CpuTables`]),
+//! and the boot-info page (see `docs/abi.md`).
 
 use std::io::Cursor;
 use std::path::Path;
 
+use std::mem::size_of;
+
+use linux_loader::elf::{Elf64_Ehdr, Elf64_Phdr, PT_LOAD};
 use linux_loader::loader::{Elf, KernelLoader};
 use thiserror::Error;
-use vm_memory::GuestAddress;
+use vm_memory::{ByteValued, GuestAddress};
 
-use crate::abi::{self, PhaseEntry};
+use crate::abi::{self, BootInfo, PhaseEntry};
+use crate::gdt;
 use crate::memory::{GuestRam, MemoryError};
 use crate::units::fmt_mib;
 
@@ -64,65 +69,62 @@ pub fn read_image(path: &Path) -> Result<Vec<u8>, BootError> {
     })
 }
 
-fn u16_at(b: &[u8], o: usize) -> u16 {
-    u16::from_le_bytes([b[o], b[o + 1]])
-}
-fn u32_at(b: &[u8], o: usize) -> u32 {
-    u32::from_le_bytes(b[o..o + 4].try_into().unwrap())
-}
-fn u64_at(b: &[u8], o: usize) -> u64 {
-    u64::from_le_bytes(b[o..o + 8].try_into().unwrap())
+/// A plain structure copied out of `bytes` at `off`, if it fits.
+fn struct_at<T: ByteValued + Default>(bytes: &[u8], off: u64) -> Option<T> {
+    let off = usize::try_from(off).ok()?;
+    let src = bytes.get(off..off.checked_add(size_of::<T>())?)?;
+    let mut v = T::default();
+    v.as_mut_slice().copy_from_slice(src);
+    Some(v)
 }
 
 /// Checks an ELF image against guest RAM before anything is written, so that a truncated or
 /// oversized image gets a precise message. Returns the entry point and the highest loaded byte.
 pub fn check_image(image: &[u8], ram_bytes: u64) -> Result<LoadedImage, BootError> {
-    const EHDR: usize = 64;
-    const PHDR: usize = 56;
+    const EHDR: usize = size_of::<Elf64_Ehdr>();
+    const PHDR: usize = size_of::<Elf64_Phdr>();
     if image.is_empty() {
         return Err(BootError::Empty);
     }
     if image.len() < 4 || &image[..4] != b"\x7fELF" {
         return Err(BootError::NotElf("no ELF magic"));
     }
-    if image.len() < EHDR {
+    let Some(eh) = struct_at::<Elf64_Ehdr>(image, 0) else {
         return Err(BootError::Truncated(format!(
             "{} bytes, an ELF header needs {EHDR}",
             image.len()
         )));
-    }
-    if image[4] != 2 || image[5] != 1 {
+    };
+    if eh.e_ident[4] != 2 || eh.e_ident[5] != 1 {
         return Err(BootError::NotElf("not ELF64 little-endian"));
     }
-    if u16_at(image, 18) != 62 {
+    if eh.e_machine != 62 {
         return Err(BootError::NotElf("machine is not x86-64"));
     }
-    let entry = u64_at(image, 24);
-    let phoff = u64_at(image, 32);
-    let phentsize = u16_at(image, 54) as usize;
-    let phnum = u16_at(image, 56) as usize;
-    if phentsize != PHDR {
+    if usize::from(eh.e_phentsize) != PHDR {
         return Err(BootError::NotElf("unexpected program header size"));
     }
-    let ph_end = phoff.saturating_add((phnum * PHDR) as u64);
+    let phnum = u64::from(eh.e_phnum);
+    let ph_end = eh.e_phoff.saturating_add(phnum * PHDR as u64);
     if ph_end > image.len() as u64 {
         return Err(BootError::Truncated(format!(
             "program headers end at byte {ph_end}, the file has {}",
             image.len()
         )));
     }
+    let entry = eh.e_entry;
     let max = ram_bytes.min(abi::KERNEL_MAX_ADDR);
     let mut end = 0u64;
     let mut entry_ok = false;
     for index in 0..phnum {
-        let ph = &image[phoff as usize + index * PHDR..][..PHDR];
-        if u32_at(ph, 0) != 1 {
-            continue; // not PT_LOAD
+        let ph: Elf64_Phdr = struct_at(image, eh.e_phoff + index * PHDR as u64)
+            .expect("within the program headers checked above");
+        let index = index as usize;
+        if ph.p_type != PT_LOAD {
+            continue;
         }
-        let offset = u64_at(ph, 8);
-        let paddr = u64_at(ph, 24);
-        let filesz = u64_at(ph, 32);
-        let memsz = u64_at(ph, 40).max(filesz);
+        let (offset, paddr, filesz) = (ph.p_offset, ph.p_paddr, ph.p_filesz);
+        let memsz = ph.p_memsz.max(filesz);
         let file_end = offset.saturating_add(filesz);
         if file_end > image.len() as u64 {
             return Err(BootError::Truncated(format!(
@@ -175,52 +177,45 @@ pub fn load_image(ram: &GuestRam, image: &[u8]) -> Result<LoadedImage, BootError
     })
 }
 
-/// A GDT descriptor from its parts (flags: access byte | flags nibble << 12).
-fn gdt_entry(flags: u16, base: u32, limit: u32) -> u64 {
-    ((base as u64 & 0xff00_0000) << 32)
-        | ((base as u64 & 0x00ff_ffff) << 16)
-        | (limit as u64 & 0xffff)
-        | ((limit as u64 & 0xf_0000) << 32)
-        | ((flags as u64 & 0xf0ff) << 40)
+/// What the vCPU needs of the tables [`write_cpu_tables`] wrote.
+#[derive(Clone, Copy, Debug)]
+pub struct CpuTables {
+    /// The GDT as written at `gdt_addr`; segment registers are derived from it.
+    pub gdt: [u64; abi::GDT_ENTRIES],
+    pub gdt_addr: u64,
+    /// The PML4 of the identity map.
+    pub cr3: u64,
 }
 
-/// The GDT entries (see the ABI table), including the two-slot TSS descriptor.
-pub fn gdt() -> [u64; 8] {
-    let tss_base = abi::TSS_ADDR;
-    let tss_limit = 0x67u64;
-    let tss_low = gdt_entry(0x0089, tss_base as u32, tss_limit as u32);
-    [
-        0,
-        gdt_entry(0xa09b, 0, 0xfffff), // kernel code 64
-        gdt_entry(0xc093, 0, 0xfffff), // kernel data
-        gdt_entry(0xc0fb, 0, 0xfffff), // user code 32 (placeholder for SYSRET)
-        gdt_entry(0xc0f3, 0, 0xfffff), // user data
-        gdt_entry(0xa0fb, 0, 0xfffff), // user code 64
-        tss_low,
-        tss_base >> 32,
-    ]
+/// Writes the GDT, an empty TSS and the identity page tables (0..1 GiB, 2 MiB pages).
+pub fn write_cpu_tables(ram: &GuestRam) -> Result<CpuTables, BootError> {
+    let table = gdt::table();
+    ram.write_obj(abi::GDT_ADDR, table)?;
+    ram.write(abi::TSS_ADDR, &[0u8; abi::TSS_SIZE as usize])?;
+    // PML4[0] -> PDPT (user bit set so lower levels decide), PDPT[0] -> PD0 (supervisor).
+    ram.write_obj(abi::PML4_ADDR, abi::PDPT_ADDR | 0x7)?;
+    ram.write_obj(abi::PDPT_ADDR, abi::PD0_ADDR | 0x3)?;
+    let pd: Vec<u8> = (0..512u64)
+        .flat_map(|i| ((i << 21) | 0x83).to_le_bytes())
+        .collect();
+    ram.write(abi::PD0_ADDR, &pd)?;
+    Ok(CpuTables {
+        gdt: table,
+        gdt_addr: abi::GDT_ADDR,
+        cr3: abi::PML4_ADDR,
+    })
 }
 
-/// Writes GDT, TSS, page tables and the boot-info page.
-pub fn write_boot_structures(
+/// Writes the boot-info page.
+pub fn write_boot_info(
     ram: &GuestRam,
     tsc_khz: u64,
     seed: u64,
     phases: &[PhaseEntry],
     spec_text: &str,
 ) -> Result<(), BootError> {
-    let gdt: Vec<u8> = gdt().iter().flat_map(|e| e.to_le_bytes()).collect();
-    ram.write(abi::GDT_ADDR, &gdt)?;
-    ram.write(abi::TSS_ADDR, &[0u8; 0x68])?;
-    // PML4[0] -> PDPT (user bit set so lower levels decide), PDPT[0] -> PD0 (supervisor).
-    ram.write_u64(abi::PML4_ADDR, abi::PDPT_ADDR | 0x7)?;
-    ram.write_u64(abi::PDPT_ADDR, abi::PD0_ADDR | 0x3)?;
-    let pd: Vec<u8> = (0..512u64)
-        .flat_map(|i| ((i << 21) | 0x83).to_le_bytes())
-        .collect();
-    ram.write(abi::PD0_ADDR, &pd)?;
-    let info = abi::boot_info_page(ram.size(), tsc_khz, seed, phases, spec_text);
-    ram.write(abi::BOOT_INFO_ADDR, &info)?;
+    let info = BootInfo::new(ram.size(), tsc_khz, seed, phases, spec_text);
+    ram.write_obj(abi::BOOT_INFO_ADDR, info)?;
     Ok(())
 }
 
@@ -294,15 +289,5 @@ mod tests {
             check_image(&noentry, 1 << 24),
             Err(BootError::BadEntry(0x900000))
         ));
-    }
-
-    #[test]
-    fn gdt_has_long_mode_code_segments() {
-        let g = gdt();
-        // L bit (53) set, D bit (54) clear, present (47), DPL 0 and 3.
-        assert_eq!(g[1] >> 53 & 1, 1);
-        assert_eq!(g[1] >> 54 & 1, 0);
-        assert_eq!(g[5] >> 45 & 3, 3);
-        assert_eq!(g[1] >> 47 & 1, 1);
     }
 }

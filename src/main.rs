@@ -1,22 +1,24 @@
 //! memvisor: boot a guest and show, side by side, what it costs the host and what it uses.
 //!
-//! The recipe: parse the command line, build guest memory, create the VM and vCPU, run, report
-//! (the middle steps live in `memvisor::vmm::run`).
+//! The recipe: parse the command line, validate it into a run, then `vmm::run` builds guest
+//! memory, the VM and its vCPU, runs, and hands each interval's row here to print.
+//!
+//! Exit codes: 0 the guest ran its workload; 1 an error (bad options, a guest failure, a VMM
+//! failure); 2 a usage error; 124 `--timeout`; 130 SIGINT; 143 SIGTERM; 141 the output pipe closed.
 
-use std::io::Write;
+use std::error::Error;
+use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 
-use memvisor::boot;
-use memvisor::memory::GuestRam;
+use memvisor::config::{RunConfig, RunOptions};
 use memvisor::output;
 use memvisor::pmp_mmp::MapFile;
-use memvisor::units::{parse_duration, parse_size};
-use memvisor::vmm::{self, RunConfig};
-use memvisor::workload::{DEFAULT_SPEC, Workload};
+use memvisor::stop;
+use memvisor::usage::Row;
+use memvisor::vmm::{self, RunError};
 
 #[derive(Parser)]
 #[command(
@@ -43,136 +45,133 @@ enum Command {
     },
 }
 
-fn size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
-}
-
-fn duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
-
 #[derive(Args)]
 struct RunArgs {
-    /// Guest RAM, e.g. 256M, 1G, 64G (untouched pages cost the host nothing).
-    #[arg(long, default_value = "256M", value_parser = size_arg)]
-    mem: u64,
-    /// The workload the guest app runs, e.g. "alloc 64M; touch 32M write 2s; idle 1s".
-    #[arg(long, default_value = DEFAULT_SPEC)]
-    workload: String,
-    /// A guest ELF image instead of the built-in test guest.
-    #[arg(long)]
-    guest: Option<PathBuf>,
-    /// Stop a guest that has not finished after this long, e.g. 30s.
-    #[arg(long, value_parser = duration_arg)]
-    timeout: Option<Duration>,
-    /// Reporting and sampling interval.
-    #[arg(long, default_value = "1s", value_parser = duration_arg)]
-    interval: Duration,
-    /// Pages sampled per interval for the active-memory estimate.
-    #[arg(long, default_value_t = 1000)]
-    samples: u64,
-    /// Turn active-memory sampling off.
-    #[arg(long)]
-    no_sampling: bool,
-    /// Seed for sample selection and the guest's access patterns (reproducible runs).
-    #[arg(long)]
-    seed: Option<u64>,
-    /// Weight of the newest interval in the fast moving average (0 < a <= 1).
-    #[arg(long, default_value_t = memvisor::stats::DEFAULT_FAST_ALPHA)]
-    ewma_fast: f64,
-    /// Weight of the newest interval in the slow moving average (0 < a <= 1).
-    #[arg(long, default_value_t = memvisor::stats::DEFAULT_SLOW_ALPHA)]
-    ewma_slow: f64,
-    /// Allow transparent huge pages for guest RAM (off by default).
-    #[arg(long)]
-    hugepages: bool,
+    #[command(flatten)]
+    options: RunOptions,
     /// One JSON object per line instead of the table.
     #[arg(long)]
     json: bool,
-    /// Write the PMP-MMP map to this file at the end.
-    #[arg(long)]
-    map_out: Option<PathBuf>,
-    /// Also write the map every N intervals (needs --map-out).
-    #[arg(long, requires = "map_out")]
-    map_every: Option<u64>,
-    /// Where the guest console goes: a file, or "-" for stderr (default).
-    #[arg(long)]
-    console: Option<PathBuf>,
 }
 
-fn run(args: RunArgs) -> Result<(), String> {
-    GuestRam::validate_size(args.mem).map_err(|e| format!("--mem: {e}"))?;
-    let workload = Workload::parse(&args.workload, args.mem).map_err(|e| e.to_string())?;
-    let image = match &args.guest {
-        Some(p) => boot::read_image(p).map_err(|e| e.to_string())?,
-        None => boot::DEFAULT_GUEST.to_vec(),
-    };
-    let console: Box<dyn Write + Send> = match &args.console {
-        Some(p) if p.as_os_str() != "-" => Box::new(
-            std::fs::File::create(p).map_err(|e| format!("console file {}: {e}", p.display()))?,
-        ),
-        _ => Box::new(std::io::stderr()),
-    };
-    let mut cfg = RunConfig::new(workload, image);
-    cfg.mem_bytes = args.mem;
-    cfg.hugepages = args.hugepages;
-    cfg.timeout = args.timeout;
-    cfg.interval = args.interval;
-    cfg.samples = (!args.no_sampling).then_some(args.samples);
-    cfg.seed = args.seed;
-    cfg.ewma_fast = args.ewma_fast;
-    cfg.ewma_slow = args.ewma_slow;
-    cfg.map_out = args.map_out;
-    cfg.map_every = args.map_every;
-    cfg.console = console;
-    cfg.validate().map_err(|e| e.to_string())?;
+/// A failure of the command, with the exit code it calls for.
+struct Failure {
+    code: u8,
+    /// `None`: exit quietly (the reader of our output went away).
+    message: Option<String>,
+}
 
-    let json = args.json;
-    let mut stdout = std::io::stdout().lock();
-    if !json {
-        let _ = writeln!(stdout, "{}", output::table_header());
+impl Failure {
+    fn new(code: u8, e: &(dyn Error + 'static)) -> Self {
+        Failure {
+            code,
+            message: Some(chain(e)),
+        }
     }
-    let mut print = |row: &memvisor::usage::Row| {
+}
+
+/// An error and its sources, joined with ": ", leaving out a source that its parent's message
+/// already quotes.
+fn chain(e: &(dyn Error + 'static)) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(s) = source {
+        let part = s.to_string();
+        if !text.contains(&part) {
+            text.push_str(": ");
+            text.push_str(&part);
+        }
+        source = s.source();
+    }
+    text
+}
+
+fn run(args: RunArgs) -> Result<(), Failure> {
+    let cfg = RunConfig::new(args.options).map_err(|e| Failure::new(1, &e))?;
+    let json = args.json;
+    if !json {
+        let header = output::table_header();
+        writeln!(io::stdout(), "{header}").map_err(write_failure)?;
+    }
+    let mut stdout = io::stdout().lock();
+    let mut print = |row: &Row| -> io::Result<()> {
         let line = if json {
             output::json_row(row)
         } else {
             output::table_row(row)
         };
-        let _ = writeln!(stdout, "{line}");
-        let _ = stdout.flush();
+        writeln!(stdout, "{line}")?;
+        stdout.flush()
     };
-    let summary = vmm::run(cfg, &mut print).map_err(|e| e.to_string())?;
-    log::info!(
-        "set-up to first instruction: {:.1} ms; ran {:.1} s",
-        summary.setup_ms,
-        summary.elapsed_s
-    );
-    Ok(())
+    match vmm::run(cfg, &mut print) {
+        Ok(summary) => {
+            log::info!(
+                "set-up to first instruction: {:.1} ms; ran {:.1} s",
+                summary.setup_ms,
+                summary.elapsed_s
+            );
+            Ok(())
+        }
+        Err(RunError::OutputClosed) => Err(Failure {
+            code: stop::exit_code(memvisor::usage::EndReason::OutputClosed),
+            message: None,
+        }),
+        Err(e) => Err(Failure::new(stop::exit_code(e.end_reason()), &e)),
+    }
 }
 
-fn map(file: PathBuf, json: bool) -> Result<(), String> {
-    let m = MapFile::read_file(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let s = m.summary();
-    if json {
-        println!("{}", serde_json::to_string(&s).map_err(|e| e.to_string())?);
+/// A failed write to stdout: quiet for a closed pipe, else a message.
+fn write_failure(e: io::Error) -> Failure {
+    if e.kind() == io::ErrorKind::BrokenPipe {
+        Failure {
+            code: stop::exit_code(memvisor::usage::EndReason::OutputClosed),
+            message: None,
+        }
     } else {
-        println!("{s}");
+        Failure {
+            code: 1,
+            message: Some(format!("writing to standard output: {e}")),
+        }
     }
-    Ok(())
+}
+
+fn map(file: PathBuf, json: bool) -> Result<(), Failure> {
+    let m = MapFile::read_file(&file).map_err(|e| Failure {
+        code: 1,
+        message: Some(format!("{}: {}", file.display(), chain(&e))),
+    })?;
+    let s = m.summary();
+    let text = if json {
+        serde_json::to_string(&s).map_err(|e| Failure::new(1, &e))?
+    } else {
+        s.to_string()
+    };
+    let mut out = io::stdout().lock();
+    writeln!(out, "{text}")
+        .and_then(|_| out.flush())
+        .map_err(write_failure)
 }
 
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
     let result = match cli.command {
-        Command::Run(args) => run(args),
+        Command::Run(args) => {
+            if let Err(e) = stop::install_handlers() {
+                log::warn!("cannot catch SIGINT/SIGTERM, a signal will end the run abruptly: {e}");
+            }
+            run(args)
+        }
         Command::Map { file, json } => map(file, json),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            eprintln!("memvisor: error: {e}");
-            ExitCode::FAILURE
+        Err(f) => {
+            if let Some(m) = f.message {
+                // stderr may be closed too: nothing more to do then.
+                let _ = writeln!(io::stderr(), "memvisor: error: {m}");
+            }
+            ExitCode::from(f.code)
         }
     }
 }

@@ -8,7 +8,7 @@ use std::num::NonZeroUsize;
 use thiserror::Error;
 use vm_memory::bitmap::AtomicBitmap;
 use vm_memory::mmap::MmapRegionBuilder;
-use vm_memory::{Bytes, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
+use vm_memory::{ByteValued, Bytes, GuestAddress, GuestMemoryBackend, GuestRegionMmap};
 
 use crate::abi::PAGE_SIZE;
 use crate::units::fmt_mib;
@@ -128,15 +128,17 @@ impl GuestRam {
             .map_err(|source| MemoryError::Access { addr, source })
     }
 
-    /// Writes a little-endian u64 at `addr`.
-    pub fn write_u64(&self, addr: u64, v: u64) -> Result<(), MemoryError> {
-        self.write(addr, &v.to_le_bytes())
+    /// Writes a plain value (an ABI structure, a little-endian integer) at `addr`.
+    pub fn write_obj<T: ByteValued>(&self, addr: u64, v: T) -> Result<(), MemoryError> {
+        self.mem
+            .write_obj(v, GuestAddress(addr))
+            .map_err(|source| MemoryError::Access { addr, source })
     }
 
-    /// Reads `buf.len()` bytes at `addr` (reads leave no trace).
-    pub fn read(&self, addr: u64, buf: &mut [u8]) -> Result<(), MemoryError> {
+    /// Reads a plain value at `addr` (reads leave no trace).
+    pub fn read_obj<T: ByteValued>(&self, addr: u64) -> Result<T, MemoryError> {
         self.mem
-            .read_slice(buf, GuestAddress(addr))
+            .read_obj(GuestAddress(addr))
             .map_err(|source| MemoryError::Access { addr, source })
     }
 

@@ -76,7 +76,11 @@ pub fn table_row(r: &Row) -> String {
         num(a.map(|a| a.slow_mib)),
         num(a.map(|a| a.max_mib)),
         num(a.and_then(|a| a.error_mib)),
-        if r.final_row { "  (end)" } else { "" }
+        match r.end {
+            Some(crate::usage::EndReason::Done) => "  (end)".to_string(),
+            Some(why) => format!("  (end: {})", why.as_str()),
+            None => String::new(),
+        }
     )
 }
 

@@ -116,18 +116,48 @@ pub struct Active {
     pub error_mib: Option<f64>,
 }
 
+/// Why a run ended, on its last row.
+#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndReason {
+    /// The guest ran its workload and halted.
+    Done,
+    /// The guest failed (a fault, out of memory, halted early): the run's error says how.
+    GuestError,
+    /// `--timeout` ran out.
+    Timeout,
+    /// SIGINT or SIGTERM.
+    Sigint,
+    Sigterm,
+    /// Whoever read the rows went away (a closed pipe).
+    OutputClosed,
+}
+
+impl EndReason {
+    /// The word the table shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Done => "done",
+            EndReason::GuestError => "guest-error",
+            EndReason::Timeout => "timeout",
+            EndReason::Sigint => "sigint",
+            EndReason::Sigterm => "sigterm",
+            EndReason::OutputClosed => "output-closed",
+        }
+    }
+}
+
 /// One reporting interval.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct Row {
     /// Seconds since the guest started.
     pub time_s: f64,
-    /// Window id (0-based).
-    pub window: u64,
-    /// The workload phase running when the window ended.
+    /// Interval number (0-based).
+    pub interval: u64,
+    /// The workload phase running when the interval ended.
     pub phase: String,
-    /// True for the last row, written when the guest finished.
-    #[serde(rename = "final")]
-    pub final_row: bool,
+    /// On the last row only: why the run ended (its interval may be partial).
+    pub end: Option<EndReason>,
     pub configured_mib: f64,
     pub guest: GuestView,
     pub truth: Option<Truth>,

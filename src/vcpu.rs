@@ -5,13 +5,16 @@
 //! so a kick that lands just before `KVM_RUN` is not lost.
 
 use std::cell::Cell;
+use std::marker::PhantomData;
 use std::sync::Once;
 
-use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_regs, kvm_run, kvm_segment};
+use kvm_bindings::{KVM_MAX_CPUID_ENTRIES, kvm_regs, kvm_run};
 use kvm_ioctls::{VcpuExit, VcpuFd};
 use thiserror::Error;
 
 use crate::abi;
+use crate::boot::CpuTables;
+use crate::gdt;
 use crate::vm::Vm;
 
 const CR0_PE: u64 = 1;
@@ -113,33 +116,17 @@ pub fn kick(thread: libc::pthread_t) {
     unsafe { libc::pthread_kill(thread, kick_signal()) };
 }
 
-/// A vCPU in long mode.
-pub struct Vcpu {
+/// A vCPU in long mode. It borrows its VM, so it cannot outlive it.
+pub struct Vcpu<'vm> {
     fd: VcpuFd,
     run: *mut kvm_run,
+    _vm: PhantomData<&'vm Vm>,
 }
 
-fn segment(selector: u16, type_: u8, long: bool) -> kvm_segment {
-    kvm_segment {
-        base: 0,
-        limit: 0xffff_ffff,
-        selector,
-        type_,
-        present: 1,
-        dpl: 0,
-        db: u8::from(!long),
-        s: 1,
-        l: u8::from(long),
-        g: 1,
-        avl: 0,
-        unusable: 0,
-        padding: 0,
-    }
-}
-
-impl Vcpu {
-    /// Creates vCPU `id` on the calling thread, ready to run from `entry` in long mode.
-    pub fn new(vm: &Vm, id: u64, entry: u64) -> Result<Self, VcpuError> {
+impl<'vm> Vcpu<'vm> {
+    /// Creates vCPU `id` on the calling thread, ready to run from `entry` in long mode with the
+    /// descriptor and page tables that `boot` wrote (`tables`).
+    pub fn new(vm: &'vm Vm, id: u64, entry: u64, tables: &CpuTables) -> Result<Self, VcpuError> {
         install_kick_handler()?;
         let mut fd = vm.fd().create_vcpu(id).map_err(VcpuError::Create)?;
         let cpuid = vm
@@ -149,28 +136,23 @@ impl Vcpu {
         fd.set_cpuid2(&cpuid).map_err(VcpuError::SetCpuid)?;
 
         let mut sregs = fd.get_sregs().map_err(VcpuError::GetSregs)?;
-        sregs.cs = segment(abi::SEL_KERNEL_CODE, 0xb, true);
-        let data = segment(abi::SEL_KERNEL_DATA, 0x3, false);
+        let seg = |selector| gdt::segment(&tables.gdt, selector);
+        sregs.cs = seg(abi::SEL_KERNEL_CODE);
+        let data = seg(abi::SEL_KERNEL_DATA);
         sregs.ds = data;
         sregs.es = data;
         sregs.fs = data;
         sregs.gs = data;
         sregs.ss = data;
-        sregs.tr = kvm_segment {
-            base: abi::TSS_ADDR,
-            limit: 0x67,
-            selector: abi::SEL_TSS,
-            type_: 0xb,
-            present: 1,
-            s: 0,
-            ..Default::default()
-        };
-        sregs.gdt.base = abi::GDT_ADDR;
-        sregs.gdt.limit = 8 * 8 - 1;
+        sregs.tr = seg(abi::SEL_TSS);
+        // LTR marks the TSS busy; VM entry insists on a busy TSS in TR.
+        sregs.tr.type_ |= 0x2;
+        sregs.gdt.base = tables.gdt_addr;
+        sregs.gdt.limit = gdt::limit();
         sregs.idt.base = 0;
         sregs.idt.limit = 0;
         sregs.cr0 = CR0_PE | CR0_MP | CR0_ET | CR0_NE | CR0_WP | CR0_PG;
-        sregs.cr3 = abi::PML4_ADDR;
+        sregs.cr3 = tables.cr3;
         sregs.cr4 = CR4_PAE | CR4_OSFXSR | CR4_OSXMMEXCPT;
         sregs.efer = EFER_SCE | EFER_LME | EFER_LMA;
         fd.set_sregs(&sregs).map_err(VcpuError::SetSregs)?;
@@ -184,7 +166,11 @@ impl Vcpu {
 
         let run = fd.get_kvm_run() as *mut kvm_run;
         KICK_RUN.with(|r| r.set(run));
-        Ok(Vcpu { fd, run })
+        Ok(Vcpu {
+            fd,
+            run,
+            _vm: PhantomData,
+        })
     }
 
     /// The guest's TSC frequency in kHz.
@@ -223,7 +209,7 @@ impl Vcpu {
     }
 }
 
-impl Drop for Vcpu {
+impl Drop for Vcpu<'_> {
     fn drop(&mut self) {
         KICK_RUN.with(|r| {
             if r.get() == self.run {

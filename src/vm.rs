@@ -1,5 +1,9 @@
 //! The KVM VM: guest RAM as memslot 0 with dirty logging in manual-protect mode, so the first guest
 //! write to each page is logged and only `KVM_CLEAR_DIRTY_LOG` re-arms protection.
+//!
+//! The VM owns guest RAM (as Firecracker's `Vm` owns its regions), and a [`crate::vcpu::Vcpu`]
+//! borrows the VM, so the memslot cannot outlive the mapping behind it and no vCPU can outlive the
+//! VM: both hold by construction.
 
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use kvm_ioctls::{Kvm, VmFd};
@@ -34,16 +38,17 @@ pub enum VmError {
     ClearDirtyLog(kvm_ext::KvmExtError),
 }
 
-/// A VM with guest RAM registered.
+/// A VM with guest RAM registered. Fields drop in order: the VM's file descriptor (and with it the
+/// memslot) before the RAM it points at.
 pub struct Vm {
-    kvm: Kvm,
     fd: VmFd,
-    ram_bytes: u64,
+    kvm: Kvm,
+    ram: GuestRam,
 }
 
 impl Vm {
     /// Opens KVM, checks capabilities, creates the VM and registers `ram` with dirty logging.
-    pub fn new(ram: &GuestRam) -> Result<Self, VmError> {
+    pub fn new(ram: GuestRam) -> Result<Self, VmError> {
         let kvm = Kvm::new().map_err(VmError::OpenKvm)?;
         kvm_ext::check_capabilities(&kvm).map_err(VmError::Capability)?;
         let fd = kvm.create_vm().map_err(VmError::CreateVm)?;
@@ -56,14 +61,16 @@ impl Vm {
             memory_size: ram.size(),
             userspace_addr: ram.host_addr() as u64,
         };
-        // SAFETY: the region is guest RAM's own mapping, which outlives the VM: `Vmm` drops the
-        // VM (and with it the memslot) before the memory.
+        // SAFETY: the region is `ram`'s own mapping, which the VM takes ownership of below and
+        // drops only after its file descriptor (field order), so the memslot never outlives it;
+        // vCPUs borrow the VM, so none can keep the VM alive past that either.
         unsafe { fd.set_user_memory_region(region) }.map_err(VmError::SetMemory)?;
-        Ok(Vm {
-            kvm,
-            fd,
-            ram_bytes: ram.size(),
-        })
+        Ok(Vm { fd, kvm, ram })
+    }
+
+    /// Guest RAM.
+    pub fn ram(&self) -> &GuestRam {
+        &self.ram
     }
 
     /// The `/dev/kvm` handle.
@@ -79,14 +86,13 @@ impl Vm {
     /// KVM's dirty bitmap for guest RAM: bits stay set until cleared (manual protect).
     pub fn dirty_log(&self) -> Result<Vec<u64>, VmError> {
         self.fd
-            .get_dirty_log(RAM_SLOT, self.ram_bytes as usize)
+            .get_dirty_log(RAM_SLOT, self.ram.size() as usize)
             .map_err(VmError::GetDirtyLog)
     }
 
     /// Clears the bits in `mask` (whole-slot bitmap) and write-protects those pages again.
     pub fn clear_dirty(&self, mask: &[u64]) -> Result<(), VmError> {
-        let pages = self.ram_bytes / crate::abi::PAGE_SIZE;
-        kvm_ext::clear_dirty_log(&self.fd, RAM_SLOT, 0, pages as u32, mask)
+        kvm_ext::clear_dirty_log(&self.fd, RAM_SLOT, 0, self.ram.pages() as u32, mask)
             .map_err(VmError::ClearDirtyLog)
     }
 }

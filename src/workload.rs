@@ -207,6 +207,7 @@ impl Phase {
                     duration_ns: t.duration.map_or(0, ns),
                     hot_pages: t.hot_pages(),
                     hot_permille: t.hot.map_or(0, |h| u64::from(h.share_permille)),
+                    ..Default::default()
                 }
             }
             Phase::Idle { duration } => PhaseEntry {
@@ -757,6 +758,7 @@ mod tests {
                 duration_ns: 1_500_000_000,
                 hot_pages: 512,
                 hot_permille: 750,
+                ..Default::default()
             }
         );
         assert_eq!(

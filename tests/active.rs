@@ -12,7 +12,7 @@ use memvisor::usage::Row;
 fn inside<'a>(rows: &'a [Row], prefix: &str) -> Vec<&'a Row> {
     let v: Vec<&Row> = rows
         .iter()
-        .filter(|r| r.phase.starts_with(prefix) && !r.final_row)
+        .filter(|r| r.phase.starts_with(prefix) && r.end.is_none())
         .collect();
     if v.len() < 3 {
         return Vec::new();
@@ -30,7 +30,7 @@ fn write_working_set_estimate_covers_the_truth() {
     // interval of the timed phase rewrites already-backed pages.
     let mut cfg = common::config("alloc 64M; touch 64M write; touch 64M write 4s", 256 << 20);
     cfg.interval = Duration::from_millis(100);
-    cfg.samples = Some(1000);
+    cfg.samples = 1000;
     let (_, rows) = common::run_cfg(cfg).unwrap();
     let rows = inside(&rows, "touch 64M write 4s");
     assert!(
@@ -87,12 +87,15 @@ fn sampler_survives_a_guest_that_exits_mid_interval() {
     if !common::kvm("sampler_survives_a_guest_that_exits_mid_interval") {
         return;
     }
-    let mut cfg = common::config("alloc 32M; touch 32M write 300ms", 64 << 20);
+    let mut cfg = common::config(
+        "alloc 32M; touch 32M write; touch 32M write 300ms",
+        64 << 20,
+    );
     cfg.interval = Duration::from_secs(10);
     let (s, rows) = common::run_cfg(cfg).unwrap();
     assert!(s.elapsed_s < 10.0);
     let last = rows.last().unwrap();
-    assert!(last.final_row);
+    assert_eq!(last.end, Some(memvisor::usage::EndReason::Done));
     let a = last
         .active
         .as_ref()
@@ -110,7 +113,7 @@ fn sampling_can_be_turned_off() {
         return;
     }
     let mut cfg = common::config("alloc 8M; touch 8M write", 32 << 20);
-    cfg.samples = None;
+    cfg.no_sampling = true;
     let (_, rows) = common::run_cfg(cfg).unwrap();
     assert!(rows.iter().all(|r| r.active.is_none()));
 }

@@ -4,7 +4,7 @@ mod common;
 
 use std::process::Output;
 
-use common::{assert_clean_failure, memvisor_output, temp_file, tiny_elf};
+use common::{assert_clean_failure, assert_timed_out, memvisor_output, temp_file, tiny_elf};
 
 /// Runs `memvisor run` with the guest image `bytes` (written to a temporary file) and more args.
 fn run_image(name: &str, bytes: &[u8], args: &[&str]) -> Output {
@@ -92,7 +92,7 @@ fn guest_stuck_in_a_loop_times_out() {
     }
     let jmp_self = [0xeb, 0xfe];
     let out = run_image("loop.elf", &tiny_elf(&jmp_self), &["--timeout", "1s"]);
-    assert_clean_failure(&out, "did not finish within 1s");
+    assert_timed_out(&out, "did not finish within 1s");
 }
 
 #[test]
@@ -160,7 +160,7 @@ fn a_sleeping_guest_still_times_out() {
         return;
     }
     let out = memvisor_output(&["run", "--workload", "idle 30s", "--timeout", "1s"]);
-    assert_clean_failure(&out, "did not finish within 1s (last phase: idle 30s)");
+    assert_timed_out(&out, "did not finish within 1s (last phase: idle 30s)");
 }
 
 #[test]
@@ -194,7 +194,7 @@ fn json_and_table_output() {
         .collect();
     assert!(rows.len() >= 5, "{} rows", rows.len());
     let last = rows.last().unwrap();
-    assert_eq!(last["final"], true);
+    assert_eq!(last["end"], "done");
     assert_eq!(last["configured_mib"], 64.0);
     assert_eq!(last["guest"]["allocated_pages"], 8 * 256);
     assert!(last["host"]["backed_pages"].as_u64().unwrap() >= 16 * 256);

@@ -1,9 +1,9 @@
 /* memvisor guest app (ring 3): runs the workload's phases over the heap and keeps exact ground
- * truth of what it touched, per phase and per reporting window. See docs/abi.md. */
+ * truth of what it touched, per phase and per reporting interval. See docs/abi.md. */
 #include "../abi.h"
 
 #define U64_MAX (~0ULL)
-/* Accesses between TSC deadline checks (the window id is checked before every access). */
+/* Accesses between TSC deadline checks (the interval id is checked before every access). */
 #define DEADLINE_CHECK_EVERY 64
 
 struct counts {
@@ -21,7 +21,7 @@ static u64 heap_pages;  /* pages the app holds, from APP_HEAP_VA up */
 static u64 touch_pages; /* pages of the running touch phase, else 0 */
 static u64 tsc_khz, rng, cur_phase;
 static struct counts ph, win;
-static u64 win_id, win_tsc;
+static u64 cur_interval, win_tsc;
 
 /* gcc may emit calls to these. */
 __attribute__((used)) void *memset(void *d, int c, unsigned long n)
@@ -85,7 +85,7 @@ static inline u64 range(u64 r, u64 n)
     return (u64)(((unsigned __int128)r * n) >> 64);
 }
 
-static void send(u32 kind, u64 window, const struct counts *c, u64 a0, u64 a1)
+static void send(u32 kind, u64 interval, const struct counts *c, u64 a0, u64 a1)
 {
     struct msg *m = &msgbuf;
     u64 *w = (u64 *)m;
@@ -94,7 +94,7 @@ static void send(u32 kind, u64 window, const struct counts *c, u64 a0, u64 a1)
     m->magic = ABI_MSG_MAGIC;
     m->kind = kind;
     m->phase = cur_phase;
-    m->window = window;
+    m->interval = interval;
     if (c) {
         m->touched = c->touched;
         m->written = c->written;
@@ -117,36 +117,36 @@ static void clear_bits(u64 *b, u64 pages)
 /* The VMM's clock (TIME hypercall): ns since the VM started. */
 static u64 vmm_time(void)
 {
-    send(MSG_TIME, win_id, 0, 0, 0);
+    send(MSG_TIME, cur_interval, 0, 0, 0);
     return msgbuf.reply;
 }
 
-/* The VMM moved to a new window: report the one that ended and start counting afresh. */
-static __attribute__((noinline)) void window_end(void)
+/* The VMM moved to a new interval: report the one that ended and start counting afresh. */
+static __attribute__((noinline)) void interval_end(void)
 {
     u64 now = rdtsc();
-    send(MSG_WINDOW, win_id, &win, now - win_tsc, 0);
+    send(MSG_INTERVAL, cur_interval, &win, now - win_tsc, 0);
     if (win.touched) {
         clear_bits(bm_win_t, win.hi);
         clear_bits(bm_win_w, win.hi);
     }
     win.touched = win.written = win.iterations = 0;
     win.hi = touch_pages;
-    win_id = bi->window;
+    cur_interval = bi->interval;
     win_tsc = now;
 }
 
-static inline void check_window(void)
+static inline void check_interval(void)
 {
-    if (bi->window != win_id)
-        window_end();
+    if (bi->interval != cur_interval)
+        interval_end();
 }
 
-/* One page access. The window is checked first, so the access counts in the window the VMM was in
+/* One page access. The interval is checked first, so the access counts in the interval the VMM was in
  * just before it (the gap is a few instructions, not the access, which may take a host fault). */
 static inline __attribute__((always_inline)) void access(u64 p, int write)
 {
-    check_window();
+    check_interval();
     volatile u64 *a = (volatile u64 *)(APP_HEAP_VA + (p << 12));
     u64 wi = p >> 6, b = 1ULL << (p & 63);
     if (write) {
@@ -238,7 +238,7 @@ static void phase_idle(u64 duration)
 {
     u64 deadline = rdtsc() + ns_to_ticks(duration);
     for (;;) {
-        check_window();
+        check_interval();
         u64 now = rdtsc();
         if (now >= deadline)
             break;
@@ -292,7 +292,7 @@ void app_main(u64 *bitmaps, u64 words)
     rng = bi->seed * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL;
     if (!rng)
         rng = 1;
-    win_id = bi->window;
+    cur_interval = bi->interval;
     win_tsc = rdtsc();
     u64 nphases = bi->nphases < ABI_MAX_PHASES ? bi->nphases : ABI_MAX_PHASES;
 
@@ -307,16 +307,16 @@ void app_main(u64 *bitmaps, u64 words)
             clear_bits(bm_phase_w, ph.hi);
         }
         ph.touched = ph.written = ph.iterations = ph.hi = 0;
-        check_window();
-        send(MSG_PHASE_START, win_id, 0, vmm_time(), 0);
+        check_interval();
+        send(MSG_PHASE_START, cur_interval, 0, vmm_time(), 0);
         u64 t0 = rdtsc();
         u64 status = run_phase(kind, flags, pages, duration, hot, permille);
         u64 ticks = rdtsc() - t0;
-        check_window();
-        send(MSG_PHASE_END, win_id, &ph, ticks, status);
+        check_interval();
+        send(MSG_PHASE_END, cur_interval, &ph, ticks, status);
         if (status == PHASE_OOM)
             break;
     }
-    send(MSG_WINDOW, win_id, &win, rdtsc() - win_tsc, 1);
+    send(MSG_INTERVAL, cur_interval, &win, rdtsc() - win_tsc, 1);
     sys(SYS_EXIT, 0);
 }

@@ -96,8 +96,8 @@ static void ksend(u32 kind, u64 a0, u64 a1, u64 a2)
 /* Called by the exception stubs: report and stop. */
 __attribute__((noreturn, used)) void kfault(u64 vec, u64 err, u64 rip, u64 cr2, u64 cs)
 {
-    kmsg.reserved[0] = cr2;
-    kmsg.reserved[1] = cs;
+    kmsg.cr2 = cr2;
+    kmsg.cs = cs;
     ksend(MSG_FAULT, vec, err, rip);
     halt();
 }
@@ -343,6 +343,8 @@ __attribute__((noreturn, used)) void kmain(void)
 
     /* The reserved area after the kernel image, bump allocated. Sizes depend only on RAM. */
     u64 mem = bi->mem_bytes;
+    if (mem > ABI_MAX_MEM_BYTES)
+        boot_fail(BOOT_ERR_TOO_LARGE, mem);
     u64 mem_pages = mem >> 12;
     u64 regions = (mem_pages + 511) >> 9;            /* 2 MiB heap regions: one PT each */
     u64 heap_pds = (regions + 511) >> 9;             /* one PD per GiB of heap */

@@ -5,13 +5,13 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use memvisor::boot;
+use memvisor::config::{RunConfig, RunOptions};
 use memvisor::usage::Row;
-use memvisor::vmm::{self, RunConfig, RunError, RunSummary};
-use memvisor::workload::Workload;
+use memvisor::vmm::{self, RunError, RunSummary};
 
 /// True when /dev/kvm can be used. Without it, says the test is skipped (and why); CI sets
-/// MEMVISOR_REQUIRE_KVM=1 on machines with KVM so that a broken /dev/kvm fails instead.
+/// MEMVISOR_REQUIRE_KVM=1 on machines with KVM so that a broken /dev/kvm fails instead. The one
+/// helper every KVM test uses.
 pub fn kvm(test: &str) -> bool {
     let ok = std::fs::OpenOptions::new()
         .read(true)
@@ -28,23 +28,48 @@ pub fn kvm(test: &str) -> bool {
     ok
 }
 
-/// A run config for `spec` on `mem` bytes with the built-in guest, a short interval and a timeout.
-pub fn config(spec: &str, mem: u64) -> RunConfig {
-    let w = Workload::parse(spec, mem).unwrap_or_else(|e| panic!("spec {spec:?}: {e}"));
-    let mut cfg = RunConfig::new(w, boot::DEFAULT_GUEST.to_vec());
-    cfg.mem_bytes = mem;
-    cfg.interval = Duration::from_millis(200);
-    cfg.timeout = Some(Duration::from_secs(60));
-    cfg.seed = Some(7);
+/// True when this process runs as root (tests that need root skip otherwise, and say so).
+pub fn root(test: &str) -> bool {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    let root = unsafe { libc::geteuid() } == 0;
+    if !root {
+        eprintln!("SKIPPED {test}: needs root");
+    }
+    root
+}
+
+/// Run options for `spec` on `mem` bytes with the built-in guest, a short interval and a timeout.
+pub fn config(spec: &str, mem: u64) -> RunOptions {
+    RunOptions {
+        workload: spec.into(),
+        mem,
+        interval: Duration::from_millis(200),
+        timeout: Some(Duration::from_secs(60)),
+        seed: Some(7),
+        ..RunOptions::default()
+    }
+}
+
+/// Validates options (the console goes nowhere), panicking on a bad one.
+pub fn validated(opts: RunOptions) -> RunConfig {
+    let mut cfg = RunConfig::new(opts).unwrap_or_else(|e| panic!("options: {e}"));
     cfg.console = Box::new(std::io::sink());
     cfg
 }
 
-/// Runs a config to the end, collecting rows.
-pub fn run_cfg(cfg: RunConfig) -> Result<(RunSummary, Vec<Row>), RunError> {
+/// Runs a validated config to the end, collecting rows.
+pub fn run_validated(cfg: RunConfig) -> Result<(RunSummary, Vec<Row>), RunError> {
     let mut rows = Vec::new();
-    let s = vmm::run(cfg, &mut |r: &Row| rows.push(r.clone()))?;
+    let s = vmm::run(cfg, &mut |r: &Row| {
+        rows.push(r.clone());
+        Ok(())
+    })?;
     Ok((s, rows))
+}
+
+/// Runs options to the end, collecting rows.
+pub fn run_cfg(opts: RunOptions) -> Result<(RunSummary, Vec<Row>), RunError> {
+    run_validated(validated(opts))
 }
 
 /// Runs `spec` and panics with the error if the run fails.
@@ -60,6 +85,24 @@ pub fn memvisor() -> Command {
 /// Runs the binary with arguments.
 pub fn memvisor_output(args: &[&str]) -> Output {
     memvisor().args(args).output().expect("spawn memvisor")
+}
+
+/// Asserts a run that a timeout stopped: exit code 124, the message, no panic, and a last row
+/// marked `(end: timeout)` on stdout.
+pub fn assert_timed_out(out: &Output, needle: &str) {
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(124), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "memvisor panicked: {stderr}");
+    assert!(stderr.contains(needle), "stderr lacks {needle:?}: {stderr}");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        stdout
+            .lines()
+            .last()
+            .unwrap_or("")
+            .ends_with("(end: timeout)"),
+        "no final row: {stdout}"
+    );
 }
 
 /// Asserts a failed run: non-zero exit, a message on stderr containing `needle`, no panic.

@@ -1,0 +1,301 @@
+//! What a run is asked to do ([`RunOptions`], the command line's `run` options, with every
+//! default in one place: its clap attributes), and the same validated once into typed values
+//! ([`RunConfig`]) before anything is built. Every rejection names the option and the bad value.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use thiserror::Error;
+
+use crate::abi::{self, PAGE_SIZE};
+use crate::boot::{self, BootError};
+use crate::memory::{GuestRam, MemoryError};
+use crate::sampler::{Sampler, SamplerError};
+use crate::stats::{DEFAULT_FAST_ALPHA, DEFAULT_SLOW_ALPHA, Smoother, StatsError};
+use crate::units::{fmt_mib, parse_duration, parse_size};
+use crate::workload::{DEFAULT_SPEC, Workload, WorkloadError};
+
+/// Shortest reporting interval.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest reporting interval.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// The options of `memvisor run` that shape the VM and its measurement.
+#[derive(Args, Clone, Debug)]
+pub struct RunOptions {
+    /// Guest RAM, e.g. 256M, 1G, 64G (untouched pages cost the host nothing).
+    #[arg(long, default_value = "256M", value_parser = size_arg)]
+    pub mem: u64,
+    /// The workload the guest app runs, e.g. "alloc 64M; touch 32M write 2s; idle 1s".
+    #[arg(long, default_value = DEFAULT_SPEC)]
+    pub workload: String,
+    /// A guest ELF image instead of the built-in test guest.
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    /// Stop a guest that has not finished after this long, e.g. 30s (exit code 124).
+    #[arg(long, value_parser = duration_arg)]
+    pub timeout: Option<Duration>,
+    /// Reporting and sampling interval.
+    #[arg(long, default_value = "1s", value_parser = duration_arg)]
+    pub interval: Duration,
+    /// Pages sampled per interval for the active-memory estimate.
+    #[arg(long, default_value_t = 1000)]
+    pub samples: u64,
+    /// Turn active-memory sampling off.
+    #[arg(long)]
+    pub no_sampling: bool,
+    /// Seed for sample selection and the guest's access patterns (reproducible runs).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Weight of the newest interval in the fast moving average (0 < a <= 1).
+    #[arg(long, default_value_t = DEFAULT_FAST_ALPHA)]
+    pub ewma_fast: f64,
+    /// Weight of the newest interval in the slow moving average (0 < a <= 1).
+    #[arg(long, default_value_t = DEFAULT_SLOW_ALPHA)]
+    pub ewma_slow: f64,
+    /// Allow transparent huge pages for guest RAM (off by default).
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Write the PMP-MMP map to this file at the end (also when the run is stopped).
+    #[arg(long)]
+    pub map_out: Option<PathBuf>,
+    /// Also write the map every N intervals (needs --map-out).
+    #[arg(long, requires = "map_out")]
+    pub map_every: Option<u64>,
+    /// Where the guest console goes: a file, or "-" for stderr (default).
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+}
+
+#[derive(Parser)]
+struct DefaultsOnly {
+    #[command(flatten)]
+    options: RunOptions,
+}
+
+impl Default for RunOptions {
+    /// The command line's defaults, from the same clap attributes.
+    fn default() -> Self {
+        DefaultsOnly::parse_from(["memvisor"]).options
+    }
+}
+
+/// Why the options cannot make a run.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--mem")]
+    Mem(#[source] MemoryError),
+    #[error(
+        "--mem {}: the built-in guest boots with at most {} (its kernel's page tables and truth bitmaps must fit below 1 GiB)",
+        fmt_mib(*.0),
+        fmt_mib(abi::MAX_MEM_BYTES)
+    )]
+    MemForBuiltInGuest(u64),
+    #[error("--workload")]
+    Workload(#[source] WorkloadError),
+    #[error("--guest")]
+    Guest(#[source] BootError),
+    #[error("--interval {0:?} is too short; the minimum is {MIN_INTERVAL:?}")]
+    IntervalTooShort(Duration),
+    #[error("--interval {0:?} is too long; the maximum is {MAX_INTERVAL:?}")]
+    IntervalTooLong(Duration),
+    #[error("--timeout must be more than 0")]
+    ZeroTimeout,
+    #[error("--samples {0}")]
+    Samples(u64, #[source] SamplerError),
+    #[error("--ewma-fast/--ewma-slow")]
+    Ewma(#[source] StatsError),
+    #[error("--map-every must be at least 1")]
+    ZeroMapEvery,
+    #[error("--console {path}")]
+    Console {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// Sample sizes cycled interval by interval (`None`: no sampling in that interval). Usually one
+/// entry; a benchmark gives several to compare costs inside one run.
+pub type SampleCycle = Vec<Option<u64>>;
+
+/// A validated run: typed values only, built once.
+pub struct RunConfig {
+    pub mem_bytes: u64,
+    pub hugepages: bool,
+    pub workload: Workload,
+    /// The guest ELF image.
+    pub image: Vec<u8>,
+    pub timeout: Option<Duration>,
+    pub interval: Duration,
+    /// The samplers cycled interval by interval (`None`: no sampling in that interval).
+    pub samplers: Vec<Option<Sampler>>,
+    /// The moving averages, empty.
+    pub smoother: Smoother,
+    /// The guest's own seed (access patterns); from `--seed` or random.
+    pub guest_seed: u64,
+    /// Write the PMP-MMP map here at the end (and every `map_every` intervals).
+    pub map_out: Option<PathBuf>,
+    pub map_every: Option<u64>,
+    /// Where the guest's console goes.
+    pub console: Box<dyn Write + Send>,
+}
+
+impl RunConfig {
+    /// Validates `opts` into a run, reading the guest image and opening the console file.
+    pub fn new(opts: RunOptions) -> Result<Self, ConfigError> {
+        GuestRam::validate_size(opts.mem).map_err(ConfigError::Mem)?;
+        let image = match &opts.guest {
+            Some(p) => read_guest(p)?,
+            None if opts.mem > abi::MAX_MEM_BYTES => {
+                return Err(ConfigError::MemForBuiltInGuest(opts.mem));
+            }
+            None => boot::DEFAULT_GUEST.to_vec(),
+        };
+        let workload = Workload::parse(&opts.workload, opts.mem).map_err(ConfigError::Workload)?;
+        if opts.interval < MIN_INTERVAL {
+            return Err(ConfigError::IntervalTooShort(opts.interval));
+        }
+        if opts.interval > MAX_INTERVAL {
+            return Err(ConfigError::IntervalTooLong(opts.interval));
+        }
+        if opts.timeout == Some(Duration::ZERO) {
+            return Err(ConfigError::ZeroTimeout);
+        }
+        if opts.map_every == Some(0) {
+            return Err(ConfigError::ZeroMapEvery);
+        }
+        let cycle = vec![(!opts.no_sampling).then_some(opts.samples)];
+        let samplers = samplers(&cycle, opts.mem, opts.seed)?;
+        let smoother = Smoother::new(opts.ewma_fast, opts.ewma_slow).map_err(ConfigError::Ewma)?;
+        let console: Box<dyn Write + Send> = match &opts.console {
+            Some(p) if p.as_os_str() != "-" => Box::new(std::fs::File::create(p).map_err(
+                |source| ConfigError::Console {
+                    path: p.clone(),
+                    source,
+                },
+            )?),
+            _ => Box::new(std::io::stderr()),
+        };
+        Ok(RunConfig {
+            mem_bytes: opts.mem,
+            hugepages: opts.hugepages,
+            workload,
+            image,
+            timeout: opts.timeout,
+            interval: opts.interval,
+            samplers,
+            smoother,
+            guest_seed: opts.seed.unwrap_or_else(rand::random),
+            map_out: opts.map_out,
+            map_every: opts.map_every,
+            console,
+        })
+    }
+
+    /// For benchmarks and tests: cycle these sample sizes interval by interval instead.
+    pub fn with_sample_cycle(mut self, cycle: &[Option<u64>]) -> Result<Self, ConfigError> {
+        self.samplers = samplers(cycle, self.mem_bytes, Some(self.guest_seed))?;
+        Ok(self)
+    }
+}
+
+fn read_guest(path: &Path) -> Result<Vec<u8>, ConfigError> {
+    boot::read_image(path).map_err(ConfigError::Guest)
+}
+
+fn samplers(
+    cycle: &[Option<u64>],
+    mem_bytes: u64,
+    seed: Option<u64>,
+) -> Result<Vec<Option<Sampler>>, ConfigError> {
+    let pages = mem_bytes / PAGE_SIZE;
+    let cycle = if cycle.is_empty() { &[None][..] } else { cycle };
+    cycle
+        .iter()
+        .map(|n| {
+            n.map(|n| Sampler::new(n, pages, seed).map_err(|e| ConfigError::Samples(n, e)))
+                .transpose()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(args: &[&str]) -> RunOptions {
+        DefaultsOnly::try_parse_from(std::iter::once("memvisor").chain(args.iter().copied()))
+            .unwrap()
+            .options
+    }
+
+    fn err(args: &[&str]) -> String {
+        let e = RunConfig::new(opts(args))
+            .err()
+            .expect("should be rejected");
+        let mut text = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            text.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        text
+    }
+
+    #[test]
+    fn defaults_come_from_one_place_and_are_valid() {
+        let d = RunOptions::default();
+        assert_eq!(d.mem, 256 << 20);
+        assert_eq!(d.interval, Duration::from_secs(1));
+        assert_eq!(d.samples, 1000);
+        assert_eq!(d.workload, DEFAULT_SPEC);
+        let cfg = RunConfig::new(d).unwrap();
+        assert_eq!(cfg.samplers.len(), 1);
+        assert_eq!(cfg.samplers[0].as_ref().unwrap().samples(), 1000);
+    }
+
+    #[test]
+    fn bad_values_name_their_option() {
+        assert!(err(&["--interval", "1ms"]).contains("too short"));
+        assert!(err(&["--interval", "2h"]).contains("too long"));
+        assert!(err(&["--timeout", "0s"]).contains("--timeout"));
+        assert!(err(&["--samples", "0"]).starts_with("--samples 0"));
+        let e = err(&["--mem", "4M", "--workload", "idle 1ms", "--samples", "5000"]);
+        assert!(e.contains("only 1024 pages"), "{e}");
+        assert!(err(&["--ewma-fast", "2"]).starts_with("--ewma"));
+        assert!(err(&["--workload", "touch 1M wrte"]).contains("wrte"));
+        let e = err(&["--map-out", "x", "--map-every", "0"]);
+        assert!(e.contains("--map-every"), "{e}");
+    }
+
+    #[test]
+    fn ram_the_built_in_guest_cannot_boot_is_refused_up_front() {
+        let too_big = format!("{}", abi::MAX_MEM_BYTES + PAGE_SIZE);
+        let e = err(&["--mem", &too_big, "--workload", "idle 1ms"]);
+        assert!(e.contains("at most 458752.0 MiB"), "{e}");
+        let e = err(&["--mem", "2T"]);
+        assert!(e.contains("above the maximum"), "{e}");
+    }
+
+    #[test]
+    fn no_sampling_and_sample_cycles() {
+        let cfg = RunConfig::new(opts(&["--no-sampling"])).unwrap();
+        assert!(cfg.samplers[0].is_none());
+        let cfg = cfg.with_sample_cycle(&[None, Some(10), Some(100)]).unwrap();
+        assert_eq!(cfg.samplers.len(), 3);
+        assert_eq!(cfg.samplers[2].as_ref().unwrap().samples(), 100);
+        let cfg = RunConfig::new(opts(&["--mem", "4M", "--workload", "idle 1ms"])).unwrap();
+        assert!(cfg.with_sample_cycle(&[Some(1 << 20)]).is_err());
+    }
+}
