@@ -1,0 +1,229 @@
+//! How a run ends when it does not end by itself: timeouts, signals, a closed pipe, an output that
+//! cannot be written. Each must lose no result: a last row marked with why, the map written, and
+//! the exit code a shell expects.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::{memvisor, memvisor_output};
+
+/// Waits for `child` at most `limit`, killing it (and failing) past that.
+fn wait_bounded(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
+    let t0 = Instant::now();
+    loop {
+        if let Some(status) = child.try_wait().expect("wait") {
+            return status;
+        }
+        if t0.elapsed() > limit {
+            let _ = child.kill();
+            panic!("memvisor did not stop within {limit:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn temp_dir(name: &str) -> std::path::PathBuf {
+    let d = std::env::temp_dir().join(format!("memvisor-stops-{}-{name}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    d
+}
+
+/// Starts a long run, waits for its second row, sends `signal`, and checks what it left.
+fn stop_with_signal(signal: libc::c_int, code: i32, word: &str) {
+    let dir = temp_dir(word);
+    let map = dir.join("run.map");
+    let mut child = memvisor()
+        .args([
+            "run",
+            "--mem",
+            "64M",
+            "--workload",
+            "alloc 8M; touch 8M write 60s",
+            "--interval",
+            "200ms",
+            "--map-out",
+            map.to_str().unwrap(),
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memvisor");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // Two header lines, then two rows: the guest is running its 60 s phase.
+    for _ in 0..4 {
+        lines.next().expect("a line").expect("utf-8");
+    }
+    // SAFETY: kill only sends a signal to the child we spawned (its pid is live: not reaped yet).
+    assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = wait_bounded(&mut child, Duration::from_secs(20));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(code), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(
+        stderr.contains(&format!("stopped by {}", word.to_uppercase())),
+        "{stderr}"
+    );
+    let last = rest.last().expect("a final row after the signal");
+    assert!(last.ends_with(&format!("(end: {word})")), "{last}");
+    assert!(last.contains("touch 8M write 60s"), "{last}");
+    // The map was written, and it holds the pages the guest wrote.
+    let out = memvisor_output(&["map", map.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "{out:?}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(summary["backed"].as_u64().unwrap() >= 8 * 256, "{summary}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn sigint_ends_the_run_with_a_last_row_and_the_map() {
+    if !common::kvm("sigint_ends_the_run_with_a_last_row_and_the_map") {
+        return;
+    }
+    stop_with_signal(libc::SIGINT, 130, "sigint");
+}
+
+#[test]
+fn sigterm_ends_the_run_with_a_last_row_and_the_map() {
+    if !common::kvm("sigterm_ends_the_run_with_a_last_row_and_the_map") {
+        return;
+    }
+    stop_with_signal(libc::SIGTERM, 143, "sigterm");
+}
+
+#[test]
+fn a_timeout_keeps_the_partial_interval_and_writes_the_map() {
+    if !common::kvm("a_timeout_keeps_the_partial_interval_and_writes_the_map") {
+        return;
+    }
+    let dir = temp_dir("timeout");
+    let map = dir.join("t.map");
+    let out = memvisor_output(&[
+        "run",
+        "--mem",
+        "64M",
+        "--workload",
+        "alloc 4M; touch 4M write 60s",
+        "--timeout",
+        "1s",
+        "--json",
+        "--map-out",
+        map.to_str().unwrap(),
+    ]);
+    assert_eq!(out.status.code(), Some(124), "{out:?}");
+    let rows: Vec<serde_json::Value> = String::from_utf8(out.stdout)
+        .unwrap()
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last = rows.last().expect("rows");
+    assert_eq!(last["end"], "timeout");
+    assert!(last["host"]["backed_pages"].as_u64().unwrap() >= 4 * 256);
+    assert!(map.exists(), "the map is written on a timeout");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn a_timeout_too_large_to_represent_never_fires_and_never_panics() {
+    if !common::kvm("a_timeout_too_large_to_represent_never_fires_and_never_panics") {
+        return;
+    }
+    let out = memvisor_output(&[
+        "run",
+        "--mem",
+        "64M",
+        "--workload",
+        "alloc 1M; touch 1M write",
+        "--timeout",
+        "18446744073709551615s",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn a_closed_pipe_ends_the_run_quietly() {
+    if !common::kvm("a_closed_pipe_ends_the_run_quietly") {
+        return;
+    }
+    let mut child = memvisor()
+        .args([
+            "run",
+            "--mem",
+            "64M",
+            "--workload",
+            "alloc 4M; touch 4M write 60s",
+            "--interval",
+            "100ms",
+        ])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memvisor");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    lines.next().unwrap().unwrap();
+    drop(lines); // like `| head -1`
+    let status = wait_bounded(&mut child, Duration::from_secs(20));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_eq!(status.code(), Some(141), "stderr: {stderr}");
+    assert!(!stderr.contains("memvisor: error"), "quiet: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+}
+
+#[test]
+fn an_unwritable_stdout_is_an_error_not_a_panic() {
+    if !common::root("an_unwritable_stdout_is_an_error_not_a_panic") {
+        return;
+    }
+    // Our own /dev/full (char 1:7) in a temp dir: every write fails with ENOSPC.
+    let dir = temp_dir("full");
+    let full = dir.join("full");
+    let c = std::ffi::CString::new(full.to_str().unwrap()).unwrap();
+    // SAFETY: mknod with a valid NUL-terminated path in our own temp dir.
+    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 7)) };
+    assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
+    let sink = std::fs::OpenOptions::new().write(true).open(&full).unwrap();
+    // `map` of a missing file fails before printing; a run fails at the header.
+    let out = Command::new(env!("CARGO_BIN_EXE_memvisor"))
+        .args(["run", "--mem", "64M", "--workload", "idle 10ms"])
+        .stdout(sink)
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("No space left on device"), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[test]
+fn ram_the_built_in_guest_cannot_boot_is_refused_before_boot() {
+    let out = memvisor_output(&["run", "--mem", "500G"]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("at most 458752.0 MiB"), "{stderr}");
+    assert!(out.stdout.is_empty(), "nothing ran");
+}
+
+#[test]
+fn the_largest_ram_the_built_in_guest_accepts_boots() {
+    if !common::kvm("the_largest_ram_the_built_in_guest_accepts_boots") {
+        return;
+    }
+    let out = memvisor_output(&[
+        "run",
+        "--mem",
+        "448G",
+        "--workload",
+        "alloc 4M; touch 4M write",
+        "--no-sampling",
+    ]);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{stderr}");
+}
