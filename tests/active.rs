@@ -115,5 +115,9 @@ fn sampling_can_be_turned_off() {
     let mut cfg = common::config("alloc 8M; touch 8M write", 32 << 20);
     cfg.no_sampling = true;
     let (_, rows) = common::run_cfg(cfg).unwrap();
+    assert!(!rows.is_empty(), "a run has at least its last row");
     assert!(rows.iter().all(|r| r.active.is_none()));
+    // The host side is still measured without sampling.
+    let last = rows.last().unwrap();
+    assert!(last.host.as_ref().unwrap().backed_pages >= 8 * 256);
 }
