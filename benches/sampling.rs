@@ -45,7 +45,7 @@ fn accuracy() {
     let mem = GIB;
     let n = 1000u64;
     let interval = Duration::from_millis(250);
-    let windows = 34u64;
+    let intervals = 34u64;
     println!("## Accuracy: 1 GiB guest, n = {n}, interval {interval:?}, sequential writes over W");
     println!();
     println!(
@@ -54,7 +54,7 @@ fn accuracy() {
     println!("|---|---|---|---|---|---|---|---|---|");
     for pct in [5u64, 25, 50, 90] {
         let ws = (mem * pct / 100) / (2 << 20) * (2 << 20);
-        let dur = interval * windows as u32;
+        let dur = interval * intervals as u32;
         let spec = format!(
             "alloc {}K; touch {}K write {}ms",
             ws / 1024,

@@ -33,7 +33,7 @@ pub struct GuestView {
     pub free_mib: f64,
 }
 
-/// Ground truth for one window, as the guest reported it.
+/// Ground truth for one interval, as the guest reported it.
 #[derive(Clone, Debug, Default, Serialize, PartialEq)]
 pub struct Truth {
     pub touched_pages: u64,

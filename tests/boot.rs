@@ -98,7 +98,7 @@ fn random_hot_cold_workload_runs() {
     assert_eq!(read.iterations, 2048);
     assert_eq!(read.written_pages, 0);
     assert!(read.touched_pages > 1000 && read.touched_pages < 2048);
-    // Window truths add up: each window reports at most the touched range.
+    // Interval truths add up: each interval reports at most the touched range.
     for r in &rows {
         if let Some(t) = &r.truth {
             assert!(t.touched_pages <= 8192, "{r:?}");
