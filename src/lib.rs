@@ -6,6 +6,7 @@
 pub mod abi;
 pub mod bitmap;
 pub mod boot;
+pub mod clock;
 pub mod config;
 pub mod devices;
 pub mod exits;

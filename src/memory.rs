@@ -38,6 +38,8 @@ pub enum MemoryError {
     Region,
     #[error("madvise on guest memory failed: {0}")]
     Madvise(std::io::Error),
+    #[error("counting resident guest pages (mincore)")]
+    Mincore(#[source] crate::pagemap::PagemapError),
     #[error("VMM access to guest memory at {addr:#x} failed: {source}")]
     Access {
         addr: u64,
@@ -140,6 +142,14 @@ impl GuestRam {
         self.mem
             .read_obj(GuestAddress(addr))
             .map_err(|source| MemoryError::Access { addr, source })
+    }
+
+    /// Guest pages the host kernel calls resident: backed ones and zero-page mappings (mincore).
+    pub fn resident_pages(&self) -> Result<u64, MemoryError> {
+        let mut vec = vec![0u8; self.pages() as usize];
+        crate::pagemap::mincore(self.host_addr, self.size as usize, &mut vec)
+            .map_err(MemoryError::Mincore)?;
+        Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64)
     }
 
     /// Pages the VMM wrote since the last call, as bitmap words (bit i = guest page i); resets.

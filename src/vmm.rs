@@ -4,9 +4,6 @@
 //! guest says), `interval` (what an interval measures), `stop` (signals).
 
 use std::io;
-use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -14,6 +11,7 @@ use thiserror::Error;
 
 use crate::abi::{self, PAGE_SIZE};
 use crate::boot::{self, BootError};
+use crate::clock::{Clock, Kicker, POLL};
 use crate::config::RunConfig;
 use crate::exits::{Action, ExitError, ExitHandler};
 use crate::interval::{IntervalError, IntervalWork};
@@ -22,11 +20,8 @@ use crate::pmp_mmp::{MapError, MapSummary};
 use crate::protocol::{BootReport, GuestError, PhaseRecord, Protocol, Reply};
 use crate::stop;
 use crate::usage::{self, EndReason, GuestView, Row};
-use crate::vcpu::{self, Vcpu, VcpuError};
+use crate::vcpu::{Vcpu, VcpuError};
 use crate::vm::{Vm, VmError};
-
-/// Longest the VMM sleeps without looking at the clock and the stop flag.
-const POLL: Duration = Duration::from_millis(20);
 
 /// Why a run failed or stopped early. Every variant but the VMM's own failures (memory, VM,
 /// vCPU, interval, map file) comes after a last row and the map were written.
@@ -181,43 +176,6 @@ enum Ended {
     /// A guest failure the CPU saw, a timeout, a signal or the output going away.
     Early(RunError),
 }
-
-/// The interval grid and the deadline, shared with the kicker thread.
-#[derive(Clone)]
-struct Clock {
-    start: Instant,
-    interval: Duration,
-    timeout: Option<Duration>,
-    /// `None` also when the timeout is too far away to represent: it then never fires.
-    deadline: Option<Instant>,
-}
-
-impl Clock {
-    fn new(interval: Duration, timeout: Option<Duration>) -> Self {
-        let start = Instant::now();
-        Clock {
-            start,
-            interval,
-            timeout,
-            deadline: timeout.and_then(|t| start.checked_add(t)),
-        }
-    }
-
-    /// The end of interval `n` (0-based).
-    fn tick(&self, n: u64) -> Instant {
-        let k = u32::try_from(n.saturating_add(1)).unwrap_or(u32::MAX);
-        self.start
-            .checked_add(self.interval.saturating_mul(k))
-            .unwrap_or(self.start + MAX_AHEAD)
-    }
-
-    fn past_deadline(&self) -> bool {
-        self.deadline.is_some_and(|d| Instant::now() >= d)
-    }
-}
-
-/// Far enough ahead to be never for a run (about 31 years).
-const MAX_AHEAD: Duration = Duration::from_secs(1 << 30);
 
 /// Per-run state behind the loop.
 struct Vmm<'vm, 'o> {
@@ -392,7 +350,7 @@ impl Vmm<'_, '_> {
             map.backed_in(first..first.saturating_add(b.pool_pages))
         });
         Ok(RunSummary {
-            mincore_resident: mincore_resident(ram)?,
+            mincore_resident: ram.resident_pages().map_err(RunError::Memory)?,
             pool_backed,
             setup_ms: setup.as_secs_f64() * 1e3,
             elapsed_s: self.clock.start.elapsed().as_secs_f64(),
@@ -405,68 +363,5 @@ impl Vmm<'_, '_> {
             guest: self.protocol.guest().clone(),
             rows: self.rows,
         })
-    }
-}
-
-/// Guest pages the kernel reports resident (mincore counts zero-page mappings too).
-fn mincore_resident(ram: &GuestRam) -> Result<u64, RunError> {
-    let mut vec = vec![0u8; ram.pages() as usize];
-    crate::pagemap::mincore(ram.host_addr(), ram.size() as usize, &mut vec).map_err(|source| {
-        RunError::MapFile {
-            path: "(final mincore count)".into(),
-            source: MapError::Lookup {
-                step: "final mincore count",
-                source,
-            },
-        }
-    })?;
-    Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64)
-}
-
-/// A thread that kicks the vCPU thread out of `KVM_RUN` at every interval tick, at the deadline
-/// and when a stop signal arrives.
-struct Kicker {
-    done: Arc<AtomicBool>,
-    thread: JoinHandle<()>,
-}
-
-impl Kicker {
-    fn spawn(clock: Clock) -> Self {
-        // SAFETY: pthread_self has no preconditions.
-        let target = unsafe { libc::pthread_self() };
-        let done = Arc::new(AtomicBool::new(false));
-        let stop_flag = done.clone();
-        let thread = std::thread::spawn(move || {
-            let mut n = 0u64;
-            let (mut deadline_kicked, mut signal_kicked) = (false, false);
-            while !stop_flag.load(Ordering::Relaxed) {
-                let tick = clock.tick(n);
-                let now = Instant::now();
-                let mut kick = false;
-                if now >= tick {
-                    n = n.saturating_add(1);
-                    kick = true;
-                }
-                if !deadline_kicked && clock.past_deadline() {
-                    deadline_kicked = true;
-                    kick = true;
-                }
-                if !signal_kicked && stop::requested().is_some() {
-                    signal_kicked = true;
-                    kick = true;
-                }
-                if kick {
-                    vcpu::kick(target);
-                } else {
-                    std::thread::sleep((tick - now).min(POLL));
-                }
-            }
-        });
-        Kicker { done, thread }
-    }
-
-    fn stop(self) {
-        self.done.store(true, Ordering::Relaxed);
-        let _ = self.thread.join();
     }
 }
