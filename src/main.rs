@@ -13,7 +13,7 @@ use clap::{Args, Parser, Subcommand};
 use memvisor::boot;
 use memvisor::memory::GuestRam;
 use memvisor::output;
-use memvisor::pmp_mmp::MapFile;
+use memvisor::pmp_mmp::{self, MapFile};
 use memvisor::units::{parse_duration, parse_size};
 use memvisor::vmm::{self, RunConfig};
 use memvisor::workload::{DEFAULT_SPEC, Workload};
@@ -101,6 +101,9 @@ struct RunArgs {
 }
 
 fn run(args: RunArgs) -> Result<(), String> {
+    if let Some(p) = &args.map_out {
+        pmp_mmp::check_target(p).map_err(|e| format!("--map-out: {e}"))?;
+    }
     GuestRam::validate_size(args.mem).map_err(|e| format!("--mem: {e}"))?;
     let workload = Workload::parse(&args.workload, args.mem).map_err(|e| e.to_string())?;
     let image = match &args.guest {
@@ -151,8 +154,9 @@ fn run(args: RunArgs) -> Result<(), String> {
 }
 
 fn map(file: PathBuf, json: bool) -> Result<(), String> {
-    let m = MapFile::read_file(&file).map_err(|e| format!("{}: {e}", file.display()))?;
-    let s = m.summary();
+    let s = MapFile::open(&file)
+        .and_then(MapFile::summary)
+        .map_err(|e| format!("{}: {e}", file.display()))?;
     if json {
         println!("{}", serde_json::to_string(&s).map_err(|e| e.to_string())?);
     } else {

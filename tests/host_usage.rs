@@ -95,8 +95,7 @@ fn map_file_round_trips_and_bad_files_are_rejected() {
     cfg.map_out = Some(path.clone());
     cfg.map_every = Some(1);
     let (s, _) = common::run_cfg(cfg).unwrap();
-    let file = MapFile::read_file(&path).unwrap();
-    let fs = file.summary();
+    let fs = MapFile::open(&path).unwrap().summary().unwrap();
     assert_eq!(fs.pages, s.map.pages);
     assert_eq!(fs.backed, s.map.backed);
     assert_eq!(fs.zero, s.map.zero);
