@@ -32,6 +32,7 @@ fn written_pages_are_backed_and_match_mincore() {
     let host = rows.last().unwrap().host.as_ref().unwrap();
     assert_eq!(host.backed_pages, backed);
     assert!(host.overhead_mib > 0.0);
+    assert!(host.pfn_visible, "tests run as root and see PFNs");
     assert!(
         s.map.vmm_written > 0,
         "the VMM's own writes are tracked apart"

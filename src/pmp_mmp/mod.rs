@@ -693,25 +693,25 @@ mod tests {
     }
 
     /// Guest RAM stand-in: an anonymous mapping of `pages` guest pages.
-    struct Ram {
+    pub(super) struct Ram {
         mem: AnonMapping,
         pages: u64,
     }
 
     impl Ram {
-        fn new(pages: u64) -> Ram {
+        pub(super) fn new(pages: u64) -> Ram {
             let mem = AnonMapping::new((pages * PAGE_SIZE) as usize)
                 .unwrap_or_else(|e| panic!("mmap of {pages} pages: {e}"));
             Ram { mem, pages }
         }
-        fn host(&self) -> usize {
+        pub(super) fn host(&self) -> usize {
             self.mem.addr()
         }
-        fn write(&self, gfn: u64, val: u8) {
+        pub(super) fn write(&self, gfn: u64, val: u8) {
             assert!(gfn < self.pages);
             self.mem.write_volatile((gfn * PAGE_SIZE) as usize, val);
         }
-        fn read(&self, gfn: u64) -> u8 {
+        pub(super) fn read(&self, gfn: u64) -> u8 {
             assert!(gfn < self.pages);
             self.mem.read_volatile((gfn * PAGE_SIZE) as usize)
         }
@@ -723,7 +723,7 @@ mod tests {
         }
     }
 
-    fn dirty_of(pages: u64, gfns: &[u64]) -> Vec<u64> {
+    pub(super) fn dirty_of(pages: u64, gfns: &[u64]) -> Vec<u64> {
         let mut b = Bitmap::new(pages);
         for &g in gfns {
             b.set(g);
