@@ -251,7 +251,8 @@ impl Pagemap {
                 if !HIDDEN_WARNED.swap(true, Ordering::Relaxed) {
                     log::warn!(
                         "pagemap: PFNs read as zero (no CAP_SYS_ADMIN?): pages are told only \
-                         present or swapped; zero-page and sharing detection are off"
+                         present or swapped; the map counts never-written pages as zero pages \
+                         and cannot see sharing"
                     );
                 }
             }

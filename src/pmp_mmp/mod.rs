@@ -26,15 +26,11 @@
 //! [`PmpMmpMap::note_cleared`]), plus every VMM-written page. Pages read but never written leave no
 //! trace in the dirty log, so a residency pass over guest RAM (every
 //! [`MapOptions::residency_every`]-th harvest) finds pages that became resident or stopped being
-//! resident since the last pass. Two ways to do the pass, measured here (`benches/harvest.rs`):
-//! `mincore` costs about 0.5 ns per guest page (9 ms for 64 GiB) whatever is resident; the
-//! `PAGEMAP_SCAN` ioctl (Linux 6.7+) walks only populated page tables and returns runs of present
-//! pages, about 11 ns per *resident* page and next to nothing for the rest (1.4 ms for 64 GiB with
-//! 256 MiB resident). [`ResidencyMethod::Auto`] picks the scan while fewer than 1/20 of the pages
-//! were resident at the last look, else `mincore`. Only pages newly written, newly resident or
-//! newly gone get a `/proc/self/pagemap` lookup. [`PmpMmpMap::refresh`] re-reads the pagemap of
-//! every touched page (finds KSM sharing, swap-out, compaction moves) and counts PFN duplicates
-//! for `Shared`.
+//! resident since the last pass, by `mincore` or `PAGEMAP_SCAN` (see the `residency` module for
+//! their costs; [`ResidencyMethod::Auto`] picks one per pass). Only pages newly written, newly
+//! resident or newly gone get a `/proc/self/pagemap` lookup. [`PmpMmpMap::refresh`] re-reads the
+//! pagemap of every touched page (finds KSM sharing, swap-out, compaction moves) and counts PFN
+//! duplicates for `Shared`.
 //!
 //! Limits, by design: "touched" means seen written or seen resident, so the neighbours that a
 //! transparent huge page backs along with a written page count as touched (and backed) too; a
@@ -79,13 +75,13 @@ use serde::Serialize;
 use thiserror::Error;
 
 pub use file::{MapFile, MapFileError, MapHeader, check_target};
-pub use record::{NO_WRITE, PAGES_PER_CHUNK, PageInfo, PageState};
+pub use record::{PageInfo, PageState};
 pub use residency::{AUTO_SCAN_DIVISOR, ResidencyMethod};
 
 use crate::abi::PAGE_SIZE;
 use crate::bitmap::{Bitmap, WORD_BITS, words_for};
 use crate::pagemap::{PageEntry, PageRegion, Pagemap, PagemapError, READ_CHUNK_ENTRIES, Residency};
-use record::{Record, Records, ST_BACKED, ST_DISCARDED, ST_SHARED, ST_SWAPPED, ST_ZERO};
+use record::{NO_WRITE, Record, Records, ST_BACKED, ST_DISCARDED, ST_SHARED, ST_SWAPPED, ST_ZERO};
 
 /// Pages of gap a pagemap read reads through rather than starting a new `pread`.
 const LOOKUP_GAP_PAGES: u64 = 64;

@@ -10,7 +10,7 @@ use std::ops::Range;
 use serde::Serialize;
 
 /// Guest pages per record chunk (2 MiB).
-pub const PAGES_PER_CHUNK: u64 = 512;
+const PAGES_PER_CHUNK: u64 = 512;
 /// `last_write` of a page with no observed write (also reserved as an interval number).
 pub const NO_WRITE: u32 = u32::MAX;
 /// Largest PFN a record holds (55 bits, as in the pagemap).
