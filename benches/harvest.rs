@@ -14,10 +14,11 @@ use std::time::Instant;
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use kvm_ioctls::Kvm;
+use memvisor::abi::PAGE_SIZE;
 use memvisor::bitmap::Bitmap;
 use memvisor::kvm_ext;
 use memvisor::pagemap::AnonMapping;
-use memvisor::pmp_mmp::{HarvestStats, MapOptions, PAGE_SIZE, PmpMmpMap, ResidencyMethod};
+use memvisor::pmp_mmp::{HarvestStats, MapOptions, PmpMmpMap, ResidencyMethod};
 
 const GIB: u64 = 1 << 30;
 const TOUCHED: u64 = 256 << 20;

@@ -1,59 +1,12 @@
-//! Dense page bitmaps (one bit per guest page, packed in `u64` words the way KVM's dirty log is)
-//! and the range arithmetic behind `KVM_CLEAR_DIRTY_LOG`.
+//! Dense page bitmaps: one bit per guest page, packed in `u64` words the way KVM's dirty log is.
 //!
 //! Bit `i` of a bitmap lives in word `i / 64` at bit position `i % 64`, which is the layout
 //! `KVM_GET_DIRTY_LOG` returns and `KVM_CLEAR_DIRTY_LOG` takes on x86-64 (little endian).
-//!
-//! # `KVM_CLEAR_DIRTY_LOG` windows
-//!
-//! KVM accepts a clear request `(first_page, num_pages, bitmap)` on a slot of `N` pages only when
-//! `first_page` is a multiple of 64, `first_page + num_pages <= N`, and `num_pages` is a multiple
-//! of 64 unless the window reaches exactly the end of the slot. Bit `i` of the bitmap refers to
-//! page `first_page + i`; only pages whose bit is set are cleared and write-protected again. A
-//! [`ClearWindow`] is such a legal window; since `first_page` is a multiple of 64, the bitmap to
-//! pass for a window over a slot-wide mask is the word slice [`ClearWindow::words`] of that mask.
 
 use std::ops::Range;
 
-use thiserror::Error;
-
 /// Bits per bitmap word.
 pub const WORD_BITS: u64 = 64;
-
-/// Largest `num_pages` a window built here carries: a multiple of 64 that fits `u32` (KVM's field).
-pub const MAX_WINDOW_PAGES: u32 = u32::MAX - 63;
-
-/// Errors of the clear-window arithmetic.
-#[derive(Debug, Error, PartialEq, Eq)]
-pub enum BitmapError {
-    /// `first_page` of a clear window is not a multiple of 64.
-    #[error("clear window: first_page {first_page} is not a multiple of 64")]
-    UnalignedFirstPage { first_page: u64 },
-    /// The window starts or ends past the slot.
-    #[error("clear window: pages {first_page}..{end} run past the slot's {slot_pages} pages")]
-    PastSlotEnd {
-        first_page: u64,
-        end: u64,
-        slot_pages: u64,
-    },
-    /// `num_pages` is not a multiple of 64 and the window does not end at the slot's end.
-    #[error(
-        "clear window: num_pages {num_pages} at first_page {first_page} is not a multiple of 64 \
-         and does not reach the slot end ({slot_pages} pages)"
-    )]
-    UnalignedNumPages {
-        first_page: u64,
-        num_pages: u32,
-        slot_pages: u64,
-    },
-    /// The bitmap handed with a window has fewer words than the window needs.
-    #[error("clear window: bitmap has {have} words, {num_pages} pages need {need}")]
-    BitmapTooShort {
-        num_pages: u32,
-        have: usize,
-        need: usize,
-    },
-}
 
 /// The words that the bits of `range` lie in, ascending, each with the mask of its bits inside
 /// `range`; nothing when `range` is empty.
@@ -250,6 +203,48 @@ impl Bitmap {
             pending: None,
         }
     }
+
+    /// Set bits within `range`, ascending.
+    pub fn ones_in(&self, range: Range<u64>) -> impl Iterator<Item = u64> + '_ {
+        word_masks(range.start..range.end.min(self.bits)).flat_map(move |(w, mask)| {
+            let mut bits = self.words[w] & mask;
+            std::iter::from_fn(move || {
+                if bits == 0 {
+                    return None;
+                }
+                let i = bits.trailing_zeros();
+                bits &= bits - 1;
+                Some(w as u64 * WORD_BITS + u64::from(i))
+            })
+        })
+    }
+
+    /// Ranges covering every set bit, ascending and disjoint: runs separated by at most `gap`
+    /// clear bits share a range, and no range is longer than `max` bits (`max` >= 1).
+    pub fn gap_ranges(&self, gap: u64, max: u64) -> Vec<Range<u64>> {
+        let max = max.max(1);
+        let mut out: Vec<Range<u64>> = Vec::new();
+        for run in self.runs() {
+            let mut start = run.start;
+            while start < run.end {
+                match out.last_mut() {
+                    Some(last)
+                        if start - last.end <= gap && run.end.min(last.start + max) > start =>
+                    {
+                        let end = run.end.min(last.start + max);
+                        last.end = end;
+                        start = end;
+                    }
+                    _ => {
+                        let end = run.end.min(start + max);
+                        out.push(start..end);
+                        start = end;
+                    }
+                }
+            }
+        }
+        out
+    }
 }
 
 /// Iterator over set bits; see [`Bitmap::iter_ones`].
@@ -300,131 +295,6 @@ impl Iterator for Runs<'_> {
             }
         }
     }
-}
-
-/// One legal `KVM_CLEAR_DIRTY_LOG` window.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub struct ClearWindow {
-    /// First page, a multiple of 64.
-    pub first_page: u64,
-    /// Pages covered: a multiple of 64, or reaching exactly the slot end.
-    pub num_pages: u32,
-}
-
-impl ClearWindow {
-    /// Pages covered.
-    pub fn pages(&self) -> Range<u64> {
-        self.first_page..self.first_page + u64::from(self.num_pages)
-    }
-
-    /// The words of a slot-wide mask that form this window's bitmap.
-    pub fn words(&self) -> Range<usize> {
-        let first = (self.first_page / WORD_BITS) as usize;
-        first..first + words_for(u64::from(self.num_pages))
-    }
-}
-
-/// Checks `(first_page, num_pages)` against KVM's rules for a slot of `slot_pages` pages (when
-/// known) and that `bitmap_words` words cover the window.
-pub fn validate_clear_window(
-    slot_pages: Option<u64>,
-    first_page: u64,
-    num_pages: u32,
-    bitmap_words: usize,
-) -> Result<(), BitmapError> {
-    if !first_page.is_multiple_of(WORD_BITS) {
-        return Err(BitmapError::UnalignedFirstPage { first_page });
-    }
-    let need = words_for(u64::from(num_pages));
-    if bitmap_words < need {
-        return Err(BitmapError::BitmapTooShort {
-            num_pages,
-            have: bitmap_words,
-            need,
-        });
-    }
-    let end = first_page.saturating_add(u64::from(num_pages));
-    match slot_pages {
-        Some(slot_pages) if end > slot_pages => Err(BitmapError::PastSlotEnd {
-            first_page,
-            end,
-            slot_pages,
-        }),
-        Some(slot_pages) if u64::from(num_pages) % WORD_BITS != 0 && end != slot_pages => {
-            Err(BitmapError::UnalignedNumPages {
-                first_page,
-                num_pages,
-                slot_pages,
-            })
-        }
-        _ => Ok(()),
-    }
-}
-
-/// Legal windows covering every page of `pages` (clipped to the slot) on a slot of `slot_pages`
-/// pages. Windows are widened to 64-page boundaries (or the slot end), so they may cover pages
-/// outside `pages`: only the pages whose bit is set in the bitmap handed to KVM are cleared.
-/// Consecutive windows never overlap; each carries at most [`MAX_WINDOW_PAGES`] pages.
-pub fn clear_windows_for_range(pages: Range<u64>, slot_pages: u64) -> Vec<ClearWindow> {
-    let end = pages.end.min(slot_pages);
-    if pages.start >= end {
-        return Vec::new();
-    }
-    let mut first = pages.start / WORD_BITS * WORD_BITS;
-    let aligned_end = end.div_ceil(WORD_BITS).saturating_mul(WORD_BITS);
-    let mut out = Vec::new();
-    while first < end {
-        let window_end = aligned_end
-            .min(first + u64::from(MAX_WINDOW_PAGES))
-            .min(slot_pages);
-        // window_end - first <= MAX_WINDOW_PAGES, so it fits u32.
-        out.push(ClearWindow {
-            first_page: first,
-            num_pages: (window_end - first) as u32,
-        });
-        first = window_end;
-    }
-    out
-}
-
-/// Legal windows covering every set bit of the slot-wide `mask` (bit `i` = page `i`) on a slot of
-/// `slot_pages` pages; bits at or past `slot_pages` are ignored. Runs of non-zero words separated
-/// by at most `max_gap_words` zero words share one window (fewer ioctls, more bitmap copied).
-/// Pass `&mask[w.words()]` with each window.
-pub fn clear_windows_for_mask(
-    mask: &[u64],
-    slot_pages: u64,
-    max_gap_words: usize,
-) -> Vec<ClearWindow> {
-    let nwords = mask.len().min(words_for(slot_pages));
-    let mut out = Vec::new();
-    let mut run: Option<(usize, usize)> = None; // word range [start, end)
-    let flush = |start: usize, end: usize, out: &mut Vec<ClearWindow>| {
-        let pages = start as u64 * WORD_BITS..(end as u64 * WORD_BITS).min(slot_pages);
-        out.extend(clear_windows_for_range(pages, slot_pages));
-    };
-    for (w, &word) in mask[..nwords].iter().enumerate() {
-        let tail = if (w as u64 + 1) * WORD_BITS > slot_pages {
-            (1u64 << (slot_pages % WORD_BITS)) - 1
-        } else {
-            u64::MAX
-        };
-        if word & tail == 0 {
-            continue;
-        }
-        run = match run {
-            Some((s, e)) if w - e <= max_gap_words => Some((s, w + 1)),
-            Some((s, e)) => {
-                flush(s, e, &mut out);
-                Some((w, w + 1))
-            }
-            None => Some((w, w + 1)),
-        };
-    }
-    if let Some((s, e)) = run {
-        flush(s, e, &mut out);
-    }
-    out
 }
 
 #[cfg(test)]
@@ -511,132 +381,35 @@ mod tests {
         assert_eq!(b.iter_ones().collect::<Vec<_>>(), vec![0, 1, 2]);
     }
 
-    fn assert_legal(ws: &[ClearWindow], slot: u64) {
-        for w in ws {
-            validate_clear_window(
-                Some(slot),
-                w.first_page,
-                w.num_pages,
-                words_for(u64::from(w.num_pages)),
-            )
-            .unwrap_or_else(|e| panic!("{w:?} illegal on slot {slot}: {e}"));
-        }
-        for pair in ws.windows(2) {
-            assert!(pair[0].pages().end <= pair[1].first_page);
-        }
-    }
-
     #[test]
-    fn windows_for_range_alignment() {
-        // Aligned slot, interior range.
-        let ws = clear_windows_for_range(70..100, 1024);
-        assert_eq!(
-            ws,
-            vec![ClearWindow {
-                first_page: 64,
-                num_pages: 64
-            }]
-        );
-        // Slot not a multiple of 64: a range at the end gets a short window to the slot end.
-        let ws = clear_windows_for_range(990..1000, 1000);
-        assert_eq!(
-            ws,
-            vec![ClearWindow {
-                first_page: 960,
-                num_pages: 40
-            }]
-        );
-        assert_legal(&ws, 1000);
-        // Whole slot, odd size.
-        let ws = clear_windows_for_range(0..u64::MAX, 1000);
-        assert_eq!(
-            ws,
-            vec![ClearWindow {
-                first_page: 0,
-                num_pages: 1000
-            }]
-        );
-        // Range past the slot is clipped; wholly past it gives nothing.
-        assert!(clear_windows_for_range(1000..2000, 1000).is_empty());
-        assert!(clear_windows_for_range(5..5, 1000).is_empty());
-        assert!(clear_windows_for_range(0..10, 0).is_empty());
-        // Tiny slot.
-        let ws = clear_windows_for_range(0..1, 1);
-        assert_eq!(ws[0].num_pages, 1);
-        assert_legal(&ws, 1);
-        // Huge slot: split into u32-sized windows that stay aligned.
-        let slot = 3 * u64::from(u32::MAX);
-        let ws = clear_windows_for_range(0..slot, slot);
-        assert!(ws.len() >= 3);
-        assert_legal(&ws, slot);
-        assert_eq!(ws.last().unwrap().pages().end, slot);
-        assert_eq!(ws.iter().map(|w| u64::from(w.num_pages)).sum::<u64>(), slot);
-    }
-
-    #[test]
-    fn windows_for_mask() {
-        let slot = 1000u64;
-        let mut m = Bitmap::new(slot);
-        assert!(clear_windows_for_mask(m.words(), slot, 0).is_empty());
-        m.set(3);
-        m.set(65);
-        m.set(600);
-        m.set(999);
-        let ws = clear_windows_for_mask(m.words(), slot, 0);
-        assert_eq!(
-            ws.iter().map(|w| w.pages()).collect::<Vec<_>>(),
-            vec![0..128, 576..640, 960..1000]
-        );
-        assert_legal(&ws, slot);
-        // Every set bit is covered and the word slice holds it at the right offset.
-        for i in m.iter_ones() {
-            let w = ws.iter().find(|w| w.pages().contains(&i)).unwrap();
-            let words = &m.words()[w.words()];
-            let off = i - w.first_page;
-            assert!(words[(off / 64) as usize] & (1 << (off % 64)) != 0);
+    fn gap_ranges_and_ones_in() {
+        let mut b = Bitmap::new(1000);
+        for i in [1u64, 2, 50, 200, 201, 999] {
+            b.set(i);
         }
-        // A wide gap allowance merges everything into one window to the slot end.
-        let ws = clear_windows_for_mask(m.words(), slot, 100);
+        assert_eq!(b.gap_ranges(64, 1 << 20), vec![1..51, 200..202, 999..1000]);
+        assert_eq!(b.gap_ranges(1000, 100), vec![1..51, 200..202, 999..1000]);
+        assert_eq!(b.gap_ranges(1000, 1000), vec![1..1000]);
         assert_eq!(
-            ws.iter().map(|w| w.pages()).collect::<Vec<_>>(),
-            vec![0..1000]
+            b.gap_ranges(10, 1000),
+            vec![1..3, 50..51, 200..202, 999..1000]
         );
-        // Bits past the slot end are ignored.
-        let ws = clear_windows_for_mask(&[0, u64::MAX], 70, 0);
+        let mut long = Bitmap::new(300);
+        long.set_range(0..250);
+        assert_eq!(long.gap_ranges(64, 100), vec![0..100, 100..200, 200..250]);
         assert_eq!(
-            ws.iter().map(|w| w.pages()).collect::<Vec<_>>(),
-            vec![64..70]
+            long.gap_ranges(0, 0),
+            long.gap_ranges(0, 1),
+            "max 0 acts as 1"
         );
-        let ws = clear_windows_for_mask(&[0, 0xffff_0000], 70, 0);
-        assert!(ws.is_empty());
-        // A mask shorter than the slot is fine.
-        let ws = clear_windows_for_mask(&[1], 1 << 20, 0);
-        assert_eq!(
-            ws.iter().map(|w| w.pages()).collect::<Vec<_>>(),
-            vec![0..64]
-        );
-    }
-
-    #[test]
-    fn validate_rules() {
-        assert_eq!(
-            validate_clear_window(Some(1000), 3, 64, 1),
-            Err(BitmapError::UnalignedFirstPage { first_page: 3 })
-        );
-        assert!(matches!(
-            validate_clear_window(Some(1000), 0, 65, 1),
-            Err(BitmapError::BitmapTooShort { need: 2, .. })
-        ));
-        assert!(matches!(
-            validate_clear_window(Some(1000), 64, 10, 1),
-            Err(BitmapError::UnalignedNumPages { .. })
-        ));
-        assert!(matches!(
-            validate_clear_window(Some(1000), 960, 64, 1),
-            Err(BitmapError::PastSlotEnd { .. })
-        ));
-        assert_eq!(validate_clear_window(Some(1000), 960, 40, 1), Ok(()));
-        assert_eq!(validate_clear_window(None, 960, 40, 1), Ok(()));
-        assert_eq!(validate_clear_window(Some(1000), 0, 0, 0), Ok(()));
+        assert!(Bitmap::new(100).gap_ranges(5, 5).is_empty());
+        assert_eq!(b.ones_in(2..201).collect::<Vec<_>>(), vec![2, 50, 200]);
+        assert_eq!(b.ones_in(0..u64::MAX).count(), 6, "clipped to the bitmap");
+        let (hi, lo) = (500, 3);
+        assert_eq!(b.ones_in(hi..lo).count(), 0);
+        // Garbage past the end is ignored.
+        let mut g = Bitmap::new(3);
+        g.words_mut()[0] = u64::MAX;
+        assert_eq!(g.ones_in(0..64).collect::<Vec<_>>(), vec![0, 1, 2]);
     }
 }

@@ -12,6 +12,7 @@ use thiserror::Error;
 use crate::abi::{self, PAGE_SIZE};
 use crate::boot::{self, BootError};
 use crate::memory::{GuestRam, MemoryError};
+use crate::pmp_mmp::{self, MapFileError};
 use crate::sampler::{Sampler, SamplerError};
 use crate::stats::{DEFAULT_FAST_ALPHA, DEFAULT_SLOW_ALPHA, Smoother, StatsError};
 use crate::units::{fmt_mib, parse_duration, parse_size};
@@ -117,6 +118,8 @@ pub enum ConfigError {
     Ewma(#[source] StatsError),
     #[error("--map-every must be at least 1")]
     ZeroMapEvery,
+    #[error("--map-out")]
+    MapOut(#[source] MapFileError),
     #[error("--console {path}")]
     Console {
         path: PathBuf,
@@ -174,6 +177,9 @@ impl RunConfig {
         }
         if opts.map_every == Some(0) {
             return Err(ConfigError::ZeroMapEvery);
+        }
+        if let Some(p) = &opts.map_out {
+            pmp_mmp::check_target(p).map_err(ConfigError::MapOut)?;
         }
         let cycle = vec![(!opts.no_sampling).then_some(opts.samples)];
         let samplers = samplers(&cycle, opts.mem, opts.seed)?;

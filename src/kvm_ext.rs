@@ -13,7 +13,7 @@ use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_ref;
 use vmm_sys_util::ioctl_iowr_nr;
 
-use crate::bitmap::{self, BitmapError, ClearWindow};
+use crate::bitmap::{WORD_BITS, words_for};
 use crate::pagemap::AnonMapping;
 
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
@@ -21,12 +21,18 @@ ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
 /// Errors of the raw KVM ioctls.
 #[derive(Debug, Error)]
 pub enum KvmExtError {
-    /// The clear request broke KVM's window rules; nothing was sent to KVM.
-    #[error("KVM_CLEAR_DIRTY_LOG on slot {slot}: {source}")]
-    ClearDirtyLogInvalid {
+    /// `first_page` of a clear request is not a multiple of 64; nothing was sent to KVM.
+    #[error("KVM_CLEAR_DIRTY_LOG on slot {slot}: first_page {first_page} is not a multiple of 64")]
+    ClearUnalignedFirstPage { slot: u32, first_page: u64 },
+    /// The bitmap of a clear request is shorter than its window; nothing was sent to KVM.
+    #[error(
+        "KVM_CLEAR_DIRTY_LOG on slot {slot}: bitmap has {have} words, {num_pages} pages need {need}"
+    )]
+    ClearBitmapTooShort {
         slot: u32,
-        #[source]
-        source: BitmapError,
+        num_pages: u32,
+        have: usize,
+        need: usize,
     },
     /// KVM refused `KVM_CLEAR_DIRTY_LOG`.
     #[error(
@@ -63,9 +69,9 @@ pub enum KvmExtError {
 /// again, so their next guest write is logged.
 ///
 /// Checked before the ioctl: `first_page` is a multiple of 64 and `bitmap` has
-/// `ceil(num_pages / 64)` words. Without the slot size, a `num_pages` that is not a multiple of
-/// 64 is passed on (legal only when the window ends at the slot end); use
-/// [`clear_dirty_log_in_slot`] to check that too. `num_pages == 0` does nothing.
+/// `ceil(num_pages / 64)` words. KVM also wants `num_pages` to be a multiple of 64 unless the
+/// window ends exactly at the slot end, and the window inside the slot; it refuses (EINVAL)
+/// otherwise. `num_pages == 0` does nothing.
 pub fn clear_dirty_log(
     vm: &VmFd,
     slot: u32,
@@ -73,8 +79,18 @@ pub fn clear_dirty_log(
     num_pages: u32,
     bitmap: &[u64],
 ) -> Result<(), KvmExtError> {
-    bitmap::validate_clear_window(None, first_page, num_pages, bitmap.len())
-        .map_err(|source| KvmExtError::ClearDirtyLogInvalid { slot, source })?;
+    if !first_page.is_multiple_of(WORD_BITS) {
+        return Err(KvmExtError::ClearUnalignedFirstPage { slot, first_page });
+    }
+    let need = words_for(u64::from(num_pages));
+    if bitmap.len() < need {
+        return Err(KvmExtError::ClearBitmapTooShort {
+            slot,
+            num_pages,
+            have: bitmap.len(),
+            need,
+        });
+    }
     if num_pages == 0 {
         return Ok(());
     }
@@ -99,39 +115,6 @@ pub fn clear_dirty_log(
             source: errno::Error::last(),
         })
     }
-}
-
-/// [`clear_dirty_log`] with every KVM window rule checked against the slot's size `slot_pages`.
-pub fn clear_dirty_log_in_slot(
-    vm: &VmFd,
-    slot: u32,
-    slot_pages: u64,
-    first_page: u64,
-    num_pages: u32,
-    bitmap: &[u64],
-) -> Result<(), KvmExtError> {
-    bitmap::validate_clear_window(Some(slot_pages), first_page, num_pages, bitmap.len())
-        .map_err(|source| KvmExtError::ClearDirtyLogInvalid { slot, source })?;
-    clear_dirty_log(vm, slot, first_page, num_pages, bitmap)
-}
-
-/// Clears the dirty bits of every page set in the slot-wide `mask` (bit `i` = page `i`) with as
-/// few legal windows as [`bitmap::clear_windows_for_mask`] makes for `max_gap_words`. Returns the
-/// windows sent.
-pub fn clear_dirty_log_mask(
-    vm: &VmFd,
-    slot: u32,
-    slot_pages: u64,
-    mask: &[u64],
-    max_gap_words: usize,
-) -> Result<Vec<ClearWindow>, KvmExtError> {
-    let windows = bitmap::clear_windows_for_mask(mask, slot_pages, max_gap_words);
-    for w in &windows {
-        // Windows lie within mask's words; a short slice would be refused by the validation.
-        let bits = mask.get(w.words()).unwrap_or(&[]);
-        clear_dirty_log_in_slot(vm, slot, slot_pages, w.first_page, w.num_pages, bits)?;
-    }
-    Ok(windows)
 }
 
 /// Enables `KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2` with `KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE` only
@@ -310,35 +293,19 @@ mod tests {
         clear_dirty_log(&vm, 0, 0, 64, &ones).unwrap();
         clear_dirty_log(&vm, 0, 128, 512, &ones).unwrap();
         clear_dirty_log(&vm, 0, 960, 40, &ones).unwrap();
-        clear_dirty_log_in_slot(&vm, 0, 1000, 0, 1000, &ones).unwrap();
+        clear_dirty_log(&vm, 0, 0, 1000, &ones).unwrap();
         clear_dirty_log(&vm, 0, 0, 0, &[]).unwrap();
 
         // Bad, caught before the ioctl.
         assert!(matches!(
             clear_dirty_log(&vm, 0, 3, 64, &ones),
-            Err(KvmExtError::ClearDirtyLogInvalid {
-                source: BitmapError::UnalignedFirstPage { .. },
-                ..
-            })
+            Err(KvmExtError::ClearUnalignedFirstPage { first_page: 3, .. })
         ));
         assert!(matches!(
             clear_dirty_log(&vm, 0, 0, 640, &ones[..2]),
-            Err(KvmExtError::ClearDirtyLogInvalid {
-                source: BitmapError::BitmapTooShort { .. },
-                ..
-            })
-        ));
-        assert!(matches!(
-            clear_dirty_log_in_slot(&vm, 0, 1000, 64, 10, &ones),
-            Err(KvmExtError::ClearDirtyLogInvalid {
-                source: BitmapError::UnalignedNumPages { .. },
-                ..
-            })
-        ));
-        assert!(matches!(
-            clear_dirty_log_in_slot(&vm, 0, 1000, 960, 64, &ones),
-            Err(KvmExtError::ClearDirtyLogInvalid {
-                source: BitmapError::PastSlotEnd { .. },
+            Err(KvmExtError::ClearBitmapTooShort {
+                need: 10,
+                have: 2,
                 ..
             })
         ));
@@ -353,13 +320,11 @@ mod tests {
             clear_dirty_log(&vm, 7, 0, 64, &ones),
             Err(KvmExtError::ClearDirtyLog { .. })
         ));
-        // Mask helper: windows for scattered bits, all accepted by KVM.
-        let mut mask = crate::bitmap::Bitmap::new(1000);
-        for p in [1, 300, 999] {
-            mask.set(p);
-        }
-        let ws = clear_dirty_log_mask(&vm, 0, 1000, mask.words(), 0).unwrap();
-        assert_eq!(ws.len(), 3);
+        // Past the slot end: KVM's refusal.
+        assert!(matches!(
+            clear_dirty_log(&vm, 0, 960, 64, &ones),
+            Err(KvmExtError::ClearDirtyLog { .. })
+        ));
         drop(vm);
     }
 

@@ -136,11 +136,12 @@ fn write_failure(e: io::Error) -> Failure {
 }
 
 fn map(file: PathBuf, json: bool) -> Result<(), Failure> {
-    let m = MapFile::read_file(&file).map_err(|e| Failure {
-        code: 1,
-        message: Some(format!("{}: {}", file.display(), chain(&e))),
-    })?;
-    let s = m.summary();
+    let s = MapFile::open(&file)
+        .and_then(MapFile::summary)
+        .map_err(|e| Failure {
+            code: 1,
+            message: Some(format!("{}: {}", file.display(), chain(&e))),
+        })?;
     let text = if json {
         serde_json::to_string(&s).map_err(|e| Failure::new(1, &e))?
     } else {

@@ -33,9 +33,7 @@ pub const MINCORE_CHUNK_PAGES: usize = 1 << 20;
 
 const PM_PRESENT: u64 = 1 << 63;
 const PM_SWAPPED: u64 = 1 << 62;
-const PM_FILE_OR_SHARED: u64 = 1 << 61;
 const PM_EXCLUSIVE: u64 = 1 << 56;
-const PM_SOFT_DIRTY: u64 = 1 << 55;
 const PM_PFN_MASK: u64 = (1 << 55) - 1;
 /// 4 KiB pages in a 2 MiB huge page.
 const HUGE_PAGES: u64 = 512;
@@ -162,17 +160,9 @@ impl PageEntry {
     pub fn swapped(self) -> bool {
         self.0 & PM_SWAPPED != 0
     }
-    /// Bit 61: file page or shared anonymous.
-    pub fn file_or_shared(self) -> bool {
-        self.0 & PM_FILE_OR_SHARED != 0
-    }
     /// Bit 56: mapped by this process only.
     pub fn exclusive(self) -> bool {
         self.0 & PM_EXCLUSIVE != 0
-    }
-    /// Bit 55: soft-dirty.
-    pub fn soft_dirty(self) -> bool {
-        self.0 & PM_SOFT_DIRTY != 0
     }
     /// The PFN, when present and visible (non-zero).
     pub fn pfn(self) -> Option<u64> {
@@ -261,7 +251,8 @@ impl Pagemap {
                 if !HIDDEN_WARNED.swap(true, Ordering::Relaxed) {
                     log::warn!(
                         "pagemap: PFNs read as zero (no CAP_SYS_ADMIN?): pages are told only \
-                         present or swapped; zero-page and sharing detection are off"
+                         present or swapped; the map counts never-written pages as zero pages \
+                         and cannot see sharing"
                     );
                 }
             }
@@ -303,16 +294,6 @@ impl Pagemap {
     /// Whether PFNs are visible (false: every present page reads as PFN zero).
     pub fn pfn_visible(&self) -> bool {
         self.pfn_visible
-    }
-
-    /// The shared zero page's PFN, when PFNs are visible.
-    pub fn zero_pfn(&self) -> Option<u64> {
-        self.zero_pfn
-    }
-
-    /// The huge zero page's first PFN, when THP gives one and PFNs are visible.
-    pub fn huge_zero_pfn(&self) -> Option<u64> {
-        self.huge_zero_pfn
     }
 
     /// Whether the `PAGEMAP_SCAN` ioctl works here (Linux 6.7+).
@@ -654,13 +635,12 @@ mod tests {
     #[test]
     fn entry_bits_decode() {
         let e = PageEntry(PM_PRESENT | PM_EXCLUSIVE | 0x1234);
-        assert!(e.present() && e.exclusive() && !e.swapped() && !e.soft_dirty());
+        assert!(e.present() && e.exclusive() && !e.swapped());
         assert_eq!(e.pfn(), Some(0x1234));
         let s = PageEntry(PM_SWAPPED | 0x55);
         assert!(s.swapped() && !s.present());
         assert_eq!(s.pfn(), None, "a swap entry's offset is not a PFN");
         assert_eq!(PageEntry(PM_PRESENT).pfn(), None, "hidden PFN");
-        assert!(PageEntry(PM_FILE_OR_SHARED | PM_SOFT_DIRTY).file_or_shared());
     }
 
     #[test]
@@ -678,7 +658,7 @@ mod tests {
         pm.read(r.addr(), 16, &mut e).unwrap();
         let e: Vec<PageEntry> = e.into_iter().map(PageEntry).collect();
         if pm.pfn_visible() {
-            let zero = pm.zero_pfn().unwrap();
+            let zero = pm.zero_pfn.unwrap();
             let mut pfns = Vec::new();
             for x in &e[0..4] {
                 assert!(x.present() && x.exclusive(), "{x:?}");
@@ -788,7 +768,7 @@ mod tests {
     fn hidden_pfns_degrade() {
         let pm = Pagemap::open_without_pfns().unwrap();
         assert!(!pm.pfn_visible());
-        assert_eq!(pm.zero_pfn(), None);
+        assert_eq!(pm.zero_pfn, None);
         let r = AnonMapping::new(2 * page_size()).expect("mmap");
         write_page(&r, 0);
         read_page(&r, 1);

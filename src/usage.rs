@@ -64,6 +64,9 @@ pub struct HostUsage {
     pub configured_mib: f64,
     pub backed_pages: u64,
     pub zero_pages: u64,
+    /// Whether PFNs were visible. Without them (no `CAP_SYS_ADMIN`) zero and backed pages are
+    /// told apart by whether they were ever written, and sharing is not seen.
+    pub pfn_visible: bool,
 }
 
 impl HostUsage {
@@ -84,6 +87,7 @@ impl HostUsage {
             configured_mib: mib(configured),
             backed_pages: map.backed + map.shared,
             zero_pages: map.zero,
+            pfn_visible: map.pfn_visible,
         }
     }
 }

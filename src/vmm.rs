@@ -16,7 +16,7 @@ use crate::config::RunConfig;
 use crate::exits::{Action, ExitError, ExitHandler};
 use crate::interval::{IntervalError, IntervalWork};
 use crate::memory::{GuestRam, MemoryError};
-use crate::pmp_mmp::{MapError, MapSummary};
+use crate::pmp_mmp::{MapFileError, MapSummary};
 use crate::protocol::{BootReport, GuestError, PhaseRecord, Protocol, Reply};
 use crate::stop;
 use crate::usage::{self, EndReason, GuestView, Row};
@@ -37,12 +37,8 @@ pub enum RunError {
     Vcpu(#[from] VcpuError),
     #[error("at an interval boundary")]
     Interval(#[from] IntervalError),
-    #[error("writing the map file {path}")]
-    MapFile {
-        path: String,
-        #[source]
-        source: MapError,
-    },
+    #[error(transparent)]
+    MapFile(#[from] MapFileError),
     #[error("{error}{}", rip.map(|r| format!(" at RIP {r:#x}")).unwrap_or_default())]
     Exit { error: ExitError, rip: Option<u64> },
     #[error(transparent)]
@@ -330,13 +326,7 @@ impl Vmm<'_, '_> {
 
     fn write_map(&self) -> Result<(), RunError> {
         if let Some(path) = &self.map_out {
-            self.work
-                .map()
-                .write_file(path)
-                .map_err(|source| RunError::MapFile {
-                    path: path.display().to_string(),
-                    source,
-                })?;
+            self.work.map().write_file(path)?;
         }
         Ok(())
     }

@@ -26,15 +26,11 @@
 //! [`PmpMmpMap::note_cleared`]), plus every VMM-written page. Pages read but never written leave no
 //! trace in the dirty log, so a residency pass over guest RAM (every
 //! [`MapOptions::residency_every`]-th harvest) finds pages that became resident or stopped being
-//! resident since the last pass. Two ways to do the pass, measured here (`benches/harvest.rs`):
-//! `mincore` costs about 0.5 ns per guest page (9 ms for 64 GiB) whatever is resident; the
-//! `PAGEMAP_SCAN` ioctl (Linux 6.7+) walks only populated page tables and returns runs of present
-//! pages, about 11 ns per *resident* page and next to nothing for the rest (1.4 ms for 64 GiB with
-//! 256 MiB resident). [`ResidencyMethod::Auto`] picks the scan while fewer than 1/20 of the pages
-//! were resident at the last look, else `mincore`. Only pages newly written, newly resident or
-//! newly gone get a `/proc/self/pagemap` lookup. [`PmpMmpMap::refresh`] re-reads the pagemap of
-//! every touched page (finds KSM sharing, swap-out, compaction moves) and counts PFN duplicates
-//! for `Shared`.
+//! resident since the last pass, by `mincore` or `PAGEMAP_SCAN` (see the `residency` module for
+//! their costs; [`ResidencyMethod::Auto`] picks one per pass). Only pages newly written, newly
+//! resident or newly gone get a `/proc/self/pagemap` lookup. [`PmpMmpMap::refresh`] re-reads the
+//! pagemap of every touched page (finds KSM sharing, swap-out, compaction moves) and counts PFN
+//! duplicates for `Shared`.
 //!
 //! Limits, by design: "touched" means seen written or seen resident, so the neighbours that a
 //! transparent huge page backs along with a written page count as touched (and backed) too; a
@@ -42,99 +38,53 @@
 //! khugepaged) is seen only by `refresh`; a harvest that re-reads a `Shared` page keeps it
 //! `Shared` while its PFN is unchanged, but sharing that ends is noticed only by `refresh`.
 //!
+//! # When PFNs are hidden
+//!
+//! Without `CAP_SYS_ADMIN` the pagemap reads every PFN as zero (Linux 4.2+), so a present page
+//! cannot be told apart as the shared zero page or a machine page of its own by its frame. The
+//! map then classifies present pages by what is still visible, their writes: guest RAM is private
+//! anonymous memory, which gets a machine page of its own only when written (a read maps the
+//! shared zero page), and every write reaches the map, the guest's through KVM's dirty log
+//! (enabled from the slot's creation) and the VMM's through its own bitmap. So a present page
+//! that neither ever wrote is counted `Zero`, a written one `Backed(0)`. Caveat: with transparent
+//! huge pages (`--hugepages`) a read may be given a huge page of its own, and a write backs the
+//! whole 2 MiB around it, so never-written pages can be backed; such pages are counted `Zero`
+//! here, and host usage is under-reported by them. Sharing (`Shared`) cannot be seen at all.
+//! [`MapSummary::pfn_visible`] says which way a map was made.
+//!
+//! # Layout
+//!
+//! This module is the map itself (bitmap pass, pagemap lookups, refresh, summary); `record`
+//! holds the per-page records, `residency` the residency pass, `file` the map file format.
+//!
 //! Storage is three dense 1-bit-per-page sets plus three more for bookkeeping (known dirty bits,
 //! last residency, a scratch set of pages to look up): 6 bits per guest page, 12 MiB for a 64 GiB
 //! guest. Per-page records (PFN and state, first-touch and last-write intervals: 16 bytes) live in
 //! chunks of 512 pages (2 MiB of guest RAM, 8 KiB of records) allocated on the first touch of a
 //! page in the chunk.
-//!
-//! # Map file format (version 1)
-//!
-//! All fields little endian. A 40-byte header:
-//!
-//! | offset | type | field |
-//! | --- | --- | --- |
-//! | 0 | 8 bytes | magic `b"MVPMPMMP"` |
-//! | 8 | u32 | version, 1 |
-//! | 12 | u32 | page size in bytes (4096) |
-//! | 16 | u64 | guest pages |
-//! | 24 | u32 | interval count: last harvested interval + 1 (0: never harvested) |
-//! | 28 | u32 | flags: bit 0 = PFNs visible (else PFNs are 0 and no page is `Zero` or `Shared`) |
-//! | 32 | u64 | record count |
-//!
-//! then `record count` records of 28 bytes, one per touched page, in ascending gfn order:
-//!
-//! | offset | type | field |
-//! | --- | --- | --- |
-//! | 0 | u64 | gfn (guest page number) |
-//! | 8 | u64 | PFN (0 unless state is Backed or Shared, or when PFNs are hidden) |
-//! | 16 | u32 | interval of first touch |
-//! | 20 | u32 | interval of the last observed write (`0xffff_ffff`: none) |
-//! | 24 | u8 | state: 1 Zero, 2 Backed, 3 Swapped, 4 Shared, 5 Discarded |
-//! | 25 | u8 | flags: bit 0 guest-written, bit 1 VMM-written |
-//! | 26 | u16 | reserved, 0 |
-//!
-//! Untouched pages have no record. In Python:
-//!
-//! ```text
-//! import struct
-//! HDR = struct.Struct("<8sIIQIIQ")   # magic, version, page_size, guest_pages, intervals, flags, nrec
-//! REC = struct.Struct("<QQIIBBH")    # gfn, pfn, first_touch, last_write, state, flags, reserved
-//! data = open("guest.map", "rb").read()
-//! magic, version, page_size, pages, intervals, flags, nrec = HDR.unpack_from(data, 0)
-//! assert magic == b"MVPMPMMP" and version == 1
-//! recs = [REC.unpack_from(data, HDR.size + i * REC.size) for i in range(nrec)]
-//! ```
+
+pub mod file;
+mod record;
+mod residency;
 
 use std::fmt;
-use std::fs::File;
-use std::io::{BufReader, BufWriter, Read, Write};
 use std::ops::Range;
-use std::path::{Path, PathBuf};
 use std::time::Instant;
 
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::bitmap::{Bitmap, WORD_BITS, word_masks, words_for};
-use crate::pagemap::{
-    self, MINCORE_CHUNK_PAGES, PAGE_IS_PRESENT, PageEntry, PageRegion, Pagemap, PagemapError,
-    READ_CHUNK_ENTRIES, Residency,
-};
+pub use file::{MapFile, MapFileError, MapHeader, check_target};
+pub use record::{PageInfo, PageState};
+pub use residency::{AUTO_SCAN_DIVISOR, ResidencyMethod};
 
-/// Guest page size.
-pub const PAGE_SIZE: u64 = 4096;
-/// Guest pages per record chunk (2 MiB).
-pub const PAGES_PER_CHUNK: u64 = 512;
-/// Map file magic.
-pub const MAP_MAGIC: [u8; 8] = *b"MVPMPMMP";
-/// Map file version.
-pub const MAP_VERSION: u32 = 1;
-/// Map file header size.
-pub const HEADER_SIZE: usize = 40;
-/// Map file record size.
-pub const RECORD_SIZE: usize = 28;
-/// `last_write` of a page with no observed write, in the file.
-pub const NO_WRITE: u32 = u32::MAX;
-/// Header flag: PFNs visible.
-pub const FLAG_PFN_VISIBLE: u32 = 1;
-/// Record flag: written by the guest.
-pub const REC_GUEST_WRITTEN: u8 = 1;
-/// Record flag: written by the VMM.
-pub const REC_VMM_WRITTEN: u8 = 2;
+use crate::abi::PAGE_SIZE;
+use crate::bitmap::{Bitmap, WORD_BITS, words_for};
+use crate::pagemap::{PageEntry, PageRegion, Pagemap, PagemapError, READ_CHUNK_ENTRIES, Residency};
+use record::{NO_WRITE, Record, Records, ST_BACKED, ST_DISCARDED, ST_SHARED, ST_SWAPPED, ST_ZERO};
 
 /// Pages of gap a pagemap read reads through rather than starting a new `pread`.
 const LOOKUP_GAP_PAGES: u64 = 64;
-const STATE_SHIFT: u32 = 56;
-const PFN_MASK: u64 = (1 << 55) - 1;
-
-const ST_UNTOUCHED: u8 = 0;
-const ST_ZERO: u8 = 1;
-const ST_BACKED: u8 = 2;
-const ST_SWAPPED: u8 = 3;
-const ST_SHARED: u8 = 4;
-const ST_DISCARDED: u8 = 5;
-const N_STATES: usize = 6;
 
 /// Errors of the map, naming the step that failed.
 #[derive(Debug, Error)]
@@ -171,127 +121,6 @@ pub enum MapError {
         #[source]
         source: PagemapError,
     },
-    /// Writing the map file failed.
-    #[error("writing the map{}: {source}", path_note(.path))]
-    Write {
-        path: Option<PathBuf>,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Opening or reading the map file failed.
-    #[error("reading the map{}: {source}", path_note(.path))]
-    Read {
-        path: Option<PathBuf>,
-        #[source]
-        source: std::io::Error,
-    },
-    /// The map file ends inside its header.
-    #[error("reading the map: truncated header: {got} of {HEADER_SIZE} bytes")]
-    TruncatedHeader { got: usize },
-    /// The map file does not start with the magic.
-    #[error("reading the map: bad magic {found:02x?} (not a memvisor map file)")]
-    BadMagic { found: [u8; 8] },
-    /// The map file has a version this reader does not know.
-    #[error("reading the map: unsupported version {0} (this reader knows {MAP_VERSION})")]
-    UnsupportedVersion(u32),
-    /// A header field is out of range.
-    #[error("reading the map: bad header: {0}")]
-    BadHeader(String),
-    /// The file holds fewer records than the header says.
-    #[error("reading the map: truncated records: header says {expected}, file holds {got} whole")]
-    TruncatedRecords { expected: u64, got: u64 },
-    /// The file holds more data than the header's records.
-    #[error("reading the map: record count mismatch: data continues after the {expected} records")]
-    TrailingData { expected: u64 },
-    /// A record is invalid.
-    #[error("reading the map: record {index}: {reason}")]
-    BadRecord { index: u64, reason: String },
-}
-
-fn path_note(p: &Option<PathBuf>) -> String {
-    p.as_ref()
-        .map(|p| format!(" {}", p.display()))
-        .unwrap_or_default()
-}
-
-/// What backs a guest page.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum PageState {
-    /// Never seen touched.
-    Untouched,
-    /// Read, never written: the shared zero page.
-    Zero,
-    /// A machine page of its own: its PFN (0 when PFNs are hidden).
-    Backed(u64),
-    /// In swap.
-    Swapped,
-    /// A machine page other guest pages map too: its PFN.
-    Shared(u64),
-    /// Touched before, now neither present nor swapped.
-    Discarded,
-}
-
-impl PageState {
-    fn code(self) -> u8 {
-        match self {
-            PageState::Untouched => ST_UNTOUCHED,
-            PageState::Zero => ST_ZERO,
-            PageState::Backed(_) => ST_BACKED,
-            PageState::Swapped => ST_SWAPPED,
-            PageState::Shared(_) => ST_SHARED,
-            PageState::Discarded => ST_DISCARDED,
-        }
-    }
-
-    fn pfn(self) -> u64 {
-        match self {
-            PageState::Backed(p) | PageState::Shared(p) => p,
-            _ => 0,
-        }
-    }
-
-    fn from_code(code: u8, pfn: u64) -> Option<PageState> {
-        Some(match code {
-            ST_UNTOUCHED => PageState::Untouched,
-            ST_ZERO => PageState::Zero,
-            ST_BACKED => PageState::Backed(pfn),
-            ST_SWAPPED => PageState::Swapped,
-            ST_SHARED => PageState::Shared(pfn),
-            ST_DISCARDED => PageState::Discarded,
-            _ => return None,
-        })
-    }
-}
-
-/// Everything the map knows about one guest page.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct PageInfo {
-    /// Guest page number.
-    pub gfn: u64,
-    /// What backs it.
-    pub state: PageState,
-    /// Interval of the first touch (`None`: untouched).
-    pub first_touch: Option<u32>,
-    /// Interval of the last observed write.
-    pub last_write: Option<u32>,
-    /// Ever written by the guest (per KVM's dirty log).
-    pub guest_written: bool,
-    /// Ever written by the VMM through its own mapping.
-    pub vmm_written: bool,
-}
-
-impl PageInfo {
-    /// Page `gfn`, never touched.
-    fn untouched(gfn: u64) -> PageInfo {
-        PageInfo {
-            gfn,
-            state: PageState::Untouched,
-            first_touch: None,
-            last_write: None,
-            guest_written: false,
-            vmm_written: false,
-        }
-    }
 }
 
 /// Page counts of a map.
@@ -311,7 +140,10 @@ pub struct MapSummary {
     pub guest_written: u64,
     /// Pages ever written by the VMM.
     pub vmm_written: u64,
-    /// Whether PFNs were visible (else no page is Zero or Shared: present pages count as backed).
+    /// Bytes per page (4096 for a live map; a map file's header says).
+    pub page_size: u64,
+    /// Whether PFNs were visible. Without them no page is Shared, and present pages are Zero
+    /// when never written, Backed when written (see the module docs).
     pub pfn_visible: bool,
     /// Last harvested interval + 1.
     pub intervals: u32,
@@ -319,7 +151,7 @@ pub struct MapSummary {
 
 impl fmt::Display for MapSummary {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        let mib = |p: u64| p as f64 * PAGE_SIZE as f64 / (1024.0 * 1024.0);
+        let mib = |p: u64| p as f64 * self.page_size as f64 / (1024.0 * 1024.0);
         writeln!(
             f,
             "guest pages   {:>12} ({:.1} MiB), {} intervals{}",
@@ -329,7 +161,8 @@ impl fmt::Display for MapSummary {
             if self.pfn_visible {
                 ""
             } else {
-                ", PFNs hidden: zero pages count as backed"
+                ", PFNs hidden: never-written pages count as zero, written ones as backed, \
+                 sharing unseen"
             }
         )?;
         for (name, n) in [
@@ -384,21 +217,6 @@ pub struct RefreshStats {
     pub ms: f64,
 }
 
-/// How the residency pass finds the resident pages of guest RAM.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub enum ResidencyMethod {
-    /// Per pass: `PAGEMAP_SCAN` while fewer than 1/[`AUTO_SCAN_DIVISOR`] of the pages were
-    /// resident at the last look (and the kernel has it), else `mincore`.
-    Auto,
-    /// `mincore(2)`: a byte per page, O(pages).
-    Mincore,
-    /// The `PAGEMAP_SCAN` ioctl: runs of present pages, O(populated page tables).
-    PagemapScan,
-}
-
-/// [`ResidencyMethod::Auto`] scans while resident pages < guest pages / this.
-pub const AUTO_SCAN_DIVISOR: u64 = 20;
-
 /// Tuning of the map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapOptions {
@@ -419,28 +237,6 @@ impl Default for MapOptions {
     }
 }
 
-#[derive(Clone, Copy, Debug, Default)]
-struct Record {
-    /// PFN in bits 0-54, state code in bits 56-63.
-    pfn_state: u64,
-    first_touch: u32,
-    last_write: u32,
-}
-
-impl Record {
-    fn state_code(self) -> u8 {
-        (self.pfn_state >> STATE_SHIFT) as u8
-    }
-    fn pfn(self) -> u64 {
-        self.pfn_state & PFN_MASK
-    }
-    fn state(self) -> PageState {
-        PageState::from_code(self.state_code(), self.pfn()).unwrap_or(PageState::Untouched)
-    }
-}
-
-type Chunk = [Record; PAGES_PER_CHUNK as usize];
-
 /// The PMP-MMP map of one guest RAM region.
 #[derive(Debug)]
 pub struct PmpMmpMap {
@@ -457,9 +253,7 @@ pub struct PmpMmpMap {
     resident: Bitmap,
     /// Scratch: pages to look up in this harvest.
     pending: Bitmap,
-    chunks: Vec<Option<Box<Chunk>>>,
-    /// Touched pages per state code.
-    counts: [u64; N_STATES],
+    records: Records,
     interval_count: u32,
     harvests: u64,
     /// The residency method: `Auto` only when the kernel has `PAGEMAP_SCAN`.
@@ -519,9 +313,6 @@ impl PmpMmpMap {
             }
             m => m,
         };
-        let nchunks = guest_pages.div_ceil(PAGES_PER_CHUNK) as usize;
-        let mut chunks = Vec::with_capacity(nchunks);
-        chunks.resize_with(nchunks, || None);
         Ok(PmpMmpMap {
             host_addr,
             pages: guest_pages,
@@ -533,8 +324,7 @@ impl PmpMmpMap {
             known_dirty: Bitmap::new(guest_pages),
             resident: Bitmap::new(guest_pages),
             pending: Bitmap::new(guest_pages),
-            chunks,
-            counts: [0; N_STATES],
+            records: Records::new(guest_pages),
             interval_count: 0,
             harvests: 0,
             method,
@@ -559,40 +349,10 @@ impl PmpMmpMap {
         self.pagemap.pfn_visible()
     }
 
-    fn record(&self, gfn: u64) -> Option<&Record> {
-        let c = self
-            .chunks
-            .get((gfn / PAGES_PER_CHUNK) as usize)?
-            .as_ref()?;
-        c.get((gfn % PAGES_PER_CHUNK) as usize)
-    }
-
-    fn record_mut(&mut self, gfn: u64) -> &mut Record {
-        let chunk = self.chunks[(gfn / PAGES_PER_CHUNK) as usize]
-            .get_or_insert_with(|| Box::new([Record::default(); PAGES_PER_CHUNK as usize]));
-        &mut chunk[(gfn % PAGES_PER_CHUNK) as usize]
-    }
-
-    /// Marks `gfn` touched in `interval` (its record is allocated in the untouched state).
+    /// Marks `gfn` touched in `interval` (its record starts in the untouched state).
     fn touch(&mut self, gfn: u64, interval: u32) {
         self.touched.set(gfn);
-        let r = self.record_mut(gfn);
-        *r = Record {
-            pfn_state: 0,
-            first_touch: interval,
-            last_write: NO_WRITE,
-        };
-    }
-
-    fn set_state(&mut self, gfn: u64, state: PageState) -> bool {
-        let r = self.record_mut(gfn);
-        let old = r.state_code();
-        let new_word = (u64::from(state.code()) << STATE_SHIFT) | (state.pfn() & PFN_MASK);
-        let changed = r.pfn_state != new_word;
-        r.pfn_state = new_word;
-        self.counts[old as usize] -= u64::from(old != ST_UNTOUCHED);
-        self.counts[state.code() as usize] += u64::from(state.code() != ST_UNTOUCHED);
-        changed
+        self.records.reset(gfn, Record::touched_in(interval));
     }
 
     /// Folds one interval's dirty information in.
@@ -618,23 +378,8 @@ impl PmpMmpMap {
 
         let every = u64::from(self.options.residency_every);
         if self.harvests == 0 || (every > 0 && self.harvests.is_multiple_of(every)) {
-            let method = match self.method {
-                ResidencyMethod::Auto
-                    if self.resident.count_ones().saturating_mul(AUTO_SCAN_DIVISOR)
-                        < self.pages =>
-                {
-                    ResidencyMethod::PagemapScan
-                }
-                ResidencyMethod::Auto => ResidencyMethod::Mincore,
-                m => m,
-            };
-            let r = match method {
-                ResidencyMethod::PagemapScan => self.scan_pass(),
-                _ => self.mincore_pass(),
-            };
-            r.map_err(|source| MapError::Residency { method, source })?;
+            stats.residency_method = Some(self.residency_pass()?);
             stats.residency_ran = true;
-            stats.residency_method = Some(method);
         }
         let t2 = Instant::now();
         stats.residency_ms = ms(t2 - t1);
@@ -692,61 +437,9 @@ impl PmpMmpMap {
                 if was_touched & (1 << b) == 0 {
                     self.touch(gfn, interval);
                 }
-                self.record_mut(gfn).last_write = interval;
+                self.records.get_mut(gfn).last_write = interval;
             }
         }
-    }
-
-    /// Compares residency with the last pass: pages newly resident or newly gone are queued for a
-    /// lookup.
-    fn mincore_pass(&mut self) -> Result<(), PagemapError> {
-        let chunk_pages = MINCORE_CHUNK_PAGES as u64;
-        self.mincore_buf.resize(MINCORE_CHUNK_PAGES, 0);
-        let mut p0 = 0u64;
-        while p0 < self.pages {
-            let n = (self.pages - p0).min(chunk_pages);
-            let addr = self.host_addr + (p0 * PAGE_SIZE) as usize;
-            pagemap::mincore(addr, (n * PAGE_SIZE) as usize, &mut self.mincore_buf)?;
-            // p0 is a multiple of 64, so byte 64k of the buffer starts word p0/64 + k.
-            let w0 = (p0 / WORD_BITS) as usize;
-            for (k, bytes) in self.mincore_buf[..n as usize].chunks(64).enumerate() {
-                settle_residency(
-                    &mut self.resident,
-                    &mut self.pending,
-                    &self.touched,
-                    w0 + k,
-                    pack_residency(bytes),
-                );
-            }
-            p0 += n;
-        }
-        Ok(())
-    }
-
-    /// The residency pass with `PAGEMAP_SCAN`: the same diff as [`Self::mincore_pass`], built from
-    /// runs of present pages.
-    fn scan_pass(&mut self) -> Result<(), PagemapError> {
-        let base = self.host_addr as u64;
-        let mut diff = ResidencyDiff {
-            resident: &mut self.resident,
-            pending: &mut self.pending,
-            touched: &self.touched,
-            next_word: 0,
-            cur: None,
-        };
-        self.pagemap.scan(
-            self.host_addr,
-            self.pages as usize,
-            PAGE_IS_PRESENT,
-            &mut self.scan_buf,
-            |r| {
-                let first = (r.start.saturating_sub(base)) / PAGE_SIZE;
-                let end = (r.end.saturating_sub(base)) / PAGE_SIZE;
-                diff.add_run(first, end);
-            },
-        )?;
-        diff.finish();
-        Ok(())
     }
 
     /// Looks up every pending page; returns (lookups, newly touched).
@@ -764,7 +457,7 @@ impl PmpMmpMap {
     }
 
     /// Reads the pagemap entries of the pages set in `pages`, a range of nearby ones (see
-    /// [`gap_ranges`]) per read, and calls `f` with each of those pages and its entry, in
+    /// [`Bitmap::gap_ranges`]) per read, and calls `f` with each of those pages and its entry, in
     /// ascending order. A failed read ends the walk with [`MapError::Lookup`] for `step`.
     fn for_each_entry(
         &mut self,
@@ -772,11 +465,11 @@ impl PmpMmpMap {
         step: &'static str,
         mut f: impl FnMut(&mut Self, u64, PageEntry),
     ) -> Result<(), MapError> {
-        for r in gap_ranges(pages, LOOKUP_GAP_PAGES, READ_CHUNK_ENTRIES as u64) {
+        for r in pages.gap_ranges(LOOKUP_GAP_PAGES, READ_CHUNK_ENTRIES as u64) {
             self.read_entries(r.clone())
                 .map_err(|source| MapError::Lookup { step, source })?;
             let entries = std::mem::take(&mut self.entry_buf);
-            for gfn in ones_in(pages, r.clone()) {
+            for gfn in pages.ones_in(r.clone()) {
                 f(self, gfn, PageEntry(entries[(gfn - r.start) as usize]));
             }
             self.entry_buf = entries;
@@ -811,9 +504,9 @@ impl PmpMmpMap {
             }
         }
         let old = self
-            .record(gfn)
-            .map(|r| r.state())
-            .unwrap_or(PageState::Untouched);
+            .records
+            .get(gfn)
+            .map_or(PageState::Untouched, Record::state);
         self.set_residency(gfn, res, |pfn| match old {
             PageState::Shared(p) if p == pfn && pfn != 0 => old,
             _ => PageState::Backed(pfn),
@@ -823,11 +516,19 @@ impl PmpMmpMap {
 
     /// Sets the state and the residency bit of touched page `gfn` from `res`; `frame` gives the
     /// state of a page a machine page backs, from its PFN (0 when hidden).
+    ///
+    /// With PFNs hidden, a present page that neither the guest nor the VMM ever wrote is taken
+    /// for the shared zero page (see "When PFNs are hidden" in the module docs).
     fn set_residency(&mut self, gfn: u64, res: Residency, frame: impl FnOnce(u64) -> PageState) {
         let state = match res {
             Residency::Absent => PageState::Discarded,
             Residency::Swapped => PageState::Swapped,
             Residency::Zero => PageState::Zero,
+            Residency::Frame(None)
+                if !self.guest_written.get(gfn) && !self.vmm_written.get(gfn) =>
+            {
+                PageState::Zero
+            }
             Residency::Frame(pfn) => frame(pfn.unwrap_or(0)),
         };
         if matches!(res, Residency::Zero | Residency::Frame(_)) {
@@ -835,7 +536,7 @@ impl PmpMmpMap {
         } else {
             self.resident.clear(gfn);
         }
-        self.set_state(gfn, state);
+        self.records.set_state(gfn, state);
     }
 
     /// The sampler cleared the bits of `mask` (bit i = page i) in KVM's dirty log: a later set
@@ -852,10 +553,10 @@ impl PmpMmpMap {
         let touched = std::mem::take(&mut self.touched);
         // (PFN, gfn, old record word) of present pages not mapped exclusively: the only ones
         // that can be shared (a frame two guest pages map has a map count of at least 2).
-        let mut candidates: Vec<(u64, u64, u64)> = Vec::new();
+        let mut candidates: Vec<(u64, u64, Option<Record>)> = Vec::new();
         let result = self.for_each_entry(&touched, "refresh", |map, gfn, e| {
             stats.pages_read += 1;
-            let old = map.record(gfn).map_or(0, |r| r.pfn_state);
+            let old = map.records.get(gfn);
             let res = map.pagemap.classify(e);
             let mut candidate = false;
             map.set_residency(gfn, res, |pfn| {
@@ -865,13 +566,13 @@ impl PmpMmpMap {
                 }
                 PageState::Backed(pfn)
             });
-            if !candidate && old != map.record(gfn).map_or(0, |r| r.pfn_state) {
+            if !candidate && old != map.records.get(gfn) {
                 stats.changed += 1;
             }
         });
         self.touched = touched;
         result?;
-        candidates.sort_unstable();
+        candidates.sort_unstable_by_key(|&(pfn, gfn, _)| (pfn, gfn));
         let mut i = 0;
         while i < candidates.len() {
             let pfn = candidates[i].0;
@@ -881,10 +582,10 @@ impl PmpMmpMap {
             }
             for &(_, gfn, old) in &candidates[i..j] {
                 if j - i > 1 {
-                    self.set_state(gfn, PageState::Shared(pfn));
+                    self.records.set_state(gfn, PageState::Shared(pfn));
                     stats.shared += 1;
                 }
-                if old != self.record(gfn).map_or(0, |r| r.pfn_state) {
+                if old != self.records.get(gfn) {
                     stats.changed += 1;
                 }
             }
@@ -897,17 +598,18 @@ impl PmpMmpMap {
 
     /// Page counts.
     pub fn summary(&self) -> MapSummary {
-        let touched: u64 = self.counts.iter().sum();
+        let r = &self.records;
         MapSummary {
             pages: self.pages,
-            untouched: self.pages.saturating_sub(touched),
-            zero: self.counts[ST_ZERO as usize],
-            backed: self.counts[ST_BACKED as usize],
-            swapped: self.counts[ST_SWAPPED as usize],
-            shared: self.counts[ST_SHARED as usize],
-            discarded: self.counts[ST_DISCARDED as usize],
+            untouched: self.pages.saturating_sub(r.touched()),
+            zero: r.count(ST_ZERO),
+            backed: r.count(ST_BACKED),
+            swapped: r.count(ST_SWAPPED),
+            shared: r.count(ST_SHARED),
+            discarded: r.count(ST_DISCARDED),
             guest_written: self.guest_written.count_ones(),
             vmm_written: self.vmm_written.count_ones(),
+            page_size: PAGE_SIZE,
             pfn_visible: self.pagemap.pfn_visible(),
             intervals: self.interval_count,
         }
@@ -915,22 +617,8 @@ impl PmpMmpMap {
 
     /// Backed pages (state Backed, not Shared) among guest pages `range` (clipped to the RAM).
     pub fn backed_in(&self, range: Range<u64>) -> u64 {
-        let end = range.end.min(self.pages);
-        let mut n = 0;
-        let mut gfn = range.start;
-        while gfn < end {
-            let c = (gfn / PAGES_PER_CHUNK) as usize;
-            let chunk_end = ((c as u64 + 1) * PAGES_PER_CHUNK).min(end);
-            if let Some(chunk) = &self.chunks[c] {
-                let base = c as u64 * PAGES_PER_CHUNK;
-                n += chunk[(gfn - base) as usize..(chunk_end - base) as usize]
-                    .iter()
-                    .filter(|r| r.state_code() == ST_BACKED)
-                    .count() as u64;
-            }
-            gfn = chunk_end;
-        }
-        n
+        self.records
+            .count_in(ST_BACKED, range.start..range.end.min(self.pages))
     }
 
     /// What the map knows about page `gfn`; `None` past the end of guest RAM.
@@ -941,7 +629,7 @@ impl PmpMmpMap {
         if !self.touched.get(gfn) {
             return Some(PageInfo::untouched(gfn));
         }
-        let r = self.record(gfn).copied().unwrap_or_default();
+        let r = self.records.get(gfn).unwrap_or_default();
         Some(PageInfo {
             gfn,
             state: r.state(),
@@ -965,452 +653,16 @@ impl PmpMmpMap {
         .iter()
         .map(|b| b.heap_bytes())
         .sum::<usize>();
-        let chunk_table = self.chunks.capacity() * std::mem::size_of::<Option<Box<Chunk>>>();
-        let chunks = self.chunks.iter().flatten().count() * std::mem::size_of::<Chunk>();
         bitmaps
-            + chunk_table
-            + chunks
+            + self.records.heap_bytes()
             + self.mincore_buf.capacity()
             + self.scan_buf.capacity() * std::mem::size_of::<PageRegion>()
             + self.entry_buf.capacity() * std::mem::size_of::<u64>()
-    }
-
-    /// Writes the map file (format in the module docs).
-    pub fn write(&self, w: impl Write) -> Result<(), MapError> {
-        self.write_inner(w)
-            .map_err(|source| MapError::Write { path: None, source })
-    }
-
-    fn write_inner(&self, w: impl Write) -> std::io::Result<()> {
-        let mut w = BufWriter::with_capacity(1 << 16, w);
-        let header = MapHeader {
-            page_size: PAGE_SIZE as u32,
-            guest_pages: self.pages,
-            intervals: self.interval_count,
-            pfn_visible: self.pagemap.pfn_visible(),
-            records: self.touched.count_ones(),
-        };
-        w.write_all(&header.encode())?;
-        for gfn in self.touched.iter_ones() {
-            let r = self.record(gfn).copied().unwrap_or_default();
-            let flags = (u8::from(self.guest_written.get(gfn)) * REC_GUEST_WRITTEN)
-                | (u8::from(self.vmm_written.get(gfn)) * REC_VMM_WRITTEN);
-            let mut rec = [0u8; RECORD_SIZE];
-            rec[0..8].copy_from_slice(&gfn.to_le_bytes());
-            rec[8..16].copy_from_slice(&r.pfn().to_le_bytes());
-            rec[16..20].copy_from_slice(&r.first_touch.to_le_bytes());
-            rec[20..24].copy_from_slice(&r.last_write.to_le_bytes());
-            rec[24] = r.state_code();
-            rec[25] = flags;
-            w.write_all(&rec)?;
-        }
-        w.flush()
-    }
-
-    /// Writes the map file at `path` (through a temporary file renamed into place, so readers
-    /// never see half a map).
-    pub fn write_file(&self, path: impl AsRef<Path>) -> Result<(), MapError> {
-        let path = path.as_ref();
-        let mut tmp = path.as_os_str().to_owned();
-        tmp.push(".tmp");
-        let tmp = PathBuf::from(tmp);
-        let err = |source| MapError::Write {
-            path: Some(path.to_owned()),
-            source,
-        };
-        let f = File::create(&tmp).map_err(err)?;
-        self.write_inner(&f).map_err(err)?;
-        drop(f);
-        std::fs::rename(&tmp, path).map_err(err)
     }
 }
 
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
-}
-
-/// Word `w` of the residency bitmap now reads `now`: pages newly resident, and touched pages no
-/// longer resident, are queued in `pending` for a lookup.
-fn settle_residency(
-    resident: &mut Bitmap,
-    pending: &mut Bitmap,
-    touched: &Bitmap,
-    w: usize,
-    now: u64,
-) {
-    let prev = resident.words()[w];
-    if prev != now {
-        let appeared = now & !prev;
-        let gone = prev & !now & touched.words()[w];
-        pending.words_mut()[w] |= appeared | gone;
-        resident.words_mut()[w] = now;
-    }
-}
-
-/// Residency diff built word by word from ascending runs of present pages: words between runs
-/// are "nothing resident".
-struct ResidencyDiff<'a> {
-    resident: &'a mut Bitmap,
-    pending: &'a mut Bitmap,
-    touched: &'a Bitmap,
-    /// Words below this are settled.
-    next_word: usize,
-    /// The word being assembled and its bits.
-    cur: Option<(usize, u64)>,
-}
-
-impl ResidencyDiff<'_> {
-    fn add_run(&mut self, start: u64, end: u64) {
-        let start = start.max(self.next_word as u64 * WORD_BITS);
-        for (w, mask) in word_masks(start..end.min(self.resident.len())) {
-            match self.cur {
-                Some((cw, ref mut bits)) if cw == w => *bits |= mask,
-                _ => {
-                    self.settle_cur();
-                    self.settle_empty(w);
-                    self.cur = Some((w, mask));
-                }
-            }
-        }
-    }
-
-    fn settle_cur(&mut self) {
-        if let Some((w, now)) = self.cur.take() {
-            self.settle(w, now);
-            self.next_word = w + 1;
-        }
-    }
-
-    /// Settles words `next_word..upto` as holding nothing resident.
-    fn settle_empty(&mut self, upto: usize) {
-        for w in self.next_word..upto.min(self.resident.words().len()) {
-            if self.resident.words()[w] != 0 {
-                self.settle(w, 0);
-            }
-        }
-        self.next_word = self.next_word.max(upto);
-    }
-
-    fn settle(&mut self, w: usize, now: u64) {
-        settle_residency(self.resident, self.pending, self.touched, w, now);
-    }
-
-    fn finish(mut self) {
-        self.settle_cur();
-        let n = self.resident.words().len();
-        self.settle_empty(n);
-    }
-}
-
-/// Packs up to 64 mincore bytes (bit 0 = resident) into one word, byte i -> bit i.
-fn pack_residency(bytes: &[u8]) -> u64 {
-    // Moves bit 0 of byte k of a little-endian u64 to bit 56 + k (the partial products land on
-    // distinct bits, so nothing carries).
-    let gather = |b: [u8; 8]| {
-        let x = u64::from_le_bytes(b) & 0x0101_0101_0101_0101;
-        x.wrapping_mul(0x0102_0408_1020_4080) >> 56
-    };
-    let (groups, rest) = bytes.as_chunks::<8>();
-    let mut word = 0u64;
-    for (i, g) in groups.iter().enumerate().take(8) {
-        word |= gather(*g) << (8 * i);
-    }
-    if !rest.is_empty() && groups.len() < 8 {
-        let mut b = [0u8; 8];
-        b[..rest.len()].copy_from_slice(rest);
-        word |= gather(b) << (8 * groups.len());
-    }
-    word
-}
-
-/// Ranges covering the set bits of `b`, merging runs separated by at most `gap` clear bits, each
-/// at most `max` pages long.
-fn gap_ranges(b: &Bitmap, gap: u64, max: u64) -> Vec<Range<u64>> {
-    let mut out: Vec<Range<u64>> = Vec::new();
-    for run in b.runs() {
-        let mut start = run.start;
-        while start < run.end {
-            match out.last_mut() {
-                Some(last) if start - last.end <= gap && run.end.min(last.start + max) > start => {
-                    let end = run.end.min(last.start + max);
-                    last.end = end;
-                    start = end;
-                }
-                _ => {
-                    let end = run.end.min(start + max);
-                    out.push(start..end);
-                    start = end;
-                }
-            }
-        }
-    }
-    out
-}
-
-/// Set bits of `b` within `r`.
-fn ones_in(b: &Bitmap, r: Range<u64>) -> impl Iterator<Item = u64> + '_ {
-    let w0 = (r.start / WORD_BITS) as usize;
-    let w1 = words_for(r.end).min(b.words().len());
-    let (lo, hi) = (r.start, r.end);
-    (w0..w1).flat_map(move |w| {
-        let mut bits = b.words()[w];
-        std::iter::from_fn(move || {
-            if bits == 0 {
-                return None;
-            }
-            let i = bits.trailing_zeros();
-            bits &= bits - 1;
-            Some(w as u64 * WORD_BITS + u64::from(i))
-        })
-        .filter(move |g| (lo..hi).contains(g))
-    })
-}
-
-/// The header of a map file.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct MapHeader {
-    pub page_size: u32,
-    pub guest_pages: u64,
-    /// Last harvested interval + 1.
-    pub intervals: u32,
-    pub pfn_visible: bool,
-    pub records: u64,
-}
-
-impl MapHeader {
-    fn encode(&self) -> [u8; HEADER_SIZE] {
-        let mut h = [0u8; HEADER_SIZE];
-        h[0..8].copy_from_slice(&MAP_MAGIC);
-        h[8..12].copy_from_slice(&MAP_VERSION.to_le_bytes());
-        h[12..16].copy_from_slice(&self.page_size.to_le_bytes());
-        h[16..24].copy_from_slice(&self.guest_pages.to_le_bytes());
-        h[24..28].copy_from_slice(&self.intervals.to_le_bytes());
-        let flags = if self.pfn_visible {
-            FLAG_PFN_VISIBLE
-        } else {
-            0
-        };
-        h[28..32].copy_from_slice(&flags.to_le_bytes());
-        h[32..40].copy_from_slice(&self.records.to_le_bytes());
-        h
-    }
-
-    fn decode(h: &[u8; HEADER_SIZE]) -> Result<Self, MapError> {
-        let u32_at = |o: usize| u32::from_le_bytes([h[o], h[o + 1], h[o + 2], h[o + 3]]);
-        let u64_at = |o: usize| {
-            let mut b = [0u8; 8];
-            b.copy_from_slice(&h[o..o + 8]);
-            u64::from_le_bytes(b)
-        };
-        let mut magic = [0u8; 8];
-        magic.copy_from_slice(&h[0..8]);
-        if magic != MAP_MAGIC {
-            return Err(MapError::BadMagic { found: magic });
-        }
-        let version = u32_at(8);
-        if version != MAP_VERSION {
-            return Err(MapError::UnsupportedVersion(version));
-        }
-        let page_size = u32_at(12);
-        if !page_size.is_power_of_two() || page_size < 512 {
-            return Err(MapError::BadHeader(format!(
-                "page size {page_size} is not a power of two of at least 512"
-            )));
-        }
-        let guest_pages = u64_at(16);
-        let flags = u32_at(28);
-        if flags & !FLAG_PFN_VISIBLE != 0 {
-            return Err(MapError::BadHeader(format!("unknown flags {flags:#x}")));
-        }
-        let records = u64_at(32);
-        if records > guest_pages {
-            return Err(MapError::BadHeader(format!(
-                "record count {records} exceeds the {guest_pages} guest pages"
-            )));
-        }
-        Ok(MapHeader {
-            page_size,
-            guest_pages,
-            intervals: u32_at(24),
-            pfn_visible: flags & FLAG_PFN_VISIBLE != 0,
-            records,
-        })
-    }
-}
-
-/// A map file read back.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
-pub struct MapFile {
-    pub header: MapHeader,
-    /// One per touched page, ascending gfn.
-    pub records: Vec<PageInfo>,
-}
-
-/// Reads until `buf` is full or the input ends; returns the bytes read.
-fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
-    let mut got = 0;
-    while got < buf.len() {
-        match r.read(&mut buf[got..]) {
-            Ok(0) => break,
-            Ok(n) => got += n,
-            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-            Err(e) => return Err(e),
-        }
-    }
-    Ok(got)
-}
-
-impl MapFile {
-    /// Reads and validates a map file.
-    pub fn read(r: impl Read) -> Result<Self, MapError> {
-        Self::read_inner(r, None)
-    }
-
-    /// Reads and validates the map file at `path`.
-    pub fn read_file(path: impl AsRef<Path>) -> Result<Self, MapError> {
-        let path = path.as_ref();
-        let f = File::open(path).map_err(|source| MapError::Read {
-            path: Some(path.to_owned()),
-            source,
-        })?;
-        Self::read_inner(f, Some(path))
-    }
-
-    fn read_inner(r: impl Read, path: Option<&Path>) -> Result<Self, MapError> {
-        let io = |source| MapError::Read {
-            path: path.map(Path::to_owned),
-            source,
-        };
-        let mut r = BufReader::with_capacity(1 << 16, r);
-        let mut h = [0u8; HEADER_SIZE];
-        let got = read_full(&mut r, &mut h).map_err(io)?;
-        if got < HEADER_SIZE {
-            return Err(MapError::TruncatedHeader { got });
-        }
-        let header = MapHeader::decode(&h)?;
-        // Never trust the count for the allocation.
-        let mut records = Vec::with_capacity(header.records.min(1 << 16) as usize);
-        let mut prev: Option<u64> = None;
-        for index in 0..header.records {
-            let mut rec = [0u8; RECORD_SIZE];
-            let got = read_full(&mut r, &mut rec).map_err(io)?;
-            if got < RECORD_SIZE {
-                return Err(MapError::TruncatedRecords {
-                    expected: header.records,
-                    got: index,
-                });
-            }
-            let info = decode_record(&header, &rec, prev)
-                .map_err(|reason| MapError::BadRecord { index, reason })?;
-            prev = Some(info.gfn);
-            records.push(info);
-        }
-        let mut extra = [0u8; 1];
-        if read_full(&mut r, &mut extra).map_err(io)? != 0 {
-            return Err(MapError::TrailingData {
-                expected: header.records,
-            });
-        }
-        Ok(MapFile { header, records })
-    }
-
-    /// Page counts, as [`PmpMmpMap::summary`] gave them when the file was written.
-    pub fn summary(&self) -> MapSummary {
-        let mut s = MapSummary {
-            pages: self.header.guest_pages,
-            untouched: self
-                .header
-                .guest_pages
-                .saturating_sub(self.records.len() as u64),
-            pfn_visible: self.header.pfn_visible,
-            intervals: self.header.intervals,
-            ..Default::default()
-        };
-        for r in &self.records {
-            match r.state {
-                PageState::Zero => s.zero += 1,
-                PageState::Backed(_) => s.backed += 1,
-                PageState::Swapped => s.swapped += 1,
-                PageState::Shared(_) => s.shared += 1,
-                PageState::Discarded => s.discarded += 1,
-                PageState::Untouched => {}
-            }
-            s.guest_written += u64::from(r.guest_written);
-            s.vmm_written += u64::from(r.vmm_written);
-        }
-        s
-    }
-
-    /// The record of page `gfn`: untouched when it has none, `None` past the guest's end.
-    pub fn page(&self, gfn: u64) -> Option<PageInfo> {
-        if gfn >= self.header.guest_pages {
-            return None;
-        }
-        Some(match self.records.binary_search_by_key(&gfn, |r| r.gfn) {
-            Ok(i) => self.records[i],
-            Err(_) => PageInfo::untouched(gfn),
-        })
-    }
-}
-
-fn decode_record(
-    header: &MapHeader,
-    rec: &[u8; RECORD_SIZE],
-    prev: Option<u64>,
-) -> Result<PageInfo, String> {
-    let u64_at = |o: usize| {
-        let mut b = [0u8; 8];
-        b.copy_from_slice(&rec[o..o + 8]);
-        u64::from_le_bytes(b)
-    };
-    let u32_at = |o: usize| u32::from_le_bytes([rec[o], rec[o + 1], rec[o + 2], rec[o + 3]]);
-    let gfn = u64_at(0);
-    let pfn = u64_at(8);
-    let first_touch = u32_at(16);
-    let last_write = u32_at(20);
-    let (code, flags) = (rec[24], rec[25]);
-    if gfn >= header.guest_pages {
-        return Err(format!(
-            "gfn {gfn} past the {} guest pages",
-            header.guest_pages
-        ));
-    }
-    if prev.is_some_and(|p| gfn <= p) {
-        return Err(format!(
-            "gfn {gfn} out of order (after {})",
-            prev.unwrap_or(0)
-        ));
-    }
-    let state = match PageState::from_code(code, pfn) {
-        Some(PageState::Untouched) | None => return Err(format!("bad state {code}")),
-        Some(s) => s,
-    };
-    if pfn > PFN_MASK {
-        return Err(format!("PFN {pfn:#x} out of range"));
-    }
-    if first_touch >= header.intervals {
-        return Err(format!(
-            "first touch {first_touch} not below the interval count {}",
-            header.intervals
-        ));
-    }
-    if last_write != NO_WRITE && last_write >= header.intervals {
-        return Err(format!(
-            "last write {last_write} not below the interval count {}",
-            header.intervals
-        ));
-    }
-    if flags & !(REC_GUEST_WRITTEN | REC_VMM_WRITTEN) != 0 {
-        return Err(format!("unknown flags {flags:#x}"));
-    }
-    Ok(PageInfo {
-        gfn,
-        state,
-        first_touch: Some(first_touch),
-        last_write: (last_write != NO_WRITE).then_some(last_write),
-        guest_written: flags & REC_GUEST_WRITTEN != 0,
-        vmm_written: flags & REC_VMM_WRITTEN != 0,
-    })
 }
 
 #[cfg(test)]
@@ -1434,36 +686,37 @@ mod tests {
     }
 
     /// Guest RAM stand-in: an anonymous mapping of `pages` guest pages.
-    struct Ram {
+    pub(super) struct Ram {
         mem: AnonMapping,
         pages: u64,
     }
 
     impl Ram {
-        fn new(pages: u64) -> Ram {
+        pub(super) fn new(pages: u64) -> Ram {
             let mem = AnonMapping::new((pages * PAGE_SIZE) as usize)
                 .unwrap_or_else(|e| panic!("mmap of {pages} pages: {e}"));
             Ram { mem, pages }
         }
-        fn host(&self) -> usize {
+        pub(super) fn host(&self) -> usize {
             self.mem.addr()
         }
-        fn write(&self, gfn: u64, val: u8) {
+        pub(super) fn write(&self, gfn: u64, val: u8) {
             assert!(gfn < self.pages);
             self.mem.write_volatile((gfn * PAGE_SIZE) as usize, val);
         }
-        fn read(&self, gfn: u64) -> u8 {
+        pub(super) fn read(&self, gfn: u64) -> u8 {
             assert!(gfn < self.pages);
             self.mem.read_volatile((gfn * PAGE_SIZE) as usize)
         }
         fn resident(&self) -> u64 {
             let mut v = vec![0u8; self.pages as usize];
-            pagemap::mincore(self.host(), (self.pages * PAGE_SIZE) as usize, &mut v).unwrap();
+            crate::pagemap::mincore(self.host(), (self.pages * PAGE_SIZE) as usize, &mut v)
+                .unwrap();
             v.iter().filter(|b| *b & 1 != 0).count() as u64
         }
     }
 
-    fn dirty_of(pages: u64, gfns: &[u64]) -> Vec<u64> {
+    pub(super) fn dirty_of(pages: u64, gfns: &[u64]) -> Vec<u64> {
         let mut b = Bitmap::new(pages);
         for &g in gfns {
             b.set(g);
@@ -1719,19 +972,41 @@ mod tests {
     }
 
     #[test]
-    fn hidden_pfns_count_present_pages_as_backed() {
+    fn hidden_pfns_classify_unwritten_present_pages_as_zero() {
         let ram = Ram::new(64);
-        ram.write(1, 1);
-        ram.read(2);
+        ram.write(1, 1); // guest write
+        ram.read(2); // guest read only
+        ram.write(3, 1); // VMM write
+        ram.read(4); // read now, written by the guest later
         let pm = Pagemap::open_without_pfns().unwrap();
         let mut map = PmpMmpMap::with_pagemap(ram.host(), 64, MapOptions::default(), pm).unwrap();
-        map.harvest(&dirty_of(64, &[1]), &[], 0).unwrap();
+        map.harvest(&dirty_of(64, &[1]), &dirty_of(64, &[3]), 0)
+            .unwrap();
         let s = map.summary();
         assert!(!s.pfn_visible);
-        assert_eq!((s.backed, s.zero), (2, 0));
+        assert_eq!((s.backed, s.zero), (2, 2));
         assert_eq!(map.page(1).unwrap().state, PageState::Backed(0));
-        map.refresh().unwrap();
-        assert_eq!(map.summary().shared, 0);
+        assert_eq!(map.page(2).unwrap().state, PageState::Zero);
+        assert_eq!(map.page(3).unwrap().state, PageState::Backed(0));
+        assert_eq!(map.page(4).unwrap().state, PageState::Zero);
+        // The same pages through a reader that sees PFNs: the inference agrees.
+        let mut seen = PmpMmpMap::new(ram.host(), 64).unwrap();
+        seen.harvest(&dirty_of(64, &[1]), &dirty_of(64, &[3]), 0)
+            .unwrap();
+        let v = seen.summary();
+        assert!(v.pfn_visible);
+        assert_eq!((v.backed, v.zero), (s.backed, s.zero));
+        // The read page gets written: backed from then on.
+        ram.write(4, 1);
+        map.harvest(&dirty_of(64, &[1, 4]), &[], 1).unwrap();
+        assert_eq!(map.page(4).unwrap().state, PageState::Backed(0));
+        assert_eq!(map.page(4).unwrap().first_touch, Some(0));
+        let s = map.summary();
+        assert_eq!((s.backed, s.zero), (3, 1));
+        // Refresh re-reads every page with the same inference and finds no sharing.
+        let rs = map.refresh().unwrap();
+        assert_eq!((rs.pages_read, rs.changed, rs.shared), (4, 0, 0));
+        assert_eq!(map.summary(), s);
     }
 
     /// A real guest: writes one page, reads another, through KVM with the manual-protect dirty
@@ -1832,127 +1107,6 @@ mod tests {
     }
 
     #[test]
-    fn round_trip_and_bad_files() {
-        let ram = Ram::new(300);
-        for g in [0u64, 7, 299] {
-            ram.write(g, 1);
-        }
-        ram.read(64);
-        ram.write(200, 1);
-        let mut map = PmpMmpMap::new(ram.host(), 300).unwrap();
-        map.harvest(&dirty_of(300, &[0, 7, 299]), &dirty_of(300, &[200]), 0)
-            .unwrap();
-        map.harvest(&dirty_of(300, &[0, 7, 299]), &[], 1).unwrap();
-        let mut buf = Vec::new();
-        map.write(&mut buf).unwrap();
-        assert_eq!(buf.len(), HEADER_SIZE + 5 * RECORD_SIZE);
-        let f = MapFile::read(&buf[..]).unwrap();
-        assert_eq!(f.summary(), map.summary());
-        assert_eq!(f.records.len(), 5);
-        for r in &f.records {
-            assert_eq!(Some(*r), map.page(r.gfn));
-        }
-        assert_eq!(f.page(1), map.page(1));
-        assert_eq!(f.page(300), None);
-
-        // Through a file.
-        let dir = std::env::temp_dir().join(format!("memvisor-map-{}", std::process::id()));
-        std::fs::create_dir_all(&dir).unwrap();
-        let path = dir.join("guest.map");
-        map.write_file(&path).unwrap();
-        assert_eq!(MapFile::read_file(&path).unwrap(), f);
-        assert!(matches!(
-            MapFile::read_file(dir.join("missing.map")),
-            Err(MapError::Read { path: Some(_), .. })
-        ));
-        std::fs::remove_dir_all(&dir).unwrap();
-
-        // Bad inputs.
-        assert!(matches!(
-            MapFile::read(&buf[..10]),
-            Err(MapError::TruncatedHeader { got: 10 })
-        ));
-        assert!(matches!(
-            MapFile::read(&[][..]),
-            Err(MapError::TruncatedHeader { got: 0 })
-        ));
-        let mut bad = buf.clone();
-        bad[0] = b'X';
-        assert!(matches!(
-            MapFile::read(&bad[..]),
-            Err(MapError::BadMagic { .. })
-        ));
-        let mut bad = buf.clone();
-        bad[8] = 2;
-        assert!(matches!(
-            MapFile::read(&bad[..]),
-            Err(MapError::UnsupportedVersion(2))
-        ));
-        assert!(matches!(
-            MapFile::read(&buf[..buf.len() - 1]),
-            Err(MapError::TruncatedRecords {
-                expected: 5,
-                got: 4
-            })
-        ));
-        let mut bad = buf.clone();
-        bad.push(0);
-        assert!(matches!(
-            MapFile::read(&bad[..]),
-            Err(MapError::TrailingData { expected: 5 })
-        ));
-        let mut bad = buf.clone();
-        bad[32] = 4; // record count 4, 5 records follow
-        assert!(matches!(
-            MapFile::read(&bad[..]),
-            Err(MapError::TrailingData { .. })
-        ));
-        let mut bad = buf.clone();
-        bad[32..40].copy_from_slice(&u64::MAX.to_le_bytes());
-        assert!(matches!(
-            MapFile::read(&bad[..]),
-            Err(MapError::BadHeader(_))
-        ));
-        let mut bad = buf.clone();
-        bad[32..40].copy_from_slice(&300u64.to_le_bytes()); // plausible but truncated
-        assert!(matches!(
-            MapFile::read(&bad[..]),
-            Err(MapError::TruncatedRecords { expected: 300, .. })
-        ));
-        let mut bad = buf.clone();
-        bad[HEADER_SIZE + 24] = 9; // state
-        assert!(matches!(
-            MapFile::read(&bad[..]),
-            Err(MapError::BadRecord { index: 0, .. })
-        ));
-        let mut bad = buf.clone();
-        bad[HEADER_SIZE + RECORD_SIZE..HEADER_SIZE + RECORD_SIZE + 8]
-            .copy_from_slice(&0u64.to_le_bytes()); // gfn repeats
-        assert!(matches!(
-            MapFile::read(&bad[..]),
-            Err(MapError::BadRecord { index: 1, .. })
-        ));
-        let mut bad = buf.clone();
-        bad[HEADER_SIZE + 16] = 7; // first touch beyond the interval count
-        assert!(matches!(
-            MapFile::read(&bad[..]),
-            Err(MapError::BadRecord { index: 0, .. })
-        ));
-        let mut bad = buf.clone();
-        bad[12] = 3; // page size
-        assert!(matches!(
-            MapFile::read(&bad[..]),
-            Err(MapError::BadHeader(_))
-        ));
-        let text = MapError::TruncatedRecords {
-            expected: 5,
-            got: 4,
-        }
-        .to_string();
-        assert!(text.contains("truncated records"));
-    }
-
-    #[test]
     fn bad_construction_and_interval() {
         assert!(matches!(
             PmpMmpMap::new(4097, 1),
@@ -1991,39 +1145,5 @@ mod tests {
         let mut map = PmpMmpMap::new(addr, 4).unwrap();
         assert_eq!(map.harvest(&[], &[], 0).unwrap().newly_touched, 0);
         assert_eq!(map.summary().untouched, 4);
-    }
-
-    #[test]
-    fn packing_and_ranges() {
-        let mut bytes = [0u8; 64];
-        for i in [0usize, 3, 8, 9, 63] {
-            bytes[i] = 1;
-        }
-        bytes[5] = 0xfe; // only bit 0 counts
-        assert_eq!(
-            pack_residency(&bytes),
-            (1 << 0) | (1 << 3) | (1 << 8) | (1 << 9) | (1 << 63)
-        );
-        let all = [1u8; 64];
-        assert_eq!(pack_residency(&all), u64::MAX);
-        assert_eq!(pack_residency(&all[..5]), 0b11111);
-        let mut b = Bitmap::new(1000);
-        for i in [1u64, 2, 50, 200, 201, 999] {
-            b.set(i);
-        }
-        assert_eq!(
-            gap_ranges(&b, 64, 1 << 20),
-            vec![1..51, 200..202, 999..1000]
-        );
-        assert_eq!(gap_ranges(&b, 1000, 100), vec![1..51, 200..202, 999..1000]);
-        assert_eq!(gap_ranges(&b, 1000, 1000), vec![1..1000]);
-        assert_eq!(
-            gap_ranges(&b, 10, 1000),
-            vec![1..3, 50..51, 200..202, 999..1000]
-        );
-        let mut long = Bitmap::new(300);
-        long.set_range(0..250);
-        assert_eq!(gap_ranges(&long, 64, 100), vec![0..100, 100..200, 200..250]);
-        assert_eq!(ones_in(&b, 2..201).collect::<Vec<_>>(), vec![2, 50, 200]);
     }
 }
