@@ -204,11 +204,6 @@ pub fn fmt_mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / MIB as f64)
 }
 
-/// Compact MiB for table columns: `"256.0M"`.
-pub fn fmt_mib_compact(bytes: u64) -> String {
-    format!("{:.1}M", bytes as f64 / MIB as f64)
-}
-
 /// `bytes` in the largest binary unit that keeps the number at least 1: `"512 B"`, `"4.0 KiB"`,
 /// `"256.0 MiB"`, `"1.50 GiB"`, `"2.00 TiB"`.
 pub fn fmt_bytes(bytes: u64) -> String {
@@ -237,24 +232,6 @@ pub fn fmt_size_spec(bytes: u64) -> String {
     bytes.to_string()
 }
 
-/// A duration for people: `"1.50 s"`, `"500.0 ms"`, `"100.0 µs"`, `"250 ns"`, `"2m 05.0s"`.
-pub fn fmt_duration(d: Duration) -> String {
-    let ns = d.as_nanos();
-    if ns < 1_000 {
-        format!("{ns} ns")
-    } else if ns < 1_000_000 {
-        format!("{:.1} µs", ns as f64 / 1e3)
-    } else if ns < 1_000_000_000 {
-        format!("{:.1} ms", ns as f64 / 1e6)
-    } else if d.as_secs() < 60 {
-        format!("{:.2} s", d.as_secs_f64())
-    } else {
-        let mins = d.as_secs() / 60;
-        let secs = d.as_secs_f64() - (mins * 60) as f64;
-        format!("{mins}m {secs:04.1}s")
-    }
-}
-
 /// A duration exactly, in the form [`parse_duration`] reads back: `"2s"`, `"1.5s"`, `"500ms"`,
 /// `"100us"`, `"250ns"`, `"0s"`.
 pub fn fmt_duration_spec(d: Duration) -> String {
@@ -277,38 +254,6 @@ pub fn fmt_duration_spec(d: Duration) -> String {
         }
     }
     format!("{ns}ns")
-}
-
-/// [`parse_size`] for clap's `value_parser`.
-pub fn size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
-}
-
-/// [`parse_size`] for clap's `value_parser`, rejecting zero.
-pub fn nonzero_size_arg(s: &str) -> Result<u64, String> {
-    match parse_size(s) {
-        Ok(0) => Err(format!(
-            "bad size \"{}\": must be greater than zero",
-            s.trim()
-        )),
-        r => r.map_err(|e| e.to_string()),
-    }
-}
-
-/// [`parse_duration`] for clap's `value_parser`.
-pub fn duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
-
-/// [`parse_duration`] for clap's `value_parser`, rejecting zero.
-pub fn nonzero_duration_arg(s: &str) -> Result<Duration, String> {
-    match parse_duration(s) {
-        Ok(d) if d.is_zero() => Err(format!(
-            "bad duration \"{}\": must be greater than zero",
-            s.trim()
-        )),
-        r => r.map_err(|e| e.to_string()),
-    }
 }
 
 #[cfg(test)]
@@ -454,17 +399,11 @@ mod tests {
     fn formatting() {
         assert_eq!(fmt_mib(256 * MIB), "256.0 MiB");
         assert_eq!(fmt_mib(MIB / 2), "0.5 MiB");
-        assert_eq!(fmt_mib_compact(64 * MIB), "64.0M");
         assert_eq!(fmt_bytes(100), "100 B");
         assert_eq!(fmt_bytes(4 * KIB), "4.0 KiB");
         assert_eq!(fmt_bytes(512 * MIB), "512.0 MiB");
         assert_eq!(fmt_bytes(3 * GIB / 2), "1.50 GiB");
         assert_eq!(fmt_bytes(2 * TIB), "2.00 TiB");
-        assert_eq!(fmt_duration(Duration::from_nanos(250)), "250 ns");
-        assert_eq!(fmt_duration(Duration::from_micros(100)), "100.0 µs");
-        assert_eq!(fmt_duration(Duration::from_millis(500)), "500.0 ms");
-        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.50 s");
-        assert_eq!(fmt_duration(Duration::from_secs(125)), "2m 05.0s");
     }
 
     #[test]
@@ -501,19 +440,5 @@ mod tests {
         assert_eq!(fmt_duration_spec(Duration::from_millis(1250)), "1.25s");
         assert_eq!(fmt_duration_spec(Duration::from_secs(3)), "3s");
         assert_eq!(fmt_duration_spec(Duration::from_millis(500)), "500ms");
-    }
-
-    #[test]
-    fn clap_wrappers() {
-        assert_eq!(size_arg("64K"), Ok(65536));
-        assert!(size_arg("64X").unwrap_err().contains("\"64X\""));
-        assert!(
-            nonzero_size_arg("0")
-                .unwrap_err()
-                .contains("greater than zero")
-        );
-        assert_eq!(duration_arg("2s"), Ok(Duration::from_secs(2)));
-        assert!(nonzero_duration_arg("0s").is_err());
-        assert_eq!(nonzero_duration_arg("1ms"), Ok(Duration::from_millis(1)));
     }
 }
