@@ -44,6 +44,11 @@ use crate::units::{
 pub const DEFAULT_SPEC: &str =
     "alloc 192M; touch 64M write 3s; free 160M; idle 3s; touch 32M write 3s";
 
+/// The longest phase duration: one year (8760h). The guest turns a duration into a TSC deadline;
+/// a year stays far below 2^64 ticks for any TSC rate up to several hundred GHz, so the deadline
+/// cannot wrap.
+pub const MAX_PHASE_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
+
 /// A workload spec that cannot be used.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
 pub enum WorkloadError {
@@ -87,7 +92,7 @@ pub enum PhaseProblem {
     BadDuration(UnitError),
     #[error("duration \"{0}\" is zero{hint}", hint = if *.1 { " (leave the duration out for a single pass)" } else { "" })]
     ZeroDuration(String, bool),
-    #[error("duration \"{0}\" is too long (at most about 584 years)")]
+    #[error("duration \"{0}\" is too long (at most {max}h, one year)", max = MAX_PHASE_DURATION.as_secs() / 3600)]
     DurationTooLong(String),
     #[error("unexpected \"{token}\": {usage}")]
     Unexpected { token: String, usage: &'static str },
@@ -221,35 +226,6 @@ impl Phase {
         }
     }
 
-    /// The keyword: "alloc", "free", "touch", "idle" or "fault".
-    pub fn name(&self) -> &'static str {
-        match self {
-            Phase::Alloc { .. } => "alloc",
-            Phase::Free { .. } => "free",
-            Phase::Touch(_) => "touch",
-            Phase::Idle { .. } => "idle",
-            Phase::Fault => "fault",
-        }
-    }
-
-    /// Pages the phase allocates, frees or touches (0 for idle and fault).
-    pub fn pages(&self) -> u64 {
-        match self {
-            Phase::Alloc { pages } | Phase::Free { pages } => *pages,
-            Phase::Touch(t) => t.pages,
-            Phase::Idle { .. } | Phase::Fault => 0,
-        }
-    }
-
-    /// The phase's set duration, if it has one (timed touch, idle).
-    pub fn duration(&self) -> Option<Duration> {
-        match self {
-            Phase::Touch(t) => t.duration,
-            Phase::Idle { duration } => Some(*duration),
-            _ => None,
-        }
-    }
-
     /// The heap size after this phase, given the size before it.
     fn heap_after(&self, before: u64) -> u64 {
         match self {
@@ -364,40 +340,10 @@ impl Workload {
                 .fold(0, |heap, p| p.heap_after(heap)),
         )
     }
-
-    /// The largest the heap gets, in pages.
-    pub fn peak_heap_pages(&self) -> u64 {
-        self.phases
-            .iter()
-            .scan(0u64, |heap, p| {
-                *heap = p.heap_after(*heap);
-                Some(*heap)
-            })
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// The sum of the set durations (timed touches and idles). Single-pass touches, allocations and
-    /// frees take however long the guest needs and are not included, so this is a lower bound on
-    /// the run time.
-    pub fn total_duration(&self) -> Duration {
-        self.phases
-            .iter()
-            .filter_map(Phase::duration)
-            .fold(Duration::ZERO, Duration::saturating_add)
-    }
-
-    /// The phase table for the boot info.
-    pub fn entries(&self) -> Vec<PhaseEntry> {
-        self.phases.iter().map(Phase::entry).collect()
-    }
-
-    /// The canonical form of the whole workload: the phases' [`Phase`] forms joined by `"; "`.
-    pub fn canonical(&self) -> String {
-        self.to_string()
-    }
 }
 
+/// The canonical form of the whole workload: the phases' [`Phase`] forms joined by `"; "`, which
+/// [`Workload::parse`] reads back to the same phases.
 impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, p) in self.phases.iter().enumerate() {
@@ -470,13 +416,13 @@ fn parse_pages(token: Option<&str>, kind: &'static str) -> Result<u64, PhaseProb
     Ok(bytes / PAGE_SIZE)
 }
 
-/// A non-zero duration that fits the phase table's 64-bit nanoseconds.
+/// A non-zero duration of at most [`MAX_PHASE_DURATION`].
 fn parse_phase_duration(token: &str, in_touch: bool) -> Result<Duration, PhaseProblem> {
     let d = parse_duration(token).map_err(PhaseProblem::BadDuration)?;
     if d.is_zero() {
         return Err(PhaseProblem::ZeroDuration(token.to_string(), in_touch));
     }
-    if u64::try_from(d.as_nanos()).is_err() {
+    if d > MAX_PHASE_DURATION {
         return Err(PhaseProblem::DurationTooLong(token.to_string()));
     }
     Ok(d)
@@ -643,6 +589,10 @@ mod tests {
         Workload::parse(text, RAM)
     }
 
+    fn entries(w: &Workload) -> Vec<PhaseEntry> {
+        w.phases.iter().map(Phase::entry).collect()
+    }
+
     /// The error's message, asserting it is a phase error for `index` with the phase's `text`.
     fn phase_err(spec: &str, index: usize, text: &str) -> (PhaseProblem, String) {
         match parse(spec) {
@@ -677,8 +627,6 @@ mod tests {
         assert_eq!(w.heap_after(2), Some(32 * PAGES_PER_MIB));
         assert_eq!(w.heap_after(4), Some(32 * PAGES_PER_MIB));
         assert_eq!(w.heap_after(5), None);
-        assert_eq!(w.peak_heap_pages(), 192 * PAGES_PER_MIB);
-        assert_eq!(w.total_duration(), Duration::from_secs(9));
         assert_eq!(w.to_string(), DEFAULT_SPEC);
         // It needs 192 MiB of RAM.
         assert!(Workload::parse(DEFAULT_SPEC, 192 * MIB).is_ok());
@@ -739,7 +687,7 @@ mod tests {
             "alloc 8M; touch 8M read random 1.5s hot 25%:75%; touch 4M; free 4M; idle 250ms; fault",
         )
         .unwrap();
-        let e = w.entries();
+        let e = entries(&w);
         assert_eq!(
             e[0],
             PhaseEntry {
@@ -785,7 +733,6 @@ mod tests {
                 ..Default::default()
             }
         );
-        assert_eq!(w.total_duration(), Duration::from_millis(1750));
         assert_eq!(w.heap_after(3), Some(1024));
     }
 
@@ -794,7 +741,7 @@ mod tests {
         let spec = "alloc 1536K; touch 1M read seq; touch 1536K random 1.25s hot 2.5%:50.5%; \
                     free 512K; idle 100us; alloc 1G; touch 1G write 1m; fault";
         let w = Workload::parse(spec, 2 << 30).unwrap();
-        let canon = w.canonical();
+        let canon = w.to_string();
         assert_eq!(
             canon,
             "alloc 1536K; touch 1M read; touch 1536K write random 1.25s hot 2.5%:50.5%; \
@@ -929,9 +876,43 @@ mod tests {
         assert!(msg.contains("\"3q\""), "{msg} {p:?}");
         let (p, _) = phase_err("idle 10000000h", 1, "idle 10000000h");
         assert_eq!(p, PhaseProblem::DurationTooLong("10000000h".into()));
+    }
+
+    #[test]
+    fn durations_are_capped_at_a_year() {
+        // The issue's example: accepted before, and the guest's tick conversion overflowed.
+        let (p, msg) = phase_err("idle 7543427992616ms", 1, "idle 7543427992616ms");
+        assert_eq!(p, PhaseProblem::DurationTooLong("7543427992616ms".into()));
         assert_eq!(
-            parse("idle 3; idle 0.5").unwrap().total_duration(),
-            Duration::from_millis(3500)
+            msg,
+            "phase 1 (\"idle 7543427992616ms\"): duration \"7543427992616ms\" is too long \
+             (at most 8760h, one year)"
+        );
+        let text = "touch 4M 8760.5h";
+        let (p, _) = phase_err(&format!("alloc 4M; {text}"), 2, text);
+        assert_eq!(p, PhaseProblem::DurationTooLong("8760.5h".into()));
+        // Exactly a year is fine, and reaches the phase table as such.
+        let w = parse("idle 8760h; alloc 4M; touch 4M 8760h").unwrap();
+        assert_eq!(
+            entries(&w)[0].duration_ns,
+            MAX_PHASE_DURATION.as_nanos() as u64
+        );
+        assert_eq!(entries(&w)[2].duration_ns, 365 * 24 * 3600 * 1_000_000_000);
+        let (p, _) = phase_err("idle 31536000.000000001s", 1, "idle 31536000.000000001s");
+        assert_eq!(
+            p,
+            PhaseProblem::DurationTooLong("31536000.000000001s".into())
+        );
+        assert_eq!(
+            parse("idle 3; idle 0.5").unwrap().phases,
+            [
+                Phase::Idle {
+                    duration: Duration::from_secs(3)
+                },
+                Phase::Idle {
+                    duration: Duration::from_millis(500)
+                }
+            ]
         );
     }
 
@@ -985,8 +966,8 @@ mod tests {
         );
         assert!(msg.contains("\"1%:90%\""), "{msg}");
         let w = parse("alloc 4M; touch 4M random hot 0.1%:100%").unwrap();
-        assert_eq!(w.entries()[1].hot_pages, 1);
-        assert_eq!(w.entries()[1].hot_permille, 1000);
+        assert_eq!(entries(&w)[1].hot_pages, 1);
+        assert_eq!(entries(&w)[1].hot_permille, 1000);
     }
 
     #[test]
@@ -1022,7 +1003,6 @@ mod tests {
         // Exactly all of RAM is fine; freeing makes room again (LIFO heap).
         let w = parse("alloc 256M; free 56M; alloc 56M; touch 256M; free 256M").unwrap();
         assert_eq!(w.heap_after(4), Some(0));
-        assert_eq!(w.peak_heap_pages(), 256 * PAGES_PER_MIB);
         // A guest RAM size that is not whole pages rounds down.
         assert!(Workload::parse("alloc 8K", 8191).is_err());
         assert!(Workload::parse("alloc 4K", 8191).is_ok());
@@ -1092,7 +1072,7 @@ mod tests {
             let _ = Workload::parse(spec, u64::MAX);
         }
         let w = Workload::parse("alloc 16777215T; touch 16777215T 1s", u64::MAX).unwrap();
-        assert_eq!(w.entries()[1].pages, 16_777_215 << 28);
+        assert_eq!(entries(&w)[1].pages, 16_777_215 << 28);
         assert!(parse("alloc 4M; touch 4M .5s").is_ok());
     }
 }
