@@ -104,7 +104,7 @@ fn run(args: RunArgs) -> Result<(), String> {
     GuestRam::validate_size(args.mem).map_err(|e| format!("--mem: {e}"))?;
     let workload = Workload::parse(&args.workload, args.mem).map_err(|e| e.to_string())?;
     let image = match &args.guest {
-        Some(p) => boot::read_image(p).map_err(|e| e.to_string())?,
+        Some(p) => boot::read_image(p, args.mem).map_err(|e| e.to_string())?,
         None => boot::DEFAULT_GUEST.to_vec(),
     };
     let console: Box<dyn Write + Send> = match &args.console {
