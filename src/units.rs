@@ -441,4 +441,86 @@ mod tests {
         assert_eq!(fmt_duration_spec(Duration::from_secs(3)), "3s");
         assert_eq!(fmt_duration_spec(Duration::from_millis(500)), "500ms");
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A number as the parsers read it: digits, an optional point and fraction.
+        fn number() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<u64>().prop_map(|n| n.to_string()),
+                (0u64..100_000, "[0-9]{1,20}").prop_map(|(i, f)| format!("{i}.{f}")),
+                "[0-9]{0,40}(\\.[0-9]{0,25})?",
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn parsers_never_panic(s in "\\PC{0,40}") {
+                let _ = parse_size(&s);
+                let _ = parse_duration(&s);
+            }
+
+            #[test]
+            fn numbers_with_units_never_panic(
+                n in number(),
+                unit in "(|b|k|kib|M|MB|g|GiB|t|T|x|ns|us|µs|ms|s|m|min|h|sec)",
+                pad in "[ +-]{0,2}",
+            ) {
+                let s = format!("{pad}{n}{unit}");
+                let _ = parse_size(&s);
+                let _ = parse_duration(&s);
+            }
+
+            #[test]
+            fn whole_sizes_are_exact_or_rejected(n in any::<u64>(), k in 0usize..5) {
+                let (mult, suffix) = [(1, ""), (KIB, "K"), (MIB, "M"), (GIB, "G"), (TIB, "T")][k];
+                let text = format!("{n}{suffix}");
+                match n.checked_mul(mult) {
+                    Some(bytes) => prop_assert_eq!(parse_size(&text), Ok(bytes)),
+                    None => prop_assert_eq!(parse_size(&text), Err(UnitError::SizeOverflow(text.clone()))),
+                }
+            }
+
+            #[test]
+            fn whole_durations_are_exact_or_rejected(n in any::<u64>(), k in 0usize..6) {
+                let (unit_ns, suffix) = [
+                    (1u128, "ns"), (1_000, "us"), (1_000_000, "ms"), (1_000_000_000, "s"),
+                    (60_000_000_000, "m"), (3_600_000_000_000, "h"),
+                ][k];
+                let text = format!("{n}{suffix}");
+                let ns = u128::from(n) * unit_ns;
+                match u64::try_from(ns / 1_000_000_000) {
+                    Ok(secs) => prop_assert_eq!(
+                        parse_duration(&text),
+                        Ok(Duration::new(secs, (ns % 1_000_000_000) as u32))
+                    ),
+                    Err(_) => prop_assert_eq!(
+                        parse_duration(&text),
+                        Err(UnitError::DurationOverflow(text.clone()))
+                    ),
+                }
+            }
+
+            #[test]
+            fn size_spec_round_trips(bytes in prop_oneof![
+                any::<u64>(),
+                (any::<u32>(), 0u32..5).prop_map(|(n, k)| u64::from(n) << (10 * k)),
+            ]) {
+                let text = fmt_size_spec(bytes);
+                prop_assert_eq!(parse_size(&text), Ok(bytes), "{}", text);
+            }
+
+            #[test]
+            fn duration_spec_round_trips(
+                secs in prop_oneof![any::<u64>(), 0u64..100_000],
+                nanos in prop_oneof![0u32..1_000_000_000, (0u32..1000).prop_map(|m| m * 1_000_000)],
+            ) {
+                let d = Duration::new(secs, nanos);
+                let text = fmt_duration_spec(d);
+                prop_assert_eq!(parse_duration(&text), Ok(d), "{}", text);
+            }
+        }
+    }
 }

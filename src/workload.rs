@@ -1075,4 +1075,157 @@ mod tests {
         assert_eq!(entries(&w)[1].pages, 16_777_215 << 28);
         assert!(parse("alloc 4M; touch 4M .5s").is_ok());
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Guest RAM for the property tests: large enough that many random specs fit.
+        const BIG_RAM: u64 = 1 << 40;
+
+        /// A token from the grammar's vocabulary, or a near miss.
+        fn token() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => prop::sample::select(vec![
+                    "alloc", "free", "touch", "idle", "fault", "read", "write", "seq", "random",
+                    "hot", ";", ";", ";",
+                ]).prop_map(String::from),
+                3 => (1u64..4096, prop::sample::select(vec!["K", "M", "G", "k", "MiB", "", "T"]))
+                    .prop_map(|(n, u)| format!("{}{u}", n * 4)),
+                3 => (1u64..100_000, prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", ""]))
+                    .prop_map(|(n, u)| format!("{n}{u}")),
+                1 => (0u64..10, 0u64..10).prop_map(|(i, f)| format!("{i}.{f}s")),
+                2 => (0u32..1001, 0u32..1001, any::<bool>()).prop_map(|(p, q, pct)| {
+                    let pc = if pct { "%" } else { "" };
+                    format!("{}.{}{pc}:{}.{}{pc}", p / 10, p % 10, q / 10, q % 10)
+                }),
+                1 => "\\PC{0,6}",
+            ]
+        }
+
+        /// A spec made of vocabulary tokens, which parses often enough to exercise round trips.
+        fn soup() -> impl Strategy<Value = String> {
+            prop::collection::vec(token(), 0..24).prop_map(|t| t.join(" "))
+        }
+
+        /// A spec that must parse: alloc, touch (options in random order and spellings), idle and
+        /// free phases that respect the heap, in non-canonical spellings.
+        fn valid_spec() -> impl Strategy<Value = String> {
+            let size = |pages: u64, style: u8| match style % 3 {
+                0 => format!("{}K", pages * 4),
+                1 => format!("{}", pages * 4096),
+                _ if pages.is_multiple_of(128) => {
+                    format!(
+                        "{}.{}M",
+                        pages / 256,
+                        if pages.is_multiple_of(256) { 0 } else { 5 }
+                    )
+                }
+                _ => format!("{}KiB", pages * 4),
+            };
+            let dur = |ms: u64, style: u8| match style % 3 {
+                0 => format!("{ms}ms"),
+                1 => format!("{}us", ms * 1000),
+                _ => format!("{}.{:03}", ms / 1000, ms % 1000),
+            };
+            prop::collection::vec(
+                (
+                    0u8..4,
+                    1u64..5000,
+                    1u64..100_000,
+                    any::<[u8; 6]>(),
+                    any::<bool>(),
+                ),
+                1..16,
+            )
+            .prop_map(move |raw| {
+                let mut heap = 0u64;
+                let mut out = Vec::new();
+                for (kind, pages, ms, st, flag) in raw {
+                    let phase = match kind {
+                        0 => {
+                            heap += pages;
+                            format!("alloc {}", size(pages, st[0]))
+                        }
+                        1 if heap > 0 => {
+                            let n = pages.min(heap);
+                            let mut opts = vec![size(n, st[0])];
+                            if st[1] % 2 == 0 {
+                                opts.push(if flag { "read" } else { "write" }.into());
+                            }
+                            if st[2] % 2 == 0 {
+                                opts.push(dur(ms, st[3]));
+                            }
+                            let random = st[4] % 3 != 0;
+                            if random {
+                                opts.push("random".into());
+                            } else if st[4] % 2 == 0 {
+                                opts.push("seq".into());
+                            }
+                            if random && n >= 100 && st[5] % 2 == 0 {
+                                opts.push("hot 10%:90.5%".into());
+                            }
+                            // Options after the size in any order.
+                            let rot = usize::from(st[5]) % opts.len().max(1);
+                            let mut rest = opts.split_off(1);
+                            let len = rest.len().max(1);
+                            rest.rotate_left(rot % len);
+                            format!("touch {} {}", opts[0], rest.join("  "))
+                        }
+                        2 if heap > 0 => {
+                            let n = pages.min(heap);
+                            heap -= n;
+                            format!("free\t{}", size(n, st[0]))
+                        }
+                        _ => format!("idle {}", dur(ms, st[3])),
+                    };
+                    out.push(phase);
+                }
+                out.join(" ;")
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn valid_specs_round_trip(s in valid_spec()) {
+                let w = Workload::parse(&s, BIG_RAM);
+                prop_assert!(w.is_ok(), "{:?}: {:?}", s, w);
+                let w = w.unwrap();
+                let canon = w.to_string();
+                let again = Workload::parse(&canon, BIG_RAM);
+                prop_assert_eq!(again.map(|a| a.phases), Ok(w.phases), "{:?} -> {:?}", s, canon);
+            }
+
+            #[test]
+            fn never_panics_on_arbitrary_text(s in "\\PC{0,200}", ram in any::<u64>()) {
+                let _ = Workload::parse(&s, ram);
+            }
+
+            #[test]
+            fn canonical_form_round_trips(s in soup()) {
+                if let Ok(w) = Workload::parse(&s, BIG_RAM) {
+                    let canon = w.to_string();
+                    let again = Workload::parse(&canon, BIG_RAM);
+                    prop_assert_eq!(
+                        again.as_ref().map(|a| &a.phases),
+                        Ok(&w.phases),
+                        "{:?} -> {:?}", s, canon
+                    );
+                    // The canonical form is a fixed point.
+                    prop_assert_eq!(again.unwrap().to_string(), canon);
+                }
+            }
+
+            #[test]
+            fn accepted_durations_fit_the_phase_table(s in soup()) {
+                if let Ok(w) = Workload::parse(&s, BIG_RAM) {
+                    for p in &w.phases {
+                        let e = p.entry();
+                        prop_assert!(e.duration_ns <= MAX_PHASE_DURATION.as_nanos() as u64);
+                        prop_assert!(e.hot_permille <= 1000);
+                    }
+                }
+            }
+        }
+    }
 }
