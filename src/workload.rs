@@ -21,7 +21,8 @@
 //!
 //! SIZE is a [`parse_size`] size (binary units: `64K`, `512M`, `2G`), a non-zero multiple of 4 KiB.
 //! DURATION is a [`parse_duration`] duration (`2s`, `500ms`, `1.5s`; a bare number is seconds),
-//! non-zero. P and Q are percentages with at most one decimal (`2.5%`); the `%` signs are optional.
+//! non-zero and at most [`MAX_PHASE_DURATION`] (a year, 8760h). P and Q are percentages with at
+//! most one decimal (`2.5%`); the `%` signs are optional.
 //!
 //! Besides the syntax, [`Workload::parse`] walks the phases keeping track of the heap: it never
 //! exceeds guest RAM, and `touch`/`free` never reach beyond it. A spec has 1 to [`MAX_PHASES`]

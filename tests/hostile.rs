@@ -390,3 +390,40 @@ fn hostile_mmio_loop_is_stopped_by_timeout() {
     assert_timed_out(&e);
     assert_small_stderr(&e);
 }
+
+#[test]
+fn hostile_phase_duration_beyond_the_tsc_range_keeps_the_guest_busy() {
+    if !common::kvm("hostile_phase_duration_beyond_the_tsc_range_keeps_the_guest_busy") {
+        return;
+    }
+    use memvisor::workload::{Phase, Workload};
+    // The spec parser caps durations at a year, but a phase table written by other means can hold
+    // any u64. Pick the duration whose naive conversion, (ms) * tsc_khz, just passes 2^64 and wraps
+    // to less than a millisecond of ticks: the guest must saturate instead and still be idling
+    // when the timeout stops it.
+    let (probe, _) = common::run_ok("idle 10ms", 16 << 20);
+    let khz = probe.tsc_khz.max(1);
+    let ms = (1u128 << 64).div_ceil(u128::from(khz)) as u64;
+    let mut cfg = common::config("idle 1s", 16 << 20);
+    cfg.workload = Workload {
+        phases: vec![Phase::Idle {
+            duration: Duration::from_millis(ms),
+        }],
+        text: format!("idle {ms}ms"),
+    };
+    cfg.timeout = Some(Duration::from_secs(2));
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(common::run_cfg(cfg).map(|_| ()).map_err(|e| e.to_string()));
+    });
+    let r = rx
+        .recv_timeout(RUN_BOUND)
+        .unwrap_or_else(|_| panic!("the run still going after {RUN_BOUND:?}"));
+    let Err(err) = r else {
+        panic!("the guest ended an idle phase of {ms} ms at once, with success");
+    };
+    assert!(
+        err.contains("did not finish") || err.to_lowercase().contains("timeout"),
+        "{err}"
+    );
+}
