@@ -1,7 +1,7 @@
 # memvisor: build, run, test, lint, bench. `make test` is what CI runs.
 CARGO ?= cargo
 
-.PHONY: build run test lint bench clean
+.PHONY: build run test lint fuzz bench clean
 
 build:
 	$(CARGO) build --release
@@ -15,6 +15,13 @@ test:
 lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
+
+# The property tests (parsers of sizes, durations and workload specs; the report channel, messages
+# and guest images) with many more cases than `make test` runs: about a minute or two.
+FUZZ_CASES ?= 100000
+fuzz:
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --lib props
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --test props
 
 # Figures for README: harvest cost, set-up and overhead by guest size, sampling round cost,
 # estimator accuracy and sampling overhead (a few minutes; needs /dev/kvm).

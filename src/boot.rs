@@ -61,12 +61,208 @@ pub struct LoadedImage {
     pub end: u64,
 }
 
-/// Reads a guest image from a file.
-pub fn read_image(path: &Path) -> Result<Vec<u8>, BootError> {
-    std::fs::read(path).map_err(|source| BootError::ReadImage {
+/// The first bytes of every ELF file.
+const ELF_MAGIC: &[u8; 4] = b"\x7fELF";
+
+/// Reads a guest image of at most `max_bytes` bytes (the guest's RAM) from a file.
+///
+/// Checks before it reads: the path (symlinks followed) must be a regular file, so a FIFO, a
+/// device such as `/dev/zero` or a directory is refused without reading; the file must fit in
+/// `max_bytes` and start with the ELF magic. It is opened with `O_NONBLOCK`, so a path swapped for
+/// a FIFO after the check cannot block either, and the read stops at `max_bytes` whatever the file
+/// does meanwhile.
+pub fn read_image(path: &Path, max_bytes: u64) -> Result<Vec<u8>, BootError> {
+    use std::fs::{File, Metadata, OpenOptions};
+    use std::io::{self, Read};
+    use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+
+    let io_err = |source| BootError::ReadImage {
         path: path.display().to_string(),
         source,
-    })
+    };
+    let check_type = |meta: &Metadata| {
+        let t = meta.file_type();
+        let what = if t.is_file() {
+            return Ok(());
+        } else if t.is_dir() {
+            "a directory"
+        } else if t.is_fifo() {
+            "a FIFO"
+        } else if t.is_char_device() {
+            "a character device"
+        } else if t.is_block_device() {
+            "a block device"
+        } else if t.is_socket() {
+            "a socket"
+        } else {
+            "not a file"
+        };
+        Err(io_err(io::Error::new(
+            io::ErrorKind::InvalidInput,
+            format!("not a regular file ({what})"),
+        )))
+    };
+    let too_big = |len: Option<u64>| {
+        let holds = match len {
+            Some(len) => format!("holds {} ({len} bytes)", fmt_mib(len)),
+            None => "grew while being read to".into(),
+        };
+        BootError::TooBig(format!(
+            "the file {holds}, more than the guest's {} of RAM",
+            fmt_mib(max_bytes)
+        ))
+    };
+
+    check_type(&std::fs::metadata(path).map_err(io_err)?)?;
+    let file: File = OpenOptions::new()
+        .read(true)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(io_err)?;
+    // The same checks on what was opened, in case the path changed since.
+    let meta = file.metadata().map_err(io_err)?;
+    check_type(&meta)?;
+    if meta.len() > max_bytes {
+        return Err(too_big(Some(meta.len())));
+    }
+
+    let mut reader = file.take(max_bytes.saturating_add(1));
+    let mut image = Vec::new();
+    (&mut reader)
+        .take(ELF_MAGIC.len() as u64)
+        .read_to_end(&mut image)
+        .map_err(io_err)?;
+    if image.is_empty() {
+        return Err(BootError::Empty);
+    }
+    if image.as_slice() != ELF_MAGIC {
+        return Err(BootError::NotElf("no ELF magic"));
+    }
+    image.reserve(
+        usize::try_from(meta.len())
+            .unwrap_or(0)
+            .saturating_sub(image.len()),
+    );
+    reader.read_to_end(&mut image).map_err(io_err)?;
+    if image.len() as u64 > max_bytes {
+        return Err(too_big(None));
+    }
+    Ok(image)
+}
+
+#[cfg(test)]
+mod read_image_tests {
+    use super::*;
+    use std::ffi::CString;
+    use std::os::unix::ffi::OsStrExt;
+    use std::path::PathBuf;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    const MIB: u64 = 1 << 20;
+
+    /// `read_image` on another thread, failing the test instead of hanging if it blocks.
+    fn read_bounded(path: PathBuf, max_bytes: u64) -> Result<Vec<u8>, BootError> {
+        let (tx, rx) = mpsc::channel();
+        std::thread::spawn(move || {
+            let _ = tx.send(read_image(&path, max_bytes));
+        });
+        rx.recv_timeout(Duration::from_secs(30))
+            .expect("read_image blocked for 30 s")
+    }
+
+    fn not_regular(r: Result<Vec<u8>, BootError>, what: &str) {
+        let e = r.expect_err("accepted a non-regular file");
+        let msg = e.to_string();
+        assert!(matches!(e, BootError::ReadImage { .. }), "{msg}");
+        assert!(
+            msg.contains("not a regular file") && msg.contains(what),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn reads_a_regular_elf_file_and_follows_symlinks() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("guest.elf");
+        std::fs::write(&p, DEFAULT_GUEST).unwrap();
+        let len = DEFAULT_GUEST.len() as u64;
+        assert_eq!(read_bounded(p.clone(), 256 * MIB).unwrap(), DEFAULT_GUEST);
+        // Exactly at the cap is fine; one byte over is not.
+        assert_eq!(read_bounded(p.clone(), len).unwrap(), DEFAULT_GUEST);
+        let e = read_bounded(p.clone(), len - 1).unwrap_err();
+        assert!(matches!(e, BootError::TooBig(_)), "{e}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        assert_eq!(read_bounded(link, 256 * MIB).unwrap(), DEFAULT_GUEST);
+    }
+
+    #[test]
+    fn a_fifo_is_refused_without_blocking() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("fifo");
+        let c = CString::new(p.as_os_str().as_bytes()).unwrap();
+        // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+        let rc = unsafe { libc::mkfifo(c.as_ptr(), 0o600) };
+        assert_eq!(rc, 0, "mkfifo: {}", std::io::Error::last_os_error());
+        not_regular(read_bounded(p.clone(), 256 * MIB), "a FIFO");
+        // Through a symlink too.
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&p, &link).unwrap();
+        not_regular(read_bounded(link, 256 * MIB), "a FIFO");
+    }
+
+    #[test]
+    fn devices_and_directories_are_refused() {
+        not_regular(
+            read_bounded("/dev/zero".into(), 256 * MIB),
+            "character device",
+        );
+        let dir = tempfile::tempdir().unwrap();
+        not_regular(read_bounded(dir.path().into(), 256 * MIB), "a directory");
+        let link = dir.path().join("zero");
+        std::os::unix::fs::symlink("/dev/zero", &link).unwrap();
+        not_regular(read_bounded(link, 256 * MIB), "character device");
+        let e = read_bounded(dir.path().join("absent"), 256 * MIB).unwrap_err();
+        assert!(e.to_string().contains("No such file"), "{e}");
+    }
+
+    #[test]
+    fn a_sparse_file_beyond_the_cap_is_refused_before_reading() {
+        let dir = tempfile::tempdir().unwrap();
+        let p = dir.path().join("sparse.elf");
+        let f = std::fs::File::create(&p).unwrap();
+        std::io::Write::write_all(&mut &f, ELF_MAGIC).unwrap();
+        f.set_len(4 << 30).unwrap();
+        let e = read_bounded(p, 256 * MIB).unwrap_err();
+        let msg = e.to_string();
+        assert!(matches!(e, BootError::TooBig(_)), "{msg}");
+        assert!(
+            msg.contains("4096.0 MiB") && msg.contains("256.0 MiB"),
+            "{msg}"
+        );
+    }
+
+    #[test]
+    fn a_file_without_elf_magic_is_refused_from_its_first_bytes() {
+        let dir = tempfile::tempdir().unwrap();
+        // 64 GiB of holes under an unlimited cap: reading it all would run out of memory.
+        let p = dir.path().join("huge.txt");
+        let f = std::fs::File::create(&p).unwrap();
+        std::io::Write::write_all(&mut &f, b"#!/bin/sh\n").unwrap();
+        f.set_len(64 << 30).unwrap();
+        let e = read_bounded(p, u64::MAX).unwrap_err();
+        assert!(matches!(e, BootError::NotElf("no ELF magic")), "{e}");
+        // Shorter than the magic, and empty.
+        let short = dir.path().join("short");
+        std::fs::write(&short, b"\x7fEL").unwrap();
+        let e = read_bounded(short, 256 * MIB).unwrap_err();
+        assert!(matches!(e, BootError::NotElf(_)), "{e}");
+        let empty = dir.path().join("empty");
+        std::fs::write(&empty, b"").unwrap();
+        let e = read_bounded(empty, 256 * MIB).unwrap_err();
+        assert!(matches!(e, BootError::Empty), "{e}");
+    }
 }
 
 /// A plain structure copied out of `bytes` at `off`, if it fits.

@@ -3,7 +3,7 @@
 //! ([`RunConfig`]) before anything is built. Every rejection names the option and the bad value.
 
 use std::io::Write;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::{Args, Parser};
@@ -159,7 +159,7 @@ impl RunConfig {
     pub fn new(opts: RunOptions) -> Result<Self, ConfigError> {
         GuestRam::validate_size(opts.mem).map_err(ConfigError::Mem)?;
         let image = match &opts.guest {
-            Some(p) => read_guest(p)?,
+            Some(p) => boot::read_image(p, opts.mem).map_err(ConfigError::Guest)?,
             None if opts.mem > abi::MAX_MEM_BYTES => {
                 return Err(ConfigError::MemForBuiltInGuest(opts.mem));
             }
@@ -216,10 +216,6 @@ impl RunConfig {
     }
 }
 
-fn read_guest(path: &Path) -> Result<Vec<u8>, ConfigError> {
-    boot::read_image(path).map_err(ConfigError::Guest)
-}
-
 fn samplers(
     cycle: &[Option<u64>],
     mem_bytes: u64,
@@ -268,7 +264,8 @@ mod tests {
         assert_eq!(d.workload, DEFAULT_SPEC);
         let cfg = RunConfig::new(d).unwrap();
         assert_eq!(cfg.samplers.len(), 1);
-        assert_eq!(cfg.samplers[0].as_ref().unwrap().samples(), 1000);
+        let mut cfg = cfg;
+        assert_eq!(cfg.samplers[0].as_mut().unwrap().arm().len(), 1000);
     }
 
     #[test]
@@ -298,9 +295,9 @@ mod tests {
     fn no_sampling_and_sample_cycles() {
         let cfg = RunConfig::new(opts(&["--no-sampling"])).unwrap();
         assert!(cfg.samplers[0].is_none());
-        let cfg = cfg.with_sample_cycle(&[None, Some(10), Some(100)]).unwrap();
+        let mut cfg = cfg.with_sample_cycle(&[None, Some(10), Some(100)]).unwrap();
         assert_eq!(cfg.samplers.len(), 3);
-        assert_eq!(cfg.samplers[2].as_ref().unwrap().samples(), 100);
+        assert_eq!(cfg.samplers[2].as_mut().unwrap().arm().len(), 100);
         let cfg = RunConfig::new(opts(&["--mem", "4M", "--workload", "idle 1ms"])).unwrap();
         assert!(cfg.with_sample_cycle(&[Some(1 << 20)]).is_err());
     }

@@ -14,7 +14,6 @@ use rand::{RngExt, SeedableRng};
 use thiserror::Error;
 
 use crate::abi::PAGE_SIZE;
-use crate::stats::Estimate;
 use crate::units::fmt_bytes;
 
 /// Why a sampler could not be set up.
@@ -70,18 +69,8 @@ impl Sampler {
         })
     }
 
-    /// Samples per interval.
-    pub fn samples(&self) -> u64 {
-        self.samples
-    }
-
-    /// Guest pages sampled from.
-    pub fn guest_pages(&self) -> u64 {
-        self.guest_pages
-    }
-
     /// Words (`u64`) in a bitmap with one bit per guest page.
-    pub fn bitmap_words(&self) -> usize {
+    fn bitmap_words(&self) -> usize {
         usize::try_from(self.guest_pages.div_ceil(64)).unwrap_or(usize::MAX)
     }
 
@@ -111,7 +100,7 @@ impl Sampler {
     }
 
     /// Applies `op` to the armed pages' words and bits; pages beyond the end of `words` are
-    /// skipped with a warning (a caller bug: the bitmap should hold [`Sampler::bitmap_words`]).
+    /// skipped with a warning (a caller bug: the bitmap should hold one bit per guest page).
     fn for_each_armed_bit(&self, words: &mut [u64], what: &str, op: impl Fn(&mut u64, u64)) {
         let mut skipped = 0usize;
         for &p in &self.armed {
@@ -132,7 +121,7 @@ impl Sampler {
     }
 
     /// Sets the armed pages' bits in `words` (bit `p % 64` of word `p / 64` for page `p`), leaving
-    /// the other bits alone. `words` should hold [`Sampler::bitmap_words`] words; armed pages past
+    /// the other bits alone. `words` should hold one bit per guest page; armed pages past
     /// its end are skipped (and logged).
     pub fn mask_into(&self, words: &mut [u64]) {
         self.for_each_armed_bit(words, "mask", |w, bit| *w |= bit);
@@ -155,11 +144,6 @@ impl Sampler {
                     .is_some_and(|word| word & (1u64 << (p % 64)) != 0)
             })
             .count() as u64
-    }
-
-    /// The estimate for this interval: the touched count out of the armed pages.
-    pub fn estimate(&self, dirty: &[u64]) -> Estimate {
-        Estimate::from_counts(self.count_touched(dirty), self.armed.len() as u64)
     }
 }
 
@@ -290,9 +274,6 @@ mod tests {
             .count() as u64;
         assert_eq!(s.count_touched(&dirty[..cut]), expect);
         assert_eq!(s.count_touched(&[]), 0);
-        let e = s.estimate(&dirty);
-        assert_eq!((e.t, e.n), (100, 200));
-        assert_eq!(e.fraction, 0.5);
     }
 
     /// Pearson's chi-square statistic of `counts` against equal expected counts.

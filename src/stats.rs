@@ -70,14 +70,6 @@ pub struct Estimate {
     pub high: f64,
 }
 
-/// An [`Estimate`] scaled to a total (pages or bytes), rounded to whole units.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
-pub struct Scaled {
-    pub value: u64,
-    pub low: u64,
-    pub high: u64,
-}
-
 impl Estimate {
     /// The estimate for `t` hits in `n` samples (`t` is capped at `n`).
     pub fn from_counts(t: u64, n: u64) -> Self {
@@ -91,27 +83,6 @@ impl Estimate {
             low,
             high,
         }
-    }
-
-    /// The estimate applied to `total` units (pages, or bytes): e.g. `scale(guest_pages)` is the
-    /// estimated active pages with its interval.
-    pub fn scale(&self, total: u64) -> Scaled {
-        let s = |f: f64| (f * total as f64).round().clamp(0.0, total as f64) as u64;
-        Scaled {
-            value: s(self.fraction),
-            low: s(self.low),
-            high: s(self.high),
-        }
-    }
-
-    /// [`Estimate::scale`] in bytes for a guest of `pages` pages of `page_size` bytes.
-    pub fn scale_pages_to_bytes(&self, pages: u64, page_size: u64) -> Scaled {
-        self.scale(pages.saturating_mul(page_size))
-    }
-
-    /// Half the interval's width, as a fraction: the "±" to print.
-    pub fn margin(&self) -> f64 {
-        (self.high - self.low) / 2.0
     }
 }
 
@@ -201,27 +172,12 @@ impl Smoother {
     }
 
     /// The state after the last update, if any.
-    pub fn current(&self) -> Option<Smoothed> {
+    fn current(&self) -> Option<Smoothed> {
         self.state.map(|(fast, slow)| Smoothed {
             fast,
             slow,
             max: fast.max(slow),
         })
-    }
-
-    /// Forgets all samples.
-    pub fn reset(&mut self) {
-        self.state = None;
-    }
-
-    /// The fast weight.
-    pub fn fast_alpha(&self) -> f64 {
-        self.fast_alpha
-    }
-
-    /// The slow weight.
-    pub fn slow_alpha(&self) -> f64 {
-        self.slow_alpha
     }
 }
 
@@ -281,16 +237,10 @@ mod tests {
     }
 
     #[test]
-    fn estimate_scales() {
+    fn estimate_from_counts() {
         let e = Estimate::from_counts(250, 1000);
         assert_eq!(e.fraction, 0.25);
         assert!(e.low < 0.25 && e.high > 0.25);
-        let s = e.scale(1_000_000);
-        assert_eq!(s.value, 250_000);
-        assert!(s.low < 250_000 && s.high > 250_000);
-        let b = e.scale_pages_to_bytes(1024, 4096);
-        assert_eq!(b.value, 1024 * 4096 / 4);
-        assert!(close(e.margin(), (e.high - e.low) / 2.0, 0.0));
 
         let empty = Estimate::from_counts(0, 0);
         assert_eq!((empty.fraction, empty.low, empty.high), (0.0, 0.0, 1.0));
@@ -343,10 +293,10 @@ mod tests {
 
         // Non-finite samples leave the state alone.
         assert_eq!(s.update(f64::NAN), down);
-        s.reset();
-        assert_eq!(s.current(), None);
-        assert_eq!(s.update(f64::INFINITY).max, 0.0);
-        assert_eq!(s.update(0.7).slow, 0.7);
+        let mut fresh = Smoother::default();
+        assert_eq!(fresh.update(f64::INFINITY).max, 0.0);
+        assert_eq!(fresh.current(), None);
+        assert_eq!(fresh.update(0.7).slow, 0.7);
     }
 
     #[test]

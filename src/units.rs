@@ -204,11 +204,6 @@ pub fn fmt_mib(bytes: u64) -> String {
     format!("{:.1} MiB", bytes as f64 / MIB as f64)
 }
 
-/// Compact MiB for table columns: `"256.0M"`.
-pub fn fmt_mib_compact(bytes: u64) -> String {
-    format!("{:.1}M", bytes as f64 / MIB as f64)
-}
-
 /// `bytes` in the largest binary unit that keeps the number at least 1: `"512 B"`, `"4.0 KiB"`,
 /// `"256.0 MiB"`, `"1.50 GiB"`, `"2.00 TiB"`.
 pub fn fmt_bytes(bytes: u64) -> String {
@@ -237,24 +232,6 @@ pub fn fmt_size_spec(bytes: u64) -> String {
     bytes.to_string()
 }
 
-/// A duration for people: `"1.50 s"`, `"500.0 ms"`, `"100.0 µs"`, `"250 ns"`, `"2m 05.0s"`.
-pub fn fmt_duration(d: Duration) -> String {
-    let ns = d.as_nanos();
-    if ns < 1_000 {
-        format!("{ns} ns")
-    } else if ns < 1_000_000 {
-        format!("{:.1} µs", ns as f64 / 1e3)
-    } else if ns < 1_000_000_000 {
-        format!("{:.1} ms", ns as f64 / 1e6)
-    } else if d.as_secs() < 60 {
-        format!("{:.2} s", d.as_secs_f64())
-    } else {
-        let mins = d.as_secs() / 60;
-        let secs = d.as_secs_f64() - (mins * 60) as f64;
-        format!("{mins}m {secs:04.1}s")
-    }
-}
-
 /// A duration exactly, in the form [`parse_duration`] reads back: `"2s"`, `"1.5s"`, `"500ms"`,
 /// `"100us"`, `"250ns"`, `"0s"`.
 pub fn fmt_duration_spec(d: Duration) -> String {
@@ -277,38 +254,6 @@ pub fn fmt_duration_spec(d: Duration) -> String {
         }
     }
     format!("{ns}ns")
-}
-
-/// [`parse_size`] for clap's `value_parser`.
-pub fn size_arg(s: &str) -> Result<u64, String> {
-    parse_size(s).map_err(|e| e.to_string())
-}
-
-/// [`parse_size`] for clap's `value_parser`, rejecting zero.
-pub fn nonzero_size_arg(s: &str) -> Result<u64, String> {
-    match parse_size(s) {
-        Ok(0) => Err(format!(
-            "bad size \"{}\": must be greater than zero",
-            s.trim()
-        )),
-        r => r.map_err(|e| e.to_string()),
-    }
-}
-
-/// [`parse_duration`] for clap's `value_parser`.
-pub fn duration_arg(s: &str) -> Result<Duration, String> {
-    parse_duration(s).map_err(|e| e.to_string())
-}
-
-/// [`parse_duration`] for clap's `value_parser`, rejecting zero.
-pub fn nonzero_duration_arg(s: &str) -> Result<Duration, String> {
-    match parse_duration(s) {
-        Ok(d) if d.is_zero() => Err(format!(
-            "bad duration \"{}\": must be greater than zero",
-            s.trim()
-        )),
-        r => r.map_err(|e| e.to_string()),
-    }
 }
 
 #[cfg(test)]
@@ -454,17 +399,11 @@ mod tests {
     fn formatting() {
         assert_eq!(fmt_mib(256 * MIB), "256.0 MiB");
         assert_eq!(fmt_mib(MIB / 2), "0.5 MiB");
-        assert_eq!(fmt_mib_compact(64 * MIB), "64.0M");
         assert_eq!(fmt_bytes(100), "100 B");
         assert_eq!(fmt_bytes(4 * KIB), "4.0 KiB");
         assert_eq!(fmt_bytes(512 * MIB), "512.0 MiB");
         assert_eq!(fmt_bytes(3 * GIB / 2), "1.50 GiB");
         assert_eq!(fmt_bytes(2 * TIB), "2.00 TiB");
-        assert_eq!(fmt_duration(Duration::from_nanos(250)), "250 ns");
-        assert_eq!(fmt_duration(Duration::from_micros(100)), "100.0 µs");
-        assert_eq!(fmt_duration(Duration::from_millis(500)), "500.0 ms");
-        assert_eq!(fmt_duration(Duration::from_millis(1500)), "1.50 s");
-        assert_eq!(fmt_duration(Duration::from_secs(125)), "2m 05.0s");
     }
 
     #[test]
@@ -503,17 +442,85 @@ mod tests {
         assert_eq!(fmt_duration_spec(Duration::from_millis(500)), "500ms");
     }
 
-    #[test]
-    fn clap_wrappers() {
-        assert_eq!(size_arg("64K"), Ok(65536));
-        assert!(size_arg("64X").unwrap_err().contains("\"64X\""));
-        assert!(
-            nonzero_size_arg("0")
-                .unwrap_err()
-                .contains("greater than zero")
-        );
-        assert_eq!(duration_arg("2s"), Ok(Duration::from_secs(2)));
-        assert!(nonzero_duration_arg("0s").is_err());
-        assert_eq!(nonzero_duration_arg("1ms"), Ok(Duration::from_millis(1)));
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A number as the parsers read it: digits, an optional point and fraction.
+        fn number() -> impl Strategy<Value = String> {
+            prop_oneof![
+                any::<u64>().prop_map(|n| n.to_string()),
+                (0u64..100_000, "[0-9]{1,20}").prop_map(|(i, f)| format!("{i}.{f}")),
+                "[0-9]{0,40}(\\.[0-9]{0,25})?",
+            ]
+        }
+
+        proptest! {
+            #[test]
+            fn parsers_never_panic(s in "\\PC{0,40}") {
+                let _ = parse_size(&s);
+                let _ = parse_duration(&s);
+            }
+
+            #[test]
+            fn numbers_with_units_never_panic(
+                n in number(),
+                unit in "(|b|k|kib|M|MB|g|GiB|t|T|x|ns|us|µs|ms|s|m|min|h|sec)",
+                pad in "[ +-]{0,2}",
+            ) {
+                let s = format!("{pad}{n}{unit}");
+                let _ = parse_size(&s);
+                let _ = parse_duration(&s);
+            }
+
+            #[test]
+            fn whole_sizes_are_exact_or_rejected(n in any::<u64>(), k in 0usize..5) {
+                let (mult, suffix) = [(1, ""), (KIB, "K"), (MIB, "M"), (GIB, "G"), (TIB, "T")][k];
+                let text = format!("{n}{suffix}");
+                match n.checked_mul(mult) {
+                    Some(bytes) => prop_assert_eq!(parse_size(&text), Ok(bytes)),
+                    None => prop_assert_eq!(parse_size(&text), Err(UnitError::SizeOverflow(text.clone()))),
+                }
+            }
+
+            #[test]
+            fn whole_durations_are_exact_or_rejected(n in any::<u64>(), k in 0usize..6) {
+                let (unit_ns, suffix) = [
+                    (1u128, "ns"), (1_000, "us"), (1_000_000, "ms"), (1_000_000_000, "s"),
+                    (60_000_000_000, "m"), (3_600_000_000_000, "h"),
+                ][k];
+                let text = format!("{n}{suffix}");
+                let ns = u128::from(n) * unit_ns;
+                match u64::try_from(ns / 1_000_000_000) {
+                    Ok(secs) => prop_assert_eq!(
+                        parse_duration(&text),
+                        Ok(Duration::new(secs, (ns % 1_000_000_000) as u32))
+                    ),
+                    Err(_) => prop_assert_eq!(
+                        parse_duration(&text),
+                        Err(UnitError::DurationOverflow(text.clone()))
+                    ),
+                }
+            }
+
+            #[test]
+            fn size_spec_round_trips(bytes in prop_oneof![
+                any::<u64>(),
+                (any::<u32>(), 0u32..5).prop_map(|(n, k)| u64::from(n) << (10 * k)),
+            ]) {
+                let text = fmt_size_spec(bytes);
+                prop_assert_eq!(parse_size(&text), Ok(bytes), "{}", text);
+            }
+
+            #[test]
+            fn duration_spec_round_trips(
+                secs in prop_oneof![any::<u64>(), 0u64..100_000],
+                nanos in prop_oneof![0u32..1_000_000_000, (0u32..1000).prop_map(|m| m * 1_000_000)],
+            ) {
+                let d = Duration::new(secs, nanos);
+                let text = fmt_duration_spec(d);
+                prop_assert_eq!(parse_duration(&text), Ok(d), "{}", text);
+            }
+        }
     }
 }

@@ -21,7 +21,8 @@
 //!
 //! SIZE is a [`parse_size`] size (binary units: `64K`, `512M`, `2G`), a non-zero multiple of 4 KiB.
 //! DURATION is a [`parse_duration`] duration (`2s`, `500ms`, `1.5s`; a bare number is seconds),
-//! non-zero. P and Q are percentages with at most one decimal (`2.5%`); the `%` signs are optional.
+//! non-zero and at most [`MAX_PHASE_DURATION`] (a year, 8760h). P and Q are percentages with at
+//! most one decimal (`2.5%`); the `%` signs are optional.
 //!
 //! Besides the syntax, [`Workload::parse`] walks the phases keeping track of the heap: it never
 //! exceeds guest RAM, and `touch`/`free` never reach beyond it. A spec has 1 to [`MAX_PHASES`]
@@ -43,6 +44,11 @@ use crate::units::{
 /// The default story: allocate, work on a subset, free most, idle, work again.
 pub const DEFAULT_SPEC: &str =
     "alloc 192M; touch 64M write 3s; free 160M; idle 3s; touch 32M write 3s";
+
+/// The longest phase duration: one year (8760h). The guest turns a duration into a TSC deadline;
+/// a year stays far below 2^64 ticks for any TSC rate up to several hundred GHz, so the deadline
+/// cannot wrap.
+pub const MAX_PHASE_DURATION: Duration = Duration::from_secs(365 * 24 * 3600);
 
 /// A workload spec that cannot be used.
 #[derive(Debug, Error, Clone, PartialEq, Eq)]
@@ -87,7 +93,7 @@ pub enum PhaseProblem {
     BadDuration(UnitError),
     #[error("duration \"{0}\" is zero{hint}", hint = if *.1 { " (leave the duration out for a single pass)" } else { "" })]
     ZeroDuration(String, bool),
-    #[error("duration \"{0}\" is too long (at most about 584 years)")]
+    #[error("duration \"{0}\" is too long (at most {max}h, one year)", max = MAX_PHASE_DURATION.as_secs() / 3600)]
     DurationTooLong(String),
     #[error("unexpected \"{token}\": {usage}")]
     Unexpected { token: String, usage: &'static str },
@@ -222,35 +228,6 @@ impl Phase {
         }
     }
 
-    /// The keyword: "alloc", "free", "touch", "idle" or "fault".
-    pub fn name(&self) -> &'static str {
-        match self {
-            Phase::Alloc { .. } => "alloc",
-            Phase::Free { .. } => "free",
-            Phase::Touch(_) => "touch",
-            Phase::Idle { .. } => "idle",
-            Phase::Fault => "fault",
-        }
-    }
-
-    /// Pages the phase allocates, frees or touches (0 for idle and fault).
-    pub fn pages(&self) -> u64 {
-        match self {
-            Phase::Alloc { pages } | Phase::Free { pages } => *pages,
-            Phase::Touch(t) => t.pages,
-            Phase::Idle { .. } | Phase::Fault => 0,
-        }
-    }
-
-    /// The phase's set duration, if it has one (timed touch, idle).
-    pub fn duration(&self) -> Option<Duration> {
-        match self {
-            Phase::Touch(t) => t.duration,
-            Phase::Idle { duration } => Some(*duration),
-            _ => None,
-        }
-    }
-
     /// The heap size after this phase, given the size before it.
     fn heap_after(&self, before: u64) -> u64 {
         match self {
@@ -365,40 +342,10 @@ impl Workload {
                 .fold(0, |heap, p| p.heap_after(heap)),
         )
     }
-
-    /// The largest the heap gets, in pages.
-    pub fn peak_heap_pages(&self) -> u64 {
-        self.phases
-            .iter()
-            .scan(0u64, |heap, p| {
-                *heap = p.heap_after(*heap);
-                Some(*heap)
-            })
-            .max()
-            .unwrap_or(0)
-    }
-
-    /// The sum of the set durations (timed touches and idles). Single-pass touches, allocations and
-    /// frees take however long the guest needs and are not included, so this is a lower bound on
-    /// the run time.
-    pub fn total_duration(&self) -> Duration {
-        self.phases
-            .iter()
-            .filter_map(Phase::duration)
-            .fold(Duration::ZERO, Duration::saturating_add)
-    }
-
-    /// The phase table for the boot info.
-    pub fn entries(&self) -> Vec<PhaseEntry> {
-        self.phases.iter().map(Phase::entry).collect()
-    }
-
-    /// The canonical form of the whole workload: the phases' [`Phase`] forms joined by `"; "`.
-    pub fn canonical(&self) -> String {
-        self.to_string()
-    }
 }
 
+/// The canonical form of the whole workload: the phases' [`Phase`] forms joined by `"; "`, which
+/// [`Workload::parse`] reads back to the same phases.
 impl fmt::Display for Workload {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         for (i, p) in self.phases.iter().enumerate() {
@@ -471,13 +418,13 @@ fn parse_pages(token: Option<&str>, kind: &'static str) -> Result<u64, PhaseProb
     Ok(bytes / PAGE_SIZE)
 }
 
-/// A non-zero duration that fits the phase table's 64-bit nanoseconds.
+/// A non-zero duration of at most [`MAX_PHASE_DURATION`].
 fn parse_phase_duration(token: &str, in_touch: bool) -> Result<Duration, PhaseProblem> {
     let d = parse_duration(token).map_err(PhaseProblem::BadDuration)?;
     if d.is_zero() {
         return Err(PhaseProblem::ZeroDuration(token.to_string(), in_touch));
     }
-    if u64::try_from(d.as_nanos()).is_err() {
+    if d > MAX_PHASE_DURATION {
         return Err(PhaseProblem::DurationTooLong(token.to_string()));
     }
     Ok(d)
@@ -644,6 +591,10 @@ mod tests {
         Workload::parse(text, RAM)
     }
 
+    fn entries(w: &Workload) -> Vec<PhaseEntry> {
+        w.phases.iter().map(Phase::entry).collect()
+    }
+
     /// The error's message, asserting it is a phase error for `index` with the phase's `text`.
     fn phase_err(spec: &str, index: usize, text: &str) -> (PhaseProblem, String) {
         match parse(spec) {
@@ -678,8 +629,6 @@ mod tests {
         assert_eq!(w.heap_after(2), Some(32 * PAGES_PER_MIB));
         assert_eq!(w.heap_after(4), Some(32 * PAGES_PER_MIB));
         assert_eq!(w.heap_after(5), None);
-        assert_eq!(w.peak_heap_pages(), 192 * PAGES_PER_MIB);
-        assert_eq!(w.total_duration(), Duration::from_secs(9));
         assert_eq!(w.to_string(), DEFAULT_SPEC);
         // It needs 192 MiB of RAM.
         assert!(Workload::parse(DEFAULT_SPEC, 192 * MIB).is_ok());
@@ -740,7 +689,7 @@ mod tests {
             "alloc 8M; touch 8M read random 1.5s hot 25%:75%; touch 4M; free 4M; idle 250ms; fault",
         )
         .unwrap();
-        let e = w.entries();
+        let e = entries(&w);
         assert_eq!(
             e[0],
             PhaseEntry {
@@ -787,7 +736,6 @@ mod tests {
                 ..Default::default()
             }
         );
-        assert_eq!(w.total_duration(), Duration::from_millis(1750));
         assert_eq!(w.heap_after(3), Some(1024));
     }
 
@@ -796,7 +744,7 @@ mod tests {
         let spec = "alloc 1536K; touch 1M read seq; touch 1536K random 1.25s hot 2.5%:50.5%; \
                     free 512K; idle 100us; alloc 1G; touch 1G write 1m; fault";
         let w = Workload::parse(spec, 2 << 30).unwrap();
-        let canon = w.canonical();
+        let canon = w.to_string();
         assert_eq!(
             canon,
             "alloc 1536K; touch 1M read; touch 1536K write random 1.25s hot 2.5%:50.5%; \
@@ -931,9 +879,43 @@ mod tests {
         assert!(msg.contains("\"3q\""), "{msg} {p:?}");
         let (p, _) = phase_err("idle 10000000h", 1, "idle 10000000h");
         assert_eq!(p, PhaseProblem::DurationTooLong("10000000h".into()));
+    }
+
+    #[test]
+    fn durations_are_capped_at_a_year() {
+        // The issue's example: accepted before, and the guest's tick conversion overflowed.
+        let (p, msg) = phase_err("idle 7543427992616ms", 1, "idle 7543427992616ms");
+        assert_eq!(p, PhaseProblem::DurationTooLong("7543427992616ms".into()));
         assert_eq!(
-            parse("idle 3; idle 0.5").unwrap().total_duration(),
-            Duration::from_millis(3500)
+            msg,
+            "phase 1 (\"idle 7543427992616ms\"): duration \"7543427992616ms\" is too long \
+             (at most 8760h, one year)"
+        );
+        let text = "touch 4M 8760.5h";
+        let (p, _) = phase_err(&format!("alloc 4M; {text}"), 2, text);
+        assert_eq!(p, PhaseProblem::DurationTooLong("8760.5h".into()));
+        // Exactly a year is fine, and reaches the phase table as such.
+        let w = parse("idle 8760h; alloc 4M; touch 4M 8760h").unwrap();
+        assert_eq!(
+            entries(&w)[0].duration_ns,
+            MAX_PHASE_DURATION.as_nanos() as u64
+        );
+        assert_eq!(entries(&w)[2].duration_ns, 365 * 24 * 3600 * 1_000_000_000);
+        let (p, _) = phase_err("idle 31536000.000000001s", 1, "idle 31536000.000000001s");
+        assert_eq!(
+            p,
+            PhaseProblem::DurationTooLong("31536000.000000001s".into())
+        );
+        assert_eq!(
+            parse("idle 3; idle 0.5").unwrap().phases,
+            [
+                Phase::Idle {
+                    duration: Duration::from_secs(3)
+                },
+                Phase::Idle {
+                    duration: Duration::from_millis(500)
+                }
+            ]
         );
     }
 
@@ -987,8 +969,8 @@ mod tests {
         );
         assert!(msg.contains("\"1%:90%\""), "{msg}");
         let w = parse("alloc 4M; touch 4M random hot 0.1%:100%").unwrap();
-        assert_eq!(w.entries()[1].hot_pages, 1);
-        assert_eq!(w.entries()[1].hot_permille, 1000);
+        assert_eq!(entries(&w)[1].hot_pages, 1);
+        assert_eq!(entries(&w)[1].hot_permille, 1000);
     }
 
     #[test]
@@ -1024,7 +1006,6 @@ mod tests {
         // Exactly all of RAM is fine; freeing makes room again (LIFO heap).
         let w = parse("alloc 256M; free 56M; alloc 56M; touch 256M; free 256M").unwrap();
         assert_eq!(w.heap_after(4), Some(0));
-        assert_eq!(w.peak_heap_pages(), 256 * PAGES_PER_MIB);
         // A guest RAM size that is not whole pages rounds down.
         assert!(Workload::parse("alloc 8K", 8191).is_err());
         assert!(Workload::parse("alloc 4K", 8191).is_ok());
@@ -1094,7 +1075,160 @@ mod tests {
             let _ = Workload::parse(spec, u64::MAX);
         }
         let w = Workload::parse("alloc 16777215T; touch 16777215T 1s", u64::MAX).unwrap();
-        assert_eq!(w.entries()[1].pages, 16_777_215 << 28);
+        assert_eq!(entries(&w)[1].pages, 16_777_215 << 28);
         assert!(parse("alloc 4M; touch 4M .5s").is_ok());
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// Guest RAM for the property tests: large enough that many random specs fit.
+        const BIG_RAM: u64 = 1 << 40;
+
+        /// A token from the grammar's vocabulary, or a near miss.
+        fn token() -> impl Strategy<Value = String> {
+            prop_oneof![
+                4 => prop::sample::select(vec![
+                    "alloc", "free", "touch", "idle", "fault", "read", "write", "seq", "random",
+                    "hot", ";", ";", ";",
+                ]).prop_map(String::from),
+                3 => (1u64..4096, prop::sample::select(vec!["K", "M", "G", "k", "MiB", "", "T"]))
+                    .prop_map(|(n, u)| format!("{}{u}", n * 4)),
+                3 => (1u64..100_000, prop::sample::select(vec!["ns", "us", "ms", "s", "m", "h", ""]))
+                    .prop_map(|(n, u)| format!("{n}{u}")),
+                1 => (0u64..10, 0u64..10).prop_map(|(i, f)| format!("{i}.{f}s")),
+                2 => (0u32..1001, 0u32..1001, any::<bool>()).prop_map(|(p, q, pct)| {
+                    let pc = if pct { "%" } else { "" };
+                    format!("{}.{}{pc}:{}.{}{pc}", p / 10, p % 10, q / 10, q % 10)
+                }),
+                1 => "\\PC{0,6}",
+            ]
+        }
+
+        /// A spec made of vocabulary tokens, which parses often enough to exercise round trips.
+        fn soup() -> impl Strategy<Value = String> {
+            prop::collection::vec(token(), 0..24).prop_map(|t| t.join(" "))
+        }
+
+        /// A spec that must parse: alloc, touch (options in random order and spellings), idle and
+        /// free phases that respect the heap, in non-canonical spellings.
+        fn valid_spec() -> impl Strategy<Value = String> {
+            let size = |pages: u64, style: u8| match style % 3 {
+                0 => format!("{}K", pages * 4),
+                1 => format!("{}", pages * 4096),
+                _ if pages.is_multiple_of(128) => {
+                    format!(
+                        "{}.{}M",
+                        pages / 256,
+                        if pages.is_multiple_of(256) { 0 } else { 5 }
+                    )
+                }
+                _ => format!("{}KiB", pages * 4),
+            };
+            let dur = |ms: u64, style: u8| match style % 3 {
+                0 => format!("{ms}ms"),
+                1 => format!("{}us", ms * 1000),
+                _ => format!("{}.{:03}", ms / 1000, ms % 1000),
+            };
+            prop::collection::vec(
+                (
+                    0u8..4,
+                    1u64..5000,
+                    1u64..100_000,
+                    any::<[u8; 6]>(),
+                    any::<bool>(),
+                ),
+                1..16,
+            )
+            .prop_map(move |raw| {
+                let mut heap = 0u64;
+                let mut out = Vec::new();
+                for (kind, pages, ms, st, flag) in raw {
+                    let phase = match kind {
+                        0 => {
+                            heap += pages;
+                            format!("alloc {}", size(pages, st[0]))
+                        }
+                        1 if heap > 0 => {
+                            let n = pages.min(heap);
+                            let mut opts = vec![size(n, st[0])];
+                            if st[1] % 2 == 0 {
+                                opts.push(if flag { "read" } else { "write" }.into());
+                            }
+                            if st[2] % 2 == 0 {
+                                opts.push(dur(ms, st[3]));
+                            }
+                            let random = st[4] % 3 != 0;
+                            if random {
+                                opts.push("random".into());
+                            } else if st[4] % 2 == 0 {
+                                opts.push("seq".into());
+                            }
+                            if random && n >= 100 && st[5] % 2 == 0 {
+                                opts.push("hot 10%:90.5%".into());
+                            }
+                            // Options after the size in any order.
+                            let rot = usize::from(st[5]) % opts.len().max(1);
+                            let mut rest = opts.split_off(1);
+                            let len = rest.len().max(1);
+                            rest.rotate_left(rot % len);
+                            format!("touch {} {}", opts[0], rest.join("  "))
+                        }
+                        2 if heap > 0 => {
+                            let n = pages.min(heap);
+                            heap -= n;
+                            format!("free\t{}", size(n, st[0]))
+                        }
+                        _ => format!("idle {}", dur(ms, st[3])),
+                    };
+                    out.push(phase);
+                }
+                out.join(" ;")
+            })
+        }
+
+        proptest! {
+            #[test]
+            fn valid_specs_round_trip(s in valid_spec()) {
+                let w = Workload::parse(&s, BIG_RAM);
+                prop_assert!(w.is_ok(), "{:?}: {:?}", s, w);
+                let w = w.unwrap();
+                let canon = w.to_string();
+                let again = Workload::parse(&canon, BIG_RAM);
+                prop_assert_eq!(again.map(|a| a.phases), Ok(w.phases), "{:?} -> {:?}", s, canon);
+            }
+
+            #[test]
+            fn never_panics_on_arbitrary_text(s in "\\PC{0,200}", ram in any::<u64>()) {
+                let _ = Workload::parse(&s, ram);
+            }
+
+            #[test]
+            fn canonical_form_round_trips(s in soup()) {
+                if let Ok(w) = Workload::parse(&s, BIG_RAM) {
+                    let canon = w.to_string();
+                    let again = Workload::parse(&canon, BIG_RAM);
+                    prop_assert_eq!(
+                        again.as_ref().map(|a| &a.phases),
+                        Ok(&w.phases),
+                        "{:?} -> {:?}", s, canon
+                    );
+                    // The canonical form is a fixed point.
+                    prop_assert_eq!(again.unwrap().to_string(), canon);
+                }
+            }
+
+            #[test]
+            fn accepted_durations_fit_the_phase_table(s in soup()) {
+                if let Ok(w) = Workload::parse(&s, BIG_RAM) {
+                    for p in &w.phases {
+                        let e = p.entry();
+                        prop_assert!(e.duration_ns <= MAX_PHASE_DURATION.as_nanos() as u64);
+                        prop_assert!(e.hot_permille <= 1000);
+                    }
+                }
+            }
+        }
     }
 }

@@ -58,14 +58,35 @@ static inline u64 sys(u64 nr, u64 a0)
     return nr;
 }
 
-static u64 ns_to_ticks(u64 ns)
+/* a + b, or U64_MAX when it does not fit. */
+static inline u64 sat_add(u64 a, u64 b)
 {
-    return (ns / 1000000) * tsc_khz + (ns % 1000000) * tsc_khz / 1000000;
+    u64 r;
+    return __builtin_add_overflow(a, b, &r) ? U64_MAX : r;
 }
 
+/* a * b, or U64_MAX when it does not fit. */
+static inline u64 sat_mul(u64 a, u64 b)
+{
+    u64 r;
+    return __builtin_mul_overflow(a, b, &r) ? U64_MAX : r;
+}
+
+/* TSC ticks in ns nanoseconds, saturating at U64_MAX (never wraps to a short deadline). Whole
+ * seconds and the sub-second rest are converted apart; the rest's products stay below
+ * 1e6 * tsc_khz, far from overflow for any real TSC rate. */
+static u64 ns_to_ticks(u64 ns)
+{
+    u64 secs = ns / 1000000000, rest = ns % 1000000000;
+    u64 whole = sat_mul(sat_mul(secs, tsc_khz), 1000);
+    u64 part = rest / 1000000 * tsc_khz + rest % 1000000 * tsc_khz / 1000000;
+    return sat_add(whole, part);
+}
+
+/* Nanoseconds in t TSC ticks, saturating at U64_MAX. */
 static u64 ticks_to_ns(u64 t)
 {
-    return (t / tsc_khz) * 1000000 + (t % tsc_khz) * 1000000 / tsc_khz;
+    return sat_add(sat_mul(t / tsc_khz, 1000000), t % tsc_khz * 1000000 / tsc_khz);
 }
 
 /* xorshift64* */
@@ -188,7 +209,7 @@ static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
     int random = flags & PHASE_F_RANDOM;
     int split = hot && hot < n;
     u64 total = duration ? U64_MAX : n; /* duration 0: one pass of n accesses */
-    u64 deadline = duration ? rdtsc() + ns_to_ticks(duration) : 0;
+    u64 deadline = duration ? sat_add(rdtsc(), ns_to_ticks(duration)) : 0;
     u64 seq = 0, seq_hot = 0, seq_cold = hot, acc = 0, done = 0;
     while (done < total) {
         u64 batch = total - done < DEADLINE_CHECK_EVERY ? total - done : DEADLINE_CHECK_EVERY;
@@ -236,7 +257,7 @@ static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
 
 static void phase_idle(u64 duration)
 {
-    u64 deadline = rdtsc() + ns_to_ticks(duration);
+    u64 deadline = sat_add(rdtsc(), ns_to_ticks(duration));
     for (;;) {
         check_interval();
         u64 now = rdtsc();

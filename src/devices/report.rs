@@ -121,4 +121,38 @@ mod tests {
         c.read(0, &mut d);
         assert_eq!(d, [0xff, 0xff]);
     }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        proptest! {
+            #[test]
+            fn any_access_is_decoded_or_rejected_never_a_panic(
+                ram in prop_oneof![any::<u64>(), 0u64..(1 << 33)],
+                writes in prop::collection::vec(
+                    (prop_oneof![Just(0u16), any::<u16>()], prop::collection::vec(any::<u8>(), 0..9)),
+                    1..50,
+                ),
+            ) {
+                let mut c = ReportChannel::new(ram);
+                for (i, (offset, data)) in writes.iter().enumerate() {
+                    let r = c.write(*offset, data);
+                    let valid = *offset == 0 && data.len() == 4 && {
+                        let addr = u64::from(u32::from_le_bytes(data[..4].try_into().unwrap()));
+                        addr % 8 == 0 && addr + MSG_SIZE as u64 <= ram
+                    };
+                    match r {
+                        Ok(addr) => {
+                            prop_assert!(valid);
+                            prop_assert_eq!(addr.to_le_bytes()[..4].to_vec(), data.clone());
+                        }
+                        Err(_) => prop_assert!(!valid),
+                    }
+                    prop_assert_eq!(c.accepted + c.errors, i as u64 + 1);
+                    prop_assert_eq!(c.first_error.is_some(), c.errors > 0);
+                }
+            }
+        }
+    }
 }

@@ -1,0 +1,434 @@
+//! Hostile guests: tiny ring-0 programs, assembled at test time with the toolchain that builds the
+//! real guest, that do what a well-behaved guest never does. Each must end with a clear error or a
+//! bounded correct run: never a panic (exit code 101) and never a hang (every run has a wall-clock
+//! bound here and is killed and failed past it).
+//!
+//! The guests start as `docs/abi.md` says: 64-bit long mode, ring 0, the low 1 GiB identity
+//! mapped, interrupts off, no IDT. Their code is loaded at 1 MiB (`common::tiny_elf`).
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, ExitStatus, Stdio};
+use std::time::{Duration, Instant};
+
+use common::tiny_elf;
+
+/// Wall-clock bound for one memvisor run: generous, since two cores are shared by parallel builds;
+/// a hang is infinitely longer.
+const RUN_BOUND: Duration = Duration::from_secs(90);
+
+/// Guest RAM for the assembled guests; addresses from 16 MiB to 1 GiB are identity mapped but not
+/// RAM, so accesses there are MMIO exits.
+const MEM: &str = "16M";
+
+/// A scratch address in guest RAM, away from the image at 1 MiB.
+const SCRATCH: u64 = 0x20_0000;
+
+/// A tool from the guest toolchain (`GUEST_CC` etc., as `build.rs` reads them).
+fn tool(var: &str, default: &str) -> String {
+    std::env::var(var).unwrap_or_else(|_| default.to_string())
+}
+
+fn run_tool(cmd: &mut Command) {
+    let shown = format!("{cmd:?}");
+    let out = cmd
+        .output()
+        .unwrap_or_else(|e| panic!("cannot run {shown}: {e}"));
+    assert!(
+        out.status.success(),
+        "{shown} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+/// Assembles 64-bit AT&T `body` (entry at its first instruction), links it at 1 MiB, flattens it
+/// and wraps it in an ELF image written to `dir`. Returns the image's path.
+fn assemble(dir: &Path, name: &str, body: &str) -> PathBuf {
+    let src = dir.join(format!("{name}.S"));
+    let obj = dir.join(format!("{name}.o"));
+    let elf = dir.join(format!("{name}.elf"));
+    let bin = dir.join(format!("{name}.bin"));
+    let text = format!(
+        "        .code64\n        .text\n        .globl _start\n_start:\n{body}\n\
+         \n        .section .note.GNU-stack, \"\", @progbits\n"
+    );
+    std::fs::write(&src, text).unwrap();
+    run_tool(
+        Command::new(tool("GUEST_CC", "gcc"))
+            .args(["-c", "-nostdlib", "-fno-pic"])
+            .arg(&src)
+            .arg("-o")
+            .arg(&obj),
+    );
+    run_tool(
+        Command::new(tool("GUEST_LD", "ld"))
+            .args([
+                "-nostdlib",
+                "-static",
+                "--no-dynamic-linker",
+                "--build-id=none",
+                "-Ttext=0x100000",
+                "-o",
+            ])
+            .arg(&elf)
+            .arg(&obj),
+    );
+    run_tool(
+        Command::new(tool("GUEST_OBJCOPY", "objcopy"))
+            .args(["-O", "binary", "-j", ".text"])
+            .arg(&elf)
+            .arg(&bin),
+    );
+    let code = std::fs::read(&bin).unwrap();
+    assert!(!code.is_empty(), "{name}: no code assembled");
+    let image = dir.join(format!("{name}.img"));
+    std::fs::write(&image, tiny_elf(&code)).unwrap();
+    image
+}
+
+/// A report-channel message (`docs/abi.md`, 128 bytes) as assembler data at label `msg`,
+/// 8-byte aligned, with `kind` and arg0..arg2, CR2 and CS.
+fn message_data(kind: u32, args: [u64; 3], cr2: u64, cs: u64) -> String {
+    format!(
+        "        .balign 8\nmsg:\n        .long {magic:#x}, {kind}\n        .fill 8, 8, 0\n\
+         \x20       .quad {a0:#x}, {a1:#x}, {a2:#x}\n        .quad 0, 0\n        .quad {cr2:#x}, {cs:#x}\n",
+        magic = memvisor::abi::MSG_MAGIC,
+        a0 = args[0],
+        a1 = args[1],
+        a2 = args[2],
+    )
+}
+
+/// How a bounded run of memvisor ended.
+struct Ended {
+    status: ExitStatus,
+    stderr: String,
+    stderr_len: u64,
+}
+
+/// Runs memvisor with `args`, stdout discarded and stderr kept, and fails the test (after killing
+/// it) if it runs past [`RUN_BOUND`].
+fn run_bounded(dir: &Path, args: &[&str]) -> Ended {
+    let err_path = dir.join("stderr");
+    let err = std::fs::File::create(&err_path).unwrap();
+    let mut child = common::memvisor()
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(err)
+        .spawn()
+        .expect("spawn memvisor");
+    let deadline = Instant::now() + RUN_BOUND;
+    let status = loop {
+        if let Some(s) = child.try_wait().expect("wait for memvisor") {
+            break s;
+        }
+        if Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("memvisor {args:?} still running after {RUN_BOUND:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    let bytes = std::fs::read(&err_path).unwrap();
+    Ended {
+        status,
+        stderr_len: bytes.len() as u64,
+        stderr: String::from_utf8_lossy(&bytes).into_owned(),
+    }
+}
+
+/// Runs the assembled guest `body` with `--mem 16M`, a trivial workload and `extra` arguments.
+fn run_guest(name: &str, body: &str, extra: &[&str]) -> (Ended, tempfile::TempDir) {
+    let dir = tempfile::tempdir().unwrap();
+    let image = assemble(dir.path(), name, body);
+    let mut args = vec![
+        "run",
+        "--guest",
+        image.to_str().unwrap(),
+        "--mem",
+        MEM,
+        "--workload",
+        "idle 10ms",
+        "--interval",
+        "250ms",
+    ];
+    args.extend_from_slice(extra);
+    (run_bounded(dir.path(), &args), dir)
+}
+
+/// A failure that is memvisor's own: non-zero exit code (no signal), no panic.
+fn assert_clean_error(e: &Ended) {
+    let code = e.status.code();
+    assert!(
+        code.is_some_and(|c| c != 0 && c != 101),
+        "expected a clean error exit, got {:?}; stderr: {}",
+        e.status,
+        e.stderr
+    );
+    assert!(
+        !e.stderr.contains("panicked"),
+        "memvisor panicked: {}",
+        e.stderr
+    );
+}
+
+/// A clean error whose message contains `needle`.
+fn assert_error_mentions(e: &Ended, needle: &str) {
+    assert_clean_error(e);
+    assert!(
+        e.stderr.contains(needle),
+        "stderr does not mention {needle:?}: {}",
+        e.stderr
+    );
+}
+
+/// A run stopped by `--timeout`: a clean error that says so (exit code 1 today, 124 once timeouts
+/// get their own code).
+fn assert_timed_out(e: &Ended) {
+    assert_clean_error(e);
+    let s = e.stderr.to_lowercase();
+    assert!(
+        s.contains("did not finish") || s.contains("timeout") || s.contains("timed out"),
+        "not a timeout error: {}",
+        e.stderr
+    );
+}
+
+/// Stderr stays small however much garbage the guest sends: the VMM logs the first few.
+fn assert_small_stderr(e: &Ended) {
+    assert!(
+        e.stderr_len < 64 * 1024,
+        "{} bytes on stderr; first 2000: {}",
+        e.stderr_len,
+        &e.stderr[..e.stderr.len().min(2000)]
+    );
+}
+
+#[test]
+fn hostile_triple_fault() {
+    if !common::kvm("hostile_triple_fault") {
+        return;
+    }
+    // A read at 2 GiB, which no page table maps: #PF with no IDT to deliver it, then #DF, then
+    // shutdown.
+    let (e, _dir) = run_guest(
+        "triple",
+        "        movl $0x80000000, %eax\n        movq (%rax), %rax\n        hlt",
+        &["--timeout", "20s"],
+    );
+    assert_error_mentions(&e, "triple-faulted");
+}
+
+#[test]
+fn hostile_ring0_loop_is_stopped_by_timeout() {
+    if !common::kvm("hostile_ring0_loop_is_stopped_by_timeout") {
+        return;
+    }
+    let body = format!("1:      incq {SCRATCH:#x}\n        pause\n        jmp 1b");
+    let (e, _dir) = run_guest("loop0", &body, &["--timeout", "1s"]);
+    assert_timed_out(&e);
+}
+
+#[test]
+fn hostile_ring3_loop_is_stopped_by_timeout() {
+    if !common::kvm("hostile_ring3_loop_is_stopped_by_timeout") {
+        return;
+    }
+    // The real guest's app touching its heap for an hour: an endless loop in ring 3.
+    let dir = tempfile::tempdir().unwrap();
+    let e = run_bounded(
+        dir.path(),
+        &[
+            "run",
+            "--mem",
+            "32M",
+            "--workload",
+            "alloc 4M; touch 4M write 1h",
+            "--interval",
+            "250ms",
+            "--timeout",
+            "2s",
+            "--console",
+            dir.path().join("console").to_str().unwrap(),
+        ],
+    );
+    assert_timed_out(&e);
+    assert!(e.stderr.contains("touch 4M write"), "{}", e.stderr);
+}
+
+#[test]
+fn hostile_hlt_with_interrupts_off() {
+    if !common::kvm("hostile_hlt_with_interrupts_off") {
+        return;
+    }
+    // Nothing can wake it: the run must end at once, as a guest that stopped early.
+    let (e, _dir) = run_guest(
+        "hlt",
+        "        cli\n        hlt\n        jmp _start",
+        &["--timeout", "60s"],
+    );
+    assert_error_mentions(&e, "halted before finishing");
+}
+
+#[test]
+fn hostile_serial_flood_without_newline_loses_no_byte() {
+    if !common::kvm("hostile_serial_flood_without_newline_loses_no_byte") {
+        return;
+    }
+    const BYTES: u32 = 20_000;
+    // 'a'..'z' over and over, one OUT per byte, never a newline, then HLT.
+    let body = format!(
+        "        movw $0x3f8, %dx\n        movb $'a', %bl\n        xorl %ecx, %ecx\n\
+         1:      movb %bl, %al\n        outb %al, %dx\n        incb %bl\n\
+         \x20       cmpb $'z' + 1, %bl\n        jne 2f\n        movb $'a', %bl\n\
+         2:      incl %ecx\n        cmpl ${BYTES}, %ecx\n        jne 1b\n        hlt"
+    );
+    let dir = tempfile::tempdir().unwrap();
+    let console = dir.path().join("console.txt");
+    let image = assemble(dir.path(), "flood", &body);
+    let e = run_bounded(
+        dir.path(),
+        &[
+            "run",
+            "--guest",
+            image.to_str().unwrap(),
+            "--mem",
+            MEM,
+            "--workload",
+            "idle 10ms",
+            "--timeout",
+            "60s",
+            "--console",
+            console.to_str().unwrap(),
+        ],
+    );
+    // The guest halts without reporting: an error, but the console must hold every byte.
+    assert_error_mentions(&e, "halted before finishing");
+    let text = std::fs::read_to_string(&console).unwrap();
+    let mut got = Vec::new();
+    for line in text.lines() {
+        let body = line
+            .strip_prefix("guest| ")
+            .unwrap_or_else(|| panic!("console line without prefix: {line:?}"));
+        got.extend_from_slice(body.as_bytes());
+    }
+    let want: Vec<u8> = (0..BYTES).map(|i| b'a' + (i % 26) as u8).collect();
+    assert_eq!(got.len(), want.len(), "bytes on the console");
+    assert!(got == want, "console bytes differ from what the guest sent");
+}
+
+#[test]
+fn hostile_bad_and_flooded_report_messages() {
+    if !common::kvm("hostile_bad_and_flooded_report_messages") {
+        return;
+    }
+    // Out of RAM, misaligned, the wrong width, zeros in RAM (bad magic), then 100,000 messages at
+    // pseudo-random aligned addresses (mostly outside RAM, some on bad data), then HLT.
+    let body = format!(
+        "        movw $0x510, %dx\n\
+         \x20       movl $0xfffffff8, %eax\n        outl %eax, %dx\n\
+         \x20       movl ${SCRATCH:#x} + 3, %eax\n        outl %eax, %dx\n\
+         \x20       outb %al, %dx\n\
+         \x20       movl ${SCRATCH:#x}, %eax\n        outl %eax, %dx\n\
+         \x20       xorl %ecx, %ecx\n\
+         1:      movl %ecx, %eax\n        imull $0x9e3779b1, %eax, %eax\n        andl $~7, %eax\n\
+         \x20       outl %eax, %dx\n        incl %ecx\n        cmpl $100000, %ecx\n        jne 1b\n\
+         \x20       hlt"
+    );
+    let (e, _dir) = run_guest("reports", &body, &["--timeout", "60s"]);
+    assert_error_mentions(&e, "malformed report");
+    assert_small_stderr(&e);
+}
+
+#[test]
+fn hostile_done_without_boot_is_an_error() {
+    if !common::kvm("hostile_done_without_boot_is_an_error") {
+        return;
+    }
+    // A well-formed DONE as the guest's first and only message.
+    let body = format!(
+        "        movw $0x510, %dx\n        movl $msg, %eax\n        outl %eax, %dx\n        hlt\n{}",
+        message_data(7, [0; 3], 0, 0)
+    );
+    let (e, _dir) = run_guest("done", &body, &["--timeout", "20s"]);
+    assert_clean_error(&e);
+    let s = e.stderr.to_lowercase();
+    assert!(
+        s.contains("without") && s.contains("workload"),
+        "the error does not say the guest finished without running its workload: {}",
+        e.stderr
+    );
+}
+
+#[test]
+fn hostile_fault_then_spin_times_out_naming_the_fault() {
+    if !common::kvm("hostile_fault_then_spin_times_out_naming_the_fault") {
+        return;
+    }
+    // A FAULT message (page fault at CR2 0xdead000 in the kernel), then spinning instead of HLT.
+    let body = format!(
+        "        movw $0x510, %dx\n        movl $msg, %eax\n        outl %eax, %dx\n\
+         1:      pause\n        jmp 1b\n{}",
+        message_data(8, [14, 2, 0x10_0000], 0xdead000, 0x08)
+    );
+    let (e, _dir) = run_guest("faultspin", &body, &["--timeout", "2s"]);
+    assert_error_mentions(&e, "page fault");
+}
+
+#[test]
+fn hostile_mmio_loop_is_stopped_by_timeout() {
+    if !common::kvm("hostile_mmio_loop_is_stopped_by_timeout") {
+        return;
+    }
+    // Writes and reads at 512 and 768 MiB: identity mapped, but no RAM behind them (16 MiB).
+    let body =
+        "1:      movl $0x12345678, 0x20000000\n        movl 0x30000000, %eax\n        jmp 1b";
+    let (e, _dir) = run_guest("mmio", body, &["--timeout", "2s"]);
+    assert_timed_out(&e);
+    assert_small_stderr(&e);
+}
+
+#[test]
+fn hostile_phase_duration_beyond_the_tsc_range_keeps_the_guest_busy() {
+    if !common::kvm("hostile_phase_duration_beyond_the_tsc_range_keeps_the_guest_busy") {
+        return;
+    }
+    use memvisor::workload::{Phase, Workload};
+    // The spec parser caps durations at a year, but a phase table written by other means can hold
+    // any u64. Pick the duration whose naive conversion, (ms) * tsc_khz, just passes 2^64 and wraps
+    // to less than a millisecond of ticks: the guest must saturate instead and still be idling
+    // when the timeout stops it.
+    let (probe, _) = common::run_ok("idle 10ms", 16 << 20);
+    let khz = probe.tsc_khz.max(1);
+    let ms = (1u128 << 64).div_ceil(u128::from(khz)) as u64;
+    let mut opts = common::config("idle 1s", 16 << 20);
+    opts.timeout = Some(Duration::from_secs(2));
+    let mut cfg = common::validated(opts);
+    cfg.workload = Workload {
+        phases: vec![Phase::Idle {
+            duration: Duration::from_millis(ms),
+        }],
+        text: format!("idle {ms}ms"),
+    };
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(
+            common::run_validated(cfg)
+                .map(|_| ())
+                .map_err(|e| e.to_string()),
+        );
+    });
+    let r = rx
+        .recv_timeout(RUN_BOUND)
+        .unwrap_or_else(|_| panic!("the run still going after {RUN_BOUND:?}"));
+    let Err(err) = r else {
+        panic!("the guest ended an idle phase of {ms} ms at once, with success");
+    };
+    assert!(
+        err.contains("did not finish") || err.to_lowercase().contains("timeout"),
+        "{err}"
+    );
+}
