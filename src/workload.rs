@@ -1067,6 +1067,7 @@ mod tests {
             "alloc 4M; touch 4M random hot 9999999999%:1%",
             "alloc 18446744073709551615",
             "\u{0}",
+            "free 0",
         ] {
             let e = Workload::parse(spec, u64::MAX).expect_err(spec);
             assert!(!e.to_string().is_empty(), "{spec:?}");
@@ -1079,8 +1080,6 @@ mod tests {
         // Any Unicode white space separates tokens.
         let w = parse("alloc\u{a0}4M").unwrap();
         assert_eq!(entries(&w)[0].pages, 1024);
-        let w = parse("free 0").unwrap();
-        assert_eq!(entries(&w)[0].pages, 0);
     }
 
     mod props {
