@@ -6,12 +6,15 @@
 pub mod abi;
 pub mod bitmap;
 pub mod boot;
+pub mod csv;
 pub mod devices;
 pub mod kvm_ext;
 pub mod memory;
 pub mod output;
 pub mod pagemap;
+pub mod plot;
 pub mod pmp_mmp;
+pub mod prometheus;
 pub mod sampler;
 pub mod stats;
 pub mod units;

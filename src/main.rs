@@ -30,9 +30,19 @@ struct Cli {
 }
 
 #[derive(Subcommand)]
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Command {
     /// Boot the test guest, run a workload, print host and guest memory usage per interval.
     Run(RunArgs),
+    /// Plot a run from its `run --json` output.
+    Plot {
+        /// The JSON lines written by `memvisor run --json`.
+        file: PathBuf,
+        /// The image to write: .svg or .png.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Summarise a PMP-MMP map file written by `run --map-out`.
     Map {
         /// The map file.
@@ -87,8 +97,20 @@ struct RunArgs {
     #[arg(long)]
     hugepages: bool,
     /// One JSON object per line instead of the table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "csv")]
     json: bool,
+    /// CSV instead of the table: a header row (units in the names), then one row per interval.
+    #[arg(long)]
+    csv: bool,
+    /// Serve the latest interval to Prometheus at http://ADDR/metrics, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR", value_parser = output::socket_addr_arg)]
+    prometheus: Option<std::net::SocketAddr>,
+    /// The `vm` label of the Prometheus metrics (default: the process id).
+    #[arg(long, requires = "prometheus")]
+    name: Option<String>,
+    /// Draw the run's plot to this file at the end (.svg or .png).
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
     /// Write the PMP-MMP map to this file at the end.
     #[arg(long)]
     map_out: Option<PathBuf>,
@@ -127,21 +149,19 @@ fn run(args: RunArgs) -> Result<(), String> {
     cfg.console = console;
     cfg.validate().map_err(|e| e.to_string())?;
 
-    let json = args.json;
-    let mut stdout = std::io::stdout().lock();
-    if !json {
-        let _ = writeln!(stdout, "{}", output::table_header());
-    }
-    let mut print = |row: &memvisor::usage::Row| {
-        let line = if json {
-            output::json_row(row)
-        } else {
-            output::table_row(row)
-        };
-        let _ = writeln!(stdout, "{line}");
-        let _ = stdout.flush();
+    let format = match (args.json, args.csv) {
+        (true, _) => output::Format::Json,
+        (_, true) => output::Format::Csv,
+        _ => output::Format::Table,
     };
-    let summary = vmm::run(cfg, &mut print).map_err(|e| e.to_string())?;
+    let prometheus = args.prometheus.map(|addr| {
+        let name = args.name.unwrap_or_else(|| std::process::id().to_string());
+        (addr, name)
+    });
+    let mut sink = output::Sink::new(std::io::stdout().lock(), format, prometheus, args.plot)
+        .map_err(|e| e.to_string())?;
+    let summary = vmm::run(cfg, &mut |row| sink.row(row)).map_err(|e| e.to_string())?;
+    sink.finish().map_err(|e| e.to_string())?;
     log::info!(
         "set-up to first instruction: {:.1} ms; ran {:.1} s",
         summary.setup_ms,
@@ -167,6 +187,9 @@ fn main() -> ExitCode {
     let result = match cli.command {
         Command::Run(args) => run(args),
         Command::Map { file, json } => map(file, json),
+        Command::Plot { file, output } => memvisor::plot::read_jsonl(&file)
+            .and_then(|rows| memvisor::plot::write(&output, &rows))
+            .map_err(|e| e.to_string()),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

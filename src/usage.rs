@@ -6,7 +6,9 @@
 //! - **Guest's own view** and **truth** come from the guest over the report channel and are used
 //!   only to check the estimator.
 
-use serde::Serialize;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use crate::abi::PAGE_SIZE;
 use crate::pmp_mmp::MapSummary;
@@ -24,7 +26,8 @@ pub fn pages_mib(pages: u64) -> f64 {
 }
 
 /// The guest's own view of its memory (its kernel's lists).
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct GuestView {
     pub allocated_pages: u64,
     pub free_pages: u64,
@@ -34,7 +37,8 @@ pub struct GuestView {
 }
 
 /// Ground truth for one window, as the guest reported it.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Truth {
     pub touched_pages: u64,
     pub written_pages: u64,
@@ -46,7 +50,8 @@ pub struct Truth {
 }
 
 /// Host memory usage.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct HostUsage {
     /// Machine memory charged to this VM: backed guest pages + overhead.
     pub host_mib: f64,
@@ -100,7 +105,8 @@ pub fn rss_bytes() -> std::io::Result<u64> {
 }
 
 /// Active memory (writes only) estimated by sampling.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Active {
     /// Sample size and touched samples.
     pub n: u64,
@@ -114,10 +120,19 @@ pub struct Active {
     pub max_mib: f64,
     /// Estimate minus the guest's written truth, when the truth is known.
     pub error_mib: Option<f64>,
+    /// The estimate per second of the interval: what QEMU's calc-dirty-rate reports (a page
+    /// written many times in the interval counts once). See [`dirty_rate_mib_s`].
+    pub dirty_rate_mib_s: f64,
+}
+
+/// Dirty rate, MiB/s: the write estimate of an interval divided by the interval's length.
+pub fn dirty_rate_mib_s(estimate_mib: f64, interval: Duration) -> f64 {
+    estimate_mib / interval.as_secs_f64()
 }
 
 /// One reporting interval.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Row {
     /// Seconds since the guest started.
     pub time_s: f64,
@@ -138,6 +153,15 @@ pub struct Row {
 }
 
 impl Row {
+    /// Every active-memory estimate the row carries, with its kind: `"writes"` (the dirty log);
+    /// an estimate that sees reads too would be listed here as `"access"`. The plot, CSV and
+    /// Prometheus outputs draw whatever this lists.
+    pub fn actives(&self) -> impl Iterator<Item = (&'static str, &Active)> {
+        [("writes", self.active.as_ref())]
+            .into_iter()
+            .filter_map(|(kind, a)| a.map(|a| (kind, a)))
+    }
+
     /// Fills the estimate's error once the truth is known.
     pub fn attach_truth(&mut self, truth: Truth) {
         if let Some(a) = &mut self.active {

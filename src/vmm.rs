@@ -793,6 +793,7 @@ impl Vmm {
                 slow_mib: sm.slow * ram_mib,
                 max_mib: sm.max * ram_mib,
                 error_mib: None,
+                dirty_rate_mib_s: usage::dirty_rate_mib_s(est.fraction * ram_mib, self.interval),
             }
         });
         self.map.harvest(&dirty, &vmm_dirty, self.window as u32)?;
