@@ -303,6 +303,7 @@ mod tests {
         let header = table_header();
         let names = header.lines().nth(1).unwrap();
         let width = names.chars().count();
+        assert_eq!(bars(header.lines().next().unwrap()), bars(names));
         let name_ends: Vec<usize> = ends(names)
             .into_iter()
             // "phase" is left-aligned and "95% CI" has a space inside: compare the rest.

@@ -10,7 +10,7 @@ use plotters::coord::Shift;
 use plotters::prelude::*;
 use resvg::{tiny_skia, usvg};
 
-use crate::usage::Row;
+use crate::usage::{BETWEEN_PHASES, Row};
 
 /// Image size, pixels.
 pub const WIDTH: u32 = 1280;
@@ -186,13 +186,11 @@ pub fn series(rows: &[Row]) -> Series {
             x.slow.push(finite(a.slow_mib));
             x.max.push(finite(a.max_mib));
         }
-        let starts = match i {
-            0 => Some(0.0),
-            _ if rows[i - 1].phase != r.phase => Some(rows[i - 1].time_s),
-            _ => None,
-        };
-        if let Some(t) = starts {
-            s.phases.push((t, r.phase.clone()));
+        // A row between two phases ("-") starts none; the next phase starts after it.
+        let last = s.phases.last().map(|(_, name)| name.as_str());
+        if r.phase != BETWEEN_PHASES && last != Some(r.phase.as_str()) {
+            let start = if i == 0 { 0.0 } else { rows[i - 1].time_s };
+            s.phases.push((start, r.phase.clone()));
         }
     }
     let n = s.time_s.len();
@@ -599,6 +597,9 @@ mod tests {
                     }),
                     ..Row::default()
                 };
+                if i == 3 {
+                    r.phase = BETWEEN_PHASES.into();
+                }
                 if i != 5 {
                     r.attach_truth(Truth {
                         touched_mib: if writing { 64.0 } else { 0.0 },
@@ -629,7 +630,7 @@ mod tests {
         assert_eq!(s.actives[0].estimate.len(), 7);
         assert_eq!(
             s.phases,
-            [(0.0, "touch 64M".to_string()), (3.0, "idle 5s".to_string())]
+            [(0.0, "touch 64M".to_string()), (4.0, "idle 5s".to_string())]
         );
         assert_eq!(
             segments(&s.time_s, &s.touched),

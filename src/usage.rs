@@ -130,6 +130,9 @@ pub fn dirty_rate_mib_s(estimate_mib: f64, interval: Duration) -> f64 {
     estimate_mib / interval.as_secs_f64()
 }
 
+/// The phase name of a row that ended between two phases.
+pub const BETWEEN_PHASES: &str = "-";
+
 /// One reporting interval.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
