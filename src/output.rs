@@ -13,7 +13,7 @@ use crate::usage::Row;
 /// The table's two header lines.
 pub fn table_header() -> String {
     let l1 = format!(
-        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<48} | {:<62}",
+        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<44} | {:<57}",
         "",
         "",
         "",
@@ -46,7 +46,7 @@ pub fn table_header() -> String {
         "err",
         "dirty"
     );
-    format!("{l1}\n{l2}")
+    format!("{}\n{l2}", l1.trim_end())
 }
 
 /// A number in at most `width` characters with `prec` decimals, fewer when it does not fit; a
