@@ -1,7 +1,7 @@
 # memvisor: build, run, test, lint, bench. `make test` is what CI runs.
 CARGO ?= cargo
 
-.PHONY: build run test lint fuzz bench clean
+.PHONY: build run test lint fuzz bench plot clean
 
 build:
 	$(CARGO) build --release
@@ -28,6 +28,11 @@ fuzz:
 bench:
 	$(CARGO) bench --bench harvest
 	$(CARGO) bench --bench sampling
+
+# README's picture: the default run (seeded) as JSON, drawn by `memvisor plot` (needs /dev/kvm).
+plot: build
+	./target/release/memvisor run --seed 1 --json > target/default-run.jsonl
+	./target/release/memvisor plot target/default-run.jsonl -o docs/default-run.png
 
 clean:
 	$(CARGO) clean

@@ -2,6 +2,8 @@
 //! sampler's round (t of n sampled pages written), harvest the PMP-MMP map, and arm a fresh sample
 //! for the next interval. `docs/design.md` walks through it step by step.
 
+use std::time::Duration;
+
 use thiserror::Error;
 
 use crate::pmp_mmp::{MapError, PmpMmpMap};
@@ -65,7 +67,14 @@ impl IntervalWork {
 
     /// Ends interval `interval`: the estimate from the armed sample, then the harvest (and, when
     /// `last`, a full refresh of the map). Unless `last`, arms the next interval's sample.
-    pub fn end(&mut self, vm: &Vm, interval: u64, last: bool) -> Result<Measured, IntervalError> {
+    /// `length` is how long the interval lasted (the last one is partial), for the dirty rate.
+    pub fn end(
+        &mut self,
+        vm: &Vm,
+        interval: u64,
+        length: Duration,
+        last: bool,
+    ) -> Result<Measured, IntervalError> {
         let ram = vm.ram();
         let dirty = vm.dirty_log()?;
         let vmm_dirty = ram.take_vmm_dirty();
@@ -85,6 +94,7 @@ impl IntervalWork {
                 slow_mib: sm.slow * ram_mib,
                 max_mib: sm.max * ram_mib,
                 error_mib: None,
+                dirty_rate_mib_s: usage::dirty_rate_mib_s(est.fraction * ram_mib, length),
             }
         });
         // The map's interval numbers are u32; a run would need 136 years of 1 s intervals to wrap.

@@ -17,7 +17,7 @@ use memvisor::config::{RunConfig, RunOptions};
 use memvisor::output;
 use memvisor::pmp_mmp::MapFile;
 use memvisor::stop;
-use memvisor::usage::Row;
+use memvisor::usage::{EndReason, Row};
 use memvisor::vmm::{self, RunError};
 
 #[derive(Parser)]
@@ -31,10 +31,20 @@ struct Cli {
     command: Command,
 }
 
+// Parsed once per process: the size of the largest variant does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Command {
     /// Boot the test guest, run a workload, print host and guest memory usage per interval.
     Run(RunArgs),
+    /// Plot a run from its `run --json` output.
+    Plot {
+        /// The JSON lines written by `memvisor run --json`.
+        file: PathBuf,
+        /// The image to write: .svg or .png.
+        #[arg(short, long)]
+        output: PathBuf,
+    },
     /// Summarise a PMP-MMP map file written by `run --map-out`.
     Map {
         /// The map file.
@@ -50,8 +60,20 @@ struct RunArgs {
     #[command(flatten)]
     options: RunOptions,
     /// One JSON object per line instead of the table.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "csv")]
     json: bool,
+    /// CSV instead of the table: a header row (units in the names), then one row per interval.
+    #[arg(long)]
+    csv: bool,
+    /// Serve the latest interval to Prometheus at http://ADDR/metrics, e.g. 127.0.0.1:9464.
+    #[arg(long, value_name = "ADDR", value_parser = output::socket_addr_arg)]
+    prometheus: Option<std::net::SocketAddr>,
+    /// The `vm` label of the Prometheus metrics (default: the process id).
+    #[arg(long, requires = "prometheus")]
+    name: Option<String>,
+    /// Draw the run's plot to this file at the end, also when the run is stopped (.svg or .png).
+    #[arg(long, value_name = "FILE")]
+    plot: Option<PathBuf>,
 }
 
 /// A failure of the command, with the exit code it calls for.
@@ -88,35 +110,42 @@ fn chain(e: &(dyn Error + 'static)) -> String {
 
 fn run(args: RunArgs) -> Result<(), Failure> {
     let cfg = RunConfig::new(args.options).map_err(|e| Failure::new(1, &e))?;
-    let json = args.json;
-    if !json {
-        let header = output::table_header();
-        writeln!(io::stdout(), "{header}").map_err(write_failure)?;
-    }
-    let mut stdout = io::stdout().lock();
-    let mut print = |row: &Row| -> io::Result<()> {
-        let line = if json {
-            output::json_row(row)
-        } else {
-            output::table_row(row)
-        };
-        writeln!(stdout, "{line}")?;
-        stdout.flush()
+    let format = match (args.json, args.csv) {
+        (true, _) => output::Format::Json,
+        (_, true) => output::Format::Csv,
+        _ => output::Format::Table,
     };
-    match vmm::run(cfg, &mut print) {
+    let prometheus = args.prometheus.map(|addr| {
+        let name = args.name.unwrap_or_else(|| std::process::id().to_string());
+        (addr, name)
+    });
+    let mut sink = match output::Sink::new(io::stdout().lock(), format, prometheus, args.plot) {
+        Ok(s) => s,
+        Err(output::OutputError::Write(e)) => return Err(write_failure(e)),
+        Err(e) => return Err(Failure::new(1, &e)),
+    };
+    let result = vmm::run(cfg, &mut |row: &Row| sink.row(row));
+    // The plot is drawn whatever ended the run: a stop loses no result.
+    let finished = sink.finish();
+    match result {
         Ok(summary) => {
             log::info!(
                 "set-up to first instruction: {:.1} ms; ran {:.1} s",
                 summary.setup_ms,
                 summary.elapsed_s
             );
-            Ok(())
+            finished.map_err(|e| Failure::new(1, &e))
         }
         Err(RunError::OutputClosed) => Err(Failure {
-            code: stop::exit_code(memvisor::usage::EndReason::OutputClosed),
+            code: stop::exit_code(EndReason::OutputClosed),
             message: None,
         }),
-        Err(e) => Err(Failure::new(stop::exit_code(e.end_reason()), &e)),
+        Err(e) => {
+            if let Err(plot) = finished {
+                let _ = writeln!(io::stderr(), "memvisor: error: {}", chain(&plot));
+            }
+            Err(Failure::new(stop::exit_code(e.end_reason()), &e))
+        }
     }
 }
 
@@ -124,7 +153,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
 fn write_failure(e: io::Error) -> Failure {
     if e.kind() == io::ErrorKind::BrokenPipe {
         Failure {
-            code: stop::exit_code(memvisor::usage::EndReason::OutputClosed),
+            code: stop::exit_code(EndReason::OutputClosed),
             message: None,
         }
     } else {
@@ -164,6 +193,9 @@ fn main() -> ExitCode {
             run(args)
         }
         Command::Map { file, json } => map(file, json),
+        Command::Plot { file, output } => memvisor::plot::read_jsonl(&file)
+            .and_then(|rows| memvisor::plot::write(&output, &rows))
+            .map_err(|e| Failure::new(1, &e)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -1,15 +1,29 @@
-//! Rendering rows for people (a fixed-width table) and for scripts (one JSON object per line).
+//! Rendering rows for people (a fixed-width table) and for scripts (one JSON object or CSV row
+//! per line), plus the [`Sink`] that sends each row to the chosen format, the Prometheus
+//! endpoint and the plot.
 
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::plot;
+use crate::prometheus::{self, Exporter};
 use crate::usage::Row;
 
 /// The table's two header lines.
 pub fn table_header() -> String {
     let l1 = format!(
-        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<48} | {:<48}",
-        "", "", "", "guest's view", "guest truth", "host usage (MiB)", "active (writes only), MiB"
+        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<44} | {:<57}",
+        "",
+        "",
+        "",
+        "guest's view",
+        "guest truth",
+        "host usage (MiB)",
+        "active (writes only), MiB; dirty MiB/s"
     );
     let l2 = format!(
-        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6}",
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6} {:>6}",
         "time",
         "phase",
         "cfg",
@@ -29,53 +43,89 @@ pub fn table_header() -> String {
         "fast",
         "slow",
         "max",
-        "err"
+        "err",
+        "dirty"
     );
-    format!("{l1}\n{l2}")
+    format!("{}\n{l2}", l1.trim_end())
 }
 
-fn num(v: Option<f64>) -> String {
-    match v {
-        Some(v) => format!("{v:.1}"),
-        None => "-".into(),
+/// A number in at most `width` characters with `prec` decimals, fewer when it does not fit; a
+/// value too large even without decimals is clamped and marked (`>99999`, `<-9999`), one that is
+/// not a number is `?`, a missing one `-`. Garbage reported by a hostile guest cannot shift the
+/// table's columns.
+fn cell(v: Option<f64>, width: usize, prec: usize) -> String {
+    let Some(v) = v else {
+        return "-".into();
+    };
+    if !v.is_finite() {
+        return "?".into();
     }
+    let s = format!("{v:.prec$}");
+    if s.len() <= width {
+        return s;
+    }
+    let s = format!("{v:.0}");
+    if s.len() <= width {
+        return s;
+    }
+    if v > 0.0 {
+        format!(">{}", "9".repeat(width - 1))
+    } else {
+        format!("<-{}", "9".repeat(width - 2))
+    }
+}
+
+/// The phase name in at most `width` characters: control characters become `?` and a longer
+/// name is cut with `~`.
+fn phase_cell(phase: &str, width: usize) -> String {
+    let mut s: String = phase
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.chars().count() > width {
+        s = s.chars().take(width - 1).collect();
+        s.push('~');
+    }
+    s
 }
 
 /// One table line.
 pub fn table_row(r: &Row) -> String {
-    let mut phase = r.phase.clone();
-    if phase.len() > 24 {
-        phase.truncate(23);
-        phase.push('~');
-    }
     let t = r.truth.as_ref();
     let h = r.host.as_ref();
     let a = r.active.as_ref();
     let ci = a
-        .map(|a| format!("{:.1}-{:.1}", a.ci_low_mib, a.ci_high_mib))
+        .map(|a| {
+            format!(
+                "{}-{}",
+                cell(Some(a.ci_low_mib), 7, 1),
+                cell(Some(a.ci_high_mib), 7, 1)
+            )
+        })
         .unwrap_or_else(|| "-".into());
     format!(
-        "{:>6.1} {:<24} {:>6.0} | {:>6.1} {:>6.1} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6}{}",
-        r.time_s,
-        phase,
-        r.configured_mib,
-        r.guest.allocated_mib,
-        r.guest.free_mib,
-        num(t.map(|t| t.touched_mib)),
-        num(t.map(|t| t.written_mib)),
-        num(h.map(|h| h.host_mib)),
-        num(h.map(|h| h.backed_mib)),
-        num(h.map(|h| h.overhead_mib)),
-        num(h.map(|h| h.untouched_mib)),
-        num(h.map(|h| h.zero_mib)),
-        num(h.map(|h| h.swapped_mib)),
-        num(h.map(|h| h.shared_mib)),
-        num(a.map(|a| a.estimate_mib)),
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6} {:>6}{}",
+        cell(Some(r.time_s), 6, 1),
+        phase_cell(&r.phase, 24),
+        cell(Some(r.configured_mib), 6, 0),
+        cell(Some(r.guest.allocated_mib), 6, 1),
+        cell(Some(r.guest.free_mib), 6, 1),
+        cell(t.map(|t| t.touched_mib), 6, 1),
+        cell(t.map(|t| t.written_mib), 6, 1),
+        cell(h.map(|h| h.host_mib), 6, 1),
+        cell(h.map(|h| h.backed_mib), 6, 1),
+        cell(h.map(|h| h.overhead_mib), 5, 1),
+        cell(h.map(|h| h.untouched_mib), 6, 1),
+        cell(h.map(|h| h.zero_mib), 5, 1),
+        cell(h.map(|h| h.swapped_mib), 5, 1),
+        cell(h.map(|h| h.shared_mib), 5, 1),
+        cell(a.map(|a| a.estimate_mib), 6, 1),
         ci,
-        num(a.map(|a| a.fast_mib)),
-        num(a.map(|a| a.slow_mib)),
-        num(a.map(|a| a.max_mib)),
-        num(a.and_then(|a| a.error_mib)),
+        cell(a.map(|a| a.fast_mib), 6, 1),
+        cell(a.map(|a| a.slow_mib), 6, 1),
+        cell(a.map(|a| a.max_mib), 6, 1),
+        cell(a.and_then(|a| a.error_mib), 6, 1),
+        cell(a.map(|a| a.dirty_rate_mib_s), 6, 1),
         match r.end {
             Some(crate::usage::EndReason::Done) => "  (end)".to_string(),
             Some(why) => format!("  (end: {})", why.as_str()),
@@ -87,4 +137,253 @@ pub fn table_row(r: &Row) -> String {
 /// One JSON line.
 pub fn json_row(r: &Row) -> String {
     serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// Parses `--prometheus ADDR` (an IP address and a port).
+pub fn socket_addr_arg(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("expected IP:PORT, e.g. 127.0.0.1:9464 or [::1]:9464, not {s:?}"))
+}
+
+/// How rows are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+/// Errors setting up or finishing the outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error(transparent)]
+    Prometheus(#[from] prometheus::PrometheusError),
+    #[error(transparent)]
+    Plot(#[from] plot::PlotError),
+    #[error("writing to standard output")]
+    Write(#[source] std::io::Error),
+}
+
+/// Where each row goes: the printed format, the Prometheus endpoint (latest row) and the plot
+/// written at the end (all rows).
+pub struct Sink<W: Write> {
+    out: W,
+    format: Format,
+    exporter: Option<Exporter>,
+    plot: Option<(PathBuf, Vec<Row>)>,
+}
+
+impl<W: Write> Sink<W> {
+    /// Starts the Prometheus server (if `prometheus` is given) and checks the plot's file name
+    /// before the run, so that a bad address or file name fails at once; prints the header.
+    pub fn new(
+        mut out: W,
+        format: Format,
+        prometheus: Option<(SocketAddr, String)>,
+        plot: Option<PathBuf>,
+    ) -> Result<Self, OutputError> {
+        if let Some(p) = &plot {
+            plot::check_path(p)?;
+        }
+        let exporter = match prometheus {
+            Some((addr, name)) => {
+                let e = Exporter::start(addr, name)?;
+                eprintln!(
+                    "memvisor: Prometheus metrics at http://{}/metrics",
+                    e.local_addr()
+                );
+                Some(e)
+            }
+            None => None,
+        };
+        let header = match format {
+            Format::Table => Some(table_header()),
+            Format::Csv => Some(crate::csv::header()),
+            Format::Json => None,
+        };
+        if let Some(h) = header {
+            writeln!(out, "{h}")
+                .and_then(|_| out.flush())
+                .map_err(OutputError::Write)?;
+        }
+        Ok(Sink {
+            out,
+            format,
+            exporter,
+            plot: plot.map(|p| (p, Vec::new())),
+        })
+    }
+
+    /// Hands one row to the Prometheus server and the plot, then prints it; a failed print is
+    /// the caller's to act on (a closed pipe stops the run). Never blocks on a scrape (the server
+    /// only swaps in the latest row under a short lock).
+    pub fn row(&mut self, row: &Row) -> std::io::Result<()> {
+        if let Some(e) = &self.exporter {
+            e.update(row);
+        }
+        if let Some((_, rows)) = &mut self.plot {
+            rows.push(row.clone());
+        }
+        let line = match self.format {
+            Format::Table => table_row(row),
+            Format::Json => json_row(row),
+            Format::Csv => crate::csv::row(row),
+        };
+        writeln!(self.out, "{line}")?;
+        self.out.flush()
+    }
+
+    /// Writes the plot (if asked for) and stops the Prometheus server.
+    pub fn finish(self) -> Result<(), OutputError> {
+        if let Some((path, rows)) = &self.plot {
+            plot::write(path, rows)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::usage::{Active, GuestView, HostUsage, Truth};
+
+    /// The character positions of the column separators `|` in a line.
+    fn bars(line: &str) -> Vec<usize> {
+        line.chars()
+            .enumerate()
+            .filter(|(_, c)| *c == '|')
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The character positions where a column ends (a non-space followed by a space or the
+    /// end), for right-aligned columns.
+    fn ends(line: &str) -> Vec<usize> {
+        let c: Vec<char> = line.chars().collect();
+        (0..c.len())
+            .filter(|&i| c[i] != ' ' && (i + 1 == c.len() || c[i + 1] == ' '))
+            .collect()
+    }
+
+    fn row_with(v: f64, phase: &str) -> Row {
+        let mut r = Row {
+            time_s: v,
+            interval: 1,
+            phase: phase.into(),
+            end: None,
+            configured_mib: v,
+            guest: GuestView {
+                allocated_mib: v,
+                free_mib: v,
+                ..GuestView::default()
+            },
+            truth: None,
+            host: Some(HostUsage {
+                host_mib: v,
+                backed_mib: v,
+                overhead_mib: v,
+                untouched_mib: v,
+                zero_mib: v,
+                swapped_mib: v,
+                shared_mib: v,
+                ..HostUsage::default()
+            }),
+            active: Some(Active {
+                estimate_mib: v,
+                ci_low_mib: v,
+                ci_high_mib: v,
+                fast_mib: v,
+                slow_mib: v,
+                max_mib: v,
+                dirty_rate_mib_s: v,
+                ..Active::default()
+            }),
+        };
+        r.attach_truth(Truth {
+            touched_mib: v,
+            written_mib: v,
+            ..Truth::default()
+        });
+        r
+    }
+
+    #[test]
+    fn absurd_values_keep_the_columns_of_the_header() {
+        let header = table_header();
+        let names = header.lines().nth(1).unwrap();
+        let width = names.chars().count();
+        assert_eq!(bars(header.lines().next().unwrap()), bars(names));
+        let name_ends: Vec<usize> = ends(names)
+            .into_iter()
+            // "phase" is left-aligned and "95% CI" has a space inside: compare the rest.
+            .filter(|&i| {
+                i != names.find("phase").unwrap() + 4 && i != names.find("95%").unwrap() + 2
+            })
+            .collect();
+        let absurd = [
+            1e300,
+            -1e300,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -123456.78,
+            9_999_999_999.0,
+            0.0,
+            12.25,
+        ];
+        for v in absurd {
+            for phase in [
+                "idle",
+                "a phase name much longer than the column",
+                "tab\there é ü",
+            ] {
+                let line = table_row(&row_with(v, phase));
+                assert_eq!(line.chars().count(), width, "value {v}: {line}");
+                assert_eq!(bars(&line), bars(names), "value {v}: {line}");
+                let line_ends = ends(&line);
+                for e in &name_ends {
+                    assert!(
+                        line_ends.contains(e),
+                        "value {v}: column ending at {e} moved:\n{names}\n{line}"
+                    );
+                }
+            }
+        }
+        // A clamped value says so.
+        let line = table_row(&row_with(1e300, "x"));
+        assert!(line.contains(">99999"), "{line}");
+        let line = table_row(&row_with(-1e300, "x"));
+        assert!(line.contains("<-9999"), "{line}");
+        let line = table_row(&row_with(f64::NAN, "x"));
+        assert!(line.contains(" ?"), "{line}");
+    }
+
+    #[test]
+    fn cell_keeps_precision_when_it_fits() {
+        assert_eq!(cell(Some(64.04), 6, 1), "64.0");
+        assert_eq!(cell(Some(-5.96), 6, 1), "-6.0");
+        assert_eq!(cell(Some(123456.7), 6, 1), "123457");
+        assert_eq!(cell(Some(1234567.0), 6, 1), ">99999");
+        assert_eq!(cell(None, 6, 1), "-");
+        assert_eq!(phase_cell("a\u{7}b", 24), "a?b");
+    }
+
+    #[test]
+    fn sink_prints_the_chosen_format() {
+        let r = row_with(3.0, "idle 1s");
+        let mut buf = Vec::new();
+        let mut s = Sink::new(&mut buf, Format::Csv, None, None).unwrap();
+        s.row(&r).unwrap();
+        s.finish().unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(lines, [crate::csv::header(), crate::csv::row(&r)]);
+
+        let mut buf = Vec::new();
+        let mut s = Sink::new(&mut buf, Format::Json, None, None).unwrap();
+        s.row(&r).unwrap();
+        s.finish().unwrap();
+        let back: Row = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(back, r);
+    }
 }

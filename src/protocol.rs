@@ -184,7 +184,7 @@ impl Protocol {
             Some(i) => self.phases[i].name.clone(),
             None if self.done => "done".into(),
             None if self.boot.is_none() => "boot".into(),
-            None => "-".into(),
+            None => crate::usage::BETWEEN_PHASES.into(),
         }
     }
 

@@ -6,7 +6,9 @@
 //! - **Guest's own view** and **truth** come from the guest over the report channel and are used
 //!   only to check the estimator.
 
-use serde::Serialize;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
 
 use crate::abi::PAGE_SIZE;
 use crate::pmp_mmp::MapSummary;
@@ -24,7 +26,8 @@ pub fn pages_mib(pages: u64) -> f64 {
 }
 
 /// The guest's own view of its memory (its kernel's lists).
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct GuestView {
     pub allocated_pages: u64,
     pub free_pages: u64,
@@ -34,7 +37,8 @@ pub struct GuestView {
 }
 
 /// Ground truth for one interval, as the guest reported it.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Truth {
     pub touched_pages: u64,
     pub written_pages: u64,
@@ -46,7 +50,8 @@ pub struct Truth {
 }
 
 /// Host memory usage.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct HostUsage {
     /// Machine memory charged to this VM: backed guest pages + overhead.
     pub host_mib: f64,
@@ -104,7 +109,8 @@ pub fn rss_bytes() -> std::io::Result<u64> {
 }
 
 /// Active memory (writes only) estimated by sampling.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Active {
     /// Sample size and touched samples.
     pub n: u64,
@@ -118,10 +124,13 @@ pub struct Active {
     pub max_mib: f64,
     /// Estimate minus the guest's written truth, when the truth is known.
     pub error_mib: Option<f64>,
+    /// The estimate per second of the interval: what QEMU's calc-dirty-rate reports (a page
+    /// written many times in the interval counts once). See [`dirty_rate_mib_s`].
+    pub dirty_rate_mib_s: f64,
 }
 
 /// Why a run ended, on its last row.
-#[derive(Clone, Copy, Debug, Serialize, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
 #[serde(rename_all = "kebab-case")]
 pub enum EndReason {
     /// The guest ran its workload and halted.
@@ -151,8 +160,19 @@ impl EndReason {
     }
 }
 
+/// Dirty rate, MiB/s: the write estimate of an interval divided by the interval's length (0 for
+/// an interval of no length).
+pub fn dirty_rate_mib_s(estimate_mib: f64, interval: Duration) -> f64 {
+    let s = interval.as_secs_f64();
+    if s > 0.0 { estimate_mib / s } else { 0.0 }
+}
+
+/// The phase name of a row that ended between two phases.
+pub const BETWEEN_PHASES: &str = "-";
+
 /// One reporting interval.
-#[derive(Clone, Debug, Default, Serialize, PartialEq)]
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
 pub struct Row {
     /// Seconds since the guest started.
     pub time_s: f64,
@@ -172,6 +192,15 @@ pub struct Row {
 }
 
 impl Row {
+    /// Every active-memory estimate the row carries, with its kind: `"writes"` (the dirty log);
+    /// an estimate that sees reads too would be listed here as `"access"`. The plot, CSV and
+    /// Prometheus outputs draw whatever this lists.
+    pub fn actives(&self) -> impl Iterator<Item = (&'static str, &Active)> {
+        [("writes", self.active.as_ref())]
+            .into_iter()
+            .filter_map(|(kind, a)| a.map(|a| (kind, a)))
+    }
+
     /// Fills the estimate's error once the truth is known.
     pub fn attach_truth(&mut self, truth: Truth) {
         if let Some(a) = &mut self.active {

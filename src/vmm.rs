@@ -122,6 +122,7 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
         work: IntervalWork::new(&vm, cfg.samplers, cfg.smoother)?,
         clock: Clock::new(cfg.interval, cfg.timeout),
         next_tick: Instant::now(),
+        interval_start: Instant::now(),
         tsc_khz,
         map_out: cfg.map_out,
         map_every: cfg.map_every,
@@ -130,6 +131,7 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
         on_row,
     };
     vmm.next_tick = vmm.clock.tick(0);
+    vmm.interval_start = vmm.clock.start;
     let setup = t0.elapsed();
     log::info!("set-up took {:.1} ms", setup.as_secs_f64() * 1e3);
 
@@ -182,6 +184,8 @@ struct Vmm<'vm, 'o> {
     clock: Clock,
     /// The end of the current interval; ticks the loop was too busy for are skipped.
     next_tick: Instant,
+    /// When the current interval began (its length goes into the dirty rate).
+    interval_start: Instant,
     tsc_khz: u64,
     map_out: Option<std::path::PathBuf>,
     map_every: Option<u64>,
@@ -287,7 +291,9 @@ impl Vmm<'_, '_> {
     fn tick(&mut self, end: Option<EndReason>) -> Result<(), RunError> {
         let last = end.is_some();
         let interval = self.protocol.interval();
-        let measured = self.work.end(self.vm, interval, last)?;
+        let now = Instant::now();
+        let length = now - std::mem::replace(&mut self.interval_start, now);
+        let measured = self.work.end(self.vm, interval, length, last)?;
         let row = Row {
             time_s: self.clock.start.elapsed().as_secs_f64(),
             interval,
