@@ -24,6 +24,7 @@ pub mod protocol;
 pub mod sampler;
 pub mod stats;
 pub mod stop;
+pub mod uffd;
 pub mod units;
 pub mod usage;
 pub mod vcpu;

@@ -14,6 +14,7 @@ use rand::{RngExt, SeedableRng};
 use thiserror::Error;
 
 use crate::abi::PAGE_SIZE;
+use crate::bitmap::Bitmap;
 use crate::units::fmt_bytes;
 
 /// Why a sampler could not be set up.
@@ -94,6 +95,48 @@ impl Sampler {
         &self.armed
     }
 
+    /// Picks up to `samples` distinct pages uniformly from `population` (one bit per guest page)
+    /// minus `exclude`, sorted ascending: all of them when there are no more than that. Returns
+    /// the pages and the size of what they were drawn from. The cost is the cheaper of rejection
+    /// sampling (draws ~ samples x guest pages / candidates) and one pass over the bitmap.
+    pub fn arm_from(&mut self, population: &Bitmap, exclude: &HashSet<u64>) -> (&[u64], u64) {
+        let excluded_in = exclude.iter().filter(|&&p| population.get(p)).count() as u64;
+        let candidates = population.count_ones().saturating_sub(excluded_in);
+        let k = self.samples.min(candidates);
+        self.picked.clear();
+        self.armed.clear();
+        let n = population.len();
+        let words = n.div_ceil(64);
+        let rejection_draws = k
+            .saturating_mul(n)
+            .checked_div(candidates)
+            .unwrap_or(u64::MAX);
+        if k == 0 {
+        } else if rejection_draws < words + candidates {
+            while (self.picked.len() as u64) < k {
+                let p = self.rng.random_range(0..n);
+                if population.get(p) && !exclude.contains(&p) {
+                    self.picked.insert(p);
+                }
+            }
+            self.armed.extend(self.picked.iter().copied());
+        } else {
+            let mut all: Vec<u64> = population
+                .iter_ones()
+                .filter(|p| !exclude.contains(p))
+                .collect();
+            // A partial Fisher-Yates shuffle: the first k are a uniform k-subset.
+            for i in 0..k as usize {
+                let j = self.rng.random_range(i..all.len());
+                all.swap(i, j);
+            }
+            all.truncate(k as usize);
+            self.armed = all;
+        }
+        self.armed.sort_unstable();
+        (&self.armed, candidates)
+    }
+
     /// The armed set (sorted ascending; empty before the first [`Sampler::arm`]).
     pub fn armed(&self) -> &[u64] {
         &self.armed
@@ -150,6 +193,49 @@ impl Sampler {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn population_samples_are_uniform_over_the_candidates_only() {
+        // A sparse population (rejection sampling) and a dense one (enumeration), with an
+        // exclusion: every pick is a candidate, and each candidate is picked about equally often.
+        for (pages, every) in [(1u64 << 20, 64u64), (4096, 2)] {
+            let mut pop = Bitmap::new(pages);
+            for p in (0..pages).step_by(every as usize) {
+                pop.set(p);
+            }
+            let exclude: HashSet<u64> = [0, every, 3 * every].into_iter().collect();
+            let candidates = pages / every - 3;
+            let mut s = Sampler::new(100, pages, Some(9)).unwrap();
+            let mut hits = std::collections::HashMap::new();
+            let rounds = 200;
+            for _ in 0..rounds {
+                let (picked, from) = s.arm_from(&pop, &exclude);
+                assert_eq!(from, candidates);
+                assert_eq!(picked.len(), 100);
+                assert!(picked.windows(2).all(|w| w[0] < w[1]));
+                for &p in picked {
+                    assert!(pop.get(p) && !exclude.contains(&p), "{p}");
+                    *hits.entry(p).or_insert(0u32) += 1;
+                }
+            }
+            // Expected picks per candidate: rounds x 100 / candidates.
+            let expect = rounds as f64 * 100.0 / candidates as f64;
+            let max = *hits.values().max().unwrap() as f64;
+            assert!(max < expect * 3.0 + 10.0, "max {max}, expected {expect}");
+        }
+    }
+
+    #[test]
+    fn a_small_population_is_taken_whole() {
+        let mut pop = Bitmap::new(1000);
+        pop.set(5);
+        pop.set(500);
+        let mut s = Sampler::new(100, 1000, Some(1)).unwrap();
+        let (picked, from) = s.arm_from(&pop, &HashSet::new());
+        assert_eq!((picked, from), (&[5u64, 500][..], 2));
+        let (picked, from) = s.arm_from(&Bitmap::new(1000), &HashSet::new());
+        assert_eq!((picked.len(), from), (0, 0));
+    }
 
     #[test]
     fn rejects_bad_counts() {
