@@ -72,7 +72,7 @@ fn accuracy() {
         let mut covered = 0usize;
         let mut truth_mib = 0.0;
         for r in inside {
-            let (Some(a), Some(t)) = (&r.active, &r.truth) else {
+            let (Some(a), Some(t)) = (&r.active_writes, &r.truth) else {
                 continue;
             };
             truth_mib = t.written_mib;
@@ -118,7 +118,7 @@ fn rates_by_n(rows: &[Row], phase: &str, cycle: &[Option<u64>]) -> Vec<Vec<f64>>
         .map(|n| {
             timed
                 .iter()
-                .filter(|r| r.active.as_ref().map(|a| a.n) == *n)
+                .filter(|r| r.active_writes.as_ref().map(|a| a.n) == *n)
                 .filter_map(|r| r.truth.as_ref().map(|t| t.rate / 1e6))
                 .collect()
         })
@@ -178,7 +178,7 @@ fn overhead() {
     let faults: Vec<f64> = rows
         .iter()
         .filter(|r| r.phase.starts_with("touch 512M write 22s") && r.end.is_none())
-        .filter_map(|r| r.active.as_ref().map(|a| a.t as f64))
+        .filter_map(|r| r.active_writes.as_ref().map(|a| a.t as f64))
         .collect();
     let (t_all, _) = mean_se(&faults);
     // Time lost per interval = 1 s x (1 - r_all / r_off), spread over t_all faults.

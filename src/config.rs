@@ -52,9 +52,17 @@ pub struct RunOptions {
     /// Pages sampled per interval for the active-memory estimate.
     #[arg(long, default_value_t = 1000)]
     pub samples: u64,
-    /// Turn active-memory sampling off.
+    /// Turn the write estimate's sampling off.
     #[arg(long)]
     pub no_sampling: bool,
+    /// Pages per interval the access sampler (reads and writes, userfaultfd) watches; 0 turns it
+    /// off.
+    #[arg(long, default_value_t = 200)]
+    pub access_samples: u64,
+    /// Sample all of guest RAM uniformly, as ESX does, instead of only the pages touched before
+    /// (first touches are then estimated too, not counted exactly).
+    #[arg(long)]
+    pub plain_sampling: bool,
     /// Seed for sample selection and the guest's access patterns (reproducible runs).
     #[arg(long)]
     pub seed: Option<u64>,
@@ -145,6 +153,12 @@ pub struct RunConfig {
     pub samplers: Vec<Option<Sampler>>,
     /// The moving averages, empty.
     pub smoother: Smoother,
+    /// Pages the access sampler watches per interval (0: off).
+    pub access_samples: u64,
+    /// Sample only pages touched (written) before, counting first touches exactly.
+    pub stratify: bool,
+    /// The sampler's seed, if reproducible.
+    pub seed: Option<u64>,
     /// The guest's own seed (access patterns); from `--seed` or random.
     pub guest_seed: u64,
     /// Write the PMP-MMP map here at the end (and every `map_every` intervals).
@@ -183,6 +197,16 @@ impl RunConfig {
         }
         let cycle = vec![(!opts.no_sampling).then_some(opts.samples)];
         let samplers = samplers(&cycle, opts.mem, opts.seed)?;
+        let pages = opts.mem / PAGE_SIZE;
+        if opts.access_samples > pages {
+            return Err(ConfigError::Samples(
+                opts.access_samples,
+                SamplerError::TooManySamples {
+                    samples: opts.access_samples,
+                    guest_pages: pages,
+                },
+            ));
+        }
         let smoother = Smoother::new(opts.ewma_fast, opts.ewma_slow).map_err(ConfigError::Ewma)?;
         let console: Box<dyn Write + Send> = match &opts.console {
             Some(p) if p.as_os_str() != "-" => Box::new(std::fs::File::create(p).map_err(
@@ -202,6 +226,9 @@ impl RunConfig {
             interval: opts.interval,
             samplers,
             smoother,
+            access_samples: opts.access_samples,
+            stratify: !opts.plain_sampling,
+            seed: opts.seed,
             guest_seed: opts.seed.unwrap_or_else(rand::random),
             map_out: opts.map_out,
             map_every: opts.map_every,

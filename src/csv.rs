@@ -16,6 +16,10 @@ fn template() -> Row {
             error_mib: Some(0.0),
             ..Active::default()
         }),
+        active_writes: Some(Active {
+            error_mib: Some(0.0),
+            ..Active::default()
+        }),
         ..Row::default()
     }
 }
@@ -116,6 +120,13 @@ mod tests {
                 ..HostUsage::default()
             }),
             active: Some(Active {
+                n: 200,
+                t: 80,
+                estimate_mib: 100.0,
+                ..Active::default()
+            }),
+            reads_seen: true,
+            active_writes: Some(Active {
                 n: 1000,
                 t: 250,
                 estimate_mib: 64.0,

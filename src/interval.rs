@@ -1,14 +1,22 @@
-//! The work at each interval boundary, with the vCPU stopped: read KVM's dirty log, close the
-//! sampler's round (t of n sampled pages written), harvest the PMP-MMP map, and arm a fresh sample
-//! for the next interval. `docs/design.md` walks through it step by step.
+//! The work at each interval boundary, with the vCPU stopped: close the access sampler's round,
+//! read KVM's dirty log, close the write sampler's round, harvest the PMP-MMP map, form both
+//! estimates, and arm fresh samples for the next interval. `docs/design.md` walks through it.
+//!
+//! Both estimates are stratified: the harvest knows exactly which pages were touched (written)
+//! for the first time in the interval, so only the pages touched (written) before are sampled,
+//! and the estimate is `exact + t/n × stratum`. The two samples are kept disjoint: resolving a
+//! trapped read can set the page's dirty bit, which must not pass for a write.
 
 use std::time::Duration;
 
 use thiserror::Error;
 
+use crate::abi::PAGE_SIZE;
+use crate::access::{AccessError, AccessSampler, Arming, REGION_PAGES, Round};
+use crate::bitmap::Bitmap;
 use crate::pmp_mmp::{MapError, PmpMmpMap};
 use crate::sampler::Sampler;
-use crate::stats::{Estimate, Smoother};
+use crate::stats::{Smoother, Stratified};
 use crate::usage::{self, Active, HostUsage};
 use crate::vm::{Vm, VmError};
 
@@ -19,42 +27,70 @@ pub enum IntervalError {
     Vm(#[from] VmError),
     #[error("the PMP-MMP map")]
     Map(#[from] MapError),
+    #[error(transparent)]
+    Access(#[from] AccessError),
 }
 
 /// What one interval measured.
 #[derive(Clone, Debug)]
 pub struct Measured {
     pub host: HostUsage,
-    /// The write estimate, if this interval was sampled.
+    /// The access estimate (reads and writes), if the access sampler runs.
     pub active: Option<Active>,
+    /// The write estimate, if this interval was sampled.
+    pub active_writes: Option<Active>,
+}
+
+/// How the estimators sample.
+pub struct Estimators {
+    /// Write samplers cycled interval by interval (usually one); `None`: no write sampling then.
+    pub write: Vec<Option<Sampler>>,
+    pub write_smoother: Smoother,
+    /// The access sampler, if it runs.
+    pub access: Option<AccessSampler>,
+    pub access_smoother: Smoother,
+    /// Stratify (sample only pages touched before); false: sample all of RAM, as ESX does.
+    pub stratify: bool,
+}
+
+/// The write sample armed now.
+struct WriteRound {
+    sampler: usize,
+    population: u64,
 }
 
 /// The map, the samplers and the moving averages, kept across intervals.
 pub struct IntervalWork {
     map: PmpMmpMap,
-    /// Cycled interval by interval (usually one); `None`: an interval without sampling.
-    samplers: Vec<Option<Sampler>>,
-    /// The sampler whose sample is armed now.
-    armed: Option<usize>,
-    /// Whole-slot bitmap holding the armed sample's bits, for `KVM_CLEAR_DIRTY_LOG`.
+    est: Estimators,
+    write_round: Option<WriteRound>,
+    /// Whole-slot bitmap holding the bits to clear in KVM (the armed write sample).
     mask: Vec<u64>,
-    smoother: Smoother,
+    /// Pages whose dirty bit a trapped read may have set: write-protected again at the next arm.
+    reprotect: Vec<u64>,
+    /// All of RAM, the population of plain (unstratified) sampling.
+    everything: Bitmap,
+    /// Scratch: pages the write sample must leave out (the access sample, and the regions the
+    /// access sampler registered just now).
+    exclude: Bitmap,
 }
 
 impl IntervalWork {
-    /// Starts measuring `vm`'s RAM; arms the first sample.
-    pub fn new(
-        vm: &Vm,
-        samplers: Vec<Option<Sampler>>,
-        smoother: Smoother,
-    ) -> Result<Self, IntervalError> {
+    /// Starts measuring `vm`'s RAM; arms the first samples.
+    pub fn new(vm: &Vm, est: Estimators) -> Result<Self, IntervalError> {
         let ram = vm.ram();
+        let mut everything = Bitmap::new(ram.pages());
+        if !est.stratify {
+            everything.set_range(0..ram.pages());
+        }
         let mut work = IntervalWork {
             map: PmpMmpMap::new(ram.host_addr(), ram.pages())?,
-            samplers,
-            armed: None,
+            est,
+            write_round: None,
             mask: vec![0u64; ram.pages().div_ceil(64) as usize],
-            smoother,
+            reprotect: Vec::new(),
+            everything,
+            exclude: Bitmap::new(ram.pages()),
         };
         work.arm(vm, 0)?;
         Ok(work)
@@ -65,9 +101,14 @@ impl IntervalWork {
         &self.map
     }
 
-    /// Ends interval `interval`: the estimate from the armed sample, then the harvest (and, when
-    /// `last`, a full refresh of the map). Unless `last`, arms the next interval's sample.
-    /// `length` is how long the interval lasted (the last one is partial), for the dirty rate.
+    /// Whether reads are seen (the access sampler runs).
+    pub fn reads_seen(&self) -> bool {
+        self.est.access.is_some()
+    }
+
+    /// Ends interval `interval`, which lasted `length` (the last one is partial): closes both
+    /// samples, harvests the map (and, when `last`, refreshes it in full), forms the estimates
+    /// and, unless `last`, arms the next interval's samples.
     pub fn end(
         &mut self,
         vm: &Vm,
@@ -76,56 +117,179 @@ impl IntervalWork {
         last: bool,
     ) -> Result<Measured, IntervalError> {
         let ram = vm.ram();
-        let dirty = vm.dirty_log()?;
+        // The access round first: pages nobody touched go back, so the harvest sees them.
+        let round = self.est.access.as_mut().map(|a| a.disarm()).transpose()?;
+        let mut dirty = vm.dirty_log()?;
+        if let Some(r) = &round {
+            self.hide_trapped_reads(&mut dirty, r);
+        }
         let vmm_dirty = ram.take_vmm_dirty();
-        let ram_mib = usage::mib(ram.size());
-        let active = self.armed.and_then(|i| self.samplers[i].as_ref()).map(|s| {
-            let n = s.armed().len() as u64;
-            let t = s.count_touched(&dirty);
-            let est = Estimate::from_counts(t, n);
-            let sm = self.smoother.update(est.fraction);
-            Active {
-                n,
-                t,
-                estimate_mib: est.fraction * ram_mib,
-                ci_low_mib: est.low * ram_mib,
-                ci_high_mib: est.high * ram_mib,
-                fast_mib: sm.fast * ram_mib,
-                slow_mib: sm.slow * ram_mib,
-                max_mib: sm.max * ram_mib,
-                error_mib: None,
-                dirty_rate_mib_s: usage::dirty_rate_mib_s(est.fraction * ram_mib, length),
-            }
+        let write_t = self.write_round.as_ref().map(|w| {
+            let s = self.est.write[w.sampler].as_ref().expect("armed sampler");
+            (
+                s.armed().len() as u64,
+                s.count_touched(&dirty),
+                w.population,
+            )
         });
+        let (touched0, written0) = self.counts();
         // The map's interval numbers are u32; a run would need 136 years of 1 s intervals to wrap.
         self.map.harvest(
             &dirty,
             &vmm_dirty,
             u32::try_from(interval).unwrap_or(u32::MAX - 1),
         )?;
+        let (touched1, written1) = self.counts();
+        let pages = ram.pages();
+        let plain = |t, n| Stratified::new(0, t, n, pages);
+        let access = round.map(|r| {
+            let s = if self.est.stratify {
+                Stratified::new(touched1 - touched0, r.t, r.n, r.population)
+            } else {
+                plain(r.t, r.n)
+            };
+            active(s, r.skipped, &mut self.est.access_smoother, pages, length)
+        });
+        let writes = write_t.map(|(n, t, population)| {
+            let s = if self.est.stratify {
+                Stratified::new(written1 - written0, t, n, population)
+            } else {
+                plain(t, n)
+            };
+            active(s, 0, &mut self.est.write_smoother, pages, length)
+        });
         if last {
             self.map.refresh()?;
         } else {
             self.arm(vm, interval + 1)?;
         }
         let host = HostUsage::new(&self.map.summary(), usage::rss_bytes().unwrap_or(0));
-        Ok(Measured { host, active })
+        Ok(Measured {
+            host,
+            active: access,
+            active_writes: writes,
+        })
     }
 
-    /// Write-protects a fresh random sample for `interval` (only its bits are cleared in KVM).
+    /// Pages touched and written so far.
+    fn counts(&self) -> (u64, u64) {
+        (
+            self.map.touched().count_ones(),
+            self.map.guest_written().count_ones(),
+        )
+    }
+
+    /// Resolving a trapped read may set the page's dirty bit: for pages first accessed by a read,
+    /// show the map only what it already knew, and write-protect them again at the next arm.
+    fn hide_trapped_reads(&mut self, dirty: &mut [u64], round: &Round) {
+        for &gfn in &round.read_first {
+            let (w, bit) = ((gfn / 64) as usize, 1u64 << (gfn % 64));
+            let Some(word) = dirty.get_mut(w) else {
+                continue;
+            };
+            if *word & bit != 0 && !self.map.known_dirty(gfn) {
+                *word &= !bit;
+                self.reprotect.push(gfn);
+            }
+        }
+    }
+
+    /// Arms both samples for `interval`: the access sample from the pages touched so far, the
+    /// write sample from the pages written so far minus the access sample (all of RAM for both
+    /// when not stratifying); one `KVM_CLEAR_DIRTY_LOG` write-protects the write sample (and any
+    /// page a trapped read may have dirtied).
     fn arm(&mut self, vm: &Vm, interval: u64) -> Result<(), IntervalError> {
-        if let Some(s) = self.armed.take().and_then(|i| self.samplers[i].as_ref()) {
+        let (touched, written) = if self.est.stratify {
+            (self.map.touched(), self.map.guest_written())
+        } else {
+            (&self.everything, &self.everything)
+        };
+        let arming = match &mut self.est.access {
+            Some(a) => a.arm(touched)?,
+            None => Arming::default(),
+        };
+        let pages = self.exclude.len();
+        for &gfn in &arming.pages {
+            self.exclude.set(gfn);
+        }
+        for &r in &arming.new_regions {
+            self.exclude
+                .set_range(r * REGION_PAGES..((r + 1) * REGION_PAGES).min(pages));
+        }
+        if let Some(w) = self.write_round.take() {
+            let s = self.est.write[w.sampler].as_ref().expect("armed sampler");
             s.unmask_from(&mut self.mask);
         }
-        let i = (interval % self.samplers.len() as u64) as usize;
-        let Some(s) = &mut self.samplers[i] else {
-            return Ok(());
-        };
-        s.arm();
-        s.mask_into(&mut self.mask);
-        vm.clear_dirty(&self.mask)?;
-        self.map.note_cleared(&self.mask);
-        self.armed = Some(i);
+        let i = (interval % self.est.write.len() as u64) as usize;
+        let mut population = 0;
+        if let Some(s) = &mut self.est.write[i] {
+            s.arm_from(written, Some(&self.exclude));
+            // The sample stands for the whole stratum, the few excluded pages included: they are
+            // not different, only watched by the access sampler (or briefly unsafe to watch).
+            population = written.count_ones();
+            s.mask_into(&mut self.mask);
+            self.write_round = Some(WriteRound {
+                sampler: i,
+                population,
+            });
+        }
+        for &gfn in &self.reprotect {
+            self.mask[(gfn / 64) as usize] |= 1 << (gfn % 64);
+        }
+        if self.write_round.is_some() || !self.reprotect.is_empty() {
+            vm.clear_dirty(&self.mask)?;
+            self.map.note_cleared(&self.mask);
+        }
+        for gfn in self.reprotect.drain(..) {
+            let armed = self.write_round.is_some()
+                && self.est.write[i]
+                    .as_ref()
+                    .is_some_and(|s| s.armed().binary_search(&gfn).is_ok());
+            if !armed {
+                self.mask[(gfn / 64) as usize] &= !(1 << (gfn % 64));
+            }
+        }
+        for &gfn in &arming.pages {
+            self.exclude.clear(gfn);
+        }
+        for &r in &arming.new_regions {
+            self.exclude
+                .clear_range(r * REGION_PAGES..((r + 1) * REGION_PAGES).min(pages));
+        }
+        log::debug!(
+            "interval {interval}: access sample {} pages ({} regions newly registered), write \
+             sample from {population}",
+            arming.pages.len(),
+            arming.new_regions.len()
+        );
         Ok(())
+    }
+}
+
+/// An estimate in MiB, with its moving averages.
+fn active(
+    s: Stratified,
+    skipped: u64,
+    smoother: &mut Smoother,
+    pages: u64,
+    length: Duration,
+) -> Active {
+    let mib = |p: f64| p * PAGE_SIZE as f64 / (1u64 << 20) as f64;
+    let sm = smoother.update(s.pages / pages as f64);
+    let ram_mib = mib(pages as f64);
+    Active {
+        n: s.n,
+        t: s.t,
+        exact_mib: mib(s.exact as f64),
+        sampled_from_mib: mib(s.population as f64),
+        skipped,
+        estimate_mib: mib(s.pages),
+        ci_low_mib: mib(s.low),
+        ci_high_mib: mib(s.high),
+        fast_mib: sm.fast * ram_mib,
+        slow_mib: sm.slow * ram_mib,
+        max_mib: sm.max * ram_mib,
+        error_mib: None,
+        dirty_rate_mib_s: usage::dirty_rate_mib_s(mib(s.pages), length),
     }
 }

@@ -4,6 +4,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod abi;
+pub mod access;
 pub mod bitmap;
 pub mod boot;
 pub mod clock;

@@ -8,22 +8,23 @@ use std::path::PathBuf;
 
 use crate::plot;
 use crate::prometheus::{self, Exporter};
-use crate::usage::Row;
+use crate::usage::{Active, Row};
 
 /// The table's two header lines.
 pub fn table_header() -> String {
     let l1 = format!(
-        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<44} | {:<57}",
+        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<44} | {:<36} | {:<43}",
         "",
         "",
         "",
         "guest's view",
         "guest truth",
         "host usage (MiB)",
-        "active (writes only), MiB; dirty MiB/s"
+        "active: reads+writes, MiB",
+        "active: writes, MiB; dirty MiB/s"
     );
     let l2 = format!(
-        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6} {:>6}",
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6}",
         "time",
         "phase",
         "cfg",
@@ -40,8 +41,10 @@ pub fn table_header() -> String {
         "shard",
         "est",
         "95% CI",
-        "fast",
-        "slow",
+        "max",
+        "err",
+        "est",
+        "95% CI",
         "max",
         "err",
         "dirty"
@@ -89,22 +92,26 @@ fn phase_cell(phase: &str, width: usize) -> String {
     s
 }
 
+/// A 95% interval in at most 15 characters.
+fn ci_cell(a: Option<&Active>) -> String {
+    a.map(|a| {
+        format!(
+            "{}-{}",
+            cell(Some(a.ci_low_mib), 7, 1),
+            cell(Some(a.ci_high_mib), 7, 1)
+        )
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
 /// One table line.
 pub fn table_row(r: &Row) -> String {
     let t = r.truth.as_ref();
     let h = r.host.as_ref();
     let a = r.active.as_ref();
-    let ci = a
-        .map(|a| {
-            format!(
-                "{}-{}",
-                cell(Some(a.ci_low_mib), 7, 1),
-                cell(Some(a.ci_high_mib), 7, 1)
-            )
-        })
-        .unwrap_or_else(|| "-".into());
+    let w = r.active_writes.as_ref();
     format!(
-        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6} {:>6}{}",
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6}{}",
         cell(Some(r.time_s), 6, 1),
         phase_cell(&r.phase, 24),
         cell(Some(r.configured_mib), 6, 0),
@@ -120,12 +127,14 @@ pub fn table_row(r: &Row) -> String {
         cell(h.map(|h| h.swapped_mib), 5, 1),
         cell(h.map(|h| h.shared_mib), 5, 1),
         cell(a.map(|a| a.estimate_mib), 6, 1),
-        ci,
-        cell(a.map(|a| a.fast_mib), 6, 1),
-        cell(a.map(|a| a.slow_mib), 6, 1),
+        ci_cell(a),
         cell(a.map(|a| a.max_mib), 6, 1),
         cell(a.and_then(|a| a.error_mib), 6, 1),
-        cell(a.map(|a| a.dirty_rate_mib_s), 6, 1),
+        cell(w.map(|a| a.estimate_mib), 6, 1),
+        ci_cell(w),
+        cell(w.map(|a| a.max_mib), 6, 1),
+        cell(w.and_then(|a| a.error_mib), 6, 1),
+        cell(w.map(|a| a.dirty_rate_mib_s), 6, 1),
         match r.end {
             Some(crate::usage::EndReason::Done) => "  (end)".to_string(),
             Some(why) => format!("  (end: {})", why.as_str()),
@@ -267,6 +276,14 @@ mod tests {
 
     fn row_with(v: f64, phase: &str) -> Row {
         let mut r = Row {
+            active: Some(Active {
+                estimate_mib: v,
+                ci_low_mib: v,
+                ci_high_mib: v,
+                max_mib: v,
+                ..Active::default()
+            }),
+            reads_seen: true,
             time_s: v,
             interval: 1,
             phase: phase.into(),
@@ -288,7 +305,7 @@ mod tests {
                 shared_mib: v,
                 ..HostUsage::default()
             }),
-            active: Some(Active {
+            active_writes: Some(Active {
                 estimate_mib: v,
                 ci_low_mib: v,
                 ci_high_mib: v,
@@ -313,12 +330,11 @@ mod tests {
         let names = header.lines().nth(1).unwrap();
         let width = names.chars().count();
         assert_eq!(bars(header.lines().next().unwrap()), bars(names));
+        let ci_words: Vec<usize> = names.match_indices("95%").map(|(i, _)| i + 2).collect();
         let name_ends: Vec<usize> = ends(names)
             .into_iter()
-            // "phase" is left-aligned and "95% CI" has a space inside: compare the rest.
-            .filter(|&i| {
-                i != names.find("phase").unwrap() + 4 && i != names.find("95%").unwrap() + 2
-            })
+            // "phase" is left-aligned and each "95% CI" has a space inside: compare the rest.
+            .filter(|&i| i != names.find("phase").unwrap() + 4 && !ci_words.contains(&i))
             .collect();
         let absurd = [
             1e300,

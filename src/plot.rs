@@ -585,7 +585,7 @@ mod tests {
                         overhead_mib: 4.0,
                         ..HostUsage::default()
                     }),
-                    active: Some(Active {
+                    active_writes: Some(Active {
                         n: 1000,
                         estimate_mib: if writing { 63.0 } else { 0.5 },
                         ci_low_mib: if writing { 57.0 } else { 0.0 },
@@ -651,7 +651,7 @@ mod tests {
     fn rows_without_an_estimate_draw_no_estimate() {
         let mut rs = rows();
         for r in &mut rs {
-            r.active = None;
+            r.active_writes = None;
         }
         let s = series(&rs);
         assert!(s.actives.is_empty());

@@ -331,7 +331,7 @@ mod tests {
                 zero_mib: 1.0,
                 ..HostUsage::default()
             }),
-            active: Some(Active {
+            active_writes: Some(Active {
                 n: 1000,
                 t: 250,
                 estimate_mib: 64.0,
@@ -342,6 +342,7 @@ mod tests {
                 max_mib: 50.0,
                 dirty_rate_mib_s: 32.0,
                 error_mib: None,
+                ..Active::default()
             }),
             ..Row::default()
         }

@@ -96,26 +96,30 @@ impl Sampler {
     }
 
     /// Picks up to `samples` distinct pages uniformly from `population` (one bit per guest page)
-    /// minus `exclude`, sorted ascending: all of them when there are no more than that. Returns
-    /// the pages and the size of what they were drawn from. The cost is the cheaper of rejection
-    /// sampling (draws ~ samples x guest pages / candidates) and one pass over the bitmap.
-    pub fn arm_from(&mut self, population: &Bitmap, exclude: &HashSet<u64>) -> (&[u64], u64) {
-        let excluded_in = exclude.iter().filter(|&&p| population.get(p)).count() as u64;
-        let candidates = population.count_ones().saturating_sub(excluded_in);
+    /// minus `exclude` (likewise), sorted ascending: all of them when there are no more than
+    /// that. Returns the pages and the number of candidates they were drawn from. The cost is one
+    /// count over the bitmaps, then the cheaper of rejection sampling (draws ~ samples x guest
+    /// pages / candidates) and one pass.
+    pub fn arm_from(&mut self, population: &Bitmap, exclude: Option<&Bitmap>) -> (&[u64], u64) {
+        let is_candidate = |p: u64| population.get(p) && !exclude.is_some_and(|e| e.get(p));
+        let candidates = match exclude {
+            None => population.count_ones(),
+            Some(e) => population
+                .words()
+                .iter()
+                .zip(e.words())
+                .map(|(p, x)| u64::from((p & !x).count_ones()))
+                .sum(),
+        };
         let k = self.samples.min(candidates);
         self.picked.clear();
         self.armed.clear();
         let n = population.len();
-        let words = n.div_ceil(64);
-        let rejection_draws = k
-            .saturating_mul(n)
-            .checked_div(candidates)
-            .unwrap_or(u64::MAX);
-        if k == 0 {
-        } else if rejection_draws < words + candidates {
+        let rejection_draws = k.saturating_mul(n).checked_div(candidates).unwrap_or(0);
+        if rejection_draws < n.div_ceil(64) + candidates {
             while (self.picked.len() as u64) < k {
                 let p = self.rng.random_range(0..n);
-                if population.get(p) && !exclude.contains(&p) {
+                if is_candidate(p) {
                     self.picked.insert(p);
                 }
             }
@@ -123,7 +127,7 @@ impl Sampler {
         } else {
             let mut all: Vec<u64> = population
                 .iter_ones()
-                .filter(|p| !exclude.contains(p))
+                .filter(|&p| is_candidate(p))
                 .collect();
             // A partial Fisher-Yates shuffle: the first k are a uniform k-subset.
             for i in 0..k as usize {
@@ -203,18 +207,21 @@ mod tests {
             for p in (0..pages).step_by(every as usize) {
                 pop.set(p);
             }
-            let exclude: HashSet<u64> = [0, every, 3 * every].into_iter().collect();
+            let mut exclude = Bitmap::new(pages);
+            for p in [0, every, 3 * every] {
+                exclude.set(p);
+            }
             let candidates = pages / every - 3;
             let mut s = Sampler::new(100, pages, Some(9)).unwrap();
             let mut hits = std::collections::HashMap::new();
             let rounds = 200;
             for _ in 0..rounds {
-                let (picked, from) = s.arm_from(&pop, &exclude);
+                let (picked, from) = s.arm_from(&pop, Some(&exclude));
                 assert_eq!(from, candidates);
                 assert_eq!(picked.len(), 100);
                 assert!(picked.windows(2).all(|w| w[0] < w[1]));
                 for &p in picked {
-                    assert!(pop.get(p) && !exclude.contains(&p), "{p}");
+                    assert!(pop.get(p) && !exclude.get(p), "{p}");
                     *hits.entry(p).or_insert(0u32) += 1;
                 }
             }
@@ -231,9 +238,9 @@ mod tests {
         pop.set(5);
         pop.set(500);
         let mut s = Sampler::new(100, 1000, Some(1)).unwrap();
-        let (picked, from) = s.arm_from(&pop, &HashSet::new());
+        let (picked, from) = s.arm_from(&pop, None);
         assert_eq!((picked, from), (&[5u64, 500][..], 2));
-        let (picked, from) = s.arm_from(&Bitmap::new(1000), &HashSet::new());
+        let (picked, from) = s.arm_from(&Bitmap::new(1000), None);
         assert_eq!((picked.len(), from), (0, 0));
     }
 

@@ -50,6 +50,26 @@ struct UffdioRegister {
     ioctls: u64,
 }
 
+/// `struct uffdio_zeropage`.
+#[repr(C)]
+#[derive(Default)]
+struct UffdioZeropage {
+    range: UffdioRange,
+    mode: u64,
+    zeropage: i64,
+}
+
+/// `struct uffdio_copy`.
+#[repr(C)]
+#[derive(Default)]
+struct UffdioCopy {
+    dst: u64,
+    src: u64,
+    len: u64,
+    mode: u64,
+    copy: i64,
+}
+
 /// `struct uffdio_move`.
 #[repr(C)]
 #[derive(Default)]
@@ -79,6 +99,9 @@ const _: () = assert!(std::mem::size_of::<UffdMsg>() == 32);
 ioctl_iowr_nr!(UFFDIO_API, UFFDIO, 0x3f, UffdioApi);
 ioctl_iowr_nr!(UFFDIO_REGISTER, UFFDIO, 0x00, UffdioRegister);
 ioctl_ior_nr!(UFFDIO_UNREGISTER, UFFDIO, 0x01, UffdioRange);
+ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
+ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
+ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
 ioctl_iowr_nr!(UFFDIO_MOVE, UFFDIO, 0x05, UffdioMove);
 // `/dev/userfaultfd`'s `USERFAULTFD_IOC_NEW`.
 ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
@@ -103,6 +126,13 @@ pub enum UffdError {
     },
     #[error("UFFDIO_UNREGISTER of {len} bytes at {start:#x}: {source}")]
     Unregister {
+        start: u64,
+        len: u64,
+        #[source]
+        source: errno::Error,
+    },
+    #[error("UFFDIO_WAKE of {len} bytes at {start:#x}: {source}")]
+    Wake {
         start: u64,
         len: u64,
         #[source]
@@ -218,6 +248,21 @@ impl Uffd {
         Ok(())
     }
 
+    /// Wakes whoever waits on a fault in `[start, start + len)`.
+    pub fn wake(&self, start: u64, len: u64) -> Result<(), UffdError> {
+        let range = UffdioRange { start, len };
+        // SAFETY: UFFDIO_WAKE reads a `uffdio_range`.
+        let rc = unsafe { ioctl_with_ref(&self.file, UFFDIO_WAKE(), &range) };
+        if rc < 0 {
+            return Err(UffdError::Wake {
+                start,
+                len,
+                source: errno::Error::last(),
+            });
+        }
+        Ok(())
+    }
+
     /// Moves the page at `src` to `dst` (which must have no page, and be registered with this
     /// descriptor, as must be the whole destination mapping), keeping its contents; wakes
     /// whoever waits on `dst` unless `wake` is false. The errno says why not: `EBUSY` for a page
@@ -236,6 +281,41 @@ impl Uffd {
         let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_MOVE(), &mut mv) };
         if rc < 0 {
             return Err(errno::Error::last());
+        }
+        Ok(())
+    }
+
+    /// Fills the missing page at `page` the way the kernel would have: with the shared zero page
+    /// for a read, a fresh zeroed page for a write (copied from `zeros`, a zeroed page of ours);
+    /// wakes whoever waits on it. `EEXIST` (someone filled it first) is success.
+    pub fn fill_missing(&self, page: u64, write: bool, zeros: u64) -> Result<(), errno::Error> {
+        let len = crate::abi::PAGE_SIZE;
+        let rc = if write {
+            let mut copy = UffdioCopy {
+                dst: page,
+                src: zeros,
+                len,
+                ..Default::default()
+            };
+            // SAFETY: UFFDIO_COPY reads `len` bytes at `src` (a page of ours) and writes the
+            // `uffdio_copy`; the kernel checks the destination.
+            unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_COPY(), &mut copy) }
+        } else {
+            let mut zp = UffdioZeropage {
+                range: UffdioRange { start: page, len },
+                ..Default::default()
+            };
+            // SAFETY: UFFDIO_ZEROPAGE reads and writes a `uffdio_zeropage`.
+            unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_ZEROPAGE(), &mut zp) }
+        };
+        if rc < 0 {
+            let e = errno::Error::last();
+            if e.errno() == libc::EEXIST {
+                return self
+                    .wake(page, len)
+                    .map_err(|_| errno::Error::new(libc::EIO));
+            }
+            return Err(e);
         }
         Ok(())
     }

@@ -108,21 +108,30 @@ pub fn rss_bytes() -> std::io::Result<u64> {
     Ok(resident * PAGE_SIZE)
 }
 
-/// Active memory (writes only) estimated by sampling.
+/// Active memory in one interval, estimated by stratified sampling: the pages touched (or, for
+/// the write estimate, written) for the first time are counted exactly; the pages touched
+/// (written) before are sampled, `t` of `n`, and scaled up.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct Active {
     /// Sample size and touched samples.
     pub n: u64,
     pub t: u64,
+    /// The part counted exactly: first touches (first writes) seen by the harvest.
+    pub exact_mib: f64,
+    /// The stratum the sample was drawn from (all of RAM with `--plain-sampling`).
+    pub sampled_from_mib: f64,
+    /// Picked pages that could not be armed and were replaced (access estimate only).
+    pub skipped: u64,
     pub estimate_mib: f64,
-    /// 95% Wilson score interval.
+    /// 95% interval: Wilson's for the sampled part, with the finite population correction.
     pub ci_low_mib: f64,
     pub ci_high_mib: f64,
     pub fast_mib: f64,
     pub slow_mib: f64,
     pub max_mib: f64,
-    /// Estimate minus the guest's written truth, when the truth is known.
+    /// Estimate minus the guest's truth (touched for the access estimate, written for the write
+    /// estimate), when the truth is known.
     pub error_mib: Option<f64>,
     /// The estimate per second of the interval: what QEMU's calc-dirty-rate reports (a page
     /// written many times in the interval counts once). See [`dirty_rate_mib_s`].
@@ -186,24 +195,35 @@ pub struct Row {
     pub guest: GuestView,
     pub truth: Option<Truth>,
     pub host: Option<HostUsage>,
-    /// Active memory as seen through writes (the estimator cannot see reads).
-    #[serde(rename = "active_writes")]
+    /// Active memory, reads and writes (the access sampler); `None` when it is off.
     pub active: Option<Active>,
+    /// Whether reads are seen: false when the access sampler is off or unavailable (then only
+    /// writes are estimated, and `active` is `None`).
+    pub reads_seen: bool,
+    /// Active memory as seen through writes (KVM's dirty log).
+    pub active_writes: Option<Active>,
 }
 
 impl Row {
-    /// Every active-memory estimate the row carries, with its kind: `"writes"` (the dirty log);
-    /// an estimate that sees reads too would be listed here as `"access"`. The plot, CSV and
-    /// Prometheus outputs draw whatever this lists.
+    /// Every active-memory estimate the row carries, with its kind: `"access"` (reads and
+    /// writes, the access sampler) and `"writes"` (the dirty log). The plot, CSV and Prometheus
+    /// outputs draw whatever this lists.
     pub fn actives(&self) -> impl Iterator<Item = (&'static str, &Active)> {
-        [("writes", self.active.as_ref())]
-            .into_iter()
-            .filter_map(|(kind, a)| a.map(|a| (kind, a)))
+        [
+            ("access", self.active.as_ref()),
+            ("writes", self.active_writes.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(kind, a)| a.map(|a| (kind, a)))
     }
 
-    /// Fills the estimate's error once the truth is known.
+    /// Fills the estimates' errors once the truth is known: the access estimate against the
+    /// pages touched, the write estimate against the pages written.
     pub fn attach_truth(&mut self, truth: Truth) {
         if let Some(a) = &mut self.active {
+            a.error_mib = Some(a.estimate_mib - truth.touched_mib);
+        }
+        if let Some(a) = &mut self.active_writes {
             a.error_mib = Some(a.estimate_mib - truth.written_mib);
         }
         self.truth = Some(truth);

@@ -3,18 +3,19 @@
 //! elsewhere: `config` (the validated options), `exits` (what an exit means), `protocol` (what the
 //! guest says), `interval` (what an interval measures), `stop` (signals).
 
-use std::io;
+use std::io::{self, Write};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use thiserror::Error;
 
 use crate::abi::{self, PAGE_SIZE};
+use crate::access::AccessSampler;
 use crate::boot::{self, BootError};
 use crate::clock::{Clock, Kicker, POLL};
 use crate::config::RunConfig;
 use crate::exits::{Action, ExitError, ExitHandler};
-use crate::interval::{IntervalError, IntervalWork};
+use crate::interval::{Estimators, IntervalError, IntervalWork};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pmp_mmp::{MapFileError, MapSummary};
 use crate::protocol::{BootReport, GuestError, PhaseRecord, Protocol, Reply};
@@ -119,7 +120,16 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
         vm: &vm,
         handler: ExitHandler::new(vm.ram().size(), cfg.console),
         protocol: Protocol::new(cfg.workload.phases.iter().map(|p| p.to_string()), tsc_khz),
-        work: IntervalWork::new(&vm, cfg.samplers, cfg.smoother)?,
+        work: IntervalWork::new(
+            &vm,
+            Estimators {
+                write: cfg.samplers,
+                write_smoother: cfg.smoother.clone(),
+                access: access_sampler(&vm, cfg.access_samples, cfg.seed),
+                access_smoother: cfg.smoother,
+                stratify: cfg.stratify,
+            },
+        )?,
         clock: Clock::new(cfg.interval, cfg.timeout),
         next_tick: Instant::now(),
         interval_start: Instant::now(),
@@ -165,6 +175,25 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
         Ok(()) => {}
     }
     vmm.summary(setup)
+}
+
+/// The access sampler over `vm`'s RAM, or `None` (announced) when it is off or cannot run: reads
+/// are then not seen, and every row says so.
+fn access_sampler(vm: &Vm, samples: u64, seed: Option<u64>) -> Option<AccessSampler> {
+    if samples == 0 {
+        return None;
+    }
+    let ram = vm.ram();
+    match AccessSampler::new(samples, ram.host_addr() as u64, ram.pages(), seed) {
+        Ok(a) => Some(a),
+        Err(e) => {
+            let _ = writeln!(
+                io::stderr(),
+                "memvisor: reads are not seen, only writes are estimated: {e}"
+            );
+            None
+        }
+    }
 }
 
 /// How the run loop ended, when the VMM itself did not fail.
@@ -304,6 +333,8 @@ impl Vmm<'_, '_> {
             truth: None,
             host: Some(measured.host),
             active: measured.active,
+            reads_seen: self.work.reads_seen(),
+            active_writes: measured.active_writes,
         };
         self.protocol.interval_ended(row, last);
         for row in self.protocol.take_rows() {

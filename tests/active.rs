@@ -40,7 +40,7 @@ fn write_working_set_estimate_covers_the_truth() {
     );
     let mut covered = 0;
     for r in &rows {
-        let a = r.active.as_ref().unwrap();
+        let a = r.active_writes.as_ref().unwrap();
         let t = r.truth.as_ref().unwrap();
         assert_eq!(a.n, 1000);
         assert_eq!(
@@ -74,7 +74,7 @@ fn idle_guest_estimate_is_near_zero() {
     let inside = inside(&rows, "idle");
     assert!(inside.len() >= 5);
     for r in inside {
-        let a = r.active.as_ref().unwrap();
+        let a = r.active_writes.as_ref().unwrap();
         // The idle guest writes only a few kernel pages (stack, messages): far below 1% of RAM.
         assert!(a.estimate_mib <= 2.56, "{a:?}");
         assert!(a.ci_low_mib <= 0.5, "{a:?}");
@@ -97,14 +97,20 @@ fn sampler_survives_a_guest_that_exits_mid_interval() {
     let last = rows.last().unwrap();
     assert_eq!(last.end, Some(memvisor::usage::EndReason::Done));
     let a = last
-        .active
+        .active_writes
         .as_ref()
         .expect("the partial interval still gets an estimate");
-    assert_eq!(a.n, 1000);
-    assert!(a.t > 0);
+    // One interval only: every write was a first write, counted exactly, so nothing was sampled
+    // (the stratum of pages written before was empty).
+    assert_eq!(a.n, 0);
     let t = last.truth.as_ref().unwrap();
     assert_eq!(t.written_pages, 32 * 256);
+    assert!(a.exact_mib >= 32.0 && a.exact_mib < 33.0, "{a:?}");
     assert!(a.ci_low_mib <= a.estimate_mib && a.estimate_mib <= a.ci_high_mib);
+    assert!(
+        a.ci_low_mib <= t.written_mib + 1.0 && t.written_mib <= a.ci_high_mib,
+        "{a:?}"
+    );
 }
 
 #[test]
@@ -116,7 +122,7 @@ fn sampling_can_be_turned_off() {
     cfg.no_sampling = true;
     let (_, rows) = common::run_cfg(cfg).unwrap();
     assert!(!rows.is_empty(), "a run has at least its last row");
-    assert!(rows.iter().all(|r| r.active.is_none()));
+    assert!(rows.iter().all(|r| r.active_writes.is_none()));
     // The host side is still measured without sampling.
     let last = rows.last().unwrap();
     assert!(last.host.as_ref().unwrap().backed_pages >= 8 * 256);

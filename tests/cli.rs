@@ -213,7 +213,7 @@ fn json_and_table_output() {
     assert!(out.status.success());
     let text = String::from_utf8(out.stdout).unwrap();
     let lines: Vec<&str> = text.lines().collect();
-    assert!(lines[0].contains("active (writes only)"));
+    assert!(lines[0].contains("active: reads+writes") && lines[0].contains("active: writes"));
     assert!(lines[1].contains("backed") && lines[1].contains("95% CI"));
     assert!(lines.last().unwrap().ends_with("(end)"));
     // Two header lines, then one line per interval, every one with the same columns.

@@ -165,7 +165,7 @@ fn prometheus_scrape_during_a_run_matches_the_json_row() {
     close("memvisor_backed_bytes", &[], h.backed_mib * MIB);
     close("memvisor_overhead_bytes", &[], h.overhead_mib * MIB);
     close("memvisor_zero_bytes", &[], h.zero_mib * MIB);
-    let a = r.active.as_ref().unwrap();
+    let a = r.active_writes.as_ref().unwrap();
     let w = |stat| [("kind", "writes"), ("stat", stat)];
     close(
         "memvisor_active_bytes",

@@ -339,6 +339,21 @@ impl PmpMmpMap {
         self.pages
     }
 
+    /// Pages ever seen touched (written, or resident after a read).
+    pub fn touched(&self) -> &Bitmap {
+        &self.touched
+    }
+
+    /// Pages ever seen written by the guest.
+    pub fn guest_written(&self) -> &Bitmap {
+        &self.guest_written
+    }
+
+    /// Whether the map believes `gfn`'s bit is set in KVM's dirty log.
+    pub fn known_dirty(&self, gfn: u64) -> bool {
+        gfn < self.pages && self.known_dirty.get(gfn)
+    }
+
     /// The residency method in use (`Auto` only when the kernel has `PAGEMAP_SCAN`).
     pub fn residency_method(&self) -> ResidencyMethod {
         self.method

@@ -1,0 +1,313 @@
+//! The access sampler: sees reads as well as writes, on a few sampled guest pages per interval,
+//! with userfaultfd (`docs/design.md` says why this mechanism, with the figures).
+//!
+//! Arming a page moves it (the same physical page, `UFFDIO_MOVE`) out of guest RAM into a stash.
+//! Its 2 MiB region is registered with userfaultfd in MISSING mode the first time one of its pages
+//! is armed, and stays registered: a present page never faults, so registration costs nothing
+//! until a page goes missing. The next access to an armed page, by the guest (a vCPU blocks inside
+//! `KVM_RUN`) or by the VMM, faults to the handler thread, which records whether it was a read or
+//! a write and moves the page back, waking the toucher. Disarming moves back the pages nobody
+//! touched. A page that is missing for another reason (never touched, in a registered region) is
+//! filled as the kernel would: the zero page for a read, a zeroed page for a write. No data is
+//! ever copied, so contents are intact; the handler thread never touches guest memory.
+//!
+//! Why whole regions, registered once: registering and unregistering single pages every interval
+//! splits and merges the mapping, and on this development host (nested KVM, PVM) every such change
+//! makes KVM rebuild the guest's mappings nearby, and a rebuilt read mapping of a write-protected
+//! page is logged as a write. The write sample therefore leaves out the regions registered in
+//! the same interval (`docs/design.md`).
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::thread::JoinHandle;
+
+use thiserror::Error;
+
+use crate::abi::PAGE_SIZE;
+use crate::bitmap::Bitmap;
+use crate::pagemap::AnonMapping;
+use crate::sampler::{Sampler, SamplerError};
+use crate::uffd::{Fault, Uffd, UffdError};
+
+/// Why the access sampler failed.
+#[derive(Debug, Error)]
+pub enum AccessError {
+    #[error(transparent)]
+    Uffd(#[from] UffdError),
+    #[error("the access sampler's stash of {pages} pages")]
+    Stash {
+        pages: u64,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("the access sampler")]
+    Sampler(#[from] SamplerError),
+    #[error(
+        "moving sampled page {gfn:#x} back into guest RAM failed ({source}); its contents are in the stash"
+    )]
+    MoveBack {
+        gfn: u64,
+        #[source]
+        source: vmm_sys_util::errno::Error,
+    },
+}
+
+/// Guest pages per registered region (2 MiB).
+pub const REGION_PAGES: u64 = 512;
+
+/// One armed page.
+#[derive(Clone, Copy, Debug)]
+struct Armed {
+    /// Its stash slot, if its page was moved out (`None`: it had no page, only registered).
+    slot: Option<u64>,
+    /// The first access: `Some(true)` a write, `Some(false)` a read.
+    first: Option<bool>,
+}
+
+/// What the handler thread and the arming side share.
+#[derive(Debug, Default)]
+struct State {
+    /// Armed pages by host address.
+    armed: HashMap<u64, Armed>,
+    /// Faults on pages that were not armed: first touches in a registered region.
+    stray: u64,
+    /// The handler's first failure.
+    error: Option<String>,
+}
+
+/// One interval's round.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Round {
+    /// Pages armed.
+    pub n: u64,
+    /// Of them, accessed.
+    pub t: u64,
+    /// Of the accessed, first by a write.
+    pub writes: u64,
+    /// Pages first accessed by a read (KVM may have set their dirty bits while resolving it).
+    pub read_first: Vec<u64>,
+    /// Picked pages that could not be armed (pinned, shared, part of a huge page), replaced.
+    pub skipped: u64,
+    /// The population the pages were drawn from.
+    pub population: u64,
+}
+
+/// What arming did.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct Arming {
+    /// The pages armed.
+    pub pages: Vec<u64>,
+    /// Regions (2 MiB, by index) registered for the first time.
+    pub new_regions: Vec<u64>,
+}
+
+/// The access sampler of one guest RAM mapping.
+pub struct AccessSampler {
+    uffd: Arc<Uffd>,
+    state: Arc<Mutex<State>>,
+    stash: AnonMapping,
+    ram_addr: u64,
+    sampler: Sampler,
+    population: u64,
+    skipped: u64,
+    /// Regions registered with userfaultfd (one bit per 2 MiB).
+    registered: Bitmap,
+    pages: u64,
+    done: Arc<AtomicBool>,
+    handler: Option<JoinHandle<()>>,
+}
+
+fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
+    // A panic while holding the lock cannot leave the map half-updated in a way that matters
+    // more than stopping: carry on with what is there.
+    state.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+impl AccessSampler {
+    /// A sampler of `samples` pages per interval over guest RAM at `ram_addr` (`pages` pages).
+    pub fn new(
+        samples: u64,
+        ram_addr: u64,
+        pages: u64,
+        seed: Option<u64>,
+    ) -> Result<Self, AccessError> {
+        let sampler = Sampler::new(samples, pages, seed)?;
+        let uffd = Arc::new(Uffd::new()?);
+        // The stash, then one zeroed page (the source for filling a written missing page).
+        let stash = AnonMapping::new(((samples + 1) * PAGE_SIZE) as usize).map_err(|source| {
+            AccessError::Stash {
+                pages: samples,
+                source,
+            }
+        })?;
+        // A move's destination must be registered with the descriptor: the stash, once.
+        uffd.register(stash.addr() as u64, samples * PAGE_SIZE)?;
+        let zeros = stash.addr() as u64 + samples * PAGE_SIZE;
+        let state = Arc::new(Mutex::new(State::default()));
+        let done = Arc::new(AtomicBool::new(false));
+        let handler = {
+            let (uffd, state, done) = (uffd.clone(), state.clone(), done.clone());
+            let stash_addr = stash.addr() as u64;
+            std::thread::Builder::new()
+                .name("memvisor-uffd".into())
+                .spawn(move || handle_faults(&uffd, &state, &done, stash_addr, zeros))
+                .map_err(|source| AccessError::Stash {
+                    pages: samples,
+                    source,
+                })?
+        };
+        Ok(AccessSampler {
+            uffd,
+            state,
+            stash,
+            ram_addr,
+            sampler,
+            population: 0,
+            skipped: 0,
+            registered: Bitmap::new(pages.div_ceil(REGION_PAGES)),
+            pages,
+            done,
+            handler: Some(handler),
+        })
+    }
+
+    /// Arms a fresh sample drawn uniformly from `population` (one bit per guest page). Call with
+    /// the guest stopped.
+    pub fn arm(&mut self, population: &Bitmap) -> Result<Arming, AccessError> {
+        let (picked, from) = self.sampler.arm_from(population, None);
+        let picked = picked.to_vec();
+        self.population = from;
+        self.skipped = 0;
+        let mut out = Arming::default();
+        let mut state = lock(&self.state);
+        for (slot, &gfn) in picked.iter().enumerate() {
+            let region = gfn / REGION_PAGES;
+            if !self.registered.get(region) {
+                let first = region * REGION_PAGES;
+                let len = (first + REGION_PAGES).min(self.pages) - first;
+                if let Err(e) = self
+                    .uffd
+                    .register(self.ram_addr + first * PAGE_SIZE, len * PAGE_SIZE)
+                {
+                    log::debug!("access sampler: region {region}: {e}; page {gfn:#x} skipped");
+                    self.skipped += 1;
+                    continue;
+                }
+                self.registered.set(region);
+                out.new_regions.push(region);
+            }
+            let addr = self.ram_addr + gfn * PAGE_SIZE;
+            let stash = self.stash.addr() as u64 + slot as u64 * PAGE_SIZE;
+            let slot = match self.uffd.move_page(stash, addr, PAGE_SIZE, false) {
+                Ok(()) => Some(slot as u64),
+                // No page there (dropped since it was touched): a fault still shows an access.
+                Err(e) if e.errno() == libc::ENOENT => None,
+                Err(e) => {
+                    log::debug!("access sampler: page {gfn:#x} cannot move ({e}); skipped");
+                    self.skipped += 1;
+                    continue;
+                }
+            };
+            state.armed.insert(addr, Armed { slot, first: None });
+            out.pages.push(gfn);
+        }
+        Ok(out)
+    }
+
+    /// Ends the round: moves back the pages nobody touched, unregisters every armed page, and
+    /// says what was seen. Call with the guest stopped.
+    pub fn disarm(&mut self) -> Result<Round, AccessError> {
+        let mut state = lock(&self.state);
+        if let Some(e) = state.error.take() {
+            log::warn!("access sampler: the fault handler failed: {e}");
+        }
+        let mut round = Round {
+            n: state.armed.len() as u64,
+            skipped: self.skipped,
+            population: self.population,
+            ..Round::default()
+        };
+        let mut armed: Vec<(u64, Armed)> = state.armed.drain().collect();
+        armed.sort_unstable_by_key(|(a, _)| *a);
+        for (addr, a) in armed {
+            let gfn = (addr - self.ram_addr) / PAGE_SIZE;
+            match a.first {
+                Some(write) => {
+                    round.t += 1;
+                    if write {
+                        round.writes += 1;
+                    } else {
+                        round.read_first.push(gfn);
+                    }
+                }
+                None => {
+                    if let Some(s) = a.slot {
+                        let from = self.stash.addr() as u64 + s * PAGE_SIZE;
+                        self.uffd
+                            .move_page(addr, from, PAGE_SIZE, false)
+                            .map_err(|source| AccessError::MoveBack { gfn, source })?;
+                    }
+                }
+            }
+        }
+        Ok(round)
+    }
+}
+
+impl Drop for AccessSampler {
+    fn drop(&mut self) {
+        if let Err(e) = self.disarm() {
+            log::error!("{e}");
+        }
+        self.done.store(true, Ordering::Relaxed);
+        if let Some(h) = self.handler.take() {
+            let _ = h.join();
+        }
+    }
+}
+
+/// The handler thread: resolves each fault in a registered region, recording the first access to
+/// an armed page (moving its page back) and filling any other missing page as the kernel would.
+fn handle_faults(
+    uffd: &Uffd,
+    state: &Mutex<State>,
+    done: &AtomicBool,
+    stash_addr: u64,
+    zeros: u64,
+) {
+    let mut faults: Vec<Fault> = Vec::new();
+    while !done.load(Ordering::Relaxed) {
+        if !uffd.wait(20) {
+            continue;
+        }
+        faults.clear();
+        if let Err(e) = uffd.read_faults(&mut faults) {
+            lock(state).error.get_or_insert(e.to_string());
+            continue;
+        }
+        let mut st = lock(state);
+        for f in &faults {
+            let result = match st.armed.get_mut(&f.page) {
+                Some(a) if a.first.is_none() => {
+                    a.first = Some(f.write);
+                    match a.slot {
+                        Some(s) => {
+                            uffd.move_page(f.page, stash_addr + s * PAGE_SIZE, PAGE_SIZE, true)
+                        }
+                        None => uffd.fill_missing(f.page, f.write, zeros),
+                    }
+                }
+                // A second fault on a page already resolved: its resolution woke everyone.
+                Some(_) => Ok(()),
+                None => {
+                    st.stray += 1;
+                    uffd.fill_missing(f.page, f.write, zeros)
+                }
+            };
+            if let Err(e) = result {
+                st.error.get_or_insert(e.to_string());
+            }
+        }
+    }
+}
