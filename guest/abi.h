@@ -47,6 +47,7 @@
 #define PHASE_FAULT 5
 #define PHASE_F_WRITE 1u
 #define PHASE_F_RANDOM 2u
+#define PHASE_F_VERIFY 4u /* check each access: the page holds what the app wrote (page index + 1) */
 
 /* Messages. */
 #define ABI_MSG_MAGIC 0x3152564du
@@ -64,6 +65,7 @@
 #define PHASE_OK 0
 #define PHASE_OOM 1
 #define PHASE_BAD 2
+#define PHASE_CORRUPT 3 /* verify: arg2 = accesses that found other contents */
 
 /* FAULT arg0 values >= this are kernel boot errors, not CPU exceptions. */
 #define FAULT_BOOT_ERROR 0x100

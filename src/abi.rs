@@ -80,11 +80,15 @@ pub mod phase_kind {
 /// Phase flags.
 pub const PHASE_WRITE: u32 = c::PHASE_F_WRITE as u32;
 pub const PHASE_RANDOM: u32 = c::PHASE_F_RANDOM as u32;
+/// Phase flag: check every access against what the app wrote (see the workload spec).
+pub const PHASE_VERIFY: u32 = c::PHASE_F_VERIFY as u32;
 
 /// PHASE_END status (`arg1`): the phase ran.
 pub const PHASE_OK: u64 = c::PHASE_OK;
 /// PHASE_END status: the guest ran out of memory; the workload ends.
 pub const PHASE_OOM: u64 = c::PHASE_OOM;
+/// PHASE_END status: a `verify` phase found pages whose contents changed (`arg2` = how many).
+pub const PHASE_CORRUPT: u64 = c::PHASE_CORRUPT;
 
 /// FAULT messages: an `arg0` at or above this is a guest kernel boot error, not a CPU exception.
 pub const FAULT_BOOT_ERROR: u64 = c::FAULT_BOOT_ERROR;

@@ -15,7 +15,9 @@
 //! splits and merges the mapping, and on this development host (nested KVM, PVM) every such change
 //! makes KVM rebuild the guest's mappings nearby, and a rebuilt read mapping of a write-protected
 //! page is logged as a write. The write sample therefore leaves out the regions registered in
-//! the same interval (`docs/design.md`).
+//! the same interval, and the pages armed in this round or the one before (a page moved out and
+//! back has no KVM mapping until the guest touches it, and that first read would be logged as a
+//! write too; `docs/design.md`).
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -100,6 +102,8 @@ pub struct Arming {
     pub pages: Vec<u64>,
     /// Regions (2 MiB, by index) registered for the first time.
     pub new_regions: Vec<u64>,
+    /// The pages armed in the round before: moved out and back, so KVM may not map them yet.
+    pub previous: Vec<u64>,
 }
 
 /// The access sampler of one guest RAM mapping.
@@ -113,6 +117,8 @@ pub struct AccessSampler {
     skipped: u64,
     /// Regions registered with userfaultfd (one bit per 2 MiB).
     registered: Bitmap,
+    /// The pages of the last arming.
+    last_armed: Vec<u64>,
     pages: u64,
     done: Arc<AtomicBool>,
     handler: Option<JoinHandle<()>>,
@@ -166,6 +172,7 @@ impl AccessSampler {
             population: 0,
             skipped: 0,
             registered: Bitmap::new(pages.div_ceil(REGION_PAGES)),
+            last_armed: Vec::new(),
             pages,
             done,
             handler: Some(handler),
@@ -179,7 +186,10 @@ impl AccessSampler {
         let picked = picked.to_vec();
         self.population = from;
         self.skipped = 0;
-        let mut out = Arming::default();
+        let mut out = Arming {
+            previous: std::mem::take(&mut self.last_armed),
+            ..Arming::default()
+        };
         let mut state = lock(&self.state);
         for (slot, &gfn) in picked.iter().enumerate() {
             let region = gfn / REGION_PAGES;
@@ -212,6 +222,7 @@ impl AccessSampler {
             state.armed.insert(addr, Armed { slot, first: None });
             out.pages.push(gfn);
         }
+        self.last_armed = out.pages.clone();
         Ok(out)
     }
 

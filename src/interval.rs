@@ -209,7 +209,7 @@ impl IntervalWork {
             None => Arming::default(),
         };
         let pages = self.exclude.len();
-        for &gfn in &arming.pages {
+        for &gfn in arming.pages.iter().chain(&arming.previous) {
             self.exclude.set(gfn);
         }
         for &r in &arming.new_regions {
@@ -249,7 +249,7 @@ impl IntervalWork {
                 self.mask[(gfn / 64) as usize] &= !(1 << (gfn % 64));
             }
         }
-        for &gfn in &arming.pages {
+        for &gfn in arming.pages.iter().chain(&arming.previous) {
             self.exclude.clear(gfn);
         }
         for &r in &arming.new_regions {

@@ -71,6 +71,14 @@ pub enum GuestError {
     Boot(&'static str),
     #[error("the guest ran out of memory in phase {phase} ({name})")]
     OutOfMemory { phase: u64, name: String },
+    #[error(
+        "the guest found changed memory in phase {phase} ({name}): {accesses} accesses saw a page that did not hold what the app last wrote"
+    )]
+    Corrupt {
+        phase: u64,
+        name: String,
+        accesses: u64,
+    },
     #[error("the guest reported failure status {status} in phase {phase} ({name})")]
     PhaseFailed {
         phase: u64,
@@ -307,6 +315,13 @@ impl Protocol {
         match msg.arg1 {
             abi::PHASE_OK => {}
             abi::PHASE_OOM => self.failure = Some(GuestError::OutOfMemory { phase, name }),
+            abi::PHASE_CORRUPT => {
+                self.failure = Some(GuestError::Corrupt {
+                    phase,
+                    name,
+                    accesses: msg.arg2,
+                })
+            }
             status => {
                 self.failure = Some(GuestError::PhaseFailed {
                     phase,
@@ -588,6 +603,13 @@ mod tests {
             p.failure(),
             Some(GuestError::OutOfMemory { phase: 0, .. })
         ));
+        send(&mut p, phase_msg(MsgKind::PhaseStart, 1));
+        let mut end = phase_msg(MsgKind::PhaseEnd, 1);
+        end.arg1 = abi::PHASE_CORRUPT;
+        end.arg2 = 3;
+        send(&mut p, end);
+        let shown = p.failure().unwrap().to_string();
+        assert!(shown.contains("3 accesses saw a page"), "{shown}");
         let mut p = proto(1);
         send(&mut p, msg(MsgKind::Boot));
         send(&mut p, phase_msg(MsgKind::PhaseStart, 0));

@@ -10,7 +10,7 @@
 //! alloc SIZE      pages move from the guest kernel's free list to its allocated list and join
 //!                 the app's heap (at its top)
 //! free SIZE       the top SIZE of the heap goes back to the free list (LIFO)
-//! touch SIZE [read|write] [DURATION] [seq|random] [hot P%:Q%]
+//! touch SIZE [read|write] [DURATION] [seq|random] [hot P%:Q%] [verify]
 //!                 touch the first SIZE of the heap; options in any order, each at most once.
 //!                 Defaults: write, seq, one pass (no duration). `hot P%:Q%`: the first P% of
 //!                 those pages receive Q% of the accesses; needs `random`, and Q > P.
@@ -35,7 +35,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::abi::{
-    MAX_PHASES, MAX_SPEC_TEXT, PAGE_SIZE, PHASE_RANDOM, PHASE_WRITE, PhaseEntry, phase_kind,
+    MAX_PHASES, MAX_SPEC_TEXT, PAGE_SIZE, PHASE_RANDOM, PHASE_VERIFY, PHASE_WRITE, PhaseEntry,
+    phase_kind,
 };
 use crate::units::{
     UnitError, fmt_bytes, fmt_duration_spec, fmt_size_spec, parse_duration, parse_size,
@@ -161,6 +162,9 @@ pub struct Touch {
     /// How long to keep touching; `None` is a single pass over the pages.
     pub duration: Option<Duration>,
     pub hot: Option<Hot>,
+    /// Check every access: the page must hold what the app last wrote there (write the range
+    /// first); a mismatch fails the phase.
+    pub verify: bool,
 }
 
 impl Touch {
@@ -205,6 +209,9 @@ impl Phase {
                 }
                 if t.pattern == Pattern::Random {
                     flags |= PHASE_RANDOM;
+                }
+                if t.verify {
+                    flags |= PHASE_VERIFY;
                 }
                 PhaseEntry {
                     kind: phase_kind::TOUCH,
@@ -274,6 +281,9 @@ impl fmt::Display for Phase {
                         fmt_permille(h.pages_permille),
                         fmt_permille(h.share_permille)
                     )?;
+                }
+                if t.verify {
+                    write!(f, " verify")?;
                 }
                 Ok(())
             }
@@ -483,6 +493,7 @@ fn parse_touch_options<'a>(
     let mut pattern: Option<(Pattern, String)> = None;
     let mut duration: Option<(Duration, String)> = None;
     let mut hot: Option<(Hot, String)> = None;
+    let mut verify: Option<((), String)> = None;
 
     /// Fails if `slot` is already set.
     fn once<T>(
@@ -520,6 +531,10 @@ fn parse_touch_options<'a>(
                 };
                 pattern = Some((p, token.to_string()));
             }
+            "verify" => {
+                once(&verify, token, "verify")?;
+                verify = Some(((), token.to_string()));
+            }
             "hot" => {
                 once(&hot, token, "hot split")?;
                 let split = tokens.next().ok_or(PhaseProblem::MissingHot)?;
@@ -540,6 +555,7 @@ fn parse_touch_options<'a>(
         pattern,
         duration: duration.map(|(d, _)| d),
         hot: hot.as_ref().map(|(h, _)| *h),
+        verify: verify.is_some(),
     };
     if let Some((_, split)) = hot {
         if pattern != Pattern::Random {
@@ -646,8 +662,17 @@ mod tests {
                 pattern: Pattern::Seq,
                 duration: None,
                 hot: None,
+                verify: false,
             })
         );
+        let v = parse("alloc 64M; touch 64M write; touch 64M verify random 1s").unwrap();
+        let Phase::Touch(t) = v.phases[2] else {
+            panic!("{v:?}")
+        };
+        assert!(t.verify);
+        assert_eq!(entries(&v)[2].flags & PHASE_VERIFY, PHASE_VERIFY);
+        assert_eq!(v.phases[2].to_string(), "touch 64M write random 1s verify");
+        assert!(parse("alloc 4M; touch 4M verify verify").is_err());
         let a = parse("alloc 64M; touch 64M read 2s random hot 10%:90%").unwrap();
         let b = parse("alloc 64M; touch 64M hot 10:90 random 2000ms read").unwrap();
         assert_eq!(a.phases, b.phases);

@@ -21,6 +21,8 @@ static u64 heap_pages;  /* pages the app holds, from APP_HEAP_VA up */
 static u64 touch_pages; /* pages of the running touch phase, else 0 */
 static u64 tsc_khz, rng, cur_phase;
 static struct counts ph, win;
+/* verify: accesses that found a page holding something other than what the app wrote. */
+static u64 mismatches;
 static u64 cur_interval, win_tsc;
 
 /* gcc may emit calls to these. */
@@ -106,7 +108,7 @@ static inline u64 range(u64 r, u64 n)
     return (u64)(((unsigned __int128)r * n) >> 64);
 }
 
-static void send(u32 kind, u64 interval, const struct counts *c, u64 a0, u64 a1)
+static void send(u32 kind, u64 interval, const struct counts *c, u64 a0, u64 a1, u64 a2)
 {
     struct msg *m = &msgbuf;
     u64 *w = (u64 *)m;
@@ -122,6 +124,7 @@ static void send(u32 kind, u64 interval, const struct counts *c, u64 a0, u64 a1)
         m->iterations = c->iterations;
     }
     m->heap_pages = heap_pages;
+    m->arg2 = a2;
     m->arg0 = a0;
     m->arg1 = a1;
     m->tsc = rdtsc();
@@ -138,7 +141,7 @@ static void clear_bits(u64 *b, u64 pages)
 /* The VMM's clock (TIME hypercall): ns since the VM started. */
 static u64 vmm_time(void)
 {
-    send(MSG_TIME, cur_interval, 0, 0, 0);
+    send(MSG_TIME, cur_interval, 0, 0, 0, 0);
     return msgbuf.reply;
 }
 
@@ -146,7 +149,7 @@ static u64 vmm_time(void)
 static __attribute__((noinline)) void interval_end(void)
 {
     u64 now = rdtsc();
-    send(MSG_INTERVAL, cur_interval, &win, now - win_tsc, 0);
+    send(MSG_INTERVAL, cur_interval, &win, now - win_tsc, 0, 0);
     if (win.touched) {
         clear_bits(bm_win_t, win.hi);
         clear_bits(bm_win_w, win.hi);
@@ -165,11 +168,13 @@ static inline void check_interval(void)
 
 /* One page access. The interval is checked first, so the access counts in the interval the VMM was in
  * just before it (the gap is a few instructions, not the access, which may take a host fault). */
-static inline __attribute__((always_inline)) void access(u64 p, int write)
+static inline __attribute__((always_inline)) void access(u64 p, int write, int verify)
 {
     check_interval();
     volatile u64 *a = (volatile u64 *)(APP_HEAP_VA + (p << 12));
     u64 wi = p >> 6, b = 1ULL << (p & 63);
+    if (verify && *a != p + 1)
+        mismatches++;
     if (write) {
         *a = p + 1;
         if (!(bm_phase_w[wi] & b)) {
@@ -207,6 +212,7 @@ static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
         win.hi = n;
     int write = flags & PHASE_F_WRITE;
     int random = flags & PHASE_F_RANDOM;
+    int verify = flags & PHASE_F_VERIFY;
     int split = hot && hot < n;
     u64 total = duration ? U64_MAX : n; /* duration 0: one pass of n accesses */
     u64 deadline = duration ? sat_add(rdtsc(), ns_to_ticks(duration)) : 0;
@@ -242,17 +248,23 @@ static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
                 if (++seq == n)
                     seq = 0;
             }
-            if (write)
-                access(p, 1);
-            else
-                access(p, 0);
+            if (verify) {
+                if (write)
+                    access(p, 1, 1);
+                else
+                    access(p, 0, 1);
+            } else if (write) {
+                access(p, 1, 0);
+            } else {
+                access(p, 0, 0);
+            }
         }
         done += batch;
         if (duration && rdtsc() >= deadline)
             break;
     }
     touch_pages = 0;
-    return PHASE_OK;
+    return mismatches ? PHASE_CORRUPT : PHASE_OK;
 }
 
 static void phase_idle(u64 duration)
@@ -329,15 +341,16 @@ void app_main(u64 *bitmaps, u64 words)
         }
         ph.touched = ph.written = ph.iterations = ph.hi = 0;
         check_interval();
-        send(MSG_PHASE_START, cur_interval, 0, vmm_time(), 0);
+        send(MSG_PHASE_START, cur_interval, 0, vmm_time(), 0, 0);
         u64 t0 = rdtsc();
         u64 status = run_phase(kind, flags, pages, duration, hot, permille);
         u64 ticks = rdtsc() - t0;
         check_interval();
-        send(MSG_PHASE_END, cur_interval, &ph, ticks, status);
+        send(MSG_PHASE_END, cur_interval, &ph, ticks, status, mismatches);
+        mismatches = 0;
         if (status == PHASE_OOM)
             break;
     }
-    send(MSG_INTERVAL, cur_interval, &win, rdtsc() - win_tsc, 1);
+    send(MSG_INTERVAL, cur_interval, &win, rdtsc() - win_tsc, 1, 0);
     sys(SYS_EXIT, 0);
 }
