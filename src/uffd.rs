@@ -110,12 +110,15 @@ ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
 #[derive(Debug, Error)]
 pub enum UffdError {
     #[error(
-        "cannot open a userfaultfd (the userfaultfd system call and /dev/userfaultfd both refused: {0}); reads are not seen"
+        "cannot open a userfaultfd: the userfaultfd system call said \"{syscall}\" (it needs CAP_SYS_PTRACE, or vm.unprivileged_userfaultfd = 1), /dev/userfaultfd said \"{device}\""
     )]
-    Open(#[source] std::io::Error),
+    Open {
+        syscall: std::io::Error,
+        device: std::io::Error,
+    },
     #[error("UFFDIO_API: {0}")]
     Api(#[source] errno::Error),
-    #[error("this kernel's userfaultfd lacks UFFDIO_MOVE (Linux 6.8 or later); reads are not seen")]
+    #[error("this kernel's userfaultfd lacks UFFDIO_MOVE (Linux 6.8 or later)")]
     NoMove,
     #[error("UFFDIO_REGISTER of {len} bytes at {start:#x}: {source}")]
     Register {
@@ -165,12 +168,15 @@ impl Uffd {
         // SAFETY: the userfaultfd system call takes only flags and returns a new descriptor or -1.
         let mut fd = unsafe { libc::syscall(libc::SYS_userfaultfd, flags) } as i32;
         if fd < 0 {
-            let first = std::io::Error::last_os_error();
+            let syscall = std::io::Error::last_os_error();
             let dev = std::fs::OpenOptions::new()
                 .read(true)
                 .write(true)
                 .open("/dev/userfaultfd")
-                .map_err(|_| UffdError::Open(first))?;
+                .map_err(|device| UffdError::Open {
+                    syscall: std::io::Error::from_raw_os_error(syscall.raw_os_error().unwrap_or(0)),
+                    device,
+                })?;
             // SAFETY: USERFAULTFD_IOC_NEW on /dev/userfaultfd takes the flags by value and returns
             // a new descriptor or -1; `dev` is open for the call.
             fd = unsafe {
@@ -181,7 +187,10 @@ impl Uffd {
                 )
             };
             if fd < 0 {
-                return Err(UffdError::Open(std::io::Error::last_os_error()));
+                return Err(UffdError::Open {
+                    syscall,
+                    device: std::io::Error::last_os_error(),
+                });
             }
         }
         // SAFETY: `fd` is a fresh descriptor that nothing else owns.
