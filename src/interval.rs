@@ -102,6 +102,30 @@ impl IntervalWork {
         Ok(Measured { host, active })
     }
 
+    /// The balloon released guest pages `ranges` (`MADV_DONTNEED`, with the vCPU stopped): clears
+    /// their bits in KVM's dirty log, so that a write after the release shows as a new write (a
+    /// page in the armed sample then counts as active only if written again) and marks them
+    /// released in the map.
+    pub fn note_released(
+        &mut self,
+        vm: &Vm,
+        ranges: &[std::ops::Range<u64>],
+    ) -> Result<(), IntervalError> {
+        let mut mask = vec![0u64; self.mask.len()];
+        let pages = vm.ram().pages();
+        for r in ranges {
+            for gfn in r.start..r.end.min(pages) {
+                mask[(gfn / 64) as usize] |= 1 << (gfn % 64);
+            }
+        }
+        vm.clear_dirty(&mask)?;
+        self.map.note_cleared(&mask);
+        for r in ranges {
+            self.map.note_released(r.clone());
+        }
+        Ok(())
+    }
+
     /// Write-protects a fresh random sample for `interval` (only its bits are cleared in KVM).
     fn arm(&mut self, vm: &Vm, interval: u64) -> Result<(), IntervalError> {
         if let Some(s) = self.armed.take().and_then(|i| self.samplers[i].as_ref()) {

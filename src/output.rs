@@ -5,11 +5,18 @@ use crate::usage::Row;
 /// The table's two header lines.
 pub fn table_header() -> String {
     let l1 = format!(
-        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<48} | {:<48}",
-        "", "", "", "guest's view", "guest truth", "host usage (MiB)", "active (writes only), MiB"
+        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<54} | {:<48} | {:<20}",
+        "",
+        "",
+        "",
+        "guest's view",
+        "guest truth",
+        "host usage (MiB)",
+        "active (writes only), MiB",
+        "balloon, guest stats"
     );
     let l2 = format!(
-        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6}",
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}",
         "time",
         "phase",
         "cfg",
@@ -24,12 +31,16 @@ pub fn table_header() -> String {
         "zero",
         "swap",
         "shard",
+        "rel",
         "est",
         "95% CI",
         "fast",
         "slow",
         "max",
-        "err"
+        "err",
+        "balln",
+        "gfree",
+        "gavail"
     );
     format!("{l1}\n{l2}")
 }
@@ -51,11 +62,13 @@ pub fn table_row(r: &Row) -> String {
     let t = r.truth.as_ref();
     let h = r.host.as_ref();
     let a = r.active.as_ref();
+    let bal = r.balloon.as_ref();
+    let gs = bal.and_then(|b| b.guest_stats.as_ref());
     let ci = a
         .map(|a| format!("{:.1}-{:.1}", a.ci_low_mib, a.ci_high_mib))
         .unwrap_or_else(|| "-".into());
     format!(
-        "{:>6.1} {:<24} {:>6.0} | {:>6.1} {:>6.1} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6}{}",
+        "{:>6.1} {:<24} {:>6.0} | {:>6.1} {:>6.1} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}{}",
         r.time_s,
         phase,
         r.configured_mib,
@@ -70,12 +83,16 @@ pub fn table_row(r: &Row) -> String {
         num(h.map(|h| h.zero_mib)),
         num(h.map(|h| h.swapped_mib)),
         num(h.map(|h| h.shared_mib)),
+        num(h.map(|h| h.released_mib)),
         num(a.map(|a| a.estimate_mib)),
         ci,
         num(a.map(|a| a.fast_mib)),
         num(a.map(|a| a.slow_mib)),
         num(a.map(|a| a.max_mib)),
         num(a.and_then(|a| a.error_mib)),
+        num(bal.map(|b| b.balloon_mib)),
+        num(gs.and_then(|g| g.free_mib)),
+        num(gs.and_then(|g| g.available_mib)),
         match r.end {
             Some(crate::usage::EndReason::Done) => "  (end)".to_string(),
             Some(why) => format!("  (end: {})", why.as_str()),

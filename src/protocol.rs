@@ -39,6 +39,10 @@ pub struct PhaseRecord {
     pub allocated_pages: u64,
     pub free_pages: u64,
     pub heap_pages: u64,
+    /// `check` phases: pages whose first word held what `touch ... write` put there, and pages
+    /// that read zero (0 for other phases).
+    pub intact_pages: u64,
+    pub zero_pages: u64,
     /// Guest seconds the phase took (from its TSC).
     pub guest_seconds: f64,
     /// The VMM's clock when the phase started, as the guest read it with the TIME hypercall (ns).
@@ -301,6 +305,8 @@ impl Protocol {
         p.allocated_pages = msg.alloc_pages;
         p.free_pages = msg.free_pages;
         p.heap_pages = msg.heap_pages;
+        p.intact_pages = msg.arg2 & 0xffff_ffff;
+        p.zero_pages = msg.arg2 >> 32;
         p.guest_seconds = secs;
         self.current_phase = None;
         let (phase, name) = (p.index, p.name.clone());

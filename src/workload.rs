@@ -77,7 +77,7 @@ pub enum WorkloadError {
 pub enum PhaseProblem {
     #[error("empty phase (remove the extra ';')")]
     EmptyPhase,
-    #[error("unknown phase \"{0}\" (expected alloc, free, touch, idle or fault)")]
+    #[error("unknown phase \"{0}\" (expected alloc, free, touch, idle, check or fault)")]
     UnknownKind(String),
     #[error("\"{0}\" needs a size, e.g. \"{0} 64M\"")]
     MissingSize(&'static str),
@@ -176,10 +176,21 @@ impl Touch {
 /// One phase of the workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    Alloc { pages: u64 },
-    Free { pages: u64 },
+    Alloc {
+        pages: u64,
+    },
+    Free {
+        pages: u64,
+    },
     Touch(Touch),
-    Idle { duration: Duration },
+    Idle {
+        duration: Duration,
+    },
+    /// Reads the first `pages` heap pages and counts those holding what `touch ... write` put
+    /// there (intact) and those reading zero (released by the balloon).
+    Check {
+        pages: u64,
+    },
     Fault,
 }
 
@@ -219,6 +230,11 @@ impl Phase {
             Phase::Idle { duration } => PhaseEntry {
                 kind: phase_kind::IDLE,
                 duration_ns: ns(duration),
+                ..Default::default()
+            },
+            Phase::Check { pages } => PhaseEntry {
+                kind: phase_kind::CHECK,
+                pages,
                 ..Default::default()
             },
             Phase::Fault => PhaseEntry {
@@ -278,6 +294,7 @@ impl fmt::Display for Phase {
                 Ok(())
             }
             Phase::Idle { duration } => write!(f, "idle {}", fmt_duration_spec(*duration)),
+            Phase::Check { pages } => write!(f, "check {}", size(*pages)),
             Phase::Fault => write!(f, "fault"),
         }
     }
@@ -362,6 +379,7 @@ const ALLOC_USAGE: &str = "alloc takes only a size, e.g. \"alloc 64M\"";
 const FREE_USAGE: &str = "free takes only a size, e.g. \"free 64M\"";
 const IDLE_USAGE: &str = "idle takes only a duration, e.g. \"idle 2s\"";
 const FAULT_USAGE: &str = "fault takes no arguments";
+const CHECK_USAGE: &str = "check takes only a size, e.g. \"check 64M\"";
 
 /// Parses one phase (syntax only; the heap is checked by [`check_heap`]).
 fn parse_phase(text: &str) -> Result<Phase, PhaseProblem> {
@@ -396,6 +414,11 @@ fn parse_phase(text: &str) -> Result<Phase, PhaseProblem> {
             let duration = parse_phase_duration(token, false)?;
             no_more(&mut tokens, IDLE_USAGE)?;
             Ok(Phase::Idle { duration })
+        }
+        "check" => {
+            let pages = parse_pages(tokens.next(), "check")?;
+            no_more(&mut tokens, CHECK_USAGE)?;
+            Ok(Phase::Check { pages })
         }
         "fault" => {
             no_more(&mut tokens, FAULT_USAGE)?;
@@ -573,6 +596,10 @@ fn check_heap(phase: &Phase, heap: u64, guest_pages: u64) -> Result<(), PhasePro
         }),
         Phase::Touch(t) if t.pages > heap => Err(PhaseProblem::TouchExceedsHeap {
             bytes: bytes(t.pages),
+            heap: bytes(heap),
+        }),
+        Phase::Check { pages } if pages > heap => Err(PhaseProblem::TouchExceedsHeap {
+            bytes: bytes(pages),
             heap: bytes(heap),
         }),
         _ => Ok(()),

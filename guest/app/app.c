@@ -106,7 +106,7 @@ static inline u64 range(u64 r, u64 n)
     return (u64)(((unsigned __int128)r * n) >> 64);
 }
 
-static void send(u32 kind, u64 interval, const struct counts *c, u64 a0, u64 a1)
+static void send(u32 kind, u64 interval, const struct counts *c, u64 a0, u64 a1, u64 a2)
 {
     struct msg *m = &msgbuf;
     u64 *w = (u64 *)m;
@@ -124,6 +124,7 @@ static void send(u32 kind, u64 interval, const struct counts *c, u64 a0, u64 a1)
     m->heap_pages = heap_pages;
     m->arg0 = a0;
     m->arg1 = a1;
+    m->arg2 = a2;
     m->tsc = rdtsc();
     sys(SYS_REPORT, (u64)m);
 }
@@ -138,7 +139,7 @@ static void clear_bits(u64 *b, u64 pages)
 /* The VMM's clock (TIME hypercall): ns since the VM started. */
 static u64 vmm_time(void)
 {
-    send(MSG_TIME, cur_interval, 0, 0, 0);
+    send(MSG_TIME, cur_interval, 0, 0, 0, 0);
     return msgbuf.reply;
 }
 
@@ -146,7 +147,7 @@ static u64 vmm_time(void)
 static __attribute__((noinline)) void interval_end(void)
 {
     u64 now = rdtsc();
-    send(MSG_INTERVAL, cur_interval, &win, now - win_tsc, 0);
+    send(MSG_INTERVAL, cur_interval, &win, now - win_tsc, 0, 0);
     if (win.touched) {
         clear_bits(bm_win_t, win.hi);
         clear_bits(bm_win_w, win.hi);
@@ -255,6 +256,31 @@ static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
     return PHASE_OK;
 }
 
+/* PHASE_END arg2 of a check phase: intact pages | zero pages << 32. */
+static u64 check_result;
+
+/* Reads the first n heap pages: a page written by `touch ... write` holds its index + 1 in its
+ * first word (intact); a page the balloon released reads zero. */
+static u64 phase_check(u64 n)
+{
+    if (n > heap_pages)
+        return PHASE_BAD;
+    touch_pages = n;
+    ph.hi = n;
+    if (win.hi < n)
+        win.hi = n;
+    u64 intact = 0, zero = 0;
+    for (u64 p = 0; p < n; p++) {
+        access(p, 0);
+        u64 v = *(volatile u64 *)(APP_HEAP_VA + (p << 12));
+        intact += v == p + 1;
+        zero += v == 0;
+    }
+    touch_pages = 0;
+    check_result = intact | zero << 32;
+    return PHASE_OK;
+}
+
 static void phase_idle(u64 duration)
 {
     u64 deadline = sat_add(rdtsc(), ns_to_ticks(duration));
@@ -294,6 +320,8 @@ static u64 run_phase(u32 kind, u32 flags, u64 pages, u64 duration, u64 hot, u64 
     case PHASE_IDLE:
         phase_idle(duration);
         return PHASE_OK;
+    case PHASE_CHECK:
+        return phase_check(pages);
     case PHASE_FAULT:
         (void)*(volatile u64 *)APP_UNMAPPED_VA; /* the kernel reports the #PF and halts */
         return PHASE_BAD;
@@ -329,15 +357,16 @@ void app_main(u64 *bitmaps, u64 words)
         }
         ph.touched = ph.written = ph.iterations = ph.hi = 0;
         check_interval();
-        send(MSG_PHASE_START, cur_interval, 0, vmm_time(), 0);
+        send(MSG_PHASE_START, cur_interval, 0, vmm_time(), 0, 0);
         u64 t0 = rdtsc();
         u64 status = run_phase(kind, flags, pages, duration, hot, permille);
         u64 ticks = rdtsc() - t0;
         check_interval();
-        send(MSG_PHASE_END, cur_interval, &ph, ticks, status);
+        send(MSG_PHASE_END, cur_interval, &ph, ticks, status, check_result);
+        check_result = 0;
         if (status == PHASE_OOM)
             break;
     }
-    send(MSG_INTERVAL, cur_interval, &win, rdtsc() - win_tsc, 1);
+    send(MSG_INTERVAL, cur_interval, &win, rdtsc() - win_tsc, 1, 0);
     sys(SYS_EXIT, 0);
 }
