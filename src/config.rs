@@ -85,6 +85,10 @@ pub struct RunOptions {
     /// the guest gives up free pages first, and an allocation beyond the limit fails in the guest.
     #[arg(long, value_parser = size_arg)]
     pub limit: Option<u64>,
+    /// Start with this much of the guest's RAM in the balloon, e.g. 128M (a soft target: the guest
+    /// deflates it when it would otherwise run out of memory).
+    #[arg(long, value_parser = size_arg, conflicts_with = "limit")]
+    pub balloon: Option<u64>,
 }
 
 #[derive(Parser)]
@@ -129,10 +133,14 @@ pub enum ConfigError {
     ZeroMapEvery,
     #[error("--map-out")]
     MapOut(#[source] MapFileError),
-    #[error("--limit {} is above --mem {}", fmt_mib(*.limit), fmt_mib(*.mem))]
-    LimitAboveMem { limit: u64, mem: u64 },
-    #[error("--limit {} is not a multiple of the 4 KiB page size", fmt_mib(*.0))]
-    LimitUnaligned(u64),
+    #[error("{option} {} is above --mem {}", fmt_mib(*.size), fmt_mib(*.mem))]
+    AboveMem {
+        option: &'static str,
+        size: u64,
+        mem: u64,
+    },
+    #[error("{0} {size} is not a multiple of the 4 KiB page size", size = fmt_mib(*.1))]
+    Unaligned(&'static str, u64),
     #[error(
         "{0} needs the virtio-balloon, which sits at {b:#x}, inside a guest RAM of {m}",
         b = abi::balloon::MMIO_BASE,
@@ -180,7 +188,7 @@ pub struct RunConfig {
 pub struct BalloonConfig {
     /// Offer free page reporting (`--free-page-reporting`).
     pub reporting: bool,
-    /// The balloon's target in pages: RAM minus `--limit` (0 without one).
+    /// The balloon's target in pages: RAM minus `--limit`, or `--balloon` (0 without either).
     pub target_pages: u32,
     /// The target is a hard limit (`--limit`): `DEFLATE_ON_OOM` is not offered.
     pub hard_limit: bool,
@@ -190,23 +198,35 @@ impl BalloonConfig {
     /// The balloon for `mem` bytes of RAM, or `None` when its registers would fall inside RAM
     /// (an error if an option needs it).
     fn new(opts: &RunOptions) -> Result<Option<Self>, ConfigError> {
+        let sized = [("--limit", opts.limit), ("--balloon", opts.balloon)];
         if opts.mem > abi::balloon::MMIO_BASE {
-            return match (opts.free_page_reporting, opts.limit) {
-                (true, _) => Err(ConfigError::NoBalloon("--free-page-reporting", opts.mem)),
-                (_, Some(_)) => Err(ConfigError::NoBalloon("--limit", opts.mem)),
-                _ => Ok(None),
+            return match sized.iter().find(|(_, v)| v.is_some()) {
+                _ if opts.free_page_reporting => {
+                    Err(ConfigError::NoBalloon("--free-page-reporting", opts.mem))
+                }
+                Some((option, _)) => Err(ConfigError::NoBalloon(option, opts.mem)),
+                None => Ok(None),
             };
         }
-        let target = match opts.limit {
-            Some(l) if l > opts.mem => {
-                return Err(ConfigError::LimitAboveMem {
-                    limit: l,
-                    mem: opts.mem,
-                });
+        for (option, v) in sized {
+            match v {
+                Some(size) if size > opts.mem => {
+                    return Err(ConfigError::AboveMem {
+                        option,
+                        size,
+                        mem: opts.mem,
+                    });
+                }
+                Some(size) if !size.is_multiple_of(PAGE_SIZE) => {
+                    return Err(ConfigError::Unaligned(option, size));
+                }
+                _ => {}
             }
-            Some(l) if !l.is_multiple_of(PAGE_SIZE) => return Err(ConfigError::LimitUnaligned(l)),
-            Some(l) => (opts.mem - l) / PAGE_SIZE,
-            None => 0,
+        }
+        let target = match (opts.limit, opts.balloon) {
+            (Some(l), _) => (opts.mem - l) / PAGE_SIZE,
+            (None, Some(b)) => b / PAGE_SIZE,
+            (None, None) => 0,
         };
         Ok(Some(BalloonConfig {
             reporting: opts.free_page_reporting,
@@ -376,7 +396,20 @@ mod tests {
             "{e}"
         );
         let e = err(&["--limit", "1000000"]);
-        assert!(e.contains("not a multiple of the 4 KiB"), "{e}");
+        assert!(
+            e.contains("--limit 1.0 MiB is not a multiple of the 4 KiB"),
+            "{e}"
+        );
+        let cfg = RunConfig::new(opts(&["--mem", "1G", "--balloon", "100M"])).unwrap();
+        let b = cfg.balloon.unwrap();
+        assert_eq!((b.target_pages, b.hard_limit), (100 * 256, false));
+        let e = err(&["--balloon", "1G"]);
+        assert!(
+            e.contains("--balloon 1024.0 MiB is above --mem 256.0 MiB"),
+            "{e}"
+        );
+        let both = DefaultsOnly::try_parse_from(["m", "--limit", "1M", "--balloon", "1M"]);
+        assert!(both.is_err(), "--limit and --balloon exclude each other");
         // A custom guest may have RAM where the balloon's registers would be.
         let mut o = opts(&["--free-page-reporting", "--workload", "idle 1ms"]);
         o.mem = abi::balloon::MMIO_BASE + (1 << 30);

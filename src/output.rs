@@ -95,6 +95,9 @@ pub fn table_row(r: &Row) -> String {
         num(gs.and_then(|g| g.available_mib)),
         match r.end {
             Some(crate::usage::EndReason::Done) => "  (end)".to_string(),
+            Some(why) if r.guest.out_of_memory => {
+                format!("  (end: {}: the guest is out of memory)", why.as_str())
+            }
             Some(why) => format!("  (end: {})", why.as_str()),
             None => String::new(),
         }

@@ -212,6 +212,8 @@ impl Protocol {
             heap_pages: msg.heap_pages,
             allocated_mib: pages_mib(msg.alloc_pages),
             free_mib: pages_mib(msg.free_pages),
+            out_of_memory: self.guest.out_of_memory
+                || (kind == MsgKind::PhaseEnd && msg.arg1 == abi::PHASE_OOM),
         };
         let now_s = now.as_secs_f64();
         let index = usize::try_from(msg.phase).unwrap_or(usize::MAX);

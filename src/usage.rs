@@ -32,6 +32,9 @@ pub struct GuestView {
     pub heap_pages: u64,
     pub allocated_mib: f64,
     pub free_mib: f64,
+    /// The guest could not meet an allocation (its pool, less the balloon under `--limit`, ran
+    /// out): the workload stopped there.
+    pub out_of_memory: bool,
 }
 
 /// Ground truth for one interval, as the guest reported it.

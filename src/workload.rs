@@ -647,6 +647,27 @@ mod tests {
     }
 
     #[test]
+    fn check_reads_heap_pages_and_round_trips() {
+        let w = parse("alloc 8M; touch 8M write; check 4M").unwrap();
+        assert_eq!(
+            w.phases[2],
+            Phase::Check {
+                pages: 4 * PAGES_PER_MIB
+            }
+        );
+        let e = entries(&w)[2];
+        assert_eq!((e.kind, e.pages), (phase_kind::CHECK, 4 * PAGES_PER_MIB));
+        assert_eq!(w.to_string(), "alloc 8M; touch 8M write; check 4M");
+        let e = parse("alloc 8M; check 9M").unwrap_err().to_string();
+        assert!(
+            e.contains("touches 9.0 MiB but the heap holds 8.0 MiB"),
+            "{e}"
+        );
+        let e = parse("alloc 8M; check 4M write").unwrap_err().to_string();
+        assert!(e.contains("check takes only a size"), "{e}");
+    }
+
+    #[test]
     fn default_spec_parses() {
         let w = parse(DEFAULT_SPEC).unwrap();
         assert_eq!(w.phases.len(), 5);

@@ -11,6 +11,14 @@ use memvisor::usage::Row;
 use memvisor::vmm::{self, RunSummary};
 
 const MIB: u64 = 1 << 20;
+
+/// One guest at a time in this test binary: two guest RAM mappings side by side can merge into
+/// one in /proc/self/smaps, which the Rss check reads.
+static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_guest() -> std::sync::MutexGuard<'static, ()> {
+    ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner())
+}
 const MIB_PAGES: u64 = 256;
 
 /// Rss of the mapping of exactly `bytes` (guest RAM: each test uses its own size), in KiB.
@@ -60,6 +68,7 @@ fn free_page_reporting_makes_backed_fall_and_agrees_with_smaps() {
     if !common::kvm("free_page_reporting_makes_backed_fall_and_agrees_with_smaps") {
         return;
     }
+    let _one = one_guest();
     let mem = 516 * MIB;
     let (s, rows) = run_with_rss(SPEC, mem, true);
     let before = rows_of(&rows, "idle 600ms");
@@ -121,6 +130,7 @@ fn without_the_flag_backed_stays_flat() {
     if !common::kvm("without_the_flag_backed_stays_flat") {
         return;
     }
+    let _one = one_guest();
     let (s, rows) = run_with_rss(SPEC, 520 * MIB, false);
     let peak = backed(&rows_of(&rows, "idle 600ms").last().unwrap().0);
     assert!(peak >= 300 * MIB_PAGES);
@@ -144,6 +154,7 @@ fn reported_pages_read_zero_and_the_rest_keep_their_contents() {
     if !common::kvm("reported_pages_read_zero_and_the_rest_keep_their_contents") {
         return;
     }
+    let _one = one_guest();
     // The re-allocation gets the same frames back (lowest first), so the check reads the pages
     // the guest wrote before: 50M never left the heap; 250M were freed (and, with reporting,
     // released). Then everything is written again.
@@ -183,6 +194,7 @@ fn the_stats_queue_is_answered_in_a_default_run() {
     if !common::kvm("the_stats_queue_is_answered_in_a_default_run") {
         return;
     }
+    let _one = one_guest();
     let mut opts = common::config("alloc 16M; idle 600ms", 64 * MIB);
     opts.interval = Duration::from_millis(100);
     let (_, rows) = common::run_cfg(opts).unwrap();
@@ -194,4 +206,90 @@ fn the_stats_queue_is_answered_in_a_default_run() {
         .expect("stats");
     assert_eq!(stats.free_mib, Some(last_idle.guest.free_mib));
     assert_eq!(last_idle.balloon.as_ref().unwrap().balloon_mib, 0.0);
+}
+
+#[test]
+fn limit_inflates_the_balloon_and_holds_host_usage_under_it() {
+    if !common::kvm("limit_inflates_the_balloon_and_holds_host_usage_under_it") {
+        return;
+    }
+    let _one = one_guest();
+    let mut opts = common::config(
+        "alloc 100M; touch 100M write; free 80M; idle 300ms; alloc 80M; touch 100M write; \
+         idle 300ms",
+        512 * MIB,
+    );
+    opts.limit = Some(128 * MIB);
+    let (s, rows) = common::run_cfg(opts).unwrap();
+    // The kernel inflates before it says BOOT (rows during boot may catch it half way).
+    let booted: Vec<&Row> = rows.iter().filter(|r| r.phase != "boot").collect();
+    assert!(booted.len() >= 3);
+    for r in booted {
+        let b = r.balloon.as_ref().unwrap();
+        assert_eq!(b.target_mib, 384.0);
+        assert_eq!(b.balloon_mib, 384.0, "inflated at boot: {r:?}");
+        let backed = r.host.as_ref().unwrap().backed_mib;
+        assert!(backed <= 128.0, "row {}: backed {backed} MiB", r.interval);
+        // What the guest manages is RAM less the balloon (and less its kernel's reserved area).
+        let managed = r.guest.allocated_mib + r.guest.free_mib;
+        assert!(managed <= 128.0 && managed > 120.0, "{managed}");
+    }
+    assert_eq!(s.balloon.unwrap().inflated_pages, 384 * MIB_PAGES);
+    assert_eq!(s.pool_backed, 100 * MIB_PAGES);
+}
+
+#[test]
+fn an_allocation_beyond_the_limit_fails_cleanly() {
+    if !common::kvm("an_allocation_beyond_the_limit_fails_cleanly") {
+        return;
+    }
+    let _one = one_guest();
+    let mut opts = common::config("alloc 64M; touch 64M write; alloc 100M; idle 1s", 256 * MIB);
+    opts.limit = Some(128 * MIB);
+    let mut rows = Vec::new();
+    let e = vmm::run(common::validated(opts), &mut |r: &Row| {
+        rows.push(r.clone());
+        Ok(())
+    })
+    .unwrap_err();
+    assert!(
+        e.to_string()
+            .contains("out of memory in phase 2 (alloc 100M)"),
+        "{e}"
+    );
+    let last = rows.last().unwrap();
+    assert!(last.guest.out_of_memory);
+    assert_eq!(last.end, Some(memvisor::usage::EndReason::GuestError));
+    assert_eq!(
+        last.balloon.as_ref().unwrap().balloon_mib,
+        128.0,
+        "not deflated"
+    );
+    let line = memvisor::output::table_row(last);
+    assert!(
+        line.ends_with("(end: guest-error: the guest is out of memory)"),
+        "{line}"
+    );
+}
+
+#[test]
+fn a_soft_balloon_deflates_when_the_guest_runs_out() {
+    if !common::kvm("a_soft_balloon_deflates_when_the_guest_runs_out") {
+        return;
+    }
+    let _one = one_guest();
+    let mut opts = common::config("alloc 150M; touch 150M write; idle 300ms", 256 * MIB);
+    opts.balloon = Some(200 * MIB);
+    let (s, rows) = common::run_cfg(opts).unwrap();
+    let first = rows[0].balloon.as_ref().unwrap();
+    assert_eq!(first.target_mib, 200.0);
+    let last = rows.last().unwrap();
+    let b = last.balloon.as_ref().unwrap();
+    // The pool is about 250 MiB: 150 MiB of it had to come back out of the balloon.
+    assert!(b.balloon_mib < 110.0, "deflated on OOM: {b:?}");
+    let c = s.balloon.unwrap();
+    assert_eq!(c.inflated_pages, 200 * MIB_PAGES, "inflated at boot, once");
+    assert!(c.deflated_pages >= 90 * MIB_PAGES, "{c:?}");
+    assert_eq!(s.phases[0].status, 0);
+    assert!(!last.guest.out_of_memory);
 }

@@ -555,9 +555,9 @@ static void balloon_init(void)
         bal_wr(VIRTIO_MMIO_QUEUE_READY, 1);
     }
     bal_wr(VIRTIO_MMIO_STATUS, st | VIRTIO_STATUS_DRIVER_OK);
-    if (q_stats >= 0)
-        stats_send();
     balloon_adjust();
+    if (bm && q_stats >= 0)
+        stats_send();
 }
 
 static __attribute__((noinline)) u64 sys_alloc(u64 n)
