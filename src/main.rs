@@ -34,7 +34,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot the test guest, run a workload, print host and guest memory usage per interval.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Summarise a PMP-MMP map file written by `run --map-out`.
     Map {
         /// The map file.
@@ -161,7 +161,7 @@ fn main() -> ExitCode {
             if let Err(e) = stop::install_handlers() {
                 log::warn!("cannot catch SIGINT/SIGTERM, a signal will end the run abruptly: {e}");
             }
-            run(args)
+            run(*args)
         }
         Command::Map { file, json } => map(file, json),
     };
