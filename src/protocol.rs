@@ -346,6 +346,12 @@ impl Protocol {
         }
     }
 
+    /// The completed row of interval `interval`, not handed out yet (the run loop adds what the
+    /// guest said along with its truth, e.g. its balloon statistics).
+    pub fn ready_row_mut(&mut self, interval: u64) -> Option<&mut Row> {
+        self.ready.iter_mut().find(|r| r.interval == interval)
+    }
+
     /// Rows complete so far, in order.
     pub fn take_rows(&mut self) -> Vec<Row> {
         std::mem::take(&mut self.ready)

@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::abi::{self, PAGE_SIZE};
+use crate::abi::{self, MsgKind, PAGE_SIZE};
 use crate::boot::{self, BootError};
 use crate::clock::{Clock, Kicker, POLL};
 use crate::config::RunConfig;
@@ -217,10 +217,13 @@ impl Vmm<'_, '_> {
             match handled {
                 Ok(Action::Continue | Action::Kicked) => {}
                 Ok(Action::Report { msg, kind, addr }) => {
-                    match self
+                    let reply = self
                         .protocol
-                        .message(&msg, kind, self.clock.start.elapsed())
-                    {
+                        .message(&msg, kind, self.clock.start.elapsed());
+                    if kind == MsgKind::Interval {
+                        self.attach_guest_stats(msg.interval);
+                    }
+                    match reply {
                         Reply::None => {}
                         Reply::Value(v) => self.reply(addr, v)?,
                         Reply::Sleep(d) => {
@@ -290,6 +293,21 @@ impl Vmm<'_, '_> {
             }
             let wake = until.map_or(tick, |u| u.min(tick));
             std::thread::sleep((wake - now).min(POLL));
+        }
+    }
+
+    /// The guest answers the statistics request of an interval tick on its next system call,
+    /// which is the INTERVAL report that completes the row: the row shows those statistics.
+    fn attach_guest_stats(&mut self, interval: u64) {
+        let Some(stats) = self.handler.balloon.as_ref().and_then(|b| b.stats()) else {
+            return;
+        };
+        if let Some(view) = self
+            .protocol
+            .ready_row_mut(interval)
+            .and_then(|r| r.balloon.as_mut())
+        {
+            view.guest_stats = Some(stats.clone());
         }
     }
 
