@@ -158,11 +158,13 @@ impl Balloon {
         self.driver_features & bit(f) != 0
     }
 
-    /// Pages in the balloon (inflated minus deflated, as the device counted them).
+    /// Pages in the balloon (inflated minus deflated, as the device counted them; a driver that
+    /// inflates a page twice cannot make it more than RAM).
     pub fn balloon_pages(&self) -> u64 {
         self.counters
             .inflated_pages
             .saturating_sub(self.counters.deflated_pages)
+            .min(self.ram_pages)
     }
 
     /// The target the device asks for, in pages.
