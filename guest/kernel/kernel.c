@@ -317,8 +317,8 @@ static void balloon_off(void)
     bm = 0;
 }
 
-/* Queues one buffer on queue q and notifies; returns 1 once the device has used it. */
-static int vq_send(int q, u64 addr, u32 len, u16 flags)
+/* Queues one buffer on queue q and notifies the device. */
+static void vq_send(int q, u64 addr, u32 len, u16 flags)
 {
     struct vq *v = &vqs[q];
     u16 slot = v->avail.idx % BQ;
@@ -331,7 +331,6 @@ static int vq_send(int q, u64 addr, u32 len, u16 flags)
     v->avail.idx++;
     __asm__ volatile("" : : : "memory");
     bal_wr(VIRTIO_MMIO_QUEUE_NOTIFY, (u32)q);
-    return 1;
 }
 
 /* Consumes one used entry of queue q, if there is one. */

@@ -391,6 +391,9 @@ impl Balloon {
             return;
         }
         for _ in 0..pending {
+            if self.broken() {
+                return;
+            }
             let Some(chain) = self.queues[qi as usize].pop_descriptor_chain(mem) else {
                 self.fail(format!("queue {qi}: unreadable avail ring entry"));
                 return;
@@ -418,9 +421,6 @@ impl Balloon {
                 }
             }
             self.used(qi, head, ram);
-            if self.broken() {
-                return;
-            }
         }
     }
 
