@@ -102,15 +102,22 @@ impl IntervalWork {
         Ok(Measured { host, active })
     }
 
-    /// The balloon released guest pages `ranges` (`MADV_DONTNEED`, with the vCPU stopped): clears
-    /// their bits in KVM's dirty log, so that a write after the release shows as a new write (a
-    /// page in the armed sample then counts as active only if written again) and marks them
-    /// released in the map.
+    /// The balloon released guest pages `ranges` (`MADV_DONTNEED`, with the vCPU stopped) during
+    /// interval `interval`: the map records what the guest wrote there since the last harvest
+    /// and marks the pages released; their bits in KVM's dirty log are cleared, so that a write
+    /// after the release shows as a new write (a page in the armed sample then counts as active
+    /// only if written again).
     pub fn note_released(
         &mut self,
         vm: &Vm,
         ranges: &[std::ops::Range<u64>],
+        interval: u64,
     ) -> Result<(), IntervalError> {
+        let dirty = vm.dirty_log()?;
+        let interval = u32::try_from(interval).unwrap_or(u32::MAX - 1);
+        for r in ranges {
+            self.map.note_released(r.clone(), &dirty, interval);
+        }
         let mut mask = vec![0u64; self.mask.len()];
         let pages = vm.ram().pages();
         for r in ranges {
@@ -120,9 +127,6 @@ impl IntervalWork {
         }
         vm.clear_dirty(&mask)?;
         self.map.note_cleared(&mask);
-        for r in ranges {
-            self.map.note_released(r.clone());
-        }
         Ok(())
     }
 

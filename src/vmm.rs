@@ -317,7 +317,8 @@ impl Vmm<'_, '_> {
         if let Some(b) = &mut self.handler.balloon {
             let released = b.take_released();
             if !released.is_empty() {
-                self.work.note_released(self.vm, &released)?;
+                let interval = self.protocol.interval();
+                self.work.note_released(self.vm, &released, interval)?;
             }
         }
         Ok(())

@@ -553,13 +553,26 @@ impl PmpMmpMap {
         self.records.set_state(gfn, state);
     }
 
-    /// The balloon released guest pages `pages` (`MADV_DONTNEED`), and the VMM cleared their bits
-    /// in KVM's dirty log (tell [`PmpMmpMap::note_cleared`] too): their touched pages become
-    /// `Released` and not resident, so a later write (a new dirty bit) or read (the residency pass)
-    /// is seen afresh. Untouched pages stay untouched. First-touch records are kept.
-    pub fn note_released(&mut self, pages: Range<u64>) {
+    /// The balloon released guest pages `pages` (`MADV_DONTNEED`) during interval `interval`;
+    /// `guest_dirty` is KVM's dirty log read just before the VMM cleared the pages' bits (tell
+    /// [`PmpMmpMap::note_cleared`] too). Pages written since the last harvest are recorded as
+    /// touched and written in `interval` first, so nothing the guest wrote is lost; then every
+    /// touched page in the range becomes `Released` and not resident, so a later write (a new
+    /// dirty bit) or read (the residency pass) is seen afresh. Untouched pages stay untouched.
+    pub fn note_released(&mut self, pages: Range<u64>, guest_dirty: &[u64], interval: u32) {
         let end = pages.end.min(self.pages);
+        let interval = interval.min(NO_WRITE - 1);
         for gfn in pages.start..end {
+            let (w, bit) = ((gfn / WORD_BITS) as usize, 1u64 << (gfn % WORD_BITS));
+            let dirty = guest_dirty.get(w).is_some_and(|d| d & bit != 0);
+            if dirty && self.known_dirty.words()[w] & bit == 0 {
+                if !self.touched.get(gfn) {
+                    self.touched.set(gfn);
+                    self.records.reset(gfn, Record::touched_in(interval));
+                }
+                self.guest_written.set(gfn);
+                self.records.get_mut(gfn).last_write = interval;
+            }
             if self.touched.get(gfn) {
                 self.records.set_state(gfn, PageState::Released);
                 self.resident.clear(gfn);
@@ -954,26 +967,37 @@ mod tests {
         }
         let all = dirty_of(128, &[0, 1, 2, 3, 4, 5, 6, 7]);
         map.harvest(&all, &[], 0).unwrap();
-        // SAFETY: discards pages 2..6 of our own mapping; nothing holds references into them.
-        let r = unsafe {
-            libc::madvise(
-                ram.mem.as_ptr().add(2 * PAGE_SIZE as usize).cast(),
-                4 * PAGE_SIZE as usize,
-                libc::MADV_DONTNEED,
-            )
-        };
-        assert_eq!(r, 0);
-        let cleared = dirty_of(128, &[2, 3, 4, 5]);
-        map.note_cleared(&cleared);
-        map.note_released(2..6);
-        map.note_released(100..200); // untouched and past the end: nothing
+        // Page 9 is written after the harvest: the release records it before releasing it.
+        ram.write(9, 1);
+        for (first, n) in [(2usize, 4usize), (9, 1)] {
+            // SAFETY: discards pages of our own mapping; nothing holds references into them.
+            let r = unsafe {
+                libc::madvise(
+                    ram.mem.as_ptr().add(first * PAGE_SIZE as usize).cast(),
+                    n * PAGE_SIZE as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            assert_eq!(r, 0);
+        }
+        let log = dirty_of(128, &[0, 1, 2, 3, 4, 5, 6, 7, 9]);
+        map.note_released(2..6, &log, 1);
+        map.note_released(9..10, &log, 1);
+        map.note_released(100..200, &log, 1); // untouched and past the end: nothing
+        map.note_cleared(&dirty_of(128, &[2, 3, 4, 5, 9]));
         let s = map.summary();
-        assert_eq!((s.backed, s.released, s.discarded), (4, 4, 0));
+        assert_eq!((s.backed, s.released, s.discarded), (4, 5, 0));
         assert_eq!(map.page(100).unwrap().state, PageState::Untouched);
+        let p9 = map.page(9).unwrap();
+        assert_eq!(p9.state, PageState::Released);
+        assert_eq!((p9.first_touch, p9.last_write), (Some(1), Some(1)));
+        assert!(p9.guest_written);
+        // Pages 2..6 were written before the harvest: their records are kept.
+        assert_eq!(map.page(3).unwrap().last_write, Some(0));
         // The dirty log without the cleared bits: nothing new, the residency pass agrees.
         let after = dirty_of(128, &[0, 1, 6, 7]);
         map.harvest(&after, &[], 1).unwrap();
-        assert_eq!(map.summary().released, 4);
+        assert_eq!(map.summary().released, 5);
         assert_eq!(map.page(3).unwrap().state, PageState::Released);
         assert_eq!(
             map.refresh().unwrap().changed,
@@ -990,7 +1014,7 @@ mod tests {
         assert_eq!(map.page(2).unwrap().first_touch, Some(0));
         assert_eq!(map.page(3).unwrap().state, PageState::Zero);
         let s = map.summary();
-        assert_eq!((s.backed, s.zero, s.released), (5, 1, 2));
+        assert_eq!((s.backed, s.zero, s.released), (5, 1, 3));
         assert_eq!(s.backed, ram.resident() - s.zero);
     }
 
