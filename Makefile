@@ -24,10 +24,11 @@ fuzz:
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --test props
 
 # Figures for README: harvest cost, set-up and overhead by guest size, sampling round cost,
-# estimator accuracy and sampling overhead (a few minutes; needs /dev/kvm).
+# estimator accuracy and sampling overhead, balloon reclaim and limit (a few minutes; needs /dev/kvm).
 bench:
 	$(CARGO) bench --bench harvest
 	$(CARGO) bench --bench sampling
+	$(CARGO) bench --bench balloon
 
 # README's picture: the default run (seeded) as JSON, drawn by `memvisor plot` (needs /dev/kvm).
 plot: build

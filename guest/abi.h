@@ -38,6 +38,68 @@
 #define ABI_BOOT_MAGIC 0x31304f4f42564dULL
 #define ABI_MAX_PHASES 32
 #define ABI_MAX_SPEC_TEXT 1024
+#define ABI_MAX_CMDLINE 256 /* the kernel command line: "virtio_mmio.device=4K@0x7000000000:0" */
+
+/* The virtio-balloon device, virtio-mmio with version 2 (virtio 1.x) registers. It sits just above
+ * the largest RAM the built-in guest boots with, so it is never inside guest RAM; the kernel finds
+ * it from the command line in the boot info (as Linux would) and maps it at ABI_BALLOON_MMIO_VA.
+ * There is no interrupt: the driver polls, and the VMM handles each notification (a write to
+ * QUEUE_NOTIFY) on the vCPU thread before the guest runs again. */
+#define ABI_BALLOON_MMIO_BASE ABI_MAX_MEM_BYTES
+#define ABI_BALLOON_MMIO_SIZE 0x1000
+#define ABI_BALLOON_MMIO_VA (511ULL << 30) /* kernel-only, PDPT entry 511 */
+#define ABI_BALLOON_QUEUE_MAX 256           /* QueueNumMax of every queue */
+#define ABI_BALLOON_MAX_PFNS 4096           /* PFNs per inflate/deflate descriptor, at most */
+
+/* virtio-mmio registers (virtio 1.2, 4.2.2); src/abi.rs checks them against virtio-bindings. */
+#define VIRTIO_MMIO_MAGIC 0x74726976 /* "virt" */
+#define VIRTIO_MMIO_MAGIC_VALUE 0x000
+#define VIRTIO_MMIO_VERSION 0x004
+#define VIRTIO_MMIO_DEVICE_ID 0x008
+#define VIRTIO_MMIO_VENDOR_ID 0x00c
+#define VIRTIO_MMIO_DEVICE_FEATURES 0x010
+#define VIRTIO_MMIO_DEVICE_FEATURES_SEL 0x014
+#define VIRTIO_MMIO_DRIVER_FEATURES 0x020
+#define VIRTIO_MMIO_DRIVER_FEATURES_SEL 0x024
+#define VIRTIO_MMIO_QUEUE_SEL 0x030
+#define VIRTIO_MMIO_QUEUE_NUM_MAX 0x034
+#define VIRTIO_MMIO_QUEUE_NUM 0x038
+#define VIRTIO_MMIO_QUEUE_READY 0x044
+#define VIRTIO_MMIO_QUEUE_NOTIFY 0x050
+#define VIRTIO_MMIO_INTERRUPT_STATUS 0x060
+#define VIRTIO_MMIO_INTERRUPT_ACK 0x064
+#define VIRTIO_MMIO_STATUS 0x070
+#define VIRTIO_MMIO_QUEUE_DESC_LOW 0x080
+#define VIRTIO_MMIO_QUEUE_DESC_HIGH 0x084
+#define VIRTIO_MMIO_QUEUE_AVAIL_LOW 0x090
+#define VIRTIO_MMIO_QUEUE_AVAIL_HIGH 0x094
+#define VIRTIO_MMIO_QUEUE_USED_LOW 0x0a0
+#define VIRTIO_MMIO_QUEUE_USED_HIGH 0x0a4
+#define VIRTIO_MMIO_CONFIG_GENERATION 0x0fc
+#define VIRTIO_MMIO_CONFIG 0x100
+#define VIRTIO_STATUS_ACKNOWLEDGE 1
+#define VIRTIO_STATUS_DRIVER 2
+#define VIRTIO_STATUS_DRIVER_OK 4
+#define VIRTIO_STATUS_FEATURES_OK 8
+#define VIRTIO_STATUS_NEEDS_RESET 64
+#define VIRTIO_STATUS_FAILED 128
+#define VIRTIO_F_VERSION_1 32
+#define VIRTIO_ID_BALLOON 5
+#define VIRTQ_DESC_F_NEXT 1
+#define VIRTQ_DESC_F_WRITE 2
+
+/* virtio-balloon (virtio 1.2, 5.5). Queues are numbered in order among those the features bring:
+ * inflate 0, deflate 1, stats 2 (with STATS_VQ), then reporting (with REPORTING): 3, or 2 without
+ * STATS_VQ (free page hinting is not offered). */
+#define VIRTIO_BALLOON_F_STATS_VQ 1
+#define VIRTIO_BALLOON_F_DEFLATE_ON_OOM 2
+#define VIRTIO_BALLOON_F_REPORTING 5
+#define VIRTIO_BALLOON_CFG_NUM_PAGES 0x0 /* le32, config space: the device's target */
+#define VIRTIO_BALLOON_CFG_ACTUAL 0x4    /* le32, config space: pages in the balloon (driver) */
+#define VIRTIO_BALLOON_S_MEMFREE 4
+#define VIRTIO_BALLOON_S_MEMTOT 5
+#define VIRTIO_BALLOON_S_AVAIL 6
+#define VIRTIO_BALLOON_STAT_SIZE 10 /* le16 tag, le64 value, packed */
 
 /* Phase kinds and flags. */
 #define PHASE_ALLOC 1
@@ -45,6 +107,7 @@
 #define PHASE_TOUCH 3
 #define PHASE_IDLE 4
 #define PHASE_FAULT 5
+#define PHASE_CHECK 6
 #define PHASE_F_WRITE 1u
 #define PHASE_F_RANDOM 2u
 #define PHASE_F_VERIFY 4u /* check each access: the page holds what the app wrote (page index + 1) */
@@ -119,6 +182,8 @@ struct boot_info {
     u64 spec_len;
     struct phase phases[ABI_MAX_PHASES];
     char spec[ABI_MAX_SPEC_TEXT];
+    u64 cmdline_len;
+    char cmdline[ABI_MAX_CMDLINE]; /* not NUL-terminated; empty: no devices */
 };
 
 struct msg {
@@ -151,6 +216,7 @@ struct app_header {
 _Static_assert(sizeof(struct phase) == 64, "phase entry size");
 _Static_assert(__builtin_offsetof(struct boot_info, phases) == 0x40, "phase table offset");
 _Static_assert(__builtin_offsetof(struct boot_info, spec) == 0x840, "spec offset");
+_Static_assert(sizeof(struct boot_info) <= ABI_PAGE_SIZE, "boot info fits its page");
 _Static_assert(sizeof(struct msg) == ABI_MSG_SIZE, "message size");
 _Static_assert(__builtin_offsetof(struct msg, reply) == 0x60, "reply offset");
 _Static_assert(__builtin_offsetof(struct msg, tsc) == 0x68, "tsc offset");

@@ -66,6 +66,127 @@ pub const MSG_SIZE: usize = c::ABI_MSG_SIZE as usize;
 pub const MAX_PHASES: usize = c::ABI_MAX_PHASES as usize;
 /// Most bytes of spec text passed to the guest.
 pub const MAX_SPEC_TEXT: usize = c::ABI_MAX_SPEC_TEXT as usize;
+/// Most bytes of the kernel command line in the boot info.
+pub const MAX_CMDLINE: usize = c::ABI_MAX_CMDLINE as usize;
+
+/// The virtio-balloon device over virtio-mmio (version 2 registers): where it is, its registers,
+/// and the balloon's feature bits, config fields and statistics tags (`guest/abi.h`).
+pub mod balloon {
+    use super::c;
+    /// Guest-physical base of the device's registers (just above the largest built-in guest RAM).
+    pub const MMIO_BASE: u64 = c::ABI_BALLOON_MMIO_BASE;
+    pub const MMIO_SIZE: u64 = c::ABI_BALLOON_MMIO_SIZE;
+    /// QueueNumMax of every queue.
+    pub const QUEUE_MAX: u16 = c::ABI_BALLOON_QUEUE_MAX as u16;
+    /// PFNs one inflate or deflate descriptor may carry.
+    pub const MAX_PFNS: u64 = c::ABI_BALLOON_MAX_PFNS;
+    pub const MAGIC: u32 = c::VIRTIO_MMIO_MAGIC as u32;
+    pub const DEVICE_ID: u32 = c::VIRTIO_ID_BALLOON as u32;
+    /// Register offsets.
+    pub mod reg {
+        use super::c;
+        pub const MAGIC_VALUE: u64 = c::VIRTIO_MMIO_MAGIC_VALUE;
+        pub const VERSION: u64 = c::VIRTIO_MMIO_VERSION;
+        pub const DEVICE_ID: u64 = c::VIRTIO_MMIO_DEVICE_ID;
+        pub const VENDOR_ID: u64 = c::VIRTIO_MMIO_VENDOR_ID;
+        pub const DEVICE_FEATURES: u64 = c::VIRTIO_MMIO_DEVICE_FEATURES;
+        pub const DEVICE_FEATURES_SEL: u64 = c::VIRTIO_MMIO_DEVICE_FEATURES_SEL;
+        pub const DRIVER_FEATURES: u64 = c::VIRTIO_MMIO_DRIVER_FEATURES;
+        pub const DRIVER_FEATURES_SEL: u64 = c::VIRTIO_MMIO_DRIVER_FEATURES_SEL;
+        pub const QUEUE_SEL: u64 = c::VIRTIO_MMIO_QUEUE_SEL;
+        pub const QUEUE_NUM_MAX: u64 = c::VIRTIO_MMIO_QUEUE_NUM_MAX;
+        pub const QUEUE_NUM: u64 = c::VIRTIO_MMIO_QUEUE_NUM;
+        pub const QUEUE_READY: u64 = c::VIRTIO_MMIO_QUEUE_READY;
+        pub const QUEUE_NOTIFY: u64 = c::VIRTIO_MMIO_QUEUE_NOTIFY;
+        pub const INTERRUPT_STATUS: u64 = c::VIRTIO_MMIO_INTERRUPT_STATUS;
+        pub const INTERRUPT_ACK: u64 = c::VIRTIO_MMIO_INTERRUPT_ACK;
+        pub const STATUS: u64 = c::VIRTIO_MMIO_STATUS;
+        pub const QUEUE_DESC_LOW: u64 = c::VIRTIO_MMIO_QUEUE_DESC_LOW;
+        pub const QUEUE_DESC_HIGH: u64 = c::VIRTIO_MMIO_QUEUE_DESC_HIGH;
+        pub const QUEUE_AVAIL_LOW: u64 = c::VIRTIO_MMIO_QUEUE_AVAIL_LOW;
+        pub const QUEUE_AVAIL_HIGH: u64 = c::VIRTIO_MMIO_QUEUE_AVAIL_HIGH;
+        pub const QUEUE_USED_LOW: u64 = c::VIRTIO_MMIO_QUEUE_USED_LOW;
+        pub const QUEUE_USED_HIGH: u64 = c::VIRTIO_MMIO_QUEUE_USED_HIGH;
+        pub const CONFIG_GENERATION: u64 = c::VIRTIO_MMIO_CONFIG_GENERATION;
+        pub const CONFIG: u64 = c::VIRTIO_MMIO_CONFIG;
+    }
+    /// Device status bits.
+    pub mod status {
+        use super::c;
+        pub const ACKNOWLEDGE: u32 = c::VIRTIO_STATUS_ACKNOWLEDGE as u32;
+        pub const DRIVER: u32 = c::VIRTIO_STATUS_DRIVER as u32;
+        pub const DRIVER_OK: u32 = c::VIRTIO_STATUS_DRIVER_OK as u32;
+        pub const FEATURES_OK: u32 = c::VIRTIO_STATUS_FEATURES_OK as u32;
+        pub const NEEDS_RESET: u32 = c::VIRTIO_STATUS_NEEDS_RESET as u32;
+        pub const FAILED: u32 = c::VIRTIO_STATUS_FAILED as u32;
+    }
+    /// Feature bit numbers.
+    pub const F_VERSION_1: u32 = c::VIRTIO_F_VERSION_1 as u32;
+    pub const F_STATS_VQ: u32 = c::VIRTIO_BALLOON_F_STATS_VQ as u32;
+    pub const F_DEFLATE_ON_OOM: u32 = c::VIRTIO_BALLOON_F_DEFLATE_ON_OOM as u32;
+    pub const F_REPORTING: u32 = c::VIRTIO_BALLOON_F_REPORTING as u32;
+    /// Config space offsets (from [`reg::CONFIG`]).
+    pub const CFG_NUM_PAGES: u64 = c::VIRTIO_BALLOON_CFG_NUM_PAGES;
+    pub const CFG_ACTUAL: u64 = c::VIRTIO_BALLOON_CFG_ACTUAL;
+    /// Statistics tags.
+    pub const S_MEMFREE: u16 = c::VIRTIO_BALLOON_S_MEMFREE as u16;
+    pub const S_MEMTOT: u16 = c::VIRTIO_BALLOON_S_MEMTOT as u16;
+    pub const S_AVAIL: u16 = c::VIRTIO_BALLOON_S_AVAIL as u16;
+    /// Bytes of one statistics entry (le16 tag, le64 value, packed).
+    pub const STAT_SIZE: u64 = c::VIRTIO_BALLOON_STAT_SIZE;
+
+    // The header's virtio numbers are the standard's, as virtio-bindings has them.
+    const _: () = {
+        use virtio_bindings::{virtio_config as vc, virtio_ids, virtio_mmio as vm, virtio_ring};
+        let regs = [
+            (reg::MAGIC_VALUE, vm::VIRTIO_MMIO_MAGIC_VALUE),
+            (reg::VERSION, vm::VIRTIO_MMIO_VERSION),
+            (reg::DEVICE_ID, vm::VIRTIO_MMIO_DEVICE_ID),
+            (reg::VENDOR_ID, vm::VIRTIO_MMIO_VENDOR_ID),
+            (reg::DEVICE_FEATURES, vm::VIRTIO_MMIO_DEVICE_FEATURES),
+            (
+                reg::DEVICE_FEATURES_SEL,
+                vm::VIRTIO_MMIO_DEVICE_FEATURES_SEL,
+            ),
+            (reg::DRIVER_FEATURES, vm::VIRTIO_MMIO_DRIVER_FEATURES),
+            (
+                reg::DRIVER_FEATURES_SEL,
+                vm::VIRTIO_MMIO_DRIVER_FEATURES_SEL,
+            ),
+            (reg::QUEUE_SEL, vm::VIRTIO_MMIO_QUEUE_SEL),
+            (reg::QUEUE_NUM_MAX, vm::VIRTIO_MMIO_QUEUE_NUM_MAX),
+            (reg::QUEUE_NUM, vm::VIRTIO_MMIO_QUEUE_NUM),
+            (reg::QUEUE_READY, vm::VIRTIO_MMIO_QUEUE_READY),
+            (reg::QUEUE_NOTIFY, vm::VIRTIO_MMIO_QUEUE_NOTIFY),
+            (reg::INTERRUPT_STATUS, vm::VIRTIO_MMIO_INTERRUPT_STATUS),
+            (reg::INTERRUPT_ACK, vm::VIRTIO_MMIO_INTERRUPT_ACK),
+            (reg::STATUS, vm::VIRTIO_MMIO_STATUS),
+            (reg::QUEUE_DESC_LOW, vm::VIRTIO_MMIO_QUEUE_DESC_LOW),
+            (reg::QUEUE_DESC_HIGH, vm::VIRTIO_MMIO_QUEUE_DESC_HIGH),
+            (reg::QUEUE_AVAIL_LOW, vm::VIRTIO_MMIO_QUEUE_AVAIL_LOW),
+            (reg::QUEUE_AVAIL_HIGH, vm::VIRTIO_MMIO_QUEUE_AVAIL_HIGH),
+            (reg::QUEUE_USED_LOW, vm::VIRTIO_MMIO_QUEUE_USED_LOW),
+            (reg::QUEUE_USED_HIGH, vm::VIRTIO_MMIO_QUEUE_USED_HIGH),
+            (reg::CONFIG_GENERATION, vm::VIRTIO_MMIO_CONFIG_GENERATION),
+            (reg::CONFIG, vm::VIRTIO_MMIO_CONFIG),
+            (status::ACKNOWLEDGE as u64, vc::VIRTIO_CONFIG_S_ACKNOWLEDGE),
+            (status::DRIVER as u64, vc::VIRTIO_CONFIG_S_DRIVER),
+            (status::DRIVER_OK as u64, vc::VIRTIO_CONFIG_S_DRIVER_OK),
+            (status::FEATURES_OK as u64, vc::VIRTIO_CONFIG_S_FEATURES_OK),
+            (status::NEEDS_RESET as u64, vc::VIRTIO_CONFIG_S_NEEDS_RESET),
+            (status::FAILED as u64, vc::VIRTIO_CONFIG_S_FAILED),
+            (F_VERSION_1 as u64, vc::VIRTIO_F_VERSION_1),
+            (DEVICE_ID as u64, virtio_ids::VIRTIO_ID_BALLOON),
+            (c::VIRTQ_DESC_F_NEXT, virtio_ring::VRING_DESC_F_NEXT),
+            (c::VIRTQ_DESC_F_WRITE, virtio_ring::VRING_DESC_F_WRITE),
+        ];
+        let mut i = 0;
+        while i < regs.len() {
+            assert!(regs[i].0 == regs[i].1 as u64);
+            i += 1;
+        }
+    };
+}
 
 /// Phase kinds in the boot info's phase table.
 pub mod phase_kind {
@@ -75,6 +196,7 @@ pub mod phase_kind {
     pub const TOUCH: u32 = c::PHASE_TOUCH as u32;
     pub const IDLE: u32 = c::PHASE_IDLE as u32;
     pub const FAULT: u32 = c::PHASE_FAULT as u32;
+    pub const CHECK: u32 = c::PHASE_CHECK as u32;
 }
 
 /// Phase flags.
@@ -129,6 +251,9 @@ pub struct BootInfo {
     pub spec_len: u64,
     pub phases: [PhaseEntry; MAX_PHASES],
     pub spec: [u8; MAX_SPEC_TEXT],
+    pub cmdline_len: u64,
+    /// Kernel command line (`virtio_mmio.device=...`), not NUL-terminated.
+    pub cmdline: [u8; MAX_CMDLINE],
 }
 
 /// A report-channel message (`struct msg`), as the guest wrote it.
@@ -194,7 +319,18 @@ check_layout!(
     BootInfo,
     boot_info,
     [
-        magic, mem_bytes, tsc_khz, interval, nphases, flags, seed, spec_len, phases, spec
+        magic,
+        mem_bytes,
+        tsc_khz,
+        interval,
+        nphases,
+        flags,
+        seed,
+        spec_len,
+        phases,
+        spec,
+        cmdline_len,
+        cmdline
     ]
 );
 check_layout!(
@@ -235,6 +371,7 @@ impl BootInfo {
         seed: u64,
         phases: &[PhaseEntry],
         spec_text: &str,
+        cmdline: &str,
     ) -> Self {
         let mut info = BootInfo {
             magic: BOOT_MAGIC,
@@ -247,7 +384,13 @@ impl BootInfo {
             spec_len: 0,
             phases: [PhaseEntry::default(); MAX_PHASES],
             spec: [0; MAX_SPEC_TEXT],
+            cmdline_len: 0,
+            cmdline: [0; MAX_CMDLINE],
         };
+        let line = cmdline.as_bytes();
+        let len = line.len().min(MAX_CMDLINE);
+        info.cmdline[..len].copy_from_slice(&line[..len]);
+        info.cmdline_len = len as u64;
         let n = phases.len().min(MAX_PHASES);
         info.phases[..n].copy_from_slice(&phases[..n]);
         info.nphases = n as u64;
@@ -376,6 +519,12 @@ mod tests {
         assert_eq!(Message::parse(m.as_slice()), Err(MessageError::Kind(99)));
     }
 
+    fn at_cmd(info: &BootInfo) -> (u64, Vec<u8>) {
+        let page = info.as_slice();
+        let len = u64::from_le_bytes(page[c::boot_info::cmdline_len..][..8].try_into().unwrap());
+        (len, page[c::boot_info::cmdline..][..len as usize].to_vec())
+    }
+
     #[test]
     fn boot_info_places_fields_and_bounds_its_tables() {
         let p = PhaseEntry {
@@ -384,7 +533,8 @@ mod tests {
             pages: 10,
             ..Default::default()
         };
-        let info = BootInfo::new(1 << 28, 2_000_000, 5, &[p], "touch 40K write");
+        let info = BootInfo::new(1 << 28, 2_000_000, 5, &[p], "touch 40K write", "x=1");
+        assert_eq!(at_cmd(&info), (3, b"x=1".to_vec()));
         let page = info.as_slice();
         let at = |o: usize| u64::from_le_bytes(page[o..o + 8].try_into().unwrap());
         assert_eq!(at(c::boot_info::magic), BOOT_MAGIC);
@@ -396,7 +546,8 @@ mod tests {
         // Too many phases and too much text are cut to what the page holds.
         let many = vec![p; MAX_PHASES + 3];
         let long = "x".repeat(MAX_SPEC_TEXT + 10);
-        let info = BootInfo::new(1 << 28, 1, 1, &many, &long);
+        let info = BootInfo::new(1 << 28, 1, 1, &many, &long, &long);
+        assert_eq!(info.cmdline_len, MAX_CMDLINE as u64);
         assert_eq!(info.nphases, MAX_PHASES as u64);
         assert_eq!(info.spec_len, MAX_SPEC_TEXT as u64);
         assert!(size_of::<BootInfo>() as u64 <= PAGE_SIZE);

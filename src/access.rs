@@ -226,6 +226,37 @@ impl AccessSampler {
         Ok(out)
     }
 
+    /// The balloon released guest pages `ranges`: an armed page among them must not come back
+    /// from the stash with its old contents. Its stash slot is emptied, so the page stays missing
+    /// and, if the guest touches it again, is filled as released memory reads: zero.
+    pub fn forget(&mut self, ranges: &[std::ops::Range<u64>]) {
+        let mut state = lock(&self.state);
+        for (addr, a) in state.armed.iter_mut() {
+            let gfn = (*addr - self.ram_addr) / PAGE_SIZE;
+            if !ranges.iter().any(|r| r.contains(&gfn)) || a.first.is_some() {
+                continue;
+            }
+            if let Some(s) = a.slot.take() {
+                let slot = self.stash.addr() + (s * PAGE_SIZE) as usize;
+                // SAFETY: the slot is one page of our own stash mapping, which nothing else uses;
+                // MADV_DONTNEED only drops its contents.
+                let rc = unsafe {
+                    libc::madvise(
+                        slot as *mut libc::c_void,
+                        PAGE_SIZE as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                if rc != 0 {
+                    log::warn!(
+                        "access sampler: dropping the stash copy of released page {gfn:#x}: {}",
+                        std::io::Error::last_os_error()
+                    );
+                }
+            }
+        }
+    }
+
     /// Ends the round: moves back the pages nobody touched, unregisters every armed page, and
     /// says what was seen. Call with the guest stopped.
     pub fn disarm(&mut self) -> Result<Round, AccessError> {

@@ -409,8 +409,9 @@ pub fn write_boot_info(
     seed: u64,
     phases: &[PhaseEntry],
     spec_text: &str,
+    cmdline: &str,
 ) -> Result<(), BootError> {
-    let info = BootInfo::new(ram.size(), tsc_khz, seed, phases, spec_text);
+    let info = BootInfo::new(ram.size(), tsc_khz, seed, phases, spec_text, cmdline);
     ram.write_obj(abi::BOOT_INFO_ADDR, info)?;
     Ok(())
 }

@@ -84,6 +84,19 @@ pub struct RunOptions {
     /// Where the guest console goes: a file, or "-" for stderr (default).
     #[arg(long)]
     pub console: Option<PathBuf>,
+    /// Let the guest report free memory (extents of 2 MiB or more) through the virtio-balloon,
+    /// which gives it back to the host: host usage falls after the guest frees (off by default:
+    /// host usage is then a high-water mark).
+    #[arg(long)]
+    pub free_page_reporting: bool,
+    /// Hold the guest to this much RAM, e.g. 256M: the balloon's target is --mem minus the limit,
+    /// the guest gives up free pages first, and an allocation beyond the limit fails in the guest.
+    #[arg(long, value_parser = size_arg)]
+    pub limit: Option<u64>,
+    /// Start with this much of the guest's RAM in the balloon, e.g. 128M (a soft target: the guest
+    /// deflates it when it would otherwise run out of memory).
+    #[arg(long, value_parser = size_arg, conflicts_with = "limit")]
+    pub balloon: Option<u64>,
 }
 
 #[derive(Parser)]
@@ -128,6 +141,20 @@ pub enum ConfigError {
     ZeroMapEvery,
     #[error("--map-out")]
     MapOut(#[source] MapFileError),
+    #[error("{option} {} is above --mem {}", fmt_mib(*.size), fmt_mib(*.mem))]
+    AboveMem {
+        option: &'static str,
+        size: u64,
+        mem: u64,
+    },
+    #[error("{0} {size} is not a multiple of the 4 KiB page size", size = fmt_mib(*.1))]
+    Unaligned(&'static str, u64),
+    #[error(
+        "{0} needs the virtio-balloon, which sits at {b:#x}, inside a guest RAM of {m}",
+        b = abi::balloon::MMIO_BASE,
+        m = fmt_mib(*.1)
+    )]
+    NoBalloon(&'static str, u64),
     #[error("--console {path}")]
     Console {
         path: PathBuf,
@@ -166,6 +193,62 @@ pub struct RunConfig {
     pub map_every: Option<u64>,
     /// Where the guest's console goes.
     pub console: Box<dyn Write + Send>,
+    /// The virtio-balloon, when guest RAM leaves room for its registers.
+    pub balloon: Option<BalloonConfig>,
+}
+
+/// What the virtio-balloon offers and asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Offer free page reporting (`--free-page-reporting`).
+    pub reporting: bool,
+    /// The balloon's target in pages: RAM minus `--limit`, or `--balloon` (0 without either).
+    pub target_pages: u32,
+    /// The target is a hard limit (`--limit`): `DEFLATE_ON_OOM` is not offered.
+    pub hard_limit: bool,
+}
+
+impl BalloonConfig {
+    /// The balloon for `mem` bytes of RAM, or `None` when its registers would fall inside RAM
+    /// (an error if an option needs it).
+    fn new(opts: &RunOptions) -> Result<Option<Self>, ConfigError> {
+        let sized = [("--limit", opts.limit), ("--balloon", opts.balloon)];
+        if opts.mem > abi::balloon::MMIO_BASE {
+            return match sized.iter().find(|(_, v)| v.is_some()) {
+                _ if opts.free_page_reporting => {
+                    Err(ConfigError::NoBalloon("--free-page-reporting", opts.mem))
+                }
+                Some((option, _)) => Err(ConfigError::NoBalloon(option, opts.mem)),
+                None => Ok(None),
+            };
+        }
+        for (option, v) in sized {
+            match v {
+                Some(size) if size > opts.mem => {
+                    return Err(ConfigError::AboveMem {
+                        option,
+                        size,
+                        mem: opts.mem,
+                    });
+                }
+                Some(size) if !size.is_multiple_of(PAGE_SIZE) => {
+                    return Err(ConfigError::Unaligned(option, size));
+                }
+                _ => {}
+            }
+        }
+        let target = match (opts.limit, opts.balloon) {
+            (Some(l), _) => (opts.mem - l) / PAGE_SIZE,
+            (None, Some(b)) => b / PAGE_SIZE,
+            (None, None) => 0,
+        };
+        Ok(Some(BalloonConfig {
+            reporting: opts.free_page_reporting,
+            // RAM is at most MMIO_BASE here (448 GiB): its pages fit in 32 bits.
+            target_pages: u32::try_from(target).unwrap_or(u32::MAX),
+            hard_limit: opts.limit.is_some(),
+        }))
+    }
 }
 
 impl RunConfig {
@@ -195,6 +278,7 @@ impl RunConfig {
         if let Some(p) = &opts.map_out {
             pmp_mmp::check_target(p).map_err(ConfigError::MapOut)?;
         }
+        let balloon = BalloonConfig::new(&opts)?;
         let cycle = vec![(!opts.no_sampling).then_some(opts.samples)];
         let samplers = samplers(&cycle, opts.mem, opts.seed)?;
         let pages = opts.mem / PAGE_SIZE;
@@ -233,6 +317,7 @@ impl RunConfig {
             map_out: opts.map_out,
             map_every: opts.map_every,
             console,
+            balloon,
         })
     }
 
@@ -316,6 +401,52 @@ mod tests {
         assert!(e.contains("at most 458752.0 MiB"), "{e}");
         let e = err(&["--mem", "2T"]);
         assert!(e.contains("above the maximum"), "{e}");
+    }
+
+    #[test]
+    fn balloon_options_are_checked_and_set_the_target() {
+        let cfg = RunConfig::new(RunOptions::default()).unwrap();
+        let b = cfg.balloon.unwrap();
+        assert_eq!(
+            (b.reporting, b.target_pages, b.hard_limit),
+            (false, 0, false)
+        );
+        let cfg = RunConfig::new(opts(&["--mem", "1G", "--limit", "256M"])).unwrap();
+        let b = cfg.balloon.unwrap();
+        assert_eq!(b.target_pages, (768 << 20) / 4096);
+        assert!(b.hard_limit && !b.reporting);
+        let cfg = RunConfig::new(opts(&["--free-page-reporting"])).unwrap();
+        assert!(cfg.balloon.unwrap().reporting);
+        let e = err(&["--mem", "256M", "--limit", "1G"]);
+        assert!(
+            e.contains("--limit 1024.0 MiB is above --mem 256.0 MiB"),
+            "{e}"
+        );
+        let e = err(&["--limit", "1000000"]);
+        assert!(
+            e.contains("--limit 1.0 MiB is not a multiple of the 4 KiB"),
+            "{e}"
+        );
+        let cfg = RunConfig::new(opts(&["--mem", "1G", "--balloon", "100M"])).unwrap();
+        let b = cfg.balloon.unwrap();
+        assert_eq!((b.target_pages, b.hard_limit), (100 * 256, false));
+        let e = err(&["--balloon", "1G"]);
+        assert!(
+            e.contains("--balloon 1024.0 MiB is above --mem 256.0 MiB"),
+            "{e}"
+        );
+        let both = DefaultsOnly::try_parse_from(["m", "--limit", "1M", "--balloon", "1M"]);
+        assert!(both.is_err(), "--limit and --balloon exclude each other");
+        // A custom guest may have RAM where the balloon's registers would be.
+        let mut o = opts(&["--free-page-reporting", "--workload", "idle 1ms"]);
+        o.mem = abi::balloon::MMIO_BASE + (1 << 30);
+        let e = BalloonConfig::new(&o).unwrap_err().to_string();
+        assert!(
+            e.contains("--free-page-reporting needs the virtio-balloon"),
+            "{e}"
+        );
+        o.free_page_reporting = false;
+        assert_eq!(BalloonConfig::new(&o).unwrap(), None);
     }
 
     #[test]

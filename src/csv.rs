@@ -4,7 +4,8 @@
 
 use serde_json::{Map, Value};
 
-use crate::usage::{Active, HostUsage, Row, Truth};
+use crate::devices::balloon::GuestStats;
+use crate::usage::{Active, BalloonView, HostUsage, Row, Truth};
 
 /// A row with every optional section present, so that the header lists every column even when
 /// the first interval lacks some (no truth yet, sampling off).
@@ -19,6 +20,10 @@ fn template() -> Row {
         active_writes: Some(Active {
             error_mib: Some(0.0),
             ..Active::default()
+        }),
+        balloon: Some(BalloonView {
+            guest_stats: Some(GuestStats::default()),
+            ..BalloonView::default()
         }),
         ..Row::default()
     }
@@ -112,6 +117,7 @@ mod tests {
                 heap_pages: 10,
                 allocated_mib: 0.0390625,
                 free_mib: 0.078125,
+                ..GuestView::default()
             },
             truth: None,
             host: Some(HostUsage {
@@ -126,6 +132,15 @@ mod tests {
                 ..Active::default()
             }),
             reads_seen: true,
+            balloon: Some(BalloonView {
+                balloon_mib: 16.0,
+                guest_stats: Some(GuestStats {
+                    free_mib: Some(100.0),
+                    source: "virtio-balloon stats queue".into(),
+                    ..GuestStats::default()
+                }),
+                ..BalloonView::default()
+            }),
             active_writes: Some(Active {
                 n: 1000,
                 t: 250,

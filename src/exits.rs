@@ -1,13 +1,14 @@
 //! Exit dispatch: what each VM exit means, apart from `KVM_RUN` (in `vcpu`) so that unit tests can
 //! feed it synthetic exits. Port I/O goes to the devices, which this handler owns; a report-channel
-//! write is read from guest memory and decoded into a [`Message`] for the protocol.
+//! write is read from guest memory and decoded into a [`Message`] for the protocol. MMIO in the
+//! balloon's register page goes to the virtio-balloon device (handled here, on the vCPU thread).
 
 use std::io::Write;
 
 use thiserror::Error;
 
 use crate::abi::{self, Message, MsgKind};
-use crate::devices::{Console, ReportChannel};
+use crate::devices::{Balloon, Console, ReportChannel};
 use crate::memory::GuestRam;
 use crate::vcpu::Exit;
 
@@ -45,18 +46,27 @@ pub enum ExitError {
 pub struct ExitHandler {
     pub console: Console,
     pub report: ReportChannel,
+    /// The virtio-balloon at [`abi::balloon::MMIO_BASE`], when the guest has one.
+    pub balloon: Option<Balloon>,
     /// Accesses to ports or MMIO nobody handles.
     pub unhandled: u64,
 }
 
 impl ExitHandler {
     /// Devices for a guest with `ram_bytes` of RAM.
-    pub fn new(ram_bytes: u64, console: Box<dyn Write + Send>) -> Self {
+    pub fn new(ram_bytes: u64, console: Box<dyn Write + Send>, balloon: Option<Balloon>) -> Self {
         ExitHandler {
             console: Console::new(console),
             report: ReportChannel::new(ram_bytes),
+            balloon,
             unhandled: 0,
         }
+    }
+
+    /// The balloon's register offset for an MMIO access at `addr`, when it has one there.
+    fn balloon_at(&self, addr: u64) -> Option<u64> {
+        let off = addr.checked_sub(abi::balloon::MMIO_BASE)?;
+        (self.balloon.is_some() && off < abi::balloon::MMIO_SIZE).then_some(off)
     }
 
     fn note_unhandled(&mut self, what: impl FnOnce() -> String) {
@@ -92,6 +102,20 @@ impl ExitHandler {
             Exit::IoIn { port, data } => {
                 data.fill(0xff);
                 self.note_unhandled(|| format!("in from port {port:#x}"));
+                Action::Continue
+            }
+            Exit::MmioRead { addr, data } if self.balloon_at(addr).is_some() => {
+                let off = addr - abi::balloon::MMIO_BASE;
+                if let Some(b) = &mut self.balloon {
+                    b.read(off, data);
+                }
+                Action::Continue
+            }
+            Exit::MmioWrite { addr, data } if self.balloon_at(addr).is_some() => {
+                let off = addr - abi::balloon::MMIO_BASE;
+                if let Some(b) = &mut self.balloon {
+                    b.write(off, data, ram);
+                }
                 Action::Continue
             }
             Exit::MmioRead { addr, data } => {
@@ -146,7 +170,7 @@ mod tests {
     }
 
     fn handler() -> ExitHandler {
-        ExitHandler::new(8 << 20, Box::new(std::io::sink()))
+        ExitHandler::new(8 << 20, Box::new(std::io::sink()), None)
     }
 
     fn out(h: &mut ExitHandler, ram: &GuestRam, port: u16, data: &[u8]) -> Action {
@@ -231,6 +255,64 @@ mod tests {
     }
 
     #[test]
+    fn mmio_in_the_balloon_page_goes_to_the_balloon() {
+        let ram = ram();
+        let dev = Balloon::new(ram.pages(), true, 7, false);
+        let mut h = ExitHandler::new(8 << 20, Box::new(std::io::sink()), Some(dev));
+        let base = abi::balloon::MMIO_BASE;
+        let mut m = [0u8; 4];
+        let a = h.handle(
+            Exit::MmioRead {
+                addr: base,
+                data: &mut m,
+            },
+            &ram,
+        );
+        assert_eq!(a, Ok(Action::Continue));
+        assert_eq!(u32::from_le_bytes(m), abi::balloon::MAGIC);
+        let cfg = base + abi::balloon::reg::CONFIG + abi::balloon::CFG_NUM_PAGES;
+        h.handle(
+            Exit::MmioRead {
+                addr: cfg,
+                data: &mut m,
+            },
+            &ram,
+        )
+        .unwrap();
+        assert_eq!(u32::from_le_bytes(m), 7);
+        let status = base + abi::balloon::reg::STATUS;
+        h.handle(
+            Exit::MmioWrite {
+                addr: status,
+                data: &1u32.to_le_bytes(),
+            },
+            &ram,
+        )
+        .unwrap();
+        h.handle(
+            Exit::MmioRead {
+                addr: status,
+                data: &mut m,
+            },
+            &ram,
+        )
+        .unwrap();
+        assert_eq!(u32::from_le_bytes(m), 1);
+        assert_eq!(h.unhandled, 0);
+        // Past the page: unhandled, all ones.
+        let past = base + abi::balloon::MMIO_SIZE;
+        h.handle(
+            Exit::MmioRead {
+                addr: past,
+                data: &mut m,
+            },
+            &ram,
+        )
+        .unwrap();
+        assert_eq!((m, h.unhandled), ([0xff; 4], 1));
+    }
+
+    #[test]
     fn stop_exits_end_the_run_or_hand_back_control() {
         let ram = ram();
         let mut h = handler();
@@ -267,7 +349,7 @@ mod tests {
     fn serial_output_goes_to_the_console() {
         let ram = ram();
         let sink = Shared::default();
-        let mut h = ExitHandler::new(8 << 20, Box::new(sink.clone()));
+        let mut h = ExitHandler::new(8 << 20, Box::new(sink.clone()), None);
         for b in b"ok\n" {
             let a = out(&mut h, &ram, abi::SERIAL_PORT_BASE, &[*b]);
             assert_eq!(a, Action::Continue);

@@ -171,6 +171,37 @@ impl IntervalWork {
         })
     }
 
+    /// The balloon released guest pages `ranges` (`MADV_DONTNEED`, with the vCPU stopped) during
+    /// interval `interval`: the map records what the guest wrote there since the last harvest
+    /// and marks the pages released; their bits in KVM's dirty log are cleared, so that a write
+    /// after the release shows as a new write (a page in the armed sample then counts as active
+    /// only if written again).
+    pub fn note_released(
+        &mut self,
+        vm: &Vm,
+        ranges: &[std::ops::Range<u64>],
+        interval: u64,
+    ) -> Result<(), IntervalError> {
+        if let Some(a) = &mut self.est.access {
+            a.forget(ranges);
+        }
+        let dirty = vm.dirty_log()?;
+        let interval = u32::try_from(interval).unwrap_or(u32::MAX - 1);
+        for r in ranges {
+            self.map.note_released(r.clone(), &dirty, interval);
+        }
+        let mut mask = vec![0u64; self.mask.len()];
+        let pages = vm.ram().pages();
+        for r in ranges {
+            for gfn in r.start..r.end.min(pages) {
+                mask[(gfn / 64) as usize] |= 1 << (gfn % 64);
+            }
+        }
+        vm.clear_dirty(&mask)?;
+        self.map.note_cleared(&mask);
+        Ok(())
+    }
+
     /// Pages touched and written so far.
     fn counts(&self) -> (u64, u64) {
         (

@@ -36,7 +36,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot the test guest, run a workload, print host and guest memory usage per interval.
-    Run(RunArgs),
+    Run(Box<RunArgs>),
     /// Plot a run from its `run --json` output.
     Plot {
         /// The JSON lines written by `memvisor run --json`.
@@ -190,7 +190,7 @@ fn main() -> ExitCode {
             if let Err(e) = stop::install_handlers() {
                 log::warn!("cannot catch SIGINT/SIGTERM, a signal will end the run abruptly: {e}");
             }
-            run(args)
+            run(*args)
         }
         Command::Map { file, json } => map(file, json),
         Command::Plot { file, output } => memvisor::plot::read_jsonl(&file)

@@ -13,7 +13,7 @@ use crate::usage::{Active, Row};
 /// The table's two header lines.
 pub fn table_header() -> String {
     let l1 = format!(
-        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<44} | {:<36} | {:<43}",
+        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<50} | {:<36} | {:<43} | {:<20}",
         "",
         "",
         "",
@@ -21,10 +21,11 @@ pub fn table_header() -> String {
         "guest truth",
         "host usage (MiB)",
         "active: reads+writes, MiB",
-        "active: writes, MiB; dirty MiB/s"
+        "active: writes, MiB; dirty MiB/s",
+        "balloon, guest stats"
     );
     let l2 = format!(
-        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6}",
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}",
         "time",
         "phase",
         "cfg",
@@ -39,6 +40,7 @@ pub fn table_header() -> String {
         "zero",
         "swap",
         "shard",
+        "rel",
         "est",
         "95% CI",
         "max",
@@ -47,7 +49,10 @@ pub fn table_header() -> String {
         "95% CI",
         "max",
         "err",
-        "dirty"
+        "dirty",
+        "balln",
+        "gfree",
+        "gavail"
     );
     format!("{}\n{l2}", l1.trim_end())
 }
@@ -110,8 +115,10 @@ pub fn table_row(r: &Row) -> String {
     let h = r.host.as_ref();
     let a = r.active.as_ref();
     let w = r.active_writes.as_ref();
+    let bal = r.balloon.as_ref();
+    let gs = bal.and_then(|b| b.guest_stats.as_ref());
     format!(
-        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6}{}",
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}{}",
         cell(Some(r.time_s), 6, 1),
         phase_cell(&r.phase, 24),
         cell(Some(r.configured_mib), 6, 0),
@@ -126,6 +133,7 @@ pub fn table_row(r: &Row) -> String {
         cell(h.map(|h| h.zero_mib), 5, 1),
         cell(h.map(|h| h.swapped_mib), 5, 1),
         cell(h.map(|h| h.shared_mib), 5, 1),
+        cell(h.map(|h| h.released_mib), 5, 1),
         cell(a.map(|a| a.estimate_mib), 6, 1),
         ci_cell(a),
         cell(a.map(|a| a.max_mib), 6, 1),
@@ -135,8 +143,14 @@ pub fn table_row(r: &Row) -> String {
         cell(w.map(|a| a.max_mib), 6, 1),
         cell(w.and_then(|a| a.error_mib), 6, 1),
         cell(w.map(|a| a.dirty_rate_mib_s), 6, 1),
+        cell(bal.map(|b| b.balloon_mib), 6, 1),
+        cell(gs.and_then(|g| g.free_mib), 6, 1),
+        cell(gs.and_then(|g| g.available_mib), 6, 1),
         match r.end {
             Some(crate::usage::EndReason::Done) => "  (end)".to_string(),
+            Some(why) if r.guest.out_of_memory => {
+                format!("  (end: {}: the guest is out of memory)", why.as_str())
+            }
             Some(why) => format!("  (end: {})", why.as_str()),
             None => String::new(),
         }
@@ -284,6 +298,7 @@ mod tests {
                 ..Active::default()
             }),
             reads_seen: true,
+            balloon: None,
             time_s: v,
             interval: 1,
             phase: phase.into(),

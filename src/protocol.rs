@@ -39,6 +39,10 @@ pub struct PhaseRecord {
     pub allocated_pages: u64,
     pub free_pages: u64,
     pub heap_pages: u64,
+    /// `check` phases: pages whose first word held what `touch ... write` put there, and pages
+    /// that read zero (0 for other phases).
+    pub intact_pages: u64,
+    pub zero_pages: u64,
     /// Guest seconds the phase took (from its TSC).
     pub guest_seconds: f64,
     /// The VMM's clock when the phase started, as the guest read it with the TIME hypercall (ns).
@@ -216,6 +220,8 @@ impl Protocol {
             heap_pages: msg.heap_pages,
             allocated_mib: pages_mib(msg.alloc_pages),
             free_mib: pages_mib(msg.free_pages),
+            out_of_memory: self.guest.out_of_memory
+                || (kind == MsgKind::PhaseEnd && msg.arg1 == abi::PHASE_OOM),
         };
         let now_s = now.as_secs_f64();
         let index = usize::try_from(msg.phase).unwrap_or(usize::MAX);
@@ -309,6 +315,8 @@ impl Protocol {
         p.allocated_pages = msg.alloc_pages;
         p.free_pages = msg.free_pages;
         p.heap_pages = msg.heap_pages;
+        p.intact_pages = msg.arg2 & 0xffff_ffff;
+        p.zero_pages = msg.arg2 >> 32;
         p.guest_seconds = secs;
         self.current_phase = None;
         let (phase, name) = (p.index, p.name.clone());
@@ -351,6 +359,12 @@ impl Protocol {
         if !last {
             self.interval += 1;
         }
+    }
+
+    /// The completed row of interval `interval`, not handed out yet (the run loop adds what the
+    /// guest said along with its truth, e.g. its balloon statistics).
+    pub fn ready_row_mut(&mut self, interval: u64) -> Option<&mut Row> {
+        self.ready.iter_mut().find(|r| r.interval == interval)
     }
 
     /// Rows complete so far, in order.

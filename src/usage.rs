@@ -11,6 +11,7 @@ use std::time::Duration;
 use serde::{Deserialize, Serialize};
 
 use crate::abi::PAGE_SIZE;
+use crate::devices::balloon::GuestStats;
 use crate::pmp_mmp::MapSummary;
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -34,6 +35,9 @@ pub struct GuestView {
     pub heap_pages: u64,
     pub allocated_mib: f64,
     pub free_mib: f64,
+    /// The guest could not meet an allocation (its pool, less the balloon under `--limit`, ran
+    /// out): the workload stopped there.
+    pub out_of_memory: bool,
 }
 
 /// Ground truth for one interval, as the guest reported it.
@@ -64,11 +68,14 @@ pub struct HostUsage {
     pub zero_mib: f64,
     pub swapped_mib: f64,
     pub shared_mib: f64,
+    /// Given back to the host by the balloon (inflated or reported free), untouched since.
+    pub released_mib: f64,
     /// Pages written by the VMM itself (image, boot info), counted in backed.
     pub vmm_written_mib: f64,
     pub configured_mib: f64,
     pub backed_pages: u64,
     pub zero_pages: u64,
+    pub released_pages: u64,
     /// Whether PFNs were visible. Without them (no `CAP_SYS_ADMIN`) zero and backed pages are
     /// told apart by whether they were ever written, and sharing is not seen.
     pub pfn_visible: bool,
@@ -88,10 +95,12 @@ impl HostUsage {
             zero_mib: pages_mib(map.zero),
             swapped_mib: pages_mib(map.swapped),
             shared_mib: pages_mib(map.shared),
+            released_mib: pages_mib(map.released),
             vmm_written_mib: pages_mib(map.vmm_written),
             configured_mib: mib(configured),
             backed_pages: map.backed + map.shared,
             zero_pages: map.zero,
+            released_pages: map.released,
             pfn_visible: map.pfn_visible,
         }
     }
@@ -136,6 +145,23 @@ pub struct Active {
     /// The estimate per second of the interval: what QEMU's calc-dirty-rate reports (a page
     /// written many times in the interval counts once). See [`dirty_rate_mib_s`].
     pub dirty_rate_mib_s: f64,
+}
+
+/// The virtio-balloon's side of a row.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct BalloonView {
+    /// Pages in the balloon (inflated minus deflated), and the device's target.
+    pub balloon_mib: f64,
+    pub target_mib: f64,
+    /// Free page reporting so far: extents and MiB released.
+    pub reported_extents: u64,
+    pub reported_mib: f64,
+    /// The guest's own view from the balloon's statistics queue (`source` says so), as of its
+    /// last answer (asked for at every interval tick).
+    pub guest_stats: Option<GuestStats>,
+    /// Malformed requests the device skipped or refused.
+    pub errors: u64,
 }
 
 /// Why a run ended, on its last row.
@@ -202,6 +228,8 @@ pub struct Row {
     pub reads_seen: bool,
     /// Active memory as seen through writes (KVM's dirty log).
     pub active_writes: Option<Active>,
+    /// The virtio-balloon, when the guest has one.
+    pub balloon: Option<BalloonView>,
 }
 
 impl Row {

@@ -9,18 +9,20 @@ use std::time::{Duration, Instant};
 use serde::Serialize;
 use thiserror::Error;
 
-use crate::abi::{self, PAGE_SIZE};
+use crate::abi::{self, MsgKind, PAGE_SIZE};
 use crate::access::AccessSampler;
 use crate::boot::{self, BootError};
 use crate::clock::{Clock, Kicker, POLL};
 use crate::config::RunConfig;
+use crate::devices::Balloon;
+use crate::devices::balloon::BalloonCounters;
 use crate::exits::{Action, ExitError, ExitHandler};
 use crate::interval::{Estimators, IntervalError, IntervalWork};
 use crate::memory::{GuestRam, MemoryError};
 use crate::pmp_mmp::{MapFileError, MapSummary};
 use crate::protocol::{BootReport, GuestError, PhaseRecord, Protocol, Reply};
 use crate::stop;
-use crate::usage::{self, EndReason, GuestView, Row};
+use crate::usage::{self, BalloonView, EndReason, GuestView, Row};
 use crate::vcpu::{Vcpu, VcpuError};
 use crate::vm::{Vm, VmError};
 
@@ -92,6 +94,8 @@ pub struct RunSummary {
     pub report_errors: u64,
     pub unhandled_exits: u64,
     pub tsc_khz: u64,
+    /// What the virtio-balloon did, when the guest had one.
+    pub balloon: Option<BalloonCounters>,
 }
 
 /// Receives each row as it is complete; an error stops the run (a closed pipe quietly).
@@ -109,16 +113,29 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
     let mut vcpu = Vcpu::new(&vm, 0, image.entry, &tables)?;
     let tsc_khz = u64::from(vcpu.tsc_khz()?);
     let entries: Vec<_> = cfg.workload.phases.iter().map(|p| p.entry()).collect();
+    // The balloon is announced as Linux finds virtio-mmio devices on its command line
+    // (`<size>@<base>:<irq>`; no interrupt is ever raised: the driver polls).
+    let cmdline = cfg.balloon.map_or(String::new(), |_| {
+        format!(
+            "virtio_mmio.device={}K@{:#x}:0",
+            abi::balloon::MMIO_SIZE / 1024,
+            abi::balloon::MMIO_BASE
+        )
+    });
     boot::write_boot_info(
         vm.ram(),
         tsc_khz,
         cfg.guest_seed,
         &entries,
         &cfg.workload.text,
+        &cmdline,
     )?;
+    let balloon = cfg
+        .balloon
+        .map(|b| Balloon::new(vm.ram().pages(), b.reporting, b.target_pages, b.hard_limit));
     let mut vmm = Vmm {
         vm: &vm,
-        handler: ExitHandler::new(vm.ram().size(), cfg.console),
+        handler: ExitHandler::new(vm.ram().size(), cfg.console, balloon),
         protocol: Protocol::new(cfg.workload.phases.iter().map(|p| p.to_string()), tsc_khz),
         work: IntervalWork::new(
             &vm,
@@ -228,13 +245,18 @@ impl Vmm<'_, '_> {
     fn run_loop(&mut self, vcpu: &mut Vcpu<'_>) -> Result<Ended, RunError> {
         loop {
             let exit = vcpu.run()?;
-            match self.handler.handle(exit, self.vm.ram()) {
+            let handled = self.handler.handle(exit, self.vm.ram());
+            self.note_released()?;
+            match handled {
                 Ok(Action::Continue | Action::Kicked) => {}
                 Ok(Action::Report { msg, kind, addr }) => {
-                    match self
+                    let reply = self
                         .protocol
-                        .message(&msg, kind, self.clock.start.elapsed())
-                    {
+                        .message(&msg, kind, self.clock.start.elapsed());
+                    if kind == MsgKind::Interval {
+                        self.attach_guest_stats(msg.interval);
+                    }
+                    match reply {
                         Reply::None => {}
                         Reply::Value(v) => self.reply(addr, v)?,
                         Reply::Sleep(d) => {
@@ -307,6 +329,34 @@ impl Vmm<'_, '_> {
         }
     }
 
+    /// The guest answers the statistics request of an interval tick on its next system call,
+    /// which is the INTERVAL report that completes the row: the row shows those statistics.
+    fn attach_guest_stats(&mut self, interval: u64) {
+        let Some(stats) = self.handler.balloon.as_ref().and_then(|b| b.stats()) else {
+            return;
+        };
+        if let Some(view) = self
+            .protocol
+            .ready_row_mut(interval)
+            .and_then(|r| r.balloon.as_mut())
+        {
+            view.guest_stats = Some(stats.clone());
+        }
+    }
+
+    /// Tells the dirty log and the map about pages the balloon just released (the vCPU is
+    /// stopped: the guest has not run since).
+    fn note_released(&mut self) -> Result<(), RunError> {
+        if let Some(b) = &mut self.handler.balloon {
+            let released = b.take_released();
+            if !released.is_empty() {
+                let interval = self.protocol.interval();
+                self.work.note_released(self.vm, &released, interval)?;
+            }
+        }
+        Ok(())
+    }
+
     fn reply(&self, msg_addr: u64, v: u64) -> Result<(), RunError> {
         Ok(self
             .vm
@@ -335,7 +385,18 @@ impl Vmm<'_, '_> {
             active: measured.active,
             reads_seen: self.work.reads_seen(),
             active_writes: measured.active_writes,
+            balloon: self.handler.balloon.as_ref().map(|b| BalloonView {
+                balloon_mib: usage::pages_mib(b.balloon_pages()),
+                target_mib: usage::pages_mib(u64::from(b.target_pages())),
+                reported_extents: b.counters.reported_extents,
+                reported_mib: usage::pages_mib(b.counters.reported_pages),
+                guest_stats: b.stats().cloned(),
+                errors: b.errors,
+            }),
         };
+        if !last && let Some(b) = &mut self.handler.balloon {
+            b.request_stats(self.vm.ram());
+        }
         self.protocol.interval_ended(row, last);
         for row in self.protocol.take_rows() {
             if self.output.is_ok() {
@@ -386,6 +447,7 @@ impl Vmm<'_, '_> {
             report_errors: self.handler.report.errors + self.protocol.violations().0,
             unhandled_exits: self.handler.unhandled,
             tsc_khz: self.tsc_khz,
+            balloon: self.handler.balloon.as_ref().map(|b| b.counters.clone()),
             phases: self.protocol.phases().to_vec(),
             guest: self.protocol.guest().clone(),
             rows: self.rows,

@@ -78,7 +78,7 @@ pub enum WorkloadError {
 pub enum PhaseProblem {
     #[error("empty phase (remove the extra ';')")]
     EmptyPhase,
-    #[error("unknown phase \"{0}\" (expected alloc, free, touch, idle or fault)")]
+    #[error("unknown phase \"{0}\" (expected alloc, free, touch, idle, check or fault)")]
     UnknownKind(String),
     #[error("\"{0}\" needs a size, e.g. \"{0} 64M\"")]
     MissingSize(&'static str),
@@ -180,10 +180,21 @@ impl Touch {
 /// One phase of the workload.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Phase {
-    Alloc { pages: u64 },
-    Free { pages: u64 },
+    Alloc {
+        pages: u64,
+    },
+    Free {
+        pages: u64,
+    },
     Touch(Touch),
-    Idle { duration: Duration },
+    Idle {
+        duration: Duration,
+    },
+    /// Reads the first `pages` heap pages and counts those holding what `touch ... write` put
+    /// there (intact) and those reading zero (released by the balloon).
+    Check {
+        pages: u64,
+    },
     Fault,
 }
 
@@ -226,6 +237,11 @@ impl Phase {
             Phase::Idle { duration } => PhaseEntry {
                 kind: phase_kind::IDLE,
                 duration_ns: ns(duration),
+                ..Default::default()
+            },
+            Phase::Check { pages } => PhaseEntry {
+                kind: phase_kind::CHECK,
+                pages,
                 ..Default::default()
             },
             Phase::Fault => PhaseEntry {
@@ -288,6 +304,7 @@ impl fmt::Display for Phase {
                 Ok(())
             }
             Phase::Idle { duration } => write!(f, "idle {}", fmt_duration_spec(*duration)),
+            Phase::Check { pages } => write!(f, "check {}", size(*pages)),
             Phase::Fault => write!(f, "fault"),
         }
     }
@@ -372,6 +389,7 @@ const ALLOC_USAGE: &str = "alloc takes only a size, e.g. \"alloc 64M\"";
 const FREE_USAGE: &str = "free takes only a size, e.g. \"free 64M\"";
 const IDLE_USAGE: &str = "idle takes only a duration, e.g. \"idle 2s\"";
 const FAULT_USAGE: &str = "fault takes no arguments";
+const CHECK_USAGE: &str = "check takes only a size, e.g. \"check 64M\"";
 
 /// Parses one phase (syntax only; the heap is checked by [`check_heap`]).
 fn parse_phase(text: &str) -> Result<Phase, PhaseProblem> {
@@ -406,6 +424,11 @@ fn parse_phase(text: &str) -> Result<Phase, PhaseProblem> {
             let duration = parse_phase_duration(token, false)?;
             no_more(&mut tokens, IDLE_USAGE)?;
             Ok(Phase::Idle { duration })
+        }
+        "check" => {
+            let pages = parse_pages(tokens.next(), "check")?;
+            no_more(&mut tokens, CHECK_USAGE)?;
+            Ok(Phase::Check { pages })
         }
         "fault" => {
             no_more(&mut tokens, FAULT_USAGE)?;
@@ -591,6 +614,10 @@ fn check_heap(phase: &Phase, heap: u64, guest_pages: u64) -> Result<(), PhasePro
             bytes: bytes(t.pages),
             heap: bytes(heap),
         }),
+        Phase::Check { pages } if pages > heap => Err(PhaseProblem::TouchExceedsHeap {
+            bytes: bytes(pages),
+            heap: bytes(heap),
+        }),
         _ => Ok(()),
     }
 }
@@ -633,6 +660,27 @@ mod tests {
             }
             other => panic!("expected a phase error for {spec:?}, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn check_reads_heap_pages_and_round_trips() {
+        let w = parse("alloc 8M; touch 8M write; check 4M").unwrap();
+        assert_eq!(
+            w.phases[2],
+            Phase::Check {
+                pages: 4 * PAGES_PER_MIB
+            }
+        );
+        let e = entries(&w)[2];
+        assert_eq!((e.kind, e.pages), (phase_kind::CHECK, 4 * PAGES_PER_MIB));
+        assert_eq!(w.to_string(), "alloc 8M; touch 8M write; check 4M");
+        let e = parse("alloc 8M; check 9M").unwrap_err().to_string();
+        assert!(
+            e.contains("touches 9.0 MiB but the heap holds 8.0 MiB"),
+            "{e}"
+        );
+        let e = parse("alloc 8M; check 4M write").unwrap_err().to_string();
+        assert!(e.contains("check takes only a size"), "{e}");
     }
 
     #[test]

@@ -432,3 +432,32 @@ fn hostile_phase_duration_beyond_the_tsc_range_keeps_the_guest_busy() {
         "{err}"
     );
 }
+
+#[test]
+fn hostile_balloon_driver_breaks_only_the_device() {
+    if !common::kvm("hostile_balloon_driver_breaks_only_the_device") {
+        return;
+    }
+    // Maps the virtio-balloon's page (448 GiB) with PDPT entry 448 -> a PD at 3 MiB, then drives
+    // the device with garbage: every status bit at once, a queue of size 0, rings at 4 GiB, odd
+    // widths, notifications of queues that do not exist, a notification flood; then halts.
+    let base = memvisor::abi::balloon::MMIO_BASE;
+    let body = format!(
+        "        movq $0x300000, %rdi\n        movabsq ${pde:#x}, %rax\n        movq %rax, (%rdi)\n\
+         \x20       movq $0x300003, %rax\n        movq %rax, {pdpte:#x}\n\
+         \x20       movq %cr3, %rax\n        movq %rax, %cr3\n\
+         \x20       movabsq ${base:#x}, %rbx\n\
+         \x20       movl $0xff, 0x70(%rbx)\n        movl $0, 0x70(%rbx)\n\
+         \x20       movl $0, 0x38(%rbx)\n        movl $1, 0x84(%rbx)\n        movl $1, 0x44(%rbx)\n\
+         \x20       movl $0xf, 0x70(%rbx)\n        movb $1, 0x70(%rbx)\n        movq (%rbx), %rax\n\
+         \x20       movb 0x101(%rbx), %al\n        movl $3, 0x50(%rbx)\n\
+         \x20       movl $20000, %ecx\n1:      movl %ecx, 0x50(%rbx)\n        decl %ecx\n        jnz 1b\n\
+         \x20       hlt",
+        pde = base | 0x83,
+        pdpte = memvisor::abi::PDPT_ADDR + 8 * (base >> 30),
+    );
+    let (e, _dir) = run_guest("balloon", &body, &["--timeout", "60s"]);
+    assert_error_mentions(&e, "halted before finishing");
+    assert!(e.stderr.contains("virtio-balloon"), "{}", e.stderr);
+    assert_small_stderr(&e);
+}

@@ -127,6 +127,7 @@ static void send(u32 kind, u64 interval, const struct counts *c, u64 a0, u64 a1,
     m->arg2 = a2;
     m->arg0 = a0;
     m->arg1 = a1;
+    m->arg2 = a2;
     m->tsc = rdtsc();
     sys(SYS_REPORT, (u64)m);
 }
@@ -267,6 +268,31 @@ static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
     return mismatches ? PHASE_CORRUPT : PHASE_OK;
 }
 
+/* PHASE_END arg2 of a check phase: intact pages | zero pages << 32. */
+static u64 check_result;
+
+/* Reads the first n heap pages: a page written by `touch ... write` holds its index + 1 in its
+ * first word (intact); a page the balloon released reads zero. */
+static u64 phase_check(u64 n)
+{
+    if (n > heap_pages)
+        return PHASE_BAD;
+    touch_pages = n;
+    ph.hi = n;
+    if (win.hi < n)
+        win.hi = n;
+    u64 intact = 0, zero = 0;
+    for (u64 p = 0; p < n; p++) {
+        access(p, 0, 0);
+        u64 v = *(volatile u64 *)(APP_HEAP_VA + (p << 12));
+        intact += v == p + 1;
+        zero += v == 0;
+    }
+    touch_pages = 0;
+    check_result = intact | zero << 32;
+    return PHASE_OK;
+}
+
 static void phase_idle(u64 duration)
 {
     u64 deadline = sat_add(rdtsc(), ns_to_ticks(duration));
@@ -306,6 +332,8 @@ static u64 run_phase(u32 kind, u32 flags, u64 pages, u64 duration, u64 hot, u64 
     case PHASE_IDLE:
         phase_idle(duration);
         return PHASE_OK;
+    case PHASE_CHECK:
+        return phase_check(pages);
     case PHASE_FAULT:
         (void)*(volatile u64 *)APP_UNMAPPED_VA; /* the kernel reports the #PF and halts */
         return PHASE_BAD;
@@ -346,7 +374,9 @@ void app_main(u64 *bitmaps, u64 words)
         u64 status = run_phase(kind, flags, pages, duration, hot, permille);
         u64 ticks = rdtsc() - t0;
         check_interval();
-        send(MSG_PHASE_END, cur_interval, &ph, ticks, status, mismatches);
+        /* arg2: a check phase's counts, or a verify phase's mismatches (a phase is one or the other). */
+        send(MSG_PHASE_END, cur_interval, &ph, ticks, status, check_result | mismatches);
+        check_result = 0;
         mismatches = 0;
         if (status == PHASE_OOM)
             break;

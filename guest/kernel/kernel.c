@@ -2,13 +2,16 @@
  *
  * Ring 0 runs through the host's instruction emulator (about 1.3 us per instruction), so this
  * kernel does as little as possible: it maps the app, keeps the pool's free and allocated lists as
- * extent lists (never touching pool pages), maps and unmaps the heap, and forwards messages.
- * See docs/abi.md. */
+ * extent lists (never touching pool pages), maps and unmaps the heap, forwards messages, and
+ * drives a virtio-balloon by polling (free page reporting after a free, statistics once per
+ * interval, inflate/deflate to the device's target). See docs/abi.md. */
 #include "../abi.h"
 
 #define PTE_P 0x1ULL
 #define PTE_RW 0x2ULL
 #define PTE_U 0x4ULL
+#define PTE_PWT 0x8ULL
+#define PTE_PCD 0x10ULL
 #define PTE_PS 0x80ULL
 #define PTE_USER (PTE_P | PTE_RW | PTE_U)
 #define PDE_2M_ADDR 0x000fffffffe00000ULL
@@ -29,6 +32,8 @@ struct extent {
     u64 n;
 };
 
+typedef unsigned short u16;
+
 extern char __kernel_end[];
 extern char app_blob[], app_blob_end[];
 extern char kstack_top[];
@@ -47,6 +52,46 @@ static u64 *heap_pd; /* the heap's PDs, one array indexed by 2 MiB region */
 static u64 *heap_pt; /* the heap's PTs, one array indexed by heap page (PT r backs region r) */
 static u64 app_file_end, app_end; /* virtual */
 static u64 app_bss_pa;
+
+/* The virtio-balloon driver's state. Queues live in kernel .bss (identity mapped: virtual =
+ * physical). One descriptor per buffer; the device handles a notification before the guest runs
+ * again, so a buffer's used entry is there when the notifying write returns. */
+#define BQ 8              /* entries per queue */
+#define BAL_PFNS 1024     /* PFNs per inflate/deflate buffer (<= ABI_BALLOON_MAX_PFNS) */
+#define REPORT_MAX (1ULL << 18) /* pages per reported range: 1 GiB, so its length fits a u32 */
+struct vdesc {
+    u64 addr;
+    u32 len;
+    u16 flags;
+    u16 next;
+};
+struct vq {
+    struct vdesc desc[BQ];
+    struct {
+        u16 flags, idx, ring[BQ], used_event;
+    } avail;
+    struct {
+        u16 flags, idx;
+        struct {
+            u32 id, len;
+        } ring[BQ];
+        u16 avail_event;
+    } used __attribute__((aligned(4)));
+    u16 seen; /* used entries consumed */
+} __attribute__((aligned(16))); /* the descriptor table's alignment */
+struct bstat {
+    u16 tag;
+    u64 val;
+} __attribute__((packed));
+static struct vq vqs[4];
+static u64 mmio_pd[512] __attribute__((aligned(4096)));
+static volatile u32 *bm; /* the device's registers; 0: no (working) balloon */
+static int q_stats = -1, q_report = -1, bal_oom;
+static struct bstat bstats[3];
+static u32 bal_pfns[BAL_PFNS];
+static struct extent bal_ext[MAX_EXTENTS]; /* pages in the balloon */
+static struct extent rep_ext[MAX_EXTENTS]; /* free pages reported and not handed out since */
+static u64 nbal_ext, nrep_ext, bal_pages;
 
 static inline u64 rdtsc(void)
 {
@@ -189,31 +234,329 @@ static void unmap(u64 vp, u64 end)
     }
 }
 
+/* Adds frames [start, start + n) (not on the list) to a sorted extent list, merging with
+ * neighbours. The caller makes sure there is room for one more extent. */
+static void ext_insert(struct extent *l, u64 *cnt, u64 start, u64 n)
+{
+    u64 i = 0, c = *cnt;
+    while (i < c && l[i].start < start)
+        i++;
+    int prev = i > 0 && l[i - 1].start + l[i - 1].n == start;
+    int next = i < c && start + n == l[i].start;
+    if (prev && next) {
+        l[i - 1].n += n + l[i].n;
+        for (u64 j = i + 1; j < c; j++)
+            l[j - 1] = l[j];
+        c--;
+    } else if (prev) {
+        l[i - 1].n += n;
+    } else if (next) {
+        l[i].start = start;
+        l[i].n += n;
+    } else {
+        for (u64 j = c; j > i; j--)
+            l[j] = l[j - 1];
+        l[i].start = start;
+        l[i].n = n;
+        c++;
+    }
+    *cnt = c;
+}
+
+/* Removes frames [s, s + n) from a sorted extent list. An extent that would split when the list
+ * is full is dropped whole (the lists it is used for only ever under-count). */
+static void ext_remove(struct extent *l, u64 *cnt, u64 s, u64 n)
+{
+    u64 e = s + n;
+    for (u64 i = 0; i < *cnt; i++) {
+        u64 a = l[i].start, b = a + l[i].n;
+        if (b <= s || a >= e)
+            continue;
+        if (a < s && b > e && *cnt < MAX_EXTENTS - 1) {
+            for (u64 j = *cnt; j > i + 1; j--)
+                l[j] = l[j - 1];
+            l[i + 1].start = e;
+            l[i + 1].n = b - e;
+            (*cnt)++;
+            l[i].n = s - a;
+            return;
+        }
+        if (a < s && b <= e) {
+            l[i].n = s - a;
+        } else if (a >= s && b > e) {
+            l[i].start = e;
+            l[i].n = b - e;
+        } else {
+            for (u64 j = i + 1; j < *cnt; j++)
+                l[j - 1] = l[j];
+            (*cnt)--;
+            i--;
+        }
+    }
+}
+
 /* Returns frames [start, start + n) to the free list, merging with neighbours. */
 static void free_insert(u64 start, u64 n)
 {
-    u64 i = 0;
-    while (i < nfree_ext && free_ext[i].start < start)
-        i++;
-    int prev = i > 0 && free_ext[i - 1].start + free_ext[i - 1].n == start;
-    int next = i < nfree_ext && start + n == free_ext[i].start;
-    if (prev && next) {
-        free_ext[i - 1].n += n + free_ext[i].n;
-        for (u64 j = i + 1; j < nfree_ext; j++)
-            free_ext[j - 1] = free_ext[j];
-        nfree_ext--;
-    } else if (prev) {
-        free_ext[i - 1].n += n;
-    } else if (next) {
-        free_ext[i].start = start;
-        free_ext[i].n += n;
-    } else {
-        for (u64 j = nfree_ext; j > i; j--)
-            free_ext[j] = free_ext[j - 1];
-        free_ext[i].start = start;
-        free_ext[i].n = n;
-        nfree_ext++;
+    ext_insert(free_ext, &nfree_ext, start, n);
+}
+
+static inline u32 bal_rd(u32 off)
+{
+    return bm[off / 4];
+}
+
+static inline void bal_wr(u32 off, u32 v)
+{
+    bm[off / 4] = v;
+}
+
+/* Stops using the device (it did not answer, or it is in its error state). */
+static void balloon_off(void)
+{
+    bm = 0;
+}
+
+/* Queues one buffer on queue q and notifies the device. */
+static void vq_send(int q, u64 addr, u32 len, u16 flags)
+{
+    struct vq *v = &vqs[q];
+    u16 slot = v->avail.idx % BQ;
+    v->desc[slot].addr = addr;
+    v->desc[slot].len = len;
+    v->desc[slot].flags = flags;
+    v->desc[slot].next = 0;
+    v->avail.ring[slot] = slot;
+    __asm__ volatile("" : : : "memory");
+    v->avail.idx++;
+    __asm__ volatile("" : : : "memory");
+    bal_wr(VIRTIO_MMIO_QUEUE_NOTIFY, (u32)q);
+}
+
+/* Consumes one used entry of queue q, if there is one. */
+static int vq_used(int q)
+{
+    struct vq *v = &vqs[q];
+    if (*(volatile u16 *)&v->used.idx == v->seen)
+        return 0;
+    v->seen++;
+    return 1;
+}
+
+/* Sends a buffer the device must acknowledge at once; on silence the balloon is turned off. */
+static int vq_call(int q, u64 addr, u32 len, u16 flags)
+{
+    vq_send(q, addr, len, flags);
+    if (vq_used(q))
+        return 1;
+    balloon_off();
+    return 0;
+}
+
+/* Inflates by up to n pages, from the top of the highest free extent. */
+static void inflate(u64 n)
+{
+    while (n && bm && nfree_ext && nbal_ext < MAX_EXTENTS - 1) {
+        struct extent *e = &free_ext[nfree_ext - 1];
+        u64 k = n < e->n ? n : e->n;
+        if (k > BAL_PFNS)
+            k = BAL_PFNS;
+        u64 start = e->start + e->n - k;
+        for (u64 i = 0; i < k; i++)
+            bal_pfns[i] = (u32)(start + i);
+        if (!vq_call(0, (u64)bal_pfns, (u32)(k * 4), 0))
+            return;
+        e->n -= k;
+        if (e->n == 0)
+            nfree_ext--;
+        free_pages -= k;
+        ext_insert(bal_ext, &nbal_ext, start, k);
+        ext_remove(rep_ext, &nrep_ext, start, k);
+        bal_pages += k;
+        n -= k;
     }
+}
+
+/* Deflates by up to n pages, from the top of the highest balloon extent. */
+static void deflate(u64 n)
+{
+    while (n && bm && nbal_ext && nfree_ext < MAX_EXTENTS - 1) {
+        struct extent *e = &bal_ext[nbal_ext - 1];
+        u64 k = n < e->n ? n : e->n;
+        if (k > BAL_PFNS)
+            k = BAL_PFNS;
+        u64 start = e->start + e->n - k;
+        for (u64 i = 0; i < k; i++)
+            bal_pfns[i] = (u32)(start + i);
+        if (!vq_call(1, (u64)bal_pfns, (u32)(k * 4), 0))
+            return;
+        e->n -= k;
+        if (e->n == 0)
+            nbal_ext--;
+        bal_pages -= k;
+        free_insert(start, k);
+        free_pages += k;
+        n -= k;
+    }
+}
+
+/* Moves the balloon to the device's target (as far as free pages allow). */
+static void balloon_adjust(void)
+{
+    if (!bm)
+        return;
+    u64 target = bal_rd(VIRTIO_MMIO_CONFIG + VIRTIO_BALLOON_CFG_NUM_PAGES);
+    if (target > bal_pages)
+        inflate(target - bal_pages);
+    else if (target < bal_pages)
+        deflate(bal_pages - target);
+    if (bm)
+        bal_wr(VIRTIO_MMIO_CONFIG + VIRTIO_BALLOON_CFG_ACTUAL, (u32)bal_pages);
+}
+
+/* Hands the device a fresh statistics buffer (it keeps it until it wants the next one). */
+static void stats_send(void)
+{
+    bstats[0].tag = VIRTIO_BALLOON_S_MEMFREE;
+    bstats[0].val = free_pages << 12;
+    bstats[1].tag = VIRTIO_BALLOON_S_MEMTOT;
+    bstats[1].val = (free_pages + alloc_pages) << 12;
+    bstats[2].tag = VIRTIO_BALLOON_S_AVAIL;
+    bstats[2].val = free_pages << 12;
+    vq_send(q_stats, (u64)bstats, sizeof(bstats), 0);
+}
+
+/* Called on every system call: a few instructions unless the device asked for statistics
+ * (once per interval), which is also when the target is looked at. */
+static void balloon_poll(void)
+{
+    if (!bm || q_stats < 0 || !vq_used(q_stats))
+        return;
+    balloon_adjust();
+    if (bm)
+        stats_send();
+}
+
+/* Reports one free range to the device and waits for its acknowledgement. */
+static int report_range(u64 s, u64 n)
+{
+    if (!vq_call(q_report, s << 12, (u32)(n << 12), VIRTQ_DESC_F_WRITE))
+        return 0;
+    if (nrep_ext < MAX_EXTENTS - 1)
+        ext_insert(rep_ext, &nrep_ext, s, n);
+    return 1;
+}
+
+/* Free page reporting: every 2 MiB-aligned run of at least 2 MiB of free pages not reported yet
+ * is reported (as Linux does, in pageblock-sized and aligned pieces), after each free. */
+static void report_free(void)
+{
+    for (u64 i = 0; i < nfree_ext && bm; i++) {
+        u64 s = (free_ext[i].start + 511) & ~511ULL;
+        u64 e = (free_ext[i].start + free_ext[i].n) & ~511ULL;
+        while (s + 512 <= e && bm) {
+            u64 j = 0;
+            while (j < nrep_ext && rep_ext[j].start + rep_ext[j].n <= s)
+                j++;
+            int more = j < nrep_ext && rep_ext[j].start < e;
+            u64 g = (more ? rep_ext[j].start : e) & ~511ULL; /* the gap is [s, g) */
+            if (g > s + REPORT_MAX)
+                g = s + REPORT_MAX;
+            if (g >= s + 512) {
+                if (!report_range(s, g - s))
+                    return;
+                s = g;
+                continue;
+            }
+            if (!more)
+                break;
+            s = (rep_ext[j].start + rep_ext[j].n + 511) & ~511ULL;
+        }
+    }
+}
+
+/* The device's base from the command line ("virtio_mmio.device=4K@0x...:0"), or 0. */
+static u64 balloon_base(void)
+{
+    static const char key[] = "virtio_mmio.device=";
+    u64 n = bi->cmdline_len < ABI_MAX_CMDLINE ? bi->cmdline_len : ABI_MAX_CMDLINE;
+    volatile const char *c = bi->cmdline;
+    u64 i = 0;
+    for (; key[i]; i++)
+        if (i >= n || c[i] != key[i])
+            return 0;
+    while (i < n && c[i] != '@')
+        i++;
+    if (i + 2 >= n || c[i + 1] != '0' || c[i + 2] != 'x')
+        return 0;
+    u64 base = 0;
+    for (i += 3; i < n && c[i] != ':'; i++) {
+        char ch = c[i];
+        u64 d = ch >= '0' && ch <= '9' ? (u64)(ch - '0') : ch >= 'a' && ch <= 'f' ? (u64)(ch - 'a' + 10) : 16;
+        if (d > 15)
+            return 0;
+        base = base << 4 | d;
+    }
+    return base;
+}
+
+/* Finds, maps and starts the balloon (virtio 1.2, 3.1.1), then inflates to its target. */
+static void balloon_init(void)
+{
+    u64 base = balloon_base();
+    if (!base || (base & 0x1fffff))
+        return;
+    ((u64 *)ABI_PDPT_ADDR)[ABI_BALLOON_MMIO_VA >> 30] = (u64)mmio_pd | PTE_P | PTE_RW;
+    mmio_pd[0] = base | PTE_P | PTE_RW | PTE_PS | PTE_PCD | PTE_PWT;
+    bm = (volatile u32 *)ABI_BALLOON_MMIO_VA;
+    if (bal_rd(VIRTIO_MMIO_MAGIC_VALUE) != VIRTIO_MMIO_MAGIC || bal_rd(VIRTIO_MMIO_VERSION) != 2 ||
+        bal_rd(VIRTIO_MMIO_DEVICE_ID) != VIRTIO_ID_BALLOON) {
+        balloon_off();
+        return;
+    }
+    u32 st = VIRTIO_STATUS_ACKNOWLEDGE | VIRTIO_STATUS_DRIVER;
+    bal_wr(VIRTIO_MMIO_STATUS, 0);
+    bal_wr(VIRTIO_MMIO_STATUS, st);
+    bal_wr(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 1);
+    u32 hi = bal_rd(VIRTIO_MMIO_DEVICE_FEATURES);
+    bal_wr(VIRTIO_MMIO_DEVICE_FEATURES_SEL, 0);
+    u32 lo = bal_rd(VIRTIO_MMIO_DEVICE_FEATURES);
+    lo &= (1u << VIRTIO_BALLOON_F_STATS_VQ) | (1u << VIRTIO_BALLOON_F_DEFLATE_ON_OOM) |
+          (1u << VIRTIO_BALLOON_F_REPORTING);
+    bal_wr(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 0);
+    bal_wr(VIRTIO_MMIO_DRIVER_FEATURES, lo);
+    bal_wr(VIRTIO_MMIO_DRIVER_FEATURES_SEL, 1);
+    bal_wr(VIRTIO_MMIO_DRIVER_FEATURES, 1u << (VIRTIO_F_VERSION_1 - 32));
+    st |= VIRTIO_STATUS_FEATURES_OK;
+    bal_wr(VIRTIO_MMIO_STATUS, st);
+    if (!(hi & (1u << (VIRTIO_F_VERSION_1 - 32))) || !(bal_rd(VIRTIO_MMIO_STATUS) & VIRTIO_STATUS_FEATURES_OK)) {
+        bal_wr(VIRTIO_MMIO_STATUS, st | VIRTIO_STATUS_FAILED);
+        balloon_off();
+        return;
+    }
+    int nq = 2;
+    if (lo & (1u << VIRTIO_BALLOON_F_STATS_VQ))
+        q_stats = nq++;
+    if (lo & (1u << VIRTIO_BALLOON_F_REPORTING))
+        q_report = nq++;
+    bal_oom = (lo >> VIRTIO_BALLOON_F_DEFLATE_ON_OOM) & 1;
+    for (int q = 0; q < nq; q++) {
+        bal_wr(VIRTIO_MMIO_QUEUE_SEL, (u32)q);
+        if (bal_rd(VIRTIO_MMIO_QUEUE_NUM_MAX) < BQ) {
+            bal_wr(VIRTIO_MMIO_STATUS, st | VIRTIO_STATUS_FAILED);
+            balloon_off();
+            return;
+        }
+        bal_wr(VIRTIO_MMIO_QUEUE_NUM, BQ);
+        bal_wr(VIRTIO_MMIO_QUEUE_DESC_LOW, (u32)(u64)vqs[q].desc);
+        bal_wr(VIRTIO_MMIO_QUEUE_AVAIL_LOW, (u32)(u64)&vqs[q].avail);
+        bal_wr(VIRTIO_MMIO_QUEUE_USED_LOW, (u32)(u64)&vqs[q].used);
+        bal_wr(VIRTIO_MMIO_QUEUE_READY, 1);
+    }
+    bal_wr(VIRTIO_MMIO_STATUS, st | VIRTIO_STATUS_DRIVER_OK);
+    balloon_adjust();
+    if (bm && q_stats >= 0)
+        stats_send();
 }
 
 static __attribute__((noinline)) u64 sys_alloc(u64 n)
@@ -221,6 +564,8 @@ static __attribute__((noinline)) u64 sys_alloc(u64 n)
     /* An allocation adds at most one allocated extent per free extent it consumes; a free adds at
      * most one free extent. Refusing when the lists could overflow keeps both bounded (with LIFO
      * frees and lowest-address-first allocation there is in fact one extent on each list). */
+    if (n > free_pages && bal_oom)
+        deflate(n - free_pages); /* VIRTIO_BALLOON_F_DEFLATE_ON_OOM */
     if (n == 0 || n > free_pages || nalloc_ext + nfree_ext >= MAX_EXTENTS - 1)
         return 0;
     u64 vp = alloc_pages;
@@ -230,6 +575,8 @@ static __attribute__((noinline)) u64 sys_alloc(u64 n)
         struct extent *e = &free_ext[0];
         u64 take = e->n < left ? e->n : left;
         map(vp, e->start, take);
+        if (nrep_ext)
+            ext_remove(rep_ext, &nrep_ext, e->start, take); /* reported pages in use again */
         if (nalloc_ext && alloc_ext[nalloc_ext - 1].start + alloc_ext[nalloc_ext - 1].n == e->start) {
             alloc_ext[nalloc_ext - 1].n += take;
         } else {
@@ -272,6 +619,8 @@ static __attribute__((noinline)) i64 sys_free(u64 n)
     }
     alloc_pages -= n;
     free_pages += n;
+    if (q_report >= 0)
+        report_free();
     return 0;
 }
 
@@ -292,6 +641,7 @@ static i64 sys_report(u64 va)
 __attribute__((used)) u64 ksyscall(u64 a0, u64 a1, u64 nr)
 {
     (void)a1;
+    balloon_poll();
     switch (nr) {
     case SYS_REPORT:
         return (u64)sys_report(a0);
@@ -397,6 +747,7 @@ __attribute__((noreturn, used)) void kmain(void)
         nfree_ext = 1;
     }
     free_pages = pool_pages;
+    balloon_init();
 
     for (const char *s = banner; *s; s++)
         outb(ABI_COM1, (u8)*s);

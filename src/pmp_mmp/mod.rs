@@ -15,6 +15,10 @@
 //! * `Swapped`: in swap.
 //! * `Discarded`: touched before, now neither present nor in swap (the VMM dropped it, e.g.
 //!   `MADV_DONTNEED`); costs nothing.
+//! * `Released`: given back to the host by the balloon (inflated, or reported free) with
+//!   `MADV_DONTNEED` and not touched since ([`PmpMmpMap::note_released`]); costs nothing. A later
+//!   write makes it `Backed` again (the VMM clears the pages' dirty bits when it releases them, so
+//!   the write shows in the dirty log), a later read `Zero` (the residency pass sees it).
 //!
 //! # How the map is kept
 //!
@@ -81,7 +85,9 @@ pub use residency::{AUTO_SCAN_DIVISOR, ResidencyMethod};
 use crate::abi::PAGE_SIZE;
 use crate::bitmap::{Bitmap, WORD_BITS, words_for};
 use crate::pagemap::{PageEntry, PageRegion, Pagemap, PagemapError, READ_CHUNK_ENTRIES, Residency};
-use record::{NO_WRITE, Record, Records, ST_BACKED, ST_DISCARDED, ST_SHARED, ST_SWAPPED, ST_ZERO};
+use record::{
+    NO_WRITE, Record, Records, ST_BACKED, ST_DISCARDED, ST_RELEASED, ST_SHARED, ST_SWAPPED, ST_ZERO,
+};
 
 /// Pages of gap a pagemap read reads through rather than starting a new `pread`.
 const LOOKUP_GAP_PAGES: u64 = 64;
@@ -136,6 +142,8 @@ pub struct MapSummary {
     /// Pages whose machine page another guest page maps too.
     pub shared: u64,
     pub discarded: u64,
+    /// Pages the balloon gave back to the host, untouched since.
+    pub released: u64,
     /// Pages ever written by the guest.
     pub guest_written: u64,
     /// Pages ever written by the VMM.
@@ -172,6 +180,7 @@ impl fmt::Display for MapSummary {
             ("shared", self.shared),
             ("swapped", self.swapped),
             ("discarded", self.discarded),
+            ("released", self.released),
             ("guest-written", self.guest_written),
             ("vmm-written", self.vmm_written),
         ] {
@@ -535,7 +544,12 @@ impl PmpMmpMap {
     /// With PFNs hidden, a present page that neither the guest nor the VMM ever wrote is taken
     /// for the shared zero page (see "When PFNs are hidden" in the module docs).
     fn set_residency(&mut self, gfn: u64, res: Residency, frame: impl FnOnce(u64) -> PageState) {
+        let released = self
+            .records
+            .get(gfn)
+            .is_some_and(|r| r.state_code() == ST_RELEASED);
         let state = match res {
+            Residency::Absent if released => PageState::Released,
             Residency::Absent => PageState::Discarded,
             Residency::Swapped => PageState::Swapped,
             Residency::Zero => PageState::Zero,
@@ -552,6 +566,33 @@ impl PmpMmpMap {
             self.resident.clear(gfn);
         }
         self.records.set_state(gfn, state);
+    }
+
+    /// The balloon released guest pages `pages` (`MADV_DONTNEED`) during interval `interval`;
+    /// `guest_dirty` is KVM's dirty log read just before the VMM cleared the pages' bits (tell
+    /// [`PmpMmpMap::note_cleared`] too). Pages written since the last harvest are recorded as
+    /// touched and written in `interval` first, so nothing the guest wrote is lost; then every
+    /// touched page in the range becomes `Released` and not resident, so a later write (a new
+    /// dirty bit) or read (the residency pass) is seen afresh. Untouched pages stay untouched.
+    pub fn note_released(&mut self, pages: Range<u64>, guest_dirty: &[u64], interval: u32) {
+        let end = pages.end.min(self.pages);
+        let interval = interval.min(NO_WRITE - 1);
+        for gfn in pages.start..end {
+            let (w, bit) = ((gfn / WORD_BITS) as usize, 1u64 << (gfn % WORD_BITS));
+            let dirty = guest_dirty.get(w).is_some_and(|d| d & bit != 0);
+            if dirty && self.known_dirty.words()[w] & bit == 0 {
+                if !self.touched.get(gfn) {
+                    self.touched.set(gfn);
+                    self.records.reset(gfn, Record::touched_in(interval));
+                }
+                self.guest_written.set(gfn);
+                self.records.get_mut(gfn).last_write = interval;
+            }
+            if self.touched.get(gfn) {
+                self.records.set_state(gfn, PageState::Released);
+                self.resident.clear(gfn);
+            }
+        }
     }
 
     /// The sampler cleared the bits of `mask` (bit i = page i) in KVM's dirty log: a later set
@@ -622,6 +663,7 @@ impl PmpMmpMap {
             swapped: r.count(ST_SWAPPED),
             shared: r.count(ST_SHARED),
             discarded: r.count(ST_DISCARDED),
+            released: r.count(ST_RELEASED),
             guest_written: self.guest_written.count_ones(),
             vmm_written: self.vmm_written.count_ones(),
             page_size: PAGE_SIZE,
@@ -925,6 +967,70 @@ mod tests {
         assert_eq!(rs.pages_read, 5);
         assert_eq!(rs.shared, 0);
         assert_eq!(map.summary(), s);
+    }
+
+    per_method!(check_released: released_with_mincore, released_with_pagemap_scan);
+
+    /// The balloon's release: pages become Released (not Discarded), stay so through harvests and
+    /// refreshes, and a write (a new dirty bit, the VMM having cleared the old ones) or a read
+    /// (the residency pass) brings them back as Backed or Zero.
+    fn check_released(method: ResidencyMethod) {
+        let ram = Ram::new(128);
+        let mut map = map_with(&ram, method);
+        for g in 0..8 {
+            ram.write(g, 1);
+        }
+        let all = dirty_of(128, &[0, 1, 2, 3, 4, 5, 6, 7]);
+        map.harvest(&all, &[], 0).unwrap();
+        // Page 9 is written after the harvest: the release records it before releasing it.
+        ram.write(9, 1);
+        for (first, n) in [(2usize, 4usize), (9, 1)] {
+            // SAFETY: discards pages of our own mapping; nothing holds references into them.
+            let r = unsafe {
+                libc::madvise(
+                    ram.mem.as_ptr().add(first * PAGE_SIZE as usize).cast(),
+                    n * PAGE_SIZE as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            assert_eq!(r, 0);
+        }
+        let log = dirty_of(128, &[0, 1, 2, 3, 4, 5, 6, 7, 9]);
+        map.note_released(2..6, &log, 1);
+        map.note_released(9..10, &log, 1);
+        map.note_released(100..200, &log, 1); // untouched and past the end: nothing
+        map.note_cleared(&dirty_of(128, &[2, 3, 4, 5, 9]));
+        let s = map.summary();
+        assert_eq!((s.backed, s.released, s.discarded), (4, 5, 0));
+        assert_eq!(map.page(100).unwrap().state, PageState::Untouched);
+        let p9 = map.page(9).unwrap();
+        assert_eq!(p9.state, PageState::Released);
+        assert_eq!((p9.first_touch, p9.last_write), (Some(1), Some(1)));
+        assert!(p9.guest_written);
+        // Pages 2..6 were written before the harvest: their records are kept.
+        assert_eq!(map.page(3).unwrap().last_write, Some(0));
+        // The dirty log without the cleared bits: nothing new, the residency pass agrees.
+        let after = dirty_of(128, &[0, 1, 6, 7]);
+        map.harvest(&after, &[], 1).unwrap();
+        assert_eq!(map.summary().released, 5);
+        assert_eq!(map.page(3).unwrap().state, PageState::Released);
+        assert_eq!(
+            map.refresh().unwrap().changed,
+            0,
+            "refresh keeps them released"
+        );
+        // Page 2 is written again, page 3 read.
+        ram.write(2, 9);
+        assert_eq!(ram.read(3), 0, "released pages read back zero");
+        map.harvest(&dirty_of(128, &[0, 1, 2, 6, 7]), &[], 2)
+            .unwrap();
+        assert!(matches!(map.page(2).unwrap().state, PageState::Backed(_)));
+        assert_eq!(map.page(2).unwrap().last_write, Some(2));
+        assert_eq!(map.page(2).unwrap().first_touch, Some(0));
+        assert_eq!(map.page(3).unwrap().state, PageState::Zero);
+        let s = map.summary();
+        assert_eq!((s.backed, s.zero, s.released), (5, 1, 3));
+        assert_eq!(s.backed, ram.resident() - s.zero);
     }
 
     #[test]

@@ -24,7 +24,8 @@ pub(crate) const ST_BACKED: u8 = 2;
 pub(crate) const ST_SWAPPED: u8 = 3;
 pub(crate) const ST_SHARED: u8 = 4;
 pub(crate) const ST_DISCARDED: u8 = 5;
-const N_STATES: usize = 6;
+pub(crate) const ST_RELEASED: u8 = 6;
+const N_STATES: usize = 7;
 
 /// What backs a guest page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -41,6 +42,8 @@ pub enum PageState {
     Shared(u64),
     /// Touched before, now neither present nor swapped.
     Discarded,
+    /// Given back to the host by the balloon (inflated or reported free) and not touched since.
+    Released,
 }
 
 impl PageState {
@@ -53,6 +56,7 @@ impl PageState {
             PageState::Swapped => ST_SWAPPED,
             PageState::Shared(_) => ST_SHARED,
             PageState::Discarded => ST_DISCARDED,
+            PageState::Released => ST_RELEASED,
         }
     }
 
@@ -73,6 +77,7 @@ impl PageState {
             ST_SWAPPED => PageState::Swapped,
             ST_SHARED => PageState::Shared(pfn),
             ST_DISCARDED => PageState::Discarded,
+            ST_RELEASED => PageState::Released,
             _ => return None,
         })
     }
@@ -251,10 +256,11 @@ mod tests {
             PageState::Swapped,
             PageState::Shared(9),
             PageState::Discarded,
+            PageState::Released,
         ] {
             assert_eq!(PageState::from_code(s.code(), s.pfn()), Some(s));
         }
-        assert_eq!(PageState::from_code(6, 0), None);
+        assert_eq!(PageState::from_code(7, 0), None);
         let mut r = Records::new(1000);
         assert_eq!(r.get(5), None, "no chunk yet");
         r.reset(5, Record::touched_in(3));
