@@ -28,6 +28,7 @@ fuzz:
 bench:
 	$(CARGO) bench --bench harvest
 	$(CARGO) bench --bench sampling
+	$(CARGO) bench --bench access
 	$(CARGO) bench --bench balloon
 
 # README's picture: the default run (seeded) as JSON, drawn by `memvisor plot` (needs /dev/kvm).

@@ -22,6 +22,8 @@ fn config(spec: &str, mem: u64, interval: Duration, samples: Option<u64>, seed: 
         interval,
         samples: samples.unwrap_or(1),
         no_sampling: samples.is_none(),
+        // The write sampler alone: the access sampler has its own bench (benches/access.rs).
+        access_samples: 0,
         seed: Some(seed),
         timeout: Some(Duration::from_secs(600)),
         ..RunOptions::default()

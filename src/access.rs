@@ -119,6 +119,10 @@ pub struct AccessSampler {
     registered: Bitmap,
     /// The pages of the last arming.
     last_armed: Vec<u64>,
+    /// The stash's size: the most pages one round can arm.
+    capacity: u64,
+    /// Whether a round is armed now.
+    round_open: bool,
     pages: u64,
     done: Arc<AtomicBool>,
     handler: Option<JoinHandle<()>>,
@@ -173,15 +177,26 @@ impl AccessSampler {
             skipped: 0,
             registered: Bitmap::new(pages.div_ceil(REGION_PAGES)),
             last_armed: Vec::new(),
+            capacity: samples,
+            round_open: false,
             pages,
             done,
             handler: Some(handler),
         })
     }
 
-    /// Arms a fresh sample drawn uniformly from `population` (one bit per guest page). Call with
-    /// the guest stopped.
-    pub fn arm(&mut self, population: &Bitmap) -> Result<Arming, AccessError> {
+    /// Arms a fresh sample of `samples` pages (at most the stash's size; 0: none this round)
+    /// drawn uniformly from `population` (one bit per guest page). Call with the guest stopped.
+    pub fn arm(&mut self, population: &Bitmap, samples: u64) -> Result<Arming, AccessError> {
+        let samples = samples.min(self.capacity);
+        self.round_open = samples > 0;
+        if samples == 0 {
+            return Ok(Arming {
+                previous: std::mem::take(&mut self.last_armed),
+                ..Arming::default()
+            });
+        }
+        self.sampler.set_samples(samples);
         let (picked, from) = self.sampler.arm_from(population, None);
         let picked = picked.to_vec();
         self.population = from;
@@ -257,9 +272,10 @@ impl AccessSampler {
         }
     }
 
-    /// Ends the round: moves back the pages nobody touched, unregisters every armed page, and
-    /// says what was seen. Call with the guest stopped.
-    pub fn disarm(&mut self) -> Result<Round, AccessError> {
+    /// Ends the round: moves back the pages nobody touched and says what was seen (`None` if
+    /// nothing was armed this round). Call with the guest stopped.
+    pub fn disarm(&mut self) -> Result<Option<Round>, AccessError> {
+        let open = std::mem::replace(&mut self.round_open, false);
         let mut state = lock(&self.state);
         if let Some(e) = state.error.take() {
             log::warn!("access sampler: the fault handler failed: {e}");
@@ -293,7 +309,7 @@ impl AccessSampler {
                 }
             }
         }
-        Ok(round)
+        Ok(open.then_some(round))
     }
 }
 

@@ -182,6 +182,8 @@ pub struct RunConfig {
     pub smoother: Smoother,
     /// Pages the access sampler watches per interval (0: off).
     pub access_samples: u64,
+    /// For benchmarks and tests: access sample sizes cycled interval by interval (0: none).
+    pub access_cycle: Vec<u64>,
     /// Sample only pages touched (written) before, counting first touches exactly.
     pub stratify: bool,
     /// The sampler's seed, if reproducible.
@@ -311,6 +313,7 @@ impl RunConfig {
             samplers,
             smoother,
             access_samples: opts.access_samples,
+            access_cycle: Vec::new(),
             stratify: !opts.plain_sampling,
             seed: opts.seed,
             guest_seed: opts.seed.unwrap_or_else(rand::random),
@@ -319,6 +322,25 @@ impl RunConfig {
             console,
             balloon,
         })
+    }
+
+    /// For benchmarks and tests: cycle these access sample sizes interval by interval (0: no
+    /// access sampling in that interval), so their costs compare inside one run.
+    pub fn with_access_cycle(mut self, cycle: &[u64]) -> Result<Self, ConfigError> {
+        let most = cycle.iter().copied().max().unwrap_or(0);
+        let pages = self.mem_bytes / PAGE_SIZE;
+        if most > pages {
+            return Err(ConfigError::Samples(
+                most,
+                SamplerError::TooManySamples {
+                    samples: most,
+                    guest_pages: pages,
+                },
+            ));
+        }
+        self.access_samples = most;
+        self.access_cycle = cycle.to_vec();
+        Ok(self)
     }
 
     /// For benchmarks and tests: cycle these sample sizes interval by interval instead.

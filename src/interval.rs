@@ -48,6 +48,9 @@ pub struct Estimators {
     pub write_smoother: Smoother,
     /// The access sampler, if it runs.
     pub access: Option<AccessSampler>,
+    /// Access sample sizes cycled interval by interval (0: none that interval), for benchmarks;
+    /// empty: the sampler's own size every interval.
+    pub access_cycle: Vec<u64>,
     pub access_smoother: Smoother,
     /// Stratify (sample only pages touched before); false: sample all of RAM, as ESX does.
     pub stratify: bool,
@@ -118,7 +121,10 @@ impl IntervalWork {
     ) -> Result<Measured, IntervalError> {
         let ram = vm.ram();
         // The access round first: pages nobody touched go back, so the harvest sees them.
-        let round = self.est.access.as_mut().map(|a| a.disarm()).transpose()?;
+        let round = match &mut self.est.access {
+            Some(a) => a.disarm()?,
+            None => None,
+        };
         let mut dirty = vm.dirty_log()?;
         if let Some(r) = &round {
             self.hide_trapped_reads(&mut dirty, r);
@@ -236,7 +242,15 @@ impl IntervalWork {
             (&self.everything, &self.everything)
         };
         let arming = match &mut self.est.access {
-            Some(a) => a.arm(touched)?,
+            Some(a) => {
+                let cycle = &self.est.access_cycle;
+                let n = if cycle.is_empty() {
+                    u64::MAX
+                } else {
+                    cycle[(interval % cycle.len() as u64) as usize]
+                };
+                a.arm(touched, n)?
+            }
             None => Arming::default(),
         };
         let pages = self.exclude.len();

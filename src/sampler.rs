@@ -95,6 +95,11 @@ impl Sampler {
         &self.armed
     }
 
+    /// Changes the sample size from the next arming on (at least 1, at most the guest's pages).
+    pub fn set_samples(&mut self, samples: u64) {
+        self.samples = samples.clamp(1, self.guest_pages);
+    }
+
     /// Picks up to `samples` distinct pages uniformly from `population` (one bit per guest page)
     /// minus `exclude` (likewise), sorted ascending: all of them when there are no more than
     /// that. Returns the pages and the number of candidates they were drawn from. The cost is one

@@ -143,6 +143,7 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
                 write: cfg.samplers,
                 write_smoother: cfg.smoother.clone(),
                 access: access_sampler(&vm, cfg.access_samples, cfg.seed),
+                access_cycle: cfg.access_cycle,
                 access_smoother: cfg.smoother,
                 stratify: cfg.stratify,
             },

@@ -1,0 +1,380 @@
+//! Access-sampler benchmarks (`make bench`): accuracy of the access and write estimates against the
+//! guest's truth by access pattern, stratified against plain sampling on a sparse guest, the
+//! guest's slowdown and first-touch cost, and the cost of one round by guest size.
+//!
+//! `cargo bench --bench access [-- accuracy|sparse|overhead|cost]`
+
+use std::time::{Duration, Instant};
+
+use memvisor::abi::PAGE_SIZE;
+use memvisor::access::AccessSampler;
+use memvisor::bitmap::Bitmap;
+use memvisor::config::{RunConfig, RunOptions};
+use memvisor::memory::GuestRam;
+use memvisor::usage::{Active, Row};
+use memvisor::vmm;
+
+const GIB: u64 = 1 << 30;
+const MIB: u64 = 1 << 20;
+
+fn options(spec: &str, mem: u64, interval: Duration, seed: u64) -> RunOptions {
+    RunOptions {
+        workload: spec.into(),
+        mem,
+        interval,
+        seed: Some(seed),
+        timeout: Some(Duration::from_secs(900)),
+        ..RunOptions::default()
+    }
+}
+
+fn run(opts: RunOptions) -> (vmm::RunSummary, Vec<Row>) {
+    run_cfg(RunConfig::new(opts).expect("bench options are valid"))
+}
+
+fn run_cfg(mut cfg: RunConfig) -> (vmm::RunSummary, Vec<Row>) {
+    cfg.console = Box::new(std::io::sink());
+    let mut rows = Vec::new();
+    let s = vmm::run(cfg, &mut |r: &Row| {
+        rows.push(r.clone());
+        Ok(())
+    })
+    .expect("bench run");
+    (s, rows)
+}
+
+/// Rows wholly inside the phase named `phase` (its first two and last dropped).
+fn inside<'a>(rows: &'a [Row], phase: &str) -> Vec<&'a Row> {
+    let v: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.phase == phase && r.end.is_none())
+        .collect();
+    v[2.min(v.len())..v.len().saturating_sub(1)].to_vec()
+}
+
+/// Error statistics of an estimate against a truth, over intervals.
+struct Errors {
+    k: usize,
+    truth: f64,
+    mean: f64,
+    rms: f64,
+    mae: f64,
+    /// The binomial expectation of the mean absolute error for the stratified form.
+    expected_mae: f64,
+    coverage: f64,
+}
+
+fn errors(
+    rows: &[&Row],
+    est: impl Fn(&Row) -> Option<&Active>,
+    truth: impl Fn(&Row) -> f64,
+) -> Errors {
+    let mut e = Vec::new();
+    let mut covered = 0;
+    let mut expected = 0.0;
+    let mut t_sum = 0.0;
+    for r in rows {
+        let (Some(a), Some(_)) = (est(r), &r.truth) else {
+            continue;
+        };
+        let t = truth(r);
+        t_sum += t;
+        e.push(a.estimate_mib - t);
+        if a.ci_low_mib <= t && t <= a.ci_high_mib {
+            covered += 1;
+        }
+        // sd of the sampled part: N sqrt(p(1-p)/n) with the finite population correction.
+        let (n, big_n) = (a.n as f64, a.sampled_from_mib);
+        if n > 0.0 && big_n > 0.0 {
+            let pages = big_n * MIB as f64 / PAGE_SIZE as f64;
+            let p = a.t as f64 / n;
+            let fpc = if pages > 1.0 {
+                ((pages - n) / (pages - 1.0)).max(0.0)
+            } else {
+                0.0
+            };
+            expected +=
+                big_n * (p * (1.0 - p) / n * fpc).sqrt() * (2.0 / std::f64::consts::PI).sqrt();
+        }
+    }
+    let k = e.len().max(1) as f64;
+    Errors {
+        k: e.len(),
+        truth: t_sum / k,
+        mean: e.iter().sum::<f64>() / k,
+        rms: (e.iter().map(|x| x * x).sum::<f64>() / k).sqrt(),
+        mae: e.iter().map(|x| x.abs()).sum::<f64>() / k,
+        expected_mae: expected / k,
+        coverage: 100.0 * covered as f64 / k,
+    }
+}
+
+fn accuracy() {
+    let mem = GIB;
+    let interval = Duration::from_millis(250);
+    let intervals = 34u32;
+    let dur = interval * intervals;
+    println!(
+        "## Accuracy: 1 GiB guest, access n = 200, write n = 1000, interval {interval:?}, {intervals} intervals per row"
+    );
+    println!();
+    println!(
+        "| pattern | W | estimate | truth (MiB) | intervals | mean error | RMS error | mean abs error | expected mean abs | 95% CI coverage |"
+    );
+    println!("|---|---|---|---|---|---|---|---|---|---|");
+    let patterns = [
+        ("read", "read"),
+        ("read random", "read random"),
+        ("write", "write"),
+        ("write random", "write random"),
+        ("hot/cold read", "read random hot 20%:80%"),
+    ];
+    for (name, opts) in patterns {
+        for pct in [5u64, 25, 50, 90] {
+            let ws = (mem * pct / 100) / (2 * MIB) * (2 * MIB) / 1024;
+            let timed = format!("touch {ws}K {opts} {}ms", dur.as_millis());
+            let spec = format!("alloc {ws}K; touch {ws}K write; {timed}");
+            let (_, rows) = run(options(&spec, mem, interval, 42 + pct));
+            let rows = inside(&rows, &timed);
+            let a = errors(
+                &rows,
+                |r| r.active.as_ref(),
+                |r| r.truth.as_ref().unwrap().touched_mib,
+            );
+            let w = errors(
+                &rows,
+                |r| r.active_writes.as_ref(),
+                |r| r.truth.as_ref().unwrap().written_mib,
+            );
+            for (which, e) in [("access", a), ("writes", w)] {
+                println!(
+                    "| {name} | {pct}% | {which} | {:.1} | {} | {:+.2} | {:.2} | {:.2} | {:.2} | {:.1}% |",
+                    e.truth, e.k, e.mean, e.rms, e.mae, e.expected_mae, e.coverage
+                );
+            }
+        }
+    }
+    println!();
+}
+
+fn sparse() {
+    let mem = 16 * GIB;
+    let interval = Duration::from_millis(250);
+    let timed = "touch 512M write random 8s";
+    let spec = format!("alloc 512M; touch 512M write; {timed}");
+    println!(
+        "## Sparse guest: 16 GiB, 512 MiB touched and written at random, interval {interval:?}"
+    );
+    println!();
+    println!(
+        "| sampling | estimate | intervals | RMS error (MiB) | mean abs error (MiB) | 95% CI coverage |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let mut rms = Vec::new();
+    for plain in [false, true] {
+        let mut o = options(&spec, mem, interval, 5);
+        o.plain_sampling = plain;
+        let (_, rows) = run(o);
+        let rows = inside(&rows, timed);
+        let a = errors(
+            &rows,
+            |r| r.active.as_ref(),
+            |r| r.truth.as_ref().unwrap().touched_mib,
+        );
+        let w = errors(
+            &rows,
+            |r| r.active_writes.as_ref(),
+            |r| r.truth.as_ref().unwrap().written_mib,
+        );
+        let label = if plain { "plain" } else { "stratified" };
+        for (which, e) in [("access", &a), ("writes", &w)] {
+            println!(
+                "| {label} | {which} | {} | {:.2} | {:.2} | {:.1}% |",
+                e.k, e.rms, e.mae, e.coverage
+            );
+        }
+        rms.push((a.rms, w.rms));
+    }
+    println!();
+    println!(
+        "Error ratio plain / stratified (RMS): access {:.0}x, writes {:.0}x.",
+        rms[1].0 / rms[0].0.max(1e-9),
+        rms[1].1 / rms[0].1.max(1e-9)
+    );
+    println!();
+}
+
+/// Mean and standard error of the mean.
+fn mean_se(v: &[f64]) -> (f64, f64) {
+    let k = v.len() as f64;
+    let m = v.iter().sum::<f64>() / k;
+    let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (k - 1.0).max(1.0);
+    (m, (var / k).sqrt())
+}
+
+fn overhead() {
+    let mem = GIB;
+    // 1. The whole heap active: the access sample size cycles interval by interval in one run.
+    let cycle = [0u64, 100, 200, 400];
+    let rounds = 10u32;
+    let secs = rounds * cycle.len() as u32 + 2;
+    let timed = format!("touch 512M read random {secs}s");
+    let spec = format!("alloc 512M; touch 512M write; {timed}");
+    println!(
+        "## Overhead: random reads over 512 MiB of a 1 GiB guest (every sampled page is accessed), interval 1 s"
+    );
+    println!();
+    println!(
+        "| access samples | intervals | guest rate (M accesses/s) | vs off | traps per interval |"
+    );
+    println!("|---|---|---|---|---|");
+    let mut o = options(&spec, mem, Duration::from_secs(1), 3);
+    o.no_sampling = true;
+    let cfg = RunConfig::new(o)
+        .expect("options")
+        .with_access_cycle(&cycle)
+        .expect("cycle");
+    let (_, rows) = run_cfg(cfg);
+    let timed_rows: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.phase == timed && r.end.is_none())
+        .collect();
+    let timed_rows = &timed_rows[1..timed_rows.len() - 1];
+    let mut off = 0.0;
+    for &n in &cycle {
+        let sel: Vec<&&Row> = timed_rows
+            .iter()
+            .filter(|r| r.active.as_ref().map_or(0, |a| a.n) == n)
+            .collect();
+        let rates: Vec<f64> = sel
+            .iter()
+            .filter_map(|r| r.truth.as_ref().map(|t| t.rate / 1e6))
+            .collect();
+        let traps: f64 = sel
+            .iter()
+            .filter_map(|r| r.active.as_ref().map(|a| a.t as f64))
+            .sum::<f64>()
+            / sel.len().max(1) as f64;
+        let (m, se) = mean_se(&rates);
+        if n == 0 {
+            off = m;
+        }
+        println!(
+            "| {} | {} | {m:.2} ± {se:.2} | {:+.1}% ± {:.1}% | {traps:.0} |",
+            if n == 0 {
+                "off".to_string()
+            } else {
+                n.to_string()
+            },
+            rates.len(),
+            100.0 * (m - off) / off,
+            100.0 * se / off
+        );
+    }
+    println!();
+
+    // 2. First touches of pages nobody samples: a one-pass write of 512 MiB of fresh memory, the
+    //    access sampler on (default n) and off, alternating runs.
+    println!("## First touches: a one-pass write of 512 MiB of fresh memory, guest seconds");
+    println!();
+    println!("| access sampler | runs | phase time (s) | vs off |");
+    println!("|---|---|---|---|");
+    let spec = "alloc 512M; touch 512M write; idle 10ms";
+    let (mut on, mut off) = (Vec::new(), Vec::new());
+    for i in 0..4 {
+        for samples in [0u64, 200] {
+            let mut o = options(spec, mem, Duration::from_millis(250), 11 + i);
+            o.access_samples = samples;
+            let (s, _) = run(o);
+            let t = s.phases[1].guest_seconds;
+            if samples == 0 {
+                off.push(t)
+            } else {
+                on.push(t)
+            }
+        }
+    }
+    let (m_off, se_off) = mean_se(&off);
+    let (m_on, se_on) = mean_se(&on);
+    println!("| off | {} | {m_off:.3} ± {se_off:.3} | — |", off.len());
+    println!(
+        "| on (200) | {} | {m_on:.3} ± {se_on:.3} | {:+.1}% |",
+        on.len(),
+        100.0 * (m_on - m_off) / m_off
+    );
+    println!();
+}
+
+fn cost() {
+    println!(
+        "## Cost of one access round (200 pages armed, then disarmed untouched), 256 MiB touched, median of 30, microseconds"
+    );
+    println!();
+    println!("| guest | count population | arm | disarm |");
+    println!("|---|---|---|---|");
+    for gib in [1u64, 4, 16, 64] {
+        let ram = GuestRam::new(gib * GIB, false).expect("guest RAM");
+        let pages = ram.pages();
+        let touched = (256 * MIB / PAGE_SIZE).min(pages);
+        let mut pop = Bitmap::new(pages);
+        for gfn in 0..touched {
+            ram.write_obj(gfn * PAGE_SIZE, gfn + 1).expect("touch");
+            pop.set(gfn);
+        }
+        let mut a = AccessSampler::new(200, ram.host_addr() as u64, pages, Some(1)).expect("uffd");
+        let mut t = [Vec::new(), Vec::new(), Vec::new()];
+        for _ in 0..30 {
+            let t0 = Instant::now();
+            std::hint::black_box(pop.count_ones());
+            let t1 = Instant::now();
+            a.arm(&pop, 200).expect("arm");
+            let t2 = Instant::now();
+            a.disarm().expect("disarm");
+            let t3 = Instant::now();
+            for (i, (x, y)) in [(t0, t1), (t1, t2), (t2, t3)].iter().enumerate() {
+                t[i].push((*y - *x).as_secs_f64() * 1e6);
+            }
+        }
+        let med = |v: &mut Vec<f64>| {
+            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
+            v[v.len() / 2]
+        };
+        println!(
+            "| {gib} GiB | {:.0} | {:.0} | {:.0} |",
+            med(&mut t[0]),
+            med(&mut t[1]),
+            med(&mut t[2])
+        );
+        // Every page still holds what was written: no data lost by moving pages about.
+        for gfn in (0..touched).step_by(97) {
+            let v: u64 = ram.read_obj(gfn * PAGE_SIZE).expect("read");
+            assert_eq!(v, gfn + 1, "page {gfn} lost its contents");
+        }
+        drop(a);
+    }
+    println!();
+}
+
+fn main() {
+    if std::fs::File::open("/dev/kvm").is_err() {
+        eprintln!("access bench skipped: /dev/kvm is absent");
+        return;
+    }
+    let which: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| !a.starts_with('-'))
+        .collect();
+    let want = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
+    if want("cost") {
+        cost();
+    }
+    if want("overhead") {
+        overhead();
+    }
+    if want("sparse") {
+        sparse();
+    }
+    if want("accuracy") {
+        accuracy();
+    }
+}
