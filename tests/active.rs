@@ -31,6 +31,8 @@ fn write_working_set_estimate_covers_the_truth() {
     let mut cfg = common::config("alloc 64M; touch 64M write; touch 64M write 4s", 256 << 20);
     cfg.interval = Duration::from_millis(100);
     cfg.samples = 1000;
+    // The write estimator alone (the access sampler's traps would slow the guest's passes).
+    cfg.access_samples = 0;
     let (_, rows) = common::run_cfg(cfg).unwrap();
     let rows = inside(&rows, "touch 64M write 4s");
     assert!(
@@ -43,10 +45,11 @@ fn write_working_set_estimate_covers_the_truth() {
         let a = r.active_writes.as_ref().unwrap();
         let t = r.truth.as_ref().unwrap();
         assert_eq!(a.n, 1000);
-        assert_eq!(
-            t.written_pages,
-            64 * 256,
-            "every page is written each interval"
+        // Usually every page in each interval; a loaded host may manage less of a pass. The
+        // estimate is checked against whatever the guest wrote.
+        assert!(
+            t.written_pages > 16 * 256 && t.written_pages <= 64 * 256,
+            "{t:?}"
         );
         if a.ci_low_mib <= t.written_mib && t.written_mib <= a.ci_high_mib {
             covered += 1;
