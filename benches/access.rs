@@ -114,8 +114,10 @@ fn accuracy() {
     let interval = Duration::from_millis(250);
     let intervals = 34u32;
     let dur = interval * intervals;
+    let d = RunOptions::default();
     println!(
-        "## Accuracy: 1 GiB guest, access n = 200, write n = 1000, interval {interval:?}, {intervals} intervals per row"
+        "## Accuracy: 1 GiB guest, access n = {}, write n = {}, interval {interval:?}, {intervals} intervals per row",
+        d.access_samples, d.samples
     );
     println!();
     println!(
@@ -215,7 +217,7 @@ fn mean_se(v: &[f64]) -> (f64, f64) {
 fn overhead() {
     let mem = GIB;
     // 1. The whole heap active: the access sample size cycles interval by interval in one run.
-    let cycle = [0u64, 100, 200, 400];
+    let cycle = [0u64, 25, 50, 100, 200];
     let rounds = 10u32;
     let secs = rounds * cycle.len() as u32 + 2;
     let timed = format!("touch 512M read random {secs}s");
@@ -278,11 +280,12 @@ fn overhead() {
     println!("## First touches: a one-pass write of 512 MiB of fresh memory, guest seconds");
     println!();
     println!("| access sampler | runs | phase time (s) | vs off |");
+    let n_default = RunOptions::default().access_samples;
     println!("|---|---|---|---|");
     let spec = "alloc 512M; touch 512M write; idle 10ms";
     let (mut on, mut off) = (Vec::new(), Vec::new());
     for i in 0..4 {
-        for samples in [0u64, 200] {
+        for samples in [0u64, n_default] {
             let mut o = options(spec, mem, Duration::from_millis(250), 11 + i);
             o.access_samples = samples;
             let (s, _) = run(o);
@@ -298,7 +301,7 @@ fn overhead() {
     let (m_on, se_on) = mean_se(&on);
     println!("| off | {} | {m_off:.3} ± {se_off:.3} | — |", off.len());
     println!(
-        "| on (200) | {} | {m_on:.3} ± {se_on:.3} | {:+.1}% |",
+        "| on ({n_default}) | {} | {m_on:.3} ± {se_on:.3} | {:+.1}% |",
         on.len(),
         100.0 * (m_on - m_off) / m_off
     );

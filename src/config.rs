@@ -56,8 +56,9 @@ pub struct RunOptions {
     #[arg(long)]
     pub no_sampling: bool,
     /// Pages per interval the access sampler (reads and writes, userfaultfd) watches; 0 turns it
-    /// off.
-    #[arg(long, default_value_t = 200)]
+    /// off. Each watched page that the guest touches costs it one trapped access (about 0.15 ms
+    /// here), so the default keeps a busy guest's slowdown under 1% at 1 s intervals.
+    #[arg(long, default_value_t = 50)]
     pub access_samples: u64,
     /// Sample all of guest RAM uniformly, as ESX does, instead of only the pages touched before
     /// (first touches are then estimated too, not counted exactly).
