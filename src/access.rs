@@ -20,6 +20,7 @@
 //! write too; `docs/design.md`).
 
 use std::collections::HashMap;
+use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
@@ -28,6 +29,7 @@ use thiserror::Error;
 
 use crate::abi::PAGE_SIZE;
 use crate::bitmap::Bitmap;
+use crate::memory::GuestRam;
 use crate::pagemap::AnonMapping;
 use crate::sampler::{Sampler, SamplerError};
 use crate::uffd::{Fault, Uffd, UffdError};
@@ -183,6 +185,24 @@ impl AccessSampler {
             done,
             handler: Some(handler),
         })
+    }
+
+    /// The access sampler over guest RAM `ram`, or `None` when it is off (`samples` 0) or cannot
+    /// run, which it says on stderr: reads are then not seen, and every row says so.
+    pub fn for_ram_or_announce(ram: &GuestRam, samples: u64, seed: Option<u64>) -> Option<Self> {
+        if samples == 0 {
+            return None;
+        }
+        match Self::new(samples, ram.host_addr() as u64, ram.pages(), seed) {
+            Ok(a) => Some(a),
+            Err(e) => {
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "memvisor: reads are not seen, only writes are estimated: {e}"
+                );
+                None
+            }
+        }
     }
 
     /// Arms a fresh sample of `samples` pages (at most the stash's size; 0: none this round)

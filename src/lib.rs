@@ -16,6 +16,7 @@ pub mod gdt;
 pub mod interval;
 pub mod kvm_ext;
 pub mod memory;
+pub mod outcome;
 pub mod output;
 pub mod pagemap;
 pub mod plot;

@@ -119,7 +119,10 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         let name = args.name.unwrap_or_else(|| std::process::id().to_string());
         (addr, name)
     });
-    let mut sink = match output::Sink::new(io::stdout().lock(), format, prometheus, args.plot) {
+    // Whether this process sees host PFNs (root with CAP_SYS_ADMIN): the table's header says so.
+    let pfn_visible = memvisor::pagemap::Pagemap::open().is_ok_and(|p| p.pfn_visible());
+    let out = io::stdout().lock();
+    let mut sink = match output::Sink::new(out, format, prometheus, args.plot, pfn_visible) {
         Ok(s) => s,
         Err(output::OutputError::Write(e)) => return Err(write_failure(e)),
         Err(e) => return Err(Failure::new(1, &e)),

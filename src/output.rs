@@ -10,8 +10,14 @@ use crate::plot;
 use crate::prometheus::{self, Exporter};
 use crate::usage::{Active, Row};
 
-/// The table's two header lines.
-pub fn table_header() -> String {
+/// The table's two header lines. Without PFNs (not root) the host usage group says that its
+/// `zero` and `backed` are inferred from writes, not read from the host's page tables.
+pub fn table_header(pfn_visible: bool) -> String {
+    let host = if pfn_visible {
+        "host usage (MiB)"
+    } else {
+        "host usage (MiB; no PFNs: zero/backed inferred)"
+    };
     let l1 = format!(
         "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<50} | {:<36} | {:<43} | {:<20}",
         "",
@@ -19,7 +25,7 @@ pub fn table_header() -> String {
         "",
         "guest's view",
         "guest truth",
-        "host usage (MiB)",
+        host,
         "active: reads+writes, MiB",
         "active: writes, MiB; dirty MiB/s",
         "balloon, guest stats"
@@ -199,11 +205,13 @@ pub struct Sink<W: Write> {
 impl<W: Write> Sink<W> {
     /// Starts the Prometheus server (if `prometheus` is given) and checks the plot's file name
     /// before the run, so that a bad address or file name fails at once; prints the header.
+    /// `pfn_visible`: whether this process can see host PFNs (the table's header says so).
     pub fn new(
         mut out: W,
         format: Format,
         prometheus: Option<(SocketAddr, String)>,
         plot: Option<PathBuf>,
+        pfn_visible: bool,
     ) -> Result<Self, OutputError> {
         if let Some(p) = &plot {
             plot::check_path(p)?;
@@ -211,7 +219,9 @@ impl<W: Write> Sink<W> {
         let exporter = match prometheus {
             Some((addr, name)) => {
                 let e = Exporter::start(addr, name)?;
-                eprintln!(
+                // stderr may be closed: the address is a courtesy, not a result.
+                let _ = writeln!(
+                    std::io::stderr(),
                     "memvisor: Prometheus metrics at http://{}/metrics",
                     e.local_addr()
                 );
@@ -220,7 +230,7 @@ impl<W: Write> Sink<W> {
             None => None,
         };
         let header = match format {
-            Format::Table => Some(table_header()),
+            Format::Table => Some(table_header(pfn_visible)),
             Format::Csv => Some(crate::csv::header()),
             Format::Json => None,
         };
@@ -341,7 +351,14 @@ mod tests {
 
     #[test]
     fn absurd_values_keep_the_columns_of_the_header() {
-        let header = table_header();
+        let header = table_header(true);
+        // Without PFNs the header says so, in the same columns.
+        let hidden = table_header(false);
+        assert!(hidden.contains("no PFNs"), "{hidden}");
+        assert_eq!(
+            bars(hidden.lines().next().unwrap()),
+            bars(header.lines().next().unwrap())
+        );
         let names = header.lines().nth(1).unwrap();
         let width = names.chars().count();
         assert_eq!(bars(header.lines().next().unwrap()), bars(names));
@@ -403,7 +420,7 @@ mod tests {
     fn sink_prints_the_chosen_format() {
         let r = row_with(3.0, "idle 1s");
         let mut buf = Vec::new();
-        let mut s = Sink::new(&mut buf, Format::Csv, None, None).unwrap();
+        let mut s = Sink::new(&mut buf, Format::Csv, None, None, true).unwrap();
         s.row(&r).unwrap();
         s.finish().unwrap();
         let text = String::from_utf8(buf).unwrap();
@@ -411,7 +428,7 @@ mod tests {
         assert_eq!(lines, [crate::csv::header(), crate::csv::row(&r)]);
 
         let mut buf = Vec::new();
-        let mut s = Sink::new(&mut buf, Format::Json, None, None).unwrap();
+        let mut s = Sink::new(&mut buf, Format::Json, None, None, true).unwrap();
         s.row(&r).unwrap();
         s.finish().unwrap();
         let back: Row = serde_json::from_slice(&buf).unwrap();

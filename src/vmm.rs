@@ -3,100 +3,24 @@
 //! elsewhere: `config` (the validated options), `exits` (what an exit means), `protocol` (what the
 //! guest says), `interval` (what an interval measures), `stop` (signals).
 
-use std::io::{self, Write};
+use std::io;
 use std::time::{Duration, Instant};
-
-use serde::Serialize;
-use thiserror::Error;
 
 use crate::abi::{self, MsgKind, PAGE_SIZE};
 use crate::access::AccessSampler;
-use crate::boot::{self, BootError};
+use crate::boot;
 use crate::clock::{Clock, Kicker, POLL};
 use crate::config::RunConfig;
 use crate::devices::Balloon;
-use crate::devices::balloon::BalloonCounters;
-use crate::exits::{Action, ExitError, ExitHandler};
-use crate::interval::{Estimators, IntervalError, IntervalWork};
-use crate::memory::{GuestRam, MemoryError};
-use crate::pmp_mmp::{MapFileError, MapSummary};
-use crate::protocol::{BootReport, GuestError, PhaseRecord, Protocol, Reply};
+use crate::exits::{Action, ExitHandler};
+use crate::interval::{Estimators, IntervalWork};
+use crate::memory::GuestRam;
+pub use crate::outcome::{RunError, RunSummary};
+use crate::protocol::{Protocol, Reply};
 use crate::stop;
-use crate::usage::{self, BalloonView, EndReason, GuestView, Row};
-use crate::vcpu::{Vcpu, VcpuError};
-use crate::vm::{Vm, VmError};
-
-/// Why a run failed or stopped early. Every variant but the VMM's own failures (memory, VM,
-/// vCPU, interval, map file) comes after a last row and the map were written.
-#[derive(Debug, Error)]
-pub enum RunError {
-    #[error("setting up guest memory")]
-    Memory(#[from] MemoryError),
-    #[error("loading the guest")]
-    Boot(#[from] BootError),
-    #[error("creating the VM")]
-    Vm(#[from] VmError),
-    #[error("the vCPU")]
-    Vcpu(#[from] VcpuError),
-    #[error("at an interval boundary")]
-    Interval(#[from] IntervalError),
-    #[error(transparent)]
-    MapFile(#[from] MapFileError),
-    #[error("{error}{}", rip.map(|r| format!(" at RIP {r:#x}")).unwrap_or_default())]
-    Exit { error: ExitError, rip: Option<u64> },
-    #[error(transparent)]
-    Guest(#[from] GuestError),
-    #[error(
-        "the guest did not finish within {timeout:?} (last phase: {phase}){}",
-        fault.as_ref().map(|f| format!("; it had reported: {f}")).unwrap_or_default()
-    )]
-    Timeout {
-        timeout: Duration,
-        phase: String,
-        fault: Option<GuestError>,
-    },
-    #[error("stopped by {} (last phase: {phase})", if *.reason == EndReason::Sigint { "SIGINT" } else { "SIGTERM" })]
-    Signal { reason: EndReason, phase: String },
-    #[error("the rows' reader went away (closed pipe)")]
-    OutputClosed,
-    #[error("writing a row")]
-    Output(#[source] io::Error),
-}
-
-impl RunError {
-    /// Why the run ended, as its last row says (and the exit code follows).
-    pub fn end_reason(&self) -> EndReason {
-        match self {
-            RunError::Timeout { .. } => EndReason::Timeout,
-            RunError::Signal { reason, .. } => *reason,
-            RunError::OutputClosed => EndReason::OutputClosed,
-            _ => EndReason::GuestError,
-        }
-    }
-}
-
-/// The outcome of a run.
-#[derive(Debug, Serialize)]
-pub struct RunSummary {
-    /// From the start of set-up to the first `KVM_RUN`.
-    pub setup_ms: f64,
-    pub elapsed_s: f64,
-    pub boot: Option<BootReport>,
-    pub phases: Vec<PhaseRecord>,
-    pub rows: Vec<Row>,
-    pub guest: GuestView,
-    pub map: MapSummary,
-    /// At the end: guest pages mincore() calls resident (backed + zero-page mappings).
-    pub mincore_resident: u64,
-    /// At the end: backed pages inside the guest kernel's pool (the pages its lists manage).
-    pub pool_backed: u64,
-    /// Malformed report-channel accesses and protocol violations.
-    pub report_errors: u64,
-    pub unhandled_exits: u64,
-    pub tsc_khz: u64,
-    /// What the virtio-balloon did, when the guest had one.
-    pub balloon: Option<BalloonCounters>,
-}
+use crate::usage::{self, BalloonView, EndReason, Row};
+use crate::vcpu::Vcpu;
+use crate::vm::Vm;
 
 /// Receives each row as it is complete; an error stops the run (a closed pipe quietly).
 pub type OnRow<'a> = &'a mut dyn FnMut(&Row) -> io::Result<()>;
@@ -142,7 +66,7 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
             Estimators {
                 write: cfg.samplers,
                 write_smoother: cfg.smoother.clone(),
-                access: access_sampler(&vm, cfg.access_samples, cfg.seed),
+                access: AccessSampler::for_ram_or_announce(vm.ram(), cfg.access_samples, cfg.seed),
                 access_cycle: cfg.access_cycle,
                 access_smoother: cfg.smoother,
                 stratify: cfg.stratify,
@@ -193,25 +117,6 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
         Ok(()) => {}
     }
     vmm.summary(setup)
-}
-
-/// The access sampler over `vm`'s RAM, or `None` (announced) when it is off or cannot run: reads
-/// are then not seen, and every row says so.
-fn access_sampler(vm: &Vm, samples: u64, seed: Option<u64>) -> Option<AccessSampler> {
-    if samples == 0 {
-        return None;
-    }
-    let ram = vm.ram();
-    match AccessSampler::new(samples, ram.host_addr() as u64, ram.pages(), seed) {
-        Ok(a) => Some(a),
-        Err(e) => {
-            let _ = writeln!(
-                io::stderr(),
-                "memvisor: reads are not seen, only writes are estimated: {e}"
-            );
-            None
-        }
-    }
 }
 
 /// How the run loop ended, when the VMM itself did not fail.
