@@ -198,18 +198,34 @@ pub fn check_capabilities(kvm: &Kvm) -> Result<(), KvmExtError> {
     }
 }
 
+/// For tests and benchmarks, the one rule for KVM tests: true when `/dev/kvm` can be opened;
+/// otherwise the test says it is skipped, unless `MEMVISOR_REQUIRE_KVM` is set (CI sets it where
+/// `/dev/kvm` exists), in which case a KVM that cannot be used fails the test.
+#[doc(hidden)]
+pub fn kvm_usable(test: &str) -> bool {
+    let ok = std::fs::OpenOptions::new()
+        .read(true)
+        .write(true)
+        .open("/dev/kvm")
+        .is_ok();
+    if !ok {
+        assert!(
+            std::env::var_os("MEMVISOR_REQUIRE_KVM").is_none(),
+            "{test}: MEMVISOR_REQUIRE_KVM is set but /dev/kvm cannot be opened"
+        );
+        eprintln!("SKIPPED {test}: /dev/kvm is absent on this machine");
+    }
+    ok
+}
+
 /// Helpers for tests that run a guest, shared with the other modules' tests.
 #[cfg(test)]
 pub(crate) mod test_support {
     use kvm_ioctls::{Kvm, VcpuExit, VcpuFd};
 
-    /// Opens `/dev/kvm`, or says that `test` is skipped when it is absent.
+    /// Opens `/dev/kvm`, or says that `test` is skipped (see [`super::kvm_usable`]).
     pub(crate) fn kvm_or_skip(test: &str) -> Option<Kvm> {
-        if !std::path::Path::new("/dev/kvm").exists() {
-            println!("{test}: skipped, /dev/kvm is absent");
-            return None;
-        }
-        Some(Kvm::new().expect("/dev/kvm exists but cannot be opened"))
+        super::kvm_usable(test).then(|| Kvm::new().expect("/dev/kvm opened just now"))
     }
 
     /// Runs `vcpu` in real mode from guest-physical 0 (CS and DS based at 0) until it halts;

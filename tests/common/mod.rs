@@ -9,23 +9,10 @@ use memvisor::config::{RunConfig, RunOptions};
 use memvisor::usage::Row;
 use memvisor::vmm::{self, RunError, RunSummary};
 
-/// True when /dev/kvm can be used. Without it, says the test is skipped (and why); CI sets
-/// MEMVISOR_REQUIRE_KVM=1 on machines with KVM so that a broken /dev/kvm fails instead. The one
-/// helper every KVM test uses.
+/// True when /dev/kvm can be used; otherwise says the test is skipped, or fails it where CI set
+/// MEMVISOR_REQUIRE_KVM (the crate's one rule, `kvm_ext::kvm_usable`).
 pub fn kvm(test: &str) -> bool {
-    let ok = std::fs::OpenOptions::new()
-        .read(true)
-        .write(true)
-        .open("/dev/kvm")
-        .is_ok();
-    if !ok {
-        assert!(
-            std::env::var_os("MEMVISOR_REQUIRE_KVM").is_none(),
-            "{test}: MEMVISOR_REQUIRE_KVM is set but /dev/kvm cannot be opened"
-        );
-        eprintln!("SKIPPED {test}: /dev/kvm is absent on this machine");
-    }
-    ok
+    memvisor::kvm_ext::kvm_usable(test)
 }
 
 /// True when this process runs as root (tests that need root skip otherwise, and say so).
