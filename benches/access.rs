@@ -43,6 +43,14 @@ fn run_cfg(mut cfg: RunConfig) -> (vmm::RunSummary, Vec<Row>) {
     (s, rows)
 }
 
+/// The name rows give phase `i` of `spec` (its canonical form).
+fn phase_name(spec: &str, mem: u64, i: usize) -> String {
+    memvisor::workload::Workload::parse(spec, mem)
+        .expect("bench spec parses")
+        .phases[i]
+        .to_string()
+}
+
 /// Rows wholly inside the phase named `phase` (its first two and last dropped).
 fn inside<'a>(rows: &'a [Row], phase: &str) -> Vec<&'a Row> {
     let v: Vec<&Row> = rows
@@ -134,8 +142,11 @@ fn accuracy() {
     for (name, opts) in patterns {
         for pct in [5u64, 25, 50, 90] {
             let ws = (mem * pct / 100) / (2 * MIB) * (2 * MIB) / 1024;
-            let timed = format!("touch {ws}K {opts} {}ms", dur.as_millis());
-            let spec = format!("alloc {ws}K; touch {ws}K write; {timed}");
+            let spec = format!(
+                "alloc {ws}K; touch {ws}K write; touch {ws}K {opts} {}ms",
+                dur.as_millis()
+            );
+            let timed = phase_name(&spec, mem, 2);
             let (_, rows) = run(options(&spec, mem, interval, 42 + pct));
             let rows = inside(&rows, &timed);
             let a = errors(
@@ -162,8 +173,9 @@ fn accuracy() {
 fn sparse() {
     let mem = 16 * GIB;
     let interval = Duration::from_millis(250);
-    let timed = "touch 512M write random 8s";
-    let spec = format!("alloc 512M; touch 512M write; {timed}");
+    let spec = "alloc 512M; touch 512M write; touch 512M write random 8s".to_string();
+    let timed = phase_name(&spec, mem, 2);
+    let timed = timed.as_str();
     println!(
         "## Sparse guest: 16 GiB, 512 MiB touched and written at random, interval {interval:?}"
     );
@@ -220,8 +232,8 @@ fn overhead() {
     let cycle = [0u64, 25, 50, 100, 200];
     let rounds = 10u32;
     let secs = rounds * cycle.len() as u32 + 2;
-    let timed = format!("touch 512M read random {secs}s");
-    let spec = format!("alloc 512M; touch 512M write; {timed}");
+    let spec = format!("alloc 512M; touch 512M write; touch 512M read random {secs}s");
+    let timed = phase_name(&spec, mem, 2);
     println!(
         "## Overhead: random reads over 512 MiB of a 1 GiB guest (every sampled page is accessed), interval 1 s"
     );
