@@ -8,19 +8,6 @@ use std::time::Duration;
 
 use memvisor::usage::Row;
 
-/// Rows wholly inside the phase whose name starts with `prefix` (its first and last dropped: the
-/// phase starts and ends mid-interval).
-fn inside<'a>(rows: &'a [Row], prefix: &str) -> Vec<&'a Row> {
-    let v: Vec<&Row> = rows
-        .iter()
-        .filter(|r| r.phase.starts_with(prefix) && r.end.is_none())
-        .collect();
-    if v.len() < 3 {
-        return Vec::new();
-    }
-    v[1..v.len() - 1].to_vec()
-}
-
 #[test]
 fn reads_are_seen_while_the_write_estimate_stays_near_zero() {
     if !common::kvm("reads_are_seen_while_the_write_estimate_stays_near_zero") {
@@ -34,7 +21,7 @@ fn reads_are_seen_while_the_write_estimate_stays_near_zero() {
     );
     opts.access_samples = 200;
     let (_, rows) = common::run_cfg(opts).unwrap();
-    let rows = inside(&rows, "touch 40M read random");
+    let rows = common::inside(&rows, "touch 40M read random");
     assert!(
         rows.len() >= 15,
         "intervals inside the phase: {}",
@@ -137,7 +124,7 @@ fn stratification_is_far_better_on_a_sparse_guest() {
         opts.plain_sampling = plain;
         opts.seed = Some(21);
         let (_, rows) = common::run_cfg(opts).unwrap();
-        let rows = inside(&rows, "touch 64M write 3s");
+        let rows = common::inside(&rows, "touch 64M write 3s");
         assert!(rows.len() >= 8, "{} intervals", rows.len());
         let errs: Vec<f64> = rows
             .iter()

@@ -5,21 +5,6 @@ mod common;
 
 use std::time::Duration;
 
-use memvisor::usage::Row;
-
-/// Rows wholly inside the phase whose name starts with `prefix` (first and last dropped: the phase
-/// starts and ends mid-interval).
-fn inside<'a>(rows: &'a [Row], prefix: &str) -> Vec<&'a Row> {
-    let v: Vec<&Row> = rows
-        .iter()
-        .filter(|r| r.phase.starts_with(prefix) && r.end.is_none())
-        .collect();
-    if v.len() < 3 {
-        return Vec::new();
-    }
-    v[1..v.len() - 1].to_vec()
-}
-
 #[test]
 fn write_working_set_estimate_covers_the_truth() {
     if !common::kvm("write_working_set_estimate_covers_the_truth") {
@@ -34,7 +19,7 @@ fn write_working_set_estimate_covers_the_truth() {
     // The write estimator alone (the access sampler's traps would slow the guest's passes).
     cfg.access_samples = 0;
     let (_, rows) = common::run_cfg(cfg).unwrap();
-    let rows = inside(&rows, "touch 64M write 4s");
+    let rows = common::inside(&rows, "touch 64M write 4s");
     assert!(
         rows.len() >= 30,
         "intervals inside the phase: {}",
@@ -74,7 +59,7 @@ fn idle_guest_estimate_is_near_zero() {
     let mut cfg = common::config("idle 2s", 256 << 20);
     cfg.interval = Duration::from_millis(200);
     let (_, rows) = common::run_cfg(cfg).unwrap();
-    let inside = inside(&rows, "idle");
+    let inside = common::inside(&rows, "idle");
     assert!(inside.len() >= 5);
     for r in inside {
         let a = r.active_writes.as_ref().unwrap();

@@ -152,3 +152,16 @@ pub fn temp_file(name: &str, bytes: &[u8]) -> std::path::PathBuf {
 pub fn exists(p: &Path) -> bool {
     p.exists()
 }
+
+/// Rows wholly inside the phase whose name starts with `prefix`: its first and last rows are
+/// dropped (the phase starts and ends mid-interval), and so is everything when fewer than three.
+pub fn inside<'a>(rows: &'a [Row], prefix: &str) -> Vec<&'a Row> {
+    let v: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.phase.starts_with(prefix) && r.end.is_none())
+        .collect();
+    if v.len() < 3 {
+        return Vec::new();
+    }
+    v[1..v.len() - 1].to_vec()
+}
