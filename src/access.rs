@@ -218,47 +218,81 @@ impl AccessSampler {
         }
         self.sampler.set_samples(samples);
         let (picked, from) = self.sampler.arm_from(population, None);
-        let picked = picked.to_vec();
+        let mut todo = picked.to_vec();
         self.population = from;
         self.skipped = 0;
         let mut out = Arming {
             previous: std::mem::take(&mut self.last_armed),
             ..Arming::default()
         };
-        let mut state = lock(&self.state);
-        for (slot, &gfn) in picked.iter().enumerate() {
-            let region = gfn / REGION_PAGES;
-            if !self.registered.get(region) {
-                let first = region * REGION_PAGES;
-                let len = (first + REGION_PAGES).min(self.pages) - first;
-                if let Err(e) = self
-                    .uffd
-                    .register(self.ram_addr + first * PAGE_SIZE, len * PAGE_SIZE)
-                {
-                    log::debug!("access sampler: region {region}: {e}; page {gfn:#x} skipped");
-                    self.skipped += 1;
-                    continue;
+        // Pages that refuse to move are replaced by fresh draws from the rest of the population
+        // (a few rounds at most), so that n stays what was asked for.
+        let mut tried: Option<Bitmap> = None;
+        for _ in 0..4 {
+            let skipped_before = self.skipped;
+            for gfn in std::mem::take(&mut todo) {
+                if let Some(t) = &mut tried {
+                    t.set(gfn);
                 }
-                self.registered.set(region);
-                out.new_regions.push(region);
+                if self.arm_page(gfn, out.pages.len() as u64, &mut out)? {
+                    out.pages.push(gfn);
+                } else if tried.is_none() {
+                    let mut t = Bitmap::new(self.pages);
+                    for &g in out.pages.iter().chain(std::iter::once(&gfn)) {
+                        t.set(g);
+                    }
+                    tried = Some(t);
+                }
             }
-            let addr = self.ram_addr + gfn * PAGE_SIZE;
-            let stash = self.stash.addr() as u64 + slot as u64 * PAGE_SIZE;
-            let slot = match self.uffd.move_page(stash, addr, PAGE_SIZE, false) {
-                Ok(()) => Some(slot as u64),
-                // No page there (dropped since it was touched): a fault still shows an access.
-                Err(e) if e.errno() == libc::ENOENT => None,
-                Err(e) => {
-                    log::debug!("access sampler: page {gfn:#x} cannot move ({e}); skipped");
-                    self.skipped += 1;
-                    continue;
-                }
-            };
-            state.armed.insert(addr, Armed { slot, first: None });
-            out.pages.push(gfn);
+            let missing = self.skipped - skipped_before;
+            let Some(t) = &tried else { break };
+            if missing == 0 {
+                break;
+            }
+            self.sampler.set_samples(missing);
+            todo = self.sampler.arm_from(population, Some(t)).0.to_vec();
+            if todo.is_empty() {
+                break;
+            }
         }
         self.last_armed = out.pages.clone();
         Ok(out)
+    }
+
+    /// Arms one page into stash slot `slot`: registers its region if needed, moves the page out.
+    /// False (and counted as skipped) when the page cannot be armed.
+    fn arm_page(&mut self, gfn: u64, slot: u64, out: &mut Arming) -> Result<bool, AccessError> {
+        let region = gfn / REGION_PAGES;
+        if !self.registered.get(region) {
+            let first = region * REGION_PAGES;
+            let len = (first + REGION_PAGES).min(self.pages) - first;
+            if let Err(e) = self
+                .uffd
+                .register(self.ram_addr + first * PAGE_SIZE, len * PAGE_SIZE)
+            {
+                log::debug!("access sampler: region {region}: {e}; page {gfn:#x} skipped");
+                self.skipped += 1;
+                return Ok(false);
+            }
+            self.registered.set(region);
+            out.new_regions.push(region);
+        }
+        let addr = self.ram_addr + gfn * PAGE_SIZE;
+        let stash = self.stash.addr() as u64 + slot * PAGE_SIZE;
+        let slot = match self.uffd.move_page(stash, addr, PAGE_SIZE, false) {
+            Ok(()) => Some(slot),
+            // No page there (dropped since it was touched): a fault still shows an access.
+            Err(e) if e.errno() == libc::ENOENT => None,
+            Err(e) => {
+                log::debug!("access sampler: page {gfn:#x} cannot move ({e}); skipped");
+                self.skipped += 1;
+                return Ok(false);
+            }
+        };
+        lock(&self.state)
+            .armed
+            .insert(addr, Armed { slot, first: None });
+        Ok(true)
     }
 
     /// The balloon released guest pages `ranges`: an armed page among them must not come back
