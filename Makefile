@@ -16,11 +16,11 @@ lint:
 	$(CARGO) fmt --all -- --check
 	$(CARGO) clippy --all-targets -- -D warnings
 
-# The property tests (parsers of sizes, durations and workload specs; the report channel, messages
-# and guest images) with many more cases than `make test` runs: about a minute or two.
+# The property tests (parsers of sizes, durations and workload specs; the report channel, messages,
+# map files and guest images) with many more cases than `make test` runs: about a minute or two.
 FUZZ_CASES ?= 100000
 fuzz:
-	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --lib props
+	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --lib
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --test props
 
 # Figures for README: harvest cost, set-up and overhead by guest size, sampling round cost,

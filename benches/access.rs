@@ -91,11 +91,12 @@ fn errors(
         if a.ci_low_mib <= t && t <= a.ci_high_mib {
             covered += 1;
         }
-        // sd of the sampled part: N sqrt(p(1-p)/n) with the finite population correction.
+        // sd of the sampled part: N sqrt(p(1-p)/n) with the finite population correction, p
+        // the stratum's true active fraction (from the guest's truth, less the exact part).
         let (n, big_n) = (a.n as f64, a.sampled_from_mib);
         if n > 0.0 && big_n > 0.0 {
             let pages = big_n * MIB as f64 / PAGE_SIZE as f64;
-            let p = a.t as f64 / n;
+            let p = ((t - a.exact_mib) / big_n).clamp(0.0, 1.0);
             let fpc = if pages > 1.0 {
                 ((pages - n) / (pages - 1.0)).max(0.0)
             } else {
