@@ -49,7 +49,7 @@ pub struct RunOptions {
     /// Reporting and sampling interval.
     #[arg(long, default_value = "1s", value_parser = duration_arg)]
     pub interval: Duration,
-    /// Pages sampled per interval for the active-memory estimate.
+    /// Pages the write estimate samples per interval (among the pages written before).
     #[arg(long, default_value_t = 1000)]
     pub samples: u64,
     /// Turn the write estimate's sampling off.
