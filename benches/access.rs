@@ -121,7 +121,7 @@ fn errors(
 fn accuracy() {
     let mem = GIB;
     let interval = Duration::from_millis(250);
-    let intervals = 34u32;
+    let intervals = 100u32;
     let dur = interval * intervals;
     let d = RunOptions::default();
     println!(
