@@ -118,7 +118,8 @@ fn errors(
     }
 }
 
-fn accuracy() {
+/// `patterns`: names of the patterns to run (all when empty).
+fn accuracy(only: &[String]) {
     let mem = GIB;
     let interval = Duration::from_millis(250);
     let intervals = 100u32;
@@ -133,14 +134,19 @@ fn accuracy() {
         "| pattern | W | estimate | truth (MiB) | intervals | mean error | RMS error | mean abs error | expected mean abs | 95% CI coverage |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
-    let patterns = [
+    for (name, opts) in [
         ("read", "read"),
         ("read random", "read random"),
         ("write", "write"),
         ("write random", "write random"),
         ("hot/cold read", "read random hot 20%:80%"),
-    ];
-    for (name, opts) in patterns {
+        ("mixed", "mixed"),
+        ("mixed random", "mixed random"),
+    ] {
+        let first = name.split(' ').next().unwrap_or(name);
+        if !only.is_empty() && !only.iter().any(|c| c == first) {
+            continue;
+        }
         for pct in [5u64, 25, 50, 90] {
             let ws = (mem * pct / 100) / (2 * MIB) * (2 * MIB) / 1024;
             // 90% of RAM touched before: the stratum the samples come from is that large, and
@@ -383,7 +389,11 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let want = |name: &str| which.is_empty() || which.iter().any(|w| w == name);
+    let sections = ["cost", "overhead", "sparse", "accuracy"];
+    let (named, patterns): (Vec<String>, Vec<String>) = which
+        .into_iter()
+        .partition(|w| sections.contains(&w.as_str()));
+    let want = |name: &str| named.is_empty() || named.iter().any(|w| w == name);
     if want("cost") {
         cost();
     }
@@ -394,6 +404,7 @@ fn main() {
         sparse();
     }
     if want("accuracy") {
-        accuracy();
+        // Further words choose patterns by their first word: `-- accuracy mixed`.
+        accuracy(&patterns);
     }
 }

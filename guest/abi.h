@@ -110,6 +110,7 @@
 #define PHASE_CHECK 6
 #define PHASE_F_WRITE 1u
 #define PHASE_F_RANDOM 2u
+#define PHASE_F_MIXED 8u  /* reads and writes in turn, access by access */
 #define PHASE_F_VERIFY 4u /* check each access: the page holds what the app wrote (page index + 1) */
 
 /* Messages. */

@@ -202,6 +202,8 @@ pub mod phase_kind {
 /// Phase flags.
 pub const PHASE_WRITE: u32 = c::PHASE_F_WRITE as u32;
 pub const PHASE_RANDOM: u32 = c::PHASE_F_RANDOM as u32;
+/// Phase flag: reads and writes in turn, access by access.
+pub const PHASE_MIXED: u32 = c::PHASE_F_MIXED as u32;
 /// Phase flag: check every access against what the app wrote (see the workload spec).
 pub const PHASE_VERIFY: u32 = c::PHASE_F_VERIFY as u32;
 

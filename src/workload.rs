@@ -10,7 +10,7 @@
 //! alloc SIZE      pages move from the guest kernel's free list to its allocated list and join
 //!                 the app's heap (at its top)
 //! free SIZE       the top SIZE of the heap goes back to the free list (LIFO)
-//! touch SIZE [read|write] [DURATION] [seq|random] [hot P%:Q%] [verify]
+//! touch SIZE [read|write|mixed] [DURATION] [seq|random] [hot P%:Q%] [verify]
 //!                 touch the first SIZE of the heap; options in any order, each at most once.
 //!                 Defaults: write, seq, one pass (no duration). `hot P%:Q%`: the first P% of
 //!                 those pages receive Q% of the accesses; needs `random`, and Q > P.
@@ -35,8 +35,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::abi::{
-    MAX_PHASES, MAX_SPEC_TEXT, PAGE_SIZE, PHASE_RANDOM, PHASE_VERIFY, PHASE_WRITE, PhaseEntry,
-    phase_kind,
+    MAX_PHASES, MAX_SPEC_TEXT, PAGE_SIZE, PHASE_MIXED, PHASE_RANDOM, PHASE_VERIFY, PHASE_WRITE,
+    PhaseEntry, phase_kind,
 };
 use crate::units::{
     UnitError, fmt_bytes, fmt_duration_spec, fmt_size_spec, parse_duration, parse_size,
@@ -134,6 +134,8 @@ pub enum Access {
     Read,
     #[default]
     Write,
+    /// Reads and writes in turn, access by access.
+    Mixed,
 }
 
 /// Sequential passes or random pages.
@@ -215,6 +217,9 @@ impl Phase {
             },
             Phase::Touch(t) => {
                 let mut flags = 0;
+                if t.access == Access::Mixed {
+                    flags |= PHASE_MIXED;
+                }
                 if t.access == Access::Write {
                     flags |= PHASE_WRITE;
                 }
@@ -282,6 +287,7 @@ impl fmt::Display for Phase {
                 let access = match t.access {
                     Access::Read => "read",
                     Access::Write => "write",
+                    Access::Mixed => "mixed",
                 };
                 write!(f, "touch {} {access}", size(t.pages))?;
                 if t.pattern == Pattern::Random {
@@ -536,12 +542,12 @@ fn parse_touch_options<'a>(
 
     while let Some(token) = tokens.next() {
         match token {
-            "read" | "write" => {
+            "read" | "write" | "mixed" => {
                 once(&access, token, "access mode")?;
-                let a = if token == "read" {
-                    Access::Read
-                } else {
-                    Access::Write
+                let a = match token {
+                    "read" => Access::Read,
+                    "mixed" => Access::Mixed,
+                    _ => Access::Write,
                 };
                 access = Some((a, token.to_string()));
             }
@@ -721,6 +727,10 @@ mod tests {
         assert_eq!(entries(&v)[2].flags & PHASE_VERIFY, PHASE_VERIFY);
         assert_eq!(v.phases[2].to_string(), "touch 64M write random 1s verify");
         assert!(parse("alloc 4M; touch 4M verify verify").is_err());
+        let m = parse("alloc 4M; touch 4M mixed random 1s").unwrap();
+        assert_eq!(entries(&m)[1].flags, PHASE_MIXED | PHASE_RANDOM);
+        assert_eq!(m.phases[1].to_string(), "touch 4M mixed random 1s");
+        assert!(parse("alloc 4M; touch 4M mixed read").is_err());
         let a = parse("alloc 64M; touch 64M read 2s random hot 10%:90%").unwrap();
         let b = parse("alloc 64M; touch 64M hot 10:90 random 2000ms read").unwrap();
         assert_eq!(a.phases, b.phases);

@@ -214,6 +214,7 @@ static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
     int write = flags & PHASE_F_WRITE;
     int random = flags & PHASE_F_RANDOM;
     int verify = flags & PHASE_F_VERIFY;
+    int mixed = flags & PHASE_F_MIXED;
     int split = hot && hot < n;
     u64 total = duration ? U64_MAX : n; /* duration 0: one pass of n accesses */
     u64 deadline = duration ? sat_add(rdtsc(), ns_to_ticks(duration)) : 0;
@@ -249,7 +250,13 @@ static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
                 if (++seq == n)
                     seq = 0;
             }
-            if (verify) {
+            if (mixed) {
+                /* Reads and writes in turn. */
+                if ((done + i) & 1)
+                    access(p, 1, verify);
+                else
+                    access(p, 0, verify);
+            } else if (verify) {
                 if (write)
                     access(p, 1, 1);
                 else
