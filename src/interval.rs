@@ -95,7 +95,7 @@ impl IntervalWork {
             everything,
             exclude: Bitmap::new(ram.pages()),
         };
-        work.arm(vm, 0)?;
+        work.arm(vm, 0, 0)?;
         Ok(work)
     }
 
@@ -167,7 +167,7 @@ impl IntervalWork {
         if last {
             self.map.refresh()?;
         } else {
-            self.arm(vm, interval + 1)?;
+            self.arm(vm, interval + 1, written1)?;
         }
         let host = HostUsage::new(&self.map.summary(), usage::rss_bytes().unwrap_or(0));
         Ok(Measured {
@@ -234,8 +234,9 @@ impl IntervalWork {
     /// Arms both samples for `interval`: the access sample from the pages touched so far, the
     /// write sample from the pages written so far minus the access sample (all of RAM for both
     /// when not stratifying); one `KVM_CLEAR_DIRTY_LOG` write-protects the write sample (and any
-    /// page a trapped read may have dirtied).
-    fn arm(&mut self, vm: &Vm, interval: u64) -> Result<(), IntervalError> {
+    /// page a trapped read may have dirtied). `written_pages` is how many pages the map knows written
+    /// (the harvest just counted them).
+    fn arm(&mut self, vm: &Vm, interval: u64, written_pages: u64) -> Result<(), IntervalError> {
         let (touched, written) = if self.est.stratify {
             (self.map.touched(), self.map.guest_written())
         } else {
@@ -271,7 +272,11 @@ impl IntervalWork {
             s.arm_from(written, Some(&self.exclude));
             // The sample stands for the whole stratum, the few excluded pages included: they are
             // not different, only watched by the access sampler (or briefly unsafe to watch).
-            population = written.count_ones();
+            population = if self.est.stratify {
+                written_pages
+            } else {
+                self.everything.len()
+            };
             s.mask_into(&mut self.mask);
             self.write_round = Some(WriteRound {
                 sampler: i,
