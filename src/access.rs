@@ -19,7 +19,7 @@
 //! back has no KVM mapping until the guest touches it, and that first read would be logged as a
 //! write too; `docs/design.md`).
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -28,7 +28,7 @@ use std::thread::JoinHandle;
 use thiserror::Error;
 
 use crate::abi::PAGE_SIZE;
-use crate::bitmap::Bitmap;
+use crate::bitmap::{Bitmap, Ranks};
 use crate::memory::GuestRam;
 use crate::pagemap::AnonMapping;
 use crate::sampler::{Sampler, SamplerError};
@@ -206,55 +206,47 @@ impl AccessSampler {
     }
 
     /// Arms a fresh sample of `samples` pages (at most the stash's size; 0: none this round)
-    /// drawn uniformly from `population` (one bit per guest page). Call with the guest stopped.
-    pub fn arm(&mut self, population: &Bitmap, samples: u64) -> Result<Arming, AccessError> {
+    /// drawn uniformly from `population` (one bit per guest page), whose rank index is `ranks`.
+    /// Picked pages that refuse to move are replaced by fresh draws, so n stays what was asked
+    /// for, up to four tries per page asked for. The cost is O(samples): it does not depend on
+    /// the guest's size. Call with the guest stopped.
+    pub fn arm(
+        &mut self,
+        population: &Bitmap,
+        ranks: &Ranks,
+        samples: u64,
+    ) -> Result<Arming, AccessError> {
         let samples = samples.min(self.capacity);
         self.round_open = samples > 0;
-        if samples == 0 {
-            return Ok(Arming {
-                previous: std::mem::take(&mut self.last_armed),
-                ..Arming::default()
-            });
-        }
-        self.sampler.set_samples(samples);
-        let (picked, from) = self.sampler.arm_from(population, None);
-        let mut todo = picked.to_vec();
-        self.population = from;
-        self.skipped = 0;
         let mut out = Arming {
             previous: std::mem::take(&mut self.last_armed),
             ..Arming::default()
         };
-        // Pages that refuse to move are replaced by fresh draws from the rest of the population
-        // (a few rounds at most), so that n stays what was asked for.
-        let mut tried: Option<Bitmap> = None;
-        for _ in 0..4 {
-            let skipped_before = self.skipped;
-            for gfn in std::mem::take(&mut todo) {
-                if let Some(t) = &mut tried {
-                    t.set(gfn);
-                }
-                if self.arm_page(gfn, out.pages.len() as u64, &mut out)? {
-                    out.pages.push(gfn);
-                } else if tried.is_none() {
-                    let mut t = Bitmap::new(self.pages);
-                    for &g in out.pages.iter().chain(std::iter::once(&gfn)) {
-                        t.set(g);
-                    }
-                    tried = Some(t);
-                }
-            }
-            let missing = self.skipped - skipped_before;
-            let Some(t) = &tried else { break };
-            if missing == 0 {
-                break;
-            }
-            self.sampler.set_samples(missing);
-            todo = self.sampler.arm_from(population, Some(t)).0.to_vec();
+        self.population = ranks.total();
+        self.skipped = 0;
+        let want = samples.min(self.population);
+        let mut taken = HashSet::new();
+        let mut todo = Vec::new();
+        while (out.pages.len() as u64) < want && (taken.len() as u64) < 4 * want {
+            let missing = want - out.pages.len() as u64;
+            todo.clear();
+            todo.extend(
+                self.sampler
+                    .draw_ranks(missing, self.population, &mut taken)
+                    .into_iter()
+                    .filter_map(|r| ranks.select(population, r)),
+            );
             if todo.is_empty() {
                 break;
             }
+            todo.sort_unstable();
+            for &gfn in &todo {
+                if self.arm_page(gfn, out.pages.len() as u64, &mut out)? {
+                    out.pages.push(gfn);
+                }
+            }
         }
+        out.pages.sort_unstable();
         self.last_armed = out.pages.clone();
         Ok(out)
     }

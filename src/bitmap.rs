@@ -247,6 +247,68 @@ impl Bitmap {
     }
 }
 
+/// Words per block of a [`Ranks`] index (4096 bits).
+const RANK_BLOCK_WORDS: usize = 64;
+
+/// A rank index over a bitmap: how many bits are set before each block of 4096 bits. Built in
+/// one pass over the words (the pass that counts the bits anyway), it finds the r-th set bit in
+/// O(log(bits / 4096) + 64) steps, so drawing from a population costs the same whatever the
+/// guest's size.
+#[derive(Clone, Debug, Default)]
+pub struct Ranks {
+    /// Set bits before each block; ascending.
+    before: Vec<u64>,
+    total: u64,
+}
+
+impl Ranks {
+    /// The index of `bitmap`.
+    pub fn new(bitmap: &Bitmap) -> Self {
+        let mut before = Vec::with_capacity(bitmap.words.len().div_ceil(RANK_BLOCK_WORDS));
+        let mut total = 0u64;
+        for (b, block) in bitmap.words.chunks(RANK_BLOCK_WORDS).enumerate() {
+            before.push(total);
+            let first = b * RANK_BLOCK_WORDS;
+            total += block
+                .iter()
+                .enumerate()
+                .map(|(i, x)| u64::from((x & bitmap.word_mask(first + i)).count_ones()))
+                .sum::<u64>();
+        }
+        Ranks { before, total }
+    }
+
+    /// Set bits in the bitmap.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The index of the `r`-th set bit (from 0) of `bitmap`, which must be the bitmap this index
+    /// was built from, unchanged; `None` when `r` is not below [`Ranks::total`].
+    pub fn select(&self, bitmap: &Bitmap, r: u64) -> Option<u64> {
+        if r >= self.total {
+            return None;
+        }
+        // The last block with fewer than r + 1 bits before it holds the bit.
+        let block = self.before.partition_point(|&b| b <= r) - 1;
+        let mut left = r - self.before[block];
+        let first = block * RANK_BLOCK_WORDS;
+        let last = (first + RANK_BLOCK_WORDS).min(bitmap.words.len());
+        for w in first..last {
+            let mut x = bitmap.words[w] & bitmap.word_mask(w);
+            let c = u64::from(x.count_ones());
+            if left < c {
+                for _ in 0..left {
+                    x &= x - 1;
+                }
+                return Some(w as u64 * WORD_BITS + u64::from(x.trailing_zeros()));
+            }
+            left -= c;
+        }
+        None
+    }
+}
+
 /// Iterator over set bits; see [`Bitmap::iter_ones`].
 pub struct IterOnes<'a> {
     bitmap: &'a Bitmap,
@@ -300,6 +362,54 @@ impl Iterator for Runs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn ranks_select_every_set_bit_in_order() {
+        // Sizes around the block (4096 bits) and word edges, densities from empty to full.
+        let mut state = 0x9e37_79b9_7f4a_7c15u64;
+        let mut next = move || {
+            state ^= state << 13;
+            state ^= state >> 7;
+            state ^= state << 17;
+            state
+        };
+        for bits in [0u64, 1, 63, 64, 65, 4095, 4096, 4097, 3 * 4096 + 77, 40_000] {
+            for density in [0u64, 1, 50, 100] {
+                let mut b = Bitmap::new(bits);
+                for i in 0..bits {
+                    if next() % 100 < density {
+                        b.set(i);
+                    }
+                }
+                let ones: Vec<u64> = b.iter_ones().collect();
+                let ranks = Ranks::new(&b);
+                assert_eq!(
+                    ranks.total(),
+                    ones.len() as u64,
+                    "{bits} bits at {density}%"
+                );
+                for (r, &i) in ones.iter().enumerate() {
+                    assert_eq!(
+                        ranks.select(&b, r as u64),
+                        Some(i),
+                        "rank {r} of {bits} bits"
+                    );
+                }
+                assert_eq!(ranks.select(&b, ones.len() as u64), None);
+                assert_eq!(ranks.select(&b, u64::MAX), None);
+            }
+        }
+    }
+
+    #[test]
+    fn ranks_ignore_bits_past_the_end() {
+        let words = vec![u64::MAX; 2];
+        let b = Bitmap::from_words(&words, 70);
+        let ranks = Ranks::new(&b);
+        assert_eq!(ranks.total(), 70);
+        assert_eq!(ranks.select(&b, 69), Some(69));
+        assert_eq!(ranks.select(&b, 70), None);
+    }
 
     #[test]
     fn set_get_clear_and_bounds() {

@@ -13,7 +13,7 @@ use thiserror::Error;
 
 use crate::abi::PAGE_SIZE;
 use crate::access::{AccessError, AccessSampler, Arming, REGION_PAGES, Round};
-use crate::bitmap::Bitmap;
+use crate::bitmap::{Bitmap, Ranks};
 use crate::pmp_mmp::{MapError, PmpMmpMap};
 use crate::sampler::Sampler;
 use crate::stats::{Smoother, Stratified};
@@ -73,6 +73,9 @@ pub struct IntervalWork {
     reprotect: Vec<u64>,
     /// All of RAM, the population of plain (unstratified) sampling.
     everything: Bitmap,
+    /// The rank index of the access sample's population: the pages touched so far (all of RAM
+    /// when not stratifying), built by the count after each harvest.
+    population: Ranks,
     /// Scratch: pages the write sample must leave out (the access sample, and the regions the
     /// access sampler registered just now).
     exclude: Bitmap,
@@ -93,8 +96,10 @@ impl IntervalWork {
             mask: vec![0u64; ram.pages().div_ceil(64) as usize],
             reprotect: Vec::new(),
             everything,
+            population: Ranks::default(),
             exclude: Bitmap::new(ram.pages()),
         };
+        work.index_population();
         work.arm(vm, 0, 0)?;
         Ok(work)
     }
@@ -138,14 +143,18 @@ impl IntervalWork {
                 w.population,
             )
         });
-        let (touched0, written0) = self.counts();
+        let (touched0, written0) = (
+            self.map.touched().count_ones(),
+            self.map.guest_written().count_ones(),
+        );
         // The map's interval numbers are u32; a run would need 136 years of 1 s intervals to wrap.
         self.map.harvest(
             &dirty,
             &vmm_dirty,
             u32::try_from(interval).unwrap_or(u32::MAX - 1),
         )?;
-        let (touched1, written1) = self.counts();
+        let touched1 = self.index_population();
+        let written1 = self.map.guest_written().count_ones();
         let pages = ram.pages();
         let plain = |t, n| Stratified::new(0, t, n, pages);
         let access = round.map(|r| {
@@ -208,12 +217,17 @@ impl IntervalWork {
         Ok(())
     }
 
-    /// Pages touched and written so far.
-    fn counts(&self) -> (u64, u64) {
-        (
-            self.map.touched().count_ones(),
-            self.map.guest_written().count_ones(),
-        )
+    /// Indexes the pages touched so far, the access sample's population, and returns how many
+    /// they are; with plain sampling, the population is all of RAM.
+    fn index_population(&mut self) -> u64 {
+        let touched = Ranks::new(self.map.touched());
+        let count = touched.total();
+        if self.est.stratify {
+            self.population = touched;
+        } else if self.population.total() != self.everything.len() {
+            self.population = Ranks::new(&self.everything);
+        }
+        count
     }
 
     /// Resolving a trapped read may set the page's dirty bit: for pages first accessed by a read,
@@ -250,7 +264,7 @@ impl IntervalWork {
                 } else {
                     cycle[(interval % cycle.len() as u64) as usize]
                 };
-                a.arm(touched, n)?
+                a.arm(touched, &self.population, n)?
             }
             None => Arming::default(),
         };

@@ -146,6 +146,38 @@ impl Sampler {
         (&self.armed, candidates)
     }
 
+    /// Draws up to `k` ranks from `0..n` that are not in `taken`, uniformly, and adds them to
+    /// `taken`: all the rest when fewer than `k` are left. O(k) expected while `taken` holds at
+    /// most half of `0..n` (Floyd's algorithm when it is empty); a caller that keeps drawing
+    /// replacements bounds `taken` itself. The sample size set by [`Sampler::set_samples`] is
+    /// not used.
+    pub fn draw_ranks(&mut self, k: u64, n: u64, taken: &mut HashSet<u64>) -> Vec<u64> {
+        let left = n.saturating_sub(taken.len() as u64);
+        let mut out = Vec::with_capacity(usize::try_from(k.min(left)).unwrap_or(0));
+        if k >= left {
+            out.extend((0..n).filter(|r| !taken.contains(r)));
+        } else if taken.is_empty() {
+            // Floyd's algorithm, as in `arm`.
+            for j in n - k..n {
+                let t = self.rng.random_range(0..=j);
+                let pick = if taken.insert(t) { t } else { j };
+                taken.insert(pick);
+                out.push(pick);
+            }
+            return out;
+        } else {
+            while (out.len() as u64) < k {
+                let t = self.rng.random_range(0..n);
+                if taken.insert(t) {
+                    out.push(t);
+                }
+            }
+            return out;
+        }
+        taken.extend(out.iter().copied());
+        out
+    }
+
     /// The armed set (sorted ascending; empty before the first [`Sampler::arm`]).
     pub fn armed(&self) -> &[u64] {
         &self.armed
@@ -438,5 +470,47 @@ mod tests {
         }
         let chi2 = chi_square(&counts);
         assert!(chi2 < 27.88, "chi-square {chi2:.2} over {counts:?}");
+    }
+
+    #[test]
+    fn drawn_ranks_are_uniform_subsets() {
+        // First draws (Floyd): 2 of 5, 20,000 times; 10 subsets, 2,000 each expected.
+        let mut s = Sampler::new(1, 5, Some(0xd2a)).unwrap();
+        let index = |a: u64, b: u64| -> usize {
+            let before: u64 = (0..a).map(|i| 4 - i).sum();
+            (before + (b - a - 1)) as usize
+        };
+        let mut first = [0u64; 10];
+        for _ in 0..20_000 {
+            let mut taken = HashSet::new();
+            let mut d = s.draw_ranks(2, 5, &mut taken);
+            d.sort_unstable();
+            assert_eq!(taken.len(), 2);
+            first[index(d[0], d[1])] += 1;
+        }
+        assert!(chi_square(&first) < 27.88, "first draws {first:?}");
+        // Replacements (rejection): one more of 5 with 0 and 1 taken, uniform over the three left.
+        let mut more = [0u64; 3];
+        for _ in 0..9_000 {
+            let mut taken: HashSet<u64> = [0, 1].into_iter().collect();
+            let d = s.draw_ranks(1, 5, &mut taken);
+            assert_eq!(d.len(), 1);
+            assert!(d[0] >= 2, "a replacement repeats a taken rank");
+            more[(d[0] - 2) as usize] += 1;
+        }
+        // 2 degrees of freedom, p = 0.001.
+        assert!(chi_square(&more) < 13.82, "replacements {more:?}");
+    }
+
+    #[test]
+    fn drawing_past_the_population_takes_the_rest() {
+        let mut s = Sampler::new(1, 10, Some(3)).unwrap();
+        let mut taken: HashSet<u64> = [1, 4, 6].into_iter().collect();
+        let mut rest = s.draw_ranks(10, 8, &mut taken);
+        rest.sort_unstable();
+        assert_eq!(rest, vec![0, 2, 3, 5, 7]);
+        assert_eq!(taken.len(), 8);
+        assert!(s.draw_ranks(3, 8, &mut taken).is_empty());
+        assert!(s.draw_ranks(3, 0, &mut HashSet::new()).is_empty());
     }
 }

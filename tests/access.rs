@@ -192,3 +192,127 @@ fn without_userfaultfd_reads_are_announced_unseen_and_writes_still_estimated() {
     }
     let _ = std::fs::remove_dir_all(dir);
 }
+
+/// Guest pages pinned the way a device pins DMA buffers: registered as io_uring fixed buffers
+/// (a long-term pin), which `UFFDIO_MOVE` refuses to move. Unpinned when dropped.
+struct Pinned(libc::c_int);
+
+impl Pinned {
+    fn new(addr: usize, len: usize) -> Self {
+        // struct io_uring_params is 120 bytes; zero asks for defaults, the kernel fills it in.
+        let mut params = [0u8; 120];
+        // SAFETY: io_uring_setup reads and writes only the 120-byte params buffer we own.
+        let fd = unsafe { libc::syscall(libc::SYS_io_uring_setup, 1u32, params.as_mut_ptr()) };
+        assert!(
+            fd >= 0,
+            "io_uring_setup (to pin pages): {}",
+            std::io::Error::last_os_error()
+        );
+        let fd = fd as libc::c_int;
+        let iov = libc::iovec {
+            iov_base: addr as *mut libc::c_void,
+            iov_len: len,
+        };
+        // SAFETY: IORING_REGISTER_BUFFERS (0) reads one iovec that lives across the call; it
+        // pins the pages of a range we own and keep mapped until this ring is closed.
+        let rc = unsafe { libc::syscall(libc::SYS_io_uring_register, fd, 0u32, &iov, 1u32) };
+        assert_eq!(
+            rc,
+            0,
+            "io_uring_register buffers: {}",
+            std::io::Error::last_os_error()
+        );
+        Pinned(fd)
+    }
+}
+
+impl Drop for Pinned {
+    fn drop(&mut self) {
+        // SAFETY: IORING_UNREGISTER_BUFFERS (1) takes no argument and unpins the buffers at once
+        // (closing the ring alone unpins them later, from a kernel worker); then the fd we opened
+        // is closed.
+        unsafe {
+            libc::syscall(
+                libc::SYS_io_uring_register,
+                self.0,
+                1u32,
+                std::ptr::null::<libc::c_void>(),
+                0u32,
+            );
+            libc::close(self.0);
+        }
+    }
+}
+
+#[test]
+fn pages_that_refuse_to_move_are_skipped_counted_and_replaced() {
+    if !common::root("pages_that_refuse_to_move_are_skipped_counted_and_replaced") {
+        return;
+    }
+    use memvisor::abi::PAGE_SIZE;
+    use memvisor::access::AccessSampler;
+    use memvisor::bitmap::{Bitmap, Ranks};
+    use memvisor::memory::GuestRam;
+
+    // 4 MiB of RAM, every page written; the first half pinned.
+    let ram = GuestRam::new(4 << 20, false).unwrap();
+    let pages = ram.pages();
+    let mut population = Bitmap::new(pages);
+    for gfn in 0..pages {
+        ram.write_obj(gfn * PAGE_SIZE, gfn + 1).unwrap();
+        population.set(gfn);
+    }
+    let ranks = Ranks::new(&population);
+    let half = pages / 2;
+    let pin = Pinned::new(ram.host_addr(), (half * PAGE_SIZE) as usize);
+    let mut a = AccessSampler::new(64, ram.host_addr() as u64, pages, Some(11)).unwrap();
+
+    let mut skipped_total = 0;
+    for round in 0..8 {
+        let arming = a.arm(&population, &ranks, 64).unwrap();
+        // n is kept: every pinned pick was replaced by a page that moved.
+        assert_eq!(arming.pages.len(), 64, "round {round}");
+        assert!(
+            arming.pages.iter().all(|&g| g >= half && g < pages),
+            "a pinned page was armed in round {round}: {:?}",
+            arming.pages
+        );
+        let mut distinct = arming.pages.clone();
+        distinct.dedup();
+        assert_eq!(distinct.len(), 64, "round {round}: a page armed twice");
+        // The host reads a few armed pages: the trap resolves them with their contents intact.
+        for &g in arming.pages.iter().take(8) {
+            let v: u64 = ram.read_obj(g * PAGE_SIZE).unwrap();
+            assert_eq!(v, g + 1, "armed page {g} lost its contents");
+        }
+        let r = a.disarm().unwrap().expect("a round was armed");
+        assert_eq!((r.n, r.t, r.population), (64, 8, pages), "round {round}");
+        skipped_total += r.skipped;
+    }
+    // Half the population is pinned: about as many pinned picks as armed pages were skipped.
+    assert!(
+        (8 * 64 / 2..=8 * 64 * 2).contains(&skipped_total),
+        "skipped {skipped_total} in 8 rounds of 64"
+    );
+
+    // All of it pinned: nothing can be armed; the tries are bounded (four per page asked for),
+    // every one is counted, and the round closes empty.
+    let all = Pinned::new(
+        ram.host_addr() + (half * PAGE_SIZE) as usize,
+        ((pages - half) * PAGE_SIZE) as usize,
+    );
+    let arming = a.arm(&population, &ranks, 64).unwrap();
+    assert!(arming.pages.is_empty(), "{:?}", arming.pages);
+    let r = a.disarm().unwrap().expect("a round was asked for");
+    assert_eq!((r.n, r.t, r.skipped), (0, 0, 4 * 64));
+    drop((all, pin));
+
+    // Unpinned, every page moves again.
+    let arming = a.arm(&population, &ranks, 64).unwrap();
+    assert_eq!(arming.pages.len(), 64);
+    assert_eq!(a.disarm().unwrap().expect("armed").skipped, 0);
+    for gfn in 0..pages {
+        let v: u64 = ram.read_obj(gfn * PAGE_SIZE).unwrap();
+        assert_eq!(v, gfn + 1, "page {gfn} lost its contents");
+    }
+}
