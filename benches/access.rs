@@ -70,6 +70,43 @@ struct Errors {
     /// The binomial expectation of the mean absolute error for the stratified form.
     expected_mae: f64,
     coverage: f64,
+    /// The same, for pooling with other rows.
+    pool: Pool,
+}
+
+/// Errors pooled over rows: coverage, and mean |error| over its expectation with that ratio's
+/// standard error (|error| of a normal error has sd √(π/2 − 1) times its mean).
+#[derive(Default)]
+struct Pool {
+    k: usize,
+    /// Intervals covered, and the sums of |error|, of its expectation and of its square.
+    covered: usize,
+    sum_abs: f64,
+    sum_expected: f64,
+    sum_expected2: f64,
+}
+
+impl Pool {
+    fn add(&mut self, p: &Pool) {
+        self.k += p.k;
+        self.covered += p.covered;
+        self.sum_abs += p.sum_abs;
+        self.sum_expected += p.sum_expected;
+        self.sum_expected2 += p.sum_expected2;
+    }
+
+    fn cells(&self) -> String {
+        if self.k == 0 {
+            return "| | |".into();
+        }
+        let ratio = self.sum_abs / self.sum_expected;
+        let se = (std::f64::consts::PI / 2.0 - 1.0).sqrt() * self.sum_expected2.sqrt()
+            / self.sum_expected;
+        format!(
+            "| {:.1}% | {ratio:.2} ± {se:.2} |",
+            100.0 * self.covered as f64 / self.k as f64
+        )
+    }
 }
 
 fn errors(
@@ -80,6 +117,7 @@ fn errors(
     let mut e = Vec::new();
     let mut covered = 0;
     let mut expected = 0.0;
+    let mut expected2 = 0.0;
     let mut t_sum = 0.0;
     for r in rows {
         let (Some(a), Some(_)) = (est(r), &r.truth) else {
@@ -102,8 +140,9 @@ fn errors(
             } else {
                 0.0
             };
-            expected +=
-                big_n * (p * (1.0 - p) / n * fpc).sqrt() * (2.0 / std::f64::consts::PI).sqrt();
+            let m = big_n * (p * (1.0 - p) / n * fpc).sqrt() * (2.0 / std::f64::consts::PI).sqrt();
+            expected += m;
+            expected2 += m * m;
         }
     }
     let k = e.len().max(1) as f64;
@@ -115,6 +154,13 @@ fn errors(
         mae: e.iter().map(|x| x.abs()).sum::<f64>() / k,
         expected_mae: expected / k,
         coverage: 100.0 * covered as f64 / k,
+        pool: Pool {
+            k: e.len(),
+            covered,
+            sum_abs: e.iter().map(|x| x.abs()).sum(),
+            sum_expected: expected,
+            sum_expected2: expected2,
+        },
     }
 }
 
@@ -134,6 +180,7 @@ fn accuracy(only: &[String]) {
         "| pattern | W | estimate | truth (MiB) | intervals | mean error | RMS error | mean abs error | expected mean abs | 95% CI coverage |"
     );
     println!("|---|---|---|---|---|---|---|---|---|---|");
+    let mut pools: Vec<(&str, Pool, Pool)> = Vec::new();
     for (name, opts) in [
         ("read", "read"),
         ("read random", "read random"),
@@ -147,6 +194,7 @@ fn accuracy(only: &[String]) {
         if !only.is_empty() && !only.iter().any(|c| c == first) {
             continue;
         }
+        let (mut pa, mut pw) = (Pool::default(), Pool::default());
         for pct in [5u64, 25, 50, 90] {
             let ws = (mem * pct / 100) / (2 * MIB) * (2 * MIB) / 1024;
             // 90% of RAM touched before: the stratum the samples come from is that large, and
@@ -169,6 +217,12 @@ fn accuracy(only: &[String]) {
                 |r| r.active_writes.as_ref(),
                 |r| r.truth.as_ref().unwrap().written_mib,
             );
+            pa.add(&a.pool);
+            // The write estimate's rows with writes only: where the truth is 0 it has no
+            // sampling noise to compare with.
+            if w.truth > 0.0 {
+                pw.add(&w.pool);
+            }
             for (which, e) in [("access", a), ("writes", w)] {
                 println!(
                     "| {name} | {pct}% | {which} | {:.1} | {} | {:+.2} | {:.2} | {:.2} | {:.2} | {:.1}% |",
@@ -176,7 +230,28 @@ fn accuracy(only: &[String]) {
                 );
             }
         }
+        pools.push((name, pa, pw));
     }
+    println!();
+    println!("Per pattern, over its W (mean abs error / expected: ± its standard error):");
+    println!();
+    println!(
+        "| pattern | access: coverage | access: mean abs error / expected | writes: coverage | writes: mean abs error / expected |"
+    );
+    println!("|---|---|---|---|---|");
+    let (mut all_a, mut all_w) = (Pool::default(), Pool::default());
+    for (name, pa, pw) in &pools {
+        println!("| {name} {} {}", pa.cells(), &pw.cells()[1..]);
+        all_a.add(pa);
+        all_w.add(pw);
+    }
+    println!(
+        "| pooled ({} and {} intervals) {} {}",
+        all_a.k,
+        all_w.k,
+        all_a.cells(),
+        &all_w.cells()[1..]
+    );
     println!();
 }
 
@@ -238,8 +313,10 @@ fn mean_se(v: &[f64]) -> (f64, f64) {
 
 fn overhead() {
     let mem = GIB;
-    // 1. The whole heap active: the access sample size cycles interval by interval in one run.
-    let cycle = [0u64, 25, 50, 100, 200];
+    // 1. The whole heap active: the access sample size cycles interval by interval in one run,
+    //    off every other interval, so slow drifts of the host hit every size alike.
+    let n_default = RunOptions::default().access_samples;
+    let cycle = [0u64, n_default, 0, n_default, 0, 200, 0, 400];
     let rounds = 10u32;
     let secs = rounds * cycle.len() as u32 + 2;
     let spec = format!("alloc 512M; touch 512M write; touch 512M read random {secs}s");
@@ -264,8 +341,20 @@ fn overhead() {
         .filter(|r| r.phase == timed && r.end.is_none())
         .collect();
     let timed_rows = &timed_rows[1..timed_rows.len() - 1];
+    // (traps, rate, interval length in s) of every interval, for the fit below.
+    let points: Vec<(f64, f64, f64)> = timed_rows
+        .iter()
+        .filter_map(|r| {
+            let t = r.truth.as_ref()?;
+            let traps = r.active.as_ref().map_or(0.0, |a| a.t as f64);
+            Some((traps, t.rate / 1e6, 1.0))
+        })
+        .collect();
     let mut off = 0.0;
-    for &n in &cycle {
+    let mut sizes = cycle.to_vec();
+    sizes.sort_unstable();
+    sizes.dedup();
+    for &n in &sizes {
         let sel: Vec<&&Row> = timed_rows
             .iter()
             .filter(|r| r.active.as_ref().map_or(0, |a| a.n) == n)
@@ -287,6 +376,8 @@ fn overhead() {
             "| {} | {} | {m:.2} ± {se:.2} | {:+.1}% ± {:.1}% | {traps:.0} |",
             if n == 0 {
                 "off".to_string()
+            } else if n == n_default {
+                format!("{n} (default)")
             } else {
                 n.to_string()
             },
@@ -296,13 +387,35 @@ fn overhead() {
         );
     }
     println!();
+    // Least squares over every interval: rate = a + b x traps. One trap costs the guest
+    // c = -b / a x the interval's length; the default's slowdown is c x its traps per second.
+    let k = points.len() as f64;
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / k,
+        points.iter().map(|p| p.1).sum::<f64>() / k,
+    );
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let b = sxy / sxx;
+    let a = my - b * mx;
+    let resid: f64 = points.iter().map(|p| (p.1 - a - b * p.0).powi(2)).sum();
+    let se_b = (resid / (k - 2.0) / sxx).sqrt();
+    let len = points.iter().map(|p| p.2).sum::<f64>() / k;
+    let (c, se_c) = (-b / a * len * 1e6, se_b / a * len * 1e6);
+    let at_default = c * n_default as f64 / (len * 1e6) * 100.0;
+    let se_default = se_c * n_default as f64 / (len * 1e6) * 100.0;
+    println!(
+        "Fit over {} intervals: one trapped access costs the guest {c:.0} ± {se_c:.0} µs, so {n_default} \
+         (the default) cost {at_default:.2}% ± {se_default:.2}% at {len:.1} s intervals.",
+        points.len()
+    );
+    println!();
 
     // 2. First touches of pages nobody samples: a one-pass write of 512 MiB of fresh memory, the
     //    access sampler on (default n) and off, alternating runs.
     println!("## First touches: a one-pass write of 512 MiB of fresh memory, guest seconds");
     println!();
     println!("| access sampler | runs | phase time (s) | vs off |");
-    let n_default = RunOptions::default().access_samples;
     println!("|---|---|---|---|");
     let spec = "alloc 512M; touch 512M write; idle 10ms";
     let (mut on, mut off) = (Vec::new(), Vec::new());
