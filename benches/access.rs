@@ -2,7 +2,7 @@
 //! guest's truth by access pattern, stratified against plain sampling on a sparse guest, the
 //! guest's slowdown and first-touch cost, and the cost of one round by guest size.
 //!
-//! `cargo bench --bench access [-- accuracy|sparse|overhead|cost]`
+//! `cargo bench --bench access [-- accuracy|sparse|bias|overhead|cost]`
 
 use std::time::{Duration, Instant};
 
@@ -304,6 +304,61 @@ fn sparse() {
 }
 
 /// Mean and standard error of the mean.
+/// Does the access sampler bias the write estimate? The sampler is on (default n) and off in
+/// turn, interval by interval, in one run; the write estimate's mean error is compared.
+fn bias() {
+    let mem = GIB;
+    let interval = Duration::from_millis(250);
+    let n_default = RunOptions::default().access_samples;
+    println!(
+        "## The write estimate with the access sampler on ({n_default}) and off in turn: 1 GiB guest with 90% written before, interval {interval:?}"
+    );
+    println!();
+    println!(
+        "| pattern | W | access sampler | intervals | written truth (MiB) | write estimate: mean error ± se (MiB) |"
+    );
+    println!("|---|---|---|---|---|---|");
+    let all = (mem * 90 / 100) / (2 * MIB) * (2 * MIB) / 1024;
+    // Reads of pages written before (where a falsely logged write would show against a truth of
+    // 0), writes, and both on the same pages.
+    for (pattern, ws) in [
+        ("read random", 512u64),
+        ("write random", 256),
+        ("mixed", 512),
+    ] {
+        let spec = format!(
+            "alloc {all}K; touch {all}K write; touch {ws}M {pattern} {}ms",
+            (interval * 200).as_millis()
+        );
+        let timed = phase_name(&spec, mem, 2);
+        let o = options(&spec, mem, interval, 7);
+        let cfg = RunConfig::new(o)
+            .expect("options")
+            .with_access_cycle(&[0, n_default])
+            .expect("cycle");
+        let (_, rows) = run_cfg(cfg);
+        let rows = inside(&rows, &timed);
+        for on in [false, true] {
+            let (errs, truth): (Vec<f64>, Vec<f64>) = rows
+                .iter()
+                .filter(|r| r.active.as_ref().is_some_and(|a| a.n > 0) == on)
+                .filter_map(|r| {
+                    let (w, t) = (r.active_writes.as_ref()?, r.truth.as_ref()?);
+                    Some((w.estimate_mib - t.written_mib, t.written_mib))
+                })
+                .unzip();
+            let (m, se) = mean_se(&errs);
+            println!(
+                "| {pattern} | {ws} MiB | {} | {} | {:.1} | {m:+.2} ± {se:.2} |",
+                if on { "on" } else { "off" },
+                errs.len(),
+                truth.iter().sum::<f64>() / truth.len().max(1) as f64
+            );
+        }
+    }
+    println!();
+}
+
 fn mean_se(v: &[f64]) -> (f64, f64) {
     let k = v.len() as f64;
     let m = v.iter().sum::<f64>() / k;
@@ -367,7 +422,8 @@ fn overhead() {
             .iter()
             .filter_map(|r| r.active.as_ref().map(|a| a.t as f64))
             .sum::<f64>()
-            / sel.len().max(1) as f64;
+            / sel.len().max(1) as f64
+            + 0.0; // an empty sum is -0.0
         let (m, se) = mean_se(&rates);
         if n == 0 {
             off = m;
@@ -502,7 +558,7 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let sections = ["cost", "overhead", "sparse", "accuracy"];
+    let sections = ["cost", "overhead", "sparse", "bias", "accuracy"];
     let (named, patterns): (Vec<String>, Vec<String>) = which
         .into_iter()
         .partition(|w| sections.contains(&w.as_str()));
@@ -515,6 +571,9 @@ fn main() {
     }
     if want("sparse") {
         sparse();
+    }
+    if want("bias") {
+        bias();
     }
     if want("accuracy") {
         // Further words choose patterns by their first word: `-- accuracy mixed`.
