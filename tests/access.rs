@@ -118,6 +118,23 @@ fn a_census_of_every_touched_page_keeps_data_and_the_guest_intact() {
 }
 
 #[test]
+fn verify_fails_a_run_whose_pages_do_not_hold_what_was_written() {
+    if !common::kvm("verify_fails_a_run_whose_pages_do_not_hold_what_was_written") {
+        return;
+    }
+    // The census above is only as strong as `verify`: the second 4 MiB was never written, so
+    // every access to it must be counted as a changed page and end the run.
+    let opts = common::config("alloc 8M; touch 4M write; touch 8M read verify", 32 << 20);
+    let e = common::run_cfg(opts).expect_err("a verify phase over unwritten pages fails");
+    let msg = format!("{e:#}");
+    assert!(msg.contains("touch 8M read verify"), "{msg}");
+    assert!(
+        msg.contains("1024"),
+        "every unwritten page counted once: {msg}"
+    );
+}
+
+#[test]
 fn stratification_is_far_better_on_a_sparse_guest() {
     if !common::kvm("stratification_is_far_better_on_a_sparse_guest") {
         return;
