@@ -263,52 +263,59 @@ fn accuracy(only: &[String]) {
 fn sparse() {
     let mem = 16 * GIB;
     let interval = Duration::from_millis(250);
-    let spec = "alloc 512M; touch 512M write; touch 512M write random 8s".to_string();
-    let timed = phase_name(&spec, mem, 2);
-    let timed = timed.as_str();
     println!(
-        "## Sparse guest: 16 GiB, 512 MiB touched and written at random, interval {interval:?}"
+        "## Sparse guest: 16 GiB that has written 512 MiB, then writes W of it at random, interval {interval:?}"
     );
     println!();
     println!(
-        "| sampling | estimate | intervals | RMS error (MiB) | mean abs error (MiB) | 95% CI coverage |"
+        "| W | sampling | estimate | intervals | RMS error (MiB) | mean abs error (MiB) | 95% CI coverage |"
     );
-    println!("|---|---|---|---|---|---|");
-    let mut rms = Vec::new();
-    for plain in [false, true] {
-        let mut o = options(&spec, mem, interval, 5);
-        o.plain_sampling = plain;
-        let (_, rows) = run(o);
-        let rows = inside(&rows, timed);
-        let a = errors(
-            &rows,
-            |r| r.active.as_ref(),
-            |r| r.truth.as_ref().unwrap().touched_mib,
-        );
-        let w = errors(
-            &rows,
-            |r| r.active_writes.as_ref(),
-            |r| r.truth.as_ref().unwrap().written_mib,
-        );
-        let label = if plain { "plain" } else { "stratified" };
-        for (which, e) in [("access", &a), ("writes", &w)] {
-            println!(
-                "| {label} | {which} | {} | {:.2} | {:.2} | {:.1}% |",
-                e.k, e.rms, e.mae, e.coverage
+    println!("|---|---|---|---|---|---|---|");
+    let mut ratios = Vec::new();
+    // All of the touched pages active (the sampled stratum has p = 1), and half of them.
+    for ws in [512u64, 256] {
+        let spec = format!("alloc 512M; touch 512M write; touch {ws}M write random 10s");
+        let timed = phase_name(&spec, mem, 2);
+        let mut rms = Vec::new();
+        for plain in [false, true] {
+            let mut o = options(&spec, mem, interval, 5);
+            o.plain_sampling = plain;
+            let (_, rows) = run(o);
+            let rows = inside(&rows, &timed);
+            let a = errors(
+                &rows,
+                |r| r.active.as_ref(),
+                |r| r.truth.as_ref().unwrap().touched_mib,
             );
+            let w = errors(
+                &rows,
+                |r| r.active_writes.as_ref(),
+                |r| r.truth.as_ref().unwrap().written_mib,
+            );
+            let label = if plain { "plain" } else { "stratified" };
+            for (which, e) in [("access", &a), ("writes", &w)] {
+                println!(
+                    "| {ws} MiB | {label} | {which} | {} | {:.2} | {:.2} | {:.1}% |",
+                    e.k, e.rms, e.mae, e.coverage
+                );
+            }
+            rms.push((a.rms, w.rms));
         }
-        rms.push((a.rms, w.rms));
+        ratios.push((
+            ws,
+            rms[1].0 / rms[0].0.max(1e-9),
+            rms[1].1 / rms[0].1.max(1e-9),
+        ));
     }
     println!();
-    println!(
-        "Error ratio plain / stratified (RMS): access {:.0}x, writes {:.0}x.",
-        rms[1].0 / rms[0].0.max(1e-9),
-        rms[1].1 / rms[0].1.max(1e-9)
-    );
+    for (ws, a, w) in ratios {
+        println!(
+            "Error ratio plain / stratified (RMS), W = {ws} MiB: access {a:.1}x, writes {w:.1}x."
+        );
+    }
     println!();
 }
 
-/// Mean and standard error of the mean.
 /// Does the access sampler bias the write estimate? The sampler is on (default n) and off in
 /// turn, interval by interval, in one run; the write estimate's mean error is compared.
 fn bias() {
@@ -364,6 +371,7 @@ fn bias() {
     println!();
 }
 
+/// Mean and standard error of the mean.
 fn mean_se(v: &[f64]) -> (f64, f64) {
     let k = v.len() as f64;
     let m = v.iter().sum::<f64>() / k;
