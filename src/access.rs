@@ -12,12 +12,12 @@
 //! ever copied, so contents are intact; the handler thread never touches guest memory.
 //!
 //! Why whole regions, registered once: registering and unregistering single pages every interval
-//! splits and merges the mapping, and on this development host (nested KVM, PVM) every such change
-//! makes KVM rebuild the guest's mappings nearby, and a rebuilt read mapping of a write-protected
-//! page is logged as a write. The write sample therefore leaves out the regions registered in
-//! the same interval, and the pages armed in this round or the one before (a page moved out and
-//! back has no KVM mapping until the guest touches it, and that first read would be logged as a
-//! write too; `docs/design.md`).
+//! splits and merges the mapping, and on this development host (nested KVM, PVM) that makes KVM
+//! rebuild the guest's mappings nearby, and a rebuilt read mapping of a write-protected page is
+//! logged as a write. A region registered once and left registered shows no such effect
+//! (measured: `docs/design.md`). A page moved out and back has no KVM mapping until the guest
+//! touches it, and KVM logs that first read as a write on any x86 host (it maps a writable page
+//! writable), so the write sample leaves out the pages armed in this round and the one before.
 
 use std::collections::{HashMap, HashSet};
 use std::io::Write;

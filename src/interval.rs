@@ -12,7 +12,7 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::abi::PAGE_SIZE;
-use crate::access::{AccessError, AccessSampler, Arming, REGION_PAGES, Round};
+use crate::access::{AccessError, AccessSampler, Arming, Round};
 use crate::bitmap::{Bitmap, Ranks};
 use crate::pmp_mmp::{MapError, PmpMmpMap};
 use crate::sampler::Sampler;
@@ -76,8 +76,8 @@ pub struct IntervalWork {
     /// The rank index of the access sample's population: the pages touched so far (all of RAM
     /// when not stratifying), built by the count after each harvest.
     population: Ranks,
-    /// Scratch: pages the write sample must leave out (the access sample, and the regions the
-    /// access sampler registered just now).
+    /// Scratch: pages the write sample must leave out (the access sample, and the one before:
+    /// a page moved out and back has no KVM mapping until the guest touches it again).
     exclude: Bitmap,
 }
 
@@ -268,13 +268,8 @@ impl IntervalWork {
             }
             None => Arming::default(),
         };
-        let pages = self.exclude.len();
         for &gfn in arming.pages.iter().chain(&arming.previous) {
             self.exclude.set(gfn);
-        }
-        for &r in &arming.new_regions {
-            self.exclude
-                .set_range(r * REGION_PAGES..((r + 1) * REGION_PAGES).min(pages));
         }
         if let Some(w) = self.write_round.take() {
             let s = self.est.write[w.sampler].as_ref().expect("armed sampler");
@@ -315,10 +310,6 @@ impl IntervalWork {
         }
         for &gfn in arming.pages.iter().chain(&arming.previous) {
             self.exclude.clear(gfn);
-        }
-        for &r in &arming.new_regions {
-            self.exclude
-                .clear_range(r * REGION_PAGES..((r + 1) * REGION_PAGES).min(pages));
         }
         log::debug!(
             "interval {interval}: access sample {} pages ({} regions newly registered), write \
