@@ -164,6 +164,23 @@ fn errors(
     }
 }
 
+/// The access estimate's errors against the pages touched, and the write estimate's against
+/// the pages written.
+fn both_errors(rows: &[&Row]) -> (Errors, Errors) {
+    (
+        errors(
+            rows,
+            |r| r.active.as_ref(),
+            |r| r.truth.as_ref().unwrap().touched_mib,
+        ),
+        errors(
+            rows,
+            |r| r.active_writes.as_ref(),
+            |r| r.truth.as_ref().unwrap().written_mib,
+        ),
+    )
+}
+
 /// `patterns`: names of the patterns to run (all when empty).
 fn accuracy(only: &[String]) {
     let mem = GIB;
@@ -212,16 +229,7 @@ fn accuracy(only: &[String]) {
             let seed = 42 + pct + 1000 * i as u64;
             let (_, rows) = run(options(&spec, mem, interval, seed));
             let rows = inside(&rows, &timed);
-            let a = errors(
-                &rows,
-                |r| r.active.as_ref(),
-                |r| r.truth.as_ref().unwrap().touched_mib,
-            );
-            let w = errors(
-                &rows,
-                |r| r.active_writes.as_ref(),
-                |r| r.truth.as_ref().unwrap().written_mib,
-            );
+            let (a, w) = both_errors(&rows);
             pa.add(&a.pool);
             // The write estimate's rows with writes only: where the truth is 0 it has no
             // sampling noise to compare with.
@@ -282,16 +290,7 @@ fn sparse() {
             o.plain_sampling = plain;
             let (_, rows) = run(o);
             let rows = inside(&rows, &timed);
-            let a = errors(
-                &rows,
-                |r| r.active.as_ref(),
-                |r| r.truth.as_ref().unwrap().touched_mib,
-            );
-            let w = errors(
-                &rows,
-                |r| r.active_writes.as_ref(),
-                |r| r.truth.as_ref().unwrap().written_mib,
-            );
+            let (a, w) = both_errors(&rows);
             let label = if plain { "plain" } else { "stratified" };
             for (which, e) in [("access", &a), ("writes", &w)] {
                 println!(
