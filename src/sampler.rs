@@ -78,26 +78,12 @@ impl Sampler {
     /// Picks a new set of `samples` distinct page indices, uniformly at random, and returns it
     /// sorted ascending. The set stays armed until the next call.
     pub fn arm(&mut self) -> &[u64] {
-        // Floyd's algorithm: for j in n-k .. n, pick t in 0..=j; take t, or j if t is already
-        // taken. Each k-subset of 0..n comes out with probability 1 / C(n, k).
-        let n = self.guest_pages;
-        let k = self.samples;
-        self.picked.clear();
-        for j in n - k..n {
-            let t = self.rng.random_range(0..=j);
-            if !self.picked.insert(t) {
-                self.picked.insert(j);
-            }
-        }
-        self.armed.clear();
-        self.armed.extend(self.picked.iter().copied());
+        let mut taken = std::mem::take(&mut self.picked);
+        taken.clear();
+        self.armed = self.draw_ranks(self.samples, self.guest_pages, &mut taken);
+        self.picked = taken;
         self.armed.sort_unstable();
         &self.armed
-    }
-
-    /// Changes the sample size from the next arming on (at least 1, at most the guest's pages).
-    pub fn set_samples(&mut self, samples: u64) {
-        self.samples = samples.clamp(1, self.guest_pages);
     }
 
     /// Picks up to `samples` distinct pages uniformly from `population` (one bit per guest page)
@@ -149,15 +135,15 @@ impl Sampler {
     /// Draws up to `k` ranks from `0..n` that are not in `taken`, uniformly, and adds them to
     /// `taken`: all the rest when fewer than `k` are left. O(k) expected while `taken` holds at
     /// most half of `0..n` (Floyd's algorithm when it is empty); a caller that keeps drawing
-    /// replacements bounds `taken` itself. The sample size set by [`Sampler::set_samples`] is
-    /// not used.
+    /// replacements bounds `taken` itself. The sampler's own sample size is not used.
     pub fn draw_ranks(&mut self, k: u64, n: u64, taken: &mut HashSet<u64>) -> Vec<u64> {
         let left = n.saturating_sub(taken.len() as u64);
         let mut out = Vec::with_capacity(usize::try_from(k.min(left)).unwrap_or(0));
         if k >= left {
             out.extend((0..n).filter(|r| !taken.contains(r)));
         } else if taken.is_empty() {
-            // Floyd's algorithm, as in `arm`.
+            // Floyd's algorithm: for j in n-k .. n, pick t in 0..=j; take t, or j if t is
+            // already taken. Each k-subset of 0..n comes out with probability 1 / C(n, k).
             for j in n - k..n {
                 let t = self.rng.random_range(0..=j);
                 let pick = if taken.insert(t) { t } else { j };
