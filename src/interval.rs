@@ -89,6 +89,13 @@ impl IntervalWork {
         if !est.stratify {
             everything.set_range(0..ram.pages());
         }
+        // Plain sampling draws from all of RAM, indexed once; stratified sampling from the pages
+        // touched so far, indexed after each harvest.
+        let population = if est.stratify {
+            Ranks::default()
+        } else {
+            Ranks::new(&everything)
+        };
         let mut work = IntervalWork {
             map: PmpMmpMap::new(ram.host_addr(), ram.pages())?,
             est,
@@ -96,10 +103,9 @@ impl IntervalWork {
             mask: vec![0u64; ram.pages().div_ceil(64) as usize],
             reprotect: Vec::new(),
             everything,
-            population: Ranks::default(),
+            population,
             exclude: Bitmap::new(ram.pages()),
         };
-        work.index_population();
         work.arm(vm, 0, 0)?;
         Ok(work)
     }
@@ -143,40 +149,36 @@ impl IntervalWork {
                 w.population,
             )
         });
-        let (touched0, written0) = (
-            self.map.touched().count_ones(),
-            self.map.guest_written().count_ones(),
-        );
         // The map's interval numbers are u32; a run would need 136 years of 1 s intervals to wrap.
-        self.map.harvest(
+        let harvested = self.map.harvest(
             &dirty,
             &vmm_dirty,
             u32::try_from(interval).unwrap_or(u32::MAX - 1),
         )?;
-        let touched1 = self.index_population();
-        let written1 = self.map.guest_written().count_ones();
+        if self.est.stratify && self.est.access.is_some() {
+            self.population = Ranks::new(self.map.touched());
+        }
+        let written = self.map.guest_written().count_ones();
         let pages = ram.pages();
-        let plain = |t, n| Stratified::new(0, t, n, pages);
+        // The pages touched (written) for the first time are counted exactly when stratifying;
+        // plain sampling estimates them with the rest. The populations are all of RAM then.
+        let exact = |newly| if self.est.stratify { newly } else { 0 };
+        let (new_touches, new_writes) = (
+            exact(harvested.newly_touched),
+            exact(harvested.newly_written),
+        );
         let access = round.map(|r| {
-            let s = if self.est.stratify {
-                Stratified::new(touched1 - touched0, r.t, r.n, r.population)
-            } else {
-                plain(r.t, r.n)
-            };
+            let s = Stratified::new(new_touches, r.t, r.n, r.population);
             active(s, r.skipped, &mut self.est.access_smoother, pages, length)
         });
         let writes = write_t.map(|(n, t, population)| {
-            let s = if self.est.stratify {
-                Stratified::new(written1 - written0, t, n, population)
-            } else {
-                plain(t, n)
-            };
+            let s = Stratified::new(new_writes, t, n, population);
             active(s, 0, &mut self.est.write_smoother, pages, length)
         });
         if last {
             self.map.refresh()?;
         } else {
-            self.arm(vm, interval + 1, written1)?;
+            self.arm(vm, interval + 1, written)?;
         }
         let host = HostUsage::new(&self.map.summary(), usage::rss_bytes().unwrap_or(0));
         Ok(Measured {
@@ -205,29 +207,13 @@ impl IntervalWork {
         for r in ranges {
             self.map.note_released(r.clone(), &dirty, interval);
         }
-        let mut mask = vec![0u64; self.mask.len()];
-        let pages = vm.ram().pages();
+        let mut mask = Bitmap::new(vm.ram().pages());
         for r in ranges {
-            for gfn in r.start..r.end.min(pages) {
-                mask[(gfn / 64) as usize] |= 1 << (gfn % 64);
-            }
+            mask.set_range(r.clone());
         }
-        vm.clear_dirty(&mask)?;
-        self.map.note_cleared(&mask);
+        vm.clear_dirty(mask.words())?;
+        self.map.note_cleared(mask.words());
         Ok(())
-    }
-
-    /// Indexes the pages touched so far, the access sample's population, and returns how many
-    /// they are; with plain sampling, the population is all of RAM.
-    fn index_population(&mut self) -> u64 {
-        let touched = Ranks::new(self.map.touched());
-        let count = touched.total();
-        if self.est.stratify {
-            self.population = touched;
-        } else if self.population.total() != self.everything.len() {
-            self.population = Ranks::new(&self.everything);
-        }
-        count
     }
 
     /// Resolving a trapped read may set the page's dirty bit: for pages first accessed by a read,

@@ -195,6 +195,8 @@ impl fmt::Display for MapSummary {
 pub struct HarvestStats {
     /// Pages touched for the first time.
     pub newly_touched: u64,
+    /// Pages the guest wrote for the first time.
+    pub newly_written: u64,
     /// Guest writes observed (bits newly set in the dirty log).
     pub guest_writes: u64,
     /// Pages the VMM wrote since the previous harvest.
@@ -447,6 +449,7 @@ impl PmpMmpMap {
             }
             let was_touched = self.touched.words()[w];
             self.touched.words_mut()[w] |= written;
+            stats.newly_written += u64::from((new_g & !self.guest_written.words()[w]).count_ones());
             self.guest_written.words_mut()[w] |= new_g;
             self.vmm_written.words_mut()[w] |= v;
             self.pending.words_mut()[w] |= written;
@@ -582,8 +585,7 @@ impl PmpMmpMap {
             let dirty = guest_dirty.get(w).is_some_and(|d| d & bit != 0);
             if dirty && self.known_dirty.words()[w] & bit == 0 {
                 if !self.touched.get(gfn) {
-                    self.touched.set(gfn);
-                    self.records.reset(gfn, Record::touched_in(interval));
+                    self.touch(gfn, interval);
                 }
                 self.guest_written.set(gfn);
                 self.records.get_mut(gfn).last_write = interval;
