@@ -46,8 +46,6 @@ pub const MAX_MEM_BYTES: u64 = c::ABI_MAX_MEM_BYTES;
 /// Selectors of the GDT the VMM writes (index × 8, RPL in the low bits).
 pub const SEL_KERNEL_CODE: u16 = c::ABI_SEL_KCODE as u16;
 pub const SEL_KERNEL_DATA: u16 = c::ABI_SEL_KDATA as u16;
-pub const SEL_USER_CODE32: u16 = c::ABI_SEL_UCODE32 as u16;
-pub const SEL_USER_DATA: u16 = c::ABI_SEL_UDATA as u16;
 pub const SEL_USER_CODE: u16 = c::ABI_SEL_UCODE as u16;
 pub const SEL_TSS: u16 = c::ABI_SEL_TSS as u16;
 

@@ -74,8 +74,6 @@ struct Armed {
 struct State {
     /// Armed pages by host address.
     armed: HashMap<u64, Armed>,
-    /// Faults on pages that were not armed: first touches in a registered region.
-    stray: u64,
     /// The handler's first failure.
     error: Option<String>,
 }
@@ -404,10 +402,8 @@ fn handle_faults(
                 }
                 // A second fault on a page already resolved: its resolution woke everyone.
                 Some(_) => Ok(()),
-                None => {
-                    st.stray += 1;
-                    uffd.fill_missing(f.page, f.write, zeros)
-                }
+                // Not armed: a first touch in a registered region.
+                None => uffd.fill_missing(f.page, f.write, zeros),
             };
             if let Err(e) = result {
                 st.error.get_or_insert(e.to_string());

@@ -165,10 +165,6 @@ pub enum ConfigError {
     },
 }
 
-/// Sample sizes cycled interval by interval (`None`: no sampling in that interval). Usually one
-/// entry; a benchmark gives several to compare costs inside one run.
-pub type SampleCycle = Vec<Option<u64>>;
-
 /// A validated run: typed values only, built once.
 pub struct RunConfig {
     pub mem_bytes: u64,
@@ -255,6 +251,21 @@ impl BalloonConfig {
     }
 }
 
+/// At most one access sample per page of `mem_bytes` of RAM (0: the access sampler is off).
+fn check_access_samples(samples: u64, mem_bytes: u64) -> Result<(), ConfigError> {
+    let pages = mem_bytes / PAGE_SIZE;
+    if samples > pages {
+        return Err(ConfigError::Samples(
+            samples,
+            SamplerError::TooManySamples {
+                samples,
+                guest_pages: pages,
+            },
+        ));
+    }
+    Ok(())
+}
+
 impl RunConfig {
     /// Validates `opts` into a run, reading the guest image and opening the console file.
     pub fn new(opts: RunOptions) -> Result<Self, ConfigError> {
@@ -285,16 +296,7 @@ impl RunConfig {
         let balloon = BalloonConfig::new(&opts)?;
         let cycle = vec![(!opts.no_sampling).then_some(opts.samples)];
         let samplers = samplers(&cycle, opts.mem, opts.seed)?;
-        let pages = opts.mem / PAGE_SIZE;
-        if opts.access_samples > pages {
-            return Err(ConfigError::Samples(
-                opts.access_samples,
-                SamplerError::TooManySamples {
-                    samples: opts.access_samples,
-                    guest_pages: pages,
-                },
-            ));
-        }
+        check_access_samples(opts.access_samples, opts.mem)?;
         let smoother = Smoother::new(opts.ewma_fast, opts.ewma_slow).map_err(ConfigError::Ewma)?;
         let console: Box<dyn Write + Send> = match &opts.console {
             Some(p) if p.as_os_str() != "-" => Box::new(std::fs::File::create(p).map_err(
@@ -330,16 +332,7 @@ impl RunConfig {
     /// access sampling in that interval), so their costs compare inside one run.
     pub fn with_access_cycle(mut self, cycle: &[u64]) -> Result<Self, ConfigError> {
         let most = cycle.iter().copied().max().unwrap_or(0);
-        let pages = self.mem_bytes / PAGE_SIZE;
-        if most > pages {
-            return Err(ConfigError::Samples(
-                most,
-                SamplerError::TooManySamples {
-                    samples: most,
-                    guest_pages: pages,
-                },
-            ));
-        }
+        check_access_samples(most, self.mem_bytes)?;
         self.access_samples = most;
         self.access_cycle = cycle.to_vec();
         Ok(self)

@@ -106,37 +106,6 @@ impl Stratified {
     }
 }
 
-/// A sampled fraction with its 95% Wilson interval.
-#[derive(Clone, Copy, Debug, PartialEq, Serialize)]
-pub struct Estimate {
-    /// Samples taken.
-    pub n: u64,
-    /// Samples that were hit (touched).
-    pub t: u64,
-    /// `t / n` (0 when `n` is 0).
-    pub fraction: f64,
-    /// Low end of the 95% interval.
-    pub low: f64,
-    /// High end of the 95% interval.
-    pub high: f64,
-}
-
-impl Estimate {
-    /// The estimate for `t` hits in `n` samples (`t` is capped at `n`).
-    pub fn from_counts(t: u64, n: u64) -> Self {
-        let t = t.min(n);
-        let (low, high) = wilson(t, n, Z_95);
-        let fraction = if n == 0 { 0.0 } else { t as f64 / n as f64 };
-        Estimate {
-            n,
-            t,
-            fraction,
-            low,
-            high,
-        }
-    }
-}
-
 /// The smoothed values after an update.
 #[derive(Clone, Copy, Debug, PartialEq, Serialize)]
 pub struct Smoothed {
@@ -285,7 +254,7 @@ mod tests {
                 .iter()
                 .filter(|&&i| i < active_old || (touched..touched + fresh).contains(&i))
                 .count() as u64;
-            plain += (Estimate::from_counts(t, n).fraction * pages as f64 - truth).powi(2);
+            plain += (Stratified::new(0, t, n, pages).pages - truth).powi(2);
             let q = pick(&mut rng, n, touched);
             let t = q.iter().filter(|&&i| i < active_old).count() as u64;
             strat += (Stratified::new(fresh, t, n, touched).pages - truth).powi(2);
@@ -362,20 +331,6 @@ mod tests {
                 );
             }
         }
-    }
-
-    #[test]
-    fn estimate_from_counts() {
-        let e = Estimate::from_counts(250, 1000);
-        assert_eq!(e.fraction, 0.25);
-        assert!(e.low < 0.25 && e.high > 0.25);
-
-        let empty = Estimate::from_counts(0, 0);
-        assert_eq!((empty.fraction, empty.low, empty.high), (0.0, 0.0, 1.0));
-        assert_eq!(Estimate::from_counts(9, 4).t, 4);
-        let json = serde_json::to_value(e).unwrap();
-        assert_eq!(json["n"], 1000);
-        assert_eq!(json["t"], 250);
     }
 
     #[test]

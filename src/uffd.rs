@@ -127,13 +127,6 @@ pub enum UffdError {
         #[source]
         source: errno::Error,
     },
-    #[error("UFFDIO_UNREGISTER of {len} bytes at {start:#x}: {source}")]
-    Unregister {
-        start: u64,
-        len: u64,
-        #[source]
-        source: errno::Error,
-    },
     #[error("UFFDIO_WAKE of {len} bytes at {start:#x}: {source}")]
     Wake {
         start: u64,
@@ -234,21 +227,6 @@ impl Uffd {
         let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_REGISTER(), &mut reg) };
         if rc < 0 {
             return Err(UffdError::Register {
-                start,
-                len,
-                source: errno::Error::last(),
-            });
-        }
-        Ok(())
-    }
-
-    /// Unregisters `[start, start + len)`.
-    pub fn unregister(&self, start: u64, len: u64) -> Result<(), UffdError> {
-        let range = UffdioRange { start, len };
-        // SAFETY: UFFDIO_UNREGISTER reads a `uffdio_range`.
-        let rc = unsafe { ioctl_with_ref(&self.file, UFFDIO_UNREGISTER(), &range) };
-        if rc < 0 {
-            return Err(UffdError::Unregister {
                 start,
                 len,
                 source: errno::Error::last(),
@@ -413,10 +391,8 @@ mod tests {
         uffd.move_page(page, stash.addr() as u64, PAGE, true)
             .unwrap();
         assert_eq!(reader.join().unwrap(), 42);
-        uffd.unregister(page, PAGE).unwrap();
         assert_eq!(ram.read_volatile(PAGE as usize + 7), 42, "back in place");
         // The stash is empty again: nothing more to move out of it.
-        uffd.register(page, PAGE).unwrap();
         let e = uffd
             .move_page(page, stash.addr() as u64, PAGE, false)
             .unwrap_err();

@@ -80,7 +80,6 @@ pub struct Balloon {
     roles: Vec<Role>,
     target_pages: u32,
     actual_pages: u32,
-    config_generation: u32,
     interrupt_status: u32,
     /// The statistics buffer the device holds, to hand back at the next request.
     stats_head: Option<u16>,
@@ -90,7 +89,6 @@ pub struct Balloon {
     pub counters: BalloonCounters,
     /// Malformed requests and set-ups (skipped, or the error state).
     pub errors: u64,
-    pub first_error: Option<String>,
 }
 
 fn bit(n: u32) -> u64 {
@@ -121,14 +119,12 @@ impl Balloon {
             roles: Vec::new(),
             target_pages,
             actual_pages: 0,
-            config_generation: 0,
             interrupt_status: 0,
             stats_head: None,
             stats: None,
             released: Vec::new(),
             counters: BalloonCounters::default(),
             errors: 0,
-            first_error: None,
         };
         dev.reset();
         dev
@@ -188,7 +184,6 @@ impl Balloon {
         if self.errors <= 5 {
             log::warn!("virtio-balloon: {what}");
         }
-        self.first_error.get_or_insert(what);
     }
 
     /// Enters the error state: nothing is processed until the driver resets the device.
@@ -226,7 +221,8 @@ impl Balloon {
             reg::QUEUE_READY => self.selected().map_or(0, |q| u32::from(q.ready())),
             reg::INTERRUPT_STATUS => self.interrupt_status,
             reg::STATUS => self.status,
-            reg::CONFIG_GENERATION => self.config_generation,
+            // The configuration (the target) never changes while the guest runs.
+            reg::CONFIG_GENERATION => 0,
             _ => 0,
         };
         let bytes = v.to_le_bytes();
@@ -280,8 +276,8 @@ impl Balloon {
                 }
             }
             reg::QUEUE_SEL => self.queue_sel = v,
-            reg::QUEUE_NUM if setting_up => self.queue_setting(offset, v),
-            reg::QUEUE_READY
+            reg::QUEUE_NUM
+            | reg::QUEUE_READY
             | reg::QUEUE_DESC_LOW
             | reg::QUEUE_DESC_HIGH
             | reg::QUEUE_AVAIL_LOW
