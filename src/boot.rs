@@ -282,7 +282,7 @@ pub fn check_image(image: &[u8], ram_bytes: u64) -> Result<LoadedImage, BootErro
     if image.is_empty() {
         return Err(BootError::Empty);
     }
-    if image.len() < 4 || &image[..4] != b"\x7fELF" {
+    if !image.starts_with(ELF_MAGIC) {
         return Err(BootError::NotElf("no ELF magic"));
     }
     let Some(eh) = struct_at::<Elf64_Ehdr>(image, 0) else {

@@ -119,6 +119,22 @@ pub struct ActiveSeries {
     pub max: Vec<Option<f64>>,
 }
 
+impl ActiveSeries {
+    /// Pads every series with `None` to `len` values (rows that lacked this estimate).
+    fn pad(&mut self, len: usize) {
+        for v in [
+            &mut self.estimate,
+            &mut self.ci_low,
+            &mut self.ci_high,
+            &mut self.fast,
+            &mut self.slow,
+            &mut self.max,
+        ] {
+            v.resize(len, None);
+        }
+    }
+}
+
 /// What the plot draws, one value per row (MiB), before any drawing: tests check these.
 #[derive(Debug, Default)]
 pub struct Series {
@@ -169,16 +185,7 @@ pub fn series(rows: &[Row]) -> Series {
                 }
             };
             let x = &mut s.actives[k];
-            for v in [
-                &mut x.estimate,
-                &mut x.ci_low,
-                &mut x.ci_high,
-                &mut x.fast,
-                &mut x.slow,
-                &mut x.max,
-            ] {
-                v.resize(i, None);
-            }
+            x.pad(i);
             x.estimate.push(finite(a.estimate_mib));
             x.ci_low.push(finite(a.ci_low_mib));
             x.ci_high.push(finite(a.ci_high_mib));
@@ -195,23 +202,14 @@ pub fn series(rows: &[Row]) -> Series {
     }
     let n = s.time_s.len();
     for x in &mut s.actives {
-        for v in [
-            &mut x.estimate,
-            &mut x.ci_low,
-            &mut x.ci_high,
-            &mut x.fast,
-            &mut x.slow,
-            &mut x.max,
-        ] {
-            v.resize(n, None);
-        }
+        x.pad(n);
     }
     s
 }
 
 /// Runs of consecutive known points.
-fn segments(t: &[f64], v: &[Option<f64>]) -> Vec<Vec<(f64, f64)>> {
-    let mut out: Vec<Vec<(f64, f64)>> = Vec::new();
+fn segments<T: Copy>(t: &[f64], v: &[Option<T>]) -> Vec<Vec<(f64, T)>> {
+    let mut out: Vec<Vec<(f64, T)>> = Vec::new();
     let mut cur = Vec::new();
     for (&t, v) in t.iter().zip(v) {
         match v {
@@ -226,30 +224,18 @@ fn segments(t: &[f64], v: &[Option<f64>]) -> Vec<Vec<(f64, f64)>> {
     out
 }
 
-/// A band between two series, as polygons over runs where both are known.
+/// A band between two series, as polygons over runs where both are known: along the highs,
+/// then back along the lows.
 fn bands(t: &[f64], low: &[Option<f64>], high: &[Option<f64>]) -> Vec<Vec<(f64, f64)>> {
     let both: Vec<Option<(f64, f64)>> = low.iter().zip(high).map(|(l, h)| l.zip(*h)).collect();
-    let mut out = Vec::new();
-    let mut run: Vec<(f64, f64, f64)> = Vec::new();
-    for (&t, b) in t.iter().zip(both.iter().chain(std::iter::once(&None))) {
-        match b {
-            Some((l, h)) => run.push((t, *l, *h)),
-            None => {
-                if !run.is_empty() {
-                    let mut poly: Vec<(f64, f64)> = run.iter().map(|&(t, _, h)| (t, h)).collect();
-                    poly.extend(run.iter().rev().map(|&(t, l, _)| (t, l)));
-                    out.push(poly);
-                    run.clear();
-                }
-            }
-        }
-    }
-    if !run.is_empty() {
-        let mut poly: Vec<(f64, f64)> = run.iter().map(|&(t, _, h)| (t, h)).collect();
-        poly.extend(run.iter().rev().map(|&(t, l, _)| (t, l)));
-        out.push(poly);
-    }
-    out
+    segments(t, &both)
+        .into_iter()
+        .map(|run| {
+            let mut poly: Vec<(f64, f64)> = run.iter().map(|&(t, (_, h))| (t, h)).collect();
+            poly.extend(run.iter().rev().map(|&(t, (l, _))| (t, l)));
+            poly
+        })
+        .collect()
 }
 
 /// Colours of an estimate's kind: estimate, fast, slow, max.

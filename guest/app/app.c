@@ -124,7 +124,6 @@ static void send(u32 kind, u64 interval, const struct counts *c, u64 a0, u64 a1,
         m->iterations = c->iterations;
     }
     m->heap_pages = heap_pages;
-    m->arg2 = a2;
     m->arg0 = a0;
     m->arg1 = a1;
     m->arg2 = a2;

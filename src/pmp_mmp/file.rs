@@ -453,8 +453,13 @@ impl PmpMmpMap {
 
     /// Writes the map file (format in [`crate::pmp_mmp::file`]) to `w`.
     pub fn write(&self, w: impl Write) -> Result<(), MapFileError> {
+        self.write_records(w).map_err(MapFileError::WriteStream)
+    }
+
+    /// The header, then a record per touched page.
+    fn write_records(&self, w: impl Write) -> std::io::Result<()> {
         let pages = self.touched.iter_ones().filter_map(|g| self.page(g));
-        write_map(w, &self.file_header(), pages).map_err(MapFileError::WriteStream)
+        write_map(w, &self.file_header(), pages)
     }
 
     /// Writes the map file at `path`: through a temporary file created exclusively beside it
@@ -468,10 +473,7 @@ impl PmpMmpMap {
             path: path.to_owned(),
             source,
         };
-        write_map(tmp.as_file(), &self.file_header(), {
-            self.touched.iter_ones().filter_map(|g| self.page(g))
-        })
-        .map_err(err)?;
+        self.write_records(tmp.as_file()).map_err(err)?;
         tmp.persist(path).map_err(|e| err(e.error))?;
         Ok(())
     }
