@@ -4,6 +4,8 @@
 //!
 //! `cargo bench --bench access [-- accuracy|sparse|bias|overhead|cost]`
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use memvisor::abi::PAGE_SIZE;
@@ -13,6 +15,8 @@ use memvisor::config::{RunConfig, RunOptions};
 use memvisor::memory::GuestRam;
 use memvisor::usage::{Active, Row};
 use memvisor::vmm;
+
+use common::{mean_se, median, run_rows};
 
 const GIB: u64 = 1 << 30;
 const MIB: u64 = 1 << 20;
@@ -29,18 +33,7 @@ fn options(spec: &str, mem: u64, interval: Duration, seed: u64) -> RunOptions {
 }
 
 fn run(opts: RunOptions) -> (vmm::RunSummary, Vec<Row>) {
-    run_cfg(RunConfig::new(opts).expect("bench options are valid"))
-}
-
-fn run_cfg(mut cfg: RunConfig) -> (vmm::RunSummary, Vec<Row>) {
-    cfg.console = Box::new(std::io::sink());
-    let mut rows = Vec::new();
-    let s = vmm::run(cfg, &mut |r: &Row| {
-        rows.push(r.clone());
-        Ok(())
-    })
-    .expect("bench run");
-    (s, rows)
+    run_rows(RunConfig::new(opts).expect("bench options are valid"))
 }
 
 /// The name rows give phase `i` of `spec` (its canonical form).
@@ -354,7 +347,7 @@ fn bias() {
             .expect("options")
             .with_access_cycle(&cycle)
             .expect("cycle");
-        let (_, rows) = run_cfg(cfg);
+        let (_, rows) = run_rows(cfg);
         let rows = inside(&rows, &timed);
         let on = |r: &&&Row| r.active.as_ref().is_some_and(|a| a.n > 0);
         let first: Vec<&Row> = rows.iter().filter(on).take(10).copied().collect();
@@ -385,14 +378,6 @@ fn bias() {
     println!();
 }
 
-/// Mean and standard error of the mean.
-fn mean_se(v: &[f64]) -> (f64, f64) {
-    let k = v.len() as f64;
-    let m = v.iter().sum::<f64>() / k;
-    let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (k - 1.0).max(1.0);
-    (m, (var / k).sqrt())
-}
-
 fn overhead() {
     let mem = GIB;
     // 1. The whole heap active: the access sample size cycles interval by interval in one run,
@@ -417,7 +402,7 @@ fn overhead() {
         .expect("options")
         .with_access_cycle(&cycle)
         .expect("cycle");
-    let (_, rows) = run_cfg(cfg);
+    let (_, rows) = run_rows(cfg);
     let timed_rows: Vec<&Row> = rows
         .iter()
         .filter(|r| r.phase == timed && r.end.is_none())
@@ -556,15 +541,11 @@ fn cost() {
                 t[i].push((*y - *x).as_secs_f64() * 1e6);
             }
         }
-        let med = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            v[v.len() / 2]
-        };
         println!(
             "| {gib} GiB | {:.0} | {:.0} | {:.0} |",
-            med(&mut t[0]),
-            med(&mut t[1]),
-            med(&mut t[2])
+            median(&mut t[0]),
+            median(&mut t[1]),
+            median(&mut t[2])
         );
         // Every page still holds what was written: no data lost by moving pages about.
         for gfn in (0..touched).step_by(97) {

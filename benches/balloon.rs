@@ -3,11 +3,15 @@
 //!
 //! `cargo bench --bench balloon [-- reclaim|extent|limit]`
 
+mod common;
+
 use std::time::Duration;
 
 use memvisor::config::{RunConfig, RunOptions};
 use memvisor::usage::Row;
-use memvisor::vmm::{self, RunSummary};
+use memvisor::vmm::RunSummary;
+
+use common::run_rows;
 
 const MIB: u64 = 1 << 20;
 
@@ -17,15 +21,7 @@ fn run(opts: RunOptions) -> (RunSummary, Vec<Row>) {
         seed: Some(1),
         ..opts
     };
-    let mut cfg = RunConfig::new(opts).expect("bench options are valid");
-    cfg.console = Box::new(std::io::sink());
-    let mut rows = Vec::new();
-    let s = vmm::run(cfg, &mut |r: &Row| {
-        rows.push(r.clone());
-        Ok(())
-    })
-    .expect("bench run");
-    (s, rows)
+    run_rows(RunConfig::new(opts).expect("bench options are valid"))
 }
 
 fn backed_mib(r: &Row) -> f64 {

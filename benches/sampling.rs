@@ -3,6 +3,8 @@
 //!
 //! `cargo bench --bench sampling [-- sizes|cost|accuracy|overhead]`
 
+mod common;
+
 use std::time::{Duration, Instant};
 
 use memvisor::abi::PAGE_SIZE;
@@ -11,7 +13,8 @@ use memvisor::memory::GuestRam;
 use memvisor::sampler::Sampler;
 use memvisor::usage::Row;
 use memvisor::vm::Vm;
-use memvisor::vmm;
+
+use common::{mean_se, median, run_rows};
 
 const GIB: u64 = 1 << 30;
 
@@ -28,19 +31,7 @@ fn config(spec: &str, mem: u64, interval: Duration, samples: Option<u64>, seed: 
         timeout: Some(Duration::from_secs(600)),
         ..RunOptions::default()
     };
-    let mut cfg = RunConfig::new(opts).expect("bench options are valid");
-    cfg.console = Box::new(std::io::sink());
-    cfg
-}
-
-fn run(cfg: RunConfig) -> (memvisor::vmm::RunSummary, Vec<Row>) {
-    let mut rows = Vec::new();
-    let s = vmm::run(cfg, &mut |r: &Row| {
-        rows.push(r.clone());
-        Ok(())
-    })
-    .expect("bench run");
-    (s, rows)
+    RunConfig::new(opts).expect("bench options are valid")
 }
 
 fn accuracy() {
@@ -63,7 +54,7 @@ fn accuracy() {
             ws / 1024,
             dur.as_millis()
         );
-        let (_, rows) = run(config(&spec, mem, interval, Some(n), 42 + pct));
+        let (_, rows) = run_rows(config(&spec, mem, interval, Some(n), 42 + pct));
         // Only intervals that lie wholly inside the touch phase (skip its first two and last one).
         let inside: Vec<&Row> = rows
             .iter()
@@ -97,14 +88,6 @@ fn accuracy() {
         );
     }
     println!();
-}
-
-/// Mean and standard error of the mean.
-fn mean_se(v: &[f64]) -> (f64, f64) {
-    let k = v.len() as f64;
-    let m = v.iter().sum::<f64>() / k;
-    let var = v.iter().map(|x| (x - m) * (x - m)).sum::<f64>() / (k - 1.0).max(1.0);
-    (m, (var / k).sqrt())
 }
 
 /// Guest rates (M accesses/s) of the timed phase's whole intervals, grouped by sample size.
@@ -150,7 +133,7 @@ fn overhead() {
     let cfg = config(&spec, mem, Duration::from_secs(1), None, 7)
         .with_sample_cycle(&cycle)
         .expect("sample sizes fit");
-    let (_, rows) = run(cfg);
+    let (_, rows) = run_rows(cfg);
     let rates = rates_by_n(&rows, "touch 512M write random", &cycle);
     let (off, _) = mean_se(&rates[0]);
     for (n, v) in cycle.iter().zip(&rates) {
@@ -173,7 +156,7 @@ fn overhead() {
     let cfg = config(spec2, mem, Duration::from_secs(1), None, 9)
         .with_sample_cycle(&cycle2)
         .expect("sample sizes fit");
-    let (_, rows) = run(cfg);
+    let (_, rows) = run_rows(cfg);
     let rates2 = rates_by_n(&rows, "touch 512M write 22s", &cycle2);
     let (r_off, _) = mean_se(&rates2[0]);
     let (r_all, _) = mean_se(&rates2[1]);
@@ -228,17 +211,13 @@ fn cost() {
                 t[i].push((*y - *x).as_secs_f64() * 1e6);
             }
         }
-        let med = |v: &mut Vec<f64>| {
-            v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-            v[v.len() / 2]
-        };
         println!(
             "| {gib} GiB | {:.0} | {:.0} | {:.0} | {:.0} | {:.0} |",
-            med(&mut t[0]),
-            med(&mut t[1]),
-            med(&mut t[2]),
-            med(&mut t[3]),
-            med(&mut t[4])
+            median(&mut t[0]),
+            median(&mut t[1]),
+            median(&mut t[2]),
+            median(&mut t[3]),
+            median(&mut t[4])
         );
     }
     println!();
@@ -254,7 +233,7 @@ fn sizes() {
     );
     println!("|---|---|---|---|---|---|");
     for gib in [1u64, 4, 16, 64] {
-        let (s, rows) = run(config(
+        let (s, rows) = run_rows(config(
             "alloc 256M; touch 256M write",
             gib * GIB,
             Duration::from_secs(1),
