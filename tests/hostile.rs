@@ -10,7 +10,7 @@ mod common;
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, ExitStatus, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use common::tiny_elf;
 
@@ -120,18 +120,7 @@ fn run_bounded(dir: &Path, args: &[&str]) -> Ended {
         .stderr(err)
         .spawn()
         .expect("spawn memvisor");
-    let deadline = Instant::now() + RUN_BOUND;
-    let status = loop {
-        if let Some(s) = child.try_wait().expect("wait for memvisor") {
-            break s;
-        }
-        if Instant::now() >= deadline {
-            let _ = child.kill();
-            let _ = child.wait();
-            panic!("memvisor {args:?} still running after {RUN_BOUND:?}: killed");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    };
+    let status = common::wait_bounded(&mut child, RUN_BOUND);
     let bytes = std::fs::read(&err_path).unwrap();
     Ended {
         status,

@@ -3,24 +3,13 @@
 
 mod common;
 
-use std::ffi::CString;
-use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::FileTypeExt;
-use std::path::Path;
-
-/// Makes a character device node (1, 3: what /dev/null is) at `path`, in a temp dir of ours.
-fn mknod_char(path: &Path) {
-    let c = CString::new(path.as_os_str().as_bytes()).unwrap();
-    // SAFETY: a valid NUL-terminated path; mknod only creates a directory entry.
-    let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
-    assert_eq!(r, 0, "mknod: {}", std::io::Error::last_os_error());
-}
 
 #[test]
 fn map_out_on_a_char_device_is_refused_and_left_alone() {
     let dir = tempfile::tempdir().unwrap();
     let node = dir.path().join("out.map");
-    mknod_char(&node);
+    common::mknod_char(&node, 1, 3);
     let node_s = node.to_str().unwrap();
     let out = common::memvisor_output(&[
         "run",

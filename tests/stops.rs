@@ -5,25 +5,10 @@
 mod common;
 
 use std::io::{BufRead, BufReader};
-use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::process::Stdio;
+use std::time::Duration;
 
 use common::{memvisor, memvisor_output};
-
-/// Waits for `child` at most `limit`, killing it (and failing) past that.
-fn wait_bounded(child: &mut Child, limit: Duration) -> std::process::ExitStatus {
-    let t0 = Instant::now();
-    loop {
-        if let Some(status) = child.try_wait().expect("wait") {
-            return status;
-        }
-        if t0.elapsed() > limit {
-            let _ = child.kill();
-            panic!("memvisor did not stop within {limit:?}");
-        }
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 fn temp_dir(name: &str) -> std::path::PathBuf {
     let d = std::env::temp_dir().join(format!("memvisor-stops-{}-{name}", std::process::id()));
@@ -59,7 +44,7 @@ fn stop_with_signal(signal: libc::c_int, code: i32, word: &str) {
     // SAFETY: kill only sends a signal to the child we spawned (its pid is live: not reaped yet).
     assert_eq!(unsafe { libc::kill(child.id() as libc::pid_t, signal) }, 0);
     let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
-    let status = wait_bounded(&mut child, Duration::from_secs(20));
+    let status = common::wait_bounded(&mut child, Duration::from_secs(20));
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(code), "stderr: {stderr}");
@@ -168,7 +153,7 @@ fn a_closed_pipe_ends_the_run_quietly() {
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     lines.next().unwrap().unwrap();
     drop(lines); // like `| head -1`
-    let status = wait_bounded(&mut child, Duration::from_secs(20));
+    let status = common::wait_bounded(&mut child, Duration::from_secs(20));
     let mut stderr = String::new();
     std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
     assert_eq!(status.code(), Some(141), "stderr: {stderr}");
@@ -184,13 +169,10 @@ fn an_unwritable_stdout_is_an_error_not_a_panic() {
     // Our own /dev/full (char 1:7) in a temp dir: every write fails with ENOSPC.
     let dir = temp_dir("full");
     let full = dir.join("full");
-    let c = std::ffi::CString::new(full.to_str().unwrap()).unwrap();
-    // SAFETY: mknod with a valid NUL-terminated path in our own temp dir.
-    let rc = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 7)) };
-    assert_eq!(rc, 0, "mknod: {}", std::io::Error::last_os_error());
+    common::mknod_char(&full, 1, 7);
     let sink = std::fs::OpenOptions::new().write(true).open(&full).unwrap();
     // `map` of a missing file fails before printing; a run fails at the header.
-    let out = Command::new(env!("CARGO_BIN_EXE_memvisor"))
+    let out = memvisor()
         .args(["run", "--mem", "64M", "--workload", "idle 10ms"])
         .stdout(sink)
         .output()

@@ -165,3 +165,35 @@ pub fn inside<'a>(rows: &'a [Row], prefix: &str) -> Vec<&'a Row> {
     }
     v[1..v.len() - 1].to_vec()
 }
+
+/// Waits for `child` at most `limit`; past that, kills and reaps it and fails the test.
+pub fn wait_bounded(child: &mut std::process::Child, limit: Duration) -> std::process::ExitStatus {
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        if let Some(status) = child.try_wait().expect("wait for memvisor") {
+            return status;
+        }
+        if std::time::Instant::now() >= deadline {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!("memvisor still running after {limit:?}: killed");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// Makes a character device node (`major`, `minor`) at `path`, which must be in a temp dir of
+/// ours (never a real device directory).
+pub fn mknod_char(path: &Path, major: u32, minor: u32) {
+    use std::os::unix::ffi::OsStrExt;
+    let c = std::ffi::CString::new(path.as_os_str().as_bytes()).unwrap();
+    // SAFETY: a valid NUL-terminated path; mknod only creates a directory entry.
+    let r = unsafe {
+        libc::mknod(
+            c.as_ptr(),
+            libc::S_IFCHR | 0o600,
+            libc::makedev(major, minor),
+        )
+    };
+    assert_eq!(r, 0, "mknod: {}", std::io::Error::last_os_error());
+}
