@@ -49,7 +49,7 @@ fn flatten(prefix: &str, v: &Value, out: &mut Map<String, Value>) {
 }
 
 /// The JSON keys of a row, flattened (the CSV columns before units are capitalised).
-pub fn flat_fields(r: &Row) -> Map<String, Value> {
+fn flat_fields(r: &Row) -> Map<String, Value> {
     let mut out = Map::new();
     // A Row always serialises (plain data, string keys).
     if let Ok(v) = serde_json::to_value(r) {
@@ -80,10 +80,17 @@ fn field(v: Option<&Value>) -> String {
     }
 }
 
+/// The flattened JSON keys of every column, in order: computed once, from the template.
+fn keys() -> &'static [String] {
+    static KEYS: std::sync::LazyLock<Vec<String>> =
+        std::sync::LazyLock::new(|| flat_fields(&template()).keys().cloned().collect());
+    &KEYS
+}
+
 /// The header row.
 pub fn header() -> String {
-    flat_fields(&template())
-        .keys()
+    keys()
+        .iter()
         .map(|k| column_name(k))
         .collect::<Vec<_>>()
         .join(",")
@@ -92,8 +99,8 @@ pub fn header() -> String {
 /// One data row, in the header's column order (a missing section leaves its cells empty).
 pub fn row(r: &Row) -> String {
     let values = flat_fields(r);
-    flat_fields(&template())
-        .keys()
+    keys()
+        .iter()
         .map(|k| field(values.get(k)))
         .collect::<Vec<_>>()
         .join(",")

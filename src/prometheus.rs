@@ -281,15 +281,15 @@ fn add_row(reg: &mut Registry, r: &Row) {
         let k = KindLabel { kind: kind.into() };
         samples.get_or_create(&k).set(a.n as f64);
         touched.get_or_create(&k).set(a.t as f64);
-        if kind == "writes" {
-            gauge(
-                reg,
-                "memvisor_dirty_rate",
-                "Bytes written per second: the write estimate of the interval over its length; a page written many times counts once (as QEMU's calc-dirty-rate)",
-                Some(Unit::Other("bytes_per_second".into())),
-                a.dirty_rate_mib_s * MIB,
-            );
-        }
+    }
+    if let Some(w) = &r.active_writes {
+        gauge(
+            reg,
+            "memvisor_dirty_rate",
+            "Bytes written per second: the write estimate of the interval over its length; a page written many times counts once (as QEMU's calc-dirty-rate)",
+            Some(Unit::Other("bytes_per_second".into())),
+            w.dirty_rate_mib_s * MIB,
+        );
     }
     if any {
         reg.register_with_unit(

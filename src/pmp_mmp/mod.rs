@@ -80,7 +80,7 @@ use thiserror::Error;
 
 pub use file::{MapFile, MapFileError, MapHeader, check_target};
 pub use record::{PageInfo, PageState};
-pub use residency::{AUTO_SCAN_DIVISOR, ResidencyMethod};
+pub use residency::ResidencyMethod;
 
 use crate::abi::PAGE_SIZE;
 use crate::bitmap::{Bitmap, WORD_BITS, words_for};
