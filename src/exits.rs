@@ -63,10 +63,12 @@ impl ExitHandler {
         }
     }
 
-    /// The balloon's register offset for an MMIO access at `addr`, when it has one there.
-    fn balloon_at(&self, addr: u64) -> Option<u64> {
-        let off = addr.checked_sub(abi::balloon::MMIO_BASE)?;
-        (self.balloon.is_some() && off < abi::balloon::MMIO_SIZE).then_some(off)
+    /// The balloon and its register offset for an MMIO access at `addr`, when it has one there.
+    fn balloon_at(&mut self, addr: u64) -> Option<(&mut Balloon, u64)> {
+        let off = addr
+            .checked_sub(abi::balloon::MMIO_BASE)
+            .filter(|&off| off < abi::balloon::MMIO_SIZE)?;
+        self.balloon.as_mut().map(|b| (b, off))
     }
 
     fn note_unhandled(&mut self, what: impl FnOnce() -> String) {
@@ -104,27 +106,23 @@ impl ExitHandler {
                 self.note_unhandled(|| format!("in from port {port:#x}"));
                 Action::Continue
             }
-            Exit::MmioRead { addr, data } if self.balloon_at(addr).is_some() => {
-                let off = addr - abi::balloon::MMIO_BASE;
-                if let Some(b) = &mut self.balloon {
-                    b.read(off, data);
-                }
-                Action::Continue
-            }
-            Exit::MmioWrite { addr, data } if self.balloon_at(addr).is_some() => {
-                let off = addr - abi::balloon::MMIO_BASE;
-                if let Some(b) = &mut self.balloon {
-                    b.write(off, data, ram);
-                }
-                Action::Continue
-            }
             Exit::MmioRead { addr, data } => {
-                data.fill(0xff);
-                self.note_unhandled(|| format!("MMIO read at {addr:#x}"));
+                if let Some((b, off)) = self.balloon_at(addr) {
+                    b.read(off, data);
+                } else {
+                    data.fill(0xff);
+                    self.note_unhandled(|| format!("MMIO read at {addr:#x}"));
+                }
                 Action::Continue
             }
             Exit::MmioWrite { addr, data } => {
-                self.note_unhandled(|| format!("MMIO write at {addr:#x} ({} bytes)", data.len()));
+                if let Some((b, off)) = self.balloon_at(addr) {
+                    b.write(off, data, ram);
+                } else {
+                    self.note_unhandled(|| {
+                        format!("MMIO write at {addr:#x} ({} bytes)", data.len())
+                    });
+                }
                 Action::Continue
             }
             Exit::Hlt => Action::Halted,
