@@ -90,6 +90,14 @@ impl Failure {
             message: Some(chain(e)),
         }
     }
+
+    /// The rows' reader went away: the exit code a shell expects, and no message.
+    fn output_closed() -> Self {
+        Failure {
+            code: stop::exit_code(EndReason::OutputClosed),
+            message: None,
+        }
+    }
 }
 
 /// An error and its sources, joined with ": ", leaving out a source that its parent's message
@@ -139,10 +147,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             );
             finished.map_err(|e| Failure::new(1, &e))
         }
-        Err(RunError::OutputClosed) => Err(Failure {
-            code: stop::exit_code(EndReason::OutputClosed),
-            message: None,
-        }),
+        Err(RunError::OutputClosed) => Err(Failure::output_closed()),
         Err(e) => {
             if let Err(plot) = finished {
                 let _ = writeln!(io::stderr(), "memvisor: error: {}", chain(&plot));
@@ -155,10 +160,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
 /// A failed write to stdout: quiet for a closed pipe, else a message.
 fn write_failure(e: io::Error) -> Failure {
     if e.kind() == io::ErrorKind::BrokenPipe {
-        Failure {
-            code: stop::exit_code(EndReason::OutputClosed),
-            message: None,
-        }
+        Failure::output_closed()
     } else {
         Failure {
             code: 1,

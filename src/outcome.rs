@@ -56,6 +56,15 @@ pub enum RunError {
 }
 
 impl RunError {
+    /// A failed write of a row: a closed pipe is the reader going away, not an error to report.
+    pub fn from_output(e: io::Error) -> Self {
+        if e.kind() == io::ErrorKind::BrokenPipe {
+            RunError::OutputClosed
+        } else {
+            RunError::Output(e)
+        }
+    }
+
     /// Why the run ended, as its last row says (and the exit code follows).
     pub fn end_reason(&self) -> EndReason {
         match self {

@@ -111,11 +111,7 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
     if let Some(e) = failure {
         return Err(e);
     }
-    match std::mem::replace(&mut vmm.output, Ok(())) {
-        Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Err(RunError::OutputClosed),
-        Err(e) => return Err(RunError::Output(e)),
-        Ok(()) => {}
-    }
+    std::mem::replace(&mut vmm.output, Ok(())).map_err(RunError::from_output)?;
     vmm.summary(setup)
 }
 
@@ -189,13 +185,12 @@ impl Vmm<'_, '_> {
     /// A reason to stop now: the output failed, the deadline passed, or a signal came.
     fn stop_due(&mut self) -> Option<RunError> {
         let phase = || self.protocol.phase_name();
-        match &self.output {
-            Err(e) if e.kind() == io::ErrorKind::BrokenPipe => return Some(RunError::OutputClosed),
-            Err(e) => {
-                let e = io::Error::new(e.kind(), e.to_string());
-                return Some(RunError::Output(e));
-            }
-            Ok(()) => {}
+        // The failure stays in `self.output`, so that no further row is offered.
+        if let Err(e) = &self.output {
+            return Some(RunError::from_output(io::Error::new(
+                e.kind(),
+                e.to_string(),
+            )));
         }
         if let Some(reason) = stop::requested() {
             return Some(RunError::Signal {
