@@ -353,22 +353,32 @@ static int vq_call(int q, u64 addr, u32 len, u16 flags)
     return 0;
 }
 
+/* Sends on queue q the PFNs of up to n pages (at most BAL_PFNS) from the top of the last extent
+ * of list (cnt extents), and takes them out of it; returns how many, 0 when the device refused. */
+static u64 send_top(int q, struct extent *list, u64 *cnt, u64 n, u64 *start)
+{
+    struct extent *e = &list[*cnt - 1];
+    u64 k = n < e->n ? n : e->n;
+    if (k > BAL_PFNS)
+        k = BAL_PFNS;
+    *start = e->start + e->n - k;
+    for (u64 i = 0; i < k; i++)
+        bal_pfns[i] = (u32)(*start + i);
+    if (!vq_call(q, (u64)bal_pfns, (u32)(k * 4), 0))
+        return 0;
+    e->n -= k;
+    if (e->n == 0)
+        (*cnt)--;
+    return k;
+}
+
 /* Inflates by up to n pages, from the top of the highest free extent. */
 static void inflate(u64 n)
 {
     while (n && bm && nfree_ext && nbal_ext < MAX_EXTENTS - 1) {
-        struct extent *e = &free_ext[nfree_ext - 1];
-        u64 k = n < e->n ? n : e->n;
-        if (k > BAL_PFNS)
-            k = BAL_PFNS;
-        u64 start = e->start + e->n - k;
-        for (u64 i = 0; i < k; i++)
-            bal_pfns[i] = (u32)(start + i);
-        if (!vq_call(0, (u64)bal_pfns, (u32)(k * 4), 0))
+        u64 start, k = send_top(0, free_ext, &nfree_ext, n, &start);
+        if (!k)
             return;
-        e->n -= k;
-        if (e->n == 0)
-            nfree_ext--;
         free_pages -= k;
         ext_insert(bal_ext, &nbal_ext, start, k);
         ext_remove(rep_ext, &nrep_ext, start, k);
@@ -381,18 +391,9 @@ static void inflate(u64 n)
 static void deflate(u64 n)
 {
     while (n && bm && nbal_ext && nfree_ext < MAX_EXTENTS - 1) {
-        struct extent *e = &bal_ext[nbal_ext - 1];
-        u64 k = n < e->n ? n : e->n;
-        if (k > BAL_PFNS)
-            k = BAL_PFNS;
-        u64 start = e->start + e->n - k;
-        for (u64 i = 0; i < k; i++)
-            bal_pfns[i] = (u32)(start + i);
-        if (!vq_call(1, (u64)bal_pfns, (u32)(k * 4), 0))
+        u64 start, k = send_top(1, bal_ext, &nbal_ext, n, &start);
+        if (!k)
             return;
-        e->n -= k;
-        if (e->n == 0)
-            nbal_ext--;
         bal_pages -= k;
         free_insert(start, k);
         free_pages += k;
