@@ -28,7 +28,7 @@ use std::sync::atomic::Ordering;
 use serde::Serialize;
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{Bytes, GuestAddress};
+use vm_memory::Bytes;
 
 use crate::abi::PAGE_SIZE;
 use crate::abi::balloon::{self as b, reg, status};
@@ -521,13 +521,12 @@ impl Balloon {
             source: "virtio-balloon stats queue".into(),
             ..Default::default()
         };
-        for i in 0..n {
-            let mut e = [0u8; b::STAT_SIZE as usize];
-            let at = d.addr().0.checked_add(i * b::STAT_SIZE);
-            let Some(Ok(())) = at.map(|a| ram.mem().read_slice(&mut e, GuestAddress(a))) else {
-                self.note_error(format!("stats buffer at {:#x} outside RAM", d.addr().0));
-                return;
-            };
+        let mut buf = vec![0u8; (n * b::STAT_SIZE) as usize];
+        if ram.mem().read_slice(&mut buf, d.addr()).is_err() {
+            self.note_error(format!("stats buffer at {:#x} outside RAM", d.addr().0));
+            return;
+        }
+        for e in buf.chunks_exact(b::STAT_SIZE as usize) {
             let tag = u16::from_le_bytes([e[0], e[1]]);
             let mut v = [0u8; 8];
             v.copy_from_slice(&e[2..10]);
