@@ -198,7 +198,7 @@ pub fn check_capabilities(kvm: &Kvm) -> Result<(), KvmExtError> {
     }
 }
 
-/// For tests and benchmarks, the one rule for KVM tests: true when `/dev/kvm` can be opened;
+/// For tests (unit and integration), the one rule for KVM tests: true when `/dev/kvm` can be opened;
 /// otherwise the test says it is skipped, unless `MEMVISOR_REQUIRE_KVM` is set (CI sets it where
 /// `/dev/kvm` exists), in which case a KVM that cannot be used fails the test.
 #[doc(hidden)]

@@ -590,6 +590,17 @@ mod tests {
             self.dev.read(off, &mut d);
             u32::from_le_bytes(d)
         }
+        /// Writes the driver's features (low and high halves) and sets FEATURES_OK.
+        fn negotiate(&mut self, lo: u32, hi: u32) {
+            self.w(reg::DRIVER_FEATURES_SEL, 0);
+            self.w(reg::DRIVER_FEATURES, lo);
+            self.w(reg::DRIVER_FEATURES_SEL, 1);
+            self.w(reg::DRIVER_FEATURES, hi);
+            self.w(
+                reg::STATUS,
+                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
+            );
+        }
         /// A driver that negotiates everything offered and sets up every queue.
         fn new(reporting: bool, target: u32, hard: bool) -> Drv {
             let ram = GuestRam::new(RAM_BYTES, false).unwrap();
@@ -607,14 +618,7 @@ mod tests {
             let lo = d.r(reg::DEVICE_FEATURES);
             d.w(reg::DEVICE_FEATURES_SEL, 1);
             let hi = d.r(reg::DEVICE_FEATURES);
-            d.w(reg::DRIVER_FEATURES_SEL, 0);
-            d.w(reg::DRIVER_FEATURES, lo);
-            d.w(reg::DRIVER_FEATURES_SEL, 1);
-            d.w(reg::DRIVER_FEATURES, hi);
-            d.w(
-                reg::STATUS,
-                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-            );
+            d.negotiate(lo, hi);
             assert_ne!(d.r(reg::STATUS) & status::FEATURES_OK, 0);
             let nq = 3 + u64::from(reporting);
             for q in 0..nq {
@@ -776,12 +780,7 @@ mod tests {
         let mut d = Drv::new(true, 0, false);
         d.w(reg::STATUS, 0);
         d.w(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-        d.w(reg::DRIVER_FEATURES_SEL, 1);
-        d.w(reg::DRIVER_FEATURES, 1);
-        d.w(
-            reg::STATUS,
-            status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-        );
+        d.negotiate(0, 1);
         d.w(reg::QUEUE_SEL, 0);
         d.w(reg::QUEUE_NUM, SIZE);
         d.w(reg::QUEUE_DESC_LOW, 0);
@@ -822,14 +821,7 @@ mod tests {
         for (lo, hi) in [(1 << b::F_STATS_VQ, 0), (1 << b::F_REPORTING, 1)] {
             d.w(reg::STATUS, 0);
             d.w(reg::STATUS, status::ACKNOWLEDGE | status::DRIVER);
-            d.w(reg::DRIVER_FEATURES_SEL, 0);
-            d.w(reg::DRIVER_FEATURES, lo);
-            d.w(reg::DRIVER_FEATURES_SEL, 1);
-            d.w(reg::DRIVER_FEATURES, hi);
-            d.w(
-                reg::STATUS,
-                status::ACKNOWLEDGE | status::DRIVER | status::FEATURES_OK,
-            );
+            d.negotiate(lo, hi);
             assert_eq!(d.r(reg::STATUS) & status::FEATURES_OK, 0);
         }
         // Notifications before DRIVER_OK do nothing.
