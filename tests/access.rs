@@ -175,9 +175,8 @@ fn without_userfaultfd_reads_are_announced_unseen_and_writes_still_estimated() {
     }
     // In a mount namespace of its own, /dev/userfaultfd is hidden behind an empty file, and
     // CAP_SYS_PTRACE (which the userfaultfd system call needs) is dropped.
-    let dir = std::env::temp_dir().join(format!("memvisor-nouffd-{}", std::process::id()));
-    std::fs::create_dir_all(&dir).unwrap();
-    let empty = dir.join("empty");
+    let dir = tempfile::tempdir().unwrap();
+    let empty = dir.path().join("empty");
     std::fs::write(&empty, b"").unwrap();
     let script = format!(
         "mount --bind {} /dev/userfaultfd && exec setpriv --bounding-set -sys_ptrace \
@@ -207,7 +206,6 @@ fn without_userfaultfd_reads_are_announced_unseen_and_writes_still_estimated() {
         assert!(r["active"].is_null(), "{r}");
         assert!(r["active_writes"]["estimate_mib"].is_number(), "{r}");
     }
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 /// Guest pages pinned the way a device pins DMA buffers: registered as io_uring fixed buffers

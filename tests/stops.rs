@@ -10,16 +10,10 @@ use std::time::Duration;
 
 use common::{memvisor, memvisor_output};
 
-fn temp_dir(name: &str) -> std::path::PathBuf {
-    let d = std::env::temp_dir().join(format!("memvisor-stops-{}-{name}", std::process::id()));
-    std::fs::create_dir_all(&d).unwrap();
-    d
-}
-
 /// Starts a long run, waits for its second row, sends `signal`, and checks what it left.
 fn stop_with_signal(signal: libc::c_int, code: i32, word: &str) {
-    let dir = temp_dir(word);
-    let map = dir.join("run.map");
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("run.map");
     let mut child = memvisor()
         .args([
             "run",
@@ -61,7 +55,6 @@ fn stop_with_signal(signal: libc::c_int, code: i32, word: &str) {
     assert!(out.status.success(), "{out:?}");
     let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(summary["backed"].as_u64().unwrap() >= 8 * 256, "{summary}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -85,8 +78,8 @@ fn a_timeout_keeps_the_partial_interval_and_writes_the_map() {
     if !common::kvm("a_timeout_keeps_the_partial_interval_and_writes_the_map") {
         return;
     }
-    let dir = temp_dir("timeout");
-    let map = dir.join("t.map");
+    let dir = tempfile::tempdir().unwrap();
+    let map = dir.path().join("t.map");
     let out = memvisor_output(&[
         "run",
         "--mem",
@@ -109,7 +102,6 @@ fn a_timeout_keeps_the_partial_interval_and_writes_the_map() {
     assert_eq!(last["end"], "timeout");
     assert!(last["host"]["backed_pages"].as_u64().unwrap() >= 4 * 256);
     assert!(map.exists(), "the map is written on a timeout");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
@@ -167,8 +159,8 @@ fn an_unwritable_stdout_is_an_error_not_a_panic() {
         return;
     }
     // Our own /dev/full (char 1:7) in a temp dir: every write fails with ENOSPC.
-    let dir = temp_dir("full");
-    let full = dir.join("full");
+    let dir = tempfile::tempdir().unwrap();
+    let full = dir.path().join("full");
     common::mknod_char(&full, 1, 7);
     let sink = std::fs::OpenOptions::new().write(true).open(&full).unwrap();
     // `map` of a missing file fails before printing; a run fails at the header.
@@ -181,7 +173,6 @@ fn an_unwritable_stdout_is_an_error_not_a_panic() {
     assert_eq!(out.status.code(), Some(1), "{stderr}");
     assert!(stderr.contains("No space left on device"), "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[test]
