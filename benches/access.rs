@@ -8,13 +8,13 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use memvisor::abi::PAGE_SIZE;
-use memvisor::access::AccessSampler;
-use memvisor::bitmap::{Bitmap, Ranks};
-use memvisor::config::{RunConfig, RunOptions};
 use memvisor::memory::GuestRam;
-use memvisor::usage::{Active, Row};
+use memvisor::memory::bitmap::{Bitmap, Ranks};
+use memvisor::observe::access::AccessSampler;
+use memvisor::row::{Active, Row};
+use memvisor::units::PAGE_SIZE;
 use memvisor::vmm;
+use memvisor::vmm::config::{RunConfig, RunOptions};
 
 use common::{mean_se, median, run_rows};
 
@@ -38,7 +38,7 @@ fn run(opts: RunOptions) -> (vmm::RunSummary, Vec<Row>) {
 
 /// The name rows give phase `i` of `spec` (its canonical form).
 fn phase_name(spec: &str, mem: u64, i: usize) -> String {
-    memvisor::workload::Workload::parse(spec, mem)
+    memvisor::contract::workload::Workload::parse(spec, mem)
         .expect("bench spec parses")
         .phases[i]
         .to_string()

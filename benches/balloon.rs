@@ -7,9 +7,9 @@ mod common;
 
 use std::time::Duration;
 
-use memvisor::config::{RunConfig, RunOptions};
-use memvisor::usage::Row;
+use memvisor::row::Row;
 use memvisor::vmm::RunSummary;
+use memvisor::vmm::config::{RunConfig, RunOptions};
 
 use common::run_rows;
 

@@ -14,11 +14,11 @@ use std::time::Instant;
 
 use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
 use kvm_ioctls::Kvm;
-use memvisor::abi::PAGE_SIZE;
-use memvisor::bitmap::Bitmap;
-use memvisor::kvm_ext;
-use memvisor::pagemap::AnonMapping;
-use memvisor::pmp_mmp::{HarvestStats, MapOptions, PmpMmpMap, ResidencyMethod};
+use memvisor::kvm::ioctls;
+use memvisor::memory::bitmap::Bitmap;
+use memvisor::memory::pagemap::AnonMapping;
+use memvisor::observe::pmp_mmp::{HarvestStats, MapOptions, PmpMmpMap, ResidencyMethod};
+use memvisor::units::PAGE_SIZE;
 
 const GIB: u64 = 1 << 30;
 const TOUCHED: u64 = 256 << 20;
@@ -45,9 +45,9 @@ fn timed_harvest(
 /// Mean milliseconds of KVM_GET_DIRTY_LOG on a dirty-logged memslot over `region`.
 fn get_dirty_log_ms(kvm: &Kvm, region: &AnonMapping) -> Result<f64, String> {
     let vm = kvm.create_vm().map_err(|e| format!("create_vm: {e}"))?;
-    kvm_ext::enable_manual_dirty_log_protect(&vm).map_err(|e| e.to_string())?;
+    ioctls::enable_manual_dirty_log_protect(&vm).map_err(|e| e.to_string())?;
     // SAFETY: the region outlives the VM, which is dropped at the end of this function.
-    unsafe { kvm_ext::set_user_memory(&vm, 0, KVM_MEM_LOG_DIRTY_PAGES, region) }
+    unsafe { ioctls::set_user_memory(&vm, 0, KVM_MEM_LOG_DIRTY_PAGES, region) }
         .map_err(|e| format!("memslot: {e}"))?;
     let runs = 10;
     let t = Instant::now();

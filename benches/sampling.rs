@@ -7,12 +7,12 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use memvisor::abi::PAGE_SIZE;
-use memvisor::config::{RunConfig, RunOptions};
+use memvisor::kvm::vm::Vm;
 use memvisor::memory::GuestRam;
-use memvisor::sampler::Sampler;
-use memvisor::usage::Row;
-use memvisor::vm::Vm;
+use memvisor::observe::sampler::Sampler;
+use memvisor::row::Row;
+use memvisor::units::PAGE_SIZE;
+use memvisor::vmm::config::{RunConfig, RunOptions};
 
 use common::{mean_se, median, run_rows};
 

@@ -1,35 +1,24 @@
 //! memvisor: a small KVM hypervisor that shows, side by side, what a virtual machine costs the host
 //! (machine pages backing guest RAM, plus the VMM's own overhead) and what the guest actually uses
-//! (active memory, estimated by random write-protect sampling).
+//! (active memory, estimated by stratified random sampling of writes and of all accesses).
+//!
+//! The folders are the layers, each using only those below it:
+//! - `units`, `row`: sizes and durations; the row schema every output reads;
+//! - `memory`: guest RAM and its kernel interfaces (userfaultfd, pagemap, bitmaps);
+//! - `contract`: the test guest's ABI, protocol and workload;
+//! - `kvm`: one VM's KVM plumbing (VM, vCPU, ioctls, boot);
+//! - `devices`: serial console, report channel, virtio-balloon;
+//! - `observe`: interval work, samplers, statistics, the PMP-MMP map;
+//! - `output`: table, JSON, CSV, plot, Prometheus;
+//! - `vmm`: one run: options, the recipe and run loop, clock, stops, outcome.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
-pub mod abi;
-pub mod access;
-pub mod bitmap;
-pub mod boot;
-pub mod clock;
-pub mod config;
-pub mod csv;
+pub mod contract;
 pub mod devices;
-pub mod exits;
-pub mod gdt;
-pub mod interval;
-pub mod kvm_ext;
+pub mod kvm;
 pub mod memory;
-pub mod outcome;
+pub mod observe;
 pub mod output;
-pub mod pagemap;
-pub mod plot;
-pub mod pmp_mmp;
-pub mod prometheus;
-pub mod protocol;
-pub mod sampler;
-pub mod stats;
-pub mod stop;
-pub mod uffd;
+pub mod row;
 pub mod units;
-pub mod usage;
-pub mod vcpu;
-pub mod vm;
 pub mod vmm;
-pub mod workload;

@@ -13,11 +13,11 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
-use memvisor::config::{RunConfig, RunOptions};
+use memvisor::observe::pmp_mmp::MapFile;
 use memvisor::output;
-use memvisor::pmp_mmp::MapFile;
-use memvisor::stop;
-use memvisor::usage::{EndReason, Row};
+use memvisor::row::{EndReason, Row};
+use memvisor::vmm::config::{RunConfig, RunOptions};
+use memvisor::vmm::stop;
 use memvisor::vmm::{self, RunError};
 
 #[derive(Parser)]
@@ -128,7 +128,7 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         (addr, name)
     });
     // Whether this process sees host PFNs (root with CAP_SYS_ADMIN): the table's header says so.
-    let pfn_visible = memvisor::pagemap::Pagemap::open().is_ok_and(|p| p.pfn_visible());
+    let pfn_visible = memvisor::memory::pagemap::Pagemap::open().is_ok_and(|p| p.pfn_visible());
     let out = io::stdout().lock();
     let mut sink = match output::Sink::new(out, format, prometheus, args.plot, pfn_visible) {
         Ok(s) => s,
@@ -198,8 +198,8 @@ fn main() -> ExitCode {
             run(*args)
         }
         Command::Map { file, json } => map(file, json),
-        Command::Plot { file, output } => memvisor::plot::read_jsonl(&file)
-            .and_then(|rows| memvisor::plot::write(&output, &rows))
+        Command::Plot { file, output } => memvisor::output::plot::read_jsonl(&file)
+            .and_then(|rows| memvisor::output::plot::write(&output, &rows))
             .map_err(|e| Failure::new(1, &e)),
     };
     match result {

@@ -48,6 +48,10 @@ pub enum UnitError {
 }
 
 /// 1 KiB.
+/// Guest and host page size (4 KiB). The guest's header (`guest/abi.h`) says the same, checked at
+/// compile time in `contract::abi`.
+pub const PAGE_SIZE: u64 = 4096;
+
 pub const KIB: u64 = 1 << 10;
 /// 1 MiB.
 pub const MIB: u64 = 1 << 20;
@@ -55,6 +59,16 @@ pub const MIB: u64 = 1 << 20;
 pub const GIB: u64 = 1 << 30;
 /// 1 TiB.
 pub const TIB: u64 = 1 << 40;
+
+/// Bytes to MiB.
+pub fn mib(bytes: u64) -> f64 {
+    bytes as f64 / MIB as f64
+}
+
+/// Pages to MiB.
+pub fn pages_mib(pages: u64) -> f64 {
+    mib(pages * PAGE_SIZE)
+}
 
 /// Longest fraction accepted (digits after the point); more could not change a result that must
 /// be whole bytes or nanoseconds, and bounding it keeps the arithmetic in `u128`.

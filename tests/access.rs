@@ -6,7 +6,7 @@ mod common;
 use std::process::Command;
 use std::time::Duration;
 
-use memvisor::usage::Row;
+use memvisor::row::Row;
 
 #[test]
 fn reads_are_seen_while_the_write_estimate_stays_near_zero() {
@@ -264,10 +264,10 @@ fn pages_that_refuse_to_move_are_skipped_counted_and_replaced() {
     if !common::root("pages_that_refuse_to_move_are_skipped_counted_and_replaced") {
         return;
     }
-    use memvisor::abi::PAGE_SIZE;
-    use memvisor::access::AccessSampler;
-    use memvisor::bitmap::{Bitmap, Ranks};
     use memvisor::memory::GuestRam;
+    use memvisor::memory::bitmap::{Bitmap, Ranks};
+    use memvisor::observe::access::AccessSampler;
+    use memvisor::units::PAGE_SIZE;
 
     // 4 MiB of RAM, every page written; the first half pinned.
     let ram = GuestRam::new(4 << 20, false).unwrap();

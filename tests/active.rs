@@ -83,7 +83,7 @@ fn sampler_survives_a_guest_that_exits_mid_interval() {
     let (s, rows) = common::run_cfg(cfg).unwrap();
     assert!(s.elapsed_s < 10.0);
     let last = rows.last().unwrap();
-    assert_eq!(last.end, Some(memvisor::usage::EndReason::Done));
+    assert_eq!(last.end, Some(memvisor::row::EndReason::Done));
     let a = last
         .active_writes
         .as_ref()

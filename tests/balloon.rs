@@ -7,7 +7,7 @@ mod common;
 
 use std::time::Duration;
 
-use memvisor::usage::Row;
+use memvisor::row::Row;
 use memvisor::vmm::{self, RunSummary};
 
 const MIB: u64 = 1 << 20;
@@ -278,7 +278,7 @@ fn an_allocation_beyond_the_limit_fails_cleanly() {
     );
     let last = rows.last().unwrap();
     assert!(last.guest.out_of_memory);
-    assert_eq!(last.end, Some(memvisor::usage::EndReason::GuestError));
+    assert_eq!(last.end, Some(memvisor::row::EndReason::GuestError));
     assert_eq!(
         last.balloon.as_ref().unwrap().balloon_mib,
         128.0,

@@ -3,8 +3,8 @@
 
 mod common;
 
+use memvisor::contract::workload::{DEFAULT_SPEC, Workload};
 use memvisor::vmm::RunSummary;
-use memvisor::workload::{DEFAULT_SPEC, Workload};
 
 /// Checks every phase against the spec: started, ended, ok, and the lists after it.
 fn assert_accounting(spec: &str, mem: u64, s: &RunSummary) {
@@ -56,7 +56,7 @@ fn default_workload_tells_the_whole_story() {
     assert!(rows.len() >= 8, "about one row per second: {}", rows.len());
     assert_eq!(
         rows.last().unwrap().end,
-        Some(memvisor::usage::EndReason::Done)
+        Some(memvisor::row::EndReason::Done)
     );
 }
 

@@ -41,7 +41,7 @@ fn missing_guest_image() {
 
 #[test]
 fn truncated_guest_image() {
-    let full = memvisor::boot::DEFAULT_GUEST;
+    let full = memvisor::kvm::boot::DEFAULT_GUEST;
     let out = run_image("truncated.elf", &full[..full.len() / 2], &[]);
     assert_clean_failure(&out, "truncated");
     let out = run_image("header-only.elf", &full[..40], &[]);

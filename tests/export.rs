@@ -8,7 +8,7 @@ use std::process::Stdio;
 use std::sync::mpsc;
 
 use common::{assert_clean_failure, memvisor, memvisor_output};
-use memvisor::usage::Row;
+use memvisor::row::Row;
 
 const MIB: f64 = (1u64 << 20) as f64;
 const SPEC: &str = "alloc 16M; touch 16M write 600ms; free 12M; idle 600ms";
@@ -281,8 +281,8 @@ fn plots_of_a_run_and_of_its_json_are_the_same_and_host_usage_stays_flat_over_th
     assert_eq!(&png[1..4], b"PNG");
 
     // The series drawn: over the free, the guest's allocated memory drops and host usage does not.
-    let rows = memvisor::plot::read_jsonl(&jsonl).unwrap();
-    let s = memvisor::plot::series(&rows);
+    let rows = memvisor::output::plot::read_jsonl(&jsonl).unwrap();
+    let s = memvisor::output::plot::series(&rows);
     let i = (1..s.allocated.len())
         .find(|&i| s.allocated[i - 1].unwrap() - s.allocated[i].unwrap() >= 12.0)
         .expect("an interval in which the guest freed 12 MiB");

@@ -3,7 +3,7 @@
 
 mod common;
 
-use memvisor::pmp_mmp::MapFile;
+use memvisor::observe::pmp_mmp::MapFile;
 
 const MIB_PAGES: u64 = 256;
 

@@ -94,7 +94,7 @@ fn message_data(kind: u32, args: [u64; 3], cr2: u64, cs: u64) -> String {
     format!(
         "        .balign 8\nmsg:\n        .long {magic:#x}, {kind}\n        .fill 8, 8, 0\n\
          \x20       .quad {a0:#x}, {a1:#x}, {a2:#x}\n        .quad 0, 0\n        .quad {cr2:#x}, {cs:#x}\n",
-        magic = memvisor::abi::MSG_MAGIC,
+        magic = memvisor::contract::abi::MSG_MAGIC,
         a0 = args[0],
         a1 = args[1],
         a2 = args[2],
@@ -385,7 +385,7 @@ fn hostile_phase_duration_beyond_the_tsc_range_keeps_the_guest_busy() {
     if !common::kvm("hostile_phase_duration_beyond_the_tsc_range_keeps_the_guest_busy") {
         return;
     }
-    use memvisor::workload::{Phase, Workload};
+    use memvisor::contract::workload::{Phase, Workload};
     // The spec parser caps durations at a year, but a phase table written by other means can hold
     // any u64. Pick the duration whose naive conversion, (ms) * tsc_khz, just passes 2^64 and wraps
     // to less than a millisecond of ticks: the guest must saturate instead and still be idling
@@ -430,7 +430,7 @@ fn hostile_balloon_driver_breaks_only_the_device() {
     // Maps the virtio-balloon's page (448 GiB) with PDPT entry 448 -> a PD at 3 MiB, then drives
     // the device with garbage: every status bit at once, a queue of size 0, rings at 4 GiB, odd
     // widths, notifications of queues that do not exist, a notification flood; then halts.
-    let base = memvisor::abi::balloon::MMIO_BASE;
+    let base = memvisor::contract::abi::balloon::MMIO_BASE;
     let body = format!(
         "        movq $0x300000, %rdi\n        movabsq ${pde:#x}, %rax\n        movq %rax, (%rdi)\n\
          \x20       movq $0x300003, %rax\n        movq %rax, {pdpte:#x}\n\
@@ -443,7 +443,7 @@ fn hostile_balloon_driver_breaks_only_the_device() {
          \x20       movl $20000, %ecx\n1:      movl %ecx, 0x50(%rbx)\n        decl %ecx\n        jnz 1b\n\
          \x20       hlt",
         pde = base | 0x83,
-        pdpte = memvisor::abi::PDPT_ADDR + 8 * (base >> 30),
+        pdpte = memvisor::contract::abi::PDPT_ADDR + 8 * (base >> 30),
     );
     let (e, _dir) = run_guest("balloon", &body, &["--timeout", "60s"]);
     assert_error_mentions(&e, "halted before finishing");

@@ -2,8 +2,8 @@
 //! report-channel messages (`abi::Message::parse`) and guest images (`boot::check_image`).
 //! `make fuzz` runs them with many more cases (PROPTEST_CASES).
 
-use memvisor::abi::{MSG_SIZE, Message};
-use memvisor::boot::{DEFAULT_GUEST, check_image};
+use memvisor::contract::abi::{MSG_SIZE, Message};
+use memvisor::kvm::boot::{DEFAULT_GUEST, check_image};
 use proptest::prelude::*;
 use vm_memory::ByteValued;
 
@@ -12,7 +12,7 @@ fn message_bytes() -> impl Strategy<Value = Vec<u8>> {
     prop_oneof![
         prop::collection::vec(any::<u8>(), 0..200),
         (prop::collection::vec(any::<u8>(), MSG_SIZE), 0u32..12).prop_map(|(mut b, kind)| {
-            b[0..4].copy_from_slice(&memvisor::abi::MSG_MAGIC.to_le_bytes());
+            b[0..4].copy_from_slice(&memvisor::contract::abi::MSG_MAGIC.to_le_bytes());
             b[4..8].copy_from_slice(&kind.to_le_bytes());
             b
         }),
@@ -56,7 +56,7 @@ proptest! {
             prop_assert_eq!(m.as_slice(), &b[..]);
             prop_assert_eq!(Message::parse(m.as_slice()), Ok(m));
         } else {
-            prop_assert!(b.len() != MSG_SIZE || b[0..4] != memvisor::abi::MSG_MAGIC.to_le_bytes()
+            prop_assert!(b.len() != MSG_SIZE || b[0..4] != memvisor::contract::abi::MSG_MAGIC.to_le_bytes()
                 || !(1..=8).contains(&u32::from_le_bytes(b[4..8].try_into().unwrap())));
         }
     }

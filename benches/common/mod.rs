@@ -2,8 +2,8 @@
 //! collecting its rows, and small statistics.
 #![allow(dead_code)] // each bench uses a part
 
-use memvisor::config::RunConfig;
-use memvisor::usage::Row;
+use memvisor::row::Row;
+use memvisor::vmm::config::RunConfig;
 use memvisor::vmm::{self, RunSummary};
 
 /// Runs `cfg` to its end with the guest's console silenced; returns the summary and every row.

@@ -30,9 +30,10 @@ use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
 use vm_memory::Bytes;
 
-use crate::abi::PAGE_SIZE;
-use crate::abi::balloon::{self as b, reg, status};
+use crate::contract::abi::balloon::{self as b, reg, status};
 use crate::memory::GuestRam;
+use crate::row::GuestStats;
+use crate::units::PAGE_SIZE;
 
 /// What each queue is for; queues are numbered in this order among those the features bring.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -41,17 +42,6 @@ enum Role {
     Deflate,
     Stats,
     Reporting,
-}
-
-/// The guest's own view, from its last statistics buffer.
-#[derive(Clone, Debug, Default, PartialEq, Serialize, serde::Deserialize)]
-#[serde(default)]
-pub struct GuestStats {
-    pub free_mib: Option<f64>,
-    pub total_mib: Option<f64>,
-    pub available_mib: Option<f64>,
-    /// Where the numbers come from.
-    pub source: String,
 }
 
 /// Counters of what the device did.
@@ -530,7 +520,7 @@ impl Balloon {
             let tag = u16::from_le_bytes([e[0], e[1]]);
             let mut v = [0u8; 8];
             v.copy_from_slice(&e[2..10]);
-            let mib = crate::usage::mib(u64::from_le_bytes(v));
+            let mib = crate::units::mib(u64::from_le_bytes(v));
             match tag {
                 b::S_MEMFREE => stats.free_mib = Some(mib),
                 b::S_MEMTOT => stats.total_mib = Some(mib),

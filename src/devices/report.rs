@@ -4,7 +4,7 @@
 
 use thiserror::Error;
 
-use crate::abi::MSG_SIZE;
+use crate::contract::abi::MSG_SIZE;
 
 /// A malformed access to the report channel.
 #[derive(Debug, Error, PartialEq, Eq)]

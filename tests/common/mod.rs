@@ -5,14 +5,14 @@ use std::path::Path;
 use std::process::{Command, Output};
 use std::time::Duration;
 
-use memvisor::config::{RunConfig, RunOptions};
-use memvisor::usage::Row;
+use memvisor::row::Row;
+use memvisor::vmm::config::{RunConfig, RunOptions};
 use memvisor::vmm::{self, RunError, RunSummary};
 
 /// True when /dev/kvm can be used; otherwise says the test is skipped, or fails it where CI set
-/// MEMVISOR_REQUIRE_KVM (the crate's one rule, `kvm_ext::kvm_usable`).
+/// MEMVISOR_REQUIRE_KVM (the crate's one rule, `ioctls::kvm_usable`).
 pub fn kvm(test: &str) -> bool {
-    memvisor::kvm_ext::kvm_usable(test)
+    memvisor::kvm::ioctls::kvm_usable(test)
 }
 
 /// True when this process runs as root (tests that need root skip otherwise, and say so).

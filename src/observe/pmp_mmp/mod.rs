@@ -1,0 +1,1274 @@
+//! The PMP-MMP map: for every guest-physical page (PMP) of guest RAM, which machine page (MMP)
+//! backs it, if any, and since when.
+//!
+//! Guest RAM is one private anonymous mapping at host address `host_addr`, registered as KVM
+//! memslot 0 at guest-physical 0, so guest page `gfn` lives at `host_addr + gfn * 4096`.
+//!
+//! # Page states
+//!
+//! * `Untouched`: never seen touched; costs nothing.
+//! * `Zero`: read but never written; mapped to the host's shared zero page (or the huge zero
+//!   page); costs nothing.
+//! * `Backed(pfn)`: a machine page of its own (PFN 0 when PFNs are hidden from this process).
+//! * `Shared(pfn)`: a machine page that another guest page maps too (KSM); found by
+//!   [`PmpMmpMap::refresh`].
+//! * `Swapped`: in swap.
+//! * `Discarded`: touched before, now neither present nor in swap (the VMM dropped it, e.g.
+//!   `MADV_DONTNEED`); costs nothing.
+//! * `Released`: given back to the host by the balloon (inflated, or reported free) with
+//!   `MADV_DONTNEED` and not touched since ([`PmpMmpMap::note_released`]); costs nothing. A later
+//!   write makes it `Backed` again (the VMM clears the pages' dirty bits when it releases them, so
+//!   the write shows in the dirty log), a later read `Zero` (the residency pass sees it).
+//!
+//! # How the map is kept
+//!
+//! [`PmpMmpMap::harvest`] runs once per interval with KVM's dirty bitmap (manual-protect mode:
+//! bits stay set until `KVM_CLEAR_DIRTY_LOG`) and the pages the VMM wrote since the previous
+//! harvest. The bitmap pass is O(pages / 64): it ORs both into dense 1-bit-per-page sets (touched,
+//! guest-written, VMM-written) and finds the *observed writes*: guest bits set now that were not
+//! known set (bits stay set in KVM until the sampler clears them and says so with
+//! [`PmpMmpMap::note_cleared`]), plus every VMM-written page. Pages read but never written leave no
+//! trace in the dirty log, so a residency pass over guest RAM (every
+//! [`MapOptions::residency_every`]-th harvest) finds pages that became resident or stopped being
+//! resident since the last pass, by `mincore` or `PAGEMAP_SCAN` (see the `residency` module for
+//! their costs; [`ResidencyMethod::Auto`] picks one per pass). Only pages newly written, newly
+//! resident or newly gone get a `/proc/self/pagemap` lookup. [`PmpMmpMap::refresh`] re-reads the
+//! pagemap of every touched page (finds KSM sharing, swap-out, compaction moves) and counts PFN
+//! duplicates for `Shared`.
+//!
+//! Limits, by design: "touched" means seen written or seen resident, so the neighbours that a
+//! transparent huge page backs along with a written page count as touched (and backed) too; a
+//! frame that changes under a page without a write or a residency change (KSM merge, compaction,
+//! khugepaged) is seen only by `refresh`; a harvest that re-reads a `Shared` page keeps it
+//! `Shared` while its PFN is unchanged, but sharing that ends is noticed only by `refresh`.
+//!
+//! # When PFNs are hidden
+//!
+//! Without `CAP_SYS_ADMIN` the pagemap reads every PFN as zero (Linux 4.2+), so a present page
+//! cannot be told apart as the shared zero page or a machine page of its own by its frame. The
+//! map then classifies present pages by what is still visible, their writes: guest RAM is private
+//! anonymous memory, which gets a machine page of its own only when written (a read maps the
+//! shared zero page), and every write reaches the map, the guest's through KVM's dirty log
+//! (enabled from the slot's creation) and the VMM's through its own bitmap. So a present page
+//! that neither ever wrote is counted `Zero`, a written one `Backed(0)`. Caveat: with transparent
+//! huge pages (`--hugepages`) a read may be given a huge page of its own, and a write backs the
+//! whole 2 MiB around it, so never-written pages can be backed; such pages are counted `Zero`
+//! here, and host usage is under-reported by them. Sharing (`Shared`) cannot be seen at all.
+//! [`MapSummary::pfn_visible`] says which way a map was made.
+//!
+//! # Layout
+//!
+//! This module is the map itself (bitmap pass, pagemap lookups, refresh, summary); `record`
+//! holds the per-page records, `residency` the residency pass, `file` the map file format.
+//!
+//! Storage is three dense 1-bit-per-page sets plus three more for bookkeeping (known dirty bits,
+//! last residency, a scratch set of pages to look up): 6 bits per guest page, 12 MiB for a 64 GiB
+//! guest. Per-page records (PFN and state, first-touch and last-write intervals: 16 bytes) live in
+//! chunks of 512 pages (2 MiB of guest RAM, 8 KiB of records) allocated on the first touch of a
+//! page in the chunk.
+
+pub mod file;
+mod record;
+mod residency;
+
+use std::fmt;
+use std::ops::Range;
+use std::time::Instant;
+
+use serde::Serialize;
+use thiserror::Error;
+
+pub use file::{MapFile, MapFileError, MapHeader, check_target};
+pub use record::{PageInfo, PageState};
+pub use residency::ResidencyMethod;
+
+use crate::memory::bitmap::{Bitmap, WORD_BITS, words_for};
+use crate::memory::pagemap::{
+    PageEntry, PageRegion, Pagemap, PagemapError, READ_CHUNK_ENTRIES, Residency,
+};
+use crate::units::PAGE_SIZE;
+use record::{
+    NO_WRITE, Record, Records, ST_BACKED, ST_DISCARDED, ST_RELEASED, ST_SHARED, ST_SWAPPED, ST_ZERO,
+};
+
+/// Pages of gap a pagemap read reads through rather than starting a new `pread`.
+const LOOKUP_GAP_PAGES: u64 = 64;
+
+/// Errors of the map, naming the step that failed.
+#[derive(Debug, Error)]
+pub enum MapError {
+    /// The guest RAM address is not page aligned.
+    #[error("creating the map: host address {0:#x} is not 4 KiB aligned")]
+    UnalignedHost(usize),
+    /// Guest RAM has no pages, or its range overflows the address space.
+    #[error("creating the map: guest RAM of {pages} pages at {host_addr:#x} is empty or too large")]
+    BadSize { host_addr: usize, pages: u64 },
+    /// The host page size is not the guest's 4 KiB.
+    #[error("creating the map: host page size {0} is not 4096")]
+    HostPageSize(usize),
+    /// Opening or probing the pagemap failed.
+    #[error("creating the map: {0}")]
+    OpenPagemap(#[source] PagemapError),
+    /// The interval number is reserved.
+    #[error("harvest: interval {0} is reserved (must be below {NO_WRITE})")]
+    BadInterval(u32),
+    /// `PAGEMAP_SCAN` residency was asked for but the kernel lacks it.
+    #[error("creating the map: PAGEMAP_SCAN residency asked for, but this kernel lacks it")]
+    ScanUnsupported,
+    /// The residency pass failed.
+    #[error("harvest: residency pass ({method:?}): {source}")]
+    Residency {
+        method: ResidencyMethod,
+        #[source]
+        source: PagemapError,
+    },
+    /// A pagemap lookup failed.
+    #[error("{step}: pagemap lookup: {source}")]
+    Lookup {
+        step: &'static str,
+        #[source]
+        source: PagemapError,
+    },
+}
+
+/// Page counts of a map.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct MapSummary {
+    /// Guest pages.
+    pub pages: u64,
+    pub untouched: u64,
+    pub zero: u64,
+    /// Pages with a machine page of their own (shared ones not included).
+    pub backed: u64,
+    pub swapped: u64,
+    /// Pages whose machine page another guest page maps too.
+    pub shared: u64,
+    pub discarded: u64,
+    /// Pages the balloon gave back to the host, untouched since.
+    pub released: u64,
+    /// Pages ever written by the guest.
+    pub guest_written: u64,
+    /// Pages ever written by the VMM.
+    pub vmm_written: u64,
+    /// Bytes per page (4096 for a live map; a map file's header says).
+    pub page_size: u64,
+    /// Whether PFNs were visible. Without them no page is Shared, and present pages are Zero
+    /// when never written, Backed when written (see the module docs).
+    pub pfn_visible: bool,
+    /// Last harvested interval + 1.
+    pub intervals: u32,
+}
+
+impl fmt::Display for MapSummary {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        let mib = |p: u64| p as f64 * self.page_size as f64 / (1024.0 * 1024.0);
+        writeln!(
+            f,
+            "guest pages   {:>12} ({:.1} MiB), {} intervals{}",
+            self.pages,
+            mib(self.pages),
+            self.intervals,
+            if self.pfn_visible {
+                ""
+            } else {
+                ", PFNs hidden: never-written pages count as zero, written ones as backed, \
+                 sharing unseen"
+            }
+        )?;
+        for (name, n) in [
+            ("untouched", self.untouched),
+            ("zero", self.zero),
+            ("backed", self.backed),
+            ("shared", self.shared),
+            ("swapped", self.swapped),
+            ("discarded", self.discarded),
+            ("released", self.released),
+            ("guest-written", self.guest_written),
+            ("vmm-written", self.vmm_written),
+        ] {
+            writeln!(f, "{name:<13} {n:>12} ({:.1} MiB)", mib(n))?;
+        }
+        Ok(())
+    }
+}
+
+/// What one harvest did and what it cost.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct HarvestStats {
+    /// Pages touched for the first time.
+    pub newly_touched: u64,
+    /// Pages the guest wrote for the first time.
+    pub newly_written: u64,
+    /// Guest writes observed (bits newly set in the dirty log).
+    pub guest_writes: u64,
+    /// Pages the VMM wrote since the previous harvest.
+    pub vmm_writes: u64,
+    /// Pages looked up in the pagemap.
+    pub lookups: u64,
+    /// Whether this harvest ran the residency pass.
+    pub residency_ran: bool,
+    /// How it did (`Mincore` or `PagemapScan`), when it ran.
+    pub residency_method: Option<ResidencyMethod>,
+    /// Milliseconds in the bitmap pass.
+    pub bitmap_ms: f64,
+    /// Milliseconds in the residency pass.
+    pub residency_ms: f64,
+    /// Milliseconds in pagemap lookups.
+    pub lookup_ms: f64,
+}
+
+/// What one refresh found.
+#[derive(Clone, Debug, Default, PartialEq, Serialize)]
+pub struct RefreshStats {
+    /// Touched pages re-read.
+    pub pages_read: u64,
+    /// Pages whose state or PFN changed.
+    pub changed: u64,
+    /// Pages now Shared.
+    pub shared: u64,
+    /// Milliseconds taken.
+    pub ms: f64,
+}
+
+/// Tuning of the map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapOptions {
+    /// Run the residency pass on every n-th harvest (the first harvest always runs it; 0 = never
+    /// again after the first). Pages only read by the guest are found by it, so with n > 1 their
+    /// first-touch interval may be up to n - 1 intervals late.
+    pub residency_every: u32,
+    /// How to find resident pages.
+    pub residency: ResidencyMethod,
+}
+
+impl Default for MapOptions {
+    fn default() -> Self {
+        MapOptions {
+            residency_every: 1,
+            residency: ResidencyMethod::Auto,
+        }
+    }
+}
+
+/// The PMP-MMP map of one guest RAM region.
+#[derive(Debug)]
+pub struct PmpMmpMap {
+    host_addr: usize,
+    pages: u64,
+    options: MapOptions,
+    pagemap: Pagemap,
+    touched: Bitmap,
+    guest_written: Bitmap,
+    vmm_written: Bitmap,
+    /// Bits known set in KVM's dirty log.
+    known_dirty: Bitmap,
+    /// Pages present (resident) at the last look.
+    resident: Bitmap,
+    /// Scratch: pages to look up in this harvest.
+    pending: Bitmap,
+    records: Records,
+    interval_count: u32,
+    harvests: u64,
+    /// The residency method: `Auto` only when the kernel has `PAGEMAP_SCAN`.
+    method: ResidencyMethod,
+    mincore_buf: Vec<u8>,
+    scan_buf: Vec<PageRegion>,
+    entry_buf: Vec<u64>,
+}
+
+impl PmpMmpMap {
+    /// A map of `guest_pages` pages of guest RAM at `host_addr`, with default options.
+    ///
+    /// The map never dereferences guest RAM; it only asks the kernel about it, and an unmapped
+    /// range yields errors, not undefined behaviour.
+    pub fn new(host_addr: usize, guest_pages: u64) -> Result<Self, MapError> {
+        Self::with_options(host_addr, guest_pages, MapOptions::default())
+    }
+
+    /// [`PmpMmpMap::new`] with options.
+    pub fn with_options(
+        host_addr: usize,
+        guest_pages: u64,
+        options: MapOptions,
+    ) -> Result<Self, MapError> {
+        let pagemap = Pagemap::open().map_err(MapError::OpenPagemap)?;
+        Self::with_pagemap(host_addr, guest_pages, options, pagemap)
+    }
+
+    /// [`PmpMmpMap::with_options`] with a given pagemap reader (e.g. one opened with
+    /// [`Pagemap::open_without_pfns`]).
+    pub fn with_pagemap(
+        host_addr: usize,
+        guest_pages: u64,
+        options: MapOptions,
+        pagemap: Pagemap,
+    ) -> Result<Self, MapError> {
+        if pagemap.page_size() as u64 != PAGE_SIZE {
+            return Err(MapError::HostPageSize(pagemap.page_size()));
+        }
+        if !(host_addr as u64).is_multiple_of(PAGE_SIZE) {
+            return Err(MapError::UnalignedHost(host_addr));
+        }
+        let fits = guest_pages
+            .checked_mul(PAGE_SIZE)
+            .and_then(|len| (host_addr as u64).checked_add(len))
+            .is_some_and(|end| end <= usize::MAX as u64);
+        if guest_pages == 0 || !fits {
+            return Err(MapError::BadSize {
+                host_addr,
+                pages: guest_pages,
+            });
+        }
+        let method = match options.residency {
+            ResidencyMethod::Auto if !pagemap.scan_supported() => ResidencyMethod::Mincore,
+            ResidencyMethod::PagemapScan if !pagemap.scan_supported() => {
+                return Err(MapError::ScanUnsupported);
+            }
+            m => m,
+        };
+        Ok(PmpMmpMap {
+            host_addr,
+            pages: guest_pages,
+            options,
+            pagemap,
+            touched: Bitmap::new(guest_pages),
+            guest_written: Bitmap::new(guest_pages),
+            vmm_written: Bitmap::new(guest_pages),
+            known_dirty: Bitmap::new(guest_pages),
+            resident: Bitmap::new(guest_pages),
+            pending: Bitmap::new(guest_pages),
+            records: Records::new(guest_pages),
+            interval_count: 0,
+            harvests: 0,
+            method,
+            mincore_buf: Vec::new(),
+            scan_buf: Vec::new(),
+            entry_buf: Vec::new(),
+        })
+    }
+
+    /// Guest pages.
+    pub fn pages(&self) -> u64 {
+        self.pages
+    }
+
+    /// Pages ever seen touched (written, or resident after a read).
+    pub fn touched(&self) -> &Bitmap {
+        &self.touched
+    }
+
+    /// Pages ever seen written by the guest.
+    pub fn guest_written(&self) -> &Bitmap {
+        &self.guest_written
+    }
+
+    /// Whether the map believes `gfn`'s bit is set in KVM's dirty log.
+    pub fn known_dirty(&self, gfn: u64) -> bool {
+        gfn < self.pages && self.known_dirty.get(gfn)
+    }
+
+    /// The residency method in use (`Auto` only when the kernel has `PAGEMAP_SCAN`).
+    pub fn residency_method(&self) -> ResidencyMethod {
+        self.method
+    }
+
+    /// Whether PFNs are visible to this process.
+    pub fn pfn_visible(&self) -> bool {
+        self.pagemap.pfn_visible()
+    }
+
+    /// Marks `gfn` touched in `interval` (its record starts in the untouched state).
+    fn touch(&mut self, gfn: u64, interval: u32) {
+        self.touched.set(gfn);
+        self.records.reset(gfn, Record::touched_in(interval));
+    }
+
+    /// Folds one interval's dirty information in.
+    ///
+    /// `guest_dirty` is KVM's dirty bitmap for the slot just read (bits stay set until cleared);
+    /// `vmm_dirty` the pages the VMM wrote since the previous harvest. Either may be shorter than
+    /// the slot or empty: missing words mean no news. `interval` is the number of the interval
+    /// that just ended (monotonic; `u32::MAX` is reserved).
+    pub fn harvest(
+        &mut self,
+        guest_dirty: &[u64],
+        vmm_dirty: &[u64],
+        interval: u32,
+    ) -> Result<HarvestStats, MapError> {
+        if interval == NO_WRITE {
+            return Err(MapError::BadInterval(interval));
+        }
+        let mut stats = HarvestStats::default();
+        let t0 = Instant::now();
+        self.bitmap_pass(guest_dirty, vmm_dirty, interval, &mut stats);
+        let t1 = Instant::now();
+        stats.bitmap_ms = ms(t1 - t0);
+
+        let every = u64::from(self.options.residency_every);
+        if self.harvests == 0 || (every > 0 && self.harvests.is_multiple_of(every)) {
+            stats.residency_method = Some(self.residency_pass()?);
+            stats.residency_ran = true;
+        }
+        let t2 = Instant::now();
+        stats.residency_ms = ms(t2 - t1);
+
+        let (lookups, newly) = self.lookup_pending(interval)?;
+        stats.lookups = lookups;
+        stats.newly_touched += newly;
+        stats.lookup_ms = ms(t2.elapsed());
+
+        self.interval_count = self.interval_count.max(interval + 1);
+        self.harvests += 1;
+        log::debug!("pmp-mmp harvest {interval}: {stats:?}");
+        Ok(stats)
+    }
+
+    fn bitmap_pass(
+        &mut self,
+        guest_dirty: &[u64],
+        vmm_dirty: &[u64],
+        interval: u32,
+        stats: &mut HarvestStats,
+    ) {
+        let nwords = words_for(self.pages);
+        for w in 0..nwords {
+            let valid = self.touched.word_mask(w);
+            let g = guest_dirty.get(w).map_or(0, |x| x & valid);
+            let v = vmm_dirty.get(w).map_or(0, |x| x & valid);
+            if g == 0 && v == 0 && self.known_dirty.words()[w] == 0 {
+                continue;
+            }
+            let mut new_g = 0;
+            if w < guest_dirty.len() {
+                new_g = g & !self.known_dirty.words()[w];
+                // KVM's log is authoritative for the words it gave: a bit that is clear now was
+                // cleared (told or not), so its next set is a new write.
+                self.known_dirty.words_mut()[w] = g;
+            }
+            let written = new_g | v;
+            if written == 0 {
+                continue;
+            }
+            let was_touched = self.touched.words()[w];
+            self.touched.words_mut()[w] |= written;
+            stats.newly_written += u64::from((new_g & !self.guest_written.words()[w]).count_ones());
+            self.guest_written.words_mut()[w] |= new_g;
+            self.vmm_written.words_mut()[w] |= v;
+            self.pending.words_mut()[w] |= written;
+            stats.guest_writes += u64::from(new_g.count_ones());
+            stats.vmm_writes += u64::from(v.count_ones());
+            stats.newly_touched += u64::from((written & !was_touched).count_ones());
+            let mut bits = written;
+            while bits != 0 {
+                let b = bits.trailing_zeros();
+                bits &= bits - 1;
+                let gfn = w as u64 * WORD_BITS + u64::from(b);
+                if was_touched & (1 << b) == 0 {
+                    self.touch(gfn, interval);
+                }
+                self.records.get_mut(gfn).last_write = interval;
+            }
+        }
+    }
+
+    /// Looks up every pending page; returns (lookups, newly touched).
+    fn lookup_pending(&mut self, interval: u32) -> Result<(u64, u64), MapError> {
+        let pending = std::mem::take(&mut self.pending);
+        let mut lookups = 0u64;
+        let mut newly = 0u64;
+        let result = self.for_each_entry(&pending, "harvest", |map, gfn, e| {
+            lookups += 1;
+            newly += u64::from(map.apply_entry(gfn, e, Some(interval)));
+        });
+        self.pending = pending;
+        self.pending.clear_all();
+        result.map(|()| (lookups, newly))
+    }
+
+    /// Reads the pagemap entries of the pages set in `pages`, a range of nearby ones (see
+    /// [`Bitmap::gap_ranges`]) per read, and calls `f` with each of those pages and its entry, in
+    /// ascending order. A failed read ends the walk with [`MapError::Lookup`] for `step`.
+    fn for_each_entry(
+        &mut self,
+        pages: &Bitmap,
+        step: &'static str,
+        mut f: impl FnMut(&mut Self, u64, PageEntry),
+    ) -> Result<(), MapError> {
+        for r in pages.gap_ranges(LOOKUP_GAP_PAGES, READ_CHUNK_ENTRIES as u64) {
+            self.read_entries(r.clone())
+                .map_err(|source| MapError::Lookup { step, source })?;
+            let entries = std::mem::take(&mut self.entry_buf);
+            for gfn in pages.ones_in(r.clone()) {
+                f(self, gfn, PageEntry(entries[(gfn - r.start) as usize]));
+            }
+            self.entry_buf = entries;
+        }
+        Ok(())
+    }
+
+    fn read_entries(&mut self, r: Range<u64>) -> Result<(), PagemapError> {
+        let n = (r.end - r.start) as usize;
+        if self.entry_buf.len() < n {
+            self.entry_buf.resize(n, 0);
+        }
+        let addr = self.host_addr + (r.start * PAGE_SIZE) as usize;
+        self.pagemap.read(addr, n, &mut self.entry_buf)
+    }
+
+    /// Applies a pagemap entry to `gfn`. With `touch_in`, a present untouched page becomes touched
+    /// in that interval (returns true). Returns whether the page was newly touched.
+    fn apply_entry(&mut self, gfn: u64, e: PageEntry, touch_in: Option<u32>) -> bool {
+        let res = self.pagemap.classify(e);
+        let mut newly = false;
+        if !self.touched.get(gfn) {
+            match (res, touch_in) {
+                (Residency::Absent, _) | (_, None) => {
+                    self.resident.clear(gfn);
+                    return false;
+                }
+                (_, Some(i)) => {
+                    self.touch(gfn, i);
+                    newly = true;
+                }
+            }
+        }
+        let old = self
+            .records
+            .get(gfn)
+            .map_or(PageState::Untouched, Record::state);
+        self.set_residency(gfn, res, |pfn| match old {
+            PageState::Shared(p) if p == pfn && pfn != 0 => old,
+            _ => PageState::Backed(pfn),
+        });
+        newly
+    }
+
+    /// Sets the state and the residency bit of touched page `gfn` from `res`; `frame` gives the
+    /// state of a page a machine page backs, from its PFN (0 when hidden).
+    ///
+    /// With PFNs hidden, a present page that neither the guest nor the VMM ever wrote is taken
+    /// for the shared zero page (see "When PFNs are hidden" in the module docs).
+    fn set_residency(&mut self, gfn: u64, res: Residency, frame: impl FnOnce(u64) -> PageState) {
+        let released = self
+            .records
+            .get(gfn)
+            .is_some_and(|r| r.state_code() == ST_RELEASED);
+        let state = match res {
+            Residency::Absent if released => PageState::Released,
+            Residency::Absent => PageState::Discarded,
+            Residency::Swapped => PageState::Swapped,
+            Residency::Zero => PageState::Zero,
+            Residency::Frame(None)
+                if !self.guest_written.get(gfn) && !self.vmm_written.get(gfn) =>
+            {
+                PageState::Zero
+            }
+            Residency::Frame(pfn) => frame(pfn.unwrap_or(0)),
+        };
+        if matches!(res, Residency::Zero | Residency::Frame(_)) {
+            self.resident.set(gfn);
+        } else {
+            self.resident.clear(gfn);
+        }
+        self.records.set_state(gfn, state);
+    }
+
+    /// The balloon released guest pages `pages` (`MADV_DONTNEED`) during interval `interval`;
+    /// `guest_dirty` is KVM's dirty log read just before the VMM cleared the pages' bits (tell
+    /// [`PmpMmpMap::note_cleared`] too). Pages written since the last harvest are recorded as
+    /// touched and written in `interval` first, so nothing the guest wrote is lost; then every
+    /// touched page in the range becomes `Released` and not resident, so a later write (a new
+    /// dirty bit) or read (the residency pass) is seen afresh. Untouched pages stay untouched.
+    pub fn note_released(&mut self, pages: Range<u64>, guest_dirty: &[u64], interval: u32) {
+        let end = pages.end.min(self.pages);
+        let interval = interval.min(NO_WRITE - 1);
+        for gfn in pages.start..end {
+            let (w, bit) = ((gfn / WORD_BITS) as usize, 1u64 << (gfn % WORD_BITS));
+            let dirty = guest_dirty.get(w).is_some_and(|d| d & bit != 0);
+            if dirty && self.known_dirty.words()[w] & bit == 0 {
+                if !self.touched.get(gfn) {
+                    self.touch(gfn, interval);
+                }
+                self.guest_written.set(gfn);
+                self.records.get_mut(gfn).last_write = interval;
+            }
+            if self.touched.get(gfn) {
+                self.records.set_state(gfn, PageState::Released);
+                self.resident.clear(gfn);
+            }
+        }
+    }
+
+    /// The sampler cleared the bits of `mask` (bit i = page i) in KVM's dirty log: a later set
+    /// bit there is a new write. Touched and first-touch records are kept.
+    pub fn note_cleared(&mut self, mask: &[u64]) {
+        self.known_dirty.and_not_assign(mask);
+    }
+
+    /// Re-reads the pagemap of every touched page (finds swap-out, KSM merging, moved frames) and
+    /// marks as Shared every PFN that more than one guest page maps (the zero page excluded).
+    pub fn refresh(&mut self) -> Result<RefreshStats, MapError> {
+        let t0 = Instant::now();
+        let mut stats = RefreshStats::default();
+        let touched = std::mem::take(&mut self.touched);
+        // (PFN, gfn, old record word) of present pages not mapped exclusively: the only ones
+        // that can be shared (a frame two guest pages map has a map count of at least 2).
+        let mut candidates: Vec<(u64, u64, Option<Record>)> = Vec::new();
+        let result = self.for_each_entry(&touched, "refresh", |map, gfn, e| {
+            stats.pages_read += 1;
+            let old = map.records.get(gfn);
+            let res = map.pagemap.classify(e);
+            let mut candidate = false;
+            map.set_residency(gfn, res, |pfn| {
+                if pfn != 0 && !e.exclusive() {
+                    candidates.push((pfn, gfn, old));
+                    candidate = true;
+                }
+                PageState::Backed(pfn)
+            });
+            if !candidate && old != map.records.get(gfn) {
+                stats.changed += 1;
+            }
+        });
+        self.touched = touched;
+        result?;
+        candidates.sort_unstable_by_key(|&(pfn, gfn, _)| (pfn, gfn));
+        let mut i = 0;
+        while i < candidates.len() {
+            let pfn = candidates[i].0;
+            let mut j = i + 1;
+            while j < candidates.len() && candidates[j].0 == pfn {
+                j += 1;
+            }
+            for &(_, gfn, old) in &candidates[i..j] {
+                if j - i > 1 {
+                    self.records.set_state(gfn, PageState::Shared(pfn));
+                    stats.shared += 1;
+                }
+                if old != self.records.get(gfn) {
+                    stats.changed += 1;
+                }
+            }
+            i = j;
+        }
+        stats.ms = ms(t0.elapsed());
+        log::debug!("pmp-mmp refresh: {stats:?}");
+        Ok(stats)
+    }
+
+    /// Page counts.
+    pub fn summary(&self) -> MapSummary {
+        let r = &self.records;
+        MapSummary {
+            pages: self.pages,
+            untouched: self.pages.saturating_sub(r.touched()),
+            zero: r.count(ST_ZERO),
+            backed: r.count(ST_BACKED),
+            swapped: r.count(ST_SWAPPED),
+            shared: r.count(ST_SHARED),
+            discarded: r.count(ST_DISCARDED),
+            released: r.count(ST_RELEASED),
+            guest_written: self.guest_written.count_ones(),
+            vmm_written: self.vmm_written.count_ones(),
+            page_size: PAGE_SIZE,
+            pfn_visible: self.pagemap.pfn_visible(),
+            intervals: self.interval_count,
+        }
+    }
+
+    /// Backed pages (state Backed, not Shared) among guest pages `range` (clipped to the RAM).
+    pub fn backed_in(&self, range: Range<u64>) -> u64 {
+        self.records
+            .count_in(ST_BACKED, range.start..range.end.min(self.pages))
+    }
+
+    /// What the map knows about page `gfn`; `None` past the end of guest RAM.
+    pub fn page(&self, gfn: u64) -> Option<PageInfo> {
+        if gfn >= self.pages {
+            return None;
+        }
+        if !self.touched.get(gfn) {
+            return Some(PageInfo::untouched(gfn));
+        }
+        let r = self.records.get(gfn).unwrap_or_default();
+        Some(PageInfo {
+            gfn,
+            state: r.state(),
+            first_touch: Some(r.first_touch),
+            last_write: (r.last_write != NO_WRITE).then_some(r.last_write),
+            guest_written: self.guest_written.get(gfn),
+            vmm_written: self.vmm_written.get(gfn),
+        })
+    }
+
+    /// Heap bytes the map itself holds (bitmaps, record chunks, scratch buffers).
+    pub fn overhead_bytes(&self) -> usize {
+        let bitmaps = [
+            &self.touched,
+            &self.guest_written,
+            &self.vmm_written,
+            &self.known_dirty,
+            &self.resident,
+            &self.pending,
+        ]
+        .iter()
+        .map(|b| b.heap_bytes())
+        .sum::<usize>();
+        bitmaps
+            + self.records.heap_bytes()
+            + self.mincore_buf.capacity()
+            + self.scan_buf.capacity() * std::mem::size_of::<PageRegion>()
+            + self.entry_buf.capacity() * std::mem::size_of::<u64>()
+    }
+}
+
+fn ms(d: std::time::Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::memory::pagemap::AnonMapping;
+
+    /// Two tests running `check` with each explicit residency method.
+    macro_rules! per_method {
+        ($check:ident: $mincore:ident, $scan:ident) => {
+            #[test]
+            fn $mincore() {
+                $check(ResidencyMethod::Mincore);
+            }
+
+            #[test]
+            fn $scan() {
+                $check(ResidencyMethod::PagemapScan);
+            }
+        };
+    }
+
+    /// Guest RAM stand-in: an anonymous mapping of `pages` guest pages.
+    pub(super) struct Ram {
+        mem: AnonMapping,
+        pages: u64,
+    }
+
+    impl Ram {
+        pub(super) fn new(pages: u64) -> Ram {
+            let mem = AnonMapping::new((pages * PAGE_SIZE) as usize)
+                .unwrap_or_else(|e| panic!("mmap of {pages} pages: {e}"));
+            Ram { mem, pages }
+        }
+        pub(super) fn host(&self) -> usize {
+            self.mem.addr()
+        }
+        pub(super) fn write(&self, gfn: u64, val: u8) {
+            assert!(gfn < self.pages);
+            self.mem.write_volatile((gfn * PAGE_SIZE) as usize, val);
+        }
+        pub(super) fn read(&self, gfn: u64) -> u8 {
+            assert!(gfn < self.pages);
+            self.mem.read_volatile((gfn * PAGE_SIZE) as usize)
+        }
+        fn resident(&self) -> u64 {
+            let mut v = vec![0u8; self.pages as usize];
+            crate::memory::pagemap::mincore(self.host(), (self.pages * PAGE_SIZE) as usize, &mut v)
+                .unwrap();
+            v.iter().filter(|b| *b & 1 != 0).count() as u64
+        }
+    }
+
+    pub(super) fn dirty_of(pages: u64, gfns: &[u64]) -> Vec<u64> {
+        let mut b = Bitmap::new(pages);
+        for &g in gfns {
+            b.set(g);
+        }
+        b.words().to_vec()
+    }
+
+    fn map_with(ram: &Ram, method: ResidencyMethod) -> PmpMmpMap {
+        let opts = MapOptions {
+            residency: method,
+            ..Default::default()
+        };
+        let map = PmpMmpMap::with_options(ram.host(), ram.pages, opts).unwrap();
+        assert_eq!(map.residency_method(), method);
+        map
+    }
+
+    #[test]
+    fn auto_scans_sparse_ram_and_mincores_dense_ram() {
+        let ram = Ram::new(200);
+        let mut map = PmpMmpMap::new(ram.host(), 200).unwrap();
+        assert_eq!(map.residency_method(), ResidencyMethod::Auto);
+        let st = map.harvest(&[], &[], 0).unwrap();
+        assert_eq!(st.residency_method, Some(ResidencyMethod::PagemapScan));
+        for g in 0..20 {
+            ram.read(g);
+        }
+        let st = map.harvest(&[], &[], 1).unwrap();
+        assert_eq!(st.residency_method, Some(ResidencyMethod::PagemapScan));
+        assert_eq!(st.newly_touched, 20);
+        // 20 of 200 resident is above 1/20: mincore from now on, and it still sees changes.
+        ram.read(150);
+        let st = map.harvest(&[], &[], 2).unwrap();
+        assert_eq!(st.residency_method, Some(ResidencyMethod::Mincore));
+        assert_eq!(st.newly_touched, 1);
+        assert_eq!(map.summary().zero, 21);
+    }
+
+    per_method!(check_states: states_with_mincore, states_with_pagemap_scan);
+
+    fn check_states(method: ResidencyMethod) {
+        let ram = Ram::new(1024);
+        let mut map = map_with(&ram, method);
+        let written = [0u64, 1, 2, 100, 1023];
+        let read = [10u64, 11, 500];
+        for &g in &written {
+            ram.write(g, 7);
+        }
+        for &g in &read {
+            assert_eq!(ram.read(g), 0);
+        }
+        let vmm = [600u64];
+        ram.write(600, 1);
+        let st = map
+            .harvest(&dirty_of(1024, &written), &dirty_of(1024, &vmm), 0)
+            .unwrap();
+        assert_eq!(st.guest_writes, 5);
+        assert_eq!(st.vmm_writes, 1);
+        assert_eq!(st.newly_touched, 9);
+        assert!(st.residency_ran);
+        let pm = Pagemap::open().unwrap();
+        assert!(pm.pfn_visible(), "tests run as root: PFNs must be visible");
+        for &g in written.iter().chain(&vmm) {
+            let p = map.page(g).unwrap();
+            match p.state {
+                PageState::Backed(pfn) => {
+                    assert_ne!(pfn, 0);
+                    assert!(!pm.is_zero_pfn(pfn));
+                }
+                s => panic!("gfn {g}: {s:?}"),
+            }
+            assert_eq!(p.first_touch, Some(0));
+            assert_eq!(p.last_write, Some(0));
+        }
+        assert!(map.page(0).unwrap().guest_written);
+        assert!(map.page(600).unwrap().vmm_written && !map.page(600).unwrap().guest_written);
+        for &g in &read {
+            let p = map.page(g).unwrap();
+            assert_eq!(p.state, PageState::Zero, "gfn {g}");
+            assert_eq!(p.first_touch, Some(0));
+            assert_eq!(p.last_write, None);
+        }
+        assert_eq!(map.page(50).unwrap().state, PageState::Untouched);
+        assert_eq!(map.page(50).unwrap().first_touch, None);
+        assert_eq!(map.page(1024), None);
+        let s = map.summary();
+        assert_eq!(s.backed, 6);
+        assert_eq!(s.zero, 3);
+        assert_eq!(s.untouched, 1024 - 9);
+        assert_eq!(s.guest_written, 5);
+        assert_eq!(s.vmm_written, 1);
+        assert_eq!(s.backed, ram.resident() - s.zero);
+        assert_eq!(map.backed_in(0..1024), 6);
+        assert_eq!(map.backed_in(0..3), 3);
+        assert_eq!(map.backed_in(3..100), 0);
+        assert_eq!(map.backed_in(100..5000), 3);
+        let (hi, lo) = (900, 10);
+        assert_eq!(map.backed_in(hi..lo), 0);
+
+        // Interval 1: a read page gets written, more reads.
+        ram.write(10, 1);
+        ram.read(700);
+        let mut d = dirty_of(1024, &written);
+        d[0] |= 1 << 10;
+        let st = map.harvest(&d, &[], 1).unwrap();
+        assert_eq!(st.guest_writes, 1, "only gfn 10 is a new write");
+        assert_eq!(st.newly_touched, 1, "gfn 700");
+        assert!(matches!(map.page(10).unwrap().state, PageState::Backed(_)));
+        assert_eq!(map.page(10).unwrap().first_touch, Some(0));
+        assert_eq!(map.page(10).unwrap().last_write, Some(1));
+        assert_eq!(map.page(700).unwrap().state, PageState::Zero);
+        assert_eq!(map.page(700).unwrap().first_touch, Some(1));
+        let s = map.summary();
+        assert_eq!((s.backed, s.zero), (7, 3));
+        assert_eq!(s.backed, ram.resident() - s.zero);
+        assert_eq!(s.intervals, 2);
+    }
+
+    #[test]
+    fn note_cleared_then_rewrite_keeps_first_touch() {
+        let ram = Ram::new(256);
+        let mut map = PmpMmpMap::new(ram.host(), ram.pages).unwrap();
+        ram.write(5, 1);
+        ram.write(70, 1);
+        let d = dirty_of(256, &[5, 70]);
+        map.harvest(&d, &[], 0).unwrap();
+        // The bits stay set in KVM: no new write in interval 1.
+        let st = map.harvest(&d, &[], 1).unwrap();
+        assert_eq!(st.guest_writes, 0);
+        assert_eq!(st.lookups, 0);
+        assert_eq!(map.page(5).unwrap().last_write, Some(0));
+        // The sampler clears page 5's bit; the guest writes it again in interval 2.
+        map.note_cleared(&dirty_of(256, &[5]));
+        let st = map.harvest(&d, &[], 2).unwrap();
+        assert_eq!(st.guest_writes, 1);
+        assert_eq!(st.newly_touched, 0);
+        let p5 = map.page(5).unwrap();
+        assert_eq!(p5.first_touch, Some(0));
+        assert_eq!(p5.last_write, Some(2));
+        assert_eq!(map.page(70).unwrap().last_write, Some(0));
+        // Cleared and not written again: still touched, still backed, no new write.
+        map.note_cleared(&dirty_of(256, &[5, 70]));
+        let st = map.harvest(&[0; 4], &[], 3).unwrap();
+        assert_eq!(st.guest_writes, 0);
+        assert!(matches!(map.page(70).unwrap().state, PageState::Backed(_)));
+        assert_eq!(map.page(70).unwrap().first_touch, Some(0));
+        assert_eq!(map.summary().guest_written, 2);
+        // A bit that went clear without note_cleared is known clear from the log itself.
+        let st = map.harvest(&dirty_of(256, &[70]), &[], 4).unwrap();
+        assert_eq!(st.guest_writes, 1);
+        assert_eq!(map.page(70).unwrap().last_write, Some(4));
+    }
+
+    per_method!(check_discarded: discarded_with_mincore, discarded_with_pagemap_scan);
+
+    fn check_discarded(method: ResidencyMethod) {
+        let ram = Ram::new(128);
+        let mut map = map_with(&ram, method);
+        for g in 0..4 {
+            ram.write(g, 1);
+        }
+        ram.read(8);
+        map.harvest(&dirty_of(128, &[0, 1, 2, 3]), &[], 0).unwrap();
+        assert_eq!(map.summary().backed, 4);
+        // The VMM drops pages 2 and 3 (balloon-style): the mincore pass notices.
+        // SAFETY: discards two pages of our own mapping; nothing holds references into them.
+        let r = unsafe {
+            libc::madvise(
+                ram.mem.as_ptr().add(2 * PAGE_SIZE as usize).cast(),
+                2 * PAGE_SIZE as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+        map.harvest(&dirty_of(128, &[0, 1, 2, 3]), &[], 1).unwrap();
+        let s = map.summary();
+        assert_eq!((s.backed, s.discarded, s.zero), (2, 2, 1));
+        assert_eq!(map.page(2).unwrap().state, PageState::Discarded);
+        // Written again, it is backed again; first touch is kept.
+        ram.write(3, 1);
+        map.note_cleared(&dirty_of(128, &[3]));
+        map.harvest(&dirty_of(128, &[0, 1, 2, 3]), &[], 2).unwrap();
+        assert!(matches!(map.page(3).unwrap().state, PageState::Backed(_)));
+        assert_eq!(map.page(3).unwrap().first_touch, Some(0));
+        assert_eq!(map.page(3).unwrap().last_write, Some(2));
+        let s = map.summary();
+        assert_eq!((s.backed, s.discarded), (3, 1));
+        assert_eq!(s.backed, ram.resident() - s.zero);
+        // Refresh re-reads every touched page and agrees.
+        let rs = map.refresh().unwrap();
+        assert_eq!(rs.pages_read, 5);
+        assert_eq!(rs.shared, 0);
+        assert_eq!(map.summary(), s);
+    }
+
+    per_method!(check_released: released_with_mincore, released_with_pagemap_scan);
+
+    /// The balloon's release: pages become Released (not Discarded), stay so through harvests and
+    /// refreshes, and a write (a new dirty bit, the VMM having cleared the old ones) or a read
+    /// (the residency pass) brings them back as Backed or Zero.
+    fn check_released(method: ResidencyMethod) {
+        let ram = Ram::new(128);
+        let mut map = map_with(&ram, method);
+        for g in 0..8 {
+            ram.write(g, 1);
+        }
+        let all = dirty_of(128, &[0, 1, 2, 3, 4, 5, 6, 7]);
+        map.harvest(&all, &[], 0).unwrap();
+        // Page 9 is written after the harvest: the release records it before releasing it.
+        ram.write(9, 1);
+        for (first, n) in [(2usize, 4usize), (9, 1)] {
+            // SAFETY: discards pages of our own mapping; nothing holds references into them.
+            let r = unsafe {
+                libc::madvise(
+                    ram.mem.as_ptr().add(first * PAGE_SIZE as usize).cast(),
+                    n * PAGE_SIZE as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            assert_eq!(r, 0);
+        }
+        let log = dirty_of(128, &[0, 1, 2, 3, 4, 5, 6, 7, 9]);
+        map.note_released(2..6, &log, 1);
+        map.note_released(9..10, &log, 1);
+        map.note_released(100..200, &log, 1); // untouched and past the end: nothing
+        map.note_cleared(&dirty_of(128, &[2, 3, 4, 5, 9]));
+        let s = map.summary();
+        assert_eq!((s.backed, s.released, s.discarded), (4, 5, 0));
+        assert_eq!(map.page(100).unwrap().state, PageState::Untouched);
+        let p9 = map.page(9).unwrap();
+        assert_eq!(p9.state, PageState::Released);
+        assert_eq!((p9.first_touch, p9.last_write), (Some(1), Some(1)));
+        assert!(p9.guest_written);
+        // Pages 2..6 were written before the harvest: their records are kept.
+        assert_eq!(map.page(3).unwrap().last_write, Some(0));
+        // The dirty log without the cleared bits: nothing new, the residency pass agrees.
+        let after = dirty_of(128, &[0, 1, 6, 7]);
+        map.harvest(&after, &[], 1).unwrap();
+        assert_eq!(map.summary().released, 5);
+        assert_eq!(map.page(3).unwrap().state, PageState::Released);
+        assert_eq!(
+            map.refresh().unwrap().changed,
+            0,
+            "refresh keeps them released"
+        );
+        // Page 2 is written again, page 3 read.
+        ram.write(2, 9);
+        assert_eq!(ram.read(3), 0, "released pages read back zero");
+        map.harvest(&dirty_of(128, &[0, 1, 2, 6, 7]), &[], 2)
+            .unwrap();
+        assert!(matches!(map.page(2).unwrap().state, PageState::Backed(_)));
+        assert_eq!(map.page(2).unwrap().last_write, Some(2));
+        assert_eq!(map.page(2).unwrap().first_touch, Some(0));
+        assert_eq!(map.page(3).unwrap().state, PageState::Zero);
+        let s = map.summary();
+        assert_eq!((s.backed, s.zero, s.released), (5, 1, 3));
+        assert_eq!(s.backed, ram.resident() - s.zero);
+    }
+
+    #[test]
+    fn refresh_counts_pfn_duplicates_as_shared() {
+        // Two guest pages mapping one frame: a MAP_SHARED memfd page mapped twice inside "guest
+        // RAM" stands in for a KSM merge.
+        // SAFETY: memfd_create with a valid NUL-terminated name.
+        let fd = unsafe { libc::memfd_create(c"pmp-shared".as_ptr(), 0) };
+        assert!(fd >= 0);
+        // SAFETY: fd is ours.
+        assert_eq!(unsafe { libc::ftruncate(fd, PAGE_SIZE as i64) }, 0);
+        let ram = Ram::new(16);
+        for g in [3u64, 9] {
+            // SAFETY: MAP_FIXED over a page of our own mapping, which nothing references.
+            let p = unsafe {
+                libc::mmap(
+                    ram.mem.as_ptr().add((g * PAGE_SIZE) as usize).cast(),
+                    PAGE_SIZE as usize,
+                    libc::PROT_READ | libc::PROT_WRITE,
+                    libc::MAP_SHARED | libc::MAP_FIXED,
+                    fd,
+                    0,
+                )
+            };
+            assert_ne!(p, libc::MAP_FAILED);
+        }
+        // SAFETY: fd is ours and no longer needed (the mappings hold the file).
+        unsafe { libc::close(fd) };
+        ram.write(3, 9);
+        assert_eq!(ram.read(9), 9, "both pages map the same frame");
+        ram.write(0, 1);
+        let mut map = PmpMmpMap::new(ram.host(), ram.pages).unwrap();
+        map.harvest(&dirty_of(16, &[0, 3]), &[], 0).unwrap();
+        assert_eq!(map.summary().shared, 0, "harvest does not look for sharing");
+        let rs = map.refresh().unwrap();
+        assert_eq!(rs.shared, 2);
+        assert_eq!(
+            rs.changed, 2,
+            "page 9 (found by residency as backed) and page 3"
+        );
+        let s = map.summary();
+        assert_eq!((s.shared, s.backed), (2, 1));
+        assert_eq!(
+            map.refresh().unwrap().changed,
+            0,
+            "a second refresh changes nothing"
+        );
+        let (PageState::Shared(a), PageState::Shared(b)) =
+            (map.page(3).unwrap().state, map.page(9).unwrap().state)
+        else {
+            panic!("pages 3 and 9 should be shared");
+        };
+        assert_eq!(a, b);
+        assert_ne!(a, 0);
+        assert_eq!(map.backed_in(0..16), 1);
+        // A harvest that re-looks at a shared page keeps it shared while its frame is the same.
+        map.harvest(&dirty_of(16, &[0, 3]), &dirty_of(16, &[3]), 1)
+            .unwrap();
+        assert_eq!(map.page(3).unwrap().state, PageState::Shared(a));
+    }
+
+    #[test]
+    fn hidden_pfns_classify_unwritten_present_pages_as_zero() {
+        let ram = Ram::new(64);
+        ram.write(1, 1); // guest write
+        ram.read(2); // guest read only
+        ram.write(3, 1); // VMM write
+        ram.read(4); // read now, written by the guest later
+        let pm = Pagemap::open_without_pfns().unwrap();
+        let mut map = PmpMmpMap::with_pagemap(ram.host(), 64, MapOptions::default(), pm).unwrap();
+        map.harvest(&dirty_of(64, &[1]), &dirty_of(64, &[3]), 0)
+            .unwrap();
+        let s = map.summary();
+        assert!(!s.pfn_visible);
+        assert_eq!((s.backed, s.zero), (2, 2));
+        assert_eq!(map.page(1).unwrap().state, PageState::Backed(0));
+        assert_eq!(map.page(2).unwrap().state, PageState::Zero);
+        assert_eq!(map.page(3).unwrap().state, PageState::Backed(0));
+        assert_eq!(map.page(4).unwrap().state, PageState::Zero);
+        // The same pages through a reader that sees PFNs: the inference agrees.
+        let mut seen = PmpMmpMap::new(ram.host(), 64).unwrap();
+        seen.harvest(&dirty_of(64, &[1]), &dirty_of(64, &[3]), 0)
+            .unwrap();
+        let v = seen.summary();
+        assert!(v.pfn_visible);
+        assert_eq!((v.backed, v.zero), (s.backed, s.zero));
+        // The read page gets written: backed from then on.
+        ram.write(4, 1);
+        map.harvest(&dirty_of(64, &[1, 4]), &[], 1).unwrap();
+        assert_eq!(map.page(4).unwrap().state, PageState::Backed(0));
+        assert_eq!(map.page(4).unwrap().first_touch, Some(0));
+        let s = map.summary();
+        assert_eq!((s.backed, s.zero), (3, 1));
+        // Refresh re-reads every page with the same inference and finds no sharing.
+        let rs = map.refresh().unwrap();
+        assert_eq!((rs.pages_read, rs.changed, rs.shared), (4, 0, 0));
+        assert_eq!(map.summary(), s);
+    }
+
+    /// A real guest: writes one page, reads another, through KVM with the manual-protect dirty
+    /// log; the VMM wrote the code page itself.
+    #[test]
+    fn kvm_guest_write_read_and_vmm_write() {
+        use crate::kvm::ioctls::test_support::{kvm_or_skip, run_to_hlt};
+        use kvm_bindings::KVM_MEM_LOG_DIRTY_PAGES;
+        let Some(kvm) = kvm_or_skip("kvm_guest_write_read_and_vmm_write") else {
+            return;
+        };
+        let vm = kvm.create_vm().unwrap();
+        crate::kvm::ioctls::enable_manual_dirty_log_protect(&vm).unwrap();
+        let pages = 64u64;
+        let ram = Ram::new(pages);
+        // mov byte [0x3000], 1 ; mov al, [0x5000] ; hlt   (real mode)
+        let code = [0xc6u8, 0x06, 0x00, 0x30, 0x01, 0xa0, 0x00, 0x50, 0xf4];
+        for (i, &b) in code.iter().enumerate() {
+            ram.mem.write_volatile(i, b);
+        }
+        // SAFETY: the mapping outlives the VM (dropped at the end of the test, before `ram`).
+        unsafe { crate::kvm::ioctls::set_user_memory(&vm, 0, KVM_MEM_LOG_DIRTY_PAGES, &ram.mem) }
+            .unwrap();
+        let mut vcpu = vm.create_vcpu(0).unwrap();
+        run_to_hlt(&mut vcpu);
+        let mut map = PmpMmpMap::new(ram.host(), pages).unwrap();
+        let dirty = vm.get_dirty_log(0, (pages * PAGE_SIZE) as usize).unwrap();
+        map.harvest(&dirty, &dirty_of(pages, &[0]), 0).unwrap();
+        let p3 = map.page(3).unwrap();
+        assert!(
+            matches!(p3.state, PageState::Backed(pfn) if pfn != 0),
+            "{p3:?}"
+        );
+        assert!(p3.guest_written && !p3.vmm_written);
+        let p5 = map.page(5).unwrap();
+        assert_eq!(p5.state, PageState::Zero, "a guest read maps the zero page");
+        assert!(!p5.guest_written);
+        let p0 = map.page(0).unwrap();
+        assert!(matches!(p0.state, PageState::Backed(_)));
+        assert!(p0.vmm_written && !p0.guest_written);
+        let s = map.summary();
+        assert_eq!(
+            (s.backed, s.zero, s.guest_written, s.vmm_written),
+            (2, 1, 1, 1)
+        );
+        assert_eq!(s.backed, ram.resident() - s.zero);
+        drop(vcpu);
+        drop(vm);
+    }
+
+    #[test]
+    fn residency_every_k_delays_read_only_pages() {
+        let ram = Ram::new(64);
+        let opts = MapOptions {
+            residency_every: 3,
+            ..Default::default()
+        };
+        let mut map = PmpMmpMap::with_options(ram.host(), 64, opts).unwrap();
+        assert!(map.harvest(&[], &[], 0).unwrap().residency_ran);
+        ram.read(4);
+        assert!(!map.harvest(&[], &[], 1).unwrap().residency_ran);
+        assert_eq!(map.page(4).unwrap().state, PageState::Untouched);
+        assert!(!map.harvest(&[], &[], 2).unwrap().residency_ran);
+        assert!(map.harvest(&[], &[], 3).unwrap().residency_ran);
+        assert_eq!(map.page(4).unwrap().state, PageState::Zero);
+        assert_eq!(map.page(4).unwrap().first_touch, Some(3));
+    }
+
+    per_method!(check_sparse_64_gib: sparse_64_gib_with_mincore, sparse_64_gib_with_pagemap_scan);
+
+    fn check_sparse_64_gib(method: ResidencyMethod) {
+        let pages = 64u64 << 18; // 64 GiB
+        let ram = Ram::new(pages);
+        let written = [0u64, 1 << 20, pages / 2 + 5, pages - 1];
+        for &g in &written {
+            ram.write(g, 3);
+        }
+        ram.read(12345);
+        let mut map = map_with(&ram, method);
+        let st = map.harvest(&dirty_of(pages, &written), &[], 0).unwrap();
+        assert_eq!(st.newly_touched, 5);
+        assert_eq!(st.lookups, 5);
+        let s = map.summary();
+        assert_eq!((s.backed, s.zero, s.untouched), (4, 1, pages - 5));
+        assert_eq!(map.page(pages - 1).unwrap().first_touch, Some(0));
+        // 6 dense bitmaps of 2 MiB, the 256 KiB chunk table, 4 chunks, scratch.
+        let over = map.overhead_bytes();
+        assert!(over < 16 << 20, "overhead {over}");
+        assert!(over >= 6 * (2 << 20));
+        let st = map.harvest(&dirty_of(pages, &written), &[], 1).unwrap();
+        assert_eq!((st.lookups, st.newly_touched), (0, 0));
+        // A read at the very end of the range shows up in the next pass.
+        ram.read(pages - 2);
+        let st = map.harvest(&dirty_of(pages, &written), &[], 2).unwrap();
+        assert_eq!((st.lookups, st.newly_touched), (1, 1));
+        assert_eq!(map.page(pages - 2).unwrap().state, PageState::Zero);
+        assert_eq!(map.summary().zero, 2);
+    }
+
+    #[test]
+    fn bad_construction_and_interval() {
+        assert!(matches!(
+            PmpMmpMap::new(4097, 1),
+            Err(MapError::UnalignedHost(4097))
+        ));
+        assert!(matches!(
+            PmpMmpMap::new(4096, 0),
+            Err(MapError::BadSize { .. })
+        ));
+        assert!(matches!(
+            PmpMmpMap::new(4096, u64::MAX / 2),
+            Err(MapError::BadSize { .. })
+        ));
+        let ram = Ram::new(8);
+        let mut map = PmpMmpMap::new(ram.host(), 8).unwrap();
+        assert!(matches!(
+            map.harvest(&[], &[], u32::MAX),
+            Err(MapError::BadInterval(_))
+        ));
+        // Over-long and garbage-tailed bitmaps are clipped to the RAM.
+        ram.write(7, 1);
+        let st = map.harvest(&[u64::MAX << 7, 5, 6], &[], 0).unwrap();
+        assert_eq!(st.guest_writes, 1);
+        // A map over unmapped memory: mincore fails with an error, PAGEMAP_SCAN finds nothing.
+        // (Mappings are placed top-down and nothing asks for the page at 4096.)
+        let addr = 4096;
+        let opts = MapOptions {
+            residency: ResidencyMethod::Mincore,
+            ..Default::default()
+        };
+        let mut map = PmpMmpMap::with_options(addr, 4, opts).unwrap();
+        assert!(matches!(
+            map.harvest(&[], &[], 0),
+            Err(MapError::Residency { .. })
+        ));
+        let mut map = PmpMmpMap::new(addr, 4).unwrap();
+        assert_eq!(map.harvest(&[], &[], 0).unwrap().newly_touched, 0);
+        assert_eq!(map.summary().untouched, 4);
+    }
+}

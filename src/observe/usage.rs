@@ -1,0 +1,49 @@
+//! Host memory usage from the PMP-MMP map and the VMM's resident set, and the dirty rate.
+
+use std::time::Duration;
+
+use crate::observe::pmp_mmp::MapSummary;
+use crate::row::HostUsage;
+use crate::units::{PAGE_SIZE, mib, pages_mib};
+
+/// Host memory usage: the map's page counts with the VMM's RSS (overhead is RSS minus resident
+/// guest RAM: the map, bitmaps, vCPU state, code).
+pub fn host_usage(map: &MapSummary, rss_bytes: u64) -> HostUsage {
+    let configured = map.pages * PAGE_SIZE;
+    let resident_guest = (map.backed + map.shared) * PAGE_SIZE;
+    let overhead = rss_bytes.saturating_sub(resident_guest);
+    HostUsage {
+        host_mib: mib(resident_guest + overhead),
+        backed_mib: pages_mib(map.backed + map.shared),
+        overhead_mib: mib(overhead),
+        untouched_mib: pages_mib(map.untouched),
+        zero_mib: pages_mib(map.zero),
+        swapped_mib: pages_mib(map.swapped),
+        shared_mib: pages_mib(map.shared),
+        released_mib: pages_mib(map.released),
+        vmm_written_mib: pages_mib(map.vmm_written),
+        configured_mib: mib(configured),
+        backed_pages: map.backed + map.shared,
+        zero_pages: map.zero,
+        released_pages: map.released,
+        pfn_visible: map.pfn_visible,
+    }
+}
+
+/// The VMM process's resident set in bytes (from `/proc/self/statm`).
+pub fn rss_bytes() -> std::io::Result<u64> {
+    let s = std::fs::read_to_string("/proc/self/statm")?;
+    let resident: u64 = s
+        .split_whitespace()
+        .nth(1)
+        .and_then(|v| v.parse().ok())
+        .ok_or_else(|| std::io::Error::other("unexpected /proc/self/statm format"))?;
+    Ok(resident * PAGE_SIZE)
+}
+
+/// Dirty rate, MiB/s: the write estimate of an interval divided by the interval's length (0 for
+/// an interval of no length).
+pub fn dirty_rate_mib_s(estimate_mib: f64, interval: Duration) -> f64 {
+    let s = interval.as_secs_f64();
+    if s > 0.0 { estimate_mib / s } else { 0.0 }
+}

@@ -1,0 +1,443 @@
+//! Rendering rows for people (a fixed-width table) and for scripts (one JSON object or CSV row
+//! per line), plus the [`Sink`] that sends each row to the chosen format, the Prometheus
+//! endpoint and the plot.
+
+pub mod csv;
+pub mod plot;
+pub mod prometheus;
+
+use std::io::Write;
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use crate::row::{Active, Row};
+use prometheus::Exporter;
+
+/// The table's two header lines. Without PFNs (not root) the host usage group says that its
+/// `zero` and `backed` are inferred from writes, not read from the host's page tables.
+pub fn table_header(pfn_visible: bool) -> String {
+    let host = if pfn_visible {
+        "host usage (MiB)"
+    } else {
+        "host usage (MiB; no PFNs: zero/backed inferred)"
+    };
+    let l1 = format!(
+        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<50} | {:<36} | {:<43} | {:<20}",
+        "",
+        "",
+        "",
+        "guest's view",
+        "guest truth",
+        host,
+        "active: reads+writes, MiB",
+        "active: writes, MiB; dirty MiB/s",
+        "balloon, guest stats"
+    );
+    let l2 = format!(
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}",
+        "time",
+        "phase",
+        "cfg",
+        "alloc",
+        "free",
+        "touch",
+        "write",
+        "host",
+        "backed",
+        "ovhd",
+        "untch",
+        "zero",
+        "swap",
+        "shard",
+        "rel",
+        "est",
+        "95% CI",
+        "max",
+        "err",
+        "est",
+        "95% CI",
+        "max",
+        "err",
+        "dirty",
+        "balln",
+        "gfree",
+        "gavail"
+    );
+    format!("{}\n{l2}", l1.trim_end())
+}
+
+/// A number in at most `width` characters with `prec` decimals, fewer when it does not fit; a
+/// value too large even without decimals is clamped and marked (`>99999`, `<-9999`), one that is
+/// not a number is `?`, a missing one `-`. Garbage reported by a hostile guest cannot shift the
+/// table's columns.
+fn cell(v: Option<f64>, width: usize, prec: usize) -> String {
+    let Some(v) = v else {
+        return "-".into();
+    };
+    if !v.is_finite() {
+        return "?".into();
+    }
+    let s = format!("{v:.prec$}");
+    if s.len() <= width {
+        return s;
+    }
+    let s = format!("{v:.0}");
+    if s.len() <= width {
+        return s;
+    }
+    if v > 0.0 {
+        format!(">{}", "9".repeat(width - 1))
+    } else {
+        format!("<-{}", "9".repeat(width - 2))
+    }
+}
+
+/// The phase name in at most `width` characters: control characters become `?` and a longer
+/// name is cut with `~`.
+fn phase_cell(phase: &str, width: usize) -> String {
+    let mut s: String = phase
+        .chars()
+        .map(|c| if c.is_control() { '?' } else { c })
+        .collect();
+    if s.chars().count() > width {
+        s = s.chars().take(width - 1).collect();
+        s.push('~');
+    }
+    s
+}
+
+/// A 95% interval in at most 15 characters.
+fn ci_cell(a: Option<&Active>) -> String {
+    a.map(|a| {
+        format!(
+            "{}-{}",
+            cell(Some(a.ci_low_mib), 7, 1),
+            cell(Some(a.ci_high_mib), 7, 1)
+        )
+    })
+    .unwrap_or_else(|| "-".into())
+}
+
+/// One table line.
+pub fn table_row(r: &Row) -> String {
+    let t = r.truth.as_ref();
+    let h = r.host.as_ref();
+    let a = r.active.as_ref();
+    let w = r.active_writes.as_ref();
+    let bal = r.balloon.as_ref();
+    let gs = bal.and_then(|b| b.guest_stats.as_ref());
+    format!(
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}{}",
+        cell(Some(r.time_s), 6, 1),
+        phase_cell(&r.phase, 24),
+        cell(Some(r.configured_mib), 6, 0),
+        cell(Some(r.guest.allocated_mib), 6, 1),
+        cell(Some(r.guest.free_mib), 6, 1),
+        cell(t.map(|t| t.touched_mib), 6, 1),
+        cell(t.map(|t| t.written_mib), 6, 1),
+        cell(h.map(|h| h.host_mib), 6, 1),
+        cell(h.map(|h| h.backed_mib), 6, 1),
+        cell(h.map(|h| h.overhead_mib), 5, 1),
+        cell(h.map(|h| h.untouched_mib), 6, 1),
+        cell(h.map(|h| h.zero_mib), 5, 1),
+        cell(h.map(|h| h.swapped_mib), 5, 1),
+        cell(h.map(|h| h.shared_mib), 5, 1),
+        cell(h.map(|h| h.released_mib), 5, 1),
+        cell(a.map(|a| a.estimate_mib), 6, 1),
+        ci_cell(a),
+        cell(a.map(|a| a.max_mib), 6, 1),
+        cell(a.and_then(|a| a.error_mib), 6, 1),
+        cell(w.map(|a| a.estimate_mib), 6, 1),
+        ci_cell(w),
+        cell(w.map(|a| a.max_mib), 6, 1),
+        cell(w.and_then(|a| a.error_mib), 6, 1),
+        cell(w.map(|a| a.dirty_rate_mib_s), 6, 1),
+        cell(bal.map(|b| b.balloon_mib), 6, 1),
+        cell(gs.and_then(|g| g.free_mib), 6, 1),
+        cell(gs.and_then(|g| g.available_mib), 6, 1),
+        match r.end {
+            Some(crate::row::EndReason::Done) => "  (end)".to_string(),
+            Some(why) if r.guest.out_of_memory => {
+                format!("  (end: {}: the guest is out of memory)", why.as_str())
+            }
+            Some(why) => format!("  (end: {})", why.as_str()),
+            None => String::new(),
+        }
+    )
+}
+
+/// One JSON line.
+pub fn json_row(r: &Row) -> String {
+    serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
+}
+
+/// Parses `--prometheus ADDR` (an IP address and a port).
+pub fn socket_addr_arg(s: &str) -> Result<SocketAddr, String> {
+    s.parse()
+        .map_err(|_| format!("expected IP:PORT, e.g. 127.0.0.1:9464 or [::1]:9464, not {s:?}"))
+}
+
+/// How rows are printed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Format {
+    Table,
+    Json,
+    Csv,
+}
+
+/// Errors setting up or finishing the outputs.
+#[derive(Debug, thiserror::Error)]
+pub enum OutputError {
+    #[error(transparent)]
+    Prometheus(#[from] prometheus::PrometheusError),
+    #[error(transparent)]
+    Plot(#[from] plot::PlotError),
+    #[error("writing to standard output")]
+    Write(#[source] std::io::Error),
+}
+
+/// Where each row goes: the printed format, the Prometheus endpoint (latest row) and the plot
+/// written at the end (all rows).
+pub struct Sink<W: Write> {
+    out: W,
+    format: Format,
+    exporter: Option<Exporter>,
+    plot: Option<(PathBuf, Vec<Row>)>,
+}
+
+impl<W: Write> Sink<W> {
+    /// Starts the Prometheus server (if `prometheus` is given) and checks the plot's file name
+    /// before the run, so that a bad address or file name fails at once; prints the header.
+    /// `pfn_visible`: whether this process can see host PFNs (the table's header says so).
+    pub fn new(
+        mut out: W,
+        format: Format,
+        prometheus: Option<(SocketAddr, String)>,
+        plot: Option<PathBuf>,
+        pfn_visible: bool,
+    ) -> Result<Self, OutputError> {
+        if let Some(p) = &plot {
+            plot::check_path(p)?;
+        }
+        let exporter = match prometheus {
+            Some((addr, name)) => {
+                let e = Exporter::start(addr, name)?;
+                // stderr may be closed: the address is a courtesy, not a result.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "memvisor: Prometheus metrics at http://{}/metrics",
+                    e.local_addr()
+                );
+                Some(e)
+            }
+            None => None,
+        };
+        let header = match format {
+            Format::Table => Some(table_header(pfn_visible)),
+            Format::Csv => Some(crate::output::csv::header()),
+            Format::Json => None,
+        };
+        if let Some(h) = header {
+            writeln!(out, "{h}")
+                .and_then(|_| out.flush())
+                .map_err(OutputError::Write)?;
+        }
+        Ok(Sink {
+            out,
+            format,
+            exporter,
+            plot: plot.map(|p| (p, Vec::new())),
+        })
+    }
+
+    /// Hands one row to the Prometheus server and the plot, then prints it; a failed print is
+    /// the caller's to act on (a closed pipe stops the run). Never blocks on a scrape (the server
+    /// only swaps in the latest row under a short lock).
+    pub fn row(&mut self, row: &Row) -> std::io::Result<()> {
+        if let Some(e) = &self.exporter {
+            e.update(row);
+        }
+        if let Some((_, rows)) = &mut self.plot {
+            rows.push(row.clone());
+        }
+        let line = match self.format {
+            Format::Table => table_row(row),
+            Format::Json => json_row(row),
+            Format::Csv => crate::output::csv::row(row),
+        };
+        writeln!(self.out, "{line}")?;
+        self.out.flush()
+    }
+
+    /// Writes the plot (if asked for) and stops the Prometheus server.
+    pub fn finish(self) -> Result<(), OutputError> {
+        if let Some((path, rows)) = &self.plot {
+            plot::write(path, rows)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::row::{Active, GuestView, HostUsage, Truth};
+
+    /// The character positions of the column separators `|` in a line.
+    fn bars(line: &str) -> Vec<usize> {
+        line.chars()
+            .enumerate()
+            .filter(|(_, c)| *c == '|')
+            .map(|(i, _)| i)
+            .collect()
+    }
+
+    /// The character positions where a column ends (a non-space followed by a space or the
+    /// end), for right-aligned columns.
+    fn ends(line: &str) -> Vec<usize> {
+        let c: Vec<char> = line.chars().collect();
+        (0..c.len())
+            .filter(|&i| c[i] != ' ' && (i + 1 == c.len() || c[i + 1] == ' '))
+            .collect()
+    }
+
+    fn row_with(v: f64, phase: &str) -> Row {
+        let mut r = Row {
+            active: Some(Active {
+                estimate_mib: v,
+                ci_low_mib: v,
+                ci_high_mib: v,
+                max_mib: v,
+                ..Active::default()
+            }),
+            reads_seen: true,
+            balloon: None,
+            time_s: v,
+            interval: 1,
+            phase: phase.into(),
+            end: None,
+            configured_mib: v,
+            guest: GuestView {
+                allocated_mib: v,
+                free_mib: v,
+                ..GuestView::default()
+            },
+            truth: None,
+            host: Some(HostUsage {
+                host_mib: v,
+                backed_mib: v,
+                overhead_mib: v,
+                untouched_mib: v,
+                zero_mib: v,
+                swapped_mib: v,
+                shared_mib: v,
+                ..HostUsage::default()
+            }),
+            active_writes: Some(Active {
+                estimate_mib: v,
+                ci_low_mib: v,
+                ci_high_mib: v,
+                fast_mib: v,
+                slow_mib: v,
+                max_mib: v,
+                dirty_rate_mib_s: v,
+                ..Active::default()
+            }),
+        };
+        r.attach_truth(Truth {
+            touched_mib: v,
+            written_mib: v,
+            ..Truth::default()
+        });
+        r
+    }
+
+    #[test]
+    fn absurd_values_keep_the_columns_of_the_header() {
+        let header = table_header(true);
+        // Without PFNs the header says so, in the same columns.
+        let hidden = table_header(false);
+        assert!(hidden.contains("no PFNs"), "{hidden}");
+        assert_eq!(
+            bars(hidden.lines().next().unwrap()),
+            bars(header.lines().next().unwrap())
+        );
+        let names = header.lines().nth(1).unwrap();
+        let width = names.chars().count();
+        assert_eq!(bars(header.lines().next().unwrap()), bars(names));
+        let ci_words: Vec<usize> = names.match_indices("95%").map(|(i, _)| i + 2).collect();
+        let name_ends: Vec<usize> = ends(names)
+            .into_iter()
+            // "phase" is left-aligned and each "95% CI" has a space inside: compare the rest.
+            .filter(|&i| i != names.find("phase").unwrap() + 4 && !ci_words.contains(&i))
+            .collect();
+        let absurd = [
+            1e300,
+            -1e300,
+            f64::NAN,
+            f64::INFINITY,
+            f64::NEG_INFINITY,
+            -123456.78,
+            9_999_999_999.0,
+            0.0,
+            12.25,
+        ];
+        for v in absurd {
+            for phase in [
+                "idle",
+                "a phase name much longer than the column",
+                "tab\there é ü",
+            ] {
+                let line = table_row(&row_with(v, phase));
+                assert_eq!(line.chars().count(), width, "value {v}: {line}");
+                assert_eq!(bars(&line), bars(names), "value {v}: {line}");
+                let line_ends = ends(&line);
+                for e in &name_ends {
+                    assert!(
+                        line_ends.contains(e),
+                        "value {v}: column ending at {e} moved:\n{names}\n{line}"
+                    );
+                }
+            }
+        }
+        // A clamped value says so.
+        let line = table_row(&row_with(1e300, "x"));
+        assert!(line.contains(">99999"), "{line}");
+        let line = table_row(&row_with(-1e300, "x"));
+        assert!(line.contains("<-9999"), "{line}");
+        let line = table_row(&row_with(f64::NAN, "x"));
+        assert!(line.contains(" ?"), "{line}");
+    }
+
+    #[test]
+    fn cell_keeps_precision_when_it_fits() {
+        assert_eq!(cell(Some(64.04), 6, 1), "64.0");
+        assert_eq!(cell(Some(-5.96), 6, 1), "-6.0");
+        assert_eq!(cell(Some(123456.7), 6, 1), "123457");
+        assert_eq!(cell(Some(1234567.0), 6, 1), ">99999");
+        assert_eq!(cell(None, 6, 1), "-");
+        assert_eq!(phase_cell("a\u{7}b", 24), "a?b");
+    }
+
+    #[test]
+    fn sink_prints_the_chosen_format() {
+        let r = row_with(3.0, "idle 1s");
+        let mut buf = Vec::new();
+        let mut s = Sink::new(&mut buf, Format::Csv, None, None, true).unwrap();
+        s.row(&r).unwrap();
+        s.finish().unwrap();
+        let text = String::from_utf8(buf).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        assert_eq!(
+            lines,
+            [crate::output::csv::header(), crate::output::csv::row(&r)]
+        );
+
+        let mut buf = Vec::new();
+        let mut s = Sink::new(&mut buf, Format::Json, None, None, true).unwrap();
+        s.row(&r).unwrap();
+        s.finish().unwrap();
+        let back: Row = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(back, r);
+    }
+}

@@ -1,0 +1,458 @@
+//! `--prometheus ADDR`: serves the latest interval in the Prometheus text format (version 0.0.4)
+//! at `/metrics`, from a thread of its own. The run loop only swaps the latest row in under a
+//! short lock; a scrape copies it out and encodes it, so a slow or stuck client never holds up
+//! the run.
+
+use std::borrow::Cow;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::thread::JoinHandle;
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::prometheus_text;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::registry::{Registry, Unit};
+
+use crate::row::Row;
+
+const MIB: f64 = (1u64 << 20) as f64;
+
+/// The path the metrics are served at.
+pub const PATH: &str = "/metrics";
+
+#[derive(Debug, thiserror::Error)]
+pub enum PrometheusError {
+    #[error("--prometheus {addr}: cannot listen there: {reason}")]
+    Listen { addr: SocketAddr, reason: String },
+    #[error("--prometheus: cannot start the server thread: {0}")]
+    Thread(std::io::Error),
+}
+
+/// The latest row and how many rows were reported so far.
+#[derive(Default)]
+struct Latest {
+    row: Option<Row>,
+    intervals: u64,
+}
+
+/// The HTTP server and the latest row it serves.
+pub struct Exporter {
+    latest: Arc<Mutex<Latest>>,
+    server: Arc<tiny_http::Server>,
+    addr: SocketAddr,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl Exporter {
+    /// Listens on `addr` (port 0 picks a free port) and serves from a new thread. `name` is the
+    /// `vm` label on every metric, so that one Prometheus can scrape several memvisors.
+    pub fn start(addr: SocketAddr, name: String) -> Result<Self, PrometheusError> {
+        let server = tiny_http::Server::http(addr).map_err(|e| PrometheusError::Listen {
+            addr,
+            reason: e.to_string(),
+        })?;
+        let bound = server
+            .server_addr()
+            .to_ip()
+            .ok_or_else(|| PrometheusError::Listen {
+                addr,
+                reason: "not an IP address".into(),
+            })?;
+        let server = Arc::new(server);
+        let latest = Arc::new(Mutex::new(Latest::default()));
+        let thread = {
+            let server = server.clone();
+            let latest = latest.clone();
+            std::thread::Builder::new()
+                .name("prometheus".into())
+                .spawn(move || serve(&server, &latest, &name))
+                .map_err(PrometheusError::Thread)?
+        };
+        Ok(Exporter {
+            latest,
+            server,
+            addr: bound,
+            thread: Some(thread),
+        })
+    }
+
+    /// The address the server listens on.
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// Makes `row` the one served and counts it.
+    pub fn update(&self, row: &Row) {
+        let row = row.clone();
+        let mut l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        l.row = Some(row);
+        l.intervals += 1;
+    }
+}
+
+impl Drop for Exporter {
+    fn drop(&mut self) {
+        self.server.unblock();
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Answers requests until the server is unblocked.
+fn serve(server: &tiny_http::Server, latest: &Mutex<Latest>, name: &str) {
+    for req in server.incoming_requests() {
+        let path = req.url().split('?').next().unwrap_or("");
+        let resp = if path == PATH || path == "/" {
+            let (row, intervals) = {
+                let l = latest.lock().unwrap_or_else(|e| e.into_inner());
+                (l.row.clone(), l.intervals)
+            };
+            let body = encode(row.as_ref(), intervals, name);
+            let ct = tiny_http::Header::from_bytes("Content-Type", prometheus_text::CONTENT_TYPE)
+                .expect("a constant, valid header");
+            tiny_http::Response::from_string(body).with_header(ct)
+        } else {
+            tiny_http::Response::from_string(format!("not found; metrics are at {PATH}\n"))
+                .with_status_code(404)
+        };
+        // A client that went away is not our problem.
+        let _ = req.respond(resp);
+    }
+}
+
+/// Labels of the active-memory metrics.
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct ActiveLabels {
+    /// "writes" (the dirty log) or "access" (reads too).
+    kind: String,
+    /// estimate, ci_low, ci_high, fast, slow or max.
+    stat: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabel {
+    kind: String,
+}
+
+type GaugeF = Gauge<f64, AtomicU64>;
+
+fn gauge(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: f64) {
+    let g = GaugeF::default();
+    g.set(v);
+    match unit {
+        Some(u) => reg.register_with_unit(name, help, u, g),
+        None => reg.register(name, help, g),
+    }
+}
+
+fn bytes(reg: &mut Registry, name: &str, help: &str, mib: f64) {
+    gauge(reg, name, help, Some(Unit::Bytes), mib * MIB);
+}
+
+/// The metrics of one row in the Prometheus text format. Without a row yet, only the interval
+/// counter (0).
+pub fn encode(row: Option<&Row>, intervals: u64, name: &str) -> String {
+    let mut reg =
+        Registry::with_labels([(Cow::Borrowed("vm"), Cow::Owned(name.to_string()))].into_iter());
+    let c: Counter = Counter::default();
+    c.inc_by(intervals);
+    reg.register(
+        "memvisor_intervals",
+        "Reporting intervals completed (one row of the table each)",
+        c,
+    );
+    if let Some(r) = row {
+        add_row(&mut reg, r);
+    }
+    let mut out = String::new();
+    // Writing to a String cannot fail.
+    let _ = prometheus_text::encode(&mut out, &reg);
+    out
+}
+
+fn add_row(reg: &mut Registry, r: &Row) {
+    gauge(
+        reg,
+        "memvisor_time",
+        "Guest run time at the end of the latest interval, from the VMM's clock",
+        Some(Unit::Seconds),
+        r.time_s,
+    );
+    bytes(
+        reg,
+        "memvisor_guest_configured",
+        "Configured guest RAM (guest-physical memory size)",
+        r.configured_mib,
+    );
+    bytes(
+        reg,
+        "memvisor_guest_allocated",
+        "Guest pages on the guest kernel's allocated list, as the guest reports them (the guest's own view)",
+        r.guest.allocated_mib,
+    );
+    bytes(
+        reg,
+        "memvisor_guest_free",
+        "Guest pages on the guest kernel's free list, as the guest reports them",
+        r.guest.free_mib,
+    );
+    if let Some(t) = &r.truth {
+        bytes(
+            reg,
+            "memvisor_truth_touched",
+            "Distinct pages the guest's workload read or wrote in the interval, counted exactly by the guest (checks the estimator)",
+            t.touched_mib,
+        );
+        bytes(
+            reg,
+            "memvisor_truth_written",
+            "Distinct pages the guest's workload wrote in the interval, counted exactly by the guest (checks the estimator)",
+            t.written_mib,
+        );
+    }
+    if let Some(h) = &r.host {
+        bytes(
+            reg,
+            "memvisor_host_usage",
+            "Machine memory this VM costs the host: backed guest pages plus VMM overhead",
+            h.host_mib,
+        );
+        bytes(
+            reg,
+            "memvisor_backed",
+            "Guest pages with a machine page of their own, from KVM's dirty log and /proc/self/pagemap (the PMP-MMP map)",
+            h.backed_mib,
+        );
+        bytes(
+            reg,
+            "memvisor_overhead",
+            "VMM overhead: the VMM's resident set minus resident guest RAM",
+            h.overhead_mib,
+        );
+        bytes(
+            reg,
+            "memvisor_zero",
+            "Guest pages read but never written: they map the host's shared zero page and cost nothing",
+            h.zero_mib,
+        );
+        bytes(
+            reg,
+            "memvisor_untouched",
+            "Guest pages never touched: no machine page",
+            h.untouched_mib,
+        );
+        bytes(
+            reg,
+            "memvisor_swapped",
+            "Guest pages the host swapped out (from /proc/self/pagemap)",
+            h.swapped_mib,
+        );
+        bytes(
+            reg,
+            "memvisor_shared",
+            "Guest pages whose machine page backs several guest pages (e.g. KSM), from /proc/self/pagemap",
+            h.shared_mib,
+        );
+    }
+    let active = Family::<ActiveLabels, GaugeF>::default();
+    let samples = Family::<KindLabel, GaugeF>::default();
+    let touched = Family::<KindLabel, GaugeF>::default();
+    let mut any = false;
+    for (kind, a) in r.actives() {
+        any = true;
+        for (stat, mib) in [
+            ("estimate", a.estimate_mib),
+            ("ci_low", a.ci_low_mib),
+            ("ci_high", a.ci_high_mib),
+            ("fast", a.fast_mib),
+            ("slow", a.slow_mib),
+            ("max", a.max_mib),
+        ] {
+            let l = ActiveLabels {
+                kind: kind.into(),
+                stat: stat.into(),
+            };
+            active.get_or_create(&l).set(mib * MIB);
+        }
+        let k = KindLabel { kind: kind.into() };
+        samples.get_or_create(&k).set(a.n as f64);
+        touched.get_or_create(&k).set(a.t as f64);
+    }
+    if let Some(w) = &r.active_writes {
+        gauge(
+            reg,
+            "memvisor_dirty_rate",
+            "Bytes written per second: the write estimate of the interval over its length; a page written many times counts once (as QEMU's calc-dirty-rate)",
+            Some(Unit::Other("bytes_per_second".into())),
+            w.dirty_rate_mib_s * MIB,
+        );
+    }
+    if any {
+        reg.register_with_unit(
+            "memvisor_active",
+            "Active guest memory estimated by sampling n random pages per interval: t of n were touched (kind=writes: written, seen through KVM's dirty log), estimate = t/n x RAM with its 95% Wilson interval (ci_low, ci_high), fast and slow moving averages and their max",
+            Unit::Bytes,
+            active,
+        );
+        reg.register(
+            "memvisor_samples",
+            "Pages sampled in the interval (n) for the active-memory estimate",
+            samples,
+        );
+        reg.register(
+            "memvisor_samples_touched",
+            "Sampled pages touched in the interval (t) for the active-memory estimate",
+            touched,
+        );
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::row::{Active, HostUsage};
+    use std::io::{Read, Write};
+    use std::net::TcpStream;
+
+    fn row() -> Row {
+        Row {
+            time_s: 2.0,
+            interval: 1,
+            phase: "touch".into(),
+            configured_mib: 256.0,
+            host: Some(HostUsage {
+                host_mib: 68.5,
+                backed_mib: 64.25,
+                overhead_mib: 4.25,
+                zero_mib: 1.0,
+                ..HostUsage::default()
+            }),
+            active_writes: Some(Active {
+                n: 1000,
+                t: 250,
+                estimate_mib: 64.0,
+                ci_low_mib: 60.0,
+                ci_high_mib: 70.0,
+                fast_mib: 50.0,
+                slow_mib: 40.0,
+                max_mib: 50.0,
+                dirty_rate_mib_s: 32.0,
+                error_mib: None,
+                ..Active::default()
+            }),
+            ..Row::default()
+        }
+    }
+
+    /// Parses a scrape with prometheus-parse.
+    fn parse(text: &str) -> prometheus_parse::Scrape {
+        prometheus_parse::Scrape::parse(text.lines().map(|l| Ok(l.to_string()))).unwrap()
+    }
+
+    fn value(s: &prometheus_parse::Scrape, name: &str, labels: &[(&str, &str)]) -> f64 {
+        let found: Vec<_> = s
+            .samples
+            .iter()
+            .filter(|x| x.metric == name && labels.iter().all(|(k, v)| x.labels.get(k) == Some(*v)))
+            .collect();
+        assert_eq!(found.len(), 1, "{name} {labels:?}: {found:?}");
+        match found[0].value {
+            prometheus_parse::Value::Gauge(v)
+            | prometheus_parse::Value::Counter(v)
+            | prometheus_parse::Value::Untyped(v) => v,
+            ref other => panic!("{name}: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn metrics_are_named_with_base_units_and_typed() {
+        let text = encode(Some(&row()), 2, "vm1");
+        let s = parse(&text);
+        assert_eq!(value(&s, "memvisor_host_usage_bytes", &[]), 68.5 * MIB);
+        assert_eq!(value(&s, "memvisor_backed_bytes", &[]), 64.25 * MIB);
+        assert_eq!(
+            value(&s, "memvisor_guest_configured_bytes", &[]),
+            256.0 * MIB
+        );
+        assert_eq!(
+            value(
+                &s,
+                "memvisor_active_bytes",
+                &[("kind", "writes"), ("stat", "ci_high")]
+            ),
+            70.0 * MIB
+        );
+        assert_eq!(
+            value(&s, "memvisor_dirty_rate_bytes_per_second", &[]),
+            32.0 * MIB
+        );
+        assert_eq!(value(&s, "memvisor_samples", &[("kind", "writes")]), 1000.0);
+        assert_eq!(value(&s, "memvisor_intervals_total", &[]), 2.0);
+        assert!(s.samples.iter().all(|x| x.labels.get("vm") == Some("vm1")));
+        // _total only on the counter; every metric has help text.
+        assert!(
+            text.contains("# TYPE memvisor_intervals_total counter"),
+            "{text}"
+        );
+        for x in &s.samples {
+            assert!(
+                !x.metric.ends_with("_total") || x.metric == "memvisor_intervals_total",
+                "{}",
+                x.metric
+            );
+            let family = x.metric.as_str();
+            assert!(s.docs.contains_key(family), "no help for {family}");
+        }
+    }
+
+    #[test]
+    fn before_the_first_row_only_the_counter() {
+        let s = parse(&encode(None, 0, "x"));
+        assert_eq!(s.samples.len(), 1);
+        assert_eq!(value(&s, "memvisor_intervals_total", &[]), 0.0);
+    }
+
+    fn scrape(addr: SocketAddr) -> String {
+        let mut c = TcpStream::connect(addr).unwrap();
+        write!(c, "GET /metrics HTTP/1.0\r\nHost: x\r\n\r\n").unwrap();
+        let mut resp = String::new();
+        c.read_to_string(&mut resp).unwrap();
+        let (head, body) = resp.split_once("\r\n\r\n").unwrap();
+        assert!(
+            head.starts_with("HTTP/1.0 200") || head.starts_with("HTTP/1.1 200"),
+            "{head}"
+        );
+        body.to_string()
+    }
+
+    #[test]
+    fn a_stuck_client_does_not_block_updates_or_other_scrapes() {
+        let e = Exporter::start("127.0.0.1:0".parse().unwrap(), "t".into()).unwrap();
+        // A client that sends half a request and then nothing.
+        let mut stuck = TcpStream::connect(e.local_addr()).unwrap();
+        write!(stuck, "GET /metr").unwrap();
+        let mut r = row();
+        for i in 0..5 {
+            r.time_s = i as f64;
+            e.update(&r);
+        }
+        let s = parse(&scrape(e.local_addr()));
+        assert_eq!(value(&s, "memvisor_intervals_total", &[]), 5.0);
+        assert_eq!(value(&s, "memvisor_time_seconds", &[]), 4.0);
+        drop(stuck);
+        drop(e);
+    }
+
+    #[test]
+    fn a_port_in_use_is_a_clear_error() {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let addr = l.local_addr().unwrap();
+        let err = Exporter::start(addr, "t".into()).err().unwrap().to_string();
+        assert!(err.contains(&addr.to_string()), "{err}");
+        assert!(err.to_lowercase().contains("in use"), "{err}");
+    }
+}

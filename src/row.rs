@@ -1,0 +1,212 @@
+//! The row schema: what one reporting interval says, in every output (table, JSON, CSV, the plot,
+//! Prometheus). Producers (the guest protocol, the interval work, the balloon) fill it; reporting
+//! reads nothing else.
+//!
+//! - **Host memory usage**: machine pages backing guest RAM (from the PMP-MMP map) plus the VMM's
+//!   own overhead.
+//! - **Guest memory usage**: active memory, estimated by sampling (reads and writes by the access
+//!   sampler, writes by the dirty log).
+//! - **The guest's own view** and **truth** come from the guest over the report channel and are
+//!   used only to check the estimators.
+
+use serde::{Deserialize, Serialize};
+
+/// The guest's own view of its memory (its kernel's lists).
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct GuestView {
+    pub allocated_pages: u64,
+    pub free_pages: u64,
+    pub heap_pages: u64,
+    pub allocated_mib: f64,
+    pub free_mib: f64,
+    /// The guest could not meet an allocation (its pool, less the balloon under `--limit`, ran
+    /// out): the workload stopped there.
+    pub out_of_memory: bool,
+}
+
+/// Ground truth for one interval, as the guest reported it.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Truth {
+    pub touched_pages: u64,
+    pub written_pages: u64,
+    pub touched_mib: f64,
+    pub written_mib: f64,
+    pub iterations: u64,
+    /// Page accesses per second of guest time.
+    pub rate: f64,
+}
+
+/// Host memory usage.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct HostUsage {
+    /// Machine memory charged to this VM: backed guest pages + overhead.
+    pub host_mib: f64,
+    /// Guest pages with a machine page of their own (incl. shared ones).
+    pub backed_mib: f64,
+    /// VMM overhead: RSS minus resident guest RAM.
+    pub overhead_mib: f64,
+    pub untouched_mib: f64,
+    /// Read but never written: mapped to the host's zero page, no machine page.
+    pub zero_mib: f64,
+    pub swapped_mib: f64,
+    pub shared_mib: f64,
+    /// Given back to the host by the balloon (inflated or reported free), untouched since.
+    pub released_mib: f64,
+    /// Pages written by the VMM itself (image, boot info), counted in backed.
+    pub vmm_written_mib: f64,
+    pub configured_mib: f64,
+    pub backed_pages: u64,
+    pub zero_pages: u64,
+    pub released_pages: u64,
+    /// Whether PFNs were visible. Without them (no `CAP_SYS_ADMIN`) zero and backed pages are
+    /// told apart by whether they were ever written, and sharing is not seen.
+    pub pfn_visible: bool,
+}
+
+/// Active memory in one interval, estimated by stratified sampling: the pages touched (or, for
+/// the write estimate, written) for the first time are counted exactly; the pages touched
+/// (written) before are sampled, `t` of `n`, and scaled up.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Active {
+    /// Sample size and touched samples.
+    pub n: u64,
+    pub t: u64,
+    /// The part counted exactly: first touches (first writes) seen by the harvest.
+    pub exact_mib: f64,
+    /// The stratum the sample was drawn from (all of RAM with `--plain-sampling`).
+    pub sampled_from_mib: f64,
+    /// Picked pages that could not be armed and were replaced (access estimate only).
+    pub skipped: u64,
+    pub estimate_mib: f64,
+    /// 95% interval: Wilson's for the sampled part, with the finite population correction.
+    pub ci_low_mib: f64,
+    pub ci_high_mib: f64,
+    pub fast_mib: f64,
+    pub slow_mib: f64,
+    pub max_mib: f64,
+    /// Estimate minus the guest's truth (touched for the access estimate, written for the write
+    /// estimate), when the truth is known.
+    pub error_mib: Option<f64>,
+    /// The estimate per second of the interval: what QEMU's calc-dirty-rate reports (a page
+    /// written many times in the interval counts once). See `observe::usage::dirty_rate_mib_s`.
+    pub dirty_rate_mib_s: f64,
+}
+
+/// The virtio-balloon's side of a row.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct BalloonView {
+    /// Pages in the balloon (inflated minus deflated), and the device's target.
+    pub balloon_mib: f64,
+    pub target_mib: f64,
+    /// Free page reporting so far: extents and MiB released.
+    pub reported_extents: u64,
+    pub reported_mib: f64,
+    /// The guest's own view from the balloon's statistics queue (`source` says so), as of its
+    /// last answer (asked for at every interval tick).
+    pub guest_stats: Option<GuestStats>,
+    /// Malformed requests the device skipped or refused.
+    pub errors: u64,
+}
+
+/// The guest's own view, from the balloon's last statistics buffer.
+#[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct GuestStats {
+    pub free_mib: Option<f64>,
+    pub total_mib: Option<f64>,
+    pub available_mib: Option<f64>,
+    /// Where the numbers come from.
+    pub source: String,
+}
+
+/// Why a run ended, on its last row.
+#[derive(Clone, Copy, Debug, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "kebab-case")]
+pub enum EndReason {
+    /// The guest ran its workload and halted.
+    Done,
+    /// The guest failed (a fault, out of memory, halted early): the run's error says how.
+    GuestError,
+    /// `--timeout` ran out.
+    Timeout,
+    /// SIGINT or SIGTERM.
+    Sigint,
+    Sigterm,
+    /// Whoever read the rows went away (a closed pipe).
+    OutputClosed,
+}
+
+impl EndReason {
+    /// The word the table shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EndReason::Done => "done",
+            EndReason::GuestError => "guest-error",
+            EndReason::Timeout => "timeout",
+            EndReason::Sigint => "sigint",
+            EndReason::Sigterm => "sigterm",
+            EndReason::OutputClosed => "output-closed",
+        }
+    }
+}
+
+/// The phase name of a row that ended between two phases.
+pub const BETWEEN_PHASES: &str = "-";
+
+/// One reporting interval.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Row {
+    /// Seconds since the guest started.
+    pub time_s: f64,
+    /// Interval number (0-based).
+    pub interval: u64,
+    /// The workload phase running when the interval ended.
+    pub phase: String,
+    /// On the last row only: why the run ended (its interval may be partial).
+    pub end: Option<EndReason>,
+    pub configured_mib: f64,
+    pub guest: GuestView,
+    pub truth: Option<Truth>,
+    pub host: Option<HostUsage>,
+    /// Active memory, reads and writes (the access sampler); `None` when it is off.
+    pub active: Option<Active>,
+    /// Whether reads are seen: false when the access sampler is off or unavailable (then only
+    /// writes are estimated, and `active` is `None`).
+    pub reads_seen: bool,
+    /// Active memory as seen through writes (KVM's dirty log).
+    pub active_writes: Option<Active>,
+    /// The virtio-balloon, when the guest has one.
+    pub balloon: Option<BalloonView>,
+}
+
+impl Row {
+    /// Every active-memory estimate the row carries, with its kind: `"access"` (reads and
+    /// writes, the access sampler) and `"writes"` (the dirty log). The plot, CSV and Prometheus
+    /// outputs draw whatever this lists.
+    pub fn actives(&self) -> impl Iterator<Item = (&'static str, &Active)> {
+        [
+            ("access", self.active.as_ref()),
+            ("writes", self.active_writes.as_ref()),
+        ]
+        .into_iter()
+        .filter_map(|(kind, a)| a.map(|a| (kind, a)))
+    }
+
+    /// Fills the estimates' errors once the truth is known: the access estimate against the
+    /// pages touched, the write estimate against the pages written.
+    pub fn attach_truth(&mut self, truth: Truth) {
+        if let Some(a) = &mut self.active {
+            a.error_mib = Some(a.estimate_mib - truth.touched_mib);
+        }
+        if let Some(a) = &mut self.active_writes {
+            a.error_mib = Some(a.estimate_mib - truth.written_mib);
+        }
+        self.truth = Some(truth);
+    }
+}

@@ -1,0 +1,480 @@
+//! What a run is asked to do ([`RunOptions`], the command line's `run` options, with every
+//! default in one place: its clap attributes), and the same validated once into typed values
+//! ([`RunConfig`]) before anything is built. Every rejection names the option and the bad value.
+
+use std::io::Write;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::{Args, Parser};
+use thiserror::Error;
+
+use crate::contract::abi;
+use crate::contract::workload::{DEFAULT_SPEC, Workload, WorkloadError};
+use crate::kvm::boot::{self, BootError};
+use crate::memory::{GuestRam, MemoryError};
+use crate::observe::pmp_mmp::{self, MapFileError};
+use crate::observe::sampler::{Sampler, SamplerError};
+use crate::observe::stats::{DEFAULT_FAST_ALPHA, DEFAULT_SLOW_ALPHA, Smoother, StatsError};
+use crate::units::PAGE_SIZE;
+use crate::units::{fmt_mib, parse_duration, parse_size};
+
+/// Shortest reporting interval.
+pub const MIN_INTERVAL: Duration = Duration::from_millis(10);
+/// Longest reporting interval.
+pub const MAX_INTERVAL: Duration = Duration::from_secs(3600);
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// The options of `memvisor run` that shape the VM and its measurement.
+#[derive(Args, Clone, Debug)]
+pub struct RunOptions {
+    /// Guest RAM, e.g. 256M, 1G, 64G (untouched pages cost the host nothing).
+    #[arg(long, default_value = "256M", value_parser = size_arg)]
+    pub mem: u64,
+    /// The workload the guest app runs, e.g. "alloc 64M; touch 32M write 2s; idle 1s".
+    #[arg(long, default_value = DEFAULT_SPEC)]
+    pub workload: String,
+    /// A guest ELF image instead of the built-in test guest.
+    #[arg(long)]
+    pub guest: Option<PathBuf>,
+    /// Stop a guest that has not finished after this long, e.g. 30s (exit code 124).
+    #[arg(long, value_parser = duration_arg)]
+    pub timeout: Option<Duration>,
+    /// Reporting and sampling interval.
+    #[arg(long, default_value = "1s", value_parser = duration_arg)]
+    pub interval: Duration,
+    /// Pages the write estimate samples per interval (among the pages written before).
+    #[arg(long, default_value_t = 1000)]
+    pub samples: u64,
+    /// Turn the write estimate's sampling off.
+    #[arg(long)]
+    pub no_sampling: bool,
+    /// Pages per interval the access sampler (reads and writes, userfaultfd) watches; 0 turns it
+    /// off. Each watched page that the guest touches costs it one trapped access (about 0.18 ms
+    /// on the development host), so the default keeps a busy guest's slowdown under 1% at 1 s
+    /// intervals with a margin (README, `cargo bench --bench access -- overhead`).
+    #[arg(long, default_value_t = 40)]
+    pub access_samples: u64,
+    /// Sample all of guest RAM uniformly, as ESX does, instead of only the pages touched before
+    /// (first touches are then estimated too, not counted exactly).
+    #[arg(long)]
+    pub plain_sampling: bool,
+    /// Seed for sample selection and the guest's access patterns (reproducible runs).
+    #[arg(long)]
+    pub seed: Option<u64>,
+    /// Weight of the newest interval in the fast moving average (0 < a <= 1).
+    #[arg(long, default_value_t = DEFAULT_FAST_ALPHA)]
+    pub ewma_fast: f64,
+    /// Weight of the newest interval in the slow moving average (0 < a <= 1).
+    #[arg(long, default_value_t = DEFAULT_SLOW_ALPHA)]
+    pub ewma_slow: f64,
+    /// Allow transparent huge pages for guest RAM (off by default).
+    #[arg(long)]
+    pub hugepages: bool,
+    /// Write the PMP-MMP map to this file at the end (also when the run is stopped).
+    #[arg(long)]
+    pub map_out: Option<PathBuf>,
+    /// Also write the map every N intervals (needs --map-out).
+    #[arg(long, requires = "map_out")]
+    pub map_every: Option<u64>,
+    /// Where the guest console goes: a file, or "-" for stderr (default).
+    #[arg(long)]
+    pub console: Option<PathBuf>,
+    /// Let the guest report free memory (extents of 2 MiB or more) through the virtio-balloon,
+    /// which gives it back to the host: host usage falls after the guest frees (off by default:
+    /// host usage is then a high-water mark).
+    #[arg(long)]
+    pub free_page_reporting: bool,
+    /// Hold the guest to this much RAM, e.g. 256M: the balloon's target is --mem minus the limit,
+    /// the guest gives up free pages first, and an allocation beyond the limit fails in the guest.
+    #[arg(long, value_parser = size_arg)]
+    pub limit: Option<u64>,
+    /// Start with this much of the guest's RAM in the balloon, e.g. 128M (a soft target: the guest
+    /// deflates it when it would otherwise run out of memory).
+    #[arg(long, value_parser = size_arg, conflicts_with = "limit")]
+    pub balloon: Option<u64>,
+}
+
+#[derive(Parser)]
+struct DefaultsOnly {
+    #[command(flatten)]
+    options: RunOptions,
+}
+
+impl Default for RunOptions {
+    /// The command line's defaults, from the same clap attributes.
+    fn default() -> Self {
+        DefaultsOnly::parse_from(["memvisor"]).options
+    }
+}
+
+/// Why the options cannot make a run.
+#[derive(Debug, Error)]
+pub enum ConfigError {
+    #[error("--mem")]
+    Mem(#[source] MemoryError),
+    #[error(
+        "--mem {}: the built-in guest boots with at most {} (its kernel's page tables and truth bitmaps must fit below 1 GiB)",
+        fmt_mib(*.0),
+        fmt_mib(abi::MAX_MEM_BYTES)
+    )]
+    MemForBuiltInGuest(u64),
+    #[error("--workload")]
+    Workload(#[source] WorkloadError),
+    #[error("--guest")]
+    Guest(#[source] BootError),
+    #[error("--interval {0:?} is too short; the minimum is {MIN_INTERVAL:?}")]
+    IntervalTooShort(Duration),
+    #[error("--interval {0:?} is too long; the maximum is {MAX_INTERVAL:?}")]
+    IntervalTooLong(Duration),
+    #[error("--timeout must be more than 0")]
+    ZeroTimeout,
+    #[error("--samples {0}")]
+    Samples(u64, #[source] SamplerError),
+    #[error("--ewma-fast/--ewma-slow")]
+    Ewma(#[source] StatsError),
+    #[error("--map-every must be at least 1")]
+    ZeroMapEvery,
+    #[error("--map-out")]
+    MapOut(#[source] MapFileError),
+    #[error("{option} {} is above --mem {}", fmt_mib(*.size), fmt_mib(*.mem))]
+    AboveMem {
+        option: &'static str,
+        size: u64,
+        mem: u64,
+    },
+    #[error("{0} {size} is not a multiple of the 4 KiB page size", size = fmt_mib(*.1))]
+    Unaligned(&'static str, u64),
+    #[error(
+        "{0} needs the virtio-balloon, which sits at {b:#x}, inside a guest RAM of {m}",
+        b = abi::balloon::MMIO_BASE,
+        m = fmt_mib(*.1)
+    )]
+    NoBalloon(&'static str, u64),
+    #[error("--console {path}")]
+    Console {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
+
+/// A validated run: typed values only, built once.
+pub struct RunConfig {
+    pub mem_bytes: u64,
+    pub hugepages: bool,
+    pub workload: Workload,
+    /// The guest ELF image.
+    pub image: Vec<u8>,
+    pub timeout: Option<Duration>,
+    pub interval: Duration,
+    /// The samplers cycled interval by interval (`None`: no sampling in that interval).
+    pub samplers: Vec<Option<Sampler>>,
+    /// The moving averages, empty.
+    pub smoother: Smoother,
+    /// Pages the access sampler watches per interval (0: off).
+    pub access_samples: u64,
+    /// For benchmarks and tests: access sample sizes cycled interval by interval (0: none).
+    pub access_cycle: Vec<u64>,
+    /// Sample only pages touched (written) before, counting first touches exactly.
+    pub stratify: bool,
+    /// The sampler's seed, if reproducible.
+    pub seed: Option<u64>,
+    /// The guest's own seed (access patterns); from `--seed` or random.
+    pub guest_seed: u64,
+    /// Write the PMP-MMP map here at the end (and every `map_every` intervals).
+    pub map_out: Option<PathBuf>,
+    pub map_every: Option<u64>,
+    /// Where the guest's console goes.
+    pub console: Box<dyn Write + Send>,
+    /// The virtio-balloon, when guest RAM leaves room for its registers.
+    pub balloon: Option<BalloonConfig>,
+}
+
+/// What the virtio-balloon offers and asks for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct BalloonConfig {
+    /// Offer free page reporting (`--free-page-reporting`).
+    pub reporting: bool,
+    /// The balloon's target in pages: RAM minus `--limit`, or `--balloon` (0 without either).
+    pub target_pages: u32,
+    /// The target is a hard limit (`--limit`): `DEFLATE_ON_OOM` is not offered.
+    pub hard_limit: bool,
+}
+
+impl BalloonConfig {
+    /// The balloon for `mem` bytes of RAM, or `None` when its registers would fall inside RAM
+    /// (an error if an option needs it).
+    fn new(opts: &RunOptions) -> Result<Option<Self>, ConfigError> {
+        let sized = [("--limit", opts.limit), ("--balloon", opts.balloon)];
+        if opts.mem > abi::balloon::MMIO_BASE {
+            return match sized.iter().find(|(_, v)| v.is_some()) {
+                _ if opts.free_page_reporting => {
+                    Err(ConfigError::NoBalloon("--free-page-reporting", opts.mem))
+                }
+                Some((option, _)) => Err(ConfigError::NoBalloon(option, opts.mem)),
+                None => Ok(None),
+            };
+        }
+        for (option, v) in sized {
+            match v {
+                Some(size) if size > opts.mem => {
+                    return Err(ConfigError::AboveMem {
+                        option,
+                        size,
+                        mem: opts.mem,
+                    });
+                }
+                Some(size) if !size.is_multiple_of(PAGE_SIZE) => {
+                    return Err(ConfigError::Unaligned(option, size));
+                }
+                _ => {}
+            }
+        }
+        let target = match (opts.limit, opts.balloon) {
+            (Some(l), _) => (opts.mem - l) / PAGE_SIZE,
+            (None, Some(b)) => b / PAGE_SIZE,
+            (None, None) => 0,
+        };
+        Ok(Some(BalloonConfig {
+            reporting: opts.free_page_reporting,
+            // RAM is at most MMIO_BASE here (448 GiB): its pages fit in 32 bits.
+            target_pages: u32::try_from(target).unwrap_or(u32::MAX),
+            hard_limit: opts.limit.is_some(),
+        }))
+    }
+}
+
+/// At most one access sample per page of `mem_bytes` of RAM (0: the access sampler is off).
+fn check_access_samples(samples: u64, mem_bytes: u64) -> Result<(), ConfigError> {
+    let pages = mem_bytes / PAGE_SIZE;
+    if samples > pages {
+        return Err(ConfigError::Samples(
+            samples,
+            SamplerError::TooManySamples {
+                samples,
+                guest_pages: pages,
+            },
+        ));
+    }
+    Ok(())
+}
+
+impl RunConfig {
+    /// Validates `opts` into a run, reading the guest image and opening the console file.
+    pub fn new(opts: RunOptions) -> Result<Self, ConfigError> {
+        GuestRam::validate_size(opts.mem).map_err(ConfigError::Mem)?;
+        let image = match &opts.guest {
+            Some(p) => boot::read_image(p, opts.mem).map_err(ConfigError::Guest)?,
+            None if opts.mem > abi::MAX_MEM_BYTES => {
+                return Err(ConfigError::MemForBuiltInGuest(opts.mem));
+            }
+            None => boot::DEFAULT_GUEST.to_vec(),
+        };
+        let workload = Workload::parse(&opts.workload, opts.mem).map_err(ConfigError::Workload)?;
+        if opts.interval < MIN_INTERVAL {
+            return Err(ConfigError::IntervalTooShort(opts.interval));
+        }
+        if opts.interval > MAX_INTERVAL {
+            return Err(ConfigError::IntervalTooLong(opts.interval));
+        }
+        if opts.timeout == Some(Duration::ZERO) {
+            return Err(ConfigError::ZeroTimeout);
+        }
+        if opts.map_every == Some(0) {
+            return Err(ConfigError::ZeroMapEvery);
+        }
+        if let Some(p) = &opts.map_out {
+            pmp_mmp::check_target(p).map_err(ConfigError::MapOut)?;
+        }
+        let balloon = BalloonConfig::new(&opts)?;
+        let cycle = vec![(!opts.no_sampling).then_some(opts.samples)];
+        let samplers = samplers(&cycle, opts.mem, opts.seed)?;
+        check_access_samples(opts.access_samples, opts.mem)?;
+        let smoother = Smoother::new(opts.ewma_fast, opts.ewma_slow).map_err(ConfigError::Ewma)?;
+        let console: Box<dyn Write + Send> = match &opts.console {
+            Some(p) if p.as_os_str() != "-" => Box::new(std::fs::File::create(p).map_err(
+                |source| ConfigError::Console {
+                    path: p.clone(),
+                    source,
+                },
+            )?),
+            _ => Box::new(std::io::stderr()),
+        };
+        Ok(RunConfig {
+            mem_bytes: opts.mem,
+            hugepages: opts.hugepages,
+            workload,
+            image,
+            timeout: opts.timeout,
+            interval: opts.interval,
+            samplers,
+            smoother,
+            access_samples: opts.access_samples,
+            access_cycle: Vec::new(),
+            stratify: !opts.plain_sampling,
+            seed: opts.seed,
+            guest_seed: opts.seed.unwrap_or_else(rand::random),
+            map_out: opts.map_out,
+            map_every: opts.map_every,
+            console,
+            balloon,
+        })
+    }
+
+    /// For benchmarks and tests: cycle these access sample sizes interval by interval (0: no
+    /// access sampling in that interval), so their costs compare inside one run.
+    pub fn with_access_cycle(mut self, cycle: &[u64]) -> Result<Self, ConfigError> {
+        let most = cycle.iter().copied().max().unwrap_or(0);
+        check_access_samples(most, self.mem_bytes)?;
+        self.access_samples = most;
+        self.access_cycle = cycle.to_vec();
+        Ok(self)
+    }
+
+    /// For benchmarks and tests: cycle these sample sizes interval by interval instead.
+    pub fn with_sample_cycle(mut self, cycle: &[Option<u64>]) -> Result<Self, ConfigError> {
+        self.samplers = samplers(cycle, self.mem_bytes, Some(self.guest_seed))?;
+        Ok(self)
+    }
+}
+
+fn samplers(
+    cycle: &[Option<u64>],
+    mem_bytes: u64,
+    seed: Option<u64>,
+) -> Result<Vec<Option<Sampler>>, ConfigError> {
+    let pages = mem_bytes / PAGE_SIZE;
+    let cycle = if cycle.is_empty() { &[None][..] } else { cycle };
+    cycle
+        .iter()
+        .map(|n| {
+            n.map(|n| Sampler::new(n, pages, seed).map_err(|e| ConfigError::Samples(n, e)))
+                .transpose()
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn opts(args: &[&str]) -> RunOptions {
+        DefaultsOnly::try_parse_from(std::iter::once("memvisor").chain(args.iter().copied()))
+            .unwrap()
+            .options
+    }
+
+    fn err(args: &[&str]) -> String {
+        let e = RunConfig::new(opts(args))
+            .err()
+            .expect("should be rejected");
+        let mut text = e.to_string();
+        let mut src = std::error::Error::source(&e);
+        while let Some(s) = src {
+            text.push_str(&format!(": {s}"));
+            src = s.source();
+        }
+        text
+    }
+
+    #[test]
+    fn defaults_come_from_one_place_and_are_valid() {
+        let d = RunOptions::default();
+        assert_eq!(d.mem, 256 << 20);
+        assert_eq!(d.interval, Duration::from_secs(1));
+        assert_eq!(d.samples, 1000);
+        assert_eq!(d.workload, DEFAULT_SPEC);
+        let cfg = RunConfig::new(d).unwrap();
+        assert_eq!(cfg.samplers.len(), 1);
+        let mut cfg = cfg;
+        assert_eq!(cfg.samplers[0].as_mut().unwrap().arm().len(), 1000);
+    }
+
+    #[test]
+    fn bad_values_name_their_option() {
+        assert!(err(&["--interval", "1ms"]).contains("too short"));
+        assert!(err(&["--interval", "2h"]).contains("too long"));
+        assert!(err(&["--timeout", "0s"]).contains("--timeout"));
+        assert!(err(&["--samples", "0"]).starts_with("--samples 0"));
+        let e = err(&["--mem", "4M", "--workload", "idle 1ms", "--samples", "5000"]);
+        assert!(e.contains("only 1024 pages"), "{e}");
+        assert!(err(&["--ewma-fast", "2"]).starts_with("--ewma"));
+        assert!(err(&["--workload", "touch 1M wrte"]).contains("wrte"));
+        let e = err(&["--map-out", "x", "--map-every", "0"]);
+        assert!(e.contains("--map-every"), "{e}");
+    }
+
+    #[test]
+    fn ram_the_built_in_guest_cannot_boot_is_refused_up_front() {
+        let too_big = format!("{}", abi::MAX_MEM_BYTES + PAGE_SIZE);
+        let e = err(&["--mem", &too_big, "--workload", "idle 1ms"]);
+        assert!(e.contains("at most 458752.0 MiB"), "{e}");
+        let e = err(&["--mem", "2T"]);
+        assert!(e.contains("above the maximum"), "{e}");
+    }
+
+    #[test]
+    fn balloon_options_are_checked_and_set_the_target() {
+        let cfg = RunConfig::new(RunOptions::default()).unwrap();
+        let b = cfg.balloon.unwrap();
+        assert_eq!(
+            (b.reporting, b.target_pages, b.hard_limit),
+            (false, 0, false)
+        );
+        let cfg = RunConfig::new(opts(&["--mem", "1G", "--limit", "256M"])).unwrap();
+        let b = cfg.balloon.unwrap();
+        assert_eq!(b.target_pages, (768 << 20) / 4096);
+        assert!(b.hard_limit && !b.reporting);
+        let cfg = RunConfig::new(opts(&["--free-page-reporting"])).unwrap();
+        assert!(cfg.balloon.unwrap().reporting);
+        let e = err(&["--mem", "256M", "--limit", "1G"]);
+        assert!(
+            e.contains("--limit 1024.0 MiB is above --mem 256.0 MiB"),
+            "{e}"
+        );
+        let e = err(&["--limit", "1000000"]);
+        assert!(
+            e.contains("--limit 1.0 MiB is not a multiple of the 4 KiB"),
+            "{e}"
+        );
+        let cfg = RunConfig::new(opts(&["--mem", "1G", "--balloon", "100M"])).unwrap();
+        let b = cfg.balloon.unwrap();
+        assert_eq!((b.target_pages, b.hard_limit), (100 * 256, false));
+        let e = err(&["--balloon", "1G"]);
+        assert!(
+            e.contains("--balloon 1024.0 MiB is above --mem 256.0 MiB"),
+            "{e}"
+        );
+        let both = DefaultsOnly::try_parse_from(["m", "--limit", "1M", "--balloon", "1M"]);
+        assert!(both.is_err(), "--limit and --balloon exclude each other");
+        // A custom guest may have RAM where the balloon's registers would be.
+        let mut o = opts(&["--free-page-reporting", "--workload", "idle 1ms"]);
+        o.mem = abi::balloon::MMIO_BASE + (1 << 30);
+        let e = BalloonConfig::new(&o).unwrap_err().to_string();
+        assert!(
+            e.contains("--free-page-reporting needs the virtio-balloon"),
+            "{e}"
+        );
+        o.free_page_reporting = false;
+        assert_eq!(BalloonConfig::new(&o).unwrap(), None);
+    }
+
+    #[test]
+    fn no_sampling_and_sample_cycles() {
+        let cfg = RunConfig::new(opts(&["--no-sampling"])).unwrap();
+        assert!(cfg.samplers[0].is_none());
+        let mut cfg = cfg.with_sample_cycle(&[None, Some(10), Some(100)]).unwrap();
+        assert_eq!(cfg.samplers.len(), 3);
+        assert_eq!(cfg.samplers[2].as_mut().unwrap().arm().len(), 100);
+        let cfg = RunConfig::new(opts(&["--mem", "4M", "--workload", "idle 1ms"])).unwrap();
+        assert!(cfg.with_sample_cycle(&[Some(1 << 20)]).is_err());
+    }
+}

@@ -1,0 +1,79 @@
+//! Graceful stops. SIGINT and SIGTERM only set a flag (async-signal-safe); the VMM's kicker thread
+//! sees it within a few milliseconds and kicks the vCPU out of `KVM_RUN`, and the run loop then ends
+//! the run as it would at the guest's end: the partial interval becomes the last row, marked with
+//! why, and the map is written. `memvisor` exits with 130 or 143, as a shell reports a process the
+//! signal killed; a timeout exits with 124, as `timeout(1)` does.
+
+use std::sync::atomic::{AtomicI32, Ordering};
+
+use crate::row::EndReason;
+
+static SIGNAL: AtomicI32 = AtomicI32::new(0);
+
+extern "C" fn on_signal(sig: libc::c_int) {
+    SIGNAL.store(sig, Ordering::SeqCst);
+}
+
+/// Routes SIGINT and SIGTERM to the stop flag (the binary calls this once; library users choose).
+pub fn install_handlers() -> std::io::Result<()> {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: a zeroed sigaction is a valid "no flags, empty mask" value; the handler only
+        // stores to an atomic, which is async-signal-safe; the pointer casts follow sigaction(2).
+        let rc = unsafe {
+            let mut sa: libc::sigaction = std::mem::zeroed();
+            sa.sa_sigaction = on_signal as *const () as libc::sighandler_t;
+            libc::sigemptyset(&mut sa.sa_mask);
+            libc::sigaction(sig, &sa, std::ptr::null_mut())
+        };
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// The stop a signal asked for, if any.
+pub fn requested() -> Option<EndReason> {
+    match SIGNAL.load(Ordering::SeqCst) {
+        libc::SIGINT => Some(EndReason::Sigint),
+        libc::SIGTERM => Some(EndReason::Sigterm),
+        _ => None,
+    }
+}
+
+/// The process exit code for a run that ended for `reason` (0 for a finished run).
+pub fn exit_code(reason: EndReason) -> u8 {
+    match reason {
+        EndReason::Done => 0,
+        EndReason::GuestError => 1,
+        EndReason::Timeout => 124,
+        EndReason::Sigint => 128 + libc::SIGINT as u8,
+        EndReason::Sigterm => 128 + libc::SIGTERM as u8,
+        EndReason::OutputClosed => 128 + libc::SIGPIPE as u8,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn exit_codes_follow_shell_conventions() {
+        assert_eq!(exit_code(EndReason::Done), 0);
+        assert_eq!(exit_code(EndReason::Timeout), 124);
+        assert_eq!(exit_code(EndReason::Sigint), 130);
+        assert_eq!(exit_code(EndReason::Sigterm), 143);
+        assert_eq!(exit_code(EndReason::OutputClosed), 141);
+    }
+
+    #[test]
+    fn a_raised_signal_is_seen_as_a_stop_request() {
+        install_handlers().unwrap();
+        assert_eq!(requested(), None);
+        // SAFETY: raise delivers SIGTERM to this thread; the handler installed above only sets
+        // the flag, so the test process survives it.
+        assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
+        assert_eq!(requested(), Some(EndReason::Sigterm));
+        SIGNAL.store(0, Ordering::SeqCst);
+    }
+}
