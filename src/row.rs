@@ -170,6 +170,11 @@ pub struct Row {
     pub phase: String,
     /// On the last row only: why the run ended (its interval may be partial).
     pub end: Option<EndReason>,
+    /// The interval's real length in seconds (rates are per this length).
+    pub length_s: f64,
+    /// The interval ended before its boundary (the run's last row, cut short): its rates are over
+    /// a short length and its counts are not comparable to a full interval's.
+    pub partial: bool,
     pub configured_mib: f64,
     pub guest: GuestView,
     pub truth: Option<Truth>,

@@ -117,6 +117,8 @@ mod tests {
             interval: 3,
             phase: "touch 4M, \"odd\" name".into(),
             end: Some(crate::row::EndReason::Done),
+            length_s: 0.5,
+            partial: true,
             configured_mib: 256.0,
             guest: GuestView {
                 allocated_pages: 10,

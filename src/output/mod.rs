@@ -312,6 +312,8 @@ mod tests {
             }),
             reads_seen: true,
             balloon: None,
+            length_s: 1.0,
+            partial: false,
             time_s: v,
             interval: 1,
             phase: phase.into(),

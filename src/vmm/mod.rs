@@ -286,6 +286,8 @@ impl Vmm<'_, '_> {
             interval,
             phase: self.protocol.phase_name(),
             end,
+            length_s: length.as_secs_f64(),
+            partial: last && length < self.clock.interval,
             configured_mib: units::mib(self.vm.ram().size()),
             guest: self.protocol.guest().clone(),
             truth: None,
