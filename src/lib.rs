@@ -14,6 +14,7 @@
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod contract;
+pub mod control;
 pub mod devices;
 pub mod kvm;
 pub mod memory;
