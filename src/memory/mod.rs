@@ -4,6 +4,7 @@
 pub mod bitmap;
 pub mod pagemap;
 pub mod ram;
+pub mod swap;
 pub mod uffd;
 
 pub use ram::{GuestMemoryMmap, GuestRam, MAX_GUEST_BYTES, MIN_GUEST_BYTES, MemoryError};

@@ -1,0 +1,6 @@
+//! Hypervisor swap: guest pages the VMM writes out to a file of its own and drops from RAM, brought
+//! back on the guest's next access through userfaultfd.
+
+pub mod file;
+
+pub use file::{Slot, SwapFile, SwapFileError};
