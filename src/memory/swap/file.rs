@@ -352,7 +352,7 @@ mod tests {
             }
         };
         assert!(err.is_full(), "{err}");
-        assert!(stored >= 1 && stored <= 16, "{stored}");
+        assert!((1..=16).contains(&stored), "{stored}");
         assert_eq!(f.in_use(), stored);
         let mut buf = page(0xff);
         for i in 0..stored {
