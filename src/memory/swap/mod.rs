@@ -2,5 +2,7 @@
 //! back on the guest's next access through userfaultfd.
 
 pub mod file;
+pub mod policy;
 
 pub use file::{Slot, SwapFile, SwapFileError};
+pub use policy::{Candidate, Policy};
