@@ -2,8 +2,10 @@
 //! a test harness, an operator) reads a running VM's latest row and sets its targets, one JSON
 //! object per line (`docs/control.md`).
 
+pub mod client;
 pub mod protocol;
 pub mod server;
 
+pub use client::{Client, ClientError};
 pub use protocol::{Answer, ErrorClass, Request};
 pub use server::{ControlError, ControlServer, Handler};
