@@ -16,6 +16,7 @@
 pub mod contract;
 pub mod control;
 pub mod devices;
+pub mod host;
 pub mod kvm;
 pub mod memory;
 pub mod observe;

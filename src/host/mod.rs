@@ -1,0 +1,3 @@
+//! A host of several VMs on one memory budget (`memvisor host`).
+
+pub mod spec;
