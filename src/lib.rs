@@ -10,11 +10,13 @@
 //! - `devices`: serial console, report channel, virtio-balloon;
 //! - `observe`: interval work, samplers, statistics, the PMP-MMP map;
 //! - `output`: table, JSON, CSV, plot, Prometheus;
-//! - `vmm`: one run: options, the recipe and run loop, clock, stops, outcome.
+//! - `vmm`: one run: options, the recipe and run loop, clock, stops, outcome;
+//! - `host`: the overcommitted host's policy (targets, memory states, reclamation), pure.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod contract;
 pub mod devices;
+pub mod host;
 pub mod kvm;
 pub mod memory;
 pub mod observe;
