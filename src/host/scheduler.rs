@@ -552,7 +552,7 @@ mod tests {
         // The ratios are equal at the equilibrium.
         let (ra, rb) = (ts[0].rho.unwrap(), ts[1].rho.unwrap());
         assert!((ra - rb).abs() / ra < 1e-4, "{ra} {rb}");
-        // Half of a page's shares: the idle VM's fraction rose as it shrank.
+        // The idle VM's fraction is its active pages over its target: it rose as it shrank.
         assert!((ts[0].active_fraction - aa / ts[0].pages as f64).abs() < 1e-12);
     }
 
@@ -579,8 +579,8 @@ mod tests {
     fn shares_one_two_four_give_one_two_four() {
         let mem = 100_000;
         for (tax, active) in [
-            (DEFAULT_TAX, [mem; 3]),           // all busy: f = 1
-            (DEFAULT_TAX, [0; 3]),             // all idle: f = 0
+            (DEFAULT_TAX, [mem; 3]),                // all busy: f = 1
+            (DEFAULT_TAX, [0; 3]),                  // all idle: f = 0
             (DEFAULT_TAX, [5_000, 10_000, 20_000]), // f = 1/2 each at the outcome
             (0.0, [3, 99_999, 12]),
             (1.0 - 1e-9, [mem; 3]),
@@ -621,11 +621,12 @@ mod tests {
         z.reservation_pages = 100;
         let ts = targets(&[z.clone(), vm("b", 10_000, 0)], 10_000, DEFAULT_TAX).unwrap();
         assert_eq!(pages(&ts), [100, 9_900]);
-        // Two zero-share VMs split what is left evenly.
+        // Two zero-share VMs split what is left above their reservations evenly (the odd page to
+        // the first).
         let mut z2 = z.clone();
         z2.reservation_pages = 0;
         let ts = targets(&[z, z2, vm("b", 1_000, 0)], 2_001, DEFAULT_TAX).unwrap();
-        assert_eq!(pages(&ts), [550, 451, 1_000]);
+        assert_eq!(pages(&ts), [100 + 451, 450, 1_000]);
     }
 
     #[test]
@@ -719,6 +720,18 @@ mod tests {
             })
         }
 
+        /// VMs and a budget that admits them.
+        fn admitted(max_mem: u64, max_vms: usize) -> impl Strategy<Value = (Vec<VmInput>, u64)> {
+            prop::collection::vec(any_vm(max_mem), 1..=max_vms).prop_flat_map(|vms| {
+                let need: u64 = vms
+                    .iter()
+                    .map(|v| v.reservation_pages + v.overhead_pages)
+                    .sum();
+                let all: u64 = vms.iter().map(|v| v.mem_pages + v.overhead_pages).sum();
+                (Just(vms), need..=all + all / 4)
+            })
+        }
+
         fn tax() -> impl Strategy<Value = f64> {
             prop_oneof![Just(0.0), Just(DEFAULT_TAX), Just(1.0), 0.0f64..=1.0]
         }
@@ -755,13 +768,10 @@ mod tests {
 
             #[test]
             fn same_as_revoking_page_by_page(
-                (vms, budget) in setup(300, 4)
+                (vms, budget) in admitted(300, 4)
                     .prop_map(|(mut vms, b)| { for v in &mut vms { v.shares += 1; } (vms, b) }),
                 tax in 0.0f64..0.99,
             ) {
-                let reservations: u64 = vms.iter().map(|v| v.reservation_pages).sum();
-                let overheads: u64 = vms.iter().map(|v| v.overhead_pages).sum();
-                prop_assume!(reservations + overheads <= budget);
                 let ts = targets(&vms, budget, tax).unwrap();
                 prop_assert_eq!(pages(&ts), naive(&vms, budget, tax));
             }
@@ -770,22 +780,26 @@ mod tests {
             fn equal_vms_get_equal_targets(
                 v in any_vm(1 << 30),
                 copies in 2usize..6,
-                (others, budget) in setup(1 << 30, 3),
+                (others, budget) in admitted(1 << 30, 3),
+                spare in 0.0f64..=1.5,
                 tax in tax(),
             ) {
+                // Admit the copies too, with up to 1.5 times their size to share.
+                let budget = budget
+                    + copies as u64 * (v.reservation_pages + v.overhead_pages)
+                    + (spare * (copies as u64 * v.mem_pages) as f64) as u64;
                 let mut vms = vec![v; copies];
                 vms.extend(others);
-                if let Ok(ts) = targets(&vms, budget, tax) {
-                    let equal = &ts[..copies];
-                    let lo = equal.iter().map(|t| t.pages).min().unwrap();
-                    let hi = equal.iter().map(|t| t.pages).max().unwrap();
-                    prop_assert!(hi - lo <= 1, "{:?}", pages(&ts));
-                }
+                let ts = targets(&vms, budget, tax).unwrap();
+                let equal = &ts[..copies];
+                let lo = equal.iter().map(|t| t.pages).min().unwrap();
+                let hi = equal.iter().map(|t| t.pages).max().unwrap();
+                prop_assert!(hi - lo <= 1, "{:?}", pages(&ts));
             }
 
             #[test]
             fn more_shares_never_give_less(
-                (vms, budget) in setup(1 << 30, 6),
+                (vms, budget) in admitted(1 << 30, 6),
                 extra in 1u64..100_000,
                 tax in tax(),
             ) {
