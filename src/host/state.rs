@@ -10,30 +10,41 @@
 //!
 //! Going down, the state drops to the lowest state whose threshold free memory is below, in one
 //! step (a host can fall from `high` to `low` in one period). Going up, a state is left for the
-//! next one up only when free memory *significantly exceeds* that state's threshold, as the paper
-//! puts it: by [`MARGIN_PCT`] of the budget; several steps up may be taken in one observation when
+//! next one up only when free memory *significantly exceeds* the next state's threshold, as the
+//! paper puts it: by [`MARGIN_PCT`] of the budget; several steps up may be taken in one observation when
 //! free memory jumps (a VM was killed).
 //!
 //! Hence between entering a state and leaving it upward, free memory must move by at least two
 //! points of the budget (`low`: below 1% to above 3%; `hard`: below 2% to above 5%; `soft`: below
 //! 4% to above 7%): a free fraction that wanders inside any band two points wide never changes
-//! state back and forth. The 1-point margin is ours (ESX does not publish its own): one point is
-//! what one period's noise in the granted sum can reasonably be for the small VMs memvisor runs
-//! (the samplers' interval ±5% of a VM of a fifth of the budget), and it keeps the gap between
-//! `high`'s exit (7%) and `soft`'s entry (4%) wider than the gap between the reclamation states.
+//! state back and forth. The 1-point margin is memvisor's choice (ESX does not publish its own):
+//! the smallest whole percent, it keeps every state's upward exit at least 2 points above its
+//! entry, and `high`'s re-entry (above 7%) 3 points above `soft`'s entry (below 4%).
+//!
+//! ESX computes its targets "to drive the aggregate amount of free space above the high
+//! threshold": [`schedulable_pages`] is the part of the budget the targets (and overheads) may
+//! share so that a host whose VMs sit at their targets is back in `high`.
 //!
 //! All comparisons are exact in integers (`free · 100` against `percent · budget`).
 
 use serde::Serialize;
 
-/// The free thresholds, in percent of the budget (ESX's defaults, `Mem.MinFreePct` = 6 and its
-/// soft/hard/low fractions 64%, 32%, 16% of it, as rounded in the paper).
+/// The free thresholds, in percent of the budget: the paper's 6%, 4%, 2%, 1% (later ESX releases
+/// keep `Mem.MinFreePct` = 6% and put soft, hard and low at 64%, 32% and 16% of it).
 pub const HIGH_PCT: u64 = 6;
 pub const SOFT_PCT: u64 = 4;
 pub const HARD_PCT: u64 = 2;
 pub const LOW_PCT: u64 = 1;
 /// How far above the next threshold up free memory must rise before a state is left upward.
 pub const MARGIN_PCT: u64 = 1;
+
+/// The part of `budget_pages` that targets and overheads may use: the budget less just over
+/// `HIGH_PCT + MARGIN_PCT` percent of it, so that free memory at the targets exceeds `high`'s
+/// upward exit and the state returns to `high`.
+pub fn schedulable_pages(budget_pages: u64) -> u64 {
+    let keep_free = u128::from(budget_pages) * u128::from(HIGH_PCT + MARGIN_PCT) / 100 + 1;
+    (u128::from(budget_pages).saturating_sub(keep_free)) as u64
+}
 
 /// The host's memory state, from most to least free memory.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
@@ -265,6 +276,20 @@ mod tests {
         let three = b / 100 * 3;
         assert_eq!(m.observe(three, b), None);
         assert_eq!(m.observe(three + 1, b).map(|t| t.to), Some(Hard));
+    }
+
+    #[test]
+    fn the_schedulable_part_leaves_the_host_in_high() {
+        assert_eq!(schedulable_pages(B), B - 701);
+        assert_eq!(schedulable_pages(0), 0);
+        assert_eq!(schedulable_pages(50), 46);
+        for budget in [1, 99, 100, 101, B, 1 << 40, u64::MAX] {
+            for from in [Soft, Hard, Low] {
+                let mut m = machine_in(from);
+                m.observe(budget - schedulable_pages(budget), budget);
+                assert_eq!(m.state(), High, "{budget} from {from:?}");
+            }
+        }
     }
 
     #[test]
