@@ -5,7 +5,7 @@
 //! - `scheduler`: each VM's target allocation (ESX's SZTGT) by min-funding revocation with the
 //!   idle memory tax, and admission;
 //! - `state`: the host's memory state (high, soft, hard, low) from the budget's free part, with
-//!   hysteresis;
+//!   hysteresis, and the part of the budget the targets may share;
 //! - `reclaim`: per VM and period, how much of its reclamation goes to the balloon and how much to
 //!   hypervisor swap, with the balloon's rate limit.
 //!

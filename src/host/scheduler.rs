@@ -78,7 +78,8 @@ pub struct VmInput {
     pub shares: u64,
     /// The minimum allocation, guaranteed by admission.
     pub reservation_pages: u64,
-    /// The maximum allocation, if below the configured size means anything.
+    /// The maximum allocation (ESX's limit); `None`, or a limit above the configured size, is no
+    /// limit.
     pub limit_pages: Option<u64>,
     /// The VMM's own memory for this VM (OVHD), charged against the budget before sharing.
     pub overhead_pages: u64,
