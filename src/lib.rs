@@ -10,7 +10,10 @@
 //! - `devices`: serial console, report channel, virtio-balloon;
 //! - `observe`: interval work, samplers, statistics, the PMP-MMP map;
 //! - `output`: table, JSON, CSV, plot, Prometheus;
-//! - `vmm`: one run: options, the recipe and run loop, clock, stops, outcome.
+//! - `vmm`: one run: options, the recipe and run loop, clock, stops, outcome;
+//! - `control`: the control socket through which a running VM is driven;
+//! - `host`: a host of several VMs: its policy (targets, memory states, reclamation), pure, and
+//!   each VM as its own `memvisor run` process.
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 pub mod contract;

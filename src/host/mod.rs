@@ -1,4 +1,21 @@
 //! A host of several VMs on one memory budget (`memvisor host`).
+//!
+//! The policy is pure functions and state machines (no KVM, no processes, no I/O):
+//! - `scheduler`: each VM's target allocation (ESX's SZTGT) by min-funding revocation with the
+//!   idle memory tax, and admission;
+//! - `state`: the host's memory state (high, soft, hard, low) from the budget's free part, with
+//!   hysteresis, and the part of the budget the targets may share;
+//! - `reclaim`: per VM and period, how much of its reclamation goes to the balloon and how much to
+//!   hypervisor swap, with the balloon's rate limit.
+//!
+//! Around it: `spec`, one VM as the user gives it; `process`, one VM as its own `memvisor run`
+//! process, driven over its control socket.
+//!
+//! All sizes are in pages (`units::PAGE_SIZE`); MiB only in messages. See docs/design.md, "The host
+//! scheduler".
 
 pub mod process;
+pub mod reclaim;
+pub mod scheduler;
 pub mod spec;
+pub mod state;

@@ -10,11 +10,10 @@ use clap::Parser;
 use thiserror::Error;
 
 use crate::contract::workload::Workload;
-use crate::units::{MIB, parse_size};
-use crate::vmm::config::RunOptions;
+use crate::units::{PAGE_SIZE, parse_size};
 
-/// ESX's "normal" shares: 10 per MiB of configured memory.
-pub const SHARES_PER_MIB: u64 = 10;
+use super::scheduler::normal_shares;
+use crate::vmm::config::RunOptions;
 
 /// `run` options the host sets itself for every VM.
 const HOST_OWNED: &[&str] = &[
@@ -166,7 +165,7 @@ pub fn parse(spec: &str, index: usize) -> Result<VmSpec, SpecError> {
     Ok(VmSpec {
         name: name.unwrap_or_else(|| format!("vm{}", index + 1)),
         mem: mem_bytes,
-        shares: shares.unwrap_or((mem_bytes / MIB).max(1) * SHARES_PER_MIB),
+        shares: shares.unwrap_or_else(|| normal_shares(mem_bytes / PAGE_SIZE)),
         reservation,
         limit,
         run_args,
@@ -199,6 +198,7 @@ fn first_line(s: &str) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::units::MIB;
 
     #[test]
     fn a_full_spec() {
@@ -227,7 +227,10 @@ mod tests {
     fn defaults_are_esx_normal_shares_no_reservation_no_limit() {
         let s = parse("mem=1G", 2).unwrap();
         assert_eq!(s.name, "vm3");
-        assert_eq!(s.shares, 1024 * SHARES_PER_MIB);
+        assert_eq!(
+            s.shares,
+            1024 * super::super::scheduler::NORMAL_SHARES_PER_MIB
+        );
         assert_eq!(s.reservation, 0);
         assert_eq!(s.limit, None);
         let d = parse("", 0).unwrap();

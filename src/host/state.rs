@@ -1,0 +1,360 @@
+//! The host's memory state, from the free part of the budget, with ESX's thresholds and
+//! hysteresis (Waldspurger, OSDI'02, section 6.3).
+//!
+//! | state | entered when free falls below | left upward when free rises above | action |
+//! |---|---|---|---|
+//! | `high` | (the start) | | none |
+//! | `soft` | 4% | 6% + 1% → `high` | balloon toward the targets |
+//! | `hard` | 2% | 4% + 1% → `soft` | hypervisor swap toward the targets |
+//! | `low` | 1% | 2% + 1% → `hard` | also pause the vCPUs of VMs above their target |
+//!
+//! Going down, the state drops to the lowest state whose threshold free memory is below, in one
+//! step (a host can fall from `high` to `low` in one period). Going up, a state is left for the
+//! next one up only when free memory *significantly exceeds* the next state's threshold, as the
+//! paper puts it: by [`MARGIN_PCT`] of the budget; several steps up may be taken in one observation when
+//! free memory jumps (a VM was killed).
+//!
+//! Hence between entering a state and leaving it upward, free memory must move by at least two
+//! points of the budget (`low`: below 1% to above 3%; `hard`: below 2% to above 5%; `soft`: below
+//! 4% to above 7%): a free fraction that wanders inside any band two points wide never changes
+//! state back and forth. The 1-point margin is memvisor's choice (ESX does not publish its own):
+//! the smallest whole percent, it keeps every state's upward exit at least 2 points above its
+//! entry, and `high`'s re-entry (above 7%) 3 points above `soft`'s entry (below 4%).
+//!
+//! ESX computes its targets "to drive the aggregate amount of free space above the high
+//! threshold": [`schedulable_pages`] is the part of the budget the targets (and overheads) may
+//! share so that a host whose VMs sit at their targets is back in `high`.
+//!
+//! All comparisons are exact in integers (`free · 100` against `percent · budget`).
+
+use serde::Serialize;
+
+/// The free thresholds, in percent of the budget: the paper's 6%, 4%, 2%, 1% (later ESX releases
+/// keep `Mem.MinFreePct` = 6% and put soft, hard and low at 64%, 32% and 16% of it).
+pub const HIGH_PCT: u64 = 6;
+pub const SOFT_PCT: u64 = 4;
+pub const HARD_PCT: u64 = 2;
+pub const LOW_PCT: u64 = 1;
+/// How far above the next threshold up free memory must rise before a state is left upward.
+pub const MARGIN_PCT: u64 = 1;
+
+/// The part of `budget_pages` that targets and overheads may use: the budget less just over
+/// `HIGH_PCT + MARGIN_PCT` percent of it, so that free memory at the targets exceeds `high`'s
+/// upward exit and the state returns to `high`.
+pub fn schedulable_pages(budget_pages: u64) -> u64 {
+    let keep_free = u128::from(budget_pages) * u128::from(HIGH_PCT + MARGIN_PCT) / 100 + 1;
+    (u128::from(budget_pages).saturating_sub(keep_free)) as u64
+}
+
+/// The host's memory state, from most to least free memory.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MemState {
+    /// Enough free memory: no reclamation.
+    High,
+    /// Balloon toward the targets.
+    Soft,
+    /// Hypervisor swap toward the targets.
+    Hard,
+    /// Swap, and pause the vCPUs of VMs above their target.
+    Low,
+}
+
+impl MemState {
+    /// The word the table shows.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            MemState::High => "high",
+            MemState::Soft => "soft",
+            MemState::Hard => "hard",
+            MemState::Low => "low",
+        }
+    }
+
+    /// The threshold below which this state is entered (none for `high`).
+    fn entry_pct(self) -> Option<u64> {
+        match self {
+            MemState::High => None,
+            MemState::Soft => Some(SOFT_PCT),
+            MemState::Hard => Some(HARD_PCT),
+            MemState::Low => Some(LOW_PCT),
+        }
+    }
+
+    /// The next state up and the free percent it must be exceeded by, less the margin: the
+    /// threshold of that state.
+    fn up(self) -> Option<(MemState, u64)> {
+        match self {
+            MemState::High => None,
+            MemState::Soft => Some((MemState::High, HIGH_PCT)),
+            MemState::Hard => Some((MemState::Soft, SOFT_PCT)),
+            MemState::Low => Some((MemState::Hard, HARD_PCT)),
+        }
+    }
+
+    /// The next state down.
+    fn down(self) -> Option<MemState> {
+        match self {
+            MemState::High => Some(MemState::Soft),
+            MemState::Soft => Some(MemState::Hard),
+            MemState::Hard => Some(MemState::Low),
+            MemState::Low => None,
+        }
+    }
+}
+
+/// A change of state, for the log.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+pub struct Transition {
+    pub from: MemState,
+    pub to: MemState,
+    pub free_pages: u64,
+    pub budget_pages: u64,
+}
+
+/// The memory state over successive observations of free memory.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct StateMachine {
+    state: MemState,
+    transitions: u64,
+}
+
+impl Default for StateMachine {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// `free / budget < pct%`, exactly. An empty budget has nothing free.
+fn below(free: u64, budget: u64, pct: u64) -> bool {
+    u128::from(free) * 100 < u128::from(pct) * u128::from(budget) || budget == 0
+}
+
+/// `free / budget > pct%`, exactly.
+fn above(free: u64, budget: u64, pct: u64) -> bool {
+    u128::from(free) * 100 > u128::from(pct) * u128::from(budget) && budget > 0
+}
+
+impl StateMachine {
+    /// Starts in `high`: an empty host.
+    pub fn new() -> Self {
+        StateMachine {
+            state: MemState::High,
+            transitions: 0,
+        }
+    }
+
+    pub fn state(&self) -> MemState {
+        self.state
+    }
+
+    /// Changes of state so far.
+    pub fn transitions(&self) -> u64 {
+        self.transitions
+    }
+
+    /// One period's observation: `free_pages` of `budget_pages` are free (the budget less every
+    /// VM's granted memory and overhead; the caller saturates at 0). Returns the change, if any.
+    pub fn observe(&mut self, free_pages: u64, budget_pages: u64) -> Option<Transition> {
+        let from = self.state;
+        let mut to = from;
+        // Down: as far as free memory is below the entry threshold of the next state down.
+        while let Some(next) = to.down() {
+            match next.entry_pct() {
+                Some(pct) if below(free_pages, budget_pages, pct) => to = next,
+                _ => break,
+            }
+        }
+        // Up (only if not going down): step by step while free memory exceeds the next state's
+        // threshold by the margin.
+        if to == from {
+            while let Some((next, pct)) = to.up() {
+                if above(free_pages, budget_pages, pct + MARGIN_PCT) {
+                    to = next;
+                } else {
+                    break;
+                }
+            }
+        }
+        if to == from {
+            return None;
+        }
+        self.state = to;
+        self.transitions += 1;
+        Some(Transition {
+            from,
+            to,
+            free_pages,
+            budget_pages,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use MemState::*;
+
+    /// A budget of 10,000 pages: free pages are hundredths of a percent (400 is 4%).
+    const B: u64 = 10_000;
+
+    fn machine_in(state: MemState) -> StateMachine {
+        let mut m = StateMachine::new();
+        let free = match state {
+            High => 1000,
+            Soft => 300,
+            Hard => 150,
+            Low => 50,
+        };
+        m.observe(free, B);
+        assert_eq!(m.state(), state);
+        m
+    }
+
+    #[test]
+    fn starts_high_and_stays_in_the_band_above_soft() {
+        let mut m = StateMachine::new();
+        assert_eq!(m.state(), High);
+        // 4% exactly is not below 4%.
+        for free in [10_000, 600, 500, 400] {
+            assert_eq!(m.observe(free, B), None, "{free}");
+        }
+        assert_eq!(m.transitions(), 0);
+    }
+
+    #[test]
+    fn every_downward_transition() {
+        let cases = [
+            (High, 399, Soft),
+            (High, 199, Hard),
+            (High, 99, Low),
+            (Soft, 199, Hard),
+            (Soft, 99, Low),
+            (Hard, 99, Low),
+        ];
+        for (from, free, to) in cases {
+            let mut m = machine_in(from);
+            let before = m.transitions();
+            let t = m.observe(free, B).expect("a transition");
+            assert_eq!((t.from, t.to), (from, to), "{from:?} at {free}");
+            assert_eq!((t.free_pages, t.budget_pages), (free, B));
+            assert_eq!(m.transitions(), before + 1);
+        }
+        // At the threshold exactly: no change.
+        for (from, free) in [(High, 400), (Soft, 200), (Hard, 100)] {
+            let mut m = machine_in(from);
+            assert_eq!(m.observe(free, B), None, "{from:?} at {free}");
+        }
+    }
+
+    #[test]
+    fn every_upward_transition_needs_the_margin() {
+        // (from, highest free that keeps it, lowest free that leaves, where to)
+        let cases = [
+            (Soft, 700, 701, High),
+            (Hard, 500, 501, Soft),
+            (Low, 300, 301, Hard),
+            (Hard, 500, 701, High),
+            (Low, 300, 501, Soft),
+            (Low, 300, 10_000, High),
+        ];
+        for (from, stay, leave, to) in cases {
+            let mut m = machine_in(from);
+            assert_eq!(m.observe(stay, B), None, "{from:?} at {stay}");
+            let t = m.observe(leave, B).expect("a transition");
+            assert_eq!((t.from, t.to), (from, to), "{from:?} at {leave}");
+        }
+    }
+
+    #[test]
+    fn an_empty_budget_is_low_and_exact_in_huge_budgets() {
+        let mut m = StateMachine::new();
+        assert_eq!(m.observe(0, 0).map(|t| t.to), Some(Low));
+        assert_eq!(m.observe(5, 0), None);
+        // u64::MAX pages: 3% + 1 page leaves low, 3% exactly does not (no overflow, no rounding).
+        let b = u64::MAX - u64::MAX % 100;
+        let three = b / 100 * 3;
+        assert_eq!(m.observe(three, b), None);
+        assert_eq!(m.observe(three + 1, b).map(|t| t.to), Some(Hard));
+    }
+
+    #[test]
+    fn the_schedulable_part_leaves_the_host_in_high() {
+        assert_eq!(schedulable_pages(B), B - 701);
+        assert_eq!(schedulable_pages(0), 0);
+        assert_eq!(schedulable_pages(50), 46);
+        for budget in [1, 99, 100, 101, B, 1 << 40, u64::MAX] {
+            for from in [Soft, Hard, Low] {
+                let mut m = machine_in(from);
+                m.observe(budget - schedulable_pages(budget), budget);
+                assert_eq!(m.state(), High, "{budget} from {from:?}");
+            }
+        }
+    }
+
+    #[test]
+    fn names() {
+        assert_eq!(
+            [High, Soft, Hard, Low].map(MemState::as_str),
+            ["high", "soft", "hard", "low"]
+        );
+        assert_eq!(serde_json::to_string(&Hard).unwrap(), "\"hard\"");
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        fn any_state() -> impl Strategy<Value = MemState> {
+            prop_oneof![Just(High), Just(Soft), Just(Hard), Just(Low)]
+        }
+
+        proptest! {
+            /// Inside any band two points of the budget wide, the state moves one way only: it
+            /// never goes down and then up (or up and then down).
+            #[test]
+            fn never_flaps_inside_a_two_point_band(
+                start in any_state(),
+                base in 0u64..=1100,
+                walk in prop::collection::vec(0u64..=200, 1..200),
+            ) {
+                let mut m = machine_in(start);
+                let mut direction = 0i8;
+                for x in walk {
+                    if let Some(t) = m.observe(base + x, B) {
+                        let d = if t.to > t.from { -1 } else { 1 };
+                        prop_assert!(direction == 0 || direction == d, "{:?}", t);
+                        direction = d;
+                    }
+                }
+            }
+
+            /// The state is always consistent with the thresholds: never `high` below 4%, never
+            /// above `soft` below 2%, never above `hard` below 1%, never `low` above 3%, never
+            /// below `soft` above 5%, never below `high` above 7%.
+            #[test]
+            fn state_respects_the_thresholds(walk in prop::collection::vec(0u64..=1200, 1..100)) {
+                let mut m = StateMachine::new();
+                let mut count = 0;
+                for free in walk {
+                    let before = m.state();
+                    match m.observe(free, B) {
+                        Some(t) => {
+                            count += 1;
+                            prop_assert_eq!((t.from, t.to), (before, m.state()));
+                        }
+                        None => prop_assert_eq!(m.state(), before),
+                    }
+                    let s = m.state();
+                    if free < 400 { prop_assert!(s >= Soft); }
+                    if free < 200 { prop_assert!(s >= Hard); }
+                    if free < 100 { prop_assert_eq!(s, Low); }
+                    if free > 300 { prop_assert!(s <= Hard); }
+                    if free > 500 { prop_assert!(s <= Soft); }
+                    if free > 700 { prop_assert_eq!(s, High); }
+                }
+                prop_assert_eq!(m.transitions(), count);
+            }
+        }
+    }
+}
