@@ -19,3 +19,4 @@ pub mod reclaim;
 pub mod scheduler;
 pub mod spec;
 pub mod state;
+pub mod supervisor;
