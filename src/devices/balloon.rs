@@ -720,7 +720,10 @@ mod tests {
         d.send(0, 0x8000, (b::MAX_PFNS as u32 + 1) * 4);
         d.send(0, RAM_BYTES - 4, 8);
         assert!(d.dev.take_released().is_empty());
-        assert!(d.zeroed().is_empty(), "taken above: nothing more to release");
+        assert!(
+            d.zeroed().is_empty(),
+            "taken above: nothing more to release"
+        );
         assert_eq!(d.dev.balloon_pages(), 2);
         assert!(!d.dev.broken(), "bad buffers are skipped, not fatal");
     }
@@ -740,7 +743,10 @@ mod tests {
                 .iter()
                 .all(|r| *r == (768..769) || *r == (769..770))
         );
-        assert!(d.zeroed().is_empty(), "taken above: nothing more to release");
+        assert!(
+            d.zeroed().is_empty(),
+            "taken above: nothing more to release"
+        );
         // A chain whose next index is outside the table ends there.
         d.desc(REPORT_Q, 0, 0x310000, 0x1000, 1, 200);
         d.kick(REPORT_Q, 0);

@@ -430,3 +430,259 @@ fn active(
         dirty_rate_mib_s: usage::dirty_rate_mib_s(mib(s.pages), length),
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! The estimator core on synthetic data: a fake dirty log with KVM's manual-protect rules (a
+    //! write sets a page's bit, only a clear resets it) over a mapping of our own, which the map
+    //! reads as it reads guest RAM. No KVM, no userfaultfd.
+
+    use super::*;
+    use crate::memory::pagemap::AnonMapping;
+
+    const PAGES: u64 = 1024;
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn mib(pages: f64) -> f64 {
+        pages * PAGE_SIZE as f64 / f64::from(1 << 20)
+    }
+
+    struct Rig {
+        mem: AnonMapping,
+        log: Bitmap,
+        core: Estimator,
+    }
+
+    impl Rig {
+        fn new(write_samples: Option<u64>, stratify: bool) -> Rig {
+            let mem = AnonMapping::new((PAGES * PAGE_SIZE) as usize).unwrap();
+            let map = PmpMmpMap::new(mem.addr(), PAGES).unwrap();
+            let smoother = Smoother::new(1.0, 1.0).unwrap();
+            let mut est = Estimators {
+                write: vec![write_samples.map(|n| Sampler::new(n, PAGES, Some(5)).unwrap())],
+                write_smoother: smoother.clone(),
+                access: None,
+                access_cycle: vec![3, 0],
+                access_smoother: smoother,
+                stratify,
+            };
+            let mut rig = Rig {
+                mem,
+                log: Bitmap::new(PAGES),
+                core: Estimator::new(map, &mut est),
+            };
+            rig.arm(0, &Arming::default());
+            rig
+        }
+
+        /// The guest writes `pages`: the memory, and KVM's log.
+        fn write(&mut self, pages: impl IntoIterator<Item = u64>) {
+            for p in pages {
+                self.mem.write_volatile((p * PAGE_SIZE) as usize, 1);
+                self.log.set(p);
+            }
+        }
+
+        /// The guest reads `page`: the zero page is mapped; the log sees nothing.
+        fn read(&mut self, page: u64) {
+            self.mem.read_volatile((page * PAGE_SIZE) as usize);
+        }
+
+        fn close(&mut self, round: Option<Round>, interval: u64) -> Estimates {
+            let mut dirty = self.log.words().to_vec();
+            self.core
+                .close(&mut dirty, &[], round, interval, SEC)
+                .unwrap()
+        }
+
+        /// Arms the write sample; clears what the core asks, as KVM would. Returns the cleared
+        /// pages.
+        fn arm(&mut self, interval: u64, arming: &Arming) -> Vec<u64> {
+            match self.core.arm_writes(interval, arming) {
+                Some(mask) => {
+                    let cleared = Bitmap::from_words(mask, PAGES);
+                    self.log.and_not_assign(cleared.words());
+                    cleared.iter_ones().collect()
+                }
+                None => Vec::new(),
+            }
+        }
+
+        /// What `Vm::release` does to the log, then the core told: the window read, the range's
+        /// bits cleared, the pages discarded.
+        fn release(&mut self, pages: Range<u64>, interval: u64) {
+            let window = Window::of(self.log.words(), pages.clone());
+            self.log.clear_range(pages.clone());
+            for p in pages.clone() {
+                // SAFETY: one page of our own mapping, which no reference covers.
+                let rc = unsafe {
+                    libc::madvise(
+                        (self.mem.addr() + (p * PAGE_SIZE) as usize) as *mut libc::c_void,
+                        PAGE_SIZE as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                assert_eq!(rc, 0);
+            }
+            self.core.note_released(pages, &window, interval);
+        }
+    }
+
+    #[test]
+    fn first_writes_are_counted_exactly() {
+        let mut rig = Rig::new(Some(10), true);
+        rig.write(0..100);
+        let e = rig.close(None, 0);
+        let w = e.writes.expect("a write round was armed");
+        assert_eq!(
+            (w.n, w.t),
+            (0, 0),
+            "nothing written before: nothing to sample"
+        );
+        assert_eq!(w.exact_mib, mib(100.0));
+        assert_eq!(w.estimate_mib, mib(100.0));
+        assert_eq!((w.ci_low_mib, w.ci_high_mib), (mib(100.0), mib(100.0)));
+        assert!(e.access.is_none(), "no access round was closed");
+    }
+
+    #[test]
+    fn the_sampled_stratum_scales_by_t_over_n() {
+        let mut rig = Rig::new(Some(10), true);
+        rig.write(0..100);
+        rig.close(None, 0);
+        let cleared = rig.arm(1, &Arming::default());
+        let armed = rig.core.write_armed().to_vec();
+        assert_eq!(armed.len(), 10);
+        assert!(
+            armed.iter().all(|&p| p < 100),
+            "drawn from the written pages"
+        );
+        assert_eq!(cleared, armed, "exactly the sample is write-protected");
+        // Half the sample is written again, and 20 pages for the first time.
+        rig.write(armed.iter().copied().step_by(2));
+        rig.write(100..120);
+        let w = rig.close(None, 1).writes.unwrap();
+        assert_eq!((w.n, w.t), (10, 5));
+        assert_eq!(w.exact_mib, mib(20.0));
+        assert_eq!(w.sampled_from_mib, mib(100.0));
+        assert_eq!(w.estimate_mib, mib(20.0 + 0.5 * 100.0));
+        assert!(w.ci_low_mib < w.estimate_mib && w.estimate_mib < w.ci_high_mib);
+    }
+
+    #[test]
+    fn plain_sampling_has_no_exact_part_and_samples_all_of_ram() {
+        let mut rig = Rig::new(Some(64), false);
+        let armed = rig.core.write_armed().to_vec();
+        assert_eq!(
+            armed.len(),
+            64,
+            "armed from all of RAM before anything was written"
+        );
+        rig.write(armed.iter().copied().take(16));
+        rig.write(armed.last().map_or(0, |&p| p) + 1..PAGES);
+        let t = armed.iter().filter(|&&p| rig.log.get(p)).count() as u64;
+        let w = rig.close(None, 0).writes.unwrap();
+        assert_eq!(w.exact_mib, 0.0);
+        assert_eq!(w.sampled_from_mib, mib(PAGES as f64));
+        assert_eq!((w.n, w.t), (64, t));
+        assert_eq!(w.estimate_mib, mib(t as f64 / 64.0 * PAGES as f64));
+    }
+
+    #[test]
+    fn released_pages_are_masked_from_the_write_round() {
+        let mut rig = Rig::new(Some(10), true);
+        rig.write(0..100);
+        rig.close(None, 0);
+        rig.arm(1, &Arming::default());
+        let armed = rig.core.write_armed().to_vec();
+        // Every sampled page is written, then the first four are released with some new pages;
+        // page 150 is written for the first time just before its release.
+        rig.write(armed.iter().copied());
+        rig.write([150]);
+        for &p in &armed[..4] {
+            rig.release(p..p + 1, 1);
+        }
+        rig.release(150..151, 1);
+        // One released sampled page is written again after its release.
+        rig.write([armed[0]]);
+        let w = rig.close(None, 1).writes.unwrap();
+        assert_eq!(
+            (w.n, w.t),
+            (10, 7),
+            "a released page counts only if written after its release"
+        );
+        assert_eq!(
+            w.exact_mib, 0.0,
+            "a page written then released is not a first write"
+        );
+        let map = rig.core.map();
+        assert_eq!(
+            map.summary().released,
+            4,
+            "three sampled pages and page 150"
+        );
+        let p150 = map.page(150).unwrap();
+        assert!(
+            p150.guest_written,
+            "what the guest wrote before a release is kept"
+        );
+        assert_eq!(p150.first_touch, Some(1));
+    }
+
+    #[test]
+    fn the_access_estimate_and_trapped_reads() {
+        let mut rig = Rig::new(Some(10), true);
+        rig.write(0..100);
+        rig.close(None, 0);
+        rig.arm(1, &Arming::default());
+        let (population, ranks, n) = rig.core.access_draw(1);
+        assert_eq!((population.count_ones(), ranks.total(), n), (100, 100, 0));
+        assert_eq!(
+            rig.core.access_draw(0).2,
+            3,
+            "the cycle's size for interval 0"
+        );
+        // Page 150 is read for the first time while armed: resolving the read set its dirty
+        // bit, which must not pass for a write. Page 160 is read too (not armed).
+        rig.read(150);
+        rig.log.set(150);
+        rig.read(160);
+        let round = Round {
+            n: 20,
+            t: 5,
+            writes: 4,
+            read_first: vec![150],
+            skipped: 2,
+            population: 100,
+        };
+        let e = rig.close(Some(round), 1);
+        let a = e.access.expect("an access round was closed");
+        assert_eq!((a.n, a.t, a.skipped), (20, 5, 2));
+        assert_eq!(
+            a.exact_mib,
+            mib(2.0),
+            "pages 150 and 160, first touched by reads"
+        );
+        assert_eq!(a.estimate_mib, mib(2.0 + 5.0 / 20.0 * 100.0));
+        let w = e.writes.unwrap();
+        assert_eq!(w.exact_mib, 0.0, "the trapped read is not a write");
+        assert!(!rig.core.map().page(150).unwrap().guest_written);
+        // The page is write-protected again at the next arm, and only then.
+        let armed_access = Arming {
+            pages: vec![7],
+            ..Arming::default()
+        };
+        let cleared = rig.arm(2, &armed_access);
+        assert!(cleared.contains(&150), "{cleared:?}");
+        assert!(
+            !rig.core.write_armed().contains(&7),
+            "the write sample leaves out the access sample"
+        );
+        rig.close(None, 2);
+        let cleared = rig.arm(3, &Arming::default());
+        assert!(
+            !cleared.contains(&150),
+            "re-protected once, not every interval"
+        );
+    }
+}
