@@ -182,7 +182,9 @@ fn release() {
         "## Cost of one release of {RANGE} pages (VMM side, vCPU stopped), median of {ROUNDS}, microseconds"
     );
     println!();
-    println!("| guest | 1 GiB memslots (now) | one whole-RAM memslot, whole-RAM ioctls and mask (before) |");
+    println!(
+        "| guest | 1 GiB memslots (now) | one whole-RAM memslot, whole-RAM ioctls and mask (before) |"
+    );
     println!("|---|---|---|");
     for gib in [1u64, 16, 64] {
         let bytes = gib << 30;
