@@ -8,8 +8,8 @@ mod common;
 
 use std::time::{Duration, Instant};
 
-use memvisor::memory::GuestRam;
 use memvisor::memory::bitmap::{Bitmap, Ranks};
+use memvisor::memory::{GuestMemory, GuestRam};
 use memvisor::observe::access::AccessSampler;
 use memvisor::row::{Active, Row};
 use memvisor::units::PAGE_SIZE;
@@ -519,7 +519,8 @@ fn cost() {
     println!("| guest | index the population (the harvest's count) | arm | disarm |");
     println!("|---|---|---|---|");
     for gib in [1u64, 4, 16, 64] {
-        let ram = GuestRam::new(gib * GIB, false).expect("guest RAM");
+        let mem = GuestMemory::new(GuestRam::new(gib * GIB, false).expect("guest RAM"));
+        let ram = mem.ram();
         let pages = ram.pages();
         let touched = (256 * MIB / PAGE_SIZE).min(pages);
         let mut pop = Bitmap::new(pages);
@@ -527,15 +528,15 @@ fn cost() {
             ram.write_obj(gfn * PAGE_SIZE, gfn + 1).expect("touch");
             pop.set(gfn);
         }
-        let mut a = AccessSampler::new(200, ram.host_addr() as u64, pages, Some(1)).expect("uffd");
+        let mut a = AccessSampler::new(200, &mem, Some(1)).expect("uffd");
         let mut t = [Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..30 {
             let t0 = Instant::now();
             let ranks = std::hint::black_box(Ranks::new(&pop));
             let t1 = Instant::now();
-            a.arm(&pop, &ranks, 200).expect("arm");
+            a.arm(&mem, &pop, &ranks, 200).expect("arm");
             let t2 = Instant::now();
-            a.disarm().expect("disarm");
+            a.disarm(&mem).expect("disarm");
             let t3 = Instant::now();
             for (i, (x, y)) in [(t0, t1), (t1, t2), (t2, t3)].iter().enumerate() {
                 t[i].push((*y - *x).as_secs_f64() * 1e6);

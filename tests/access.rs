@@ -264,13 +264,14 @@ fn pages_that_refuse_to_move_are_skipped_counted_and_replaced() {
     if !common::root("pages_that_refuse_to_move_are_skipped_counted_and_replaced") {
         return;
     }
-    use memvisor::memory::GuestRam;
     use memvisor::memory::bitmap::{Bitmap, Ranks};
+    use memvisor::memory::{GuestMemory, GuestRam};
     use memvisor::observe::access::AccessSampler;
     use memvisor::units::PAGE_SIZE;
 
     // 4 MiB of RAM, every page written; the first half pinned.
-    let ram = GuestRam::new(4 << 20, false).unwrap();
+    let mem = GuestMemory::new(GuestRam::new(4 << 20, false).unwrap());
+    let ram = mem.ram();
     let pages = ram.pages();
     let mut population = Bitmap::new(pages);
     for gfn in 0..pages {
@@ -280,11 +281,11 @@ fn pages_that_refuse_to_move_are_skipped_counted_and_replaced() {
     let ranks = Ranks::new(&population);
     let half = pages / 2;
     let pin = Pinned::new(ram.host_addr(), (half * PAGE_SIZE) as usize);
-    let mut a = AccessSampler::new(64, ram.host_addr() as u64, pages, Some(11)).unwrap();
+    let mut a = AccessSampler::new(64, &mem, Some(11)).unwrap();
 
     let mut skipped_total = 0;
     for round in 0..8 {
-        let arming = a.arm(&population, &ranks, 64).unwrap();
+        let arming = a.arm(&mem, &population, &ranks, 64).unwrap();
         // n is kept: every pinned pick was replaced by a page that moved.
         assert_eq!(arming.pages.len(), 64, "round {round}");
         assert!(
@@ -300,7 +301,7 @@ fn pages_that_refuse_to_move_are_skipped_counted_and_replaced() {
             let v: u64 = ram.read_obj(g * PAGE_SIZE).unwrap();
             assert_eq!(v, g + 1, "armed page {g} lost its contents");
         }
-        let r = a.disarm().unwrap().expect("a round was armed");
+        let r = a.disarm(&mem).unwrap().expect("a round was armed");
         assert_eq!((r.n, r.t, r.population), (64, 8, pages), "round {round}");
         skipped_total += r.skipped;
     }
@@ -316,16 +317,16 @@ fn pages_that_refuse_to_move_are_skipped_counted_and_replaced() {
         ram.host_addr() + (half * PAGE_SIZE) as usize,
         ((pages - half) * PAGE_SIZE) as usize,
     );
-    let arming = a.arm(&population, &ranks, 64).unwrap();
+    let arming = a.arm(&mem, &population, &ranks, 64).unwrap();
     assert!(arming.pages.is_empty(), "{:?}", arming.pages);
-    let r = a.disarm().unwrap().expect("a round was asked for");
+    let r = a.disarm(&mem).unwrap().expect("a round was asked for");
     assert_eq!((r.n, r.t, r.skipped), (0, 0, 4 * 64));
     drop((all, pin));
 
     // Unpinned, every page moves again.
-    let arming = a.arm(&population, &ranks, 64).unwrap();
+    let arming = a.arm(&mem, &population, &ranks, 64).unwrap();
     assert_eq!(arming.pages.len(), 64);
-    assert_eq!(a.disarm().unwrap().expect("armed").skipped, 0);
+    assert_eq!(a.disarm(&mem).unwrap().expect("armed").skipped, 0);
     for gfn in 0..pages {
         let v: u64 = ram.read_obj(gfn * PAGE_SIZE).unwrap();
         assert_eq!(v, gfn + 1, "page {gfn} lost its contents");

@@ -5,18 +5,20 @@
 use kvm_bindings::{
     KVM_CAP_GET_TSC_KHZ, KVM_CAP_IMMEDIATE_EXIT, KVM_CAP_MANUAL_DIRTY_LOG_PROTECT2,
     KVM_CAP_USER_MEMORY, KVM_DIRTY_LOG_MANUAL_PROTECT_ENABLE, KVMIO, kvm_clear_dirty_log,
-    kvm_clear_dirty_log__bindgen_ty_1, kvm_enable_cap, kvm_userspace_memory_region,
+    kvm_clear_dirty_log__bindgen_ty_1, kvm_dirty_log, kvm_dirty_log__bindgen_ty_1, kvm_enable_cap,
+    kvm_userspace_memory_region,
 };
 use kvm_ioctls::{Kvm, VmFd};
 use thiserror::Error;
 use vmm_sys_util::errno;
 use vmm_sys_util::ioctl::ioctl_with_ref;
-use vmm_sys_util::ioctl_iowr_nr;
+use vmm_sys_util::{ioctl_iow_nr, ioctl_iowr_nr};
 
 use crate::memory::bitmap::{WORD_BITS, words_for};
 use crate::memory::pagemap::AnonMapping;
 
 ioctl_iowr_nr!(KVM_CLEAR_DIRTY_LOG, KVMIO, 0xc0, kvm_clear_dirty_log);
+ioctl_iow_nr!(KVM_GET_DIRTY_LOG, KVMIO, 0x42, kvm_dirty_log);
 
 /// Errors of the raw KVM ioctls.
 #[derive(Debug, Error)]
@@ -33,6 +35,23 @@ pub enum KvmExtError {
         num_pages: u32,
         have: usize,
         need: usize,
+    },
+    /// The buffer of a get request is shorter than the slot's bitmap; nothing was sent to KVM.
+    #[error("KVM_GET_DIRTY_LOG on slot {slot}: buffer has {have} words, {pages} pages need {need}")]
+    GetBufferTooShort {
+        slot: u32,
+        pages: u64,
+        have: usize,
+        need: usize,
+    },
+    /// KVM refused `KVM_GET_DIRTY_LOG`.
+    #[error(
+        "KVM_GET_DIRTY_LOG on slot {slot}: {source} (ENOENT: no such slot or dirty logging is off on it)"
+    )]
+    GetDirtyLog {
+        slot: u32,
+        #[source]
+        source: errno::Error,
     },
     /// KVM refused `KVM_CLEAR_DIRTY_LOG`.
     #[error(
@@ -112,6 +131,51 @@ pub fn clear_dirty_log(
             slot,
             first_page,
             num_pages,
+            source: errno::Error::last(),
+        })
+    }
+}
+
+/// `KVM_GET_DIRTY_LOG` into `out`: the dirty bitmap of memslot `slot`, which holds `pages` pages
+/// (bit `i` = the slot's page `i`), into the first `ceil(pages / 64)` words of `out` (checked
+/// before the ioctl). With manual protect the bits stay set. KVM copies the whole slot's bitmap,
+/// so the cost is the slot's size.
+///
+/// # Safety
+///
+/// Memslot `slot` must hold at most `pages` pages: KVM writes the bitmap of the slot's real size,
+/// and only `pages` bits' worth of `out` is checked.
+pub unsafe fn get_dirty_log(
+    vm: &VmFd,
+    slot: u32,
+    pages: u64,
+    out: &mut [u64],
+) -> Result<(), KvmExtError> {
+    let need = words_for(pages);
+    if out.len() < need {
+        return Err(KvmExtError::GetBufferTooShort {
+            slot,
+            pages,
+            have: out.len(),
+            need,
+        });
+    }
+    let arg = kvm_dirty_log {
+        slot,
+        padding1: 0,
+        __bindgen_anon_1: kvm_dirty_log__bindgen_ty_1 {
+            dirty_bitmap: out.as_mut_ptr().cast(),
+        },
+    };
+    // SAFETY: `vm` is a VM fd and `arg` a valid kvm_dirty_log whose bitmap pointer covers
+    // ceil(pages / 64) writable u64 words (checked above), at least what KVM writes for the slot,
+    // which holds at most `pages` pages (the caller's contract).
+    let ret = unsafe { ioctl_with_ref(vm, KVM_GET_DIRTY_LOG(), &arg) };
+    if ret == 0 {
+        Ok(())
+    } else {
+        Err(KvmExtError::GetDirtyLog {
+            slot,
             source: errno::Error::last(),
         })
     }

@@ -247,6 +247,54 @@ impl Bitmap {
     }
 }
 
+/// The bits of a stretch of pages, word-aligned: bit `i` of the words is page `first_page + i`,
+/// with `first_page` a multiple of 64, the way `KVM_CLEAR_DIRTY_LOG` takes a window of a slot.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Window {
+    first_page: u64,
+    words: Vec<u64>,
+}
+
+impl Window {
+    /// The window of `words` from page `first_page` rounded down to a multiple of 64.
+    pub fn new(first_page: u64, words: Vec<u64>) -> Self {
+        Window {
+            first_page: first_page - first_page % WORD_BITS,
+            words,
+        }
+    }
+
+    /// The words of `range` (clipped to `words`, a bitmap of the whole RAM), as a window.
+    pub fn of(words: &[u64], range: Range<u64>) -> Self {
+        let first = (range.start / WORD_BITS) as usize;
+        let end = (words_for(range.end)).min(words.len());
+        Window::new(
+            range.start,
+            words.get(first..end.max(first)).unwrap_or(&[]).to_vec(),
+        )
+    }
+
+    /// The first page (a multiple of 64).
+    pub fn first_page(&self) -> u64 {
+        self.first_page
+    }
+
+    /// The words.
+    pub fn words(&self) -> &[u64] {
+        &self.words
+    }
+
+    /// Page `page`'s bit; false outside the window.
+    pub fn get(&self, page: u64) -> bool {
+        page >= self.first_page && {
+            let i = page - self.first_page;
+            self.words
+                .get((i / WORD_BITS) as usize)
+                .is_some_and(|w| w & (1 << (i % WORD_BITS)) != 0)
+        }
+    }
+}
+
 /// Words per block of a [`Ranks`] index (4096 bits).
 const RANK_BLOCK_WORDS: usize = 64;
 
@@ -440,6 +488,26 @@ mod tests {
         assert_eq!(b.count_ones(), 6);
         let c = Bitmap::from_words(&[0b101], 2);
         assert_eq!(c.iter_ones().collect::<Vec<_>>(), vec![0]);
+    }
+
+    #[test]
+    fn windows_read_their_own_pages_only() {
+        let mut b = Bitmap::new(300);
+        for p in [3, 64, 130, 199, 250] {
+            b.set(p);
+        }
+        let w = Window::of(b.words(), 70..200);
+        assert_eq!(w.first_page(), 64);
+        assert_eq!(w.words().len(), 3, "pages 64..256");
+        let ones: Vec<u64> = (0..400).filter(|&p| w.get(p)).collect();
+        assert_eq!(
+            ones,
+            vec![64, 130, 199, 250],
+            "the words' bits, nothing before or past them"
+        );
+        assert_eq!(Window::new(70, vec![1]).first_page(), 64);
+        assert!(!Window::default().get(0));
+        assert!(Window::of(b.words(), 1000..2000).words().is_empty());
     }
 
     #[test]

@@ -36,6 +36,11 @@ pub enum MemoryError {
     Mmap(vm_memory::mmap::MmapRegionError),
     #[error("building the guest memory region failed")]
     Region,
+    #[error("cannot discard guest pages {pages:?}: guest RAM has pages 0..{ram_pages}")]
+    DiscardOutside {
+        pages: std::ops::Range<u64>,
+        ram_pages: u64,
+    },
     #[error("madvise on guest memory failed: {0}")]
     Madvise(std::io::Error),
     #[error("counting resident guest pages (mincore)")]
@@ -150,29 +155,6 @@ impl GuestRam {
         crate::memory::pagemap::mincore(self.host_addr, self.size as usize, &mut vec)
             .map_err(MemoryError::Mincore)?;
         Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64)
-    }
-
-    /// Gives guest pages `pages` back to the host (`MADV_DONTNEED`): the guest reads them as zero
-    /// afterwards, and its next write gets a fresh machine page. The range must lie in guest RAM.
-    pub fn discard(&self, pages: std::ops::Range<u64>) -> Result<(), MemoryError> {
-        if pages.start >= pages.end || pages.end > self.pages() {
-            return Err(MemoryError::Access {
-                addr: pages.start.saturating_mul(PAGE_SIZE),
-                source: vm_memory::GuestMemoryError::InvalidGuestAddress(GuestAddress(
-                    pages.end.saturating_mul(PAGE_SIZE),
-                )),
-            });
-        }
-        let len = ((pages.end - pages.start) * PAGE_SIZE) as usize;
-        let addr = self.host_addr + (pages.start * PAGE_SIZE) as usize;
-        // SAFETY: [addr, addr + len) lies inside our own guest RAM mapping (checked above); the
-        // VMM holds no references into guest pages (all accesses go through vm-memory's volatile
-        // copies), so dropping their contents cannot invalidate any Rust reference.
-        let r = unsafe { libc::madvise(addr as *mut libc::c_void, len, libc::MADV_DONTNEED) };
-        if r != 0 {
-            return Err(MemoryError::Madvise(std::io::Error::last_os_error()));
-        }
-        Ok(())
     }
 
     /// Pages the VMM wrote since the last call, as bitmap words (bit i = guest page i); resets.

@@ -1,6 +1,11 @@
-//! userfaultfd, the few operations the access sampler needs, in kvm-ioctls' style: one type for the
+//! userfaultfd, the few operations guest memory needs, in kvm-ioctls' style: one type for the
 //! file descriptor, one short function per ioctl with a SAFETY line and an errno check. The
 //! structures and numbers are those of `<linux/userfaultfd.h>` (libc does not carry them).
+//!
+//! The operations that put or take pages ([`Uffd::move_page`], [`Uffd::fill_missing`]) can change
+//! any memory of this process under whoever holds a reference to it, so they are `unsafe fn`; the
+//! safe interface is [`crate::memory::faults::Faults`], which moves only pages of guest RAM and of
+//! its own stash.
 //!
 //! MISSING mode on anonymous memory: a registered page that has no page table entry faults to
 //! this descriptor instead of being filled in, whoever touches it (a vCPU through KVM, or a VMM
@@ -255,7 +260,20 @@ impl Uffd {
     /// whoever waits on `dst` unless `wake` is false. The errno says why not: `EBUSY` for a page
     /// that cannot move (pinned, KSM-shared, part of a huge page), `ENOENT` for no page at `src`,
     /// `EEXIST` for a page already at `dst`.
-    pub fn move_page(&self, dst: u64, src: u64, len: u64, wake: bool) -> Result<(), errno::Error> {
+    ///
+    /// # Safety
+    ///
+    /// `[src, src + len)` and `[dst, dst + len)` must lie in anonymous private mappings of this
+    /// process that stay mapped for the call and that no Rust reference covers: `src` loses its
+    /// pages (it reads as missing afterwards) and `dst` gains them, which would change memory
+    /// under such a reference.
+    pub unsafe fn move_page(
+        &self,
+        dst: u64,
+        src: u64,
+        len: u64,
+        wake: bool,
+    ) -> Result<(), errno::Error> {
         let mut mv = UffdioMove {
             dst,
             src,
@@ -275,7 +293,18 @@ impl Uffd {
     /// Fills the missing page at `page` the way the kernel would have: with the shared zero page
     /// for a read, a fresh zeroed page for a write (copied from `zeros`, a zeroed page of ours);
     /// wakes whoever waits on it. `EEXIST` (someone filled it first) is success.
-    pub fn fill_missing(&self, page: u64, write: bool, zeros: u64) -> Result<(), errno::Error> {
+    ///
+    /// # Safety
+    ///
+    /// `page` must be a page of an anonymous private mapping registered with this descriptor that
+    /// no Rust reference covers (a missing page there reads as zero once filled), and `zeros` a
+    /// readable page of this process that stays mapped for the call.
+    pub unsafe fn fill_missing(
+        &self,
+        page: u64,
+        write: bool,
+        zeros: u64,
+    ) -> Result<(), errno::Error> {
         let len = crate::units::PAGE_SIZE;
         let rc = if write {
             let mut copy = UffdioCopy {
@@ -373,8 +402,9 @@ mod tests {
         uffd.register(page, PAGE).unwrap();
         // A move's destination must be registered too: the stash, once.
         uffd.register(stash.addr() as u64, PAGE).unwrap();
-        uffd.move_page(stash.addr() as u64, page, PAGE, false)
-            .unwrap();
+        // SAFETY: both pages are in this test's own anonymous mappings, which no reference covers
+        // and which outlive the call.
+        unsafe { uffd.move_page(stash.addr() as u64, page, PAGE, false) }.unwrap();
         assert_eq!(stash.read_volatile(7), 42, "the page itself moved");
         // A second thread touches the armed page: it sleeps until the page is moved back.
         let addr = ram.addr();
@@ -388,14 +418,13 @@ mod tests {
             uffd.read_faults(&mut faults).unwrap();
         }
         assert_eq!(faults[0], Fault { page, write: false });
-        uffd.move_page(page, stash.addr() as u64, PAGE, true)
-            .unwrap();
+        // SAFETY: as above.
+        unsafe { uffd.move_page(page, stash.addr() as u64, PAGE, true) }.unwrap();
         assert_eq!(reader.join().unwrap(), 42);
         assert_eq!(ram.read_volatile(PAGE as usize + 7), 42, "back in place");
         // The stash is empty again: nothing more to move out of it.
-        let e = uffd
-            .move_page(page, stash.addr() as u64, PAGE, false)
-            .unwrap_err();
+        // SAFETY: as above.
+        let e = unsafe { uffd.move_page(page, stash.addr() as u64, PAGE, false) }.unwrap_err();
         assert!(matches!(e.errno(), libc::ENOENT | libc::EEXIST), "{e}");
     }
 }

@@ -6,13 +6,19 @@
 //! for the first time in the interval, so only the pages touched (written) before are sampled,
 //! and the estimate is `exact + t/n × stratum`. The two samples are kept disjoint: resolving a
 //! trapped read can set the page's dirty bit, which must not pass for a write.
+//!
+//! Two parts: [`Estimator`], the estimator core, takes what KVM and the fault handler gave as
+//! data (the dirty bitmap, the access round, releases) and gives the estimates and the pages to
+//! write-protect, so it is tested with synthetic bitmaps; [`IntervalWork`] asks KVM and guest
+//! memory for that data and applies the core's answers.
 
+use std::ops::Range;
 use std::time::Duration;
 
 use thiserror::Error;
 
-use crate::kvm::vm::{Vm, VmError};
-use crate::memory::bitmap::{Bitmap, Ranks};
+use crate::kvm::vm::{Released, Vm, VmError};
+use crate::memory::bitmap::{Bitmap, Ranks, Window};
 use crate::observe::access::{AccessError, AccessSampler, Arming, Round};
 use crate::observe::pmp_mmp::{MapError, PmpMmpMap};
 use crate::observe::sampler::Sampler;
@@ -30,6 +36,8 @@ pub enum IntervalError {
     Map(#[from] MapError),
     #[error(transparent)]
     Access(#[from] AccessError),
+    #[error("releasing guest pages")]
+    Release(#[source] VmError),
 }
 
 /// What one interval measured.
@@ -63,15 +71,33 @@ struct WriteRound {
     population: u64,
 }
 
-/// The map, the samplers and the moving averages, kept across intervals.
-pub struct IntervalWork {
+/// Both estimates of one interval.
+#[derive(Clone, Debug, Default)]
+pub struct Estimates {
+    /// The access estimate, if an access round was closed.
+    pub access: Option<Active>,
+    /// The write estimate, if a write round was armed.
+    pub writes: Option<Active>,
+}
+
+/// The estimator core: the map, the write samplers, the moving averages and the sampling
+/// bookkeeping, driven by data. It never calls KVM or userfaultfd: [`Estimator::close`] takes
+/// the dirty bitmap and the access round, [`Estimator::arm_writes`] answers with the pages whose
+/// dirty bits to clear, and [`Estimator::note_released`] takes a release's dirty window.
+pub struct Estimator {
     map: PmpMmpMap,
-    est: Estimators,
+    write: Vec<Option<Sampler>>,
+    write_smoother: Smoother,
+    access_smoother: Smoother,
+    access_cycle: Vec<u64>,
+    stratify: bool,
     write_round: Option<WriteRound>,
-    /// Whole-slot bitmap holding the bits to clear in KVM (the armed write sample).
+    /// Whole-RAM bitmap holding the bits to clear in KVM (the armed write sample).
     mask: Vec<u64>,
     /// Pages whose dirty bit a trapped read may have set: write-protected again at the next arm.
     reprotect: Vec<u64>,
+    /// The pages re-protected at the last arm, whose bits leave the mask at the next.
+    reprotect_last: Vec<u64>,
     /// All of RAM, the population of plain (unstratified) sampling.
     everything: Bitmap,
     /// The rank index of the access sample's population: the pages touched so far (all of RAM
@@ -80,15 +106,18 @@ pub struct IntervalWork {
     /// Scratch: pages the write sample must leave out (the access sample, and the one before:
     /// a page moved out and back has no KVM mapping until the guest touches it again).
     exclude: Bitmap,
+    /// Pages the map knows written (the last harvest's count).
+    written_pages: u64,
 }
 
-impl IntervalWork {
-    /// Starts measuring `vm`'s RAM; arms the first samples.
-    pub fn new(vm: &Vm, est: Estimators) -> Result<Self, IntervalError> {
-        let ram = vm.ram();
-        let mut everything = Bitmap::new(ram.pages());
+impl Estimator {
+    /// The core over `map` (one bit per guest page), sampling as `est` says (its access sampler
+    /// is not used here).
+    pub fn new(map: PmpMmpMap, est: &mut Estimators) -> Self {
+        let pages = map.pages();
+        let mut everything = Bitmap::new(pages);
         if !est.stratify {
-            everything.set_range(0..ram.pages());
+            everything.set_range(0..pages);
         }
         // Plain sampling draws from all of RAM, indexed once; stratified sampling from the pages
         // touched so far, indexed after each harvest.
@@ -97,18 +126,22 @@ impl IntervalWork {
         } else {
             Ranks::new(&everything)
         };
-        let mut work = IntervalWork {
-            map: PmpMmpMap::new(ram.host_addr(), ram.pages())?,
-            est,
+        Estimator {
+            map,
+            write: std::mem::take(&mut est.write),
+            write_smoother: est.write_smoother.clone(),
+            access_smoother: est.access_smoother.clone(),
+            access_cycle: std::mem::take(&mut est.access_cycle),
+            stratify: est.stratify,
             write_round: None,
-            mask: vec![0u64; ram.pages().div_ceil(64) as usize],
+            mask: vec![0u64; pages.div_ceil(64) as usize],
             reprotect: Vec::new(),
+            reprotect_last: Vec::new(),
             everything,
             population,
-            exclude: Bitmap::new(ram.pages()),
-        };
-        work.arm(vm, 0, 0)?;
-        Ok(work)
+            exclude: Bitmap::new(pages),
+            written_pages: 0,
+        }
     }
 
     /// The PMP-MMP map.
@@ -116,105 +149,93 @@ impl IntervalWork {
         &self.map
     }
 
-    /// Whether reads are seen (the access sampler runs).
-    pub fn reads_seen(&self) -> bool {
-        self.est.access.is_some()
+    /// The PMP-MMP map, mutable (the final refresh).
+    pub fn map_mut(&mut self) -> &mut PmpMmpMap {
+        &mut self.map
     }
 
-    /// Ends interval `interval`, which lasted `length` (the last one is partial): closes both
-    /// samples, harvests the map (and, when `last`, refreshes it in full), forms the estimates
-    /// and, unless `last`, arms the next interval's samples.
-    pub fn end(
+    /// The pages armed for the write round now (sorted; empty when none).
+    pub fn write_armed(&self) -> &[u64] {
+        self.write_round
+            .as_ref()
+            .and_then(|w| self.write[w.sampler].as_ref())
+            .map_or(&[], |s| s.armed())
+    }
+
+    /// The access sample's population for `interval` (the pages touched so far, or all of RAM),
+    /// its rank index, and how many pages to draw (`u64::MAX`: the sampler's own size).
+    pub fn access_draw(&self, interval: u64) -> (&Bitmap, &Ranks, u64) {
+        let touched = if self.stratify {
+            self.map.touched()
+        } else {
+            &self.everything
+        };
+        let cycle = &self.access_cycle;
+        let n = if cycle.is_empty() {
+            u64::MAX
+        } else {
+            cycle[(interval % cycle.len() as u64) as usize]
+        };
+        (touched, &self.population, n)
+    }
+
+    /// Ends interval `interval`, which lasted `length`: `dirty` is KVM's dirty bitmap (whole RAM;
+    /// pages first accessed by a read in `round` are hidden from it where the map did not know
+    /// them dirty, and write-protected again at the next arm), `vmm_dirty` the pages the VMM
+    /// wrote, `round` the access round just closed. Harvests the map and forms both estimates.
+    pub fn close(
         &mut self,
-        vm: &Vm,
+        dirty: &mut [u64],
+        vmm_dirty: &[u64],
+        round: Option<Round>,
         interval: u64,
         length: Duration,
-        last: bool,
-    ) -> Result<Measured, IntervalError> {
-        let ram = vm.ram();
-        // The access round first: pages nobody touched go back, so the harvest sees them.
-        let round = match &mut self.est.access {
-            Some(a) => a.disarm()?,
-            None => None,
-        };
-        let mut dirty = vm.dirty_log()?;
+    ) -> Result<Estimates, MapError> {
         if let Some(r) = &round {
-            self.hide_trapped_reads(&mut dirty, r);
+            self.hide_trapped_reads(dirty, r);
         }
-        let vmm_dirty = ram.take_vmm_dirty();
         let write_t = self.write_round.as_ref().map(|w| {
-            let s = self.est.write[w.sampler].as_ref().expect("armed sampler");
-            (
-                s.armed().len() as u64,
-                s.count_touched(&dirty),
-                w.population,
-            )
+            let s = self.write[w.sampler].as_ref().expect("armed sampler");
+            (s.armed().len() as u64, s.count_touched(dirty), w.population)
         });
         // The map's interval numbers are u32; a run would need 136 years of 1 s intervals to wrap.
         let harvested = self.map.harvest(
-            &dirty,
-            &vmm_dirty,
+            dirty,
+            vmm_dirty,
             u32::try_from(interval).unwrap_or(u32::MAX - 1),
         )?;
-        if self.est.stratify && self.est.access.is_some() {
+        if self.stratify {
             self.population = Ranks::new(self.map.touched());
         }
-        let written = self.map.guest_written().count_ones();
-        let pages = ram.pages();
+        self.written_pages = self.map.guest_written().count_ones();
+        let pages = self.map.pages();
         // The pages touched (written) for the first time are counted exactly when stratifying;
         // plain sampling estimates them with the rest. The populations are all of RAM then.
-        let exact = |newly| if self.est.stratify { newly } else { 0 };
+        let exact = |newly| if self.stratify { newly } else { 0 };
         let (new_touches, new_writes) = (
             exact(harvested.newly_touched),
             exact(harvested.newly_written),
         );
         let access = round.map(|r| {
             let s = Stratified::new(new_touches, r.t, r.n, r.population);
-            active(s, r.skipped, &mut self.est.access_smoother, pages, length)
+            active(s, r.skipped, &mut self.access_smoother, pages, length)
         });
         let writes = write_t.map(|(n, t, population)| {
             let s = Stratified::new(new_writes, t, n, population);
-            active(s, 0, &mut self.est.write_smoother, pages, length)
+            active(s, 0, &mut self.write_smoother, pages, length)
         });
-        if last {
-            self.map.refresh()?;
-        } else {
-            self.arm(vm, interval + 1, written)?;
-        }
-        let host = usage::host_usage(&self.map.summary(), usage::rss_bytes().unwrap_or(0));
-        Ok(Measured {
-            host,
-            active: access,
-            active_writes: writes,
-        })
+        Ok(Estimates { access, writes })
     }
 
-    /// The balloon released guest pages `ranges` (`MADV_DONTNEED`, with the vCPU stopped) during
-    /// interval `interval`: the map records what the guest wrote there since the last harvest
-    /// and marks the pages released; their bits in KVM's dirty log are cleared, so that a write
-    /// after the release shows as a new write (a page in the armed sample then counts as active
-    /// only if written again).
-    pub fn note_released(
-        &mut self,
-        vm: &Vm,
-        ranges: &[std::ops::Range<u64>],
-        interval: u64,
-    ) -> Result<(), IntervalError> {
-        if let Some(a) = &mut self.est.access {
-            a.forget(ranges);
-        }
-        let dirty = vm.dirty_log()?;
+    /// Guest pages `pages` were released during `interval`; `dirty` is KVM's dirty log over them
+    /// read just before their bits were cleared. The map records what the guest wrote there since
+    /// the last harvest and marks the pages released, and knows their bits clear: a write after
+    /// the release shows as a new write (a page in the armed write sample then counts as active
+    /// only if written again). The cost is the range's.
+    pub fn note_released(&mut self, pages: Range<u64>, dirty: &Window, interval: u64) {
         let interval = u32::try_from(interval).unwrap_or(u32::MAX - 1);
-        for r in ranges {
-            self.map.note_released(r.clone(), &dirty, interval);
-        }
-        let mut mask = Bitmap::new(vm.ram().pages());
-        for r in ranges {
-            mask.set_range(r.clone());
-        }
-        vm.clear_dirty(mask.words())?;
-        self.map.note_cleared(mask.words());
-        Ok(())
+        self.map.note_released(pages.clone(), dirty, interval);
+        self.map.note_cleared_in(pages);
     }
 
     /// Resolving a trapped read may set the page's dirty bit: for pages first accessed by a read,
@@ -232,44 +253,36 @@ impl IntervalWork {
         }
     }
 
-    /// Arms both samples for `interval`: the access sample from the pages touched so far, the
-    /// write sample from the pages written so far minus the access sample (all of RAM for both
-    /// when not stratifying); one `KVM_CLEAR_DIRTY_LOG` write-protects the write sample (and any
-    /// page a trapped read may have dirtied). `written_pages` is how many pages the map knows written
-    /// (the harvest just counted them).
-    fn arm(&mut self, vm: &Vm, interval: u64, written_pages: u64) -> Result<(), IntervalError> {
-        let (touched, written) = if self.est.stratify {
-            (self.map.touched(), self.map.guest_written())
+    /// Arms the write sample for `interval`: drawn from the pages written so far minus the
+    /// access sample `arming` and the one before (all of RAM when not stratifying). Returns the
+    /// RAM-wide bitmap of the dirty bits to clear in KVM (the write sample, and any page a
+    /// trapped read may have dirtied), or `None` when there are none; the map counts them
+    /// cleared, so the caller must clear them (one `KVM_CLEAR_DIRTY_LOG`).
+    pub fn arm_writes(&mut self, interval: u64, arming: &Arming) -> Option<&[u64]> {
+        let written = if self.stratify {
+            self.map.guest_written()
         } else {
-            (&self.everything, &self.everything)
-        };
-        let arming = match &mut self.est.access {
-            Some(a) => {
-                let cycle = &self.est.access_cycle;
-                let n = if cycle.is_empty() {
-                    u64::MAX
-                } else {
-                    cycle[(interval % cycle.len() as u64) as usize]
-                };
-                a.arm(touched, &self.population, n)?
-            }
-            None => Arming::default(),
+            &self.everything
         };
         for &gfn in arming.pages.iter().chain(&arming.previous) {
             self.exclude.set(gfn);
         }
         if let Some(w) = self.write_round.take() {
-            let s = self.est.write[w.sampler].as_ref().expect("armed sampler");
+            let s = self.write[w.sampler].as_ref().expect("armed sampler");
             s.unmask_from(&mut self.mask);
         }
-        let i = (interval % self.est.write.len() as u64) as usize;
+        // Bits set only to re-protect pages last time are cleared from the mask now.
+        for gfn in self.reprotect_last.drain(..) {
+            self.mask[(gfn / 64) as usize] &= !(1 << (gfn % 64));
+        }
+        let i = (interval % self.write.len() as u64) as usize;
         let mut population = 0;
-        if let Some(s) = &mut self.est.write[i] {
+        if let Some(s) = &mut self.write[i] {
             s.arm_from(written, Some(&self.exclude));
             // The sample stands for the whole stratum, the few excluded pages included: they are
             // not different, only watched by the access sampler (or briefly unsafe to watch).
-            population = if self.est.stratify {
-                written_pages
+            population = if self.stratify {
+                self.written_pages
             } else {
                 self.everything.len()
             };
@@ -278,22 +291,6 @@ impl IntervalWork {
                 sampler: i,
                 population,
             });
-        }
-        for &gfn in &self.reprotect {
-            self.mask[(gfn / 64) as usize] |= 1 << (gfn % 64);
-        }
-        if self.write_round.is_some() || !self.reprotect.is_empty() {
-            vm.clear_dirty(&self.mask)?;
-            self.map.note_cleared(&self.mask);
-        }
-        for gfn in self.reprotect.drain(..) {
-            let armed = self.write_round.is_some()
-                && self.est.write[i]
-                    .as_ref()
-                    .is_some_and(|s| s.armed().binary_search(&gfn).is_ok());
-            if !armed {
-                self.mask[(gfn / 64) as usize] &= !(1 << (gfn % 64));
-            }
         }
         for &gfn in arming.pages.iter().chain(&arming.previous) {
             self.exclude.clear(gfn);
@@ -304,6 +301,104 @@ impl IntervalWork {
             arming.pages.len(),
             arming.new_regions.len()
         );
+        for &gfn in &self.reprotect {
+            self.mask[(gfn / 64) as usize] |= 1 << (gfn % 64);
+        }
+        let clear = self.write_round.is_some() || !self.reprotect.is_empty();
+        // Re-protected pages leave the mask at the next arm (the write sample's with it).
+        self.reprotect_last = std::mem::take(&mut self.reprotect);
+        if !clear {
+            return None;
+        }
+        self.map.note_cleared(&self.mask);
+        Some(&self.mask)
+    }
+}
+
+/// The map, the samplers and the moving averages, kept across intervals, with the KVM and
+/// guest-memory calls that feed the [`Estimator`].
+pub struct IntervalWork {
+    core: Estimator,
+    access: Option<AccessSampler>,
+}
+
+impl IntervalWork {
+    /// Starts measuring `vm`'s RAM; arms the first samples.
+    pub fn new(vm: &Vm, mut est: Estimators) -> Result<Self, IntervalError> {
+        let ram = vm.ram();
+        let map = PmpMmpMap::new(ram.host_addr(), ram.pages())?;
+        let mut work = IntervalWork {
+            core: Estimator::new(map, &mut est),
+            access: est.access.take(),
+        };
+        work.arm(vm, 0)?;
+        Ok(work)
+    }
+
+    /// The PMP-MMP map.
+    pub fn map(&self) -> &PmpMmpMap {
+        self.core.map()
+    }
+
+    /// Whether reads are seen (the access sampler runs).
+    pub fn reads_seen(&self) -> bool {
+        self.access.is_some()
+    }
+
+    /// Ends interval `interval`, which lasted `length` (the last one is partial): closes both
+    /// samples, harvests the map (and, when `last`, refreshes it in full), forms the estimates
+    /// and, unless `last`, arms the next interval's samples.
+    pub fn end(
+        &mut self,
+        vm: &Vm,
+        interval: u64,
+        length: Duration,
+        last: bool,
+    ) -> Result<Measured, IntervalError> {
+        // The access round first: pages nobody touched go back, so the harvest sees them.
+        let round = match &mut self.access {
+            Some(a) => a.disarm(vm.memory())?,
+            None => None,
+        };
+        let mut dirty = vm.dirty_log()?;
+        let vmm_dirty = vm.ram().take_vmm_dirty();
+        let est = self
+            .core
+            .close(&mut dirty, &vmm_dirty, round, interval, length)?;
+        if last {
+            self.core.map_mut().refresh()?;
+        } else {
+            self.arm(vm, interval + 1)?;
+        }
+        let host = usage::host_usage(&self.core.map().summary(), usage::rss_bytes().unwrap_or(0));
+        Ok(Measured {
+            host,
+            active: est.access,
+            active_writes: est.writes,
+        })
+    }
+
+    /// Tells the map about guest pages just released through the VM ([`Vm::release`], which
+    /// discarded them and kept the dirty log and the fault handler in step) during `interval`.
+    pub fn note_released(&mut self, released: &[Released], interval: u64) {
+        for r in released {
+            self.core.note_released(r.pages.clone(), &r.dirty, interval);
+        }
+    }
+
+    /// Arms both samples for `interval`: the access sample from the pages touched so far, then
+    /// the write sample, write-protected with one `KVM_CLEAR_DIRTY_LOG`.
+    fn arm(&mut self, vm: &Vm, interval: u64) -> Result<(), IntervalError> {
+        let arming = match &mut self.access {
+            Some(a) => {
+                let (touched, ranks, n) = self.core.access_draw(interval);
+                a.arm(vm.memory(), touched, ranks, n)?
+            }
+            None => Arming::default(),
+        };
+        if let Some(mask) = self.core.arm_writes(interval, &arming) {
+            vm.clear_dirty(mask)?;
+        }
         Ok(())
     }
 }
@@ -333,5 +428,261 @@ fn active(
         max_mib: sm.max * ram_mib,
         error_mib: None,
         dirty_rate_mib_s: usage::dirty_rate_mib_s(mib(s.pages), length),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The estimator core on synthetic data: a fake dirty log with KVM's manual-protect rules (a
+    //! write sets a page's bit, only a clear resets it) over a mapping of our own, which the map
+    //! reads as it reads guest RAM. No KVM, no userfaultfd.
+
+    use super::*;
+    use crate::memory::pagemap::AnonMapping;
+
+    const PAGES: u64 = 1024;
+    const SEC: Duration = Duration::from_secs(1);
+
+    fn mib(pages: f64) -> f64 {
+        pages * PAGE_SIZE as f64 / f64::from(1 << 20)
+    }
+
+    struct Rig {
+        mem: AnonMapping,
+        log: Bitmap,
+        core: Estimator,
+    }
+
+    impl Rig {
+        fn new(write_samples: Option<u64>, stratify: bool) -> Rig {
+            let mem = AnonMapping::new((PAGES * PAGE_SIZE) as usize).unwrap();
+            let map = PmpMmpMap::new(mem.addr(), PAGES).unwrap();
+            let smoother = Smoother::new(1.0, 1.0).unwrap();
+            let mut est = Estimators {
+                write: vec![write_samples.map(|n| Sampler::new(n, PAGES, Some(5)).unwrap())],
+                write_smoother: smoother.clone(),
+                access: None,
+                access_cycle: vec![3, 0],
+                access_smoother: smoother,
+                stratify,
+            };
+            let mut rig = Rig {
+                mem,
+                log: Bitmap::new(PAGES),
+                core: Estimator::new(map, &mut est),
+            };
+            rig.arm(0, &Arming::default());
+            rig
+        }
+
+        /// The guest writes `pages`: the memory, and KVM's log.
+        fn write(&mut self, pages: impl IntoIterator<Item = u64>) {
+            for p in pages {
+                self.mem.write_volatile((p * PAGE_SIZE) as usize, 1);
+                self.log.set(p);
+            }
+        }
+
+        /// The guest reads `page`: the zero page is mapped; the log sees nothing.
+        fn read(&mut self, page: u64) {
+            self.mem.read_volatile((page * PAGE_SIZE) as usize);
+        }
+
+        fn close(&mut self, round: Option<Round>, interval: u64) -> Estimates {
+            let mut dirty = self.log.words().to_vec();
+            self.core
+                .close(&mut dirty, &[], round, interval, SEC)
+                .unwrap()
+        }
+
+        /// Arms the write sample; clears what the core asks, as KVM would. Returns the cleared
+        /// pages.
+        fn arm(&mut self, interval: u64, arming: &Arming) -> Vec<u64> {
+            match self.core.arm_writes(interval, arming) {
+                Some(mask) => {
+                    let cleared = Bitmap::from_words(mask, PAGES);
+                    self.log.and_not_assign(cleared.words());
+                    cleared.iter_ones().collect()
+                }
+                None => Vec::new(),
+            }
+        }
+
+        /// What `Vm::release` does to the log, then the core told: the window read, the range's
+        /// bits cleared, the pages discarded.
+        fn release(&mut self, pages: Range<u64>, interval: u64) {
+            let window = Window::of(self.log.words(), pages.clone());
+            self.log.clear_range(pages.clone());
+            for p in pages.clone() {
+                // SAFETY: one page of our own mapping, which no reference covers.
+                let rc = unsafe {
+                    libc::madvise(
+                        (self.mem.addr() + (p * PAGE_SIZE) as usize) as *mut libc::c_void,
+                        PAGE_SIZE as usize,
+                        libc::MADV_DONTNEED,
+                    )
+                };
+                assert_eq!(rc, 0);
+            }
+            self.core.note_released(pages, &window, interval);
+        }
+    }
+
+    #[test]
+    fn first_writes_are_counted_exactly() {
+        let mut rig = Rig::new(Some(10), true);
+        rig.write(0..100);
+        let e = rig.close(None, 0);
+        let w = e.writes.expect("a write round was armed");
+        assert_eq!(
+            (w.n, w.t),
+            (0, 0),
+            "nothing written before: nothing to sample"
+        );
+        assert_eq!(w.exact_mib, mib(100.0));
+        assert_eq!(w.estimate_mib, mib(100.0));
+        assert_eq!((w.ci_low_mib, w.ci_high_mib), (mib(100.0), mib(100.0)));
+        assert!(e.access.is_none(), "no access round was closed");
+    }
+
+    #[test]
+    fn the_sampled_stratum_scales_by_t_over_n() {
+        let mut rig = Rig::new(Some(10), true);
+        rig.write(0..100);
+        rig.close(None, 0);
+        let cleared = rig.arm(1, &Arming::default());
+        let armed = rig.core.write_armed().to_vec();
+        assert_eq!(armed.len(), 10);
+        assert!(
+            armed.iter().all(|&p| p < 100),
+            "drawn from the written pages"
+        );
+        assert_eq!(cleared, armed, "exactly the sample is write-protected");
+        // Half the sample is written again, and 20 pages for the first time.
+        rig.write(armed.iter().copied().step_by(2));
+        rig.write(100..120);
+        let w = rig.close(None, 1).writes.unwrap();
+        assert_eq!((w.n, w.t), (10, 5));
+        assert_eq!(w.exact_mib, mib(20.0));
+        assert_eq!(w.sampled_from_mib, mib(100.0));
+        assert_eq!(w.estimate_mib, mib(20.0 + 0.5 * 100.0));
+        assert!(w.ci_low_mib < w.estimate_mib && w.estimate_mib < w.ci_high_mib);
+    }
+
+    #[test]
+    fn plain_sampling_has_no_exact_part_and_samples_all_of_ram() {
+        let mut rig = Rig::new(Some(64), false);
+        let armed = rig.core.write_armed().to_vec();
+        assert_eq!(
+            armed.len(),
+            64,
+            "armed from all of RAM before anything was written"
+        );
+        rig.write(armed.iter().copied().take(16));
+        rig.write(armed.last().map_or(0, |&p| p) + 1..PAGES);
+        let t = armed.iter().filter(|&&p| rig.log.get(p)).count() as u64;
+        let w = rig.close(None, 0).writes.unwrap();
+        assert_eq!(w.exact_mib, 0.0);
+        assert_eq!(w.sampled_from_mib, mib(PAGES as f64));
+        assert_eq!((w.n, w.t), (64, t));
+        assert_eq!(w.estimate_mib, mib(t as f64 / 64.0 * PAGES as f64));
+    }
+
+    #[test]
+    fn released_pages_are_masked_from_the_write_round() {
+        let mut rig = Rig::new(Some(10), true);
+        rig.write(0..100);
+        rig.close(None, 0);
+        rig.arm(1, &Arming::default());
+        let armed = rig.core.write_armed().to_vec();
+        // Every sampled page is written, then the first four are released with some new pages;
+        // page 150 is written for the first time just before its release.
+        rig.write(armed.iter().copied());
+        rig.write([150]);
+        for &p in &armed[..4] {
+            rig.release(p..p + 1, 1);
+        }
+        rig.release(150..151, 1);
+        // One released sampled page is written again after its release.
+        rig.write([armed[0]]);
+        let w = rig.close(None, 1).writes.unwrap();
+        assert_eq!(
+            (w.n, w.t),
+            (10, 7),
+            "a released page counts only if written after its release"
+        );
+        assert_eq!(
+            w.exact_mib, 0.0,
+            "a page written then released is not a first write"
+        );
+        let map = rig.core.map();
+        assert_eq!(
+            map.summary().released,
+            4,
+            "three sampled pages and page 150"
+        );
+        let p150 = map.page(150).unwrap();
+        assert!(
+            p150.guest_written,
+            "what the guest wrote before a release is kept"
+        );
+        assert_eq!(p150.first_touch, Some(1));
+    }
+
+    #[test]
+    fn the_access_estimate_and_trapped_reads() {
+        let mut rig = Rig::new(Some(10), true);
+        rig.write(0..100);
+        rig.close(None, 0);
+        rig.arm(1, &Arming::default());
+        let (population, ranks, n) = rig.core.access_draw(1);
+        assert_eq!((population.count_ones(), ranks.total(), n), (100, 100, 0));
+        assert_eq!(
+            rig.core.access_draw(0).2,
+            3,
+            "the cycle's size for interval 0"
+        );
+        // Page 150 is read for the first time while armed: resolving the read set its dirty
+        // bit, which must not pass for a write. Page 160 is read too (not armed).
+        rig.read(150);
+        rig.log.set(150);
+        rig.read(160);
+        let round = Round {
+            n: 20,
+            t: 5,
+            writes: 4,
+            read_first: vec![150],
+            skipped: 2,
+            population: 100,
+        };
+        let e = rig.close(Some(round), 1);
+        let a = e.access.expect("an access round was closed");
+        assert_eq!((a.n, a.t, a.skipped), (20, 5, 2));
+        assert_eq!(
+            a.exact_mib,
+            mib(2.0),
+            "pages 150 and 160, first touched by reads"
+        );
+        assert_eq!(a.estimate_mib, mib(2.0 + 5.0 / 20.0 * 100.0));
+        let w = e.writes.unwrap();
+        assert_eq!(w.exact_mib, 0.0, "the trapped read is not a write");
+        assert!(!rig.core.map().page(150).unwrap().guest_written);
+        // The page is write-protected again at the next arm, and only then.
+        let armed_access = Arming {
+            pages: vec![7],
+            ..Arming::default()
+        };
+        let cleared = rig.arm(2, &armed_access);
+        assert!(cleared.contains(&150), "{cleared:?}");
+        assert!(
+            !rig.core.write_armed().contains(&7),
+            "the write sample leaves out the access sample"
+        );
+        rig.close(None, 2);
+        let cleared = rig.arm(3, &Arming::default());
+        assert!(
+            !cleared.contains(&150),
+            "re-protected once, not every interval"
+        );
     }
 }

@@ -31,6 +31,33 @@ pub enum SamplerError {
     Entropy(String),
 }
 
+/// The random streams of one run: each sampler draws from its own, derived from the run's seed,
+/// so that no two samplers pick correlated pages.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Stream {
+    /// The write sampler at position `i` of the sample-size cycle.
+    Write(u64),
+    /// The access sampler.
+    Access,
+}
+
+/// SplitMix64's finaliser: a bijection of u64 that spreads every input bit over the output.
+fn mix(mut z: u64) -> u64 {
+    z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    z ^ (z >> 31)
+}
+
+/// The seed of `stream` for a run seeded with `seed`: the same run seed always gives the same
+/// stream seed, and different streams (or run seeds) give unrelated ones.
+pub fn stream_seed(seed: u64, stream: Stream) -> u64 {
+    let tag = match stream {
+        Stream::Access => 1,
+        Stream::Write(i) => i.wrapping_mul(2).wrapping_add(2),
+    };
+    mix(seed ^ mix(tag.wrapping_mul(0x9e37_79b9_7f4a_7c15)))
+}
+
 /// Picks random guest pages to watch, one set per interval.
 #[derive(Debug)]
 pub struct Sampler {
@@ -286,6 +313,31 @@ mod tests {
         assert!(Sampler::new(1, 0, None).is_err());
         assert!(Sampler::new(100, 100, Some(1)).is_ok());
         assert!(Sampler::new(10, 100, None).is_ok());
+    }
+
+    #[test]
+    fn streams_of_one_seed_are_distinct_and_reproducible() {
+        let streams = [
+            Stream::Access,
+            Stream::Write(0),
+            Stream::Write(1),
+            Stream::Write(2),
+        ];
+        let mut seen = HashSet::new();
+        for seed in [0u64, 1, 42, u64::MAX] {
+            for st in streams {
+                assert_eq!(stream_seed(seed, st), stream_seed(seed, st));
+                assert!(
+                    seen.insert(stream_seed(seed, st)),
+                    "{st:?} of {seed} repeats"
+                );
+                assert_ne!(
+                    stream_seed(seed, st),
+                    seed,
+                    "a stream is not the run seed itself"
+                );
+            }
+        }
     }
 
     #[test]

@@ -14,7 +14,7 @@ use crate::contract::workload::{DEFAULT_SPEC, Workload, WorkloadError};
 use crate::kvm::boot::{self, BootError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::observe::pmp_mmp::{self, MapFileError};
-use crate::observe::sampler::{Sampler, SamplerError};
+use crate::observe::sampler::{Sampler, SamplerError, Stream, stream_seed};
 use crate::observe::stats::{DEFAULT_FAST_ALPHA, DEFAULT_SLOW_ALPHA, Smoother, StatsError};
 use crate::units::PAGE_SIZE;
 use crate::units::{fmt_mib, parse_duration, parse_size};
@@ -185,8 +185,9 @@ pub struct RunConfig {
     pub access_cycle: Vec<u64>,
     /// Sample only pages touched (written) before, counting first touches exactly.
     pub stratify: bool,
-    /// The sampler's seed, if reproducible.
-    pub seed: Option<u64>,
+    /// The access sampler's seed, if reproducible: its own stream of `--seed`
+    /// ([`Stream::Access`]), as each write sampler has its own ([`Stream::Write`]).
+    pub access_seed: Option<u64>,
     /// The guest's own seed (access patterns); from `--seed` or random.
     pub guest_seed: u64,
     /// Write the PMP-MMP map here at the end (and every `map_every` intervals).
@@ -320,7 +321,7 @@ impl RunConfig {
             access_samples: opts.access_samples,
             access_cycle: Vec::new(),
             stratify: !opts.plain_sampling,
-            seed: opts.seed,
+            access_seed: opts.seed.map(|s| stream_seed(s, Stream::Access)),
             guest_seed: opts.seed.unwrap_or_else(rand::random),
             map_out: opts.map_out,
             map_every: opts.map_every,
@@ -346,6 +347,7 @@ impl RunConfig {
     }
 }
 
+/// The write samplers of `cycle`, each with its own stream of `seed` ([`Stream::Write`]).
 fn samplers(
     cycle: &[Option<u64>],
     mem_bytes: u64,
@@ -355,7 +357,9 @@ fn samplers(
     let cycle = if cycle.is_empty() { &[None][..] } else { cycle };
     cycle
         .iter()
-        .map(|n| {
+        .zip(0u64..)
+        .map(|(n, i)| {
+            let seed = seed.map(|s| stream_seed(s, Stream::Write(i)));
             n.map(|n| Sampler::new(n, pages, seed).map_err(|e| ConfigError::Samples(n, e)))
                 .transpose()
         })
@@ -476,5 +480,48 @@ mod tests {
         assert_eq!(cfg.samplers[2].as_mut().unwrap().arm().len(), 100);
         let cfg = RunConfig::new(opts(&["--mem", "4M", "--workload", "idle 1ms"])).unwrap();
         assert!(cfg.with_sample_cycle(&[Some(1 << 20)]).is_err());
+    }
+
+    #[test]
+    fn the_samplers_of_one_seed_draw_independent_reproducible_streams() {
+        let pages = (64u64 << 20) / PAGE_SIZE;
+        let picks = |args: &[&str]| {
+            let mut cfg = RunConfig::new(opts(args)).unwrap();
+            let mut access = Sampler::new(100, pages, cfg.access_seed).unwrap();
+            let write: Vec<Vec<u64>> = (0..3)
+                .map(|_| cfg.samplers[0].as_mut().unwrap().arm().to_vec())
+                .collect();
+            let access: Vec<Vec<u64>> = (0..3).map(|_| access.arm().to_vec()).collect();
+            (write, access, cfg.access_seed)
+        };
+        let args = [
+            "--mem",
+            "64M",
+            "--workload",
+            "alloc 16M",
+            "--samples",
+            "100",
+            "--seed",
+            "7",
+        ];
+        let (w1, a1, s1) = picks(&args);
+        let (w2, a2, _) = picks(&args);
+        assert_eq!(w1, w2, "the write stream is reproducible");
+        assert_eq!(a1, a2, "the access stream is reproducible");
+        assert_ne!(
+            s1,
+            Some(7),
+            "the access sampler does not take the run seed itself"
+        );
+        for (w, a) in w1.iter().zip(&a1) {
+            assert_ne!(w, a, "the two samplers drew the same pages");
+            // Independent streams of 100 out of 16384 pages share about 0.6 pages.
+            let common = w.iter().filter(|p| a.binary_search(p).is_ok()).count();
+            assert!(common < 10, "{common} pages in common");
+        }
+        let mut other = args;
+        other[7] = "8";
+        let (w3, a3, _) = picks(&other);
+        assert_ne!((w3, a3), (w1, a1), "another seed, other streams");
     }
 }

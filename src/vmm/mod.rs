@@ -20,7 +20,7 @@ use crate::kvm::vcpu::Vcpu;
 use crate::kvm::vm::Vm;
 use crate::memory::GuestRam;
 use crate::observe::access::AccessSampler;
-use crate::observe::interval::{Estimators, IntervalWork};
+use crate::observe::interval::{Estimators, IntervalError, IntervalWork};
 use crate::row::{BalloonView, EndReason, Row};
 use crate::units;
 use crate::units::PAGE_SIZE;
@@ -73,7 +73,11 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
             Estimators {
                 write: cfg.samplers,
                 write_smoother: cfg.smoother.clone(),
-                access: AccessSampler::for_ram_or_announce(vm.ram(), cfg.access_samples, cfg.seed),
+                access: AccessSampler::for_memory_or_announce(
+                    vm.memory(),
+                    cfg.access_samples,
+                    cfg.access_seed,
+                ),
                 access_cycle: cfg.access_cycle,
                 access_smoother: cfg.smoother,
                 stratify: cfg.stratify,
@@ -252,14 +256,15 @@ impl Vmm<'_, '_> {
         }
     }
 
-    /// Tells the dirty log and the map about pages the balloon just released (the vCPU is
-    /// stopped: the guest has not run since).
+    /// Releases the pages the balloon just handed out, through the VM (the one owner of every
+    /// release: it discards them, keeping the dirty log and the fault handler in step), and tells
+    /// the map (the vCPU is stopped: the guest has not run since).
     fn note_released(&mut self) -> Result<(), RunError> {
         if let Some(b) = &mut self.handler.balloon {
-            let released = b.take_released();
-            if !released.is_empty() {
-                let interval = self.protocol.interval();
-                self.work.note_released(self.vm, &released, interval)?;
+            let ranges = b.take_released();
+            if !ranges.is_empty() {
+                let released = self.vm.release(&ranges).map_err(IntervalError::Release)?;
+                self.work.note_released(&released, self.protocol.interval());
             }
         }
         Ok(())

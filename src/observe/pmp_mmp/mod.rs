@@ -82,7 +82,7 @@ pub use file::{MapFile, MapFileError, MapHeader, check_target};
 pub use record::{PageInfo, PageState};
 pub use residency::ResidencyMethod;
 
-use crate::memory::bitmap::{Bitmap, WORD_BITS, words_for};
+use crate::memory::bitmap::{Bitmap, WORD_BITS, Window, words_for};
 use crate::memory::pagemap::{
     PageEntry, PageRegion, Pagemap, PagemapError, READ_CHUNK_ENTRIES, Residency,
 };
@@ -573,18 +573,18 @@ impl PmpMmpMap {
         self.records.set_state(gfn, state);
     }
 
-    /// The balloon released guest pages `pages` (`MADV_DONTNEED`) during interval `interval`;
-    /// `guest_dirty` is KVM's dirty log read just before the VMM cleared the pages' bits (tell
-    /// [`PmpMmpMap::note_cleared`] too). Pages written since the last harvest are recorded as
+    /// The VM released guest pages `pages` (`MADV_DONTNEED`) during interval `interval`;
+    /// `guest_dirty` is KVM's dirty log over them, read just before the VM cleared their bits
+    /// (tell [`PmpMmpMap::note_cleared_in`] too). The cost is the range's. Pages written since the last harvest are recorded as
     /// touched and written in `interval` first, so nothing the guest wrote is lost; then every
     /// touched page in the range becomes `Released` and not resident, so a later write (a new
     /// dirty bit) or read (the residency pass) is seen afresh. Untouched pages stay untouched.
-    pub fn note_released(&mut self, pages: Range<u64>, guest_dirty: &[u64], interval: u32) {
+    pub fn note_released(&mut self, pages: Range<u64>, guest_dirty: &Window, interval: u32) {
         let end = pages.end.min(self.pages);
         let interval = interval.min(NO_WRITE - 1);
         for gfn in pages.start..end {
             let (w, bit) = ((gfn / WORD_BITS) as usize, 1u64 << (gfn % WORD_BITS));
-            let dirty = guest_dirty.get(w).is_some_and(|d| d & bit != 0);
+            let dirty = guest_dirty.get(gfn);
             if dirty && self.known_dirty.words()[w] & bit == 0 {
                 if !self.touched.get(gfn) {
                     self.touch(gfn, interval);
@@ -603,6 +603,12 @@ impl PmpMmpMap {
     /// bit there is a new write. Touched and first-touch records are kept.
     pub fn note_cleared(&mut self, mask: &[u64]) {
         self.known_dirty.and_not_assign(mask);
+    }
+
+    /// The VM cleared the dirty bits of guest pages `pages` in KVM's log: a later set bit there is
+    /// a new write. [`PmpMmpMap::note_cleared`] for one range, at the range's cost.
+    pub fn note_cleared_in(&mut self, pages: Range<u64>) {
+        self.known_dirty.clear_range(pages);
     }
 
     /// Re-reads the pagemap of every touched page (finds swap-out, KSM merging, moved frames) and
@@ -1000,10 +1006,12 @@ mod tests {
             assert_eq!(r, 0);
         }
         let log = dirty_of(128, &[0, 1, 2, 3, 4, 5, 6, 7, 9]);
+        let log = Window::new(0, log);
         map.note_released(2..6, &log, 1);
         map.note_released(9..10, &log, 1);
         map.note_released(100..200, &log, 1); // untouched and past the end: nothing
-        map.note_cleared(&dirty_of(128, &[2, 3, 4, 5, 9]));
+        map.note_cleared_in(2..6);
+        map.note_cleared_in(9..10);
         let s = map.summary();
         assert_eq!((s.backed, s.released, s.discarded), (4, 5, 0));
         assert_eq!(map.page(100).unwrap().state, PageState::Untouched);
