@@ -237,30 +237,40 @@ fn deaf_client(addr: SocketAddr) -> TcpStream {
     c
 }
 
+/// A GET declaring a body of `len` bytes is refused unread; the endpoint serves on and the run
+/// ends as usual.
+fn huge_declared_body(len: &str) {
+    let run = Run::start("alloc 8M; touch 8M write 600ms; idle 1s", "60s", None);
+    let req = format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len}\r\n\r\n");
+    let r = exchange(run.addr, req.as_bytes());
+    // Refused with a 4xx (413; hyper's own 4xx for a length past u64::MAX - 2), unread.
+    let refused = r.as_ref().is_ok_and(|r| r.starts_with("HTTP/1.1 4"));
+    // The endpoint still serves after it.
+    let after = scrape_ok(run.addr);
+    let ended = run.wait(Duration::from_secs(60));
+    assert!(
+        refused && after.is_ok(),
+        "Content-Length {len}: answered {r:?}; then {after:?}; exit {:?}\n{}",
+        ended.code,
+        ended.stderr
+    );
+    ended.assert_ended(0, EndReason::Done);
+}
+
 #[test]
-fn huge_declared_bodies_are_refused_and_the_run_goes_on() {
-    if !common::kvm("huge_declared_bodies_are_refused_and_the_run_goes_on") {
+fn a_declared_body_of_99999999999_bytes_is_refused_and_the_run_goes_on() {
+    if !common::kvm("a_declared_body_of_99999999999_bytes_is_refused_and_the_run_goes_on") {
         return;
     }
-    let run = Run::start("alloc 8M; touch 8M write 600ms; idle 1s", "60s", None);
-    for len in ["99999999999", "18446744073709551615"] {
-        let req =
-            format!("GET /metrics HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Length: {len}\r\n\r\n");
-        let r = exchange(run.addr, req.as_bytes());
-        // Refused with a 4xx (413; hyper's own 4xx for a length past u64::MAX - 2), unread.
-        let refused = r.as_ref().is_ok_and(|r| r.starts_with("HTTP/1.1 4"));
-        // The endpoint still serves after it.
-        let after = scrape_ok(run.addr);
-        if !refused || after.is_err() {
-            let ended = run.wait(Duration::from_secs(30));
-            panic!(
-                "Content-Length {len}: answered {r:?}; then {after:?}; exit {:?}\n{}",
-                ended.code, ended.stderr
-            );
-        }
+    huge_declared_body("99999999999");
+}
+
+#[test]
+fn a_declared_body_of_u64_max_bytes_is_refused_and_the_endpoint_lives_on() {
+    if !common::kvm("a_declared_body_of_u64_max_bytes_is_refused_and_the_endpoint_lives_on") {
+        return;
     }
-    let ended = run.wait(Duration::from_secs(60));
-    ended.assert_ended(0, EndReason::Done);
+    huge_declared_body("18446744073709551615");
 }
 
 /// A client that never reads, present through the run: other scrapes are answered, and the run
