@@ -121,10 +121,8 @@ impl Run {
     /// Sends `sig` to the run.
     fn signal(&self, sig: libc::c_int) {
         // SAFETY: kill(2) on our own child's pid (not yet reaped: `wait` consumes the Run).
-        assert_eq!(
-            unsafe { libc::kill(self.child.id() as libc::pid_t, sig) },
-            0
-        );
+        let rc = unsafe { libc::kill(self.child.id() as libc::pid_t, sig) };
+        assert_eq!(rc, 0, "kill: {}", std::io::Error::last_os_error());
     }
 
     /// Waits at most `limit` for the run to end (then kills it: a run that does not end is a

@@ -456,6 +456,36 @@ mod tests {
         assert_eq!(phase_cell("a\u{7}b", 24), "a?b");
     }
 
+    /// Built without its feature, an output asked for is a clear error before anything runs.
+    #[cfg(not(all(feature = "plot", feature = "prometheus")))]
+    #[test]
+    fn an_output_left_out_of_the_build_is_a_clear_error() {
+        #[cfg(not(feature = "prometheus"))]
+        {
+            let prom = Some(("127.0.0.1:0".parse().unwrap(), "x".to_string()));
+            let err = Sink::new(Vec::new(), Format::Json, prom, None, true)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains("--prometheus") && err.contains("`prometheus` cargo feature"),
+                "{err}"
+            );
+        }
+        #[cfg(not(feature = "plot"))]
+        {
+            let plot = Some(PathBuf::from("run.svg"));
+            let err = Sink::new(Vec::new(), Format::Json, None, plot, true)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains("--plot") && err.contains("`plot` cargo feature"),
+                "{err}"
+            );
+        }
+    }
+
     #[test]
     fn sink_prints_the_chosen_format() {
         let r = row_with(3.0, "idle 1s");
