@@ -8,9 +8,11 @@
 //!   GET and HEAD 405, and the connection is closed after each answer (no keep-alive);
 //! - a connection lives at most [`CONNECTION_DEADLINE`], which bounds the time spent writing to a
 //!   client that does not read (the write timeout);
-//! - at most [`MAX_CONNECTIONS`] are served at once: a further one is answered 503 with a
-//!   non-blocking write and closed at once; when the process is out of file descriptors, accepting
-//!   pauses for [`ACCEPT_BACKOFF`] and resumes (the listener never goes away);
+//! - at most [`MAX_CONNECTIONS`] are served at once, and at most a quarter of the file
+//!   descriptors the process may open (`RLIMIT_NOFILE`), so that the endpoint never takes those
+//!   the VMM needs: a further one is answered 503 with a non-blocking write and closed at once;
+//!   when the process is out of file descriptors all the same, accepting pauses for
+//!   [`ACCEPT_BACKOFF`] and resumes (the listener never goes away);
 //! - stopping the server drops every connection where it stands: it never waits on a client.
 //!
 //! So the server's memory is bounded by about `MAX_CONNECTIONS` times a connection's buffers
@@ -36,7 +38,7 @@ pub const HEADER_TIMEOUT: Duration = Duration::from_secs(3);
 pub const CONNECTION_DEADLINE: Duration = Duration::from_secs(10);
 /// The request line and headers, together, in bytes; also the connection's read buffer.
 pub const MAX_HEADER_BYTES: usize = 8192;
-/// Connections served at once.
+/// Connections served at once (fewer under a low `RLIMIT_NOFILE`: [`connection_cap`]).
 pub const MAX_CONNECTIONS: usize = 32;
 /// The pause before accepting again after `accept` failed (e.g. out of file descriptors).
 pub const ACCEPT_BACKOFF: Duration = Duration::from_millis(100);
@@ -123,9 +125,29 @@ impl Drop for Server {
     }
 }
 
-/// Accepts connections for ever, serving at most [`MAX_CONNECTIONS`] at once.
+/// Connections served at once: [`MAX_CONNECTIONS`], or a quarter of the file descriptors this
+/// process may open when that is fewer (at least 1). The rest stay the VMM's: it reads
+/// `/proc/self/statm` at every interval and writes map files, and a failed open there would
+/// falsify a row.
+pub fn connection_cap() -> usize {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit writes one `rlimit` into the struct we own and pass by pointer.
+    let rc = unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) };
+    if rc != 0 {
+        return MAX_CONNECTIONS;
+    }
+    // RLIM_INFINITY is u64::MAX: a quarter of it is more than the cap.
+    usize::try_from(lim.rlim_cur / 4)
+        .unwrap_or(usize::MAX)
+        .clamp(1, MAX_CONNECTIONS)
+}
+
+/// Accepts connections for ever, serving at most [`connection_cap`] at once.
 async fn accept_loop(listener: TcpListener, doc: Arc<Document>) {
-    let slots = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+    let slots = Arc::new(Semaphore::new(connection_cap()));
     let mut warned = false;
     loop {
         let stream = match listener.accept().await {
@@ -322,7 +344,7 @@ mod tests {
     fn connections_beyond_the_cap_are_refused_and_served_again_once_free() {
         let s = server();
         // Fill every slot with a client that sent half a request.
-        let mut idle: Vec<TcpStream> = (0..MAX_CONNECTIONS)
+        let mut idle: Vec<TcpStream> = (0..connection_cap())
             .map(|_| {
                 let mut c = TcpStream::connect(s.local_addr()).unwrap();
                 c.write_all(b"GET /met").unwrap();
