@@ -198,9 +198,18 @@ fn main() -> ExitCode {
             run(*args)
         }
         Command::Map { file, json } => map(file, json),
+        #[cfg(feature = "plot")]
         Command::Plot { file, output } => memvisor::output::plot::read_jsonl(&file)
             .and_then(|rows| memvisor::output::plot::write(&output, &rows))
             .map_err(|e| Failure::new(1, &e)),
+        #[cfg(not(feature = "plot"))]
+        Command::Plot { .. } => Err(Failure::new(
+            1,
+            &output::OutputError::FeatureOff {
+                flag: "memvisor plot",
+                feature: "plot",
+            },
+        )),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

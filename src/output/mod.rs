@@ -3,7 +3,11 @@
 //! endpoint and the plot.
 
 pub mod csv;
+#[cfg(feature = "prometheus")]
+pub mod http;
+#[cfg(feature = "plot")]
 pub mod plot;
+#[cfg(feature = "prometheus")]
 pub mod prometheus;
 
 use std::io::Write;
@@ -11,6 +15,7 @@ use std::net::SocketAddr;
 use std::path::PathBuf;
 
 use crate::row::{Active, Row};
+#[cfg(feature = "prometheus")]
 use prometheus::Exporter;
 
 /// The table's two header lines. Without PFNs (not root) the host usage group says that its
@@ -188,10 +193,20 @@ pub enum Format {
 /// Errors setting up or finishing the outputs.
 #[derive(Debug, thiserror::Error)]
 pub enum OutputError {
+    #[cfg(feature = "prometheus")]
     #[error(transparent)]
     Prometheus(#[from] prometheus::PrometheusError),
+    #[cfg(feature = "plot")]
     #[error(transparent)]
     Plot(#[from] plot::PlotError),
+    /// An output asked for whose cargo feature this build left out.
+    #[error(
+        "{flag}: this memvisor was built without the `{feature}` cargo feature (on by default)"
+    )]
+    FeatureOff {
+        flag: &'static str,
+        feature: &'static str,
+    },
     #[error("writing to standard output")]
     Write(#[source] std::io::Error),
 }
@@ -201,6 +216,7 @@ pub enum OutputError {
 pub struct Sink<W: Write> {
     out: W,
     format: Format,
+    #[cfg(feature = "prometheus")]
     exporter: Option<Exporter>,
     plot: Option<(PathBuf, Vec<Row>)>,
 }
@@ -216,9 +232,25 @@ impl<W: Write> Sink<W> {
         plot: Option<PathBuf>,
         pfn_visible: bool,
     ) -> Result<Self, OutputError> {
+        #[cfg(feature = "plot")]
         if let Some(p) = &plot {
             plot::check_path(p)?;
         }
+        #[cfg(not(feature = "plot"))]
+        if plot.is_some() {
+            return Err(OutputError::FeatureOff {
+                flag: "--plot",
+                feature: "plot",
+            });
+        }
+        #[cfg(not(feature = "prometheus"))]
+        if prometheus.is_some() {
+            return Err(OutputError::FeatureOff {
+                flag: "--prometheus",
+                feature: "prometheus",
+            });
+        }
+        #[cfg(feature = "prometheus")]
         let exporter = match prometheus {
             Some((addr, name)) => {
                 let e = Exporter::start(addr, name)?;
@@ -245,6 +277,7 @@ impl<W: Write> Sink<W> {
         Ok(Sink {
             out,
             format,
+            #[cfg(feature = "prometheus")]
             exporter,
             plot: plot.map(|p| (p, Vec::new())),
         })
@@ -254,6 +287,7 @@ impl<W: Write> Sink<W> {
     /// the caller's to act on (a closed pipe stops the run). Never blocks on a scrape (the server
     /// only swaps in the latest row under a short lock).
     pub fn row(&mut self, row: &Row) -> std::io::Result<()> {
+        #[cfg(feature = "prometheus")]
         if let Some(e) = &self.exporter {
             e.update(row);
         }
@@ -271,6 +305,7 @@ impl<W: Write> Sink<W> {
 
     /// Writes the plot (if asked for) and stops the Prometheus server.
     pub fn finish(self) -> Result<(), OutputError> {
+        #[cfg(feature = "plot")]
         if let Some((path, rows)) = &self.plot {
             plot::write(path, rows)?;
         }
@@ -419,6 +454,36 @@ mod tests {
         assert_eq!(cell(Some(1234567.0), 6, 1), ">99999");
         assert_eq!(cell(None, 6, 1), "-");
         assert_eq!(phase_cell("a\u{7}b", 24), "a?b");
+    }
+
+    /// Built without its feature, an output asked for is a clear error before anything runs.
+    #[cfg(not(all(feature = "plot", feature = "prometheus")))]
+    #[test]
+    fn an_output_left_out_of_the_build_is_a_clear_error() {
+        #[cfg(not(feature = "prometheus"))]
+        {
+            let prom = Some(("127.0.0.1:0".parse().unwrap(), "x".to_string()));
+            let err = Sink::new(Vec::new(), Format::Json, prom, None, true)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains("--prometheus") && err.contains("`prometheus` cargo feature"),
+                "{err}"
+            );
+        }
+        #[cfg(not(feature = "plot"))]
+        {
+            let plot = Some(PathBuf::from("run.svg"));
+            let err = Sink::new(Vec::new(), Format::Json, None, plot, true)
+                .err()
+                .unwrap()
+                .to_string();
+            assert!(
+                err.contains("--plot") && err.contains("`plot` cargo feature"),
+                "{err}"
+            );
+        }
     }
 
     #[test]

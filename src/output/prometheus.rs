@@ -1,13 +1,12 @@
 //! `--prometheus ADDR`: serves the latest interval in the Prometheus text format (version 0.0.4)
-//! at `/metrics`, from a thread of its own. The run loop only swaps the latest row in under a
-//! short lock; a scrape copies it out and encodes it, so a slow or stuck client never holds up
-//! the run.
+//! at `/metrics`, through the hardened server of [`super::http`] (its own thread; limits on every
+//! client). The run loop only swaps the latest row in under a short lock; a scrape copies it out
+//! and encodes it, so a slow, stuck or hostile client never holds up the run.
 
 use std::borrow::Cow;
 use std::net::SocketAddr;
 use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
-use std::thread::JoinHandle;
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::prometheus_text;
@@ -16,6 +15,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::{Registry, Unit};
 
+use super::http::{Document, HttpError, Server};
 use crate::row::Row;
 
 const MIB: f64 = (1u64 << 20) as f64;
@@ -25,10 +25,12 @@ pub const PATH: &str = "/metrics";
 
 #[derive(Debug, thiserror::Error)]
 pub enum PrometheusError {
-    #[error("--prometheus {addr}: cannot listen there: {reason}")]
-    Listen { addr: SocketAddr, reason: String },
-    #[error("--prometheus: cannot start the server thread: {0}")]
-    Thread(std::io::Error),
+    #[error("--prometheus {addr}: {source}")]
+    Start {
+        addr: SocketAddr,
+        #[source]
+        source: HttpError,
+    },
 }
 
 /// The latest row and how many rows were reported so far.
@@ -38,50 +40,40 @@ struct Latest {
     intervals: u64,
 }
 
-/// The HTTP server and the latest row it serves.
+/// The HTTP server and the latest row it serves; dropping it stops the server without waiting
+/// on any client.
 pub struct Exporter {
     latest: Arc<Mutex<Latest>>,
-    server: Arc<tiny_http::Server>,
-    addr: SocketAddr,
-    thread: Option<JoinHandle<()>>,
+    server: Server,
 }
 
 impl Exporter {
     /// Listens on `addr` (port 0 picks a free port) and serves from a new thread. `name` is the
     /// `vm` label on every metric, so that one Prometheus can scrape several memvisors.
     pub fn start(addr: SocketAddr, name: String) -> Result<Self, PrometheusError> {
-        let server = tiny_http::Server::http(addr).map_err(|e| PrometheusError::Listen {
-            addr,
-            reason: e.to_string(),
-        })?;
-        let bound = server
-            .server_addr()
-            .to_ip()
-            .ok_or_else(|| PrometheusError::Listen {
-                addr,
-                reason: "not an IP address".into(),
-            })?;
-        let server = Arc::new(server);
         let latest = Arc::new(Mutex::new(Latest::default()));
-        let thread = {
-            let server = server.clone();
-            let latest = latest.clone();
-            std::thread::Builder::new()
-                .name("prometheus".into())
-                .spawn(move || serve(&server, &latest, &name))
-                .map_err(PrometheusError::Thread)?
+        let doc = Document {
+            paths: &[PATH, "/"],
+            content_type: prometheus_text::CONTENT_TYPE,
+            render: Box::new({
+                let latest = latest.clone();
+                move || {
+                    let (row, intervals) = {
+                        let l = latest.lock().unwrap_or_else(|e| e.into_inner());
+                        (l.row.clone(), l.intervals)
+                    };
+                    encode(row.as_ref(), intervals, &name)
+                }
+            }),
         };
-        Ok(Exporter {
-            latest,
-            server,
-            addr: bound,
-            thread: Some(thread),
-        })
+        let server = Server::start(addr, "prometheus", doc)
+            .map_err(|source| PrometheusError::Start { addr, source })?;
+        Ok(Exporter { latest, server })
     }
 
     /// The address the server listens on.
     pub fn local_addr(&self) -> SocketAddr {
-        self.addr
+        self.server.local_addr()
     }
 
     /// Makes `row` the one served and counts it.
@@ -90,37 +82,6 @@ impl Exporter {
         let mut l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
         l.row = Some(row);
         l.intervals += 1;
-    }
-}
-
-impl Drop for Exporter {
-    fn drop(&mut self) {
-        self.server.unblock();
-        if let Some(t) = self.thread.take() {
-            let _ = t.join();
-        }
-    }
-}
-
-/// Answers requests until the server is unblocked.
-fn serve(server: &tiny_http::Server, latest: &Mutex<Latest>, name: &str) {
-    for req in server.incoming_requests() {
-        let path = req.url().split('?').next().unwrap_or("");
-        let resp = if path == PATH || path == "/" {
-            let (row, intervals) = {
-                let l = latest.lock().unwrap_or_else(|e| e.into_inner());
-                (l.row.clone(), l.intervals)
-            };
-            let body = encode(row.as_ref(), intervals, name);
-            let ct = tiny_http::Header::from_bytes("Content-Type", prometheus_text::CONTENT_TYPE)
-                .expect("a constant, valid header");
-            tiny_http::Response::from_string(body).with_header(ct)
-        } else {
-            tiny_http::Response::from_string(format!("not found; metrics are at {PATH}\n"))
-                .with_status_code(404)
-        };
-        // A client that went away is not our problem.
-        let _ = req.respond(resp);
     }
 }
 
@@ -294,18 +255,18 @@ fn add_row(reg: &mut Registry, r: &Row) {
     if any {
         reg.register_with_unit(
             "memvisor_active",
-            "Active guest memory estimated by sampling n random pages per interval: t of n were touched (kind=writes: written, seen through KVM's dirty log), estimate = t/n x RAM with its 95% Wilson interval (ci_low, ci_high), fast and slow moving averages and their max",
+            "Active guest memory in the interval, a stratified estimate (kind=writes: pages written, from KVM's dirty log; kind=access: reads too): pages touched for the first time are counted exactly, pages touched before are sampled (t of n) and scaled up to their stratum (with --plain-sampling: no exact part, the stratum is all of RAM); estimate = exact + t/n x stratum, its 95% interval (ci_low, ci_high; Wilson's with the finite population correction), fast and slow moving averages and their max",
             Unit::Bytes,
             active,
         );
         reg.register(
             "memvisor_samples",
-            "Pages sampled in the interval (n) for the active-memory estimate",
+            "Pages sampled in the interval (n) from the stratum of pages touched before, for the active-memory estimate",
             samples,
         );
         reg.register(
             "memvisor_samples_touched",
-            "Sampled pages touched in the interval (t) for the active-memory estimate",
+            "Sampled pages touched in the interval (t), scaled up to the stratum in the active-memory estimate",
             touched,
         );
     }
