@@ -312,6 +312,7 @@ mod tests {
             }),
             reads_seen: true,
             balloon: None,
+            check: None,
             length_s: 1.0,
             partial: false,
             time_s: v,
