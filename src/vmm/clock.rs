@@ -141,6 +141,8 @@ struct Shared {
 /// reads the grid. Stopped (and joined) on drop, so it never kicks a thread that has gone.
 pub struct Kicker {
     grid: Grid,
+    /// The alarm as last set.
+    alarm: Option<Instant>,
     shared: Arc<Shared>,
     thread: Option<JoinHandle<()>>,
 }
@@ -158,15 +160,22 @@ impl Kicker {
         let thread = std::thread::spawn(move || kick_loop(grid, target, &theirs));
         Kicker {
             grid,
+            alarm: None,
             shared,
             thread: Some(thread),
         }
     }
 
-    /// Kicks the vCPU thread also at `at` (one alarm: a later call replaces it).
-    pub fn alarm(&self, at: Instant) {
-        let ns = at.saturating_duration_since(self.grid.start).as_nanos();
-        let ns = u64::try_from(ns).unwrap_or(u64::MAX - 1);
+    /// Kicks the vCPU thread also at `at` (one alarm: a later call replaces it; `None` clears it).
+    pub fn alarm(&mut self, at: Option<Instant>) {
+        if at == self.alarm {
+            return;
+        }
+        self.alarm = at;
+        let ns = at.map_or(u64::MAX, |at| {
+            let ns = at.saturating_duration_since(self.grid.start).as_nanos();
+            u64::try_from(ns).unwrap_or(u64::MAX - 1)
+        });
         self.shared.alarm_ns.store(ns, Ordering::SeqCst);
         if let Some(t) = &self.thread {
             t.thread().unpark();

@@ -6,6 +6,7 @@
 
 pub mod clock;
 pub mod config;
+pub mod console_file;
 pub mod exits;
 pub mod outcome;
 pub mod rows;
@@ -213,6 +214,7 @@ impl Vmm<'_, '_> {
                 if let Some(mut row) = self.joiner.truth(interval, truth) {
                     self.attach_guest_stats(&mut row);
                     self.emit(row);
+                    self.kicker.alarm(None);
                 }
             }
             News::PhaseEnded(i) if self.check_phases.get(i) == Some(&true) => {
@@ -365,9 +367,7 @@ impl Vmm<'_, '_> {
         for row in self.joiner.measured(row, last, Instant::now()) {
             self.emit(row);
         }
-        if let Some(until) = self.joiner.deadline() {
-            self.kicker.alarm(until);
-        }
+        self.kicker.alarm(self.joiner.deadline());
         let due = self
             .map_every
             .is_some_and(|n| (interval + 1).is_multiple_of(n));
