@@ -1,48 +1,72 @@
-//! Opening `--console FILE`: a regular file, created or truncated. Anything else (a FIFO, a
-//! device node, a socket, a directory, a symbolic link) is refused, as `--map-out` refuses it.
+//! Opening `--console FILE`: a regular file, created or truncated, or `/dev/null` (the null
+//! device, to discard the console). Anything else (a FIFO, another device node, a socket, a
+//! directory, a symbolic link) is refused, as `--map-out` refuses it.
 //!
-//! The file is opened with `O_NONBLOCK` and `O_NOFOLLOW` before its type is checked, so that a
-//! FIFO nobody reads cannot hang the open (it fails with `ENXIO`) and a link is never followed;
-//! the type is then read from the open descriptor, so nothing can be swapped in between.
+//! The path's type is checked before the open (so that no other device is even opened), and
+//! again on the open descriptor (so that nothing swapped in between is used). The open itself
+//! has `O_NONBLOCK`, `O_NOFOLLOW` and `O_NOCTTY`: a FIFO nobody reads cannot hang it (it fails
+//! with `ENXIO`), a link is never followed, and a terminal never becomes ours.
 
-use std::fs::{File, OpenOptions};
+use std::fs::{File, Metadata, OpenOptions};
 use std::io;
-use std::os::unix::fs::{FileTypeExt, OpenOptionsExt};
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt};
 use std::path::Path;
+
+/// The null device's numbers (`/dev/null` is character device 1:3 on Linux).
+const NULL_DEVICE: (u32, u32) = (1, 3);
 
 /// Opens `path` for the guest console, or says why not.
 pub fn open(path: &Path) -> io::Result<File> {
-    let refused = |kind: &str| {
-        io::Error::new(
-            io::ErrorKind::InvalidInput,
-            format!("{kind}, not a regular file: refused (use a file, or - for stderr)"),
-        )
-    };
+    match std::fs::symlink_metadata(path) {
+        Ok(meta) => refuse_unless_fit(&meta)?,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+        Err(e) => return Err(e),
+    }
     let file = OpenOptions::new()
         .write(true)
         .create(true)
         .mode(0o644)
-        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW)
+        .custom_flags(libc::O_NONBLOCK | libc::O_NOFOLLOW | libc::O_NOCTTY)
         .open(path)
         .map_err(|e| match e.raw_os_error() {
             Some(libc::ENXIO) => refused("a FIFO (with no reader)"),
             Some(libc::ELOOP) => refused("a symbolic link"),
             _ => e,
         })?;
-    let t = file.metadata()?.file_type();
-    if !t.is_file() {
-        return Err(refused(if t.is_fifo() {
-            "a FIFO"
-        } else if t.is_dir() {
-            "a directory"
-        } else if t.is_socket() {
-            "a socket"
-        } else {
-            "a device node"
-        }));
+    let meta = file.metadata()?;
+    refuse_unless_fit(&meta)?;
+    if meta.file_type().is_file() {
+        file.set_len(0)?;
     }
-    file.set_len(0)?;
     Ok(file)
+}
+
+/// A regular file or the null device; anything else is refused, named.
+fn refuse_unless_fit(meta: &Metadata) -> io::Result<()> {
+    let t = meta.file_type();
+    let rdev = meta.rdev();
+    let null = t.is_char_device() && (libc::major(rdev), libc::minor(rdev)) == NULL_DEVICE;
+    if t.is_file() || null {
+        return Ok(());
+    }
+    Err(refused(if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a device node"
+    }))
+}
+
+fn refused(kind: &str) -> io::Error {
+    io::Error::new(
+        io::ErrorKind::InvalidInput,
+        format!("{kind}, not a regular file: refused (use a file, /dev/null, or - for stderr)"),
+    )
 }
 
 #[cfg(test)]
@@ -88,7 +112,17 @@ mod tests {
         let e = open(&link).unwrap_err().to_string();
         assert!(e.contains("symbolic link"), "{e}");
         assert!(!target.exists(), "nothing created through the link");
-        let e = open(dir.path()).unwrap_err();
-        assert!(e.to_string().contains("directory") || e.raw_os_error() == Some(libc::EISDIR));
+        let e = open(dir.path()).unwrap_err().to_string();
+        assert!(e.contains("a directory"), "{e}");
+    }
+
+    #[test]
+    fn the_null_device_is_taken_and_other_devices_are_not() {
+        open(Path::new("/dev/null"))
+            .unwrap()
+            .write_all(b"gone")
+            .unwrap();
+        let e = open(Path::new("/dev/zero")).unwrap_err().to_string();
+        assert!(e.contains("a device node"), "{e}");
     }
 }
