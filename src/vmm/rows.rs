@@ -84,7 +84,8 @@ impl Joiner {
     pub fn truth(&mut self, interval: u64, truth: Truth) -> Option<Row> {
         match self.waiting.take() {
             Some(mut w) if w.row.interval == interval => {
-                let waited = self.grace.saturating_sub(w.until - Instant::now());
+                let waited =
+                    (self.grace).saturating_sub(w.until.saturating_duration_since(Instant::now()));
                 log::debug!("interval {interval}: its truth came {waited:?} after its row");
                 w.row.attach_truth(truth);
                 return self.out([Some(w.row), None]).next();
