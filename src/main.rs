@@ -14,7 +14,7 @@ use std::process::ExitCode;
 use clap::{Args, Parser, Subcommand};
 
 use memvisor::observe::pmp_mmp::MapFile;
-use memvisor::output;
+use memvisor::output::{self, writer};
 use memvisor::row::{EndReason, Row};
 use memvisor::vmm::config::{RunConfig, RunOptions};
 use memvisor::vmm::stop;
@@ -129,15 +129,33 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     });
     // Whether this process sees host PFNs (root with CAP_SYS_ADMIN): the table's header says so.
     let pfn_visible = memvisor::memory::pagemap::Pagemap::open().is_ok_and(|p| p.pfn_visible());
-    let out = io::stdout().lock();
-    let mut sink = match output::Sink::new(out, format, prometheus, args.plot, pfn_visible) {
-        Ok(s) => s,
-        Err(output::OutputError::Write(e)) => return Err(write_failure(e)),
-        Err(e) => return Err(Failure::new(1, &e)),
-    };
+    // Rows go to stdout through the writer thread: the run never waits on its reader.
+    let mut sink = output::Sink::new(
+        io::stdout(),
+        format,
+        prometheus,
+        args.plot,
+        pfn_visible,
+        writer::warn_stderr,
+    )
+    .map_err(|e| Failure::new(1, &e))?;
     let result = vmm::run(cfg, &mut |row: &Row| sink.row(row));
     // The plot is drawn whatever ended the run: a stop loses no result.
     let finished = sink.finish();
+    if let Ok(not) = &finished.printed
+        && not.total() > 0
+    {
+        writer::say_on_stderr(
+            format!(
+                "memvisor: {} row(s) were not written to standard output: it was not read fast \
+                 enough ({} dropped from the full queue, {} still queued at the end)",
+                not.total(),
+                not.dropped,
+                not.abandoned
+            ),
+            writer::FINISH_WAIT,
+        );
+    }
     match result {
         Ok(summary) => {
             log::info!(
@@ -145,12 +163,16 @@ fn run(args: RunArgs) -> Result<(), Failure> {
                 summary.setup_ms,
                 summary.elapsed_s
             );
-            finished.map_err(|e| Failure::new(1, &e))
+            finished.printed.map_err(write_failure)?;
+            finished.plot.map_err(|e| Failure::new(1, &e))
         }
         Err(RunError::OutputClosed) => Err(Failure::output_closed()),
         Err(e) => {
-            if let Err(plot) = finished {
-                let _ = writeln!(io::stderr(), "memvisor: error: {}", chain(&plot));
+            if let Err(plot) = finished.plot {
+                writer::say_on_stderr(
+                    format!("memvisor: error: {}", chain(&plot)),
+                    writer::FINISH_WAIT,
+                );
             }
             Err(Failure::new(stop::exit_code(e.end_reason()), &e))
         }
@@ -215,8 +237,8 @@ fn main() -> ExitCode {
         Ok(()) => ExitCode::SUCCESS,
         Err(f) => {
             if let Some(m) = f.message {
-                // stderr may be closed too: nothing more to do then.
-                let _ = writeln!(io::stderr(), "memvisor: error: {m}");
+                // stderr may be closed, or full and unread: the message is given a bounded time.
+                writer::say_on_stderr(format!("memvisor: error: {m}"), writer::FINISH_WAIT);
             }
             ExitCode::from(f.code)
         }

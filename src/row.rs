@@ -188,6 +188,38 @@ pub struct Row {
     pub active_writes: Option<Active>,
     /// The virtio-balloon, when the guest has one.
     pub balloon: Option<BalloonView>,
+    /// The `check` phase that ended in this interval, if one did.
+    pub check: Option<Check>,
+}
+
+/// What a `check` phase found, on the row of the interval in which it ended: of the heap pages
+/// it read, those still holding what the app wrote there and those reading zero (the rest were
+/// changed). When more than one check phase ended in the interval, their counts add up and their
+/// names are joined with `; `.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Check {
+    pub phase: String,
+    pub checked_pages: u64,
+    pub intact_pages: u64,
+    pub zero_pages: u64,
+    pub intact_mib: f64,
+    pub zero_mib: f64,
+}
+
+impl Check {
+    /// Adds another check phase's counts (same interval).
+    pub fn add(&mut self, other: Check) {
+        if !self.phase.is_empty() {
+            self.phase.push_str("; ");
+        }
+        self.phase.push_str(&other.phase);
+        self.checked_pages += other.checked_pages;
+        self.intact_pages += other.intact_pages;
+        self.zero_pages += other.zero_pages;
+        self.intact_mib += other.intact_mib;
+        self.zero_mib += other.zero_mib;
+    }
 }
 
 impl Row {

@@ -200,3 +200,135 @@ fn the_largest_ram_the_built_in_guest_accepts_boots() {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{stderr}");
 }
+
+/// Starts a run of short intervals whose stdout is a pipe nobody reads (held open, never read).
+fn spawn_unread(dir: &std::path::Path, more: &[&str]) -> std::process::Child {
+    memvisor()
+        .args([
+            "run",
+            "--mem",
+            "64M",
+            "--workload",
+            "alloc 4M; touch 4M write 60s",
+            "--interval",
+            "10ms",
+            "--json",
+            "--console",
+            dir.join("console").to_str().unwrap(),
+            "--map-out",
+            dir.join("run.map").to_str().unwrap(),
+        ])
+        .args(more)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memvisor")
+}
+
+/// Checks what a run stopped while its stdout was not read left: the exit code, the lost rows
+/// said on stderr (once), and the map.
+fn assert_unread_run_ended(
+    status: std::process::ExitStatus,
+    stderr: &str,
+    dir: &std::path::Path,
+    code: i32,
+) {
+    assert_eq!(status.code(), Some(code), "stderr: {stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert_eq!(
+        stderr.matches("not read fast enough: rows").count(),
+        1,
+        "said once: {stderr}"
+    );
+    assert!(
+        stderr.contains("row(s) were not written to standard output"),
+        "{stderr}"
+    );
+    let map = dir.join("run.map");
+    let out = memvisor_output(&["map", map.to_str().unwrap(), "--json"]);
+    assert!(out.status.success(), "the map was written: {out:?}");
+    let summary: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(summary["backed"].as_u64().unwrap() >= 4 * 256, "{summary}");
+}
+
+#[test]
+fn a_stdout_nobody_reads_does_not_stop_a_timeout() {
+    if !common::kvm("a_stdout_nobody_reads_does_not_stop_a_timeout") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    // ~2 KiB JSON rows every 10 ms fill a 64 KiB pipe within a second; the run then goes on.
+    let mut child = spawn_unread(dir.path(), &["--timeout", "4s"]);
+    let status = common::wait_bounded(&mut child, Duration::from_secs(20));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    assert_unread_run_ended(status, &stderr, dir.path(), 124);
+}
+
+#[test]
+fn a_stdout_nobody_reads_does_not_stop_a_sigterm() {
+    if !common::kvm("a_stdout_nobody_reads_does_not_stop_a_sigterm") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let mut child = spawn_unread(dir.path(), &["--timeout", "60s"]);
+    // Wait (bounded) until the pipe and the queue are full (memvisor says so), then stop it.
+    let mut stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = std::io::Read::read(&mut stderr, &mut buf) {
+            if n == 0 || tx.send(buf[..n].to_vec()).is_err() {
+                break;
+            }
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    while !String::from_utf8_lossy(&seen).contains("not read fast enough") {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(chunk) => seen.extend_from_slice(&chunk),
+            Err(e) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                panic!(
+                    "no word of the unread stdout ({e}): {}",
+                    String::from_utf8_lossy(&seen)
+                );
+            }
+        }
+    }
+    let pid = child.id() as libc::pid_t;
+    // SAFETY: kill only sends a signal to the child we spawned (its pid is live: not reaped yet).
+    let sent = unsafe { libc::kill(pid, libc::SIGTERM) };
+    assert_eq!(sent, 0);
+    let status = common::wait_bounded(&mut child, Duration::from_secs(20));
+    seen.extend(rx.iter().flatten());
+    let seen = String::from_utf8_lossy(&seen).into_owned();
+    assert_unread_run_ended(status, &seen, dir.path(), 143);
+}
+
+#[test]
+fn a_console_or_plot_fifo_without_a_reader_is_refused_not_waited_on() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("out.svg");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    for (option, needle) in [("--console", "--console"), ("--plot", "--plot")] {
+        let mut child = memvisor()
+            .args(["run", "--mem", "64M", "--workload", "idle 10ms", option])
+            .arg(&fifo)
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped())
+            .spawn()
+            .expect("spawn memvisor");
+        let status = common::wait_bounded(&mut child, Duration::from_secs(20));
+        let mut stderr = String::new();
+        std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+        assert_eq!(status.code(), Some(1), "{option}: {stderr}");
+        assert!(stderr.contains(needle), "{stderr}");
+        assert!(stderr.contains("a FIFO"), "{stderr}");
+    }
+}

@@ -1,25 +1,23 @@
 //! The guest protocol as a plain state machine: report-channel messages and clock readings in;
-//! replies, rows and the guest's verdict out. No KVM here, so every message kind and every failure
-//! is unit-tested (as vm-superio tests its devices).
+//! replies, the guest's truths and the guest's verdict out. No KVM here, so every message kind and
+//! every failure is unit-tested (as vm-superio tests its devices).
 //!
-//! The VMM feeds it each decoded [`Message`] ([`Protocol::message`]) and, at the end of each
-//! interval, the row it measured ([`Protocol::interval_ended`]). The protocol pairs that row with
-//! the guest's exact truth for the same interval (an INTERVAL message, which may come before or
-//! after the tick) and hands out completed rows in order ([`Protocol::take_rows`]). When the guest
+//! The VMM feeds it each decoded [`Message`] with the interval its clock is in
+//! ([`Protocol::message`]); the protocol answers with the reply the guest is owed and what the
+//! message told ([`News`]): the guest's exact truth for an interval that ended, or a phase that
+//! ended. Pairing truths with rows is not its business (`vmm::rows` does it). When the guest
 //! halts, [`Protocol::verdict`] says whether it ran its whole workload.
 //!
 //! The guest is not trusted: a message for an unknown phase or from a future interval is counted
-//! as a violation and ignored, truths are kept only for intervals a row can still claim, and DONE
-//! counts only after BOOT and every phase's end.
+//! as a violation and ignored, and DONE counts only after BOOT and every phase's end.
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use serde::Serialize;
 use thiserror::Error;
 
 use crate::contract::abi::{self, Message, MsgKind};
-use crate::row::{GuestView, Row, Truth};
+use crate::row::{GuestView, Truth};
 use crate::units::pages_mib;
 
 /// A phase as the guest ran it.
@@ -115,19 +113,29 @@ pub enum Reply {
     Sleep(Duration),
 }
 
+/// What a message told the VMM, besides its reply.
+#[derive(Clone, Debug, PartialEq)]
+pub enum News {
+    Nothing,
+    /// The guest's exact truth for `interval` (it saw the interval number change, or it is about
+    /// to halt and reports the interval it is in).
+    Truth {
+        interval: u64,
+        truth: Truth,
+    },
+    /// Phase `index` ended (its record is complete in [`Protocol::phases`]).
+    PhaseEnded(usize),
+}
+
 /// The protocol's state.
 #[derive(Debug)]
 pub struct Protocol {
     tsc_khz: u64,
-    interval: u64,
     phases: Vec<PhaseRecord>,
     current_phase: Option<usize>,
     boot: Option<BootReport>,
     guest: GuestView,
     done: bool,
-    truths: BTreeMap<u64, Truth>,
-    pending: Option<Row>,
-    ready: Vec<Row>,
     failure: Option<GuestError>,
     violations: u64,
     first_violation: Option<String>,
@@ -138,7 +146,6 @@ impl Protocol {
     pub fn new(phase_names: impl IntoIterator<Item = String>, tsc_khz: u64) -> Self {
         Protocol {
             tsc_khz: tsc_khz.max(1),
-            interval: 0,
             phases: phase_names
                 .into_iter()
                 .enumerate()
@@ -152,18 +159,10 @@ impl Protocol {
             boot: None,
             guest: GuestView::default(),
             done: false,
-            truths: BTreeMap::new(),
-            pending: None,
-            ready: Vec::new(),
             failure: None,
             violations: 0,
             first_violation: None,
         }
-    }
-
-    /// The interval now running (0-based); the VMM publishes it in the boot info.
-    pub fn interval(&self) -> u64 {
-        self.interval
     }
 
     /// The guest's view of its memory, as of its last message.
@@ -213,8 +212,15 @@ impl Protocol {
         ticks as f64 / (self.tsc_khz as f64 * 1e3)
     }
 
-    /// Handles one message; `now` is the time since the guest started.
-    pub fn message(&mut self, msg: &Message, kind: MsgKind, now: Duration) -> Reply {
+    /// Handles one message; `now` is the time since the guest started and `current` the interval
+    /// the VMM's clock is in.
+    pub fn message(
+        &mut self,
+        msg: &Message,
+        kind: MsgKind,
+        now: Duration,
+        current: u64,
+    ) -> (Reply, News) {
         self.guest = GuestView {
             allocated_pages: msg.alloc_pages,
             free_pages: msg.free_pages,
@@ -246,11 +252,15 @@ impl Protocol {
                 }
                 None => self.violation(format!("PHASE_START for unknown phase {}", msg.phase)),
             },
-            MsgKind::PhaseEnd => self.phase_end(msg, index, now_s),
-            MsgKind::Interval if msg.interval > self.interval => {
+            MsgKind::PhaseEnd => {
+                if self.phase_end(msg, index, now_s) {
+                    return (Reply::None, News::PhaseEnded(index));
+                }
+            }
+            MsgKind::Interval if msg.interval > current => {
                 self.violation(format!(
-                    "INTERVAL report for interval {} from the future (current {})",
-                    msg.interval, self.interval
+                    "INTERVAL report for interval {} from the future (current {current})",
+                    msg.interval
                 ));
             }
             MsgKind::Interval => {
@@ -267,25 +277,15 @@ impl Protocol {
                         0.0
                     },
                 };
-                match self.pending.take() {
-                    Some(mut row) if row.interval == msg.interval => {
-                        row.attach_truth(truth);
-                        self.ready.push(row);
-                    }
-                    pending => {
-                        self.pending = pending;
-                        // Keep only truths a row can still claim: bounded whatever the guest sends.
-                        let oldest = self.interval.saturating_sub(1);
-                        self.truths.retain(|&w, _| w >= oldest);
-                        if msg.interval >= oldest {
-                            self.truths.insert(msg.interval, truth);
-                        }
-                    }
-                }
+                let interval = msg.interval;
+                return (Reply::None, News::Truth { interval, truth });
             }
-            MsgKind::Sleep => return Reply::Sleep(Duration::from_nanos(msg.arg0)),
+            MsgKind::Sleep => {
+                return (Reply::Sleep(Duration::from_nanos(msg.arg0)), News::Nothing);
+            }
             MsgKind::Time => {
-                return Reply::Value(u64::try_from(now.as_nanos()).unwrap_or(u64::MAX));
+                let ns = u64::try_from(now.as_nanos()).unwrap_or(u64::MAX);
+                return (Reply::Value(ns), News::Nothing);
             }
             MsgKind::Done => {
                 self.done = true;
@@ -293,19 +293,25 @@ impl Protocol {
             }
             MsgKind::Fault => self.failure = Some(fault(msg)),
         }
-        Reply::None
+        (Reply::None, News::Nothing)
     }
 
-    fn phase_end(&mut self, msg: &Message, index: usize, now_s: f64) {
+    /// Records a phase's end; false if the message broke the protocol.
+    fn phase_end(&mut self, msg: &Message, index: usize, now_s: f64) -> bool {
         let secs = self.ticks_to_s(msg.arg0);
         let Some(p) = self.phases.get_mut(index) else {
             self.violation(format!("PHASE_END for unknown phase {}", msg.phase));
-            return;
+            return false;
         };
-        if !p.started {
-            let what = format!("PHASE_END for phase {index}, which never started");
+        if !p.started || p.ended {
+            let what = if p.ended {
+                "already ended"
+            } else {
+                "never started"
+            };
+            let what = format!("PHASE_END for phase {index}, which {what}");
             self.violation(what);
-            return;
+            return false;
         }
         p.ended = true;
         p.end_s = now_s;
@@ -339,38 +345,7 @@ impl Protocol {
                 })
             }
         }
-    }
-
-    /// The VMM's row for the interval that just ended (`row.interval` is [`Self::interval`]).
-    /// A row still waiting for its truth from the interval before is given up on and handed out
-    /// without it. Unless `last`, the next interval begins.
-    pub fn interval_ended(&mut self, mut row: Row, last: bool) {
-        if let Some(stale) = self.pending.take() {
-            self.ready.push(stale);
-        }
-        row.interval = self.interval;
-        if let Some(t) = self.truths.remove(&self.interval) {
-            row.attach_truth(t);
-            self.ready.push(row);
-        } else if last {
-            self.ready.push(row);
-        } else {
-            self.pending = Some(row);
-        }
-        if !last {
-            self.interval += 1;
-        }
-    }
-
-    /// The completed row of interval `interval`, not handed out yet (the run loop adds what the
-    /// guest said along with its truth, e.g. its balloon statistics).
-    pub fn ready_row_mut(&mut self, interval: u64) -> Option<&mut Row> {
-        self.ready.iter_mut().find(|r| r.interval == interval)
-    }
-
-    /// Rows complete so far, in order.
-    pub fn take_rows(&mut self) -> Vec<Row> {
-        std::mem::take(&mut self.ready)
+        true
     }
 
     /// The verdict once the guest has halted: `Ok` only if it booted, ran every phase to its end
@@ -473,9 +448,14 @@ mod tests {
         Message::new(kind)
     }
 
+    /// Sends a message while the VMM's clock is in interval 0.
     fn send(p: &mut Protocol, m: Message) -> Reply {
+        send_in(p, m, 0).0
+    }
+
+    fn send_in(p: &mut Protocol, m: Message, current: u64) -> (Reply, News) {
         let kind = m.decode_kind().unwrap();
-        p.message(&m, kind, SEC)
+        p.message(&m, kind, SEC, current)
     }
 
     fn phase_msg(kind: MsgKind, phase: u64) -> Message {
@@ -661,69 +641,66 @@ mod tests {
         assert_eq!(send(&mut p, s), Reply::Sleep(Duration::from_micros(1500)));
         let t = msg(MsgKind::Time);
         assert_eq!(
-            p.message(&t, MsgKind::Time, Duration::from_millis(3)),
-            Reply::Value(3_000_000)
+            p.message(&t, MsgKind::Time, Duration::from_millis(3), 0),
+            (Reply::Value(3_000_000), News::Nothing)
         );
         assert_eq!(send(&mut p, msg(MsgKind::Boot)), Reply::None);
     }
 
     #[test]
-    fn a_row_waits_for_its_truth_then_leaves_with_it() {
+    fn an_interval_report_is_news_of_its_truth() {
         let mut p = proto(1);
-        p.interval_ended(Row::default(), false);
-        assert!(p.take_rows().is_empty(), "no truth yet");
-        assert_eq!(p.interval(), 1);
-        send(&mut p, interval_msg(0, 256, 128));
-        let rows = p.take_rows();
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].interval, 0);
-        assert_eq!(rows[0].truth.as_ref().unwrap().written_pages, 128);
+        let mut m = interval_msg(2, 256, 128);
+        m.iterations = 1000;
+        m.arg0 = 500_000_000; // 0.5 s at 1 GHz
+        let (reply, news) = send_in(&mut p, m, 3);
+        assert_eq!(reply, Reply::None);
+        let News::Truth { interval, truth } = news else {
+            panic!("no truth: {news:?}");
+        };
+        assert_eq!(interval, 2);
+        assert_eq!((truth.touched_pages, truth.written_pages), (256, 128));
+        assert_eq!((truth.touched_mib, truth.written_mib), (1.0, 0.5));
+        assert!((truth.rate - 2000.0).abs() < 1e-9, "{}", truth.rate);
+        // The guest's report of the interval it is in (before it halts) is news too.
+        assert!(matches!(
+            send_in(&mut p, interval_msg(3, 1, 1), 3).1,
+            News::Truth { interval: 3, .. }
+        ));
+        assert_eq!(p.violations().0, 0);
     }
 
     #[test]
-    fn a_truth_that_comes_first_waits_for_its_row() {
+    fn truths_from_the_future_are_violations_not_news() {
         let mut p = proto(1);
-        send(&mut p, interval_msg(0, 10, 10));
-        assert!(p.take_rows().is_empty());
-        p.interval_ended(Row::default(), false);
-        let rows = p.take_rows();
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].truth.as_ref().unwrap().touched_pages, 10);
-    }
-
-    #[test]
-    fn a_row_whose_truth_never_comes_leaves_at_the_next_tick() {
-        let mut p = proto(1);
-        p.interval_ended(Row::default(), false);
-        p.interval_ended(Row::default(), false);
-        let rows = p.take_rows();
-        assert_eq!(rows.len(), 1);
-        assert_eq!(rows[0].interval, 0);
-        assert!(rows[0].truth.is_none());
-        // The last row leaves at once, with or without truth, and the pending one before it.
-        p.interval_ended(Row::default(), true);
-        let rows = p.take_rows();
-        assert_eq!(
-            rows.iter().map(|r| r.interval).collect::<Vec<_>>(),
-            vec![1, 2]
-        );
-        assert_eq!(p.interval(), 2, "the last row does not start an interval");
-    }
-
-    #[test]
-    fn truths_from_the_future_are_rejected_and_old_ones_bounded() {
-        let mut p = proto(1);
-        send(&mut p, interval_msg(5, 1, 1));
+        assert_eq!(send_in(&mut p, interval_msg(5, 1, 1), 4).1, News::Nothing);
         assert_eq!(p.violations().0, 1);
         assert!(p.violations().1.unwrap().contains("from the future"));
-        for _ in 0..10 {
-            p.interval_ended(Row::default(), false);
-        }
-        // Ancient truths are dropped, not kept forever.
-        for w in 0..10 {
-            send(&mut p, interval_msg(w, 1, 1));
-        }
-        assert!(p.truths.len() <= 2, "{:?}", p.truths.keys());
+    }
+
+    #[test]
+    fn a_phase_end_is_news_only_when_it_is_valid() {
+        let mut p = proto(2);
+        send(&mut p, msg(MsgKind::Boot));
+        let mut end = phase_msg(MsgKind::PhaseEnd, 1);
+        assert_eq!(send_in(&mut p, end, 0).1, News::Nothing, "never started");
+        send(&mut p, phase_msg(MsgKind::PhaseStart, 1));
+        end.arg2 = 3 | 5 << 32;
+        assert_eq!(send_in(&mut p, end, 0).1, News::PhaseEnded(1));
+        assert_eq!(
+            (p.phases()[1].intact_pages, p.phases()[1].zero_pages),
+            (3, 5)
+        );
+        assert_eq!(
+            send_in(&mut p, phase_msg(MsgKind::PhaseEnd, 9), 0).1,
+            News::Nothing
+        );
+        // A phase ends once: a repeat is a violation, and its counts are not taken.
+        end.arg2 = 9;
+        assert_eq!(send_in(&mut p, end, 0).1, News::Nothing);
+        assert_eq!(p.phases()[1].intact_pages, 3);
+        assert_eq!(p.violations().0, 3);
+        assert!(p.violations().1.unwrap().contains("never started"));
     }
 
     #[test]

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value};
 
 use crate::row::GuestStats;
-use crate::row::{Active, BalloonView, HostUsage, Row, Truth};
+use crate::row::{Active, BalloonView, Check, HostUsage, Row, Truth};
 
 /// A row with every optional section present, so that the header lists every column even when
 /// the first interval lacks some (no truth yet, sampling off).
@@ -25,6 +25,7 @@ fn template() -> Row {
             guest_stats: Some(GuestStats::default()),
             ..BalloonView::default()
         }),
+        check: Some(Check::default()),
         ..Row::default()
     }
 }
@@ -157,6 +158,14 @@ mod tests {
                 dirty_rate_mib_s: 64.0,
                 ..Active::default()
             }),
+            check: Some(Check {
+                phase: "check 4M".into(),
+                checked_pages: 1024,
+                intact_pages: 1000,
+                zero_pages: 24,
+                intact_mib: 1000.0 / 256.0,
+                zero_mib: 24.0 / 256.0,
+            }),
         };
         r.attach_truth(Truth {
             touched_pages: 3,
@@ -187,6 +196,8 @@ mod tests {
         assert!(headers.contains(&"host_host_MiB".to_string()));
         assert!(headers.contains(&"active_writes_dirty_rate_MiB_s".to_string()));
         assert!(headers.contains(&"time_s".to_string()));
+        assert!(headers.contains(&"check_intact_pages".to_string()));
+        assert!(headers.contains(&"check_zero_MiB".to_string()));
         for ((h, v), (k, json)) in headers.iter().zip(&values).zip(&flat) {
             let expect = match json {
                 Value::String(s) => s.clone(),
@@ -212,5 +223,6 @@ mod tests {
         assert_eq!(at("host_backed_MiB"), "");
         assert_eq!(at("active_writes_estimate_MiB"), "");
         assert_eq!(at("truth_written_pages"), "");
+        assert_eq!(at("check_intact_pages"), "");
     }
 }

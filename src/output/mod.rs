@@ -1,6 +1,6 @@
 //! Rendering rows for people (a fixed-width table) and for scripts (one JSON object or CSV row
-//! per line), plus the [`Sink`] that sends each row to the chosen format, the Prometheus
-//! endpoint and the plot.
+//! per line), plus the [`Sink`] that sends each row to the chosen format (through the writer
+//! thread: the run never waits on its reader), the Prometheus endpoint and the plot.
 
 pub mod csv;
 #[cfg(feature = "prometheus")]
@@ -9,14 +9,16 @@ pub mod http;
 pub mod plot;
 #[cfg(feature = "prometheus")]
 pub mod prometheus;
+pub mod writer;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use crate::row::{Active, Row};
 #[cfg(feature = "prometheus")]
 use prometheus::Exporter;
+use writer::{LineWriter, NotWritten};
 
 /// The table's two header lines. Without PFNs (not root) the host usage group says that its
 /// `zero` and `backed` are inferred from writes, not read from the host's page tables.
@@ -160,15 +162,29 @@ pub fn table_row(r: &Row) -> String {
         cell(bal.map(|b| b.balloon_mib), 6, 1),
         cell(gs.and_then(|g| g.free_mib), 6, 1),
         cell(gs.and_then(|g| g.available_mib), 6, 1),
-        match r.end {
-            Some(crate::row::EndReason::Done) => "  (end)".to_string(),
-            Some(why) if r.guest.out_of_memory => {
-                format!("  (end: {}: the guest is out of memory)", why.as_str())
-            }
-            Some(why) => format!("  (end: {})", why.as_str()),
-            None => String::new(),
-        }
+        end_marker(r)
     )
+}
+
+/// What follows the last row: `(end)` or `(end: why)`, after `(partial: 0.02 s)` when its
+/// interval was cut short (its rates are over that length, its counts not a full interval's).
+fn end_marker(r: &Row) -> String {
+    let Some(why) = r.end else {
+        return String::new();
+    };
+    let partial = if r.partial {
+        format!("  (partial: {} s)", cell(Some(r.length_s), 6, 2))
+    } else {
+        String::new()
+    };
+    let end = match why {
+        crate::row::EndReason::Done => "(end)".to_string(),
+        why if r.guest.out_of_memory => {
+            format!("(end: {}: the guest is out of memory)", why.as_str())
+        }
+        why => format!("(end: {})", why.as_str()),
+    };
+    format!("{partial}  {end}")
 }
 
 /// One JSON line.
@@ -207,34 +223,48 @@ pub enum OutputError {
         flag: &'static str,
         feature: &'static str,
     },
-    #[error("writing to standard output")]
-    Write(#[source] std::io::Error),
+    #[error("--plot {path}: {kind}, not a regular file: refused")]
+    PlotTarget { path: String, kind: &'static str },
 }
 
-/// Where each row goes: the printed format, the Prometheus endpoint (latest row) and the plot
-/// written at the end (all rows).
-pub struct Sink<W: Write> {
-    out: W,
+/// What became of the outputs at the end.
+#[derive(Debug)]
+pub struct Finished {
+    /// The printed rows: those that did not reach standard output, or the write error that
+    /// stopped it.
+    pub printed: std::io::Result<NotWritten>,
+    /// The plot, if asked for.
+    pub plot: Result<(), OutputError>,
+}
+
+/// Where each row goes: the printed format (queued for the writer thread), the Prometheus
+/// endpoint (latest row) and the plot written at the end.
+pub struct Sink {
+    lines: LineWriter,
     format: Format,
     #[cfg(feature = "prometheus")]
     exporter: Option<Exporter>,
+    /// The rows the plot draws: the sink's one copy of rows (`row` pushes, `finish` draws).
     plot: Option<(PathBuf, Vec<Row>)>,
 }
 
-impl<W: Write> Sink<W> {
+impl Sink {
     /// Starts the Prometheus server (if `prometheus` is given) and checks the plot's file name
-    /// before the run, so that a bad address or file name fails at once; prints the header.
-    /// `pfn_visible`: whether this process can see host PFNs (the table's header says so).
-    pub fn new(
-        mut out: W,
+    /// before the run, so that a bad address or file name fails at once; starts the writer
+    /// thread on `out` and queues the header. `pfn_visible`: whether this process can see host
+    /// PFNs (the table's header says so). `warn`: where the writer says once that it drops rows.
+    pub fn new<W: Write + Send + 'static>(
+        out: W,
         format: Format,
         prometheus: Option<(SocketAddr, String)>,
         plot: Option<PathBuf>,
         pfn_visible: bool,
+        warn: fn(String),
     ) -> Result<Self, OutputError> {
         #[cfg(feature = "plot")]
         if let Some(p) = &plot {
             plot::check_path(p)?;
+            check_plot_target(p)?;
         }
         #[cfg(not(feature = "plot"))]
         if plot.is_some() {
@@ -264,18 +294,18 @@ impl<W: Write> Sink<W> {
             }
             None => None,
         };
+        let mut lines = LineWriter::spawn(out, writer::QUEUE_LINES, warn);
         let header = match format {
             Format::Table => Some(table_header(pfn_visible)),
             Format::Csv => Some(crate::output::csv::header()),
             Format::Json => None,
         };
         if let Some(h) = header {
-            writeln!(out, "{h}")
-                .and_then(|_| out.flush())
-                .map_err(OutputError::Write)?;
+            // A failed write shows at the first row (or at the end).
+            let _ = lines.send(h);
         }
         Ok(Sink {
-            out,
+            lines,
             format,
             #[cfg(feature = "prometheus")]
             exporter,
@@ -283,9 +313,9 @@ impl<W: Write> Sink<W> {
         })
     }
 
-    /// Hands one row to the Prometheus server and the plot, then prints it; a failed print is
-    /// the caller's to act on (a closed pipe stops the run). Never blocks on a scrape (the server
-    /// only swaps in the latest row under a short lock).
+    /// Hands one row to the Prometheus server and the plot, then queues its line; never blocks
+    /// (the server only swaps in the latest row under a short lock). An error is a failed
+    /// earlier write, the caller's to act on (a closed pipe stops the run).
     pub fn row(&mut self, row: &Row) -> std::io::Result<()> {
         #[cfg(feature = "prometheus")]
         if let Some(e) = &self.exporter {
@@ -299,18 +329,51 @@ impl<W: Write> Sink<W> {
             Format::Json => json_row(row),
             Format::Csv => crate::output::csv::row(row),
         };
-        writeln!(self.out, "{line}")?;
-        self.out.flush()
+        self.lines.send(line)
     }
 
-    /// Writes the plot (if asked for) and stops the Prometheus server.
-    pub fn finish(self) -> Result<(), OutputError> {
+    /// Lets the writer finish (waiting at most [`writer::FINISH_WAIT`]), writes the plot (if
+    /// asked for) and stops the Prometheus server.
+    pub fn finish(self) -> Finished {
+        let printed = self.lines.finish(writer::FINISH_WAIT);
         #[cfg(feature = "plot")]
-        if let Some((path, rows)) = &self.plot {
-            plot::write(path, rows)?;
-        }
-        Ok(())
+        let plot = match &self.plot {
+            Some((path, rows)) => plot::write(path, rows).map_err(OutputError::from),
+            None => Ok(()),
+        };
+        #[cfg(not(feature = "plot"))]
+        let plot = Ok(());
+        Finished { printed, plot }
     }
+}
+
+#[cfg(feature = "plot")]
+/// Refuses a plot path that exists and is not a regular file (a FIFO would block the run's end,
+/// a device or a symbolic link would be written through).
+fn check_plot_target(path: &Path) -> Result<(), OutputError> {
+    let Ok(meta) = std::fs::symlink_metadata(path) else {
+        return Ok(()); // missing: created at the end
+    };
+    let t = meta.file_type();
+    if t.is_file() {
+        return Ok(());
+    }
+    use std::os::unix::fs::FileTypeExt;
+    let kind = if t.is_symlink() {
+        "a symbolic link"
+    } else if t.is_fifo() {
+        "a FIFO"
+    } else if t.is_dir() {
+        "a directory"
+    } else if t.is_socket() {
+        "a socket"
+    } else {
+        "a device node"
+    };
+    Err(OutputError::PlotTarget {
+        path: path.display().to_string(),
+        kind,
+    })
 }
 
 #[cfg(test)]
@@ -347,6 +410,7 @@ mod tests {
             }),
             reads_seen: true,
             balloon: None,
+            check: None,
             length_s: 1.0,
             partial: false,
             time_s: v,
@@ -456,6 +520,22 @@ mod tests {
         assert_eq!(phase_cell("a\u{7}b", 24), "a?b");
     }
 
+    /// An output the test reads back after the writer thread finished.
+    #[derive(Clone, Default)]
+    struct Shared(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl Write for Shared {
+        fn write(&mut self, buf: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(buf);
+            Ok(buf.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    fn quiet(_: String) {}
+
     /// Built without its feature, an output asked for is a clear error before anything runs.
     #[cfg(not(all(feature = "plot", feature = "prometheus")))]
     #[test]
@@ -463,7 +543,7 @@ mod tests {
         #[cfg(not(feature = "prometheus"))]
         {
             let prom = Some(("127.0.0.1:0".parse().unwrap(), "x".to_string()));
-            let err = Sink::new(Vec::new(), Format::Json, prom, None, true)
+            let err = Sink::new(Shared::default(), Format::Json, prom, None, true, quiet)
                 .err()
                 .unwrap()
                 .to_string();
@@ -475,7 +555,7 @@ mod tests {
         #[cfg(not(feature = "plot"))]
         {
             let plot = Some(PathBuf::from("run.svg"));
-            let err = Sink::new(Vec::new(), Format::Json, None, plot, true)
+            let err = Sink::new(Shared::default(), Format::Json, None, plot, true, quiet)
                 .err()
                 .unwrap()
                 .to_string();
@@ -489,22 +569,65 @@ mod tests {
     #[test]
     fn sink_prints_the_chosen_format() {
         let r = row_with(3.0, "idle 1s");
-        let mut buf = Vec::new();
-        let mut s = Sink::new(&mut buf, Format::Csv, None, None, true).unwrap();
+        let buf = Shared::default();
+        let mut s = Sink::new(buf.clone(), Format::Csv, None, None, true, quiet).unwrap();
         s.row(&r).unwrap();
-        s.finish().unwrap();
-        let text = String::from_utf8(buf).unwrap();
+        let f = s.finish();
+        assert_eq!(f.printed.unwrap().total(), 0);
+        f.plot.unwrap();
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
         assert_eq!(
             lines,
             [crate::output::csv::header(), crate::output::csv::row(&r)]
         );
 
-        let mut buf = Vec::new();
-        let mut s = Sink::new(&mut buf, Format::Json, None, None, true).unwrap();
+        let buf = Shared::default();
+        let mut s = Sink::new(buf.clone(), Format::Json, None, None, true, quiet).unwrap();
         s.row(&r).unwrap();
-        s.finish().unwrap();
-        let back: Row = serde_json::from_slice(&buf).unwrap();
+        assert_eq!(s.finish().printed.unwrap().total(), 0);
+        let back: Row = serde_json::from_slice(&buf.0.lock().unwrap()).unwrap();
         assert_eq!(back, r);
+    }
+
+    #[test]
+    fn the_last_row_says_why_the_run_ended_and_whether_it_was_cut_short() {
+        let mut r = row_with(3.0, "idle 1s");
+        assert!(!table_row(&r).contains("(end"));
+        r.end = Some(crate::row::EndReason::Done);
+        assert!(table_row(&r).ends_with("  (end)"));
+        r.partial = true;
+        r.length_s = 0.0213;
+        r.end = Some(crate::row::EndReason::Timeout);
+        assert!(
+            table_row(&r).ends_with("  (partial: 0.02 s)  (end: timeout)"),
+            "{}",
+            table_row(&r)
+        );
+    }
+
+    #[test]
+    fn a_plot_path_that_is_not_a_regular_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let fifo = dir.path().join("p.svg");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: mkfifo reads a NUL-terminated path that outlives the call.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = Sink::new(
+            Shared::default(),
+            Format::Json,
+            None,
+            Some(fifo),
+            true,
+            quiet,
+        )
+        .err()
+        .expect("refused");
+        assert!(e.to_string().contains("a FIFO"), "{e}");
+        let link = dir.path().join("l.svg");
+        std::os::unix::fs::symlink(dir.path().join("target.svg"), &link).unwrap();
+        let e = check_plot_target(&link).unwrap_err();
+        assert!(e.to_string().contains("symbolic link"), "{e}");
+        assert!(check_plot_target(&dir.path().join("new.svg")).is_ok());
     }
 }

@@ -301,12 +301,14 @@ impl RunConfig {
         check_access_samples(opts.access_samples, opts.mem)?;
         let smoother = Smoother::new(opts.ewma_fast, opts.ewma_slow).map_err(ConfigError::Ewma)?;
         let console: Box<dyn Write + Send> = match &opts.console {
-            Some(p) if p.as_os_str() != "-" => Box::new(std::fs::File::create(p).map_err(
-                |source| ConfigError::Console {
-                    path: p.clone(),
-                    source,
-                },
-            )?),
+            Some(p) if p.as_os_str() != "-" => {
+                Box::new(crate::vmm::console_file::open(p).map_err(|source| {
+                    ConfigError::Console {
+                        path: p.clone(),
+                        source,
+                    }
+                })?)
+            }
             _ => Box::new(std::io::stderr()),
         };
         Ok(RunConfig {

@@ -1,19 +1,23 @@
 //! The recipe: build guest memory and load the guest, create the VM and its vCPU, run until the
 //! guest halts (doing the interval work at every tick), and summarise. What each step means lives
-//! elsewhere: `config` (the validated options), `exits` (what an exit means), `protocol` (what the
-//! guest says), `interval` (what an interval measures), `stop` (signals).
+//! elsewhere: `config` (the validated options), `clock` (the intervals and their numbers), `exits`
+//! (what an exit means), `protocol` (what the guest says), `interval` (what an interval measures),
+//! `rows` (when a row is complete), `stop` (signals).
 
 pub mod clock;
 pub mod config;
+pub mod console_file;
 pub mod exits;
 pub mod outcome;
+pub mod rows;
 pub mod stop;
 
 use std::io;
 use std::time::{Duration, Instant};
 
-use crate::contract::abi::{self, MsgKind};
-use crate::contract::protocol::{Protocol, Reply};
+use crate::contract::abi;
+use crate::contract::protocol::{News, Protocol, Reply};
+use crate::contract::workload::Phase;
 use crate::devices::Balloon;
 use crate::kvm::boot;
 use crate::kvm::vcpu::Vcpu;
@@ -21,15 +25,17 @@ use crate::kvm::vm::Vm;
 use crate::memory::GuestRam;
 use crate::observe::access::AccessSampler;
 use crate::observe::interval::{Estimators, IntervalError, IntervalWork};
-use crate::row::{BalloonView, EndReason, Row};
+use crate::row::{BalloonView, Check, EndReason, Row};
 use crate::units;
 use crate::units::PAGE_SIZE;
 use crate::vmm::clock::{Clock, Kicker, POLL};
 use crate::vmm::config::RunConfig;
 use crate::vmm::exits::{Action, ExitHandler};
 pub use crate::vmm::outcome::{RunError, RunSummary};
+use crate::vmm::rows::Joiner;
 
-/// Receives each row as it is complete; an error stops the run (a closed pipe quietly).
+/// Receives each row as soon as it is complete, on the vCPU thread: it must not block (the
+/// binary queues it for a writer thread). An error stops the run (a closed pipe quietly).
 pub type OnRow<'a> = &'a mut dyn FnMut(&Row) -> io::Result<()>;
 
 /// Boots the guest and runs its workload to the end, handing each interval's row to `on_row`.
@@ -64,44 +70,47 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
     let balloon = cfg
         .balloon
         .map(|b| Balloon::new(vm.ram().pages(), b.reporting, b.target_pages, b.hard_limit));
+    let work = IntervalWork::new(
+        &vm,
+        Estimators {
+            write: cfg.samplers,
+            write_smoother: cfg.smoother.clone(),
+            access: AccessSampler::for_memory_or_announce(
+                vm.memory(),
+                cfg.access_samples,
+                cfg.access_seed,
+            ),
+            access_cycle: cfg.access_cycle,
+            access_smoother: cfg.smoother,
+            stratify: cfg.stratify,
+        },
+    )?;
+    // The clock starts here, and with it the kicker thread (stopped when `vmm` is dropped).
+    let clock = Clock::new(cfg.interval, cfg.timeout);
+    let kicker = Kicker::spawn(clock.grid());
     let mut vmm = Vmm {
         vm: &vm,
         handler: ExitHandler::new(vm.ram().size(), cfg.console, balloon),
         protocol: Protocol::new(cfg.workload.phases.iter().map(|p| p.to_string()), tsc_khz),
-        work: IntervalWork::new(
-            &vm,
-            Estimators {
-                write: cfg.samplers,
-                write_smoother: cfg.smoother.clone(),
-                access: AccessSampler::for_memory_or_announce(
-                    vm.memory(),
-                    cfg.access_samples,
-                    cfg.access_seed,
-                ),
-                access_cycle: cfg.access_cycle,
-                access_smoother: cfg.smoother,
-                stratify: cfg.stratify,
-            },
-        )?,
-        clock: Clock::new(cfg.interval, cfg.timeout),
-        next_tick: Instant::now(),
-        interval_start: Instant::now(),
+        check_phases: (cfg.workload.phases.iter())
+            .map(|p| matches!(p, Phase::Check { .. }))
+            .collect(),
+        work,
+        joiner: Joiner::new(rows::grace(cfg.interval)),
+        clock,
+        kicker,
+        check: None,
         tsc_khz,
         map_out: cfg.map_out,
         map_every: cfg.map_every,
-        rows: Vec::new(),
         output: Ok(()),
         on_row,
     };
-    vmm.next_tick = vmm.clock.tick(0);
-    vmm.interval_start = vmm.clock.start;
     let setup = t0.elapsed();
     log::info!("set-up took {:.1} ms", setup.as_secs_f64() * 1e3);
 
-    // Run, with a kicker thread for the interval ticks, the deadline and stop signals.
-    let kicker = Kicker::spawn(vmm.clock.clone());
     let ended = vmm.run_loop(&mut vcpu);
-    kicker.stop();
+    vmm.kicker.stop();
     vmm.handler.console.flush();
 
     // Report: the last row and the map, whatever ended the run, then the verdict.
@@ -139,16 +148,19 @@ struct Vmm<'vm, 'o> {
     vm: &'vm Vm,
     handler: ExitHandler,
     protocol: Protocol,
+    /// Which phases are `check` phases (their results go on a row).
+    check_phases: Vec<bool>,
     work: IntervalWork,
+    /// Pairs each measured row with the guest's truth and lets it go.
+    joiner: Joiner,
+    /// The interval grid and the interval now running.
     clock: Clock,
-    /// The end of the current interval; ticks the loop was too busy for are skipped.
-    next_tick: Instant,
-    /// When the current interval began (its length goes into the dirty rate).
-    interval_start: Instant,
+    kicker: Kicker,
+    /// The check phases that ended in the running interval.
+    check: Option<Check>,
     tsc_khz: u64,
     map_out: Option<std::path::PathBuf>,
     map_every: Option<u64>,
-    rows: Vec<Row>,
     /// The first failure to hand out a row; no row is offered after one.
     output: io::Result<()>,
     on_row: OnRow<'o>,
@@ -163,12 +175,13 @@ impl Vmm<'_, '_> {
             match handled {
                 Ok(Action::Continue | Action::Kicked) => {}
                 Ok(Action::Report { msg, kind, addr }) => {
-                    let reply = self
-                        .protocol
-                        .message(&msg, kind, self.clock.start.elapsed());
-                    if kind == MsgKind::Interval {
-                        self.attach_guest_stats(msg.interval);
-                    }
+                    let (reply, news) = self.protocol.message(
+                        &msg,
+                        kind,
+                        self.clock.elapsed(),
+                        self.clock.current(),
+                    );
+                    self.news(news);
                     match reply {
                         Reply::None => {}
                         Reply::Value(v) => self.reply(addr, v)?,
@@ -187,9 +200,50 @@ impl Vmm<'_, '_> {
             if let Some(e) = self.stop_due() {
                 return Ok(Ended::Early(e));
             }
-            if Instant::now() >= self.next_tick {
+            let now = Instant::now();
+            if now >= self.clock.ends() {
                 self.tick(None)?;
+            } else if let Some(row) = self.joiner.expired(now) {
+                self.emit(row);
             }
+        }
+    }
+
+    /// Acts on what a guest message told: a truth completes its row, which leaves at once; a
+    /// check phase's result waits for the row of this interval.
+    fn news(&mut self, news: News) {
+        match news {
+            News::Nothing => {}
+            News::Truth { interval, truth } => {
+                if let Some(mut row) = self.joiner.truth(interval, truth) {
+                    self.attach_guest_stats(&mut row);
+                    self.emit(row);
+                    self.kicker.alarm(None);
+                }
+            }
+            News::PhaseEnded(i) if self.check_phases.get(i) == Some(&true) => {
+                let p = &self.protocol.phases()[i];
+                let check = Check {
+                    phase: p.name.clone(),
+                    checked_pages: p.touched_pages,
+                    intact_pages: p.intact_pages,
+                    zero_pages: p.zero_pages,
+                    intact_mib: units::pages_mib(p.intact_pages),
+                    zero_mib: units::pages_mib(p.zero_pages),
+                };
+                match &mut self.check {
+                    Some(c) => c.add(check),
+                    None => self.check = Some(check),
+                }
+            }
+            News::PhaseEnded(_) => {}
+        }
+    }
+
+    /// Hands a complete row out (unless an earlier one failed to go).
+    fn emit(&mut self, row: Row) {
+        if self.output.is_ok() {
+            self.output = (self.on_row)(&row);
         }
     }
 
@@ -220,15 +274,19 @@ impl Vmm<'_, '_> {
     }
 
     /// The guest's SLEEP: until `d` has passed, the next tick or a stop, whichever is first;
-    /// does the tick's work if it came. True if a tick ended the sleep.
+    /// does the tick's work if it came (and lets a row go whose grace ran out meanwhile). True if
+    /// a tick ended the sleep.
     fn sleep(&mut self, d: Duration) -> Result<bool, RunError> {
         let until = Instant::now().checked_add(d);
         loop {
             let now = Instant::now();
-            let tick = self.next_tick;
+            let tick = self.clock.ends();
             if now >= tick {
                 self.tick(None)?;
                 return Ok(true);
+            }
+            if let Some(row) = self.joiner.expired(now) {
+                self.emit(row);
             }
             if until.is_some_and(|u| now >= u) || self.clock.past_deadline() {
                 return Ok(false);
@@ -236,22 +294,21 @@ impl Vmm<'_, '_> {
             if stop::requested().is_some() {
                 return Ok(false);
             }
-            let wake = until.map_or(tick, |u| u.min(tick));
-            std::thread::sleep((wake - now).min(POLL));
+            let wake = [until, self.joiner.deadline()]
+                .into_iter()
+                .flatten()
+                .fold(tick, Instant::min);
+            std::thread::sleep(wake.saturating_duration_since(now).min(POLL));
         }
     }
 
     /// The guest answers the statistics request of an interval tick on its next system call,
     /// which is the INTERVAL report that completes the row: the row shows those statistics.
-    fn attach_guest_stats(&mut self, interval: u64) {
+    fn attach_guest_stats(&self, row: &mut Row) {
         let Some(stats) = self.handler.balloon.as_ref().and_then(|b| b.stats()) else {
             return;
         };
-        if let Some(view) = self
-            .protocol
-            .ready_row_mut(interval)
-            .and_then(|r| r.balloon.as_mut())
-        {
+        if let Some(view) = row.balloon.as_mut() {
             view.guest_stats = Some(stats.clone());
         }
     }
@@ -264,7 +321,7 @@ impl Vmm<'_, '_> {
             let ranges = b.take_released();
             if !ranges.is_empty() {
                 let released = self.vm.release(&ranges).map_err(IntervalError::Release)?;
-                self.work.note_released(&released, self.protocol.interval());
+                self.work.note_released(&released, self.clock.current());
             }
         }
         Ok(())
@@ -278,21 +335,20 @@ impl Vmm<'_, '_> {
     }
 
     /// Ends the current interval (`end`: the run's last, for this reason): measure, hand the row
-    /// to the protocol, emit what is complete, write the map when due, and publish the next
-    /// interval's number to the guest.
+    /// to the joiner (it leaves at once if its truth is here, else when the truth comes or its
+    /// grace runs out), write the map when due, and publish the next interval's number.
     fn tick(&mut self, end: Option<EndReason>) -> Result<(), RunError> {
         let last = end.is_some();
-        let interval = self.protocol.interval();
-        let now = Instant::now();
-        let length = now - std::mem::replace(&mut self.interval_start, now);
-        let measured = self.work.end(self.vm, interval, length, last)?;
+        let ended = self.clock.end_interval(Instant::now(), last);
+        let interval = ended.interval;
+        let measured = self.work.end(self.vm, interval, ended.length, last)?;
         let row = Row {
-            time_s: self.clock.start.elapsed().as_secs_f64(),
+            time_s: self.clock.elapsed().as_secs_f64(),
             interval,
             phase: self.protocol.phase_name(),
             end,
-            length_s: length.as_secs_f64(),
-            partial: last && length < self.clock.interval,
+            length_s: ended.length.as_secs_f64(),
+            partial: ended.partial,
             configured_mib: units::mib(self.vm.ram().size()),
             guest: self.protocol.guest().clone(),
             truth: None,
@@ -308,17 +364,15 @@ impl Vmm<'_, '_> {
                 guest_stats: b.stats().cloned(),
                 errors: b.errors,
             }),
+            check: self.check.take(),
         };
         if !last && let Some(b) = &mut self.handler.balloon {
             b.request_stats(self.vm.ram());
         }
-        self.protocol.interval_ended(row, last);
-        for row in self.protocol.take_rows() {
-            if self.output.is_ok() {
-                self.output = (self.on_row)(&row);
-            }
-            self.rows.push(row);
+        for row in self.joiner.measured(row, last, Instant::now()) {
+            self.emit(row);
         }
+        self.kicker.alarm(self.joiner.deadline());
         let due = self
             .map_every
             .is_some_and(|n| (interval + 1).is_multiple_of(n));
@@ -328,11 +382,7 @@ impl Vmm<'_, '_> {
         if !last {
             self.vm
                 .ram()
-                .write_obj(abi::BOOT_INFO_INTERVAL_ADDR, self.protocol.interval())?;
-            let now = Instant::now();
-            while self.next_tick <= now {
-                self.next_tick += self.clock.interval;
-            }
+                .write_obj(abi::BOOT_INFO_INTERVAL_ADDR, self.clock.current())?;
         }
         Ok(())
     }
@@ -356,7 +406,7 @@ impl Vmm<'_, '_> {
             mincore_resident: ram.resident_pages().map_err(RunError::Memory)?,
             pool_backed,
             setup_ms: setup.as_secs_f64() * 1e3,
-            elapsed_s: self.clock.start.elapsed().as_secs_f64(),
+            elapsed_s: self.clock.elapsed().as_secs_f64(),
             boot: self.protocol.boot(),
             map: map.summary(),
             report_errors: self.handler.report.errors + self.protocol.violations().0,
@@ -365,7 +415,6 @@ impl Vmm<'_, '_> {
             balloon: self.handler.balloon.as_ref().map(|b| b.counters.clone()),
             phases: self.protocol.phases().to_vec(),
             guest: self.protocol.guest().clone(),
-            rows: self.rows,
         })
     }
 }

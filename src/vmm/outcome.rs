@@ -15,7 +15,7 @@ use crate::kvm::vm::VmError;
 use crate::memory::MemoryError;
 use crate::observe::interval::IntervalError;
 use crate::observe::pmp_mmp::{MapFileError, MapSummary};
-use crate::row::{EndReason, GuestView, Row};
+use crate::row::{EndReason, GuestView};
 use crate::vmm::exits::ExitError;
 
 /// Why a run failed or stopped early. Every variant but the VMM's own failures (memory, VM,
@@ -84,7 +84,6 @@ pub struct RunSummary {
     pub elapsed_s: f64,
     pub boot: Option<BootReport>,
     pub phases: Vec<PhaseRecord>,
-    pub rows: Vec<Row>,
     pub guest: GuestView,
     pub map: MapSummary,
     /// At the end: guest pages mincore() calls resident (backed + zero-page mappings).
