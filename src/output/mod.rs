@@ -13,7 +13,7 @@ pub mod writer;
 
 use std::io::Write;
 use std::net::SocketAddr;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 
 use crate::row::{Active, Row};
 #[cfg(feature = "prometheus")]
@@ -350,7 +350,7 @@ impl Sink {
 #[cfg(feature = "plot")]
 /// Refuses a plot path that exists and is not a regular file (a FIFO would block the run's end,
 /// a device or a symbolic link would be written through).
-fn check_plot_target(path: &Path) -> Result<(), OutputError> {
+fn check_plot_target(path: &std::path::Path) -> Result<(), OutputError> {
     let Ok(meta) = std::fs::symlink_metadata(path) else {
         return Ok(()); // missing: created at the end
     };
@@ -606,6 +606,7 @@ mod tests {
         );
     }
 
+    #[cfg(feature = "plot")]
     #[test]
     fn a_plot_path_that_is_not_a_regular_file_is_refused() {
         let dir = tempfile::tempdir().unwrap();
