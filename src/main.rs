@@ -172,9 +172,18 @@ fn write_failure(e: io::Error) -> Failure {
 fn map(file: PathBuf, json: bool) -> Result<(), Failure> {
     let s = MapFile::open(&file)
         .and_then(MapFile::summary)
-        .map_err(|e| Failure {
-            code: 1,
-            message: Some(format!("{}: {}", file.display(), chain(&e))),
+        .map_err(|e| {
+            // Errors opening the file name it already; errors in its contents do not.
+            let text = chain(&e);
+            let path = file.display().to_string();
+            Failure {
+                code: 1,
+                message: Some(if text.contains(&path) {
+                    text
+                } else {
+                    format!("{path}: {text}")
+                }),
+            }
         })?;
     let text = if json {
         serde_json::to_string(&s).map_err(|e| Failure::new(1, &e))?

@@ -317,8 +317,13 @@ impl Vmm<'_, '_> {
         let due = self
             .map_every
             .is_some_and(|n| (interval + 1).is_multiple_of(n));
-        if last || due {
+        if last {
             self.write_map()?;
+        } else if due && let Err(e) = self.write_map() {
+            // A periodic map is a snapshot for watchers: a failed one (a full disk) warns and
+            // the run goes on, keeping its rows; the next one retries, and the final one (after
+            // the last row) is an error if it fails too.
+            log::warn!("interval {interval}: {e}; the run goes on");
         }
         if !last {
             self.vm
