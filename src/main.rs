@@ -207,9 +207,14 @@ fn main() -> ExitCode {
             run(*args)
         }
         Command::Map { file, json } => map(file, json),
-        Command::Plot { file, output } => memvisor::output::plot::read_jsonl(&file)
-            .and_then(|rows| memvisor::output::plot::write(&output, &rows))
-            .map_err(|e| Failure::new(1, &e)),
+        Command::Plot { file, output } => {
+            use memvisor::output::plot;
+            // The output is checked first: a bad one fails before a long input is read.
+            plot::check_path(&output)
+                .and_then(|()| plot::read_jsonl(&file))
+                .and_then(|rec| plot::write(&output, &rec))
+                .map_err(|e| Failure::new(1, &e))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,

@@ -197,12 +197,12 @@ pub enum OutputError {
 }
 
 /// Where each row goes: the printed format, the Prometheus endpoint (latest row) and the plot
-/// written at the end (all rows).
+/// written at the end (a bounded [`plot::Recorder`] of the rows).
 pub struct Sink<W: Write> {
     out: W,
     format: Format,
     exporter: Option<Exporter>,
-    plot: Option<(PathBuf, Vec<Row>)>,
+    plot: Option<(PathBuf, plot::Recorder)>,
 }
 
 impl<W: Write> Sink<W> {
@@ -246,7 +246,7 @@ impl<W: Write> Sink<W> {
             out,
             format,
             exporter,
-            plot: plot.map(|p| (p, Vec::new())),
+            plot: plot.map(|p| (p, plot::Recorder::default())),
         })
     }
 
@@ -257,8 +257,8 @@ impl<W: Write> Sink<W> {
         if let Some(e) = &self.exporter {
             e.update(row);
         }
-        if let Some((_, rows)) = &mut self.plot {
-            rows.push(row.clone());
+        if let Some((_, rec)) = &mut self.plot {
+            rec.push(row);
         }
         let line = match self.format {
             Format::Table => table_row(row),
@@ -271,8 +271,8 @@ impl<W: Write> Sink<W> {
 
     /// Writes the plot (if asked for) and stops the Prometheus server.
     pub fn finish(self) -> Result<(), OutputError> {
-        if let Some((path, rows)) = &self.plot {
-            plot::write(path, rows)?;
+        if let Some((path, rec)) = &self.plot {
+            plot::write(path, rec)?;
         }
         Ok(())
     }
