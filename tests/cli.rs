@@ -151,7 +151,7 @@ fn a_guest_that_runs_out_of_memory_is_reported() {
     }
     // The spec fits in RAM, but not in the guest kernel's pool (RAM minus its reserved area).
     let out = run_spec("64M", "alloc 63M");
-    assert_clean_failure(&out, "ran out of memory in phase 0 (alloc 63M)");
+    assert_clean_failure(&out, "ran out of memory in phase 1 (alloc 63M)");
 }
 
 #[test]

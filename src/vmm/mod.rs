@@ -107,7 +107,10 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
                 vmm.handler.report.errors,
                 vmm.handler.report.first_error.as_deref(),
             );
-            vmm.protocol.verdict(device).err().map(RunError::Guest)
+            vmm.protocol
+                .verdict(device)
+                .err()
+                .map(|e| RunError::Guest(e.explained(&cfg.workload)))
         }
         Ended::Early(e) => Some(e),
     };
