@@ -1241,6 +1241,39 @@ mod tests {
         svg(&series(rs)).unwrap()
     }
 
+    use proptest::prelude::*;
+
+    proptest! {
+        // Cases: proptest's default (256), or PROPTEST_CASES from the environment (`make fuzz`).
+
+        #[test]
+        fn any_input_reads_to_rows_or_a_clear_error(
+            lines in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..80),
+                    (0.0f64..1e6, 0u64..1000, ".{0,12}").prop_map(|(t, i, ph)| {
+                        serde_json::json!({"time_s": t, "interval": i, "phase": ph, "partial": i % 7 == 0})
+                            .to_string()
+                            .into_bytes()
+                    }),
+                ],
+                0..20,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("run.jsonl");
+            std::fs::write(&p, lines.join(&b'\n')).unwrap();
+            match read_jsonl(&p) {
+                Ok(rec) => {
+                    prop_assert!(rec.rows() >= 1);
+                    let s = rec.series();
+                    prop_assert!(s.phases.iter().all(|(_, n)| !n.chars().any(char::is_control)));
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
+    }
+
     #[test]
     fn no_zero_length_strokes() {
         let svg = "<svg>\n<polyline points=\"1,2 1,2\"/>\n<polyline points=\"1,2 3,4\"/>\n</svg>";
