@@ -3,7 +3,8 @@
 //! (active memory, estimated by stratified random sampling of writes and of all accesses).
 //!
 //! The folders are the layers, each using only those below it:
-//! - `units`, `row`: sizes and durations; the row schema every output reads;
+//! - `units`, `row`, `files`: sizes and durations; the row schema every output reads; writing and
+//!   reading files safely (never through links, devices or FIFOs);
 //! - `memory`: guest RAM and its kernel interfaces (userfaultfd, pagemap, bitmaps);
 //! - `contract`: the test guest's ABI, protocol and workload;
 //! - `kvm`: one VM's KVM plumbing (VM, vCPU, ioctls, boot);
@@ -19,6 +20,7 @@
 pub mod contract;
 pub mod control;
 pub mod devices;
+pub mod files;
 pub mod host;
 pub mod kvm;
 pub mod memory;

@@ -194,9 +194,18 @@ fn write_failure(e: io::Error) -> Failure {
 fn map(file: PathBuf, json: bool) -> Result<(), Failure> {
     let s = MapFile::open(&file)
         .and_then(MapFile::summary)
-        .map_err(|e| Failure {
-            code: 1,
-            message: Some(format!("{}: {}", file.display(), chain(&e))),
+        .map_err(|e| {
+            // Errors opening the file name it already; errors in its contents do not.
+            let text = chain(&e);
+            let path = file.display().to_string();
+            Failure {
+                code: 1,
+                message: Some(if text.contains(&path) {
+                    text
+                } else {
+                    format!("{path}: {text}")
+                }),
+            }
         })?;
     let text = if json {
         serde_json::to_string(&s).map_err(|e| Failure::new(1, &e))?
@@ -221,9 +230,14 @@ fn main() -> ExitCode {
         }
         Command::Map { file, json } => map(file, json),
         #[cfg(feature = "plot")]
-        Command::Plot { file, output } => memvisor::output::plot::read_jsonl(&file)
-            .and_then(|rows| memvisor::output::plot::write(&output, &rows))
-            .map_err(|e| Failure::new(1, &e)),
+        Command::Plot { file, output } => {
+            use memvisor::output::plot;
+            // The output is checked first: a bad one fails before a long input is read.
+            plot::check_path(&output)
+                .and_then(|()| plot::read_jsonl(&file))
+                .and_then(|rec| plot::write(&output, &rec))
+                .map_err(|e| Failure::new(1, &e))
+        }
         #[cfg(not(feature = "plot"))]
         Command::Plot { .. } => Err(Failure::new(
             1,

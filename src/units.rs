@@ -213,8 +213,16 @@ pub fn parse_duration(input: &str) -> Result<Duration, UnitError> {
     Ok(Duration::new(secs, (ns % 1_000_000_000) as u32))
 }
 
-/// `bytes` in MiB with one decimal: `"256.0 MiB"`.
+/// `bytes` in MiB with one decimal: `"256.0 MiB"`; a size that would print as `"0.0 MiB"`
+/// (under 0.05 MiB, not zero) is given exactly, in KiB or bytes: `"4 KiB"`, `"100 bytes"`.
 pub fn fmt_mib(bytes: u64) -> String {
+    if bytes > 0 && bytes < MIB / 20 {
+        return if bytes.is_multiple_of(KIB) {
+            format!("{} KiB", bytes / KIB)
+        } else {
+            format!("{bytes} bytes")
+        };
+    }
     format!("{:.1} MiB", bytes as f64 / MIB as f64)
 }
 
@@ -413,6 +421,12 @@ mod tests {
     fn formatting() {
         assert_eq!(fmt_mib(256 * MIB), "256.0 MiB");
         assert_eq!(fmt_mib(MIB / 2), "0.5 MiB");
+        assert_eq!(fmt_mib(0), "0.0 MiB");
+        assert_eq!(fmt_mib(4 * KIB), "4 KiB");
+        assert_eq!(fmt_mib(51 * KIB), "51 KiB");
+        assert_eq!(fmt_mib(52 * KIB), "0.1 MiB");
+        assert_eq!(fmt_mib(100), "100 bytes");
+        assert_eq!(fmt_mib(4097), "4097 bytes");
         assert_eq!(fmt_bytes(100), "100 B");
         assert_eq!(fmt_bytes(4 * KIB), "4.0 KiB");
         assert_eq!(fmt_bytes(512 * MIB), "512.0 MiB");

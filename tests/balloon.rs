@@ -273,7 +273,7 @@ fn an_allocation_beyond_the_limit_fails_cleanly() {
     .unwrap_err();
     assert!(
         e.to_string()
-            .contains("out of memory in phase 2 (alloc 100M)"),
+            .contains("out of memory in phase 3 (alloc 100M)"),
         "{e}"
     );
     let last = rows.last().unwrap();

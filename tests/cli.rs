@@ -151,7 +151,7 @@ fn a_guest_that_runs_out_of_memory_is_reported() {
     }
     // The spec fits in RAM, but not in the guest kernel's pool (RAM minus its reserved area).
     let out = run_spec("64M", "alloc 63M");
-    assert_clean_failure(&out, "ran out of memory in phase 0 (alloc 63M)");
+    assert_clean_failure(&out, "ran out of memory in phase 1 (alloc 63M)");
 }
 
 #[test]
@@ -223,4 +223,100 @@ fn json_and_table_output() {
         lines[2..].iter().all(|l| l.matches('|').count() == bars),
         "{text}"
     );
+}
+
+/// Makes a FIFO at `path` (in a temporary directory of the test's).
+fn mkfifo(path: &std::path::Path) {
+    let c = std::ffi::CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+}
+
+/// Runs the binary with `args`, failing the test if it takes more than 30 s (a hang).
+fn bounded_output(args: &[&str]) -> Output {
+    let mut child = common::memvisor()
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let status = common::wait_bounded(&mut child, std::time::Duration::from_secs(30));
+    Output {
+        status,
+        ..child.wait_with_output().unwrap()
+    }
+}
+
+#[test]
+fn plot_refuses_hostile_inputs_and_outputs() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let svg = d.join("out.svg");
+    let svg_s = svg.to_str().unwrap();
+    // A FIFO as input: refused at once (it used to block forever).
+    let fifo = d.join("run.jsonl");
+    mkfifo(&fifo);
+    let out = bounded_output(&["plot", fifo.to_str().unwrap(), "-o", svg_s]);
+    assert_clean_failure(&out, "a FIFO, not a regular file");
+    // Lines that are JSON but not rows: refused, naming the line.
+    let input = d.join("rows.jsonl");
+    let row = r#"{"time_s": 1.0, "interval": 0, "phase": "idle 1s", "configured_mib": 16.0}"#;
+    std::fs::write(&input, format!("{row}\n{{}}\n")).unwrap();
+    let out = bounded_output(&["plot", input.to_str().unwrap(), "-o", svg_s]);
+    assert_clean_failure(&out, "line 2");
+    std::fs::write(&input, format!("{row}\n[]\n")).unwrap();
+    let out = bounded_output(&["plot", input.to_str().unwrap(), "-o", svg_s]);
+    assert_clean_failure(&out, "not a JSON object");
+    assert!(!svg.exists());
+    // A symbolic link as output: refused, its target untouched.
+    std::fs::write(&input, format!("{row}\n")).unwrap();
+    let victim = d.join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let link = d.join("link.svg");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let out = bounded_output(&[
+        "plot",
+        input.to_str().unwrap(),
+        "-o",
+        link.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "symbolic link");
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+    // A FIFO as output: refused without blocking.
+    let fifo_out = d.join("fifo.svg");
+    mkfifo(&fifo_out);
+    let out = bounded_output(&[
+        "plot",
+        input.to_str().unwrap(),
+        "-o",
+        fifo_out.to_str().unwrap(),
+    ]);
+    assert_clean_failure(&out, "FIFO");
+    // A fine one.
+    let out = bounded_output(&["plot", input.to_str().unwrap(), "-o", svg_s]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(std::fs::read_to_string(&svg).unwrap().contains("idle 1s"));
+}
+
+#[test]
+fn run_plot_in_a_missing_directory_fails_before_the_guest_runs() {
+    let dir = tempfile::tempdir().unwrap();
+    let target = dir.path().join("missing/run.svg");
+    let target_s = target.to_str().unwrap();
+    let out = memvisor_output(&[
+        "run",
+        "--mem",
+        "16M",
+        "--workload",
+        "idle 10s",
+        "--plot",
+        target_s,
+    ]);
+    assert_clean_failure(&out, "does not exist");
+    assert!(out.stdout.is_empty(), "no table: the guest never ran");
+    let link = dir.path().join("link.png");
+    std::os::unix::fs::symlink(dir.path().join("elsewhere"), &link).unwrap();
+    let out = memvisor_output(&["run", "--plot", link.to_str().unwrap()]);
+    assert_clean_failure(&out, "symbolic link");
+    assert!(out.stdout.is_empty());
 }

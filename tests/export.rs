@@ -299,8 +299,7 @@ fn plots_of_a_run_and_of_its_json_are_the_same_and_host_usage_stays_flat_over_th
     assert_eq!(&png[1..4], b"PNG");
 
     // The series drawn: over the free, the guest's allocated memory drops and host usage does not.
-    let rows = memvisor::output::plot::read_jsonl(&jsonl).unwrap();
-    let s = memvisor::output::plot::series(&rows);
+    let s = memvisor::output::plot::read_jsonl(&jsonl).unwrap().series();
     let i = (1..s.allocated.len())
         .find(|&i| s.allocated[i - 1].unwrap() - s.allocated[i].unwrap() >= 12.0)
         .expect("an interval in which the guest freed 12 MiB");

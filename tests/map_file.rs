@@ -86,3 +86,151 @@ fn map_command_refuses_absurd_headers() {
     let text = String::from_utf8_lossy(&out.stdout);
     assert!(text.contains("(32.0 MiB)"), "{text}");
 }
+
+#[test]
+fn map_command_refuses_a_fifo_at_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let fifo = dir.path().join("guest.map");
+    let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path in our temporary directory.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+    let mut child = common::memvisor()
+        .args(["map", fifo.to_str().unwrap()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    // Before the fix the open blocked forever, waiting for a writer.
+    let status = common::wait_bounded(&mut child, std::time::Duration::from_secs(20));
+    let out = child.wait_with_output().unwrap();
+    let out = std::process::Output { status, ..out };
+    common::assert_clean_failure(&out, "a FIFO, not a regular file");
+}
+
+/// A tmpfs of `size` mounted on a fresh temporary directory, unmounted when dropped.
+struct Tmpfs {
+    dir: tempfile::TempDir,
+}
+
+impl Tmpfs {
+    /// `None` (the caller skips) when this process cannot mount.
+    fn mount(size: &str) -> Option<Tmpfs> {
+        let dir = tempfile::tempdir().unwrap();
+        let target = std::ffi::CString::new(dir.path().to_str().unwrap()).unwrap();
+        let data = std::ffi::CString::new(format!("size={size},mode=0700")).unwrap();
+        // SAFETY: valid NUL-terminated strings; a tmpfs over a directory of ours.
+        let r = unsafe {
+            libc::mount(
+                c"tmpfs".as_ptr(),
+                target.as_ptr(),
+                c"tmpfs".as_ptr(),
+                0,
+                data.as_ptr().cast(),
+            )
+        };
+        if r != 0 {
+            eprintln!("cannot mount a tmpfs: {}", std::io::Error::last_os_error());
+            return None;
+        }
+        Some(Tmpfs { dir })
+    }
+
+    fn path(&self) -> &std::path::Path {
+        self.dir.path()
+    }
+}
+
+impl Drop for Tmpfs {
+    fn drop(&mut self) {
+        let target = std::ffi::CString::new(self.dir.path().to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path we mounted on.
+        unsafe { libc::umount2(target.as_ptr(), libc::MNT_DETACH) };
+    }
+}
+
+/// Fills the file system holding `path` with a file there, until it is full.
+fn fill(path: &std::path::Path) {
+    use std::io::Write;
+    let mut f = std::fs::File::create(path).unwrap();
+    let block = vec![0xa5u8; 4096];
+    loop {
+        match f.write_all(&block).and_then(|_| f.sync_all()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::ENOSPC) => return,
+            Err(e) => panic!("filling {}: {e}", path.display()),
+        }
+    }
+}
+
+#[test]
+fn a_failed_periodic_map_write_warns_and_the_run_goes_on() {
+    use std::io::BufRead;
+    if !common::kvm("a_failed_periodic_map_write_warns_and_the_run_goes_on") {
+        return;
+    }
+    let Some(fs) = Tmpfs::mount("1m") else {
+        eprintln!("SKIPPED a_failed_periodic_map_write_warns_and_the_run_goes_on: no mount");
+        return;
+    };
+    let filler = fs.path().join("filler");
+    fill(&filler);
+    let map = fs.path().join("guest.map");
+    let mut child = common::memvisor()
+        .args([
+            "run",
+            "--mem",
+            "16M",
+            "--workload",
+            "alloc 4M; touch 4M write; idle 4s",
+            "--interval",
+            "100ms",
+            "--map-out",
+            map.to_str().unwrap(),
+            "--map-every",
+            "1",
+            "--console",
+            "/dev/null",
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = child.stdout.take().unwrap();
+    let reader = std::thread::spawn(move || std::io::read_to_string(stdout).unwrap());
+    // The disk is full: each periodic write fails and says so; once one has, make room.
+    let mut stderr = std::io::BufReader::new(child.stderr.take().unwrap());
+    let mut warnings = Vec::new();
+    let mut line = String::new();
+    while stderr.read_line(&mut line).unwrap() > 0 {
+        if line.contains("the run goes on") {
+            warnings.push(line.clone());
+            if warnings.len() == 1 {
+                std::fs::remove_file(&filler).unwrap();
+            }
+        }
+        line.clear();
+    }
+    let status = common::wait_bounded(&mut child, std::time::Duration::from_secs(60));
+    let stdout = reader.join().unwrap();
+    assert!(status.success(), "{status:?}; warnings {warnings:?}");
+    assert!(!warnings.is_empty(), "no warning about the failed write");
+    assert!(
+        warnings[0].contains("No space left on device") && warnings[0].contains("guest.map"),
+        "{warnings:?}"
+    );
+    // Every row is there, up to the final one, and the final map was written.
+    assert!(
+        stdout.lines().last().unwrap_or("").ends_with("(end)"),
+        "{stdout}"
+    );
+    assert!(stdout.lines().count() > 10, "{stdout}");
+    let out = common::memvisor_output(&["map", map.to_str().unwrap()]);
+    assert!(out.status.success(), "{out:?}");
+    assert!(String::from_utf8_lossy(&out.stdout).contains("backed"));
+    // No temporary file was left by the failed writes.
+    let names: Vec<_> = std::fs::read_dir(fs.path())
+        .unwrap()
+        .map(|e| e.unwrap().file_name())
+        .collect();
+    assert_eq!(names, ["guest.map"]);
+}

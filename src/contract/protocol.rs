@@ -17,6 +17,7 @@ use serde::Serialize;
 use thiserror::Error;
 
 use crate::contract::abi::{self, Message, MsgKind};
+use crate::contract::workload::{Phase, Workload};
 use crate::row::{GuestView, Truth};
 use crate::units::pages_mib;
 
@@ -56,7 +57,8 @@ pub struct BootReport {
     pub reserved_pages: u64,
 }
 
-/// Why the guest did not run its workload to the end.
+/// Why the guest did not run its workload to the end. Messages number phases from 1, as workload
+/// parse errors do (the `phase` fields are the ABI's indices, from 0).
 #[derive(Clone, Debug, Error, PartialEq)]
 pub enum GuestError {
     #[error(
@@ -72,17 +74,33 @@ pub enum GuestError {
     },
     #[error("the guest kernel could not boot: {0}")]
     Boot(&'static str),
-    #[error("the guest ran out of memory in phase {phase} ({name})")]
+    #[error("the guest ran out of memory in phase {} ({name})", .phase + 1)]
     OutOfMemory { phase: u64, name: String },
     #[error(
-        "the guest found changed memory in phase {phase} ({name}): {accesses} accesses saw a page that did not hold what the app last wrote"
+        "the guest found changed memory in phase {} ({name}): {accesses} accesses saw a page that did not hold what the app last wrote",
+        .phase + 1
     )]
     Corrupt {
         phase: u64,
         name: String,
         accesses: u64,
     },
-    #[error("the guest reported failure status {status} in phase {phase} ({name})")]
+    /// A `verify` failed over pages no earlier phase wrote ([`GuestError::explained`]).
+    #[error(
+        "phase {} ({name}) verified pages that were never written: {} of them were not written by an earlier phase since they were allocated, so they read zero ({accesses} accesses found a page not holding what the app would have written; write them first, e.g. \"touch {} write\")",
+        .phase + 1,
+        crate::units::fmt_bytes(.never_written * crate::units::PAGE_SIZE),
+        crate::units::fmt_size_spec(.pages * crate::units::PAGE_SIZE)
+    )]
+    NeverWritten {
+        phase: u64,
+        name: String,
+        accesses: u64,
+        /// Pages of the phase no earlier phase wrote, and the pages it touches.
+        never_written: u64,
+        pages: u64,
+    },
+    #[error("the guest reported failure status {status} in phase {} ({name})", .phase + 1)]
     PhaseFailed {
         phase: u64,
         name: String,
@@ -139,6 +157,41 @@ pub struct Protocol {
     failure: Option<GuestError>,
     violations: u64,
     first_violation: Option<String>,
+}
+
+impl GuestError {
+    /// This error in the light of the workload: a failed `verify` over pages that no earlier
+    /// phase wrote becomes [`GuestError::NeverWritten`] (nothing changed them: they were never
+    /// written); any other error is returned as it is.
+    pub fn explained(self, workload: &Workload) -> GuestError {
+        match self {
+            GuestError::Corrupt {
+                phase,
+                name,
+                accesses,
+            } => {
+                let i = usize::try_from(phase).unwrap_or(usize::MAX);
+                match workload.never_written(i) {
+                    0 => GuestError::Corrupt {
+                        phase,
+                        name,
+                        accesses,
+                    },
+                    never_written => GuestError::NeverWritten {
+                        phase,
+                        name,
+                        accesses,
+                        never_written,
+                        pages: match workload.phases.get(i) {
+                            Some(Phase::Touch(t)) => t.pages,
+                            _ => never_written,
+                        },
+                    },
+                }
+            }
+            e => e,
+        }
+    }
 }
 
 impl Protocol {
@@ -241,7 +294,7 @@ impl Protocol {
                 });
             }
             MsgKind::PhaseStart if self.boot.is_none() => {
-                self.violation(format!("PHASE_START for phase {index} before BOOT"));
+                self.violation(format!("PHASE_START for phase {} before BOOT", index + 1));
             }
             MsgKind::PhaseStart => match self.phases.get_mut(index) {
                 Some(p) => {
@@ -250,7 +303,10 @@ impl Protocol {
                     p.vmm_start_ns = msg.arg0;
                     self.current_phase = Some(index);
                 }
-                None => self.violation(format!("PHASE_START for unknown phase {}", msg.phase)),
+                None => self.violation(format!(
+                    "PHASE_START for unknown phase index {} (the ABI's, from 0)",
+                    msg.phase
+                )),
             },
             MsgKind::PhaseEnd => {
                 if self.phase_end(msg, index, now_s) {
@@ -300,7 +356,10 @@ impl Protocol {
     fn phase_end(&mut self, msg: &Message, index: usize, now_s: f64) -> bool {
         let secs = self.ticks_to_s(msg.arg0);
         let Some(p) = self.phases.get_mut(index) else {
-            self.violation(format!("PHASE_END for unknown phase {}", msg.phase));
+            self.violation(format!(
+                "PHASE_END for unknown phase index {} (the ABI's, from 0)",
+                msg.phase
+            ));
             return false;
         };
         if !p.started || p.ended {
@@ -309,7 +368,7 @@ impl Protocol {
             } else {
                 "never started"
             };
-            let what = format!("PHASE_END for phase {index}, which {what}");
+            let what = format!("PHASE_END for phase {}, which {what}", index + 1);
             self.violation(what);
             return false;
         }
@@ -470,6 +529,56 @@ mod tests {
         m.touched = touched;
         m.written = written;
         m
+    }
+
+    #[test]
+    fn messages_number_phases_from_1_and_say_when_verified_pages_were_never_written() {
+        let w =
+            Workload::parse("alloc 8M; touch 4M write; touch 8M read verify", 32 << 20).unwrap();
+        let corrupt = |phase| GuestError::Corrupt {
+            phase,
+            name: "touch 8M read verify".into(),
+            accesses: 1024,
+        };
+        let e = corrupt(2).explained(&w);
+        assert!(
+            matches!(
+                e,
+                GuestError::NeverWritten {
+                    never_written: 1024,
+                    pages: 2048,
+                    ..
+                }
+            ),
+            "{e:?}"
+        );
+        let msg = e.to_string();
+        assert!(
+            msg.starts_with(
+                "phase 3 (touch 8M read verify) verified pages that were never written: 4.0 MiB"
+            ),
+            "{msg}"
+        );
+        assert!(
+            msg.contains("\"touch 8M write\"") && !msg.contains("changed"),
+            "{msg}"
+        );
+        // Over written pages a failed verify means changed memory, as before.
+        let w =
+            Workload::parse("alloc 8M; touch 8M write; touch 8M read verify", 32 << 20).unwrap();
+        let msg = corrupt(2).explained(&w).to_string();
+        assert!(
+            msg.starts_with("the guest found changed memory in phase 3 ("),
+            "{msg}"
+        );
+        let oom = GuestError::OutOfMemory {
+            phase: 0,
+            name: "alloc 63M".into(),
+        };
+        assert_eq!(
+            oom.explained(&w).to_string(),
+            "the guest ran out of memory in phase 1 (alloc 63M)"
+        );
     }
 
     #[test]

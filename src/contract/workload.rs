@@ -364,6 +364,29 @@ impl Workload {
         })
     }
 
+    /// Pages that phase `i` (counted from 0) touches but that no earlier phase wrote since they
+    /// joined the heap: they read zero, not what the app would have written, so a `verify` over
+    /// them fails although nothing changed them. Counted conservatively: a `write` or `mixed`
+    /// touch of SIZE counts the first SIZE of the heap as written, `free` drops the freed part,
+    /// `alloc` adds unwritten pages; 0 for a phase that touches nothing or past the last phase.
+    pub fn never_written(&self, i: usize) -> u64 {
+        let Some(Phase::Touch(t)) = self.phases.get(i) else {
+            return 0;
+        };
+        let mut heap = 0u64;
+        let mut written = 0u64;
+        for p in &self.phases[..i] {
+            heap = p.heap_after(heap);
+            written = written.min(heap);
+            if let Phase::Touch(t) = p
+                && t.access != Access::Read
+            {
+                written = written.max(t.pages);
+            }
+        }
+        t.pages.saturating_sub(written)
+    }
+
     /// Heap pages after phase `i` (counted from 0), or `None` past the last phase.
     pub fn heap_after(&self, i: usize) -> Option<u64> {
         if i >= self.phases.len() {
@@ -666,6 +689,30 @@ mod tests {
             }
             other => panic!("expected a phase error for {spec:?}, got {other:?}"),
         }
+    }
+
+    #[test]
+    fn never_written_pages_are_counted_conservatively() {
+        let w = parse(
+            "alloc 8M; touch 4M write; touch 8M read verify; free 6M; alloc 4M; touch 6M mixed; \
+             touch 6M verify; touch 2M read; idle 1s",
+        )
+        .unwrap();
+        let mib = 256;
+        assert_eq!(w.never_written(0), 0, "alloc touches nothing");
+        assert_eq!(w.never_written(1), 4 * mib, "the first write phase");
+        assert_eq!(
+            w.never_written(2),
+            4 * mib,
+            "the upper 4 MiB were never written"
+        );
+        // After freeing 6 MiB only the first 2 MiB keep their contents; the 4 MiB allocated
+        // again are new.
+        assert_eq!(w.never_written(5), 4 * mib);
+        assert_eq!(w.never_written(6), 0, "the mixed phase wrote them");
+        assert_eq!(w.never_written(7), 0);
+        assert_eq!(w.never_written(8), 0, "idle touches nothing");
+        assert_eq!(w.never_written(99), 0);
     }
 
     #[test]

@@ -223,8 +223,6 @@ pub enum OutputError {
         flag: &'static str,
         feature: &'static str,
     },
-    #[error("--plot {path}: {kind}, not a regular file: refused")]
-    PlotTarget { path: String, kind: &'static str },
 }
 
 /// What became of the outputs at the end.
@@ -244,8 +242,9 @@ pub struct Sink {
     format: Format,
     #[cfg(feature = "prometheus")]
     exporter: Option<Exporter>,
-    /// The rows the plot draws: the sink's one copy of rows (`row` pushes, `finish` draws).
-    plot: Option<(PathBuf, Vec<Row>)>,
+    /// The rows the plot draws (a bounded [`plot::Recorder`]): `row` pushes, `finish` draws.
+    #[cfg(feature = "plot")]
+    plot: Option<(PathBuf, plot::Recorder)>,
 }
 
 impl Sink {
@@ -264,7 +263,6 @@ impl Sink {
         #[cfg(feature = "plot")]
         if let Some(p) = &plot {
             plot::check_path(p)?;
-            check_plot_target(p)?;
         }
         #[cfg(not(feature = "plot"))]
         if plot.is_some() {
@@ -309,7 +307,8 @@ impl Sink {
             format,
             #[cfg(feature = "prometheus")]
             exporter,
-            plot: plot.map(|p| (p, Vec::new())),
+            #[cfg(feature = "plot")]
+            plot: plot.map(|p| (p, plot::Recorder::default())),
         })
     }
 
@@ -321,8 +320,9 @@ impl Sink {
         if let Some(e) = &self.exporter {
             e.update(row);
         }
-        if let Some((_, rows)) = &mut self.plot {
-            rows.push(row.clone());
+        #[cfg(feature = "plot")]
+        if let Some((_, rec)) = &mut self.plot {
+            rec.push(row);
         }
         let line = match self.format {
             Format::Table => table_row(row),
@@ -338,42 +338,13 @@ impl Sink {
         let printed = self.lines.finish(writer::FINISH_WAIT);
         #[cfg(feature = "plot")]
         let plot = match &self.plot {
-            Some((path, rows)) => plot::write(path, rows).map_err(OutputError::from),
+            Some((path, rec)) => plot::write(path, rec).map_err(OutputError::from),
             None => Ok(()),
         };
         #[cfg(not(feature = "plot"))]
         let plot = Ok(());
         Finished { printed, plot }
     }
-}
-
-#[cfg(feature = "plot")]
-/// Refuses a plot path that exists and is not a regular file (a FIFO would block the run's end,
-/// a device or a symbolic link would be written through).
-fn check_plot_target(path: &std::path::Path) -> Result<(), OutputError> {
-    let Ok(meta) = std::fs::symlink_metadata(path) else {
-        return Ok(()); // missing: created at the end
-    };
-    let t = meta.file_type();
-    if t.is_file() {
-        return Ok(());
-    }
-    use std::os::unix::fs::FileTypeExt;
-    let kind = if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_dir() {
-        "a directory"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "a device node"
-    };
-    Err(OutputError::PlotTarget {
-        path: path.display().to_string(),
-        kind,
-    })
 }
 
 #[cfg(test)]
@@ -627,8 +598,28 @@ mod tests {
         assert!(e.to_string().contains("a FIFO"), "{e}");
         let link = dir.path().join("l.svg");
         std::os::unix::fs::symlink(dir.path().join("target.svg"), &link).unwrap();
-        let e = check_plot_target(&link).unwrap_err();
+        let e = Sink::new(
+            Shared::default(),
+            Format::Json,
+            None,
+            Some(link),
+            true,
+            quiet,
+        )
+        .err()
+        .expect("refused");
         assert!(e.to_string().contains("symbolic link"), "{e}");
-        assert!(check_plot_target(&dir.path().join("new.svg")).is_ok());
+        let new = dir.path().join("new.svg");
+        assert!(
+            Sink::new(
+                Shared::default(),
+                Format::Json,
+                None,
+                Some(new),
+                true,
+                quiet
+            )
+            .is_ok()
+        );
     }
 }

@@ -3,13 +3,42 @@
 //! written), each active-memory estimate with its 95% CI as a band and its moving averages, and
 //! the phases on the time axis. Drawn as SVG with plotters; PNG is that SVG rendered by resvg
 //! with the system's fonts.
+//!
+//! # Bounded
+//!
+//! Rows go into a [`Recorder`], which keeps at most [`MAX_POINTS`] points however long the run:
+//! past that it keeps every second point and from then on every 2nd, 4th... row (plus always the
+//! newest), so memory stays bounded and the SVG (and its PNG, which `resvg` refuses beyond a
+//! million nodes) stays small. A decimated plot says so in its title ("every 4th of 9000
+//! intervals drawn"). Phases are kept apart from the points, so none is lost to decimation; at
+//! most [`MAX_PHASES`] are labelled, each name cut to [`MAX_LABEL_CHARS`] characters with control
+//! characters replaced.
+//!
+//! # Partial intervals
+//!
+//! The run's last row is usually cut short (`partial`: a stop, or the guest finishing mid-interval).
+//! Its per-interval values (the guest's touched and written pages, the active-memory estimates
+//! and their averages) cover only that short length and would draw as a false drop, so they are
+//! left out; its snapshot values (host usage, allocated) are drawn. A note under the legend says
+//! so.
+//!
+//! # Reading a run
+//!
+//! [`read_jsonl`] reads a `memvisor run --json` file as a stream: a regular file only (a FIFO or
+//! device is refused, see [`crate::files::open_regular`]), up to the size it had when opened (a
+//! file still growing is read as of then), lines of at most [`MAX_LINE`] bytes. Every non-empty
+//! line must be a row: a JSON object with at least `time_s`, `interval` and `phase`; anything
+//! else (`{}`, `[]`, text) is an error naming the line. The plot is written with
+//! [`crate::files::write_atomic`], as map files are.
 
+use std::io::{BufRead, BufReader, Read, Write};
 use std::path::Path;
 
 use plotters::coord::Shift;
 use plotters::prelude::*;
 use resvg::{tiny_skia, usvg};
 
+use crate::files::{self, FileError};
 use crate::row::{BETWEEN_PHASES, Row};
 
 /// Image size, pixels.
@@ -22,20 +51,37 @@ const FONT: &str = "sans-serif";
 const LABEL_LINES: usize = 3;
 /// Font size of the phase labels (plotters' units).
 const LABEL_SIZE: f64 = 17.0;
+/// Most points a plot keeps and draws (then it decimates).
+pub const MAX_POINTS: usize = 2000;
+/// Most phases a plot labels.
+pub const MAX_PHASES: usize = 200;
+/// Phase names are cut to this many characters.
+pub const MAX_LABEL_CHARS: usize = 60;
+/// Longest line of a run's JSON that [`read_jsonl`] reads (a row is about 1.5 KiB).
+pub const MAX_LINE: usize = 64 << 10;
+/// The active-memory estimates a row may carry, in drawing order (see [`Row::actives`]).
+const KINDS: [&str; 2] = ["access", "writes"];
 
 #[derive(Debug, thiserror::Error)]
 pub enum PlotError {
-    #[error("{path}: {source}")]
-    Io {
+    #[error("reading {path}: {source}")]
+    Read {
         path: String,
         source: std::io::Error,
     },
-    #[error("{path} line {line}: not a row of `memvisor run --json` output: {source}")]
+    /// The input or output file cannot be used (not a regular file, no directory, a failed write).
+    #[error("the plot's file {0}")]
+    File(#[source] FileError),
+    #[error("{path} line {line}: not a row of `memvisor run --json` output: {reason}")]
     Parse {
         path: String,
-        line: usize,
-        source: serde_json::Error,
+        line: u64,
+        reason: String,
     },
+    #[error(
+        "{path} line {line}: longer than {MAX_LINE} bytes: not a row of `memvisor run --json` output"
+    )]
+    LineTooLong { path: String, line: u64 },
     #[error("{0}: no rows to plot")]
     Empty(String),
     #[error("{0}: the plot's file name must end in .svg or .png")]
@@ -46,29 +92,65 @@ pub enum PlotError {
     Render(String),
 }
 
-/// Reads the rows of a `memvisor run --json` output (one JSON object per line).
-pub fn read_jsonl(path: &Path) -> Result<Vec<Row>, PlotError> {
+/// Reads the rows of a `memvisor run --json` output (one JSON object per line) into a bounded
+/// [`Recorder`] (see the module docs).
+pub fn read_jsonl(path: &Path) -> Result<Recorder, PlotError> {
     let p = path.display().to_string();
-    let text = std::fs::read_to_string(path).map_err(|source| PlotError::Io {
+    let f = files::open_regular(path).map_err(PlotError::File)?;
+    let read_err = |source| PlotError::Read {
         path: p.clone(),
         source,
-    })?;
-    let mut rows = Vec::new();
-    for (i, line) in text.lines().enumerate() {
-        if line.trim().is_empty() {
+    };
+    let len = f.metadata().map_err(read_err)?.len();
+    let mut input = BufReader::new(f.take(len));
+    let mut rec = Recorder::new(MAX_POINTS);
+    let mut line = Vec::new();
+    let mut number = 0u64;
+    loop {
+        line.clear();
+        number += 1;
+        let got = (&mut input)
+            .take(MAX_LINE as u64 + 1)
+            .read_until(b'\n', &mut line)
+            .map_err(read_err)?;
+        if got == 0 {
+            break;
+        }
+        if line.len() > MAX_LINE && line.last() != Some(&b'\n') {
+            return Err(PlotError::LineTooLong {
+                path: p,
+                line: number,
+            });
+        }
+        if line.trim_ascii().is_empty() {
             continue;
         }
-        let row = serde_json::from_str(line).map_err(|source| PlotError::Parse {
+        let row = parse_row(&line).map_err(|reason| PlotError::Parse {
             path: p.clone(),
-            line: i + 1,
-            source,
+            line: number,
+            reason,
         })?;
-        rows.push(row);
+        rec.push(&row);
     }
-    if rows.is_empty() {
+    if rec.is_empty() {
         return Err(PlotError::Empty(p));
     }
-    Ok(rows)
+    Ok(rec)
+}
+
+/// One line of `run --json`: a JSON object with at least the fields every row has.
+fn parse_row(line: &[u8]) -> Result<Row, String> {
+    let v: serde_json::Value = serde_json::from_slice(line).map_err(|e| e.to_string())?;
+    let serde_json::Value::Object(fields) = &v else {
+        return Err("not a JSON object".into());
+    };
+    if let Some(key) = ["time_s", "interval", "phase"]
+        .into_iter()
+        .find(|k| !fields.contains_key(*k))
+    {
+        return Err(format!("no \"{key}\" field"));
+    }
+    serde_json::from_value(v).map_err(|e| e.to_string())
 }
 
 /// Whether `path` names an SVG (false) or a PNG (true) file.
@@ -84,27 +166,27 @@ fn is_png(path: &Path) -> Result<bool, PlotError> {
     }
 }
 
-/// Checks that the plot can be written to `path` (its extension), before a run.
+/// Checks, before a run, that the plot can be written to `path`: its extension, and that it
+/// is a regular file or absent, in a directory that exists and takes a new file.
 pub fn check_path(path: &Path) -> Result<(), PlotError> {
-    is_png(path).map(|_| ())
+    is_png(path)?;
+    files::check_target(path).map_err(PlotError::File)
 }
 
-/// Draws `rows` to `path`, SVG or PNG by its extension.
-pub fn write(path: &Path, rows: &[Row]) -> Result<(), PlotError> {
+/// Draws what `rec` holds to `path`, SVG or PNG by its extension (written safely: see the module
+/// docs).
+pub fn write(path: &Path, rec: &Recorder) -> Result<(), PlotError> {
     let png_out = is_png(path)?;
-    if rows.is_empty() {
+    if rec.is_empty() {
         return Err(PlotError::Empty(path.display().to_string()));
     }
-    let svg = svg(rows)?;
+    let svg = svg(&rec.series())?;
     let bytes = if png_out {
         png(&svg)?
     } else {
         svg.into_bytes()
     };
-    std::fs::write(path, bytes).map_err(|source| PlotError::Io {
-        path: path.display().to_string(),
-        source,
-    })
+    files::write_atomic(path, |f| f.write_all(&bytes)).map_err(PlotError::File)
 }
 
 /// One active-memory estimate's series (MiB; `None` where a row lacks it).
@@ -117,6 +199,267 @@ pub struct ActiveSeries {
     pub fast: Vec<Option<f64>>,
     pub slow: Vec<Option<f64>>,
     pub max: Vec<Option<f64>>,
+}
+
+/// What the plot draws, one value per point (MiB), before any drawing: tests check these.
+#[derive(Debug, Default)]
+pub struct Series {
+    pub time_s: Vec<f64>,
+    pub configured_mib: f64,
+    pub backed: Vec<Option<f64>>,
+    /// Backed + overhead (the top of the stack).
+    pub host: Vec<Option<f64>>,
+    pub allocated: Vec<Option<f64>>,
+    pub touched: Vec<Option<f64>>,
+    pub written: Vec<Option<f64>>,
+    pub actives: Vec<ActiveSeries>,
+    /// Where each phase starts (the end of the last interval of the phase before) and its name.
+    pub phases: Vec<(f64, String)>,
+    /// Rows recorded (intervals of the run).
+    pub intervals: u64,
+    /// One point drawn per this many rows (1: every row).
+    pub stride: u64,
+    /// Phases not labelled (beyond [`MAX_PHASES`]).
+    pub phases_left_out: u64,
+    /// Partial rows (whose per-interval values are not drawn) and the last one's length, s.
+    pub partial: Option<(u64, f64)>,
+}
+
+fn finite(v: f64) -> Option<f64> {
+    v.is_finite().then_some(v)
+}
+
+/// One active-memory estimate at one point.
+#[derive(Clone, Debug, Default, PartialEq)]
+struct ActivePoint {
+    estimate: Option<f64>,
+    ci_low: Option<f64>,
+    ci_high: Option<f64>,
+    fast: Option<f64>,
+    slow: Option<f64>,
+    max: Option<f64>,
+}
+
+/// What the plot keeps of one row.
+#[derive(Clone, Debug, PartialEq)]
+struct Point {
+    time_s: f64,
+    backed: Option<f64>,
+    host: Option<f64>,
+    allocated: Option<f64>,
+    touched: Option<f64>,
+    written: Option<f64>,
+    /// By [`KINDS`].
+    actives: [Option<ActivePoint>; 2],
+}
+
+impl Point {
+    /// The point of `r`; a partial row's per-interval values are left out.
+    fn of(r: &Row) -> Point {
+        let h = r.host.as_ref();
+        let whole = !r.partial;
+        let truth = r.truth.as_ref().filter(|_| whole);
+        let mut actives: [Option<ActivePoint>; 2] = Default::default();
+        for (kind, a) in r.actives() {
+            if let Some(k) = KINDS.iter().position(|x| *x == kind) {
+                actives[k] = Some(if whole {
+                    ActivePoint {
+                        estimate: finite(a.estimate_mib),
+                        ci_low: finite(a.ci_low_mib),
+                        ci_high: finite(a.ci_high_mib),
+                        fast: finite(a.fast_mib),
+                        slow: finite(a.slow_mib),
+                        max: finite(a.max_mib),
+                    }
+                } else {
+                    ActivePoint::default()
+                });
+            }
+        }
+        Point {
+            time_s: r.time_s,
+            backed: h.and_then(|h| finite(h.backed_mib)),
+            host: h.and_then(|h| finite(h.backed_mib + h.overhead_mib)),
+            allocated: finite(r.guest.allocated_mib),
+            touched: truth.and_then(|t| finite(t.touched_mib)),
+            written: truth.and_then(|t| finite(t.written_mib)),
+            actives,
+        }
+    }
+}
+
+/// A phase name fit for a label: control characters (and the two non-characters XML refuses)
+/// replaced by `?`, at most [`MAX_LABEL_CHARS`] characters.
+fn label(name: &str) -> String {
+    let mut out: String = name
+        .chars()
+        .take(MAX_LABEL_CHARS)
+        .map(|c| {
+            if c.is_control() || matches!(c, '\u{fffe}' | '\u{ffff}') {
+                '?'
+            } else {
+                c
+            }
+        })
+        .collect();
+    if name.chars().nth(MAX_LABEL_CHARS).is_some() {
+        out.pop();
+        out.push('…');
+    }
+    out
+}
+
+/// The rows of a run, as the plot keeps them: at most `cap` points (+ the newest row), by
+/// decimation (see the module docs).
+#[derive(Debug)]
+pub struct Recorder {
+    cap: usize,
+    /// One point kept per this many rows (a power of two).
+    stride: u64,
+    /// Rows recorded (with a valid time).
+    rows: u64,
+    points: Vec<Point>,
+    /// The newest row, when decimation did not keep it.
+    newest: Option<Point>,
+    configured_mib: f64,
+    phases: Vec<(f64, String)>,
+    phases_left_out: u64,
+    /// The phase of the last phase start seen (kept or not).
+    last_phase: Option<String>,
+    /// The previous row's time (0 before the first).
+    prev_time: f64,
+    partial: Option<(u64, f64)>,
+}
+
+impl Default for Recorder {
+    fn default() -> Self {
+        Recorder::new(MAX_POINTS)
+    }
+}
+
+impl Recorder {
+    /// An empty recorder keeping at most `cap` points (at least 2).
+    pub fn new(cap: usize) -> Recorder {
+        Recorder {
+            cap: cap.max(2),
+            stride: 1,
+            rows: 0,
+            points: Vec::new(),
+            newest: None,
+            configured_mib: 0.0,
+            phases: Vec::new(),
+            phases_left_out: 0,
+            last_phase: None,
+            prev_time: 0.0,
+            partial: None,
+        }
+    }
+
+    /// Whether no row was recorded.
+    pub fn is_empty(&self) -> bool {
+        self.rows == 0
+    }
+
+    /// Rows recorded (rows whose time is not a number are left out).
+    pub fn rows(&self) -> u64 {
+        self.rows
+    }
+
+    /// Points kept (at most the cap, plus the newest row).
+    pub fn points(&self) -> usize {
+        self.points.len() + usize::from(self.newest.is_some())
+    }
+
+    /// Records one row.
+    pub fn push(&mut self, r: &Row) {
+        if !r.time_s.is_finite() {
+            return;
+        }
+        if self.rows == 0 {
+            self.configured_mib = r.configured_mib;
+        }
+        // A row between two phases ("-") starts none; the next phase starts after it.
+        if r.phase != BETWEEN_PHASES {
+            let name = label(&r.phase);
+            if self.last_phase.as_deref() != Some(name.as_str()) {
+                if self.phases.len() < MAX_PHASES {
+                    self.phases.push((self.prev_time, name.clone()));
+                } else {
+                    self.phases_left_out += 1;
+                }
+                self.last_phase = Some(name);
+            }
+        }
+        if r.partial {
+            let n = self.partial.map_or(0, |(n, _)| n);
+            self.partial = Some((n + 1, r.length_s));
+        }
+        self.prev_time = r.time_s;
+        let p = Point::of(r);
+        let i = self.rows;
+        self.rows += 1;
+        if !i.is_multiple_of(self.stride) {
+            self.newest = Some(p);
+            return;
+        }
+        self.points.push(p);
+        self.newest = None;
+        if self.points.len() > self.cap {
+            // Keep every second point: rows at multiples of twice the stride.
+            if self.points.len().is_multiple_of(2) {
+                self.newest = self.points.last().cloned();
+            }
+            let mut k = 0usize;
+            self.points.retain(|_| {
+                k += 1;
+                k % 2 == 1
+            });
+            self.stride *= 2;
+        }
+    }
+
+    /// What the plot draws.
+    pub fn series(&self) -> Series {
+        let mut s = Series {
+            configured_mib: self.configured_mib,
+            phases: self.phases.clone(),
+            intervals: self.rows,
+            stride: self.stride,
+            phases_left_out: self.phases_left_out,
+            partial: self.partial,
+            ..Series::default()
+        };
+        let mut actives: [Option<ActiveSeries>; 2] = Default::default();
+        let points = self.points.iter().chain(&self.newest);
+        for (i, p) in points.enumerate() {
+            s.time_s.push(p.time_s);
+            s.backed.push(p.backed);
+            s.host.push(p.host);
+            s.allocated.push(p.allocated);
+            s.touched.push(p.touched);
+            s.written.push(p.written);
+            for (k, a) in p.actives.iter().enumerate() {
+                let Some(a) = a else { continue };
+                let x = actives[k].get_or_insert_with(|| ActiveSeries {
+                    kind: KINDS[k],
+                    ..ActiveSeries::default()
+                });
+                x.pad(i);
+                x.estimate.push(a.estimate);
+                x.ci_low.push(a.ci_low);
+                x.ci_high.push(a.ci_high);
+                x.fast.push(a.fast);
+                x.slow.push(a.slow);
+                x.max.push(a.max);
+            }
+        }
+        let n = s.time_s.len();
+        for mut x in actives.into_iter().flatten() {
+            x.pad(n);
+            s.actives.push(x);
+        }
+        s
+    }
 }
 
 impl ActiveSeries {
@@ -135,76 +478,13 @@ impl ActiveSeries {
     }
 }
 
-/// What the plot draws, one value per row (MiB), before any drawing: tests check these.
-#[derive(Debug, Default)]
-pub struct Series {
-    pub time_s: Vec<f64>,
-    pub configured_mib: f64,
-    pub backed: Vec<Option<f64>>,
-    /// Backed + overhead (the top of the stack).
-    pub host: Vec<Option<f64>>,
-    pub allocated: Vec<Option<f64>>,
-    pub touched: Vec<Option<f64>>,
-    pub written: Vec<Option<f64>>,
-    pub actives: Vec<ActiveSeries>,
-    /// Where each phase starts (the end of the last interval of the phase before) and its name.
-    pub phases: Vec<(f64, String)>,
-}
-
-fn finite(v: f64) -> Option<f64> {
-    v.is_finite().then_some(v)
-}
-
-/// The series of `rows`; rows with a time that is not a number are left out.
+/// The series of `rows`, every row kept; rows with a time that is not a number are left out.
 pub fn series(rows: &[Row]) -> Series {
-    let rows: Vec<&Row> = rows.iter().filter(|r| r.time_s.is_finite()).collect();
-    let mut s = Series {
-        configured_mib: rows.first().map_or(0.0, |r| r.configured_mib),
-        ..Series::default()
-    };
-    for (i, r) in rows.iter().enumerate() {
-        s.time_s.push(r.time_s);
-        let h = r.host.as_ref();
-        s.backed.push(h.and_then(|h| finite(h.backed_mib)));
-        s.host
-            .push(h.and_then(|h| finite(h.backed_mib + h.overhead_mib)));
-        s.allocated.push(finite(r.guest.allocated_mib));
-        s.touched
-            .push(r.truth.as_ref().and_then(|t| finite(t.touched_mib)));
-        s.written
-            .push(r.truth.as_ref().and_then(|t| finite(t.written_mib)));
-        for (kind, a) in r.actives() {
-            let k = match s.actives.iter().position(|x| x.kind == kind) {
-                Some(k) => k,
-                None => {
-                    s.actives.push(ActiveSeries {
-                        kind,
-                        ..ActiveSeries::default()
-                    });
-                    s.actives.len() - 1
-                }
-            };
-            let x = &mut s.actives[k];
-            x.pad(i);
-            x.estimate.push(finite(a.estimate_mib));
-            x.ci_low.push(finite(a.ci_low_mib));
-            x.ci_high.push(finite(a.ci_high_mib));
-            x.fast.push(finite(a.fast_mib));
-            x.slow.push(finite(a.slow_mib));
-            x.max.push(finite(a.max_mib));
-        }
-        // A row between two phases ("-") starts none; the next phase starts after it.
-        let last = s.phases.last().map(|(_, name)| name.as_str());
-        if r.phase != BETWEEN_PHASES && last != Some(r.phase.as_str()) {
-            let start = if i == 0 { 0.0 } else { rows[i - 1].time_s };
-            s.phases.push((start, r.phase.clone()));
-        }
+    let mut rec = Recorder::new(usize::MAX);
+    for r in rows {
+        rec.push(r);
     }
-    let n = s.time_s.len();
-    for x in &mut s.actives {
-        x.pad(n);
-    }
-    s
+    rec.series()
 }
 
 /// Runs of consecutive known points.
@@ -271,16 +551,64 @@ enum Mark {
     Heading,
 }
 
-/// The SVG of the plot of `rows`.
-pub fn svg(rows: &[Row]) -> Result<String, PlotError> {
-    let s = series(rows);
+/// The plot's title: the guest, the run's length, and the decimation if any.
+fn title(s: &Series) -> String {
+    let mut t = format!(
+        "memvisor: {:.0} MiB guest, {} intervals",
+        s.configured_mib, s.intervals
+    );
+    if s.stride > 1 {
+        t = format!(
+            "memvisor: {:.0} MiB guest, every {} of {} intervals drawn",
+            s.configured_mib,
+            ordinal(s.stride),
+            s.intervals
+        );
+    }
+    t
+}
+
+/// `2nd`, `4th`, `1024th`...
+fn ordinal(n: u64) -> String {
+    let suffix = match (n % 10, n % 100) {
+        (1, 11) | (2, 12) | (3, 13) => "th",
+        (1, _) => "st",
+        (2, _) => "nd",
+        (3, _) => "rd",
+        _ => "th",
+    };
+    format!("{n}{suffix}")
+}
+
+/// Notes under the legend: what the plot leaves out, one short line each.
+fn notes(s: &Series) -> Vec<String> {
+    let mut v = Vec::new();
+    match s.partial {
+        Some((1, len)) => {
+            v.push(format!("last interval partial ({len:.3} s):"));
+            v.push("its per-interval values not drawn".into());
+        }
+        Some((n, _)) => {
+            v.push(format!("{n} partial intervals:"));
+            v.push("their per-interval values not drawn".into());
+        }
+        None => {}
+    }
+    if s.phases_left_out > 0 {
+        v.push(format!("{} more phases not labelled", s.phases_left_out));
+    }
+    v
+}
+
+/// The SVG of the plot of `s`.
+pub fn svg(s: &Series) -> Result<String, PlotError> {
     if s.time_s.is_empty() {
         return Err(PlotError::Draw("no row with a valid time".into()));
     }
     let mut buf = String::new();
     {
         let root = SVGBackend::with_string(&mut buf, (WIDTH, HEIGHT)).into_drawing_area();
-        draw(&root, &s).map_err(|e| PlotError::Draw(e.to_string()))?;
+        draw(&root, s).map_err(|e| PlotError::Draw(e.to_string()))?;
         root.present().map_err(|e| PlotError::Draw(e.to_string()))?;
     }
     Ok(drop_empty_strokes(&buf))
@@ -332,14 +660,7 @@ where
     let ymax = ymax * 1.25;
 
     let mut chart = ChartBuilder::on(&left)
-        .caption(
-            format!(
-                "memvisor: {:.0} MiB guest, {} intervals",
-                s.configured_mib,
-                t.len()
-            ),
-            (FONT, 26),
-        )
+        .caption(title(s), (FONT, 26))
         .margin(12)
         .x_label_area_size(50)
         .y_label_area_size(70)
@@ -509,6 +830,12 @@ where
         }
         y += 22;
     }
+    let note = (FONT, 15).into_font().color(&RGBColor(90, 90, 90));
+    y += 12;
+    for line in notes(s) {
+        legend.draw(&Text::new(line, (10, y), note.clone()))?;
+        y += 18;
+    }
     Ok(())
 }
 
@@ -641,14 +968,14 @@ mod tests {
         }
         let s = series(&rs);
         assert!(s.actives.is_empty());
-        let svg = svg(&rs).unwrap();
+        let svg = svg(&s).unwrap();
         assert!(!svg.contains("active (writes)"));
         assert!(svg.contains("backed guest pages"));
     }
 
     #[test]
     fn the_svg_parses_and_the_png_is_a_picture_of_the_expected_size() {
-        let svg = svg(&rows()).unwrap();
+        let svg = svg(&series(&rows())).unwrap();
         let tree = usvg::Tree::from_str(&svg, &usvg::Options::default()).unwrap();
         assert_eq!(tree.size().to_int_size().width(), WIDTH);
         assert_eq!(tree.size().to_int_size().height(), HEIGHT);
@@ -675,11 +1002,22 @@ mod tests {
         assert!(white < px.len() * 9 / 10, "{white} of {} white", px.len());
         assert!(white > px.len() / 3, "{white} of {} white", px.len());
         assert!(colours.len() > 50, "{} colours", colours.len());
-        // The backed area's colour is there (blended with white).
-        assert!(
-            px.iter()
-                .any(|p| p.blue() > p.red() + 40 && p.green() > p.red())
-        );
+        // The backed area's colour is there (blended with white). In u16: a red of 216 or more
+        // plus 40 overflows a u8 (a panic in debug builds, a wrong answer in release).
+        assert!(px.iter().any(|p| bluish(p.red(), p.green(), p.blue())));
+    }
+
+    /// Whether a pixel is of the backed area's blue (blended with white).
+    fn bluish(red: u8, green: u8, blue: u8) -> bool {
+        u16::from(blue) > u16::from(red) + 40 && green > red
+    }
+
+    #[test]
+    fn the_colour_test_does_not_overflow() {
+        assert!(!bluish(250, 250, 255), "white-ish is not blue");
+        assert!(!bluish(255, 255, 255));
+        assert!(bluish(107, 174, 214));
+        assert!(!bluish(220, 10, 255), "not greener than red");
     }
 
     #[test]
@@ -693,7 +1031,31 @@ mod tests {
         let e = read_jsonl(&p).unwrap_err().to_string();
         assert!(e.contains("line 2") && e.contains("--json"), "{e}");
         std::fs::write(&p, format!("{good}\n\n{good}\n")).unwrap();
-        assert_eq!(read_jsonl(&p).unwrap().len(), 2);
+        assert_eq!(read_jsonl(&p).unwrap().rows(), 2);
+        // `{}` and `[]` parse as rows full of defaults: refused, naming the line and why.
+        for (bad, why) in [
+            ("{}", "no \"time_s\" field"),
+            ("[]", "not a JSON object"),
+            ("[1, 2]", "not a JSON object"),
+            ("{\"time_s\": 1, \"interval\": 0}", "no \"phase\" field"),
+            ("\"text\"", "not a JSON object"),
+        ] {
+            std::fs::write(&p, format!("{good}\n{good}\n{bad}\n")).unwrap();
+            let e = read_jsonl(&p).unwrap_err().to_string();
+            assert!(e.contains("line 3") && e.contains(why), "{bad}: {e}");
+        }
+        // A line past the cap is refused without reading it whole; a FIFO without blocking.
+        std::fs::write(&p, format!("{good}\n{}\n", "x".repeat(MAX_LINE + 10))).unwrap();
+        assert!(matches!(
+            read_jsonl(&p),
+            Err(PlotError::LineTooLong { line: 2, .. })
+        ));
+        let fifo = dir.path().join("fifo");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path in our temporary directory.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let e = read_jsonl(&fifo).unwrap_err().to_string();
+        assert!(e.contains("a FIFO, not a regular file"), "{e}");
         let e = read_jsonl(&dir.path().join("absent"))
             .unwrap_err()
             .to_string();
@@ -702,9 +1064,214 @@ mod tests {
         assert!(e.contains(".svg or .png"), "{e}");
         assert!(check_path(Path::new("RUN.PNG")).is_ok());
         assert!(matches!(
-            write(&dir.path().join("x.svg"), &[]),
+            write(&dir.path().join("x.svg"), &Recorder::default()),
             Err(PlotError::Empty(_))
         ));
+        let e = check_path(&dir.path().join("missing/run.svg"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
+    }
+
+    #[test]
+    fn plot_output_never_follows_links_nor_writes_into_nodes() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let mut rec = Recorder::default();
+        for r in rows() {
+            rec.push(&r);
+        }
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = d.join("link.svg");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let dangling = d.join("dangling.svg");
+        std::os::unix::fs::symlink(d.join("created-through-link"), &dangling).unwrap();
+        let fifo = d.join("fifo.svg");
+        let c = std::ffi::CString::new(fifo.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path in our temporary directory.
+        assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0);
+        let sub = d.join("sub.svg");
+        std::fs::create_dir(&sub).unwrap();
+        let node = d.join("null.png");
+        let c = std::ffi::CString::new(node.to_str().unwrap()).unwrap();
+        // SAFETY: a valid NUL-terminated path in our temporary directory; only an entry is made.
+        let r = unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o600, libc::makedev(1, 3)) };
+        assert_eq!(r, 0, "mknod: {}", std::io::Error::last_os_error());
+        for (p, what) in [
+            (&link, "symbolic link"),
+            (&dangling, "symbolic link"),
+            (&fifo, "FIFO"),
+            (&sub, "directory"),
+            (&node, "character device"),
+        ] {
+            let e = check_path(p).unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+            let e = write(p, &rec).unwrap_err().to_string();
+            assert!(e.contains(what), "{e}");
+        }
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        assert!(!d.join("created-through-link").exists());
+        let out = d.join("run.svg");
+        write(&out, &rec).unwrap();
+        assert!(std::fs::read_to_string(&out).unwrap().contains("<svg"));
+    }
+
+    #[test]
+    fn control_characters_never_reach_the_svg() {
+        let mut rs = rows();
+        rs[0].phase = "touch\u{7}64M\u{1b}[31m <b>&\u{fffe}".into();
+        rs[4].phase = "x".repeat(500);
+        let s = series(&rs);
+        assert_eq!(s.phases[0].1, "touch?64M?[31m <b>&?");
+        assert_eq!(s.phases[2].1.chars().count(), MAX_LABEL_CHARS);
+        assert!(s.phases[2].1.ends_with('…'));
+        let svg = svg(&s).unwrap();
+        assert!(
+            !svg.chars().any(|c| c.is_control() && c != '\n'),
+            "raw control characters"
+        );
+        assert!(svg.contains("&lt;b&gt;&amp;"));
+        usvg::Tree::from_str(&svg, &usvg::Options::default()).expect("the SVG parses");
+    }
+
+    /// A row of a long run: `i` seconds in, with an estimate and the truth.
+    fn long_row(i: u64) -> Row {
+        let mut r = rows()[0].clone();
+        r.time_s = (i + 1) as f64;
+        r.interval = i;
+        r.length_s = 1.0;
+        r.phase = format!("phase {}", i / 1000);
+        r
+    }
+
+    #[test]
+    fn the_recorder_stays_bounded_and_keeps_the_newest_row() {
+        let mut rec = Recorder::new(100);
+        for i in 0..100_000 {
+            rec.push(&long_row(i));
+            assert!(rec.points() <= 101, "{} points after {i}", rec.points());
+        }
+        assert_eq!(rec.rows(), 100_000);
+        let s = rec.series();
+        assert_eq!(s.intervals, 100_000);
+        assert!(
+            s.stride >= 1000 && s.stride.is_power_of_two(),
+            "{}",
+            s.stride
+        );
+        // Evenly spaced, from the first row to the newest.
+        assert_eq!(s.time_s[0], 1.0);
+        assert_eq!(*s.time_s.last().unwrap(), 100_000.0);
+        let gaps: Vec<f64> = s.time_s.windows(2).map(|w| w[1] - w[0]).collect();
+        assert!(
+            gaps[..gaps.len() - 1].iter().all(|g| *g == s.stride as f64),
+            "{gaps:?}"
+        );
+        // Every phase start is kept, however few rows of it were kept.
+        assert_eq!(s.phases.len(), 100);
+        assert_eq!(s.phases[1], (1000.0, "phase 1".to_string()));
+        assert!(title(&s).contains(&format!(
+            "every {} of 100000 intervals drawn",
+            ordinal(s.stride)
+        )));
+        // Phases past the cap are counted, not kept.
+        let mut rec = Recorder::new(10);
+        for i in 0..1000 {
+            let mut r = long_row(i);
+            r.phase = format!("p{i}");
+            rec.push(&r);
+        }
+        let s = rec.series();
+        assert_eq!(s.phases.len(), MAX_PHASES);
+        assert_eq!(s.phases_left_out, 1000 - MAX_PHASES as u64);
+        assert!(notes(&s).iter().any(|n| n.contains("800 more phases")));
+        assert_eq!(
+            (ordinal(1), ordinal(2), ordinal(3), ordinal(4)),
+            ("1st".into(), "2nd".into(), "3rd".into(), "4th".into())
+        );
+        assert_eq!(
+            (ordinal(11), ordinal(12), ordinal(22), ordinal(1024)),
+            ("11th".into(), "12th".into(), "22nd".into(), "1024th".into())
+        );
+    }
+
+    #[test]
+    fn a_large_run_renders_to_png() {
+        // Before the recorder a run this long gave an SVG of over a million nodes, which resvg
+        // refuses ("nodes limit reached").
+        let mut rec = Recorder::default();
+        for i in 0..300_000 {
+            rec.push(&long_row(i));
+        }
+        assert!(rec.points() <= MAX_POINTS + 1);
+        let dir = tempfile::tempdir().unwrap();
+        let out = dir.path().join("run.png");
+        write(&out, &rec).unwrap();
+        let img = tiny_skia::Pixmap::decode_png(&std::fs::read(&out).unwrap()).unwrap();
+        assert_eq!((img.width(), img.height()), (WIDTH, HEIGHT));
+    }
+
+    #[test]
+    fn a_partial_last_interval_draws_no_false_drop() {
+        let mut rs = rows();
+        let last = rs.last_mut().unwrap();
+        last.partial = true;
+        last.length_s = 0.02;
+        last.active_writes.as_mut().unwrap().estimate_mib = 0.01;
+        let s = series(&rs);
+        let n = s.time_s.len();
+        // The snapshot values are drawn, the per-interval ones are not.
+        assert_eq!(s.host[n - 1], Some(68.0));
+        assert_eq!(s.allocated[n - 1], Some(16.0));
+        assert_eq!(s.touched[n - 1], None);
+        assert_eq!(s.written[n - 1], None);
+        assert_eq!(s.actives[0].estimate[n - 1], None);
+        assert_eq!(s.actives[0].fast[n - 1], None);
+        assert_eq!(s.actives[0].estimate[n - 2], Some(0.5));
+        assert_eq!(s.partial, Some((1, 0.02)));
+        let svg = svg(&s).unwrap();
+        assert!(svg.contains("last interval partial (0.020 s):"), "no note");
+        assert!(svg.contains("per-interval values not drawn"));
+        // A whole run has no such note.
+        assert!(!svg_of(&rows()).contains("partial"));
+    }
+
+    fn svg_of(rs: &[Row]) -> String {
+        svg(&series(rs)).unwrap()
+    }
+
+    use proptest::prelude::*;
+
+    proptest! {
+        // Cases: proptest's default (256), or PROPTEST_CASES from the environment (`make fuzz`).
+
+        #[test]
+        fn any_input_reads_to_rows_or_a_clear_error(
+            lines in proptest::collection::vec(
+                prop_oneof![
+                    proptest::collection::vec(any::<u8>(), 0..80),
+                    (0.0f64..1e6, 0u64..1000, ".{0,12}").prop_map(|(t, i, ph)| {
+                        serde_json::json!({"time_s": t, "interval": i, "phase": ph, "partial": i % 7 == 0})
+                            .to_string()
+                            .into_bytes()
+                    }),
+                ],
+                0..20,
+            ),
+        ) {
+            let dir = tempfile::tempdir().unwrap();
+            let p = dir.path().join("run.jsonl");
+            std::fs::write(&p, lines.join(&b'\n')).unwrap();
+            match read_jsonl(&p) {
+                Ok(rec) => {
+                    prop_assert!(rec.rows() >= 1);
+                    let s = rec.series();
+                    prop_assert!(s.phases.iter().all(|(_, n)| !n.chars().any(char::is_control)));
+                }
+                Err(e) => prop_assert!(!e.to_string().is_empty()),
+            }
+        }
     }
 
     #[test]

@@ -138,6 +138,8 @@ pub enum ConfigError {
     ZeroTimeout,
     #[error("--samples {0}")]
     Samples(u64, #[source] SamplerError),
+    #[error("--access-samples {0}")]
+    AccessSamples(u64, #[source] SamplerError),
     #[error("--ewma-fast/--ewma-slow")]
     Ewma(#[source] StatsError),
     #[error("--map-every must be at least 1")]
@@ -257,7 +259,7 @@ impl BalloonConfig {
 fn check_access_samples(samples: u64, mem_bytes: u64) -> Result<(), ConfigError> {
     let pages = mem_bytes / PAGE_SIZE;
     if samples > pages {
-        return Err(ConfigError::Samples(
+        return Err(ConfigError::AccessSamples(
             samples,
             SamplerError::TooManySamples {
                 samples,
@@ -416,6 +418,20 @@ mod tests {
         assert!(err(&["--workload", "touch 1M wrte"]).contains("wrte"));
         let e = err(&["--map-out", "x", "--map-every", "0"]);
         assert!(e.contains("--map-every"), "{e}");
+        // The access sampler's own option, not the write sampler's.
+        let e = err(&[
+            "--mem",
+            "64M",
+            "--workload",
+            "idle 1ms",
+            "--access-samples",
+            "16385",
+        ]);
+        assert!(e.starts_with("--access-samples 16385"), "{e}");
+        assert!(e.contains("only 16384 pages"), "{e}");
+        // Sizes below a tenth of a MiB do not print as "0.0 MiB".
+        let e = err(&["--mem", "4k"]);
+        assert!(e.contains("guest memory size 4 KiB is below"), "{e}");
     }
 
     #[test]

@@ -120,7 +120,10 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
                 vmm.handler.report.errors,
                 vmm.handler.report.first_error.as_deref(),
             );
-            vmm.protocol.verdict(device).err().map(RunError::Guest)
+            vmm.protocol
+                .verdict(device)
+                .err()
+                .map(|e| RunError::Guest(e.explained(&cfg.workload)))
         }
         Ended::Early(e) => Some(e),
     };
@@ -376,8 +379,13 @@ impl Vmm<'_, '_> {
         let due = self
             .map_every
             .is_some_and(|n| (interval + 1).is_multiple_of(n));
-        if last || due {
+        if last {
             self.write_map()?;
+        } else if due && let Err(e) = self.write_map() {
+            // A periodic map is a snapshot for watchers: a failed one (a full disk) warns and
+            // the run goes on, keeping its rows; the next one retries, and the final one (after
+            // the last row) is an error if it fails too.
+            log::warn!("interval {interval}: {e}; the run goes on");
         }
         if !last {
             self.vm

@@ -42,12 +42,13 @@
 //!
 //! # Writing
 //!
-//! [`PmpMmpMap::write_file`] writes to a fresh temporary file created exclusively (never through
-//! a link) beside the target, then renames it over the target, so readers never see half a map
-//! and two writers to one path both succeed (the last rename wins). A target that exists and is
-//! not a regular file (a device node, FIFO, socket, symbolic link or directory) is refused; so
-//! is a target whose directory is missing. [`check_target`] runs the same checks, and tries to
-//! create a file in the directory, so a run can fail before its guest starts.
+//! [`PmpMmpMap::write_file`] writes through [`crate::files::write_atomic`]: never through the
+//! target's name (an unnamed file, linked in and renamed over the target when whole), so readers
+//! never see half a map, two writers to one path both succeed (the last rename wins), and a kill
+//! mid-write leaves no temporary file. A target that exists and is not a regular file (a device
+//! node, FIFO, socket, symbolic link or directory) is refused; so is a target whose directory is
+//! missing. [`check_target`] runs the same checks, and creates a file in the directory, so a run
+//! can fail before its guest starts.
 //!
 //! # Reading
 //!
@@ -55,15 +56,15 @@
 //! file's size, then yields the records one at a time, validating each: memory stays constant
 //! whatever the record count. [`MapFile::summary`] folds them into a [`MapSummary`].
 
-use std::fs::{File, FileType, Permissions};
+use std::fs::File;
 use std::io::{BufReader, BufWriter, Read, Write};
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 
 use thiserror::Error;
 
 use super::record::{NO_WRITE, PFN_MASK, PageInfo, PageState};
 use super::{MapSummary, PmpMmpMap};
+use crate::files::{self, FileError};
 use crate::units::PAGE_SIZE;
 
 /// Map file magic.
@@ -93,24 +94,13 @@ const IO_BUF: usize = 1 << 16;
 /// Errors of map files: their target, writing them, reading them back.
 #[derive(Debug, Error)]
 pub enum MapFileError {
-    /// The target cannot take a map file (not a regular file, no directory...).
-    #[error("map file {}: {reason}", path.display())]
-    BadTarget { path: PathBuf, reason: String },
-    /// Checking the target, or creating a file beside it, failed.
-    #[error("map file {}: {what}: {source}", path.display())]
-    TargetIo {
-        path: PathBuf,
-        what: String,
-        #[source]
-        source: std::io::Error,
-    },
-    /// Writing the map file failed.
-    #[error("writing the map file {}: {source}", path.display())]
-    Write {
-        path: PathBuf,
-        #[source]
-        source: std::io::Error,
-    },
+    /// The target cannot take a map file (not a regular file, no directory...), or writing it
+    /// failed.
+    #[error("map file {0}")]
+    Target(#[source] FileError),
+    /// The map file to read cannot be opened, or is not a regular file.
+    #[error("map file {0}")]
+    Open(#[source] FileError),
     /// Writing the map to a stream failed.
     #[error("writing the map: {0}")]
     WriteStream(#[source] std::io::Error),
@@ -150,93 +140,11 @@ pub enum MapFileError {
     BadRecord { index: u64, reason: String },
 }
 
-/// Checks that a map file can be written at `path`: it does not exist or is a regular file
-/// (no device node, FIFO, socket, symbolic link or directory), its directory exists, and a file
-/// can be created there (one is created and removed again).
+/// Checks that a map file can be written at `path` (see [`crate::files::check_target`]): it does
+/// not exist or is a regular file (no device node, FIFO, socket, symbolic link or directory), its
+/// directory exists, and a file can be created there.
 pub fn check_target(path: &Path) -> Result<(), MapFileError> {
-    let dir = target_dir(path)?;
-    temp_beside(path, &dir).map(drop)
-}
-
-/// The directory `path` would be written in, after the checks on `path` itself.
-fn target_dir(path: &Path) -> Result<PathBuf, MapFileError> {
-    let bad = |reason: String| MapFileError::BadTarget {
-        path: path.to_owned(),
-        reason,
-    };
-    if path.file_name().is_none() || path.as_os_str().as_encoded_bytes().ends_with(b"/") {
-        return Err(bad("does not name a file".into()));
-    }
-    match std::fs::symlink_metadata(path) {
-        Ok(m) if m.file_type().is_file() => {}
-        Ok(m) => {
-            return Err(bad(format!(
-                "exists and is {}, not a regular file: refusing to replace it",
-                kind(m.file_type())
-            )));
-        }
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-        Err(source) => {
-            return Err(MapFileError::TargetIo {
-                path: path.to_owned(),
-                what: "checking it".into(),
-                source,
-            });
-        }
-    }
-    let dir = match path.parent() {
-        Some(p) if !p.as_os_str().is_empty() => p.to_owned(),
-        _ => PathBuf::from("."),
-    };
-    match std::fs::metadata(&dir) {
-        Ok(m) if m.is_dir() => Ok(dir),
-        Ok(_) => Err(bad(format!("{} is not a directory", dir.display()))),
-        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-            Err(bad(format!("directory {} does not exist", dir.display())))
-        }
-        Err(source) => Err(MapFileError::TargetIo {
-            path: path.to_owned(),
-            what: format!("checking directory {}", dir.display()),
-            source,
-        }),
-    }
-}
-
-/// What a file type is, for messages.
-fn kind(t: FileType) -> &'static str {
-    if t.is_dir() {
-        "a directory"
-    } else if t.is_symlink() {
-        "a symbolic link"
-    } else if t.is_char_device() {
-        "a character device"
-    } else if t.is_block_device() {
-        "a block device"
-    } else if t.is_fifo() {
-        "a FIFO"
-    } else if t.is_socket() {
-        "a socket"
-    } else {
-        "something else"
-    }
-}
-
-/// A new temporary file in `dir`, created exclusively under a unique name derived from
-/// `path`'s (`.NAME.XXXXXX.tmp`), mode 0666 less the umask as `File::create` would give.
-fn temp_beside(path: &Path, dir: &Path) -> Result<tempfile::NamedTempFile, MapFileError> {
-    let mut prefix = std::ffi::OsString::from(".");
-    prefix.push(path.file_name().unwrap_or_default());
-    prefix.push(".");
-    tempfile::Builder::new()
-        .prefix(&prefix)
-        .suffix(".tmp")
-        .permissions(Permissions::from_mode(0o666))
-        .tempfile_in(dir)
-        .map_err(|source| MapFileError::TargetIo {
-            path: path.to_owned(),
-            what: format!("cannot create a file in {}", dir.display()),
-            source,
-        })
+    files::check_target(path).map_err(MapFileError::Target)
 }
 
 /// The header of a map file.
@@ -466,16 +374,7 @@ impl PmpMmpMap {
     /// and renamed into place (see the module docs); a target that exists and is not a regular
     /// file is refused.
     pub fn write_file(&self, path: impl AsRef<Path>) -> Result<(), MapFileError> {
-        let path = path.as_ref();
-        let dir = target_dir(path)?;
-        let tmp = temp_beside(path, &dir)?;
-        let err = |source| MapFileError::Write {
-            path: path.to_owned(),
-            source,
-        };
-        self.write_records(tmp.as_file()).map_err(err)?;
-        tmp.persist(path).map_err(|e| err(e.error))?;
-        Ok(())
+        files::write_atomic(path.as_ref(), |f| self.write_records(f)).map_err(MapFileError::Target)
     }
 }
 
@@ -506,10 +405,11 @@ pub struct MapFile<R = File> {
 }
 
 impl MapFile<File> {
-    /// Opens the map file at `path`, reads and validates its header, and checks the file's size
-    /// against it (when it is a regular file).
+    /// Opens the map file at `path` (a regular file: a FIFO or device is refused, see
+    /// [`crate::files::open_regular`]), reads and validates its header, and checks the file's
+    /// size against it.
     pub fn open(path: impl AsRef<Path>) -> Result<Self, MapFileError> {
-        let f = File::open(path).map_err(MapFileError::Read)?;
+        let f = files::open_regular(path.as_ref()).map_err(MapFileError::Open)?;
         let meta = f.metadata().map_err(MapFileError::Read)?;
         let size = meta.is_file().then_some(meta.len());
         Self::start(f, size)
@@ -617,6 +517,8 @@ impl<R: Read> Iterator for MapFile<R> {
 mod tests {
     use std::ffi::CString;
     use std::os::unix::ffi::OsStrExt;
+    use std::os::unix::fs::{FileTypeExt, PermissionsExt};
+    use std::path::PathBuf;
 
     use proptest::prelude::*;
 
@@ -691,8 +593,13 @@ mod tests {
         );
         assert!(matches!(
             MapFile::open(dir.path().join("missing.map")),
-            Err(MapFileError::Read(_))
+            Err(MapFileError::Open(_))
         ));
+        // A FIFO is refused at once instead of blocking until a writer comes.
+        let fifo = dir.path().join("fifo.map");
+        mknod(&fifo, libc::S_IFIFO | 0o600, 0);
+        let e = MapFile::open(&fifo).unwrap_err().to_string();
+        assert!(e.contains("a FIFO, not a regular file"), "{e}");
     }
 
     #[test]
@@ -876,7 +783,7 @@ mod tests {
 
     fn assert_refused(r: Result<(), MapFileError>, what: &str) {
         match r {
-            Err(e @ MapFileError::BadTarget { .. }) => {
+            Err(e @ MapFileError::Target(FileError::BadTarget { .. })) => {
                 assert!(e.to_string().contains(what), "{e}")
             }
             other => panic!("expected a refusal mentioning {what:?}, got {other:?}"),
@@ -935,7 +842,7 @@ mod tests {
         // A regular file as the directory: stat of the target fails with ENOTDIR.
         assert!(matches!(
             check_target(&file.join("out.map")),
-            Err(MapFileError::TargetIo { .. })
+            Err(MapFileError::Target(FileError::Io { .. }))
         ));
         assert_refused(check_target(Path::new("")), "does not name a file");
         assert_refused(check_target(&d.join("x/..")), "does not name a file");

@@ -50,7 +50,10 @@
 //! anonymous memory, which gets a machine page of its own only when written (a read maps the
 //! shared zero page), and every write reaches the map, the guest's through KVM's dirty log
 //! (enabled from the slot's creation) and the VMM's through its own bitmap. So a present page
-//! that neither ever wrote is counted `Zero`, a written one `Backed(0)`. Caveat: with transparent
+//! that neither wrote since it was last released is counted `Zero`, a written one `Backed(0)`: a
+//! release (`MADV_DONTNEED`) frees the page's machine page, so a page written, released and then
+//! only read maps the zero page again, and the map keeps a bit per page for "written since its
+//! last release" apart from the "ever written" flags it reports. Caveat: with transparent
 //! huge pages (`--hugepages`) a read may be given a huge page of its own, and a write backs the
 //! whole 2 MiB around it, so never-written pages can be backed; such pages are counted `Zero`
 //! here, and host usage is under-reported by them. Sharing (`Shared`) cannot be seen at all.
@@ -61,9 +64,9 @@
 //! This module is the map itself (bitmap pass, pagemap lookups, refresh, summary); `record`
 //! holds the per-page records, `residency` the residency pass, `file` the map file format.
 //!
-//! Storage is three dense 1-bit-per-page sets plus three more for bookkeeping (known dirty bits,
-//! last residency, a scratch set of pages to look up): 6 bits per guest page, 12 MiB for a 64 GiB
-//! guest. Per-page records (PFN and state, first-touch and last-write intervals: 16 bytes) live in
+//! Storage is three dense 1-bit-per-page sets plus four more for bookkeeping (known dirty bits,
+//! last residency, written since the last release, a scratch set of pages to look up): 7 bits per
+//! guest page, 14 MiB for a 64 GiB guest. Per-page records (PFN and state, first-touch and last-write intervals: 16 bytes) live in
 //! chunks of 512 pages (2 MiB of guest RAM, 8 KiB of records) allocated on the first touch of a
 //! page in the chunk.
 
@@ -260,6 +263,9 @@ pub struct PmpMmpMap {
     touched: Bitmap,
     guest_written: Bitmap,
     vmm_written: Bitmap,
+    /// Pages written (by the guest or the VMM) since the balloon last released them: with PFNs
+    /// hidden, a present page has a machine page of its own exactly when set.
+    written_since_release: Bitmap,
     /// Bits known set in KVM's dirty log.
     known_dirty: Bitmap,
     /// Pages present (resident) at the last look.
@@ -334,6 +340,7 @@ impl PmpMmpMap {
             touched: Bitmap::new(guest_pages),
             guest_written: Bitmap::new(guest_pages),
             vmm_written: Bitmap::new(guest_pages),
+            written_since_release: Bitmap::new(guest_pages),
             known_dirty: Bitmap::new(guest_pages),
             resident: Bitmap::new(guest_pages),
             pending: Bitmap::new(guest_pages),
@@ -454,6 +461,7 @@ impl PmpMmpMap {
             stats.newly_written += u64::from((new_g & !self.guest_written.words()[w]).count_ones());
             self.guest_written.words_mut()[w] |= new_g;
             self.vmm_written.words_mut()[w] |= v;
+            self.written_since_release.words_mut()[w] |= written;
             self.pending.words_mut()[w] |= written;
             stats.guest_writes += u64::from(new_g.count_ones());
             stats.vmm_writes += u64::from(v.count_ones());
@@ -546,8 +554,9 @@ impl PmpMmpMap {
     /// Sets the state and the residency bit of touched page `gfn` from `res`; `frame` gives the
     /// state of a page a machine page backs, from its PFN (0 when hidden).
     ///
-    /// With PFNs hidden, a present page that neither the guest nor the VMM ever wrote is taken
-    /// for the shared zero page (see "When PFNs are hidden" in the module docs).
+    /// With PFNs hidden, a present page that neither the guest nor the VMM wrote since it was
+    /// last released (or ever) is taken for the shared zero page (see "When PFNs are hidden" in
+    /// the module docs).
     fn set_residency(&mut self, gfn: u64, res: Residency, frame: impl FnOnce(u64) -> PageState) {
         let released = self
             .records
@@ -558,11 +567,7 @@ impl PmpMmpMap {
             Residency::Absent => PageState::Discarded,
             Residency::Swapped => PageState::Swapped,
             Residency::Zero => PageState::Zero,
-            Residency::Frame(None)
-                if !self.guest_written.get(gfn) && !self.vmm_written.get(gfn) =>
-            {
-                PageState::Zero
-            }
+            Residency::Frame(None) if !self.written_since_release.get(gfn) => PageState::Zero,
             Residency::Frame(pfn) => frame(pfn.unwrap_or(0)),
         };
         if matches!(res, Residency::Zero | Residency::Frame(_)) {
@@ -578,7 +583,8 @@ impl PmpMmpMap {
     /// (tell [`PmpMmpMap::note_cleared_in`] too). The cost is the range's. Pages written since the last harvest are recorded as
     /// touched and written in `interval` first, so nothing the guest wrote is lost; then every
     /// touched page in the range becomes `Released` and not resident, so a later write (a new
-    /// dirty bit) or read (the residency pass) is seen afresh. Untouched pages stay untouched.
+    /// dirty bit) or read (the residency pass) is seen afresh, and none counts as written since
+    /// its release (a later read maps the zero page). Untouched pages stay untouched.
     pub fn note_released(&mut self, pages: Range<u64>, guest_dirty: &Window, interval: u32) {
         let end = pages.end.min(self.pages);
         let interval = interval.min(NO_WRITE - 1);
@@ -595,6 +601,7 @@ impl PmpMmpMap {
             if self.touched.get(gfn) {
                 self.records.set_state(gfn, PageState::Released);
                 self.resident.clear(gfn);
+                self.written_since_release.clear(gfn);
             }
         }
     }
@@ -713,6 +720,7 @@ impl PmpMmpMap {
             &self.touched,
             &self.guest_written,
             &self.vmm_written,
+            &self.written_since_release,
             &self.known_dirty,
             &self.resident,
             &self.pending,
@@ -1142,6 +1150,60 @@ mod tests {
         assert_eq!(map.summary(), s);
     }
 
+    /// Issue: without PFNs, pages written, released by the balloon and then only read were still
+    /// counted backed (their old written bit), though the release freed their machine pages.
+    #[test]
+    fn hidden_pfns_released_then_read_pages_are_zero() {
+        let ram = Ram::new(64);
+        for g in 0..8 {
+            ram.write(g, 1);
+        }
+        let pm = Pagemap::open_without_pfns().unwrap();
+        let mut hidden =
+            PmpMmpMap::with_pagemap(ram.host(), 64, MapOptions::default(), pm).unwrap();
+        let mut seen = PmpMmpMap::new(ram.host(), 64).unwrap();
+        let all = dirty_of(64, &[0, 1, 2, 3, 4, 5, 6, 7]);
+        for m in [&mut hidden, &mut seen] {
+            m.harvest(&all, &[], 0).unwrap();
+            assert_eq!(m.summary().backed, 8);
+        }
+        // The balloon releases pages 2..6 (the VMM clears their dirty bits); the guest reads 3
+        // and 4 and writes 5 again.
+        // SAFETY: discards pages of our own mapping; nothing holds references into them.
+        let r = unsafe {
+            libc::madvise(
+                ram.mem.as_ptr().add(2 * PAGE_SIZE as usize).cast(),
+                4 * PAGE_SIZE as usize,
+                libc::MADV_DONTNEED,
+            )
+        };
+        assert_eq!(r, 0);
+        assert_eq!(ram.read(3) + ram.read(4), 0);
+        ram.write(5, 2);
+        let after = dirty_of(64, &[0, 1, 5, 6, 7]);
+        for m in [&mut hidden, &mut seen] {
+            m.note_released(2..6, &Window::new(0, all.clone()), 1);
+            m.note_cleared_in(2..6);
+            m.harvest(&after, &[], 1).unwrap();
+        }
+        assert_eq!(hidden.page(3).unwrap().state, PageState::Zero);
+        assert_eq!(hidden.page(4).unwrap().state, PageState::Zero);
+        assert_eq!(hidden.page(5).unwrap().state, PageState::Backed(0));
+        assert_eq!(hidden.page(2).unwrap().state, PageState::Released);
+        // Still reported as ever written by the guest.
+        assert!(hidden.page(3).unwrap().guest_written);
+        let (h, v) = (hidden.summary(), seen.summary());
+        assert_eq!((h.backed, h.zero, h.released), (5, 2, 1));
+        assert_eq!(
+            (v.backed, v.zero, v.released),
+            (h.backed, h.zero, h.released)
+        );
+        assert_eq!(h.backed, ram.resident() - h.zero);
+        // A refresh re-reads them with the same inference.
+        hidden.refresh().unwrap();
+        assert_eq!(hidden.summary(), h);
+    }
+
     /// A real guest: writes one page, reads another, through KVM with the manual-protect dirty
     /// log; the VMM wrote the code page itself.
     #[test]
@@ -1225,10 +1287,10 @@ mod tests {
         let s = map.summary();
         assert_eq!((s.backed, s.zero, s.untouched), (4, 1, pages - 5));
         assert_eq!(map.page(pages - 1).unwrap().first_touch, Some(0));
-        // 6 dense bitmaps of 2 MiB, the 256 KiB chunk table, 4 chunks, scratch.
+        // 7 dense bitmaps of 2 MiB, the 256 KiB chunk table, 4 chunks, scratch.
         let over = map.overhead_bytes();
-        assert!(over < 16 << 20, "overhead {over}");
-        assert!(over >= 6 * (2 << 20));
+        assert!(over < 18 << 20, "overhead {over}");
+        assert!(over >= 7 * (2 << 20));
         let st = map.harvest(&dirty_of(pages, &written), &[], 1).unwrap();
         assert_eq!((st.lookups, st.newly_touched), (0, 0));
         // A read at the very end of the range shows up in the next pass.
