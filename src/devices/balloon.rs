@@ -571,13 +571,18 @@ mod tests {
         }
         /// A driver that negotiates everything offered and sets up every queue.
         fn new(reporting: bool, target: u32, hard: bool) -> Drv {
-            let ram = GuestRam::new(RAM_BYTES, false).unwrap();
-            let dev = MmioTransport::new(Balloon::new(RAM_PAGES, reporting, target, hard));
-            let mut d = Drv { ram, dev };
+            let d = Drv::sized(RAM_BYTES, reporting, target, hard);
             // Every page but the driver's own holds a pattern: its page number + 1.
             for p in DRIVER_PAGES..RAM_PAGES {
                 d.ram.write_obj(p * PAGE_SIZE, p + 1).unwrap();
             }
+            d
+        }
+        /// The same on `bytes` of RAM, without the pattern.
+        fn sized(bytes: u64, reporting: bool, target: u32, hard: bool) -> Drv {
+            let ram = GuestRam::new(bytes, false).unwrap();
+            let dev = MmioTransport::new(Balloon::new(ram.pages(), reporting, target, hard));
+            let mut d = Drv { ram, dev };
             assert_eq!(d.r(reg::MAGIC_VALUE), b::MAGIC);
             assert_eq!(d.r(reg::VERSION), 2);
             assert_eq!(d.r(reg::DEVICE_ID), b::DEVICE_ID);
@@ -849,5 +854,305 @@ mod tests {
         // A stats buffer outside RAM is refused, not fatal.
         d.send(2, RAM_BYTES - 4, 30);
         assert!(d.dev.errors() > 0 && !d.dev.broken());
+    }
+
+    /// Where the tests keep PFN arrays: 8 arrays of up to MAX_PFNS, below DRIVER_PAGES.
+    fn array_at(k: u64) -> u64 {
+        0x20000 + k * 0x4000
+    }
+
+    impl Drv {
+        /// Writes `pfns` as PFN array `k` and makes it descriptor `k` of queue `q`, chained to
+        /// descriptor `next` when given.
+        fn array(&self, q: u64, k: u64, pfns: &[u32], next: Option<u16>) {
+            for (i, p) in pfns.iter().enumerate() {
+                self.ram.write_obj(array_at(k) + 4 * i as u64, *p).unwrap();
+            }
+            let (flags, next) = next.map_or((0, 0), |n| (1, n));
+            self.desc(q, k, array_at(k), 4 * pfns.len() as u32, flags, next);
+        }
+        /// Resumes the device until it has no work left (taking what it releases), at most
+        /// `max` times; returns how many resumes it took.
+        fn drain(&mut self, max: u32) -> u32 {
+            let mut n = 0;
+            while self.dev.has_work() {
+                assert!(n < max, "still working after {max} resumes");
+                self.released();
+                self.dev.resume(&self.ram);
+                n += 1;
+            }
+            self.released();
+            n
+        }
+    }
+
+    #[test]
+    fn set_target_changes_the_config_while_the_guest_runs() {
+        let mut d = Drv::new(false, 10, true);
+        assert_eq!(d.r(reg::CONFIG_GENERATION), 0);
+        assert_eq!(d.r(reg::INTERRUPT_STATUS) & 2, 0);
+        assert_eq!(d.dev.device_mut().set_target(300), 300);
+        assert_eq!(d.r(reg::CONFIG + b::CFG_NUM_PAGES), 300);
+        assert_eq!(d.r(reg::CONFIG_GENERATION), 1);
+        assert_eq!(d.r(reg::INTERRUPT_STATUS) & 2, 2, "configuration changed");
+        d.w(reg::INTERRUPT_ACK, 2);
+        assert_eq!(d.r(reg::INTERRUPT_STATUS) & 2, 0);
+        // The same target again changes nothing; a target beyond RAM is clipped to it.
+        d.dev.device_mut().set_target(300);
+        assert_eq!(d.r(reg::CONFIG_GENERATION), 1);
+        assert_eq!(d.dev.device_mut().set_target(u64::MAX), RAM_PAGES as u32);
+        assert_eq!(d.r(reg::CONFIG_GENERATION), 2);
+        assert_eq!(d.dev.view().target_mib, units::pages_mib(RAM_PAGES));
+        // The driver follows: it inflates by the difference and says so in `actual`.
+        d.dev.device_mut().set_target(0x42);
+        let pfns: Vec<u32> = (0x100..0x142).collect();
+        d.array(0, 0, &pfns, None);
+        d.kick(0, 0);
+        d.w(reg::CONFIG + b::CFG_ACTUAL, 0x42);
+        assert_eq!(d.dev.device().balloon_pages(), 0x42);
+        assert_eq!(d.r(reg::CONFIG + b::CFG_ACTUAL), 0x42);
+    }
+
+    #[test]
+    fn a_page_inflated_many_times_is_in_the_balloon_once() {
+        let mut d = Drv::new(false, 0, false);
+        d.array(0, 0, &[0x100; b::MAX_PFNS as usize], None);
+        for _ in 0..3 {
+            d.kick(0, 0);
+        }
+        assert_eq!(
+            d.drain(100),
+            0,
+            "one array per notification: answered at once"
+        );
+        assert_eq!(d.used_idx(0), 3);
+        assert_eq!(d.dev.device().balloon_pages(), 1, "one page, not 12,288");
+        assert_eq!(d.dev.view().balloon_mib, units::pages_mib(1));
+        assert_eq!(d.dev.device().counters.inflated_pages, 1);
+        assert_eq!(d.dev.errors(), 3 * b::MAX_PFNS - 1);
+        assert_eq!(d.zeroed(), vec![0x100]);
+        // Deflating it twice takes it out once; deflating a page never inflated is an error.
+        d.array(1, 0, &[0x100, 0x100, 0x200], None);
+        d.kick(1, 0);
+        assert_eq!(d.dev.device().balloon_pages(), 0);
+        assert_eq!(d.dev.device().counters.deflated_pages, 1);
+        assert_eq!(d.dev.errors(), 3 * b::MAX_PFNS + 1);
+        // And it can be inflated again.
+        d.array(0, 0, &[0x100], None);
+        d.kick(0, 0);
+        assert_eq!(d.dev.device().balloon_pages(), 1);
+        // A reset empties the balloon (the driver starts again with all its pages).
+        d.w(reg::STATUS, 0);
+        assert_eq!(d.dev.device().balloon_pages(), 0);
+    }
+
+    #[test]
+    fn one_notification_does_bounded_work_and_the_rest_follows_at_the_next_exits() {
+        let mut d = Drv::new(false, 0, false);
+        // A chain of SIZE descriptors (the last loops back to the first), each of MAX_PFNS
+        // PFNs: the even pages above the driver's, over and over, and some outside RAM.
+        let pfns: Vec<u32> = (0..b::MAX_PFNS as u32)
+            .map(|i| {
+                if i % 7 == 0 {
+                    u32::MAX - i
+                } else {
+                    DRIVER_PAGES as u32 + (2 * i) % (RAM_PAGES - DRIVER_PAGES) as u32
+                }
+            })
+            .collect();
+        for k in 0..u64::from(SIZE) {
+            d.array(0, k, &pfns, Some(((k + 1) % u64::from(SIZE)) as u16));
+        }
+        // One notification does at most STEP_BUDGET units of work, and answers nothing before
+        // its chain is done.
+        d.kick(0, 0);
+        let looked = d.dev.device().counters.inflated_pages + d.dev.errors();
+        assert!(looked <= STEP_BUDGET, "{looked} PFNs looked at");
+        assert!(d.dev.has_work());
+        assert_eq!(d.used_idx(0), 0, "nothing answered yet");
+        for n in 2..=u64::from(SIZE) {
+            d.kick(0, 0);
+            let looked = d.dev.device().counters.inflated_pages + d.dev.errors();
+            assert!(
+                looked <= n * STEP_BUDGET,
+                "{looked} PFNs in {n} notifications"
+            );
+            assert!(d.dev.device().released.len() <= MAX_PENDING_RELEASES);
+            assert!(d.dev.has_work());
+        }
+        assert!(d.used_idx(0) < SIZE as u16);
+        let per_chain = u64::from(SIZE) * b::MAX_PFNS;
+        let total = u64::from(SIZE) * per_chain;
+        let resumes = d.drain(1000);
+        assert!(
+            u64::from(resumes) + u64::from(SIZE) >= total / STEP_BUDGET,
+            "{resumes} resumes for {total} PFNs"
+        );
+        assert_eq!(
+            d.used_idx(0),
+            SIZE as u16,
+            "every chain answered in the end"
+        );
+        // Every PFN was looked at once: the distinct even pages went in, the rest are errors,
+        // plus one error per chain for its loop.
+        let distinct = (RAM_PAGES - DRIVER_PAGES) / 2;
+        let c = &d.dev.device().counters;
+        assert_eq!(c.inflated_pages, distinct);
+        assert_eq!(c.inflated_pages + d.dev.errors(), total + u64::from(SIZE));
+        assert_eq!(d.zeroed().len() as u64, distinct);
+        assert!(!d.dev.broken());
+    }
+
+    #[test]
+    fn releases_not_taken_are_bounded_and_hold_the_work_back() {
+        // 100 MiB: enough pages for more non-adjacent releases than the device may hold.
+        let mut d = Drv::sized(100 << 20, false, 0, false);
+        let pfns = |k: u32| -> Vec<u32> {
+            (0..b::MAX_PFNS as u32)
+                .map(|i| 0x40 + 2 * (k * b::MAX_PFNS as u32 + i))
+                .collect()
+        };
+        d.array(0, 0, &pfns(0), Some(1));
+        d.array(0, 1, &pfns(1), Some(2));
+        d.array(0, 2, &pfns(2), None);
+        d.kick(0, 0);
+        for _ in 0..5 {
+            d.dev.resume(&d.ram);
+            assert!(d.dev.device().released.len() <= MAX_PENDING_RELEASES);
+        }
+        assert!(d.dev.has_work(), "held back until the releases are taken");
+        assert_eq!(d.used_idx(0), 0);
+        d.drain(10);
+        assert_eq!(d.used_idx(0), 1);
+        assert_eq!(d.dev.device().balloon_pages(), 3 * b::MAX_PFNS);
+        // Adjacent pages are handed out as one range.
+        let run: Vec<u32> = (0x40..0x40 + b::MAX_PFNS as u32).rev().collect();
+        let mut d = Drv::sized(100 << 20, false, 0, false);
+        d.array(0, 0, &run, None);
+        d.kick(0, 0);
+        assert_eq!(d.released(), vec![0x40..0x40 + b::MAX_PFNS]);
+    }
+
+    #[test]
+    fn indirect_descriptors_are_refused() {
+        let mut d = Drv::new(false, 0, false);
+        // An indirect table of two PFN-array descriptors, at 0x30000.
+        let table = 0x30000u64;
+        for (i, pfn) in [0x100u32, 0x101].iter().enumerate() {
+            let arr = array_at(i as u64);
+            d.ram.write_obj(arr, *pfn).unwrap();
+            let at = table + 16 * i as u64;
+            d.ram.write_obj(at, arr).unwrap();
+            d.ram.write_obj(at + 8, 4u32).unwrap();
+            d.ram
+                .write_obj(at + 12, if i == 0 { 1u16 } else { 0 })
+                .unwrap();
+            d.ram.write_obj(at + 14, 1u16).unwrap();
+        }
+        d.desc(0, 0, table, 32, 4, 0); // VIRTQ_DESC_F_INDIRECT
+        d.kick(0, 0);
+        assert_eq!(d.used_idx(0), 1, "answered");
+        assert!(d.released().is_empty());
+        assert_eq!(d.dev.device().balloon_pages(), 0, "not followed");
+        assert_eq!(d.dev.errors(), 1);
+        assert!(!d.dev.broken());
+    }
+
+    #[test]
+    fn pfns_outside_ram_are_counted_without_stalling() {
+        let mut d = Drv::new(false, 0, false);
+        let pfns: Vec<u32> = (0..b::MAX_PFNS as u32).map(|i| u32::MAX - i).collect();
+        d.array(1, 0, &pfns, None);
+        for _ in 0..4 {
+            d.kick(1, 0);
+        }
+        d.drain(100);
+        assert_eq!(d.used_idx(1), 4);
+        assert_eq!(d.dev.errors(), 4 * b::MAX_PFNS);
+        assert_eq!(d.dev.device().counters.deflated_pages, 0);
+    }
+
+    mod props {
+        use super::*;
+        use proptest::prelude::*;
+
+        /// A descriptor: an address (an array in the driver's area, or anywhere), a length,
+        /// flags (NEXT, WRITE, INDIRECT in any mix) and a next index (inside the table or not).
+        fn descriptor() -> impl Strategy<Value = (u64, u32, u16, u16)> {
+            (
+                prop_oneof![(0..8u64).prop_map(array_at), any::<u64>()],
+                prop_oneof![
+                    (0..=b::MAX_PFNS as u32 + 2).prop_map(|n| 4 * n),
+                    any::<u32>()
+                ],
+                0..8u16,
+                prop_oneof![0..SIZE as u16, any::<u16>()],
+            )
+        }
+
+        proptest! {
+            #![proptest_config(ProptestConfig::with_cases(64))]
+            #[test]
+            fn any_ring_is_walked_in_bounded_steps_with_consistent_accounting(
+                reporting in any::<bool>(),
+                table in prop::collection::vec(descriptor(), SIZE as usize),
+                pfns in prop::collection::vec(
+                    prop_oneof![0..RAM_PAGES as u32, any::<u32>()], 1..2048),
+                heads in prop::collection::vec(prop_oneof![0..SIZE as u16, any::<u16>()], 1..12),
+                queue in 0..4u64,
+                avail in prop_oneof![Just(None), any::<u16>().prop_map(Some)],
+            ) {
+                let mut d = Drv::new(reporting, 0, false);
+                for k in 0..8 {
+                    for (i, p) in pfns.iter().enumerate().take(b::MAX_PFNS as usize) {
+                        d.ram.write_obj(array_at(k) + 4 * i as u64, *p).unwrap();
+                    }
+                }
+                for (i, (addr, len, flags, next)) in table.iter().enumerate() {
+                    d.desc(queue, i as u64, *addr, *len, *flags, *next);
+                }
+                for h in &heads {
+                    d.kick(queue, *h);
+                    if let Some(a) = avail {
+                        d.ram.write_obj(avail_at(queue) + 2, a).unwrap();
+                    }
+                    let mut steps = 0;
+                    loop {
+                        let dev = d.dev.device();
+                        let before = dev.counters.inflated_pages
+                            + dev.counters.deflated_pages
+                            + d.dev.errors();
+                        prop_assert!(dev.released.len() <= MAX_PENDING_RELEASES);
+                        d.released();
+                        if !d.dev.has_work() {
+                            break;
+                        }
+                        d.dev.resume(&d.ram);
+                        let dev = d.dev.device();
+                        let after = dev.counters.inflated_pages
+                            + dev.counters.deflated_pages
+                            + d.dev.errors();
+                        prop_assert!(after - before <= STEP_BUDGET + 1);
+                        steps += 1;
+                        prop_assert!(steps <= 4 * SIZE * SIZE, "no end");
+                    }
+                    let dev = d.dev.device();
+                    prop_assert_eq!(dev.balloon_pages(), dev.in_balloon.count_ones());
+                    prop_assert_eq!(
+                        dev.balloon_pages(),
+                        dev.counters.inflated_pages - dev.counters.deflated_pages
+                    );
+                    prop_assert!(dev.balloon_pages() <= RAM_PAGES);
+                }
+                // Pages in the balloon are released (zero); the driver's area is touched only by
+                // the PFNs the driver named.
+                let dev = d.dev.device();
+                for p in dev.in_balloon.iter_ones() {
+                    if p >= DRIVER_PAGES {
+                        prop_assert_ne!(d.ram.read_obj::<u64>(p * PAGE_SIZE).unwrap(), p + 1);
+                    }
+                }
+            }
+        }
     }
 }
