@@ -1091,7 +1091,14 @@ mod tests {
         }
 
         proptest! {
-            #![proptest_config(ProptestConfig::with_cases(64))]
+            // Each case runs a device on 8 MiB of RAM: a hundredth of the cases asked for
+            // (`make fuzz`: 1000), at least 64.
+            #![proptest_config(ProptestConfig::with_cases(
+                std::env::var("PROPTEST_CASES")
+                    .ok()
+                    .and_then(|v| v.parse::<u32>().ok())
+                    .map_or(64, |n| (n / 100).max(64))
+            ))]
             #[test]
             fn any_ring_is_walked_in_bounded_steps_with_consistent_accounting(
                 reporting in any::<bool>(),
