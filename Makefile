@@ -17,7 +17,7 @@ lint:
 	$(CARGO) clippy --all-targets -- -D warnings
 
 # The property tests (parsers of sizes, durations and workload specs; the report channel, messages,
-# map files and guest images) with many more cases than `make test` runs: about a minute or two.
+# map files and guest images; the balloon's virtqueue walk) with many more cases than `make test` runs: about a minute or two.
 FUZZ_CASES ?= 100000
 fuzz:
 	PROPTEST_CASES=$(FUZZ_CASES) $(CARGO) test --release --lib

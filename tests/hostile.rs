@@ -104,19 +104,22 @@ fn message_data(kind: u32, args: [u64; 3], cr2: u64, cs: u64) -> String {
 /// How a bounded run of memvisor ended.
 struct Ended {
     status: ExitStatus,
+    stdout: String,
     stderr: String,
     stderr_len: u64,
 }
 
-/// Runs memvisor with `args`, stdout discarded and stderr kept, and fails the test (after killing
-/// it) if it runs past [`RUN_BOUND`].
+/// Runs memvisor with `args`, stdout and stderr kept, and fails the test (after killing it) if it
+/// runs past [`RUN_BOUND`].
 fn run_bounded(dir: &Path, args: &[&str]) -> Ended {
     let err_path = dir.join("stderr");
+    let out_path = dir.join("stdout");
     let err = std::fs::File::create(&err_path).unwrap();
+    let out = std::fs::File::create(&out_path).unwrap();
     let mut child = common::memvisor()
         .args(args)
         .stdin(Stdio::null())
-        .stdout(Stdio::null())
+        .stdout(out)
         .stderr(err)
         .spawn()
         .expect("spawn memvisor");
@@ -124,6 +127,7 @@ fn run_bounded(dir: &Path, args: &[&str]) -> Ended {
     let bytes = std::fs::read(&err_path).unwrap();
     Ended {
         status,
+        stdout: std::fs::read_to_string(&out_path).unwrap_or_default(),
         stderr_len: bytes.len() as u64,
         stderr: String::from_utf8_lossy(&bytes).into_owned(),
     }
@@ -449,4 +453,125 @@ fn hostile_balloon_driver_breaks_only_the_device() {
     assert_error_mentions(&e, "halted before finishing");
     assert!(e.stderr.contains("virtio-balloon"), "{}", e.stderr);
     assert_small_stderr(&e);
+}
+
+/// Assembler that maps the virtio-balloon's page (PDPT entry 448 -> a PD at 3 MiB), starts the
+/// device (VERSION_1 only, inflate queue of 256 at `DESC`, `AVAIL`, `USED`), fills a PFN array of
+/// MAX_PFNS PFNs outside RAM at `ARRAY`, runs `descriptors` (which writes the chain at `DESC`),
+/// then makes all 256 ring entries (head 0) available and notifies, over and over.
+fn balloon_flood(descriptors: &str) -> String {
+    use memvisor::contract::abi::balloon::reg;
+    let base = memvisor::contract::abi::balloon::MMIO_BASE;
+    format!(
+        "        movq $0x300000, %rdi\n        movabsq ${pde:#x}, %rax\n        movq %rax, (%rdi)\n\
+         \x20       movq $0x300003, %rax\n        movq %rax, {pdpte:#x}\n\
+         \x20       movq %cr3, %rax\n        movq %rax, %cr3\n\
+         \x20       movabsq ${base:#x}, %rbx\n\
+         \x20       movl $0, {st}(%rbx)\n        movl $3, {st}(%rbx)\n\
+         \x20       movl $1, {dfsel}(%rbx)\n        movl $1, {df}(%rbx)\n        movl $0xb, {st}(%rbx)\n\
+         \x20       movl $0, {qsel}(%rbx)\n        movl $256, {qnum}(%rbx)\n\
+         \x20       movl ${DESC:#x}, {qdesc}(%rbx)\n        movl ${AVAIL:#x}, {qavail}(%rbx)\n\
+         \x20       movl ${USED:#x}, {qused}(%rbx)\n        movl $1, {qready}(%rbx)\n\
+         \x20       movl $0xf, {st}(%rbx)\n\
+         \x20       movq ${ARRAY:#x}, %rdi\n        movl $0xffffffff, %eax\n\
+         \x20       movl ${pfns}, %ecx\n        rep stosl\n\
+         {descriptors}\n\
+         \x20       xorl %edx, %edx\n\
+         1:      addw $256, %dx\n        movw %dx, {AVAIL:#x} + 2\n\
+         \x20       movl $0, {notify}(%rbx)\n        jmp 1b",
+        pde = base | 0x83,
+        pdpte = memvisor::contract::abi::PDPT_ADDR + 8 * (base >> 30),
+        st = reg::STATUS,
+        dfsel = reg::DRIVER_FEATURES_SEL,
+        df = reg::DRIVER_FEATURES,
+        qsel = reg::QUEUE_SEL,
+        qnum = reg::QUEUE_NUM,
+        qdesc = reg::QUEUE_DESC_LOW,
+        qavail = reg::QUEUE_AVAIL_LOW,
+        qused = reg::QUEUE_USED_LOW,
+        qready = reg::QUEUE_READY,
+        notify = reg::QUEUE_NOTIFY,
+        pfns = memvisor::contract::abi::balloon::MAX_PFNS,
+    )
+}
+
+const DESC: u64 = 0x40_0000;
+const AVAIL: u64 = 0x40_1000;
+const USED: u64 = 0x40_2000;
+const ARRAY: u64 = 0x41_0000;
+/// An indirect descriptor table of 65,535 entries (1 MiB).
+const INDIRECT: u64 = 0x50_0000;
+
+/// Writes `n` descriptors at `table`, each the PFN array at `ARRAY` with NEXT set, descriptor i
+/// chained to (i + 1) & `mask`.
+fn chained_arrays(table: u64, n: u32, mask: u32) -> String {
+    format!(
+        "        movq ${table:#x}, %rdi\n        xorl %ecx, %ecx\n\
+         2:      movq ${ARRAY:#x}, (%rdi)\n        movl ${len}, 8(%rdi)\n        movw $1, 12(%rdi)\n\
+         \x20       leal 1(%rcx), %eax\n        andl ${mask}, %eax\n        movw %ax, 14(%rdi)\n\
+         \x20       addq $16, %rdi\n        incl %ecx\n        cmpl ${n}, %ecx\n        jne 2b",
+        len = 4 * memvisor::contract::abi::balloon::MAX_PFNS,
+    )
+}
+
+/// The run ended by its timeout, as a timeout ends a run: exit code 124, and a final row.
+fn assert_timeout_with_final_row(e: &Ended) {
+    let out = std::process::Output {
+        status: e.status,
+        stdout: e.stdout.clone().into_bytes(),
+        stderr: e.stderr.clone().into_bytes(),
+    };
+    common::assert_timed_out(&out, "did not finish");
+    assert_small_stderr(e);
+}
+
+#[test]
+fn hostile_balloon_chain_flood_keeps_the_clock() {
+    if !common::kvm("hostile_balloon_chain_flood_keeps_the_clock") {
+        return;
+    }
+    // 256 chains per notification, all the same head: 256 descriptors in a loop, each an array
+    // of 4096 PFNs (268M PFNs per notification), over and over. The work is done in bounded
+    // parts between which the run looks at its clock: the timeout ends it, with its final row.
+    let body = balloon_flood(&chained_arrays(DESC, 256, 255));
+    let (e, _dir) = run_guest("balloonflood", &body, &["--timeout", "3s"]);
+    assert_timeout_with_final_row(&e);
+    assert!(e.stderr.contains("outside guest RAM"), "{}", e.stderr);
+    // The clock kept going during the flood: rows came at the interval ticks (12 of them in 3 s
+    // of 250 ms), not one row after the whole notification was done. Three is a wide margin; a
+    // VMM frozen in one notification prints one row and the end row.
+    let rows = e
+        .stdout
+        .lines()
+        .filter(|l| {
+            l.split_whitespace()
+                .next()
+                .is_some_and(|t| t.parse::<f64>().is_ok())
+        })
+        .count();
+    assert!(rows >= 4, "{rows} rows (end row included): {}", e.stdout);
+}
+
+#[test]
+fn hostile_balloon_indirect_table_is_refused() {
+    if !common::kvm("hostile_balloon_indirect_table_is_refused") {
+        return;
+    }
+    // Each chain is one indirect descriptor (a feature never offered) naming a table of 65,535
+    // arrays of 4096 PFNs: 268M PFNs per chain if it were followed. It is refused: the chain is
+    // answered at once, and the timeout ends the run with its final row.
+    let head = format!(
+        "        movq ${DESC:#x}, %rdi\n        movq ${INDIRECT:#x}, (%rdi)\n\
+         \x20       movl ${len}, 8(%rdi)\n        movw $4, 12(%rdi)\n        movw $0, 14(%rdi)\n{}",
+        chained_arrays(INDIRECT, 65535, 0xffff),
+        len = 65535 * 16,
+    );
+    // Writing the table takes the guest about a second (ring 0 is slow under nested KVM).
+    let (e, _dir) = run_guest(
+        "balloonindirect",
+        &balloon_flood(&head),
+        &["--timeout", "6s"],
+    );
+    assert_timeout_with_final_row(&e);
+    assert!(e.stderr.contains("indirect"), "{}", e.stderr);
 }

@@ -8,7 +8,7 @@ use std::io::Write;
 use thiserror::Error;
 
 use crate::contract::abi::{self, Message, MsgKind};
-use crate::devices::{Balloon, Console, ReportChannel};
+use crate::devices::{BalloonMmio, Console, ReportChannel};
 use crate::kvm::vcpu::Exit;
 use crate::memory::GuestRam;
 
@@ -47,14 +47,18 @@ pub struct ExitHandler {
     pub console: Console,
     pub report: ReportChannel,
     /// The virtio-balloon at [`abi::balloon::MMIO_BASE`], when the guest has one.
-    pub balloon: Option<Balloon>,
+    pub balloon: Option<BalloonMmio>,
     /// Accesses to ports or MMIO nobody handles.
     pub unhandled: u64,
 }
 
 impl ExitHandler {
     /// Devices for a guest with `ram_bytes` of RAM.
-    pub fn new(ram_bytes: u64, console: Box<dyn Write + Send>, balloon: Option<Balloon>) -> Self {
+    pub fn new(
+        ram_bytes: u64,
+        console: Box<dyn Write + Send>,
+        balloon: Option<BalloonMmio>,
+    ) -> Self {
         ExitHandler {
             console: Console::new(console),
             report: ReportChannel::new(ram_bytes),
@@ -64,7 +68,7 @@ impl ExitHandler {
     }
 
     /// The balloon and its register offset for an MMIO access at `addr`, when it has one there.
-    fn balloon_at(&mut self, addr: u64) -> Option<(&mut Balloon, u64)> {
+    fn balloon_at(&mut self, addr: u64) -> Option<(&mut BalloonMmio, u64)> {
         let off = addr
             .checked_sub(abi::balloon::MMIO_BASE)
             .filter(|&off| off < abi::balloon::MMIO_SIZE)?;
@@ -126,7 +130,12 @@ impl ExitHandler {
                 Action::Continue
             }
             Exit::Hlt => Action::Halted,
-            Exit::Interrupted => Action::Kicked,
+            Exit::Interrupted => {
+                if let Some(b) = &mut self.balloon {
+                    b.resume(ram);
+                }
+                Action::Kicked
+            }
             Exit::Shutdown => return Err(ExitError::TripleFault),
             Exit::FailEntry(r) => return Err(ExitError::EntryFailed(r)),
             Exit::InternalError => return Err(ExitError::Internal),
@@ -162,6 +171,7 @@ mod tests {
     use vm_memory::ByteValued;
 
     use super::*;
+    use crate::devices::Balloon;
 
     fn ram() -> GuestRam {
         GuestRam::new(8 << 20, false).unwrap()
@@ -255,7 +265,7 @@ mod tests {
     #[test]
     fn mmio_in_the_balloon_page_goes_to_the_balloon() {
         let ram = ram();
-        let dev = Balloon::new(ram.pages(), true, 7, false);
+        let dev = BalloonMmio::new(Balloon::new(ram.pages(), true, 7, false));
         let mut h = ExitHandler::new(8 << 20, Box::new(std::io::sink()), Some(dev));
         let base = abi::balloon::MMIO_BASE;
         let mut m = [0u8; 4];

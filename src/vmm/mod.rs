@@ -18,14 +18,14 @@ use std::time::{Duration, Instant};
 use crate::contract::abi;
 use crate::contract::protocol::{News, Protocol, Reply};
 use crate::contract::workload::Phase;
-use crate::devices::Balloon;
+use crate::devices::{Balloon, BalloonMmio};
 use crate::kvm::boot;
 use crate::kvm::vcpu::Vcpu;
 use crate::kvm::vm::Vm;
 use crate::memory::GuestRam;
 use crate::observe::access::AccessSampler;
 use crate::observe::interval::{Estimators, IntervalError, IntervalWork};
-use crate::row::{BalloonView, Check, EndReason, Row};
+use crate::row::{Check, EndReason, Row};
 use crate::units;
 use crate::units::PAGE_SIZE;
 use crate::vmm::clock::{Clock, Kicker, POLL};
@@ -69,7 +69,8 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
     )?;
     let balloon = cfg
         .balloon
-        .map(|b| Balloon::new(vm.ram().pages(), b.reporting, b.target_pages, b.hard_limit));
+        .map(|b| Balloon::new(vm.ram().pages(), b.reporting, b.target_pages, b.hard_limit))
+        .map(BalloonMmio::new);
     let work = IntervalWork::new(
         &vm,
         Estimators {
@@ -308,7 +309,12 @@ impl Vmm<'_, '_> {
     /// The guest answers the statistics request of an interval tick on its next system call,
     /// which is the INTERVAL report that completes the row: the row shows those statistics.
     fn attach_guest_stats(&self, row: &mut Row) {
-        let Some(stats) = self.handler.balloon.as_ref().and_then(|b| b.stats()) else {
+        let Some(stats) = self
+            .handler
+            .balloon
+            .as_ref()
+            .and_then(|b| b.device().stats())
+        else {
             return;
         };
         if let Some(view) = row.balloon.as_mut() {
@@ -318,13 +324,20 @@ impl Vmm<'_, '_> {
 
     /// Releases the pages the balloon just handed out, through the VM (the one owner of every
     /// release: it discards them, keeping the dirty log and the fault handler in step), and tells
-    /// the map (the vCPU is stopped: the guest has not run since).
+    /// the map (the vCPU is stopped: the guest has not run since). While the balloon has work left
+    /// from a notification, the vCPU kicks itself, so that the next `KVM_RUN` returns at once: the
+    /// work goes on at that exit, after the loop has looked at its clock and at signals, and the
+    /// guest does not run until it is done.
     fn note_released(&mut self) -> Result<(), RunError> {
         if let Some(b) = &mut self.handler.balloon {
-            let ranges = b.take_released();
+            let ranges = b.device_mut().take_released();
             if !ranges.is_empty() {
                 let released = self.vm.release(&ranges).map_err(IntervalError::Release)?;
                 self.work.note_released(&released, self.clock.current());
+            }
+            if b.has_work() {
+                // SAFETY: pthread_self has no preconditions.
+                crate::kvm::vcpu::kick(unsafe { libc::pthread_self() });
             }
         }
         Ok(())
@@ -359,14 +372,7 @@ impl Vmm<'_, '_> {
             active: measured.active,
             reads_seen: self.work.reads_seen(),
             active_writes: measured.active_writes,
-            balloon: self.handler.balloon.as_ref().map(|b| BalloonView {
-                balloon_mib: units::pages_mib(b.balloon_pages()),
-                target_mib: units::pages_mib(u64::from(b.target_pages())),
-                reported_extents: b.counters.reported_extents,
-                reported_mib: units::pages_mib(b.counters.reported_pages),
-                guest_stats: b.stats().cloned(),
-                errors: b.errors,
-            }),
+            balloon: self.handler.balloon.as_ref().map(BalloonMmio::view),
             check: self.check.take(),
         };
         if !last && let Some(b) = &mut self.handler.balloon {
@@ -420,7 +426,11 @@ impl Vmm<'_, '_> {
             report_errors: self.handler.report.errors + self.protocol.violations().0,
             unhandled_exits: self.handler.unhandled,
             tsc_khz: self.tsc_khz,
-            balloon: self.handler.balloon.as_ref().map(|b| b.counters.clone()),
+            balloon: self
+                .handler
+                .balloon
+                .as_ref()
+                .map(|b| b.device().counters.clone()),
             phases: self.protocol.phases().to_vec(),
             guest: self.protocol.guest().clone(),
         })
