@@ -215,6 +215,10 @@ pub enum OutputError {
     #[cfg(feature = "plot")]
     #[error(transparent)]
     Plot(#[from] plot::PlotError),
+    /// `--plot` names a file that cannot be written (checked before the run).
+    #[cfg(feature = "plot")]
+    #[error("--plot: {source}")]
+    PlotPath { source: plot::PlotError },
     /// An output asked for whose cargo feature this build left out.
     #[error(
         "{flag}: this memvisor was built without the `{feature}` cargo feature (on by default)"
@@ -262,7 +266,7 @@ impl Sink {
     ) -> Result<Self, OutputError> {
         #[cfg(feature = "plot")]
         if let Some(p) = &plot {
-            plot::check_path(p)?;
+            plot::check_path(p).map_err(|source| OutputError::PlotPath { source })?;
         }
         #[cfg(not(feature = "plot"))]
         if plot.is_some() {
