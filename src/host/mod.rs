@@ -14,6 +14,7 @@
 //! All sizes are in pages (`units::PAGE_SIZE`); MiB only in messages. See docs/design.md, "The host
 //! scheduler".
 
+pub mod cli;
 pub mod process;
 pub mod reclaim;
 pub mod scheduler;

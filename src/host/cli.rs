@@ -1,0 +1,387 @@
+//! `memvisor host`: the command line (or a TOML file with the same settings), checked into a
+//! [`HostConfig`] before any VM starts, and the host's rows printed as a table or JSON lines.
+
+use std::io::{Read, Write};
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use clap::Args;
+use serde::Deserialize;
+use thiserror::Error;
+
+use crate::units::{fmt_mib, parse_duration, parse_size};
+
+use super::scheduler::DEFAULT_TAX;
+use super::spec::{self, SpecError};
+use super::supervisor::{HostConfig, HostRow};
+
+fn size_arg(s: &str) -> Result<u64, String> {
+    parse_size(s).map_err(|e| e.to_string())
+}
+
+fn duration_arg(s: &str) -> Result<Duration, String> {
+    parse_duration(s).map_err(|e| e.to_string())
+}
+
+/// Shortest period: a VM's rows come at this interval, and the run's shortest is 10 ms.
+const MIN_PERIOD: Duration = Duration::from_millis(100);
+
+/// The options of `memvisor host`.
+#[derive(Args, Clone, Debug, Default)]
+pub struct HostOptions {
+    /// A TOML file with the same settings (`budget`, `tax`, `period`, and one `[[vm]]` table per
+    /// VM with the keys of --vm); options given here override its `budget`, `tax` and `period`.
+    pub file: Option<PathBuf>,
+    /// Machine memory the VMs may use together (their granted memory and overheads), e.g. 1G.
+    #[arg(long, value_parser = size_arg)]
+    pub budget: Option<u64>,
+    /// The idle memory tax, 0 to 1 (ESX's default 0.75): how much more an idle page costs its VM
+    /// than an active one when memory is taken back.
+    #[arg(long)]
+    pub tax: Option<f64>,
+    /// How often the host decides (and each VM reports).
+    #[arg(long, value_parser = duration_arg)]
+    pub period: Option<Duration>,
+    /// One VM: name=web,mem=512M,shares=1000,reservation=128M,limit=400M,<run option>=...,
+    /// workload=... (workload last: it takes the rest). Repeat for each VM.
+    #[arg(long = "vm", value_name = "SPEC")]
+    pub vms: Vec<String>,
+    /// One JSON object per period instead of the table.
+    #[arg(long)]
+    pub json: bool,
+}
+
+/// Why the host's settings are refused.
+#[derive(Debug, Error)]
+pub enum HostCliError {
+    #[error("{path}: {why}")]
+    File { path: PathBuf, why: String },
+    #[error("--budget is needed (on the command line or in the file)")]
+    NoBudget,
+    #[error("--tax must be between 0 and 1, not {0}")]
+    Tax(f64),
+    #[error("--period must be at least {} ms", MIN_PERIOD.as_millis())]
+    Period,
+    #[error(transparent)]
+    Spec(#[from] SpecError),
+    #[error("cannot find the memvisor binary to run the VMs: {0}")]
+    Exe(std::io::Error),
+}
+
+/// The host file's form.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct HostFile {
+    budget: Option<String>,
+    tax: Option<f64>,
+    period: Option<String>,
+    #[serde(default)]
+    vm: Vec<toml::Table>,
+}
+
+/// Largest host file read.
+const MAX_FILE: u64 = 1 << 20;
+
+impl HostOptions {
+    /// Checks the settings and the VM specs into a configuration, before anything starts.
+    pub fn config(&self) -> Result<HostConfig, HostCliError> {
+        let mut file = HostFile::default();
+        if let Some(path) = &self.file {
+            file = read_file(path)?;
+        }
+        let bad = |why: String| HostCliError::File {
+            path: self.file.clone().unwrap_or_default(),
+            why,
+        };
+        let budget = match (self.budget, &file.budget) {
+            (Some(b), _) => b,
+            (None, Some(s)) => parse_size(s).map_err(|e| bad(format!("budget: {e}")))?,
+            (None, None) => return Err(HostCliError::NoBudget),
+        };
+        let tax = self.tax.or(file.tax).unwrap_or(DEFAULT_TAX);
+        if !(0.0..=1.0).contains(&tax) {
+            return Err(HostCliError::Tax(tax));
+        }
+        let period = match (self.period, &file.period) {
+            (Some(p), _) => p,
+            (None, Some(s)) => parse_duration(s).map_err(|e| bad(format!("period: {e}")))?,
+            (None, None) => Duration::from_secs(1),
+        };
+        if period < MIN_PERIOD {
+            return Err(HostCliError::Period);
+        }
+        let mut texts: Vec<String> = Vec::new();
+        for (i, t) in file.vm.iter().enumerate() {
+            texts
+                .push(table_spec(t).map_err(|why| bad(format!("[[vm]] number {}: {why}", i + 1)))?);
+        }
+        texts.extend(self.vms.iter().cloned());
+        let vms = texts
+            .iter()
+            .enumerate()
+            .map(|(i, s)| spec::parse(s, i))
+            .collect::<Result<Vec<_>, _>>()?;
+        Ok(HostConfig {
+            budget,
+            tax,
+            period,
+            vms,
+            exe: std::env::current_exe().map_err(HostCliError::Exe)?,
+        })
+    }
+}
+
+fn read_file(path: &Path) -> Result<HostFile, HostCliError> {
+    let bad = |why: String| HostCliError::File {
+        path: path.to_path_buf(),
+        why,
+    };
+    let mut text = String::new();
+    crate::files::open_regular(path)
+        .map_err(|e| bad(e.to_string()))?
+        .take(MAX_FILE + 1)
+        .read_to_string(&mut text)
+        .map_err(|e| bad(e.to_string()))?;
+    if text.len() as u64 > MAX_FILE {
+        return Err(bad(format!("larger than {}", fmt_mib(MAX_FILE))));
+    }
+    toml::from_str(&text).map_err(|e| bad(e.to_string()))
+}
+
+/// A `[[vm]]` table as a SPEC: its keys in order, `workload` last.
+fn table_spec(t: &toml::Table) -> Result<String, String> {
+    let mut items = Vec::new();
+    let mut workload = None;
+    for (k, v) in t {
+        let value = match v {
+            toml::Value::String(s) => s.clone(),
+            toml::Value::Integer(n) => n.to_string(),
+            toml::Value::Float(f) => f.to_string(),
+            toml::Value::Boolean(true) => {
+                items.push(k.clone());
+                continue;
+            }
+            toml::Value::Boolean(false) => continue,
+            _ => return Err(format!("{k}: a string, number or true/false is expected")),
+        };
+        if k == "workload" {
+            workload = Some(value);
+        } else if value.contains(',') {
+            return Err(format!("{k}: a value may not contain ','"));
+        } else {
+            items.push(format!("{k}={value}"));
+        }
+    }
+    if let Some(w) = workload {
+        items.push(format!("workload={w}"));
+    }
+    Ok(items.join(","))
+}
+
+/// The table's header: the host line's names, then esxtop's memory-screen names per VM.
+pub fn table_header() -> String {
+    format!(
+        "{:>7} {:<5} {:>8} {:>8} {:>8}  (MiB)\n  {:<10} {:>7} {:>7} {:>7} {:>7} {:>5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>9}",
+        "time",
+        "state",
+        "budget",
+        "free",
+        "targets",
+        "VM",
+        "MEMSZ",
+        "SZTGT",
+        "GRANT",
+        "TCHD",
+        "%ACTV",
+        "MCTLSZ",
+        "MCTLTGT",
+        "SWCUR",
+        "SWTGT",
+        "OVHD",
+        "shares",
+        "resv",
+        "limit",
+        "st",
+        "rate"
+    )
+}
+
+/// One period as a block: the host line, then one line per VM.
+pub fn table_block(row: &HostRow) -> String {
+    let h = &row.host;
+    let mut s = format!(
+        "{:>6.1}s {:<5} {:>8.1} {:>8.1} {:>8.1}",
+        row.time_s,
+        h.state.as_str(),
+        h.budget_mib,
+        h.free_mib,
+        h.targets_mib
+    );
+    for v in &row.vms {
+        let status = match v.status {
+            "running" if v.balloon_stuck => "swap",
+            "running" => "run",
+            "ended" => "end",
+            _ => "FAIL",
+        };
+        s.push_str(&format!(
+            "\n  {:<10} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>5.0} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>6.1} {:>7} {:>6.0} {:>6} {:>6} {:>9}",
+            truncate(&v.name, 10),
+            v.mem_mib,
+            v.target_mib,
+            v.granted_mib,
+            v.active_mib,
+            v.active_pct,
+            v.balloon_mib,
+            v.balloon_target_mib,
+            v.swapped_mib,
+            v.swap_target_mib,
+            v.overhead_mib,
+            v.shares,
+            v.reservation_mib,
+            v.limit_mib.map_or("-".into(), |l| format!("{l:.0}")),
+            status,
+            v.rate.map_or("-".into(), |r| format!("{r:.3e}")),
+        ));
+    }
+    s
+}
+
+fn truncate(s: &str, n: usize) -> &str {
+    s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i])
+}
+
+/// Runs the host, printing its rows to stdout.
+pub fn run(opts: &HostOptions) -> Result<(), Box<dyn std::error::Error>> {
+    let cfg = opts.config()?;
+    let mut out = std::io::stdout().lock();
+    if !opts.json {
+        writeln!(out, "{}", table_header())?;
+    }
+    let json = opts.json;
+    super::supervisor::run(&cfg, &mut |row| {
+        let line = if json {
+            serde_json::to_string(row).map_err(std::io::Error::other)?
+        } else {
+            table_block(row)
+        };
+        writeln!(out, "{line}")?;
+        out.flush()
+    })?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::units::MIB;
+
+    fn opts(vms: &[&str]) -> HostOptions {
+        HostOptions {
+            budget: Some(1024 * MIB),
+            vms: vms.iter().map(|s| s.to_string()).collect(),
+            ..HostOptions::default()
+        }
+    }
+
+    #[test]
+    fn the_command_line_makes_a_config() {
+        let c = opts(&["name=a,mem=256M", "mem=256M,shares=5"])
+            .config()
+            .unwrap();
+        assert_eq!(c.budget, 1024 * MIB);
+        assert_eq!(c.tax, DEFAULT_TAX);
+        assert_eq!(c.period, Duration::from_secs(1));
+        assert_eq!(c.vms.len(), 2);
+        assert_eq!(c.vms[1].name, "vm2");
+        assert_eq!(c.vms[1].shares, 5);
+    }
+
+    #[test]
+    fn bad_settings_are_refused() {
+        let mut o = opts(&["mem=64M"]);
+        o.budget = None;
+        assert!(matches!(o.config(), Err(HostCliError::NoBudget)));
+        let mut o = opts(&["mem=64M"]);
+        o.tax = Some(1.5);
+        assert!(matches!(o.config(), Err(HostCliError::Tax(_))));
+        let mut o = opts(&["mem=64M"]);
+        o.period = Some(Duration::from_millis(10));
+        assert!(matches!(o.config(), Err(HostCliError::Period)));
+        assert!(matches!(
+            opts(&["mem=lots"]).config(),
+            Err(HostCliError::Spec(_))
+        ));
+    }
+
+    #[test]
+    fn a_host_file_gives_the_same_settings() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("host.toml");
+        std::fs::write(
+            &path,
+            r#"
+budget = "768M"
+tax = 0.5
+period = "2s"
+
+[[vm]]
+workload = "alloc 16M; touch 16M write"
+name = "web"
+mem = "256M"
+shares = 2000
+free-page-reporting = true
+
+[[vm]]
+mem = "256M"
+"#,
+        )
+        .unwrap();
+        let o = HostOptions {
+            file: Some(path.clone()),
+            vms: vec!["name=extra,mem=64M,workload=alloc 8M".into()],
+            ..HostOptions::default()
+        };
+        let c = o.config().unwrap();
+        assert_eq!(c.budget, 768 * MIB);
+        assert_eq!(c.tax, 0.5);
+        assert_eq!(c.period, Duration::from_secs(2));
+        let names: Vec<&str> = c.vms.iter().map(|v| v.name.as_str()).collect();
+        assert_eq!(names, ["web", "vm2", "extra"]);
+        assert_eq!(c.vms[0].shares, 2000);
+        assert!(
+            c.vms[0]
+                .run_args
+                .contains(&"--free-page-reporting".to_string())
+        );
+        assert_eq!(
+            c.vms[0].run_args.last().unwrap(),
+            "--workload=alloc 16M; touch 16M write"
+        );
+        // The command line overrides the file.
+        let o = HostOptions {
+            file: Some(path.clone()),
+            budget: Some(2048 * MIB),
+            ..HostOptions::default()
+        };
+        assert_eq!(o.config().unwrap().budget, 2048 * MIB);
+        // Unknown top-level keys and bad values are refused with the file's name.
+        std::fs::write(&path, "budget = \"1G\"\nbudjet = 3\n").unwrap();
+        let e = HostOptions {
+            file: Some(path.clone()),
+            ..HostOptions::default()
+        }
+        .config()
+        .unwrap_err();
+        assert!(e.to_string().contains("host.toml"), "{e}");
+        std::fs::write(&path, "budget = \"1G\"\n[[vm]]\nmem = [1]\n").unwrap();
+        assert!(
+            HostOptions {
+                file: Some(path),
+                ..HostOptions::default()
+            }
+            .config()
+            .is_err()
+        );
+    }
+}
