@@ -4,6 +4,7 @@
 //! (what an exit means), `protocol` (what the guest says), `interval` (what an interval measures),
 //! `rows` (when a row is complete), `stop` (signals).
 
+pub mod builder;
 pub mod clock;
 pub mod command;
 pub mod config;
