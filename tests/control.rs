@@ -262,3 +262,39 @@ fn hostile_clients_are_answered_or_closed_and_the_vm_keeps_its_interval() {
         );
     }
 }
+
+#[test]
+fn a_library_run_is_driven_through_its_controller() {
+    if !common::kvm("a_library_run_is_driven_through_its_controller") {
+        return;
+    }
+    let vm = memvisor::Run::new()
+        .mem(64 << 20)
+        .workload("alloc 8M; touch 8M; idle 120s")
+        .interval(Duration::from_millis(200))
+        .timeout(Duration::from_secs(300))
+        .console(memvisor::Console::Discard)
+        .start()
+        .expect("start");
+    let c = vm.controller().clone();
+    assert_eq!(c.set_swap_target(1), Err(memvisor::CommandError::SwapOff));
+    let first = vm.rows().recv_timeout(PATIENCE).expect("a first row");
+    assert_eq!(first.interval, 0);
+    // Another thread stops it; the rows end with the stopped one.
+    std::thread::spawn(move || c.stop().expect("stop queued"))
+        .join()
+        .unwrap();
+    let rest: Vec<memvisor::Row> = vm.rows().iter().collect();
+    let last = rest.last().expect("a last row");
+    assert_eq!(last.end, Some(memvisor::row::EndReason::Stopped));
+    assert_eq!(
+        vm.controller().latest().map(|r| r.interval),
+        Some(last.interval),
+        "the controller's latest row is the last one"
+    );
+    assert_eq!(vm.dropped_rows(), 0);
+    match vm.wait() {
+        Err(memvisor::Error::Run(memvisor::RunError::Stopped { .. })) => {}
+        other => panic!("{other:?}"),
+    }
+}
