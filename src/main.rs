@@ -1,10 +1,12 @@
 //! memvisor: boot a guest and show, side by side, what it costs the host and what it uses.
 //!
-//! The recipe: parse the command line, validate it into a run, then `vmm::run` builds guest
-//! memory, the VM and its vCPU, runs, and hands each interval's row here to print.
+//! The recipe: parse the command line, validate it into a run, then `vmm::setup` builds guest
+//! memory, the VM and its devices, `--control` serves the VM's control socket, and the run
+//! creates the vCPU, runs, and hands each interval's row here to print.
 //!
 //! Exit codes: 0 the guest ran its workload; 1 an error (bad options, a guest failure, a VMM
-//! failure); 2 a usage error; 124 `--timeout`; 130 SIGINT; 143 SIGTERM; 141 the output pipe closed.
+//! failure); 2 a usage error; 124 `--timeout`; 130 SIGINT; 143 SIGTERM or `stop` on the control
+//! socket; 141 the output pipe closed.
 
 use std::error::Error;
 use std::io::{self, Write};
@@ -13,6 +15,7 @@ use std::process::ExitCode;
 
 use clap::{Args, Parser, Subcommand};
 
+use memvisor::control::{self, ControlError, ControlServer};
 use memvisor::observe::pmp_mmp::MapFile;
 use memvisor::output::{self, writer};
 use memvisor::row::{EndReason, Row};
@@ -74,6 +77,10 @@ struct RunArgs {
     /// Draw the run's plot to this file at the end, also when the run is stopped (.svg or .png).
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
+    /// Serve a control socket here (mode 0600) while the VM runs: query its latest row, set its
+    /// balloon target, stop it (docs/control.md).
+    #[arg(long, value_name = "PATH")]
+    control: Option<PathBuf>,
 }
 
 /// A failure of the command, with the exit code it calls for.
@@ -139,7 +146,17 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         writer::warn_stderr,
     )
     .map_err(|e| Failure::new(1, &e))?;
-    let result = vmm::run(cfg, &mut |row: &Row| sink.row(row));
+    // Set-up, then the control socket (which needs the set-up VM's controller), then the run;
+    // the socket is stopped and removed as soon as the run ends.
+    let result = vmm::setup(cfg).map_err(Started::Run).and_then(|ready| {
+        let control = (args.control.as_deref())
+            .map(|p| ControlServer::start(p, control::vm::handler(ready.controller())))
+            .transpose()
+            .map_err(Started::Control)?;
+        let result = ready.run(&mut |row: &Row| sink.row(row));
+        drop(control);
+        result.map_err(Started::Run)
+    });
     // The plot is drawn whatever ended the run: a stop loses no result.
     let finished = sink.finish();
     if let Ok(not) = &finished.printed
@@ -166,8 +183,9 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             finished.printed.map_err(write_failure)?;
             finished.plot.map_err(|e| Failure::new(1, &e))
         }
-        Err(RunError::OutputClosed) => Err(Failure::output_closed()),
-        Err(e) => {
+        Err(Started::Run(RunError::OutputClosed)) => Err(Failure::output_closed()),
+        Err(Started::Control(e)) => Err(Failure::new(1, &e)),
+        Err(Started::Run(e)) => {
             if let Err(plot) = finished.plot {
                 writer::say_on_stderr(
                     format!("memvisor: error: {}", chain(&plot)),
@@ -177,6 +195,12 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             Err(Failure::new(stop::exit_code(e.end_reason()), &e))
         }
     }
+}
+
+/// What failed: the VM, or its control socket before it ran.
+enum Started {
+    Run(RunError),
+    Control(ControlError),
 }
 
 /// A failed write to stdout: quiet for a closed pipe, else a message.

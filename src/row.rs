@@ -139,6 +139,8 @@ pub enum EndReason {
     Sigterm,
     /// Whoever read the rows went away (a closed pipe).
     OutputClosed,
+    /// A controller asked the run to stop (`stop` on the control socket).
+    Stopped,
 }
 
 impl EndReason {
@@ -151,6 +153,7 @@ impl EndReason {
             EndReason::Sigint => "sigint",
             EndReason::Sigterm => "sigterm",
             EndReason::OutputClosed => "output-closed",
+            EndReason::Stopped => "stopped",
         }
     }
 }

@@ -3,12 +3,12 @@
 #![allow(dead_code)] // each bench uses a part
 
 use memvisor::row::Row;
-use memvisor::vmm::config::RunConfig;
+use memvisor::vmm::config::{Console, RunConfig};
 use memvisor::vmm::{self, RunSummary};
 
 /// Runs `cfg` to its end with the guest's console silenced; returns the summary and every row.
 pub fn run_rows(mut cfg: RunConfig) -> (RunSummary, Vec<Row>) {
-    cfg.console = Box::new(std::io::sink());
+    cfg.console = Console::Discard;
     let mut rows = Vec::new();
     let s = vmm::run(cfg, &mut |r: &Row| {
         rows.push(r.clone());

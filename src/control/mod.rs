@@ -5,6 +5,7 @@
 pub mod client;
 pub mod protocol;
 pub mod server;
+pub mod vm;
 
 pub use client::{Client, ClientError};
 pub use protocol::{Answer, ErrorClass, Request};

@@ -53,7 +53,7 @@ pub enum VmError {
 }
 
 /// Pages per memslot for `pages` pages of RAM when KVM offers `max_slots` slots: [`SLOT_PAGES`],
-/// doubled until the slots fit with [`SPARE_SLOTS`] to spare (one slot when even that fails).
+/// doubled until the slots fit with `SPARE_SLOTS` to spare (one slot when even that fails).
 pub fn slot_pages_for(pages: u64, max_slots: usize) -> u64 {
     let room = max_slots.saturating_sub(SPARE_SLOTS).max(1) as u64;
     let mut size = SLOT_PAGES;

@@ -7,7 +7,7 @@
 //! moved out, and stays registered: a present page never faults, so a region costs nothing until a
 //! page in it goes missing. One handler thread resolves every fault by what the page is:
 //!
-//! - a page moved out ([`MovedOut`]): its kind says what to do (a sampled page records its first
+//! - a page moved out (`MovedOut`): its kind says what to do (a sampled page records its first
 //!   access, read or write, and moves back from the stash; the next kind, a swapped page, will read
 //!   its contents back);
 //! - any other missing page in a registered region (never touched, or released): filled as the

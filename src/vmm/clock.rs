@@ -10,6 +10,7 @@ use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 use crate::kvm::vcpu;
+use crate::vmm::command::PendingFlag;
 use crate::vmm::stop;
 
 /// Longest the VMM sleeps without looking at the clock and the stop flag.
@@ -148,8 +149,8 @@ pub struct Kicker {
 }
 
 impl Kicker {
-    /// Starts kicking the calling thread.
-    pub fn spawn(grid: Grid) -> Self {
+    /// Starts kicking the calling thread (also soon after a controller queued a command).
+    pub fn spawn(grid: Grid, commands: PendingFlag) -> Self {
         // SAFETY: pthread_self has no preconditions.
         let target = unsafe { libc::pthread_self() };
         let shared = Arc::new(Shared {
@@ -157,7 +158,7 @@ impl Kicker {
             alarm_ns: AtomicU64::new(u64::MAX),
         });
         let theirs = shared.clone();
-        let thread = std::thread::spawn(move || kick_loop(grid, target, &theirs));
+        let thread = std::thread::spawn(move || kick_loop(grid, target, &theirs, &commands));
         Kicker {
             grid,
             alarm: None,
@@ -198,7 +199,7 @@ impl Drop for Kicker {
     }
 }
 
-fn kick_loop(grid: Grid, target: libc::pthread_t, shared: &Shared) {
+fn kick_loop(grid: Grid, target: libc::pthread_t, shared: &Shared, commands: &PendingFlag) {
     let mut next = grid.boundary_after(Instant::now());
     let (mut deadline_kicked, mut signal_kicked) = (false, false);
     while !shared.done.load(Ordering::SeqCst) {
@@ -228,6 +229,9 @@ fn kick_loop(grid: Grid, target: libc::pthread_t, shared: &Shared) {
         }
         if !signal_kicked && stop::requested().is_some() {
             signal_kicked = true;
+            kick = true;
+        }
+        if commands.take() {
             kick = true;
         }
         if kick {

@@ -2,7 +2,6 @@
 //! default in one place: its clap attributes), and the same validated once into typed values
 //! ([`RunConfig`]) before anything is built. Every rejection names the option and the bad value.
 
-use std::io::Write;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -168,17 +167,48 @@ pub enum ConfigError {
     },
 }
 
-/// A validated run: typed values only, built once.
+/// Where the guest's console goes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum Console {
+    /// Standard error (the default, and `--console -`).
+    Stderr,
+    /// A file, created at set-up (refused if it is a link, a device or a FIFO).
+    File(PathBuf),
+    /// Nowhere (tests and benchmarks).
+    Discard,
+}
+
+impl Console {
+    /// Opens it (at set-up).
+    pub fn open(&self) -> Result<Box<dyn std::io::Write + Send>, ConfigError> {
+        Ok(match self {
+            Console::Stderr => Box::new(std::io::stderr()),
+            Console::Discard => Box::new(std::io::sink()),
+            Console::File(p) => Box::new(crate::vmm::console_file::open(p).map_err(|source| {
+                ConfigError::Console {
+                    path: p.clone(),
+                    source,
+                }
+            })?),
+        })
+    }
+}
+
+/// A validated run: plain, typed values only, checked once. Set-up ([`crate::vmm::setup`])
+/// creates what they describe (the samplers, the console, the guest image's bytes).
+#[derive(Clone, Debug)]
 pub struct RunConfig {
     pub mem_bytes: u64,
     pub hugepages: bool,
     pub workload: Workload,
-    /// The guest ELF image.
-    pub image: Vec<u8>,
+    /// A guest ELF image instead of the built-in test guest (checked here, read at set-up).
+    pub guest: Option<PathBuf>,
     pub timeout: Option<Duration>,
     pub interval: Duration,
-    /// The samplers cycled interval by interval (`None`: no sampling in that interval).
-    pub samplers: Vec<Option<Sampler>>,
+    /// The write sample sizes cycled interval by interval (`None`: no sampling in that interval).
+    pub sample_cycle: Vec<Option<u64>>,
+    /// The seed of the write samplers' streams (each its own, [`Stream::Write`]), if reproducible.
+    pub sample_seed: Option<u64>,
     /// The moving averages, empty.
     pub smoother: Smoother,
     /// Pages the access sampler watches per interval (0: off).
@@ -196,7 +226,7 @@ pub struct RunConfig {
     pub map_out: Option<PathBuf>,
     pub map_every: Option<u64>,
     /// Where the guest's console goes.
-    pub console: Box<dyn Write + Send>,
+    pub console: Console,
     /// The virtio-balloon, when guest RAM leaves room for its registers.
     pub balloon: Option<BalloonConfig>,
 }
@@ -271,16 +301,17 @@ fn check_access_samples(samples: u64, mem_bytes: u64) -> Result<(), ConfigError>
 }
 
 impl RunConfig {
-    /// Validates `opts` into a run, reading the guest image and opening the console file.
+    /// Validates `opts` into a run (reading the guest image once to check it; nothing is kept
+    /// open or created).
     pub fn new(opts: RunOptions) -> Result<Self, ConfigError> {
         GuestRam::validate_size(opts.mem).map_err(ConfigError::Mem)?;
-        let image = match &opts.guest {
-            Some(p) => boot::read_image(p, opts.mem).map_err(ConfigError::Guest)?,
+        match &opts.guest {
+            Some(p) => drop(boot::read_image(p, opts.mem).map_err(ConfigError::Guest)?),
             None if opts.mem > abi::MAX_MEM_BYTES => {
                 return Err(ConfigError::MemForBuiltInGuest(opts.mem));
             }
-            None => boot::DEFAULT_GUEST.to_vec(),
-        };
+            None => {}
+        }
         let workload = Workload::parse(&opts.workload, opts.mem).map_err(ConfigError::Workload)?;
         if opts.interval < MIN_INTERVAL {
             return Err(ConfigError::IntervalTooShort(opts.interval));
@@ -299,28 +330,22 @@ impl RunConfig {
         }
         let balloon = BalloonConfig::new(&opts)?;
         let cycle = vec![(!opts.no_sampling).then_some(opts.samples)];
-        let samplers = samplers(&cycle, opts.mem, opts.seed)?;
+        samplers(&cycle, opts.mem, opts.seed)?;
         check_access_samples(opts.access_samples, opts.mem)?;
         let smoother = Smoother::new(opts.ewma_fast, opts.ewma_slow).map_err(ConfigError::Ewma)?;
-        let console: Box<dyn Write + Send> = match &opts.console {
-            Some(p) if p.as_os_str() != "-" => {
-                Box::new(crate::vmm::console_file::open(p).map_err(|source| {
-                    ConfigError::Console {
-                        path: p.clone(),
-                        source,
-                    }
-                })?)
-            }
-            _ => Box::new(std::io::stderr()),
+        let console = match opts.console {
+            Some(p) if p.as_os_str() != "-" => Console::File(p),
+            _ => Console::Stderr,
         };
         Ok(RunConfig {
             mem_bytes: opts.mem,
             hugepages: opts.hugepages,
             workload,
-            image,
+            guest: opts.guest,
             timeout: opts.timeout,
             interval: opts.interval,
-            samplers,
+            sample_cycle: cycle,
+            sample_seed: opts.seed,
             smoother,
             access_samples: opts.access_samples,
             access_cycle: Vec::new(),
@@ -346,8 +371,23 @@ impl RunConfig {
 
     /// For benchmarks and tests: cycle these sample sizes interval by interval instead.
     pub fn with_sample_cycle(mut self, cycle: &[Option<u64>]) -> Result<Self, ConfigError> {
-        self.samplers = samplers(cycle, self.mem_bytes, Some(self.guest_seed))?;
+        samplers(cycle, self.mem_bytes, Some(self.guest_seed))?;
+        self.sample_cycle = cycle.to_vec();
+        self.sample_seed = Some(self.guest_seed);
         Ok(self)
+    }
+
+    /// The write samplers, fresh (at set-up).
+    pub fn write_samplers(&self) -> Result<Vec<Option<Sampler>>, ConfigError> {
+        samplers(&self.sample_cycle, self.mem_bytes, self.sample_seed)
+    }
+
+    /// The guest image's bytes (at set-up).
+    pub fn image(&self) -> Result<Vec<u8>, BootError> {
+        match &self.guest {
+            Some(p) => boot::read_image(p, self.mem_bytes),
+            None => Ok(boot::DEFAULT_GUEST.to_vec()),
+        }
     }
 }
 
@@ -381,9 +421,7 @@ mod tests {
     }
 
     fn err(args: &[&str]) -> String {
-        let e = RunConfig::new(opts(args))
-            .err()
-            .expect("should be rejected");
+        let e = RunConfig::new(opts(args)).expect_err("should be rejected");
         let mut text = e.to_string();
         let mut src = std::error::Error::source(&e);
         while let Some(s) = src {
@@ -401,9 +439,10 @@ mod tests {
         assert_eq!(d.samples, 1000);
         assert_eq!(d.workload, DEFAULT_SPEC);
         let cfg = RunConfig::new(d).unwrap();
-        assert_eq!(cfg.samplers.len(), 1);
-        let mut cfg = cfg;
-        assert_eq!(cfg.samplers[0].as_mut().unwrap().arm().len(), 1000);
+        let mut samplers = cfg.write_samplers().unwrap();
+        assert_eq!(samplers.len(), 1);
+        assert_eq!(samplers[0].as_mut().unwrap().arm().len(), 1000);
+        assert_eq!(cfg.console, Console::Stderr);
     }
 
     #[test]
@@ -492,10 +531,11 @@ mod tests {
     #[test]
     fn no_sampling_and_sample_cycles() {
         let cfg = RunConfig::new(opts(&["--no-sampling"])).unwrap();
-        assert!(cfg.samplers[0].is_none());
-        let mut cfg = cfg.with_sample_cycle(&[None, Some(10), Some(100)]).unwrap();
-        assert_eq!(cfg.samplers.len(), 3);
-        assert_eq!(cfg.samplers[2].as_mut().unwrap().arm().len(), 100);
+        assert!(cfg.write_samplers().unwrap()[0].is_none());
+        let cfg = cfg.with_sample_cycle(&[None, Some(10), Some(100)]).unwrap();
+        let mut samplers = cfg.write_samplers().unwrap();
+        assert_eq!(samplers.len(), 3);
+        assert_eq!(samplers[2].as_mut().unwrap().arm().len(), 100);
         let cfg = RunConfig::new(opts(&["--mem", "4M", "--workload", "idle 1ms"])).unwrap();
         assert!(cfg.with_sample_cycle(&[Some(1 << 20)]).is_err());
     }
@@ -504,10 +544,11 @@ mod tests {
     fn the_samplers_of_one_seed_draw_independent_reproducible_streams() {
         let pages = (64u64 << 20) / PAGE_SIZE;
         let picks = |args: &[&str]| {
-            let mut cfg = RunConfig::new(opts(args)).unwrap();
+            let cfg = RunConfig::new(opts(args)).unwrap();
             let mut access = Sampler::new(100, pages, cfg.access_seed).unwrap();
+            let mut samplers = cfg.write_samplers().unwrap();
             let write: Vec<Vec<u64>> = (0..3)
-                .map(|_| cfg.samplers[0].as_mut().unwrap().arm().to_vec())
+                .map(|_| samplers[0].as_mut().unwrap().arm().to_vec())
                 .collect();
             let access: Vec<Vec<u64>> = (0..3).map(|_| access.arm().to_vec()).collect();
             (write, access, cfg.access_seed)

@@ -4,7 +4,9 @@
 //! (what an exit means), `protocol` (what the guest says), `interval` (what an interval measures),
 //! `rows` (when a row is complete), `stop` (signals).
 
+pub mod builder;
 pub mod clock;
+pub mod command;
 pub mod config;
 pub mod console_file;
 pub mod exits;
@@ -25,10 +27,13 @@ use crate::kvm::vm::Vm;
 use crate::memory::GuestRam;
 use crate::observe::access::AccessSampler;
 use crate::observe::interval::{Estimators, IntervalError, IntervalWork};
+use crate::observe::sampler::Sampler;
 use crate::row::{Check, EndReason, Row};
 use crate::units;
 use crate::units::PAGE_SIZE;
 use crate::vmm::clock::{Clock, Kicker, POLL};
+use crate::vmm::command::Inbox;
+pub use crate::vmm::command::{Abilities, Command, CommandError, Controller};
 use crate::vmm::config::RunConfig;
 use crate::vmm::exits::{Action, ExitHandler};
 pub use crate::vmm::outcome::{RunError, RunSummary};
@@ -38,105 +43,174 @@ use crate::vmm::rows::Joiner;
 /// binary queues it for a writer thread). An error stops the run (a closed pipe quietly).
 pub type OnRow<'a> = &'a mut dyn FnMut(&Row) -> io::Result<()>;
 
-/// Boots the guest and runs its workload to the end, handing each interval's row to `on_row`.
+/// Sets up and runs the guest's workload to the end, handing each interval's row to `on_row`.
 pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
+    setup(cfg)?.run(on_row)
+}
+
+/// Builds everything a run needs but the vCPU: guest memory with the guest loaded, the VM, the
+/// devices, the interval work and the console. The result is driven through its
+/// [`Controller`](Ready::controller) and started with [`Ready::run`].
+pub fn setup(cfg: RunConfig) -> Result<Ready, RunError> {
     let t0 = Instant::now();
     // Memory: guest RAM with the image, descriptor tables and page tables.
     let ram = GuestRam::new(cfg.mem_bytes, cfg.hugepages)?;
-    let image = boot::load_image(&ram, &cfg.image)?;
+    let image = boot::load_image(&ram, &cfg.image()?)?;
     let tables = boot::write_cpu_tables(&ram)?;
-    // The VM (which owns the RAM) and its vCPU (which borrows the VM).
+    // The VM owns the RAM.
     let vm = Vm::new(ram)?;
-    let mut vcpu = Vcpu::new(&vm, 0, image.entry, &tables)?;
-    let tsc_khz = u64::from(vcpu.tsc_khz()?);
-    let entries: Vec<_> = cfg.workload.phases.iter().map(|p| p.entry()).collect();
-    // The balloon is announced as Linux finds virtio-mmio devices on its command line
-    // (`<size>@<base>:<irq>`; no interrupt is ever raised: the driver polls).
-    let cmdline = cfg.balloon.map_or(String::new(), |_| {
-        format!(
-            "virtio_mmio.device={}K@{:#x}:0",
-            abi::balloon::MMIO_SIZE / 1024,
-            abi::balloon::MMIO_BASE
-        )
-    });
-    boot::write_boot_info(
-        vm.ram(),
-        tsc_khz,
-        cfg.guest_seed,
-        &entries,
-        &cfg.workload.text,
-        &cmdline,
-    )?;
     let balloon = cfg
         .balloon
         .map(|b| Balloon::new(vm.ram().pages(), b.reporting, b.target_pages, b.hard_limit))
         .map(BalloonMmio::new);
-    let work = IntervalWork::new(
-        &vm,
-        Estimators {
-            write: cfg.samplers,
-            write_smoother: cfg.smoother.clone(),
-            access: AccessSampler::for_memory_or_announce(
-                vm.memory(),
-                cfg.access_samples,
-                cfg.access_seed,
-            ),
-            access_cycle: cfg.access_cycle,
-            access_smoother: cfg.smoother,
-            stratify: cfg.stratify,
-        },
-    )?;
-    // The clock starts here, and with it the kicker thread (stopped when `vmm` is dropped).
-    let clock = Clock::new(cfg.interval, cfg.timeout);
-    let kicker = Kicker::spawn(clock.grid());
-    let mut vmm = Vmm {
-        vm: &vm,
-        handler: ExitHandler::new(vm.ram().size(), cfg.console, balloon),
-        protocol: Protocol::new(cfg.workload.phases.iter().map(|p| p.to_string()), tsc_khz),
-        check_phases: (cfg.workload.phases.iter())
-            .map(|p| matches!(p, Phase::Check { .. }))
-            .collect(),
-        work,
-        joiner: Joiner::new(rows::grace(cfg.interval)),
-        clock,
-        kicker,
-        check: None,
-        tsc_khz,
-        map_out: cfg.map_out,
-        map_every: cfg.map_every,
-        output: Ok(()),
-        on_row,
-    };
-    let setup = t0.elapsed();
-    log::info!("set-up took {:.1} ms", setup.as_secs_f64() * 1e3);
+    let samplers = cfg.write_samplers()?;
+    let (inbox, controller) = Inbox::new(Abilities {
+        balloon: balloon.is_some(),
+        swap: false,
+    });
+    let handler = ExitHandler::new(vm.ram().size(), cfg.console.open()?, balloon);
+    Ok(Ready {
+        entry: image.entry,
+        tables,
+        handler,
+        samplers,
+        inbox,
+        controller,
+        setup: t0.elapsed(),
+        cfg,
+        vm,
+    })
+}
 
-    let ended = vmm.run_loop(&mut vcpu);
-    vmm.kicker.stop();
-    vmm.handler.console.flush();
+/// A VM set up and not yet running. Its vCPU is created by [`run`](Ready::run) on the thread
+/// that calls it (a vCPU belongs to its thread).
+pub struct Ready {
+    cfg: RunConfig,
+    entry: u64,
+    tables: boot::CpuTables,
+    handler: ExitHandler,
+    /// The write samplers (the access sampler and the interval work are made once the guest's
+    /// boot information is written, as they watch guest memory from then on).
+    samplers: Vec<Option<Sampler>>,
+    inbox: Inbox,
+    controller: Controller,
+    setup: Duration,
+    // Last: everything above may refer to guest memory, which the VM owns.
+    vm: Vm,
+}
 
-    // Report: the last row and the map, whatever ended the run, then the verdict.
-    let failure = match ended? {
-        Ended::Halted => {
-            let device = (
-                vmm.handler.report.errors,
-                vmm.handler.report.first_error.as_deref(),
-            );
-            vmm.protocol
-                .verdict(device)
-                .err()
-                .map(|e| RunError::Guest(e.explained(&cfg.workload)))
-        }
-        Ended::Early(e) => Some(e),
-    };
-    let reason = failure
-        .as_ref()
-        .map_or(EndReason::Done, RunError::end_reason);
-    vmm.tick(Some(reason))?;
-    if let Some(e) = failure {
-        return Err(e);
+impl Ready {
+    /// A handle through which another thread sets the targets, stops the run and reads the
+    /// latest row (clone it for as many controllers as wanted).
+    pub fn controller(&self) -> Controller {
+        self.controller.clone()
     }
-    std::mem::replace(&mut vmm.output, Ok(())).map_err(RunError::from_output)?;
-    vmm.summary(setup)
+
+    /// Creates the vCPU on this thread, boots the guest and runs its workload to the end (or
+    /// until a stop), handing each interval's row to `on_row`.
+    pub fn run(self, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
+        let t0 = Instant::now();
+        let Ready {
+            cfg,
+            entry,
+            tables,
+            handler,
+            samplers,
+            inbox,
+            controller,
+            setup,
+            vm,
+        } = self;
+        drop(controller);
+        let mut vcpu = Vcpu::new(&vm, 0, entry, &tables)?;
+        let tsc_khz = u64::from(vcpu.tsc_khz()?);
+        let entries: Vec<_> = cfg.workload.phases.iter().map(|p| p.entry()).collect();
+        // The balloon is announced as Linux finds virtio-mmio devices on its command line
+        // (`<size>@<base>:<irq>`; no interrupt is ever raised: the driver polls).
+        let cmdline = cfg.balloon.map_or(String::new(), |_| {
+            format!(
+                "virtio_mmio.device={}K@{:#x}:0",
+                abi::balloon::MMIO_SIZE / 1024,
+                abi::balloon::MMIO_BASE
+            )
+        });
+        boot::write_boot_info(
+            vm.ram(),
+            tsc_khz,
+            cfg.guest_seed,
+            &entries,
+            &cfg.workload.text,
+            &cmdline,
+        )?;
+        let work = IntervalWork::new(
+            &vm,
+            Estimators {
+                write: samplers,
+                write_smoother: cfg.smoother.clone(),
+                access: AccessSampler::for_memory_or_announce(
+                    vm.memory(),
+                    cfg.access_samples,
+                    cfg.access_seed,
+                ),
+                access_cycle: cfg.access_cycle.clone(),
+                access_smoother: cfg.smoother.clone(),
+                stratify: cfg.stratify,
+            },
+        )?;
+        // The clock starts here, and with it the kicker thread (stopped when `vmm` is dropped).
+        let clock = Clock::new(cfg.interval, cfg.timeout);
+        let kicker = Kicker::spawn(clock.grid(), inbox.pending());
+        let mut vmm = Vmm {
+            vm: &vm,
+            handler,
+            protocol: Protocol::new(cfg.workload.phases.iter().map(|p| p.to_string()), tsc_khz),
+            check_phases: (cfg.workload.phases.iter())
+                .map(|p| matches!(p, Phase::Check { .. }))
+                .collect(),
+            work,
+            joiner: Joiner::new(rows::grace(cfg.interval)),
+            clock,
+            kicker,
+            check: None,
+            tsc_khz,
+            map_out: cfg.map_out.clone(),
+            map_every: cfg.map_every,
+            output: Ok(()),
+            on_row,
+            inbox,
+            stopped: false,
+        };
+        let setup = setup + t0.elapsed();
+        log::info!("set-up took {:.1} ms", setup.as_secs_f64() * 1e3);
+
+        let ended = vmm.run_loop(&mut vcpu);
+        vmm.kicker.stop();
+        vmm.handler.console.flush();
+
+        // Report: the last row and the map, whatever ended the run, then the verdict.
+        let failure = match ended? {
+            Ended::Halted => {
+                let device = (
+                    vmm.handler.report.errors,
+                    vmm.handler.report.first_error.as_deref(),
+                );
+                vmm.protocol
+                    .verdict(device)
+                    .err()
+                    .map(|e| RunError::Guest(e.explained(&cfg.workload)))
+            }
+            Ended::Early(e) => Some(e),
+        };
+        let reason = failure
+            .as_ref()
+            .map_or(EndReason::Done, RunError::end_reason);
+        vmm.tick(Some(reason))?;
+        if let Some(e) = failure {
+            return Err(e);
+        }
+        std::mem::replace(&mut vmm.output, Ok(())).map_err(RunError::from_output)?;
+        vmm.summary(setup)
+    }
 }
 
 /// How the run loop ended, when the VMM itself did not fail.
@@ -168,6 +242,10 @@ struct Vmm<'vm, 'o> {
     /// The first failure to hand out a row; no row is offered after one.
     output: io::Result<()>,
     on_row: OnRow<'o>,
+    /// Commands from controllers, and where the latest row is published.
+    inbox: Inbox,
+    /// A controller asked the run to stop.
+    stopped: bool,
 }
 
 impl Vmm<'_, '_> {
@@ -176,6 +254,7 @@ impl Vmm<'_, '_> {
             let exit = vcpu.run()?;
             let handled = self.handler.handle(exit, self.vm.ram());
             self.note_released()?;
+            self.take_commands();
             match handled {
                 Ok(Action::Continue | Action::Kicked) => {}
                 Ok(Action::Report { msg, kind, addr }) => {
@@ -244,8 +323,32 @@ impl Vmm<'_, '_> {
         }
     }
 
-    /// Hands a complete row out (unless an earlier one failed to go).
+    /// Applies what controllers queued (bounded: the queue holds at most
+    /// [`command::QUEUE`]); the vCPU is stopped meanwhile.
+    fn take_commands(&mut self) {
+        while let Some(c) = self.inbox.take() {
+            match c {
+                Command::SetBalloonTarget { mib } => {
+                    if let Some(b) = &mut self.handler.balloon {
+                        let pages = mib.saturating_mul(units::MIB / PAGE_SIZE);
+                        let set = b.device_mut().set_target(pages);
+                        log::info!(
+                            "balloon target set to {}",
+                            units::fmt_mib(u64::from(set) * PAGE_SIZE)
+                        );
+                    }
+                }
+                // The controller refuses it while swap is off.
+                Command::SetSwapTarget { .. } => {}
+                Command::Stop => self.stopped = true,
+            }
+        }
+    }
+
+    /// Hands a complete row out (unless an earlier one failed to go), and makes it the one
+    /// controllers see.
     fn emit(&mut self, row: Row) {
+        self.inbox.publish(&row);
         if self.output.is_ok() {
             self.output = (self.on_row)(&row);
         }
@@ -266,6 +369,9 @@ impl Vmm<'_, '_> {
                 reason,
                 phase: phase(),
             });
+        }
+        if self.stopped {
+            return Some(RunError::Stopped { phase: phase() });
         }
         if self.clock.past_deadline() {
             return Some(RunError::Timeout {
@@ -295,7 +401,8 @@ impl Vmm<'_, '_> {
             if until.is_some_and(|u| now >= u) || self.clock.past_deadline() {
                 return Ok(false);
             }
-            if stop::requested().is_some() {
+            self.take_commands();
+            if stop::requested().is_some() || self.stopped {
                 return Ok(false);
             }
             let wake = [until, self.joiner.deadline()]

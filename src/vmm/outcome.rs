@@ -16,6 +16,7 @@ use crate::memory::MemoryError;
 use crate::observe::interval::IntervalError;
 use crate::observe::pmp_mmp::{MapFileError, MapSummary};
 use crate::row::{EndReason, GuestView};
+use crate::vmm::config::ConfigError;
 use crate::vmm::exits::ExitError;
 
 /// Why a run failed or stopped early. Every variant but the VMM's own failures (memory, VM,
@@ -49,6 +50,10 @@ pub enum RunError {
     },
     #[error("stopped by {} (last phase: {phase})", if *.reason == EndReason::Sigint { "SIGINT" } else { "SIGTERM" })]
     Signal { reason: EndReason, phase: String },
+    #[error("stopped through the control socket (last phase: {phase})")]
+    Stopped { phase: String },
+    #[error(transparent)]
+    Config(#[from] ConfigError),
     #[error("the rows' reader went away (closed pipe)")]
     OutputClosed,
     #[error("writing a row")]
@@ -70,6 +75,7 @@ impl RunError {
         match self {
             RunError::Timeout { .. } => EndReason::Timeout,
             RunError::Signal { reason, .. } => *reason,
+            RunError::Stopped { .. } => EndReason::Stopped,
             RunError::OutputClosed => EndReason::OutputClosed,
             _ => EndReason::GuestError,
         }

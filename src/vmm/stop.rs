@@ -48,7 +48,8 @@ pub fn exit_code(reason: EndReason) -> u8 {
         EndReason::GuestError => 1,
         EndReason::Timeout => 124,
         EndReason::Sigint => 128 + libc::SIGINT as u8,
-        EndReason::Sigterm => 128 + libc::SIGTERM as u8,
+        // A stop asked for on the control socket ends the run as SIGTERM does.
+        EndReason::Sigterm | EndReason::Stopped => 128 + libc::SIGTERM as u8,
         EndReason::OutputClosed => 128 + libc::SIGPIPE as u8,
     }
 }
@@ -63,6 +64,7 @@ mod tests {
         assert_eq!(exit_code(EndReason::Timeout), 124);
         assert_eq!(exit_code(EndReason::Sigint), 130);
         assert_eq!(exit_code(EndReason::Sigterm), 143);
+        assert_eq!(exit_code(EndReason::Stopped), 143);
         assert_eq!(exit_code(EndReason::OutputClosed), 141);
     }
 

@@ -6,7 +6,7 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use memvisor::row::Row;
-use memvisor::vmm::config::{RunConfig, RunOptions};
+use memvisor::vmm::config::{Console, RunConfig, RunOptions};
 use memvisor::vmm::{self, RunError, RunSummary};
 
 /// True when /dev/kvm can be used; otherwise says the test is skipped, or fails it where CI set
@@ -40,7 +40,7 @@ pub fn config(spec: &str, mem: u64) -> RunOptions {
 /// Validates options (the console goes nowhere), panicking on a bad one.
 pub fn validated(opts: RunOptions) -> RunConfig {
     let mut cfg = RunConfig::new(opts).unwrap_or_else(|e| panic!("options: {e}"));
-    cfg.console = Box::new(std::io::sink());
+    cfg.console = Console::Discard;
     cfg
 }
 

@@ -20,7 +20,7 @@ use crate::units::PAGE_SIZE;
 /// How the residency pass finds the resident pages of guest RAM.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
 pub enum ResidencyMethod {
-    /// Per pass: `PAGEMAP_SCAN` while fewer than 1/[`AUTO_SCAN_DIVISOR`] of the pages were
+    /// Per pass: `PAGEMAP_SCAN` while fewer than 1/`AUTO_SCAN_DIVISOR` of the pages were
     /// resident at the last look (and the kernel has it), else `mincore`.
     Auto,
     /// `mincore(2)`: a byte per page, O(pages).
