@@ -94,7 +94,10 @@ fn a_large_access_sample_does_not_pass_reads_for_writes() {
     for r in &rows {
         let a = r.active.as_ref().expect("an access estimate");
         let w = r.active_writes.as_ref().expect("a write estimate");
-        let t = r.truth.as_ref().expect("the guest's truth");
+        // On a loaded host a row can leave before its truth (after its grace): not compared.
+        let Some(t) = r.truth.as_ref() else {
+            continue;
+        };
         assert_eq!(t.written_pages, 0);
         assert_eq!(a.n, 5000, "{a:?}");
         assert!(a.t > 0, "the guest reads while sampled: {a:?}");
@@ -103,6 +106,11 @@ fn a_large_access_sample_does_not_pass_reads_for_writes() {
     // The guest's own bookkeeping (stack, messages: a handful of pages) is written every
     // interval and is not in the heap's truth; a false write per 1000 sampled pages is 0.06 MiB
     // here. The defect gave 5-9 MiB in every interval.
+    assert!(
+        errors.len() >= 10,
+        "rows with the guest's truth: {}",
+        errors.len()
+    );
     let mean = errors.iter().sum::<f64>() / errors.len() as f64;
     assert!(
         mean < 0.5,
