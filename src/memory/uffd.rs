@@ -25,9 +25,12 @@ const UFFD_API: u64 = 0xAA;
 /// `UFFDIO_MOVE` (Linux 6.8).
 pub const UFFD_FEATURE_MOVE: u64 = 1 << 16;
 const UFFDIO_REGISTER_MODE_MISSING: u64 = 1;
+const UFFDIO_REGISTER_MODE_WP: u64 = 2;
+const UFFDIO_WRITEPROTECT_MODE_WP: u64 = 1;
 const UFFDIO_MOVE_MODE_DONTWAKE: u64 = 1;
 const UFFD_EVENT_PAGEFAULT: u8 = 0x12;
 const UFFD_PAGEFAULT_FLAG_WRITE: u64 = 1;
+const UFFD_PAGEFAULT_FLAG_WP: u64 = 2;
 
 /// `struct uffdio_api`.
 #[repr(C)]
@@ -53,6 +56,14 @@ struct UffdioRegister {
     range: UffdioRange,
     mode: u64,
     ioctls: u64,
+}
+
+/// `struct uffdio_writeprotect`.
+#[repr(C)]
+#[derive(Default)]
+struct UffdioWriteprotect {
+    range: UffdioRange,
+    mode: u64,
 }
 
 /// `struct uffdio_zeropage`.
@@ -108,6 +119,7 @@ ioctl_ior_nr!(UFFDIO_WAKE, UFFDIO, 0x02, UffdioRange);
 ioctl_iowr_nr!(UFFDIO_COPY, UFFDIO, 0x03, UffdioCopy);
 ioctl_iowr_nr!(UFFDIO_ZEROPAGE, UFFDIO, 0x04, UffdioZeropage);
 ioctl_iowr_nr!(UFFDIO_MOVE, UFFDIO, 0x05, UffdioMove);
+ioctl_iowr_nr!(UFFDIO_WRITEPROTECT, UFFDIO, 0x06, UffdioWriteprotect);
 // `/dev/userfaultfd`'s `USERFAULTFD_IOC_NEW`.
 ioctl_io_nr!(USERFAULTFD_IOC_NEW, UFFDIO, 0x00);
 
@@ -150,6 +162,8 @@ pub struct Fault {
     pub page: u64,
     /// True if the access was a write.
     pub write: bool,
+    /// True if the page is present but write-protected ([`Uffd::write_protect`]).
+    pub protected: bool,
 }
 
 /// A userfaultfd with `UFFDIO_MOVE`.
@@ -220,11 +234,11 @@ impl Uffd {
     }
 
     /// Registers `[start, start + len)` (page aligned, in an anonymous private mapping) in
-    /// MISSING mode.
+    /// MISSING and WP modes (a write-protected page faults on a write: [`Uffd::write_protect`]).
     pub fn register(&self, start: u64, len: u64) -> Result<(), UffdError> {
         let mut reg = UffdioRegister {
             range: UffdioRange { start, len },
-            mode: UFFDIO_REGISTER_MODE_MISSING,
+            mode: UFFDIO_REGISTER_MODE_MISSING | UFFDIO_REGISTER_MODE_WP,
             ioctls: 0,
         };
         // SAFETY: UFFDIO_REGISTER reads and writes a `uffdio_register`; a bad range is refused
@@ -236,6 +250,27 @@ impl Uffd {
                 len,
                 source: errno::Error::last(),
             });
+        }
+        Ok(())
+    }
+
+    /// Write-protects `[start, start + len)` (present pages of a range registered with this
+    /// descriptor), or lifts the protection and wakes whoever waits on it. A write to a protected
+    /// page faults to the descriptor (`Fault::protected`) instead of changing it.
+    pub fn write_protect(&self, start: u64, len: u64, protect: bool) -> Result<(), errno::Error> {
+        let wp = UffdioWriteprotect {
+            range: UffdioRange { start, len },
+            mode: if protect {
+                UFFDIO_WRITEPROTECT_MODE_WP
+            } else {
+                0
+            },
+        };
+        // SAFETY: UFFDIO_WRITEPROTECT reads a `uffdio_writeprotect`; the kernel checks the range
+        // and only changes page protections, never contents.
+        let rc = unsafe { ioctl_with_ref(&self.file, UFFDIO_WRITEPROTECT(), &wp) };
+        if rc < 0 {
+            return Err(errno::Error::last());
         }
         Ok(())
     }
@@ -357,6 +392,7 @@ impl Uffd {
                     out.push(Fault {
                         page: address & !(crate::units::PAGE_SIZE - 1),
                         write: flags & UFFD_PAGEFAULT_FLAG_WRITE != 0,
+                        protected: flags & UFFD_PAGEFAULT_FLAG_WP != 0,
                     });
                 }
             }
@@ -417,7 +453,14 @@ mod tests {
             assert!(uffd.wait(5000), "no fault within 5 s");
             uffd.read_faults(&mut faults).unwrap();
         }
-        assert_eq!(faults[0], Fault { page, write: false });
+        assert_eq!(
+            faults[0],
+            Fault {
+                page,
+                write: false,
+                protected: false
+            }
+        );
         // SAFETY: as above.
         unsafe { uffd.move_page(page, stash.addr() as u64, PAGE, true) }.unwrap();
         assert_eq!(reader.join().unwrap(), 42);
@@ -426,5 +469,52 @@ mod tests {
         // SAFETY: as above.
         let e = unsafe { uffd.move_page(page, stash.addr() as u64, PAGE, false) }.unwrap_err();
         assert!(matches!(e.errno(), libc::ENOENT | libc::EEXIST), "{e}");
+    }
+
+    #[test]
+    fn a_write_protected_page_reads_freely_and_faults_on_a_write() {
+        let uffd = match Uffd::new() {
+            Ok(u) => u,
+            Err(e) => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+        };
+        let ram = AnonMapping::new(2 * PAGE as usize).unwrap();
+        let page = ram.addr() as u64 + PAGE;
+        ram.write_volatile(PAGE as usize + 7, 42);
+        uffd.register(ram.addr() as u64, 2 * PAGE).unwrap();
+        uffd.write_protect(page, PAGE, true).unwrap();
+        // A read goes through: no fault.
+        assert_eq!(ram.read_volatile(PAGE as usize + 7), 42);
+        let mut faults = Vec::new();
+        uffd.read_faults(&mut faults).unwrap();
+        assert!(faults.is_empty(), "{faults:?}");
+        // A write from another thread sleeps until the protection is lifted.
+        let addr = ram.addr();
+        let writer = std::thread::spawn(move || {
+            // SAFETY: the page is inside `ram`, which outlives the join below.
+            unsafe { std::ptr::write_volatile((addr + PAGE as usize + 8) as *mut u8, 9) }
+        });
+        while faults.is_empty() {
+            assert!(uffd.wait(5000), "no fault within 5 s");
+            uffd.read_faults(&mut faults).unwrap();
+        }
+        assert_eq!(
+            faults[0],
+            Fault {
+                page,
+                write: true,
+                protected: true
+            }
+        );
+        uffd.write_protect(page, PAGE, false).unwrap();
+        writer.join().unwrap();
+        assert_eq!(
+            ram.read_volatile(PAGE as usize + 8),
+            9,
+            "the write went through"
+        );
+        assert_eq!(ram.read_volatile(PAGE as usize + 7), 42, "contents intact");
     }
 }

@@ -14,8 +14,9 @@
 //! rebuild the guest's mappings nearby, and a rebuilt read mapping of a write-protected page is
 //! logged as a write. A region registered once and left registered shows no such effect
 //! (measured: `docs/design.md`). A page moved out and back has no KVM mapping until the guest
-//! touches it, and KVM logs that first read as a write on any x86 host (it maps a writable page
-//! writable), so the write sample leaves out the pages armed in this round and the one before.
+//! touches it, and KVM would log that first read as a write (it maps a writable page writable),
+//! so guest memory puts a page nobody touched back write-protected, and the write sample leaves
+//! out the pages armed in this round (moved out now) and the one before.
 
 use std::collections::HashSet;
 use std::io::Write;

@@ -103,8 +103,9 @@ pub struct Estimator {
     /// The rank index of the access sample's population: the pages touched so far (all of RAM
     /// when not stratifying), built by the count after each harvest.
     population: Ranks,
-    /// Scratch: pages the write sample must leave out (the access sample, and the one before:
-    /// a page moved out and back has no KVM mapping until the guest touches it again).
+    /// Scratch: pages the write sample leaves out (the access sample, moved out now, and the one
+    /// before; pages moved back untouched come back write-protected, so a read of them is not
+    /// logged as a write: `memory::faults`).
     exclude: Bitmap,
     /// Pages the map knows written (the last harvest's count).
     written_pages: u64,
