@@ -48,6 +48,9 @@ enum Command {
         #[arg(short, long)]
         output: PathBuf,
     },
+    /// Run several VMs on one memory budget, each its own `memvisor run` driven over its control
+    /// socket; shares, reservations, limits and the idle memory tax decide who gives memory back.
+    Host(Box<memvisor::host::cli::HostOptions>),
     /// Summarise a PMP-MMP map file written by `run --map-out`.
     Map {
         /// The map file.
@@ -251,6 +254,12 @@ fn main() -> ExitCode {
                 log::warn!("cannot catch SIGINT/SIGTERM, a signal will end the run abruptly: {e}");
             }
             run(*args)
+        }
+        Command::Host(opts) => {
+            if let Err(e) = stop::install_handlers() {
+                log::warn!("cannot catch SIGINT/SIGTERM, a signal will stop the VMs abruptly: {e}");
+            }
+            memvisor::host::cli::run(&opts).map_err(|e| Failure::new(1, &*e))
         }
         Command::Map { file, json } => map(file, json),
         #[cfg(feature = "plot")]
