@@ -1,0 +1,145 @@
+//! `memvisor host` against the real binary: several VMs, each its own `memvisor run`, under one
+//! budget.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::memvisor;
+use serde_json::Value;
+
+/// Runs `memvisor host --json ARGS` to its end and returns its rows and exit code.
+fn host(args: &[&str]) -> (Vec<Value>, Option<i32>, String) {
+    let mut child = memvisor()
+        .arg("host")
+        .arg("--json")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memvisor host");
+    let rows: Vec<Value> = BufReader::new(child.stdout.take().unwrap())
+        .lines()
+        .map(|l| serde_json::from_str(&l.unwrap()).expect("a JSON row"))
+        .collect();
+    let status = common::wait_bounded(&mut child, Duration::from_secs(120));
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut child.stderr.take().unwrap(), &mut stderr).unwrap();
+    (rows, status.code(), stderr)
+}
+
+fn vm<'a>(row: &'a Value, name: &str) -> &'a Value {
+    row["vms"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|v| v["name"] == name)
+        .unwrap_or_else(|| panic!("no VM {name} in {row}"))
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or_else(|| panic!("no {k} in {v}"))
+}
+
+/// Two VMs of equal shares under a budget below their sum: one touches its memory and goes idle,
+/// the other keeps working. The scheduler gives the idle one less (the idle memory tax), asks its
+/// balloon to grow, keeps the targets within the budget, and both guests finish their workloads.
+#[test]
+fn an_idle_vm_gets_less_than_a_busy_one_and_both_finish() {
+    if !common::kvm("an_idle_vm_gets_less_than_a_busy_one_and_both_finish") {
+        return;
+    }
+    let (rows, code, stderr) = host(&[
+        "--budget",
+        "200M",
+        "--period",
+        "500ms",
+        "--vm",
+        "name=idle,mem=128M,workload=alloc 96M; touch 96M write; idle 5s",
+        "--vm",
+        "name=busy,mem=128M,workload=alloc 96M; touch 96M write 5s",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    assert!(rows.len() >= 6, "{} rows: {stderr}", rows.len());
+    let budget = f(&rows[0]["host"], "budget_mib");
+    assert_eq!(budget, 200.0);
+    // Targets never exceed the budget.
+    for r in &rows {
+        assert!(f(&r["host"], "targets_mib") <= budget, "{r}");
+    }
+    // Once both have worked a while, the busy one's target is above the idle one's.
+    let both_running: Vec<&Value> = rows
+        .iter()
+        .filter(|r| r["host"]["running"] == 2 && f(vm(r, "busy"), "active_mib") > 32.0)
+        .collect();
+    assert!(!both_running.is_empty(), "{stderr}");
+    let late = both_running.last().unwrap();
+    assert!(
+        f(vm(late, "busy"), "target_mib") > f(vm(late, "idle"), "target_mib"),
+        "{late}"
+    );
+    // The idle VM was asked to balloon, and its balloon grew.
+    assert!(
+        rows.iter().any(|r| f(vm(r, "idle"), "balloon_mib") > 0.0),
+        "{stderr}"
+    );
+    // Both ended by themselves, with their workloads done.
+    let last = rows.last().unwrap();
+    assert_eq!(last["host"]["running"], 0);
+    for name in ["idle", "busy"] {
+        assert_eq!(vm(last, name)["status"], "ended", "{last}");
+        assert_eq!(vm(last, name)["exit_code"], 0, "{last}");
+    }
+}
+
+/// Admission: reservations that do not fit the budget are refused before any VM starts.
+#[test]
+fn reservations_beyond_the_budget_are_refused_up_front() {
+    let out = memvisor()
+        .args([
+            "host",
+            "--budget",
+            "128M",
+            "--vm",
+            "name=a,mem=256M,reservation=100M",
+            "--vm",
+            "name=b,mem=256M,reservation=100M",
+        ])
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("cannot admit"), "{err}");
+    assert!(err.contains("over the budget"), "{err}");
+    assert!(out.stdout.is_empty() || !String::from_utf8_lossy(&out.stdout).contains("\"vms\""));
+}
+
+/// A VM that fails is reported, and the host goes on with the others and ends normally.
+#[test]
+fn a_failing_vm_is_reported_and_the_others_go_on() {
+    if !common::kvm("a_failing_vm_is_reported_and_the_others_go_on") {
+        return;
+    }
+    let (rows, code, stderr) = host(&[
+        "--budget",
+        "512M",
+        "--period",
+        "200ms",
+        "--vm",
+        // Its app touches an unmapped address: the guest fails and so does its run.
+        "name=bad,mem=64M,workload=alloc 8M; fault",
+        "--vm",
+        "name=good,mem=64M,workload=alloc 8M; touch 8M write 2s",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let last = rows.last().unwrap();
+    assert_eq!(vm(last, "bad")["status"], "failed", "{last}");
+    assert_eq!(vm(last, "bad")["exit_code"], 1, "{last}");
+    assert_eq!(vm(last, "good")["status"], "ended", "{last}");
+    assert!(
+        stderr.contains("[bad]"),
+        "the VM's stderr is passed on: {stderr}"
+    );
+}
