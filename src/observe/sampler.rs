@@ -1,8 +1,10 @@
 //! The pure part of active-memory sampling: each interval, pick `samples` distinct guest pages
-//! uniformly at random, write-protect them (the KVM side, elsewhere, uses [`Sampler::mask_into`] to
-//! build the mask), and at the end of the interval count how many were written
-//! ([`Sampler::count_touched`]). The touched fraction estimates the fraction of guest memory the
-//! guest is actively writing.
+//! uniformly at random, from all of guest RAM (`--plain-sampling`) or from a stratum (the pages
+//! touched, or written, before: the stratified estimate counts first touches exactly and samples
+//! only the rest). The write side write-protects the pages it drew (the KVM side, elsewhere, uses
+//! [`Sampler::mask_into`] to build the mask) and at the end of the interval counts how many were
+//! written ([`Sampler::count_touched`]); the access side moves its pages out with userfaultfd. Each
+//! sampler draws from its own random stream of the run's seed.
 //!
 //! Page selection is Floyd's algorithm: O(samples) time and memory whatever the guest's size, and
 //! every subset of `samples` pages is equally likely.
