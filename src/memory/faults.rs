@@ -1,20 +1,21 @@
 //! The VM's one userfaultfd and its fault handler. A range of memory can be registered with only
-//! one descriptor, so guest memory owns it and every user of page faults goes through here: today
-//! the access sampler (pages moved out to a stash, brought back on their first access); hypervisor
-//! swap next.
+//! one descriptor, so guest memory owns it and every user of page faults goes through here: the
+//! access sampler (pages moved out to a stash, brought back on their first access) and hypervisor
+//! swap (pages written to the swap file and dropped, read back on their next access).
 //!
 //! Guest RAM is registered in MISSING mode by 2 MiB region, the first time a page of the region is
 //! moved out, and stays registered: a present page never faults, so a region costs nothing until a
 //! page in it goes missing. One handler thread resolves every fault by what the page is:
 //!
 //! - a page moved out ([`MovedOut`]): its kind says what to do (a sampled page records its first
-//!   access, read or write, and moves back from the stash; the next kind, a swapped page, will read
-//!   its contents back);
+//!   access, read or write, and moves back from the stash; a swapped page is read from its slot of
+//!   the swap file into a bounce page and copied into place with `UFFDIO_COPY`, or filled as zero
+//!   when it read as zero at swap-out, and its slot is freed);
 //! - any other missing page in a registered region (never touched, or released): filled as the
 //!   kernel would have, with the zero page for a read and a zeroed page for a write.
 //!
-//! No data is copied: a page moves (`UFFDIO_MOVE`, the same physical page), so contents stay intact,
-//! and the handler never reads or writes guest memory. Every operation here takes guest page
+//! A sampled page is not copied: it moves (`UFFDIO_MOVE`, the same physical page), so contents stay
+//! intact. The handler never reads or writes guest memory itself: it puts pages into it. Every operation here takes guest page
 //! numbers and checks them against guest RAM, so no page outside guest RAM and the stash can move.
 
 use std::collections::HashMap;
@@ -22,6 +23,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use thiserror::Error;
 use vmm_sys_util::errno;
@@ -29,6 +31,7 @@ use vmm_sys_util::errno;
 use crate::memory::bitmap::Bitmap;
 use crate::memory::pagemap::AnonMapping;
 use crate::memory::ram::GuestRam;
+use crate::memory::swap::{Slot, SwapFile, SwapFileError};
 use crate::memory::uffd::{Fault, Uffd, UffdError};
 use crate::units::PAGE_SIZE;
 
@@ -96,15 +99,51 @@ enum MovedOut {
         slot: Option<u64>,
         first: Option<Access>,
     },
+    /// Swapped out by the VMM to slot `slot` of the swap file (`None`: it read as zero, and comes
+    /// back as zero): the first access reads it back and frees the slot. `failed`: reading the
+    /// slot failed once (the run is ending); a later fault fills it so that nobody sleeps for ever.
+    Swapped { slot: Option<Slot>, failed: bool },
+}
+
+/// Swapped pages brought back since the last [`Faults::take_swap_ins`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SwapIns {
+    /// The pages, in the order they came back, with the access that brought each.
+    pub pages: Vec<(u64, Access)>,
+    /// Each page-in's wait as the handler measured it (from reading the fault to the page in
+    /// place), in microseconds, in the same order.
+    pub wait_us: Vec<f64>,
+}
+
+/// What [`Faults::swap_store`] did with a page.
+#[derive(Debug)]
+pub enum Stored {
+    /// The page reads as zero: nothing written, it comes back as zero.
+    Zero,
+    /// Written to this slot.
+    Slot(Slot),
+    /// The page is moved out already (a sampled page) or its region cannot be registered: left
+    /// alone.
+    Refused,
+    /// The swap file cannot take it (full, a short write, an I/O error): the page stays in RAM.
+    Full(SwapFileError),
 }
 
 /// What the owner and the handler thread share.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Table {
     /// Pages moved out, by guest page number.
     out: HashMap<u64, MovedOut>,
     /// The handler's first failure.
     error: Option<HandlerError>,
+    /// The swap file, once hypervisor swap is on.
+    swap: Option<SwapFile>,
+    /// Pages swapped out now (`MovedOut::Swapped` entries).
+    swapped: u64,
+    /// Page-ins since the last take.
+    swap_ins: SwapIns,
+    /// The first failure to read a swapped page back (the guest cannot get its page).
+    swap_error: Option<SwapFileError>,
 }
 
 /// Where things are: guest RAM, the stash and its zero page. Plain addresses, valid while the
@@ -115,6 +154,8 @@ struct Layout {
     pages: u64,
     stash_addr: u64,
     zeros: u64,
+    /// A page of ours the handler reads a swapped page into before copying it into place.
+    bounce: u64,
 }
 
 impl Layout {
@@ -159,8 +200,8 @@ pub struct Faults {
     /// Regions registered (one bit per 2 MiB of guest RAM).
     registered: Mutex<Bitmap>,
     layout: Layout,
-    /// The sample stash, then one zeroed page (the source for filling a written missing page);
-    /// held for its mapping, reached through `layout`.
+    /// The sample stash, then one zeroed page (the source for filling a written missing page),
+    /// then the swap-in bounce page; held for its mapping, reached through `layout`.
     _stash: AnonMapping,
     capacity: u64,
     done: Arc<AtomicBool>,
@@ -179,7 +220,7 @@ impl Faults {
     pub(super) fn start(ram: &GuestRam, stash_pages: u64) -> Result<Self, FaultsError> {
         let uffd = Arc::new(Uffd::new()?);
         let stash =
-            AnonMapping::new(((stash_pages + 1) * PAGE_SIZE) as usize).map_err(|source| {
+            AnonMapping::new(((stash_pages + 2) * PAGE_SIZE) as usize).map_err(|source| {
                 FaultsError::Stash {
                     pages: stash_pages,
                     source,
@@ -194,6 +235,7 @@ impl Faults {
             pages: ram.pages(),
             stash_addr: stash.addr() as u64,
             zeros: stash.addr() as u64 + stash_pages * PAGE_SIZE,
+            bounce: stash.addr() as u64 + (stash_pages + 1) * PAGE_SIZE,
         };
         let table = Arc::new(Mutex::new(Table::default()));
         let done = Arc::new(AtomicBool::new(false));
@@ -253,8 +295,11 @@ impl Faults {
                 capacity: self.capacity,
             });
         }
-        if lock(&self.table).out.contains_key(&gfn) {
-            return Err(FaultsError::AlreadyOut { gfn });
+        match lock(&self.table).out.get(&gfn) {
+            Some(MovedOut::Sampled { .. }) => return Err(FaultsError::AlreadyOut { gfn }),
+            // Swapped out: it has no page to watch; its page-in is the swap's to count.
+            Some(MovedOut::Swapped { .. }) => return Ok(Sampled::Refused),
+            None => {}
         }
         let new_region = match self.ensure_registered(gfn) {
             Ok(r) => r,
@@ -292,12 +337,15 @@ impl Faults {
                 sampled.push((gfn, *m));
                 false
             }
+            MovedOut::Swapped { .. } => true,
         });
         drop(table);
         sampled.sort_unstable_by_key(|(gfn, _)| *gfn);
         let mut out = Vec::with_capacity(sampled.len());
         for (gfn, m) in sampled {
-            let MovedOut::Sampled { slot, first } = m;
+            let MovedOut::Sampled { slot, first } = m else {
+                continue;
+            };
             if let (None, Some(s)) = (first, slot) {
                 // SAFETY: as in `sample`: a page of guest RAM (it was in the table) and a slot of
                 // our own stash.
@@ -326,31 +374,145 @@ impl Faults {
     /// missing and, if touched again, is filled as released memory reads: zero. The cost is one
     /// look at each page moved out, whatever the range's size.
     pub(super) fn released(&self, pages: &Range<u64>) {
-        let mut table = lock(&self.table);
-        for (gfn, m) in table.out.iter_mut() {
-            let MovedOut::Sampled { slot, first } = m;
-            if !pages.contains(gfn) || first.is_some() {
-                continue;
+        let mut guard = lock(&self.table);
+        let t = &mut *guard;
+        let mut freed = Vec::new();
+        let at = self.layout;
+        t.out.retain(|gfn, m| {
+            if !pages.contains(gfn) {
+                return true;
             }
-            if let Some(s) = slot.take() {
-                let at = self.layout.slot_addr(s);
-                // SAFETY: the slot is one page of our own stash mapping, which nothing else uses;
-                // MADV_DONTNEED only drops its contents.
-                let rc = unsafe {
-                    libc::madvise(
-                        at as *mut libc::c_void,
-                        PAGE_SIZE as usize,
-                        libc::MADV_DONTNEED,
-                    )
-                };
-                if rc != 0 {
-                    log::warn!(
-                        "faults: dropping the stash copy of released page {gfn:#x}: {}",
-                        std::io::Error::last_os_error()
-                    );
+            match m {
+                // A swapped page released: its contents are gone for good, and so is its slot.
+                MovedOut::Swapped { slot, .. } => {
+                    freed.push(*slot);
+                    false
+                }
+                MovedOut::Sampled { first: Some(_), .. } => true,
+                MovedOut::Sampled { slot, first: None } => {
+                    if let Some(s) = slot.take() {
+                        drop_stash_copy(at, *gfn, s);
+                    }
+                    true
                 }
             }
+        });
+        t.swapped -= t.swapped.min(freed.len() as u64);
+        if let Some(f) = &mut t.swap {
+            for s in freed.into_iter().flatten() {
+                f.release(s);
+            }
         }
+    }
+
+    /// Turns hypervisor swap on with `file` (the first call only; later ones are ignored).
+    pub fn enable_swap(&self, file: SwapFile) {
+        let mut t = lock(&self.table);
+        if t.swap.is_none() {
+            t.swap = Some(file);
+        }
+    }
+
+    /// First half of swapping guest page `gfn` out, whose contents are `page`: registers its
+    /// region (so that its next access faults here, not to a zero page) and writes the contents
+    /// to a free slot unless they are zero. The page stays in RAM: the caller drops it through
+    /// the VM's release path and then calls [`Faults::swap_commit`] (or [`Faults::swap_abort`]).
+    /// Call with the guest stopped.
+    pub fn swap_store(&self, gfn: u64, page: &[u8]) -> Result<Stored, FaultsError> {
+        if gfn >= self.layout.pages {
+            return Err(FaultsError::OutsideRam {
+                gfn,
+                pages: self.layout.pages,
+            });
+        }
+        if lock(&self.table).out.contains_key(&gfn) {
+            return Ok(Stored::Refused);
+        }
+        if let Err(e) = self.ensure_registered(gfn) {
+            log::debug!("faults: the region of page {gfn:#x}: {e}; not swapped");
+            return Ok(Stored::Refused);
+        }
+        if page.iter().all(|&b| b == 0) {
+            return Ok(Stored::Zero);
+        }
+        let mut t = lock(&self.table);
+        let Some(f) = &mut t.swap else {
+            return Ok(Stored::Refused);
+        };
+        Ok(match f.store(page) {
+            Ok(slot) => Stored::Slot(slot),
+            Err(e) => Stored::Full(e),
+        })
+    }
+
+    /// Second half: guest pages `pages` (with their slots, `None` for a zero page) were stored
+    /// and have just been dropped from guest RAM; their next access reads them back.
+    pub fn swap_commit(&self, pages: &[(u64, Option<Slot>)]) {
+        let mut t = lock(&self.table);
+        for &(gfn, slot) in pages {
+            let old = t.out.insert(
+                gfn,
+                MovedOut::Swapped {
+                    slot,
+                    failed: false,
+                },
+            );
+            debug_assert!(old.is_none(), "page {gfn:#x} was moved out twice");
+        }
+        t.swapped += pages.len() as u64;
+    }
+
+    /// Frees the slots of pages stored but not dropped (their release failed).
+    pub fn swap_abort(&self, slots: impl IntoIterator<Item = Slot>) {
+        let mut t = lock(&self.table);
+        if let Some(f) = &mut t.swap {
+            for s in slots {
+                f.release(s);
+            }
+        }
+    }
+
+    /// Whether guest page `gfn` is swapped out now.
+    pub fn is_swapped(&self, gfn: u64) -> bool {
+        matches!(
+            lock(&self.table).out.get(&gfn),
+            Some(MovedOut::Swapped { .. })
+        )
+    }
+
+    /// Pages swapped out now.
+    pub fn swapped_pages(&self) -> u64 {
+        lock(&self.table).swapped
+    }
+
+    /// The pages swapped in since the last call, with their waits.
+    pub fn take_swap_ins(&self) -> SwapIns {
+        std::mem::take(&mut lock(&self.table).swap_ins)
+    }
+
+    /// The first failure to read a swapped page back, if any: the guest cannot get that page.
+    pub fn take_swap_error(&self) -> Option<SwapFileError> {
+        lock(&self.table).swap_error.take()
+    }
+}
+
+/// Drops the stash copy of sampled page `gfn` (slot `slot`).
+fn drop_stash_copy(at: Layout, gfn: u64, slot: u64) {
+    let addr = at.slot_addr(slot);
+    // SAFETY: the slot is one page of our own stash mapping, which nothing else uses;
+    // MADV_DONTNEED only drops its contents.
+    let rc = unsafe {
+        libc::madvise(
+            addr as *mut libc::c_void,
+            PAGE_SIZE as usize,
+            libc::MADV_DONTNEED,
+        )
+    };
+    if rc != 0 {
+        log::warn!(
+            "faults: dropping the stash copy of released page {gfn:#x}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -375,7 +537,9 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
             lock(table).error.get_or_insert(HandlerError::Read(e));
             continue;
         }
-        let mut t = lock(table);
+        let read_at = Instant::now();
+        let mut guard = lock(table);
+        let t = &mut *guard;
         for f in &faults {
             let Some(gfn) = at.gfn(f.page) else {
                 // Only the stash is registered besides guest RAM, and nothing touches it: fill the
@@ -407,7 +571,36 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
                 Some(MovedOut::Sampled { .. }) | None => unsafe {
                     uffd.fill_missing(f.page, f.write, at.zeros)
                 },
+                Some(MovedOut::Swapped { slot, failed }) => {
+                    match swap_in(uffd, t.swap.as_ref(), at, f, *slot, *failed) {
+                        Ok(()) => {
+                            if let Some(s) = slot
+                                && let Some(file) = &mut t.swap
+                            {
+                                file.release(*s);
+                            }
+                            t.out.remove(&gfn);
+                            t.swapped = t.swapped.saturating_sub(1);
+                            let access = if f.write { Access::Write } else { Access::Read };
+                            t.swap_ins.pages.push((gfn, access));
+                            t.swap_ins
+                                .wait_us
+                                .push(read_at.elapsed().as_secs_f64() * 1e6);
+                            Ok(())
+                        }
+                        Err(SwapIn::Read(e)) => {
+                            // Left unresolved: the guest must not get a wrong page. The run ends
+                            // at the next interval boundary (the kick wakes the vCPU).
+                            *failed = true;
+                            log::error!("faults: swapped page {gfn:#x}: {e}");
+                            t.swap_error.get_or_insert(e);
+                            Ok(())
+                        }
+                        Err(SwapIn::Resolve(e)) => Err(e),
+                    }
+                }
             };
+
             if let Err(source) = result {
                 t.error.get_or_insert(HandlerError::Resolve {
                     gfn,
@@ -417,4 +610,33 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
             }
         }
     }
+}
+
+/// Why a swapped page could not come back.
+enum SwapIn {
+    Read(SwapFileError),
+    Resolve(errno::Error),
+}
+
+/// Brings swapped page `f` back: slot `slot` read into the bounce page and copied into place, or
+/// (a zero page, or one whose read failed before) filled as the kernel would.
+fn swap_in(
+    uffd: &Uffd,
+    file: Option<&SwapFile>,
+    at: Layout,
+    f: &Fault,
+    slot: Option<Slot>,
+    failed: bool,
+) -> Result<(), SwapIn> {
+    let (Some(s), Some(file), false) = (slot, file, failed) else {
+        // SAFETY: a registered page of guest RAM; `zeros` is our zeroed page.
+        return unsafe { uffd.fill_missing(f.page, f.write, at.zeros) }.map_err(SwapIn::Resolve);
+    };
+    // SAFETY: the bounce page is one page of our own stash mapping, mapped while this thread runs
+    // and used by this thread only, so no other reference to it exists during the borrow.
+    let buf = unsafe { std::slice::from_raw_parts_mut(at.bounce as *mut u8, PAGE_SIZE as usize) };
+    file.load(s, buf).map_err(SwapIn::Read)?;
+    // SAFETY: `f.page` is a registered page of guest RAM, which no reference covers; the bounce
+    // page is ours and page aligned.
+    unsafe { uffd.copy_page(f.page, at.bounce) }.map_err(SwapIn::Resolve)
 }

@@ -12,6 +12,7 @@ use thiserror::Error;
 use crate::contract::abi;
 use crate::contract::workload::{DEFAULT_SPEC, Workload, WorkloadError};
 use crate::kvm::boot::{self, BootError};
+use crate::memory::swap::{Policy, SwapFile, SwapFileError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::observe::pmp_mmp::{self, MapFileError};
 use crate::observe::sampler::{Sampler, SamplerError, Stream, stream_seed};
@@ -100,6 +101,8 @@ pub struct RunOptions {
     /// deflates it when it would otherwise run out of memory).
     #[arg(long, value_parser = size_arg, conflicts_with = "limit")]
     pub balloon: Option<u64>,
+    #[command(flatten)]
+    pub swap: SwapOptions,
 }
 
 #[derive(Parser)]
@@ -160,6 +163,10 @@ pub enum ConfigError {
         m = fmt_mib(*.1)
     )]
     NoBalloon(&'static str, u64),
+    #[error("--swap")]
+    Swap(#[source] SwapFileError),
+    #[error("--swap-target and --swap-policy need --swap")]
+    SwapTargetWithoutSwap,
     #[error("--console {path}")]
     Console {
         path: PathBuf,
@@ -199,6 +206,8 @@ pub struct RunConfig {
     pub console: Box<dyn Write + Send>,
     /// The virtio-balloon, when guest RAM leaves room for its registers.
     pub balloon: Option<BalloonConfig>,
+    /// Hypervisor swap (`--swap`), with its file open.
+    pub swap: Option<SwapConfig>,
 }
 
 /// What the virtio-balloon offers and asks for.
@@ -298,6 +307,7 @@ impl RunConfig {
             pmp_mmp::check_target(p).map_err(ConfigError::MapOut)?;
         }
         let balloon = BalloonConfig::new(&opts)?;
+        let swap = SwapConfig::new(&opts.swap, opts.mem, opts.seed)?;
         let cycle = vec![(!opts.no_sampling).then_some(opts.samples)];
         let samplers = samplers(&cycle, opts.mem, opts.seed)?;
         check_access_samples(opts.access_samples, opts.mem)?;
@@ -331,6 +341,7 @@ impl RunConfig {
             map_every: opts.map_every,
             console,
             balloon,
+            swap,
         })
     }
 
@@ -369,6 +380,69 @@ fn samplers(
         })
         .collect()
 }
+
+// ---- Hypervisor swap (`--swap`, `--swap-target`, `--swap-policy`) ----------------------------
+
+/// The options of hypervisor swap.
+#[derive(Args, Clone, Debug, Default)]
+pub struct SwapOptions {
+    /// Hypervisor swap: write guest pages to FILE and drop them from RAM, reading each back on
+    /// the guest's next access. FILE is created anew (mode 0600; an existing file or a symlink is
+    /// refused) and removed at the end; an existing directory gets an unnamed file there, which
+    /// never outlives the process.
+    #[arg(long, value_name = "FILE")]
+    pub swap: Option<PathBuf>,
+    /// How much guest RAM to keep swapped out, e.g. 64M (needs --swap; default 0).
+    #[arg(long, value_parser = size_arg)]
+    pub swap_target: Option<u64>,
+    /// Which pages to swap out: cold (longest unseen first) or random (ESX's choice).
+    #[arg(long, value_enum)]
+    pub swap_policy: Option<Policy>,
+}
+
+/// Hypervisor swap, validated, with its file open.
+pub struct SwapConfig {
+    pub file: SwapFile,
+    /// Pages to keep swapped out.
+    pub target_pages: u64,
+    pub policy: Policy,
+    /// The page choice's seed, if reproducible (its own stream of `--seed`).
+    pub seed: Option<u64>,
+}
+
+/// The swap policy when `--swap-policy` is not given.
+pub const DEFAULT_SWAP_POLICY: Policy = Policy::Cold;
+
+impl SwapConfig {
+    fn new(opts: &SwapOptions, mem: u64, seed: Option<u64>) -> Result<Option<Self>, ConfigError> {
+        let Some(path) = &opts.swap else {
+            if opts.swap_target.is_some() || opts.swap_policy.is_some() {
+                return Err(ConfigError::SwapTargetWithoutSwap);
+            }
+            return Ok(None);
+        };
+        let target = opts.swap_target.unwrap_or(0);
+        if target > mem {
+            return Err(ConfigError::AboveMem {
+                option: "--swap-target",
+                size: target,
+                mem,
+            });
+        }
+        if !target.is_multiple_of(PAGE_SIZE) {
+            return Err(ConfigError::Unaligned("--swap-target", target));
+        }
+        let file = SwapFile::create(path).map_err(ConfigError::Swap)?;
+        Ok(Some(SwapConfig {
+            file,
+            target_pages: target / PAGE_SIZE,
+            policy: opts.swap_policy.unwrap_or(DEFAULT_SWAP_POLICY),
+            seed: seed.map(|s| stream_seed(s, Stream::Swap)),
+        }))
+    }
+}
+
+// ---- end of hypervisor swap ----------------------------------------------------------------
 
 #[cfg(test)]
 mod tests {

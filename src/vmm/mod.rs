@@ -11,6 +11,7 @@ pub mod exits;
 pub mod outcome;
 pub mod rows;
 pub mod stop;
+pub mod swap;
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -33,6 +34,7 @@ use crate::vmm::config::RunConfig;
 use crate::vmm::exits::{Action, ExitHandler};
 pub use crate::vmm::outcome::{RunError, RunSummary};
 use crate::vmm::rows::Joiner;
+use crate::vmm::swap::HypervisorSwap;
 
 /// Receives each row as soon as it is complete, on the vCPU thread: it must not block (the
 /// binary queues it for a writer thread). An error stops the run (a closed pipe quietly).
@@ -86,6 +88,8 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
             stratify: cfg.stratify,
         },
     )?;
+    // Hypervisor swap after the access sampler, which starts the fault handler with its stash.
+    let swap = cfg.swap.map(|c| HypervisorSwap::new(&vm, c)).transpose()?;
     // The clock starts here, and with it the kicker thread (stopped when `vmm` is dropped).
     let clock = Clock::new(cfg.interval, cfg.timeout);
     let kicker = Kicker::spawn(clock.grid());
@@ -97,6 +101,7 @@ pub fn run(cfg: RunConfig, on_row: OnRow<'_>) -> Result<RunSummary, RunError> {
             .map(|p| matches!(p, Phase::Check { .. }))
             .collect(),
         work,
+        swap,
         joiner: Joiner::new(rows::grace(cfg.interval)),
         clock,
         kicker,
@@ -155,6 +160,8 @@ struct Vmm<'vm, 'o> {
     /// Which phases are `check` phases (their results go on a row).
     check_phases: Vec<bool>,
     work: IntervalWork,
+    /// Hypervisor swap, when on (`--swap`).
+    swap: Option<HypervisorSwap>,
     /// Pairs each measured row with the guest's truth and lets it go.
     joiner: Joiner,
     /// The interval grid and the interval now running.
@@ -261,6 +268,9 @@ impl Vmm<'_, '_> {
                 e.to_string(),
             )));
         }
+        if let Some(e) = self.swap.as_mut().and_then(HypervisorSwap::failure) {
+            return Some(e.into());
+        }
         if let Some(reason) = stop::requested() {
             return Some(RunError::Signal {
                 reason,
@@ -357,6 +367,12 @@ impl Vmm<'_, '_> {
         let last = end.is_some();
         let ended = self.clock.end_interval(Instant::now(), last);
         let interval = ended.interval;
+        let swap = match &mut self.swap {
+            Some(s) => {
+                Some(s.end_interval(self.vm, &mut self.work, interval, ended.length, last)?)
+            }
+            None => None,
+        };
         let measured = self.work.end(self.vm, interval, ended.length, last)?;
         let row = Row {
             time_s: self.clock.elapsed().as_secs_f64(),
@@ -373,6 +389,7 @@ impl Vmm<'_, '_> {
             reads_seen: self.work.reads_seen(),
             active_writes: measured.active_writes,
             balloon: self.handler.balloon.as_ref().map(BalloonMmio::view),
+            swap,
             check: self.check.take(),
         };
         if !last && let Some(b) = &mut self.handler.balloon {

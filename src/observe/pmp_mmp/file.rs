@@ -466,6 +466,7 @@ impl<R: Read> MapFile<R> {
                 PageState::Shared(_) => s.shared += 1,
                 PageState::Discarded => s.discarded += 1,
                 PageState::Released => s.released += 1,
+                PageState::VmmSwapped => s.vmm_swapped += 1,
                 PageState::Untouched => {}
             }
             s.guest_written += u64::from(p.guest_written);
@@ -903,7 +904,7 @@ mod tests {
         (1u64..5000, 1u32..50, any::<bool>()).prop_flat_map(|(pages, intervals, pfn_visible)| {
             let rec = (
                 0..pages,
-                0u32..6,
+                0u32..7,
                 1u64..PFN_MASK,
                 0..intervals,
                 proptest::option::of(0..intervals),
@@ -923,6 +924,7 @@ mod tests {
                             2 => PageState::Swapped,
                             3 if pfn_visible => PageState::Shared(pfn),
                             4 => PageState::Released,
+                            5 => PageState::VmmSwapped,
                             _ => PageState::Discarded,
                         };
                         PageInfo {
@@ -973,7 +975,7 @@ mod tests {
                 let n = f.header().records;
                 if let Ok(s) = f.summary() {
                     prop_assert_eq!(bytes.len() as u64, 40 + 28 * n);
-                    prop_assert_eq!(s.untouched + s.zero + s.backed + s.swapped + s.shared + s.discarded + s.released, s.pages);
+                    prop_assert_eq!(s.untouched + s.zero + s.backed + s.swapped + s.shared + s.discarded + s.released + s.vmm_swapped, s.pages);
                 }
             }
         }
