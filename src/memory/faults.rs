@@ -640,3 +640,179 @@ fn swap_in(
     // page is ours and page aligned.
     unsafe { uffd.copy_page(f.page, at.bounce) }.map_err(SwapIn::Resolve)
 }
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+    use crate::memory::GuestMemory;
+
+    fn page(fill: u8) -> Vec<u8> {
+        vec![fill; PAGE_SIZE as usize]
+    }
+
+    /// Guest memory with swap on (a file in a temp dir), or `None` without userfaultfd.
+    fn swapping(dir: &std::path::Path) -> Option<GuestMemory> {
+        let mem = GuestMemory::new(GuestRam::new(4 << 20, false).unwrap());
+        if let Err(e) = mem.start_faults(2) {
+            eprintln!("SKIPPED: {e}");
+            return None;
+        }
+        mem.faults()
+            .unwrap()
+            .enable_swap(SwapFile::create(dir).unwrap());
+        Some(mem)
+    }
+
+    /// Swaps pages out the way the VMM does: store, discard, commit.
+    fn swap_out(mem: &GuestMemory, gfns: &[u64]) -> Vec<(u64, Option<Slot>)> {
+        let f = mem.faults().unwrap();
+        let mut buf = page(0);
+        let mut stored = Vec::new();
+        for &gfn in gfns {
+            mem.ram()
+                .mem()
+                .read_slice(&mut buf, vm_memory::GuestAddress(gfn * PAGE_SIZE))
+                .unwrap();
+            match f.swap_store(gfn, &buf).unwrap() {
+                Stored::Zero => stored.push((gfn, None)),
+                Stored::Slot(s) => stored.push((gfn, Some(s))),
+                other => panic!("page {gfn}: {other:?}"),
+            }
+        }
+        for &(gfn, _) in &stored {
+            mem.discard(gfn..gfn + 1).unwrap();
+        }
+        f.swap_commit(&stored);
+        stored
+    }
+
+    #[test]
+    fn swapped_pages_come_back_on_a_vmm_read_and_free_their_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(mem) = swapping(dir.path()) else {
+            return;
+        };
+        let ram = mem.ram();
+        let f = mem.faults().unwrap();
+        for gfn in 10..14 {
+            ram.write(gfn * PAGE_SIZE, &page(gfn as u8)).unwrap();
+        }
+        // Page 14 is written with zeros: it is dropped but not written to the file.
+        ram.write(14 * PAGE_SIZE, &page(0)).unwrap();
+        let stored = swap_out(&mem, &[10, 11, 12, 13, 14]);
+        assert_eq!(stored[4], (14, None), "a zero page takes no slot");
+        assert!(stored[..4].iter().all(|(_, s)| s.is_some()));
+        assert_eq!(f.swapped_pages(), 5);
+        assert!(f.is_swapped(11));
+        // A VMM read of a swapped page faults to the handler, which reads it back.
+        let v: u64 = ram.read_obj(11 * PAGE_SIZE + 64).unwrap();
+        assert_eq!(v, u64::from_ne_bytes([11; 8]));
+        let v: u64 = ram.read_obj(14 * PAGE_SIZE).unwrap();
+        assert_eq!(v, 0);
+        let ins = f.take_swap_ins();
+        let got: Vec<u64> = ins.pages.iter().map(|&(g, _)| g).collect();
+        assert_eq!(got, vec![11, 14]);
+        assert_eq!(ins.wait_us.len(), 2);
+        assert_eq!(f.swapped_pages(), 3);
+        assert!(!f.is_swapped(11));
+        // A write brings a page back as a write, with its contents under the write.
+        ram.write(12 * PAGE_SIZE, &[0xee]).unwrap();
+        let v: [u8; 2] = ram.read_obj(12 * PAGE_SIZE).unwrap();
+        assert_eq!(v, [0xee, 12]);
+        assert_eq!(f.take_swap_ins().pages, vec![(12, Access::Write)]);
+        // A release of a swapped page frees its slot: it reads zero afterwards, and the slot is
+        // the lowest free one again.
+        let slot13 = stored[3].1.unwrap();
+        mem.discard(13..14).unwrap();
+        assert_eq!(f.swapped_pages(), 1);
+        let v: u64 = ram.read_obj(13 * PAGE_SIZE).unwrap();
+        assert_eq!(v, 0, "a released swapped page reads zero");
+        assert!(f.take_swap_ins().pages.is_empty(), "not a page-in");
+        ram.write(20 * PAGE_SIZE, &page(20)).unwrap();
+        let again = swap_out(&mem, &[20]);
+        assert!(again[0].1.unwrap() <= slot13, "{again:?}");
+        let v: u8 = ram.read_obj(20 * PAGE_SIZE + 5).unwrap();
+        assert_eq!(v, 20);
+        let v: u8 = ram.read_obj(10 * PAGE_SIZE + 5).unwrap();
+        assert_eq!(v, 10);
+        assert_eq!(f.swapped_pages(), 0);
+        assert!(f.take_swap_error().is_none());
+        assert!(f.take_handler_error().is_none());
+    }
+
+    #[test]
+    fn a_swapped_page_is_not_sampled_and_a_sampled_one_not_swapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(mem) = swapping(dir.path()) else {
+            return;
+        };
+        let ram = mem.ram();
+        let f = mem.faults().unwrap();
+        ram.write(3 * PAGE_SIZE, &page(3)).unwrap();
+        ram.write(4 * PAGE_SIZE, &page(4)).unwrap();
+        swap_out(&mem, &[3]);
+        assert_eq!(f.sample(3, 0).unwrap(), Sampled::Refused);
+        assert!(matches!(f.sample(4, 0).unwrap(), Sampled::Armed { .. }));
+        assert!(matches!(
+            f.swap_store(4, &page(4)).unwrap(),
+            Stored::Refused
+        ));
+        // Ending the round leaves the swapped page swapped.
+        let out = f.end_samples().unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(f.is_swapped(3));
+        let v: u8 = ram.read_obj(3 * PAGE_SIZE).unwrap();
+        assert_eq!(v, 3);
+        let v: u8 = ram.read_obj(4 * PAGE_SIZE).unwrap();
+        assert_eq!(v, 4);
+    }
+
+    #[test]
+    fn a_slot_that_cannot_be_read_is_an_error_and_the_page_is_not_made_up() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let mem = GuestMemory::new(GuestRam::new(4 << 20, false).unwrap());
+        if let Err(e) = mem.start_faults(0) {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+        let f = mem.faults().unwrap();
+        f.enable_swap(SwapFile::create(&path).unwrap());
+        mem.ram().write(7 * PAGE_SIZE, &page(7)).unwrap();
+        swap_out(&mem, &[7]);
+        // The file loses its contents behind the VMM's back.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        let addr = mem.ram().host_addr() + 7 * PAGE_SIZE as usize;
+        let reader = std::thread::spawn(move || {
+            // SAFETY: the page is inside guest RAM, which outlives the reader: the test drops
+            // the memory (and with it the descriptor, which wakes the reader) only after the
+            // join below.
+            unsafe { std::ptr::read_volatile(addr as *const u8) }
+        });
+        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+        let err = loop {
+            if let Some(e) = f.take_swap_error() {
+                break e;
+            }
+            assert!(std::time::Instant::now() < deadline, "no read error seen");
+            std::thread::sleep(std::time::Duration::from_millis(5));
+        };
+        assert!(matches!(err, SwapFileError::ShortRead { .. }), "{err}");
+        assert!(
+            !reader.is_finished(),
+            "the reader waits: no page was made up"
+        );
+        // A second fault on the failed page is filled, so nobody sleeps for ever: the VMM's read
+        // wakes up the first reader too.
+        let v: u8 = mem.ram().read_obj(7 * PAGE_SIZE).unwrap();
+        assert_eq!(v, 0);
+        assert_eq!(reader.join().unwrap(), 0);
+    }
+}

@@ -481,6 +481,36 @@ mod tests {
     }
 
     #[test]
+    fn swap_options_are_checked_and_open_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("guest.vswp");
+        let p = path.to_str().unwrap();
+        let cfg = RunConfig::new(opts(&["--swap", p, "--swap-target", "64M"])).unwrap();
+        let swap = cfg.swap.as_ref().unwrap();
+        assert_eq!(swap.target_pages, 64 * 256);
+        assert_eq!(swap.policy, DEFAULT_SWAP_POLICY);
+        assert!(path.exists(), "created at once");
+        drop(cfg);
+        assert!(!path.exists(), "removed at the end");
+        assert!(RunConfig::new(opts(&[])).unwrap().swap.is_none());
+        let e = err(&["--swap-target", "8M"]);
+        assert!(e.contains("need --swap"), "{e}");
+        let e = err(&["--swap", p, "--swap-target", "1G"]);
+        assert!(e.contains("--swap-target 1024.0 MiB is above --mem"), "{e}");
+        std::fs::write(&path, b"mine").unwrap();
+        let e = err(&["--swap", p]);
+        assert!(e.starts_with("--swap") && e.contains("exists"), "{e}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"mine",
+            "an existing file is left alone"
+        );
+        let d = dir.path().to_str().unwrap();
+        let cfg = RunConfig::new(opts(&["--swap", d, "--swap-policy", "random"])).unwrap();
+        assert_eq!(cfg.swap.as_ref().unwrap().policy, Policy::Random);
+    }
+
+    #[test]
     fn bad_values_name_their_option() {
         assert!(err(&["--interval", "1ms"]).contains("too short"));
         assert!(err(&["--interval", "2h"]).contains("too long"));

@@ -23,7 +23,7 @@
 //! | 8 | u64 | PFN (0 unless state is Backed or Shared, or when PFNs are hidden; below 2^55) |
 //! | 16 | u32 | interval of first touch (below the interval count) |
 //! | 20 | u32 | interval of the last observed write (`0xffff_ffff`: none; else below the interval count) |
-//! | 24 | u8 | state: 1 Zero, 2 Backed, 3 Swapped, 4 Shared, 5 Discarded, 6 Released (given back by the balloon) |
+//! | 24 | u8 | state: 1 Zero, 2 Backed, 3 Swapped, 4 Shared, 5 Discarded, 6 Released (given back by the balloon), 7 VmmSwapped (in the VMM's swap file, `--swap`) |
 //! | 25 | u8 | flags: bit 0 guest-written, bit 1 VMM-written |
 //! | 26 | u16 | reserved, 0 |
 //!
