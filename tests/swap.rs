@@ -390,3 +390,42 @@ fn sigkill_leaves_nothing_of_an_unnamed_swap_file() {
         "nothing left"
     );
 }
+
+#[test]
+fn a_swap_file_that_cannot_be_read_ends_the_run_with_a_final_row() {
+    if !common::kvm("a_swap_file_that_cannot_be_read_ends_the_run_with_a_final_row") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("guest.vswp");
+    let (mut child, mut lines) = spawn(&[
+        "--mem",
+        "64M",
+        "--interval",
+        "200ms",
+        "--workload",
+        "alloc 16M; touch 16M write; idle 1s; touch 16M read 20s",
+        "--swap",
+        file.to_str().unwrap(),
+        "--swap-target",
+        "8M",
+    ]);
+    until_swapped(&mut lines, 7.9);
+    // The file loses its contents behind the VMM's back: the next page-in cannot read its slot.
+    std::fs::OpenOptions::new()
+        .write(true)
+        .open(&file)
+        .unwrap()
+        .set_len(0)
+        .unwrap();
+    let rest: Vec<String> = lines.map(|l| l.unwrap()).collect();
+    let status = common::wait_bounded(&mut child, Duration::from_secs(30));
+    let stderr = stderr_of(&mut child);
+    assert_eq!(status.code(), Some(1), "{stderr}");
+    assert!(!stderr.contains("panicked"), "{stderr}");
+    assert!(stderr.contains("could not be read back"), "{stderr}");
+    assert!(stderr.contains("slot"), "{stderr}");
+    let last: Row = serde_json::from_str(rest.last().expect("a final row")).unwrap();
+    assert_eq!(last.end, Some(memvisor::row::EndReason::SwapError));
+    assert!(!file.exists(), "the swap file is removed");
+}

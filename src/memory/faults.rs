@@ -100,9 +100,8 @@ enum MovedOut {
         first: Option<Access>,
     },
     /// Swapped out by the VMM to slot `slot` of the swap file (`None`: it read as zero, and comes
-    /// back as zero): the first access reads it back and frees the slot. `failed`: reading the
-    /// slot failed once (the run is ending); a later fault fills it so that nobody sleeps for ever.
-    Swapped { slot: Option<Slot>, failed: bool },
+    /// back as zero): the first access reads it back and frees the slot.
+    Swapped { slot: Option<Slot> },
 }
 
 /// Swapped pages brought back since the last [`Faults::take_swap_ins`].
@@ -144,6 +143,8 @@ struct Table {
     swap_ins: SwapIns,
     /// The first failure to read a swapped page back (the guest cannot get its page).
     swap_error: Option<SwapFileError>,
+    /// Called (on the handler thread) when a swapped page cannot be read back.
+    on_swap_failure: Option<Box<dyn Fn() + Send>>,
 }
 
 /// Where things are: guest RAM, the stash and its zero page. Plain addresses, valid while the
@@ -406,10 +407,15 @@ impl Faults {
     }
 
     /// Turns hypervisor swap on with `file` (the first call only; later ones are ignored).
-    pub fn enable_swap(&self, file: SwapFile) {
+    /// `on_failure` is called on the handler thread when a swapped page cannot be read back: the
+    /// faulting access cannot wait (KVM retries it at once, without returning to the VMM), so the
+    /// page is filled with zeros, the failure kept ([`Faults::take_swap_error`]), and the caller
+    /// told, so that it stops the guest and ends the run.
+    pub fn enable_swap(&self, file: SwapFile, on_failure: Box<dyn Fn() + Send>) {
         let mut t = lock(&self.table);
         if t.swap.is_none() {
             t.swap = Some(file);
+            t.on_swap_failure = Some(on_failure);
         }
     }
 
@@ -450,13 +456,7 @@ impl Faults {
     pub fn swap_commit(&self, pages: &[(u64, Option<Slot>)]) {
         let mut t = lock(&self.table);
         for &(gfn, slot) in pages {
-            let old = t.out.insert(
-                gfn,
-                MovedOut::Swapped {
-                    slot,
-                    failed: false,
-                },
-            );
+            let old = t.out.insert(gfn, MovedOut::Swapped { slot });
             debug_assert!(old.is_none(), "page {gfn:#x} was moved out twice");
         }
         t.swapped += pages.len() as u64;
@@ -571,33 +571,39 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
                 Some(MovedOut::Sampled { .. }) | None => unsafe {
                     uffd.fill_missing(f.page, f.write, at.zeros)
                 },
-                Some(MovedOut::Swapped { slot, failed }) => {
-                    match swap_in(uffd, t.swap.as_ref(), at, f, *slot, *failed) {
-                        Ok(()) => {
-                            if let Some(s) = slot
-                                && let Some(file) = &mut t.swap
-                            {
-                                file.release(*s);
-                            }
-                            t.out.remove(&gfn);
-                            t.swapped = t.swapped.saturating_sub(1);
-                            let access = if f.write { Access::Write } else { Access::Read };
-                            t.swap_ins.pages.push((gfn, access));
-                            t.swap_ins
-                                .wait_us
-                                .push(read_at.elapsed().as_secs_f64() * 1e6);
-                            Ok(())
-                        }
+                Some(MovedOut::Swapped { slot }) => {
+                    let slot = *slot;
+                    let result = swap_in(uffd, t.swap.as_ref(), at, f, slot);
+                    let resolved = match result {
+                        Ok(()) => Ok(()),
                         Err(SwapIn::Read(e)) => {
-                            // Left unresolved: the guest must not get a wrong page. The run ends
-                            // at the next interval boundary (the kick wakes the vCPU).
-                            *failed = true;
+                            // The access cannot wait for a page that will never come: it is
+                            // filled with zeros, and the VMM ends the run at once.
                             log::error!("faults: swapped page {gfn:#x}: {e}");
                             t.swap_error.get_or_insert(e);
-                            Ok(())
+                            if let Some(tell) = &t.on_swap_failure {
+                                tell();
+                            }
+                            // SAFETY: a registered page of guest RAM; `zeros` is our zeroed page.
+                            unsafe { uffd.fill_missing(f.page, f.write, at.zeros) }
                         }
                         Err(SwapIn::Resolve(e)) => Err(e),
+                    };
+                    if resolved.is_ok() {
+                        if let Some(s) = slot
+                            && let Some(file) = &mut t.swap
+                        {
+                            file.release(s);
+                        }
+                        t.out.remove(&gfn);
+                        t.swapped = t.swapped.saturating_sub(1);
+                        let access = if f.write { Access::Write } else { Access::Read };
+                        t.swap_ins.pages.push((gfn, access));
+                        t.swap_ins
+                            .wait_us
+                            .push(read_at.elapsed().as_secs_f64() * 1e6);
                     }
+                    resolved
                 }
             };
 
@@ -619,16 +625,15 @@ enum SwapIn {
 }
 
 /// Brings swapped page `f` back: slot `slot` read into the bounce page and copied into place, or
-/// (a zero page, or one whose read failed before) filled as the kernel would.
+/// (a zero page) filled as the kernel would.
 fn swap_in(
     uffd: &Uffd,
     file: Option<&SwapFile>,
     at: Layout,
     f: &Fault,
     slot: Option<Slot>,
-    failed: bool,
 ) -> Result<(), SwapIn> {
-    let (Some(s), Some(file), false) = (slot, file, failed) else {
+    let (Some(s), Some(file)) = (slot, file) else {
         // SAFETY: a registered page of guest RAM; `zeros` is our zeroed page.
         return unsafe { uffd.fill_missing(f.page, f.write, at.zeros) }.map_err(SwapIn::Resolve);
     };
@@ -661,7 +666,7 @@ mod tests {
         }
         mem.faults()
             .unwrap()
-            .enable_swap(SwapFile::create(dir).unwrap());
+            .enable_swap(SwapFile::create(dir).unwrap(), Box::new(|| {}));
         Some(mem)
     }
 
@@ -770,7 +775,7 @@ mod tests {
     }
 
     #[test]
-    fn a_slot_that_cannot_be_read_is_an_error_and_the_page_is_not_made_up() {
+    fn a_slot_that_cannot_be_read_is_an_error_that_is_told_at_once() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("s");
         let mem = GuestMemory::new(GuestRam::new(4 << 20, false).unwrap());
@@ -779,7 +784,12 @@ mod tests {
             return;
         }
         let f = mem.faults().unwrap();
-        f.enable_swap(SwapFile::create(&path).unwrap());
+        let told = Arc::new(AtomicBool::new(false));
+        let flag = told.clone();
+        f.enable_swap(
+            SwapFile::create(&path).unwrap(),
+            Box::new(move || flag.store(true, Ordering::SeqCst)),
+        );
         mem.ram().write(7 * PAGE_SIZE, &page(7)).unwrap();
         swap_out(&mem, &[7]);
         // The file loses its contents behind the VMM's back.
@@ -789,30 +799,12 @@ mod tests {
             .unwrap()
             .set_len(0)
             .unwrap();
-        let addr = mem.ram().host_addr() + 7 * PAGE_SIZE as usize;
-        let reader = std::thread::spawn(move || {
-            // SAFETY: the page is inside guest RAM, which outlives the reader: the test drops
-            // the memory (and with it the descriptor, which wakes the reader) only after the
-            // join below.
-            unsafe { std::ptr::read_volatile(addr as *const u8) }
-        });
-        let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
-        let err = loop {
-            if let Some(e) = f.take_swap_error() {
-                break e;
-            }
-            assert!(std::time::Instant::now() < deadline, "no read error seen");
-            std::thread::sleep(std::time::Duration::from_millis(5));
-        };
-        assert!(matches!(err, SwapFileError::ShortRead { .. }), "{err}");
-        assert!(
-            !reader.is_finished(),
-            "the reader waits: no page was made up"
-        );
-        // A second fault on the failed page is filled, so nobody sleeps for ever: the VMM's read
-        // wakes up the first reader too.
+        assert!(!told.load(Ordering::SeqCst));
         let v: u8 = mem.ram().read_obj(7 * PAGE_SIZE).unwrap();
-        assert_eq!(v, 0);
-        assert_eq!(reader.join().unwrap(), 0);
+        assert_eq!(v, 0, "filled, so that nobody waits for ever");
+        assert!(told.load(Ordering::SeqCst), "the VMM is told at once");
+        let err = f.take_swap_error().expect("the failure is kept");
+        assert!(matches!(err, SwapFileError::ShortRead { .. }), "{err}");
+        assert!(f.take_swap_error().is_none(), "once");
     }
 }

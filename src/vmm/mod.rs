@@ -181,6 +181,11 @@ impl Vmm<'_, '_> {
     fn run_loop(&mut self, vcpu: &mut Vcpu<'_>) -> Result<Ended, RunError> {
         loop {
             let exit = vcpu.run()?;
+            // A swapped page that could not be read back ends the run before anything the guest
+            // did after it (on a page of zeros) is believed.
+            if let Some(e) = self.swap.as_ref().and_then(|s| s.failure(self.vm)) {
+                return Ok(Ended::Early(e.into()));
+            }
             let handled = self.handler.handle(exit, self.vm.ram());
             self.note_released()?;
             match handled {
@@ -267,9 +272,6 @@ impl Vmm<'_, '_> {
                 e.kind(),
                 e.to_string(),
             )));
-        }
-        if let Some(e) = self.swap.as_mut().and_then(HypervisorSwap::failure) {
-            return Some(e.into());
         }
         if let Some(reason) = stop::requested() {
             return Some(RunError::Signal {

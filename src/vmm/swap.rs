@@ -15,6 +15,7 @@ use rand::rngs::StdRng;
 use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
+use crate::kvm::vcpu::kick;
 use crate::kvm::vm::{Vm, VmError};
 use crate::memory::faults::{Access, Faults, FaultsError, Stored};
 use crate::memory::swap::policy::{Candidate, choose};
@@ -54,8 +55,6 @@ pub struct HypervisorSwap {
     rng: StdRng,
     /// The swap file could not take more pages: no more swapping this run.
     stopped: bool,
-    /// A page-in failed: the run must end (taken by [`HypervisorSwap::failure`]).
-    failure: Option<SwapError>,
 }
 
 impl HypervisorSwap {
@@ -63,13 +62,16 @@ impl HypervisorSwap {
     /// with its stash, if it runs).
     pub fn new(vm: &Vm, cfg: SwapConfig) -> Result<Self, SwapError> {
         let faults = vm.memory().start_faults(0).map_err(SwapError::Faults)?;
-        faults.enable_swap(cfg.file);
+        // A failed page-in kicks this thread (the vCPU's, which runs the whole loop) out of
+        // `KVM_RUN`, so that the run ends before the guest goes on with a page of zeros.
+        // SAFETY: pthread_self has no preconditions.
+        let vcpu_thread = unsafe { libc::pthread_self() };
+        faults.enable_swap(cfg.file, Box::new(move || kick(vcpu_thread)));
         Ok(HypervisorSwap {
             policy: cfg.policy,
             target_pages: cfg.target_pages,
             rng: StdRng::seed_from_u64(cfg.seed.unwrap_or_else(rand::random)),
             stopped: false,
-            failure: None,
         })
     }
 
@@ -80,9 +82,13 @@ impl HypervisorSwap {
         self.target_pages = pages;
     }
 
-    /// A page-in failure, once: the run must end with it (after its final row).
-    pub fn failure(&mut self) -> Option<SwapError> {
-        self.failure.take()
+    /// A page-in failure, once: the run must end with it (after its final row). Ask after every
+    /// exit, before anything else: the failed page was filled with zeros so that the access could
+    /// go on, and the vCPU was kicked at once, so the guest ran briefly at most, and nothing it
+    /// reported since is to be believed.
+    pub fn failure(&self, vm: &Vm) -> Option<SwapError> {
+        let e = vm.memory().faults()?.take_swap_error()?;
+        Some(SwapError::PageIn(e))
     }
 
     /// Ends interval `interval` (which lasted `length`; `last`: the run's last): takes the
@@ -98,9 +104,6 @@ impl HypervisorSwap {
         last: bool,
     ) -> Result<Swap, SwapError> {
         let faults = vm.memory().start_faults(0).map_err(SwapError::Faults)?;
-        if let Some(e) = faults.take_swap_error() {
-            self.failure.get_or_insert(SwapError::PageIn(e));
-        }
         let ins = faults.take_swap_ins();
         work.note_remapped(
             ins.pages
@@ -110,7 +113,7 @@ impl HypervisorSwap {
         let t0 = Instant::now();
         let mut page_outs = 0;
         let now = faults.swapped_pages();
-        if !last && !self.stopped && self.failure.is_none() && self.target_pages > now {
+        if !last && !self.stopped && self.target_pages > now {
             let want = (self.target_pages - now).min(MAX_OUT_PER_INTERVAL);
             page_outs = self.swap_out(vm, faults, work, want, interval)?;
         }
