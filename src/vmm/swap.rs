@@ -7,6 +7,7 @@
 //! succeeded, so the dirty log, the fault handler and the map stay in step exactly as for the
 //! balloon's releases; the map then calls it `VmmSwapped`.
 
+use std::collections::HashMap;
 use std::ops::Range;
 use std::time::{Duration, Instant};
 
@@ -55,6 +56,10 @@ pub struct HypervisorSwap {
     rng: StdRng,
     /// The swap file could not take more pages: no more swapping this run.
     stopped: bool,
+    /// The last interval in which each page was brought back (an access the map does not see when
+    /// it is a read: a page the guest only reads, its kernel's code and page tables, looks cold
+    /// to the dirty log). At most one entry per page ever swapped in.
+    paged_in: HashMap<u64, u32>,
 }
 
 impl HypervisorSwap {
@@ -72,6 +77,7 @@ impl HypervisorSwap {
             target_pages: cfg.target_pages,
             rng: StdRng::seed_from_u64(cfg.seed.unwrap_or_else(rand::random)),
             stopped: false,
+            paged_in: HashMap::new(),
         })
     }
 
@@ -105,6 +111,10 @@ impl HypervisorSwap {
     ) -> Result<Swap, SwapError> {
         let faults = vm.memory().start_faults(0).map_err(SwapError::Faults)?;
         let ins = faults.take_swap_ins();
+        let now_interval = u32::try_from(interval).unwrap_or(u32::MAX - 1);
+        for &(gfn, _) in &ins.pages {
+            self.paged_in.insert(gfn, now_interval);
+        }
         work.note_remapped(
             ins.pages
                 .iter()
@@ -157,9 +167,10 @@ impl HypervisorSwap {
         want: u64,
         interval: u64,
     ) -> Result<u64, SwapError> {
+        let paged_in = &self.paged_in;
         let candidates = work.map().backed_pages().map(|(page, seen)| Candidate {
             page,
-            last_seen: Some(seen),
+            last_seen: Some(paged_in.get(&page).map_or(seen, |&p| p.max(seen))),
         });
         let mut chosen = choose(self.policy, candidates, want as usize, &mut self.rng);
         chosen.sort_unstable();
