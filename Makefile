@@ -30,6 +30,7 @@ bench:
 	$(CARGO) bench --bench sampling
 	$(CARGO) bench --bench access
 	$(CARGO) bench --bench balloon
+	$(CARGO) bench --bench swap
 
 # README's picture: the default run (seeded) as JSON, drawn by `memvisor plot` (needs /dev/kvm).
 plot: build

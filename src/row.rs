@@ -113,6 +113,28 @@ pub struct BalloonView {
     pub errors: u64,
 }
 
+/// Hypervisor swap (`--swap`) in one interval: ESX's SWCUR, SWTGT, SWR/s and SWW/s.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct Swap {
+    /// Guest RAM in the VMM's swap file now (pages that read as zero at swap-out included: they
+    /// were dropped too), and the target.
+    pub swapped_mib: f64,
+    pub target_mib: f64,
+    /// Read back (page-ins) and written out (page-outs) per second of the interval's real length.
+    pub in_mib_s: f64,
+    pub out_mib_s: f64,
+    /// Pages brought back and swapped out in this interval.
+    pub page_ins: u64,
+    pub page_outs: u64,
+    /// The page-ins' waits as the fault handler measured them (fault read to page in place), in
+    /// microseconds; `None` when there were none.
+    pub page_in_us_p50: Option<f64>,
+    pub page_in_us_p99: Option<f64>,
+    /// The swap file could not take more (full, a short write, an I/O error): swapping stopped.
+    pub stopped: bool,
+}
+
 /// The guest's own view, from the balloon's last statistics buffer.
 #[derive(Clone, Debug, Default, PartialEq, Serialize, Deserialize)]
 #[serde(default)]
@@ -141,6 +163,8 @@ pub enum EndReason {
     OutputClosed,
     /// A controller asked the run to stop (`stop` on the control socket).
     Stopped,
+    /// A page swapped out by the VMM (`--swap`) could not be read back.
+    SwapError,
 }
 
 impl EndReason {
@@ -154,6 +178,7 @@ impl EndReason {
             EndReason::Sigterm => "sigterm",
             EndReason::OutputClosed => "output-closed",
             EndReason::Stopped => "stopped",
+            EndReason::SwapError => "swap-error",
         }
     }
 }
@@ -191,6 +216,8 @@ pub struct Row {
     pub active_writes: Option<Active>,
     /// The virtio-balloon, when the guest has one.
     pub balloon: Option<BalloonView>,
+    /// Hypervisor swap, when it is on (`--swap`).
+    pub swap: Option<Swap>,
     /// The `check` phase that ended in this interval, if one did.
     pub check: Option<Check>,
 }

@@ -239,10 +239,24 @@ fn csv_columns_are_the_json_fields() {
         "check_zero_mib",
     ];
     assert_eq!(full["check"], serde_json::Value::Null);
+    // So is `swap` without `--swap`.
+    let swap_columns = [
+        "swap_swapped_mib",
+        "swap_target_mib",
+        "swap_in_mib_s",
+        "swap_out_mib_s",
+        "swap_page_ins",
+        "swap_page_outs",
+        "swap_page_in_us_p50",
+        "swap_page_in_us_p99",
+        "swap_stopped",
+    ];
+    assert_eq!(full["swap"], serde_json::Value::Null);
     let keys: Vec<String> = keys
         .into_iter()
         .flat_map(|k| match k.as_str() {
             "check" => check_columns.iter().map(|c| c.to_string()).collect(),
+            "swap" => swap_columns.iter().map(|c| c.to_string()).collect(),
             _ => vec![k],
         })
         .collect();

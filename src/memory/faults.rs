@@ -1,15 +1,16 @@
 //! The VM's one userfaultfd and its fault handler. A range of memory can be registered with only
-//! one descriptor, so guest memory owns it and every user of page faults goes through here: today
-//! the access sampler (pages moved out to a stash, brought back on their first access); hypervisor
-//! swap next.
+//! one descriptor, so guest memory owns it and every user of page faults goes through here: the
+//! access sampler (pages moved out to a stash, brought back on their first access) and hypervisor
+//! swap (pages written to the swap file and dropped, read back on their next access).
 //!
 //! Guest RAM is registered in MISSING mode by 2 MiB region, the first time a page of the region is
 //! moved out, and stays registered: a present page never faults (unless write-protected, below), so a region costs nothing until a
 //! page in it goes missing. One handler thread resolves every fault by what the page is:
 //!
-//! - a page moved out (`MovedOut`): its kind says what to do (a sampled page records its first
-//!   access, read or write, and moves back from the stash; the next kind, a swapped page, will read
-//!   its contents back);
+//! - a page moved out ([`MovedOut`]): its kind says what to do (a sampled page records its first
+//!   access, read or write, and moves back from the stash; a swapped page is read from its slot of
+//!   the swap file into a bounce page and copied into place with `UFFDIO_COPY`, or filled as zero
+//!   when it read as zero at swap-out, and its slot is freed);
 //! - any other missing page in a registered region (never touched, or released): filled as the
 //!   kernel would have, with the zero page for a read and a zeroed page for a write.
 //!
@@ -18,8 +19,9 @@
 //! no mapping of it and would map it writable on the guest's next read, logging that read as a
 //! write; protected, the read maps it read-only, and a write faults here once and is let through.
 //!
-//! No data is copied: a page moves (`UFFDIO_MOVE`, the same physical page), so contents stay intact,
-//! and the handler never reads or writes guest memory. Every operation here takes guest page
+//! A sampled page is not copied: it moves (`UFFDIO_MOVE`, the same physical page), so contents stay
+//! intact. The handler never reads or writes guest memory itself: it puts pages into it. Every
+//! operation here takes guest page
 //! numbers and checks them against guest RAM, so no page outside guest RAM and the stash can move.
 
 use std::collections::HashMap;
@@ -27,6 +29,7 @@ use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::JoinHandle;
+use std::time::Instant;
 
 use thiserror::Error;
 use vmm_sys_util::errno;
@@ -34,6 +37,7 @@ use vmm_sys_util::errno;
 use crate::memory::bitmap::Bitmap;
 use crate::memory::pagemap::AnonMapping;
 use crate::memory::ram::GuestRam;
+use crate::memory::swap::{Slot, SwapFile, SwapFileError};
 use crate::memory::uffd::{Fault, Uffd, UffdError};
 use crate::units::PAGE_SIZE;
 
@@ -109,15 +113,52 @@ enum MovedOut {
         slot: Option<u64>,
         first: Option<Access>,
     },
+    /// Swapped out by the VMM to slot `slot` of the swap file (`None`: it read as zero, and comes
+    /// back as zero): the first access reads it back and frees the slot.
+    Swapped { slot: Option<Slot> },
+}
+
+/// Swapped pages brought back since the last [`Faults::take_swap_ins`].
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct SwapIns {
+    /// The pages, in the order they came back, with the access that brought each.
+    pub pages: Vec<(u64, Access)>,
+    /// Each page-in's wait as the handler measured it (from reading the fault to the page in
+    /// place), in microseconds, in the same order.
+    pub wait_us: Vec<f64>,
+}
+
+/// What [`Faults::swap_store`] did with a page.
+#[derive(Debug)]
+pub enum Stored {
+    /// The page reads as zero: nothing written, it comes back as zero.
+    Zero,
+    /// Written to this slot.
+    Slot(Slot),
+    /// The page is moved out already (a sampled page) or its region cannot be registered: left
+    /// alone.
+    Refused,
+    /// The swap file cannot take it (full, a short write, an I/O error): the page stays in RAM.
+    Full(SwapFileError),
 }
 
 /// What the owner and the handler thread share.
-#[derive(Debug, Default)]
+#[derive(Default)]
 struct Table {
     /// Pages moved out, by guest page number.
     out: HashMap<u64, MovedOut>,
     /// The handler's first failure.
     error: Option<HandlerError>,
+    /// The swap file, once hypervisor swap is on.
+    swap: Option<SwapFile>,
+    /// Pages swapped out now (`MovedOut::Swapped` entries).
+    swapped: u64,
+    /// Page-ins since the last take.
+    swap_ins: SwapIns,
+    /// The first failure to read a swapped page back (the guest cannot get its page).
+    swap_error: Option<SwapFileError>,
+    /// Called (on the handler thread) when a swapped page cannot be read back.
+    on_swap_failure: Option<Box<dyn Fn() + Send>>,
 }
 
 /// Where things are: guest RAM, the stash and its zero page. Plain addresses, valid while the
@@ -128,6 +169,8 @@ struct Layout {
     pages: u64,
     stash_addr: u64,
     zeros: u64,
+    /// A page of ours the handler reads a swapped page into before copying it into place.
+    bounce: u64,
 }
 
 impl Layout {
@@ -172,8 +215,8 @@ pub struct Faults {
     /// Regions registered (one bit per 2 MiB of guest RAM).
     registered: Mutex<Bitmap>,
     layout: Layout,
-    /// The sample stash, then one zeroed page (the source for filling a written missing page);
-    /// held for its mapping, reached through `layout`.
+    /// The sample stash, then one zeroed page (the source for filling a written missing page),
+    /// then the swap-in bounce page; held for its mapping, reached through `layout`.
     _stash: AnonMapping,
     capacity: u64,
     done: Arc<AtomicBool>,
@@ -192,7 +235,7 @@ impl Faults {
     pub(super) fn start(ram: &GuestRam, stash_pages: u64) -> Result<Self, FaultsError> {
         let uffd = Arc::new(Uffd::new()?);
         let stash =
-            AnonMapping::new(((stash_pages + 1) * PAGE_SIZE) as usize).map_err(|source| {
+            AnonMapping::new(((stash_pages + 2) * PAGE_SIZE) as usize).map_err(|source| {
                 FaultsError::Stash {
                     pages: stash_pages,
                     source,
@@ -207,6 +250,7 @@ impl Faults {
             pages: ram.pages(),
             stash_addr: stash.addr() as u64,
             zeros: stash.addr() as u64 + stash_pages * PAGE_SIZE,
+            bounce: stash.addr() as u64 + (stash_pages + 1) * PAGE_SIZE,
         };
         let table = Arc::new(Mutex::new(Table::default()));
         let done = Arc::new(AtomicBool::new(false));
@@ -266,8 +310,11 @@ impl Faults {
                 capacity: self.capacity,
             });
         }
-        if lock(&self.table).out.contains_key(&gfn) {
-            return Err(FaultsError::AlreadyOut { gfn });
+        match lock(&self.table).out.get(&gfn) {
+            Some(MovedOut::Sampled { .. }) => return Err(FaultsError::AlreadyOut { gfn }),
+            // Swapped out: it has no page to watch; its page-in is the swap's to count.
+            Some(MovedOut::Swapped { .. }) => return Ok(Sampled::Refused),
+            None => {}
         }
         let new_region = match self.ensure_registered(gfn) {
             Ok(r) => r,
@@ -305,12 +352,15 @@ impl Faults {
                 sampled.push((gfn, *m));
                 false
             }
+            MovedOut::Swapped { .. } => true,
         });
         drop(table);
         sampled.sort_unstable_by_key(|(gfn, _)| *gfn);
         let mut out = Vec::with_capacity(sampled.len());
         for (gfn, m) in sampled {
-            let MovedOut::Sampled { slot, first } = m;
+            let MovedOut::Sampled { slot, first } = m else {
+                continue;
+            };
             if let (None, Some(s)) = (first, slot) {
                 // SAFETY: as in `sample`: a page of guest RAM (it was in the table) and a slot of
                 // our own stash.
@@ -341,31 +391,144 @@ impl Faults {
     /// missing and, if touched again, is filled as released memory reads: zero. The cost is one
     /// look at each page moved out, whatever the range's size.
     pub(super) fn released(&self, pages: &Range<u64>) {
-        let mut table = lock(&self.table);
-        for (gfn, m) in table.out.iter_mut() {
-            let MovedOut::Sampled { slot, first } = m;
-            if !pages.contains(gfn) || first.is_some() {
-                continue;
+        let mut guard = lock(&self.table);
+        let t = &mut *guard;
+        let mut freed = Vec::new();
+        let at = self.layout;
+        t.out.retain(|gfn, m| {
+            if !pages.contains(gfn) {
+                return true;
             }
-            if let Some(s) = slot.take() {
-                let at = self.layout.slot_addr(s);
-                // SAFETY: the slot is one page of our own stash mapping, which nothing else uses;
-                // MADV_DONTNEED only drops its contents.
-                let rc = unsafe {
-                    libc::madvise(
-                        at as *mut libc::c_void,
-                        PAGE_SIZE as usize,
-                        libc::MADV_DONTNEED,
-                    )
-                };
-                if rc != 0 {
-                    log::warn!(
-                        "faults: dropping the stash copy of released page {gfn:#x}: {}",
-                        std::io::Error::last_os_error()
-                    );
+            match m {
+                // A swapped page released: its contents are gone for good, and so is its slot.
+                MovedOut::Swapped { slot, .. } => {
+                    freed.push(*slot);
+                    false
+                }
+                MovedOut::Sampled { first: Some(_), .. } => true,
+                MovedOut::Sampled { slot, first: None } => {
+                    if let Some(s) = slot.take() {
+                        drop_stash_copy(at, *gfn, s);
+                    }
+                    true
                 }
             }
+        });
+        t.swapped -= t.swapped.min(freed.len() as u64);
+        if let Some(f) = &mut t.swap {
+            for s in freed.into_iter().flatten() {
+                f.release(s);
+            }
         }
+    }
+
+    /// Turns hypervisor swap on with `file` (the first call only; later ones are ignored).
+    /// `on_failure` is called on the handler thread when a swapped page cannot be read back: the
+    /// faulting access cannot wait (KVM retries it at once, without returning to the VMM), so the
+    /// page is filled with zeros, the failure kept ([`Faults::take_swap_error`]), and the caller
+    /// told, so that it stops the guest and ends the run.
+    pub fn enable_swap(&self, file: SwapFile, on_failure: Box<dyn Fn() + Send>) {
+        let mut t = lock(&self.table);
+        if t.swap.is_none() {
+            t.swap = Some(file);
+            t.on_swap_failure = Some(on_failure);
+        }
+    }
+
+    /// First half of swapping guest page `gfn` out, whose contents are `page`: registers its
+    /// region (so that its next access faults here, not to a zero page) and writes the contents
+    /// to a free slot unless they are zero. The page stays in RAM: the caller drops it through
+    /// the VM's release path and then calls [`Faults::swap_commit`] (or [`Faults::swap_abort`]).
+    /// Call with the guest stopped.
+    pub fn swap_store(&self, gfn: u64, page: &[u8]) -> Result<Stored, FaultsError> {
+        if gfn >= self.layout.pages {
+            return Err(FaultsError::OutsideRam {
+                gfn,
+                pages: self.layout.pages,
+            });
+        }
+        if lock(&self.table).out.contains_key(&gfn) {
+            return Ok(Stored::Refused);
+        }
+        if let Err(e) = self.ensure_registered(gfn) {
+            log::debug!("faults: the region of page {gfn:#x}: {e}; not swapped");
+            return Ok(Stored::Refused);
+        }
+        if page.iter().all(|&b| b == 0) {
+            return Ok(Stored::Zero);
+        }
+        let mut t = lock(&self.table);
+        let Some(f) = &mut t.swap else {
+            return Ok(Stored::Refused);
+        };
+        Ok(match f.store(page) {
+            Ok(slot) => Stored::Slot(slot),
+            Err(e) => Stored::Full(e),
+        })
+    }
+
+    /// Second half: guest pages `pages` (with their slots, `None` for a zero page) were stored
+    /// and have just been dropped from guest RAM; their next access reads them back.
+    pub fn swap_commit(&self, pages: &[(u64, Option<Slot>)]) {
+        let mut t = lock(&self.table);
+        for &(gfn, slot) in pages {
+            let old = t.out.insert(gfn, MovedOut::Swapped { slot });
+            debug_assert!(old.is_none(), "page {gfn:#x} was moved out twice");
+        }
+        t.swapped += pages.len() as u64;
+    }
+
+    /// Frees the slots of pages stored but not dropped (their release failed).
+    pub fn swap_abort(&self, slots: impl IntoIterator<Item = Slot>) {
+        let mut t = lock(&self.table);
+        if let Some(f) = &mut t.swap {
+            for s in slots {
+                f.release(s);
+            }
+        }
+    }
+
+    /// Whether guest page `gfn` is swapped out now.
+    pub fn is_swapped(&self, gfn: u64) -> bool {
+        matches!(
+            lock(&self.table).out.get(&gfn),
+            Some(MovedOut::Swapped { .. })
+        )
+    }
+
+    /// Pages swapped out now.
+    pub fn swapped_pages(&self) -> u64 {
+        lock(&self.table).swapped
+    }
+
+    /// The pages swapped in since the last call, with their waits.
+    pub fn take_swap_ins(&self) -> SwapIns {
+        std::mem::take(&mut lock(&self.table).swap_ins)
+    }
+
+    /// The first failure to read a swapped page back, if any: the guest cannot get that page.
+    pub fn take_swap_error(&self) -> Option<SwapFileError> {
+        lock(&self.table).swap_error.take()
+    }
+}
+
+/// Drops the stash copy of sampled page `gfn` (slot `slot`).
+fn drop_stash_copy(at: Layout, gfn: u64, slot: u64) {
+    let addr = at.slot_addr(slot);
+    // SAFETY: the slot is one page of our own stash mapping, which nothing else uses;
+    // MADV_DONTNEED only drops its contents.
+    let rc = unsafe {
+        libc::madvise(
+            addr as *mut libc::c_void,
+            PAGE_SIZE as usize,
+            libc::MADV_DONTNEED,
+        )
+    };
+    if rc != 0 {
+        log::warn!(
+            "faults: dropping the stash copy of released page {gfn:#x}: {}",
+            std::io::Error::last_os_error()
+        );
     }
 }
 
@@ -405,7 +568,9 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
             lock(table).error.get_or_insert(HandlerError::Read(e));
             continue;
         }
-        let mut t = lock(table);
+        let read_at = Instant::now();
+        let mut guard = lock(table);
+        let t = &mut *guard;
         for f in &faults {
             let Some(gfn) = at.gfn(f.page) else {
                 // Only the stash is registered besides guest RAM, and nothing touches it: fill the
@@ -449,7 +614,42 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
                 Some(MovedOut::Sampled { .. }) | None => unsafe {
                     uffd.fill_missing(f.page, f.write, at.zeros)
                 },
+                Some(MovedOut::Swapped { slot }) => {
+                    let slot = *slot;
+                    let result = swap_in(uffd, t.swap.as_ref(), at, f, slot);
+                    let resolved = match result {
+                        Ok(()) => Ok(()),
+                        Err(SwapIn::Read(e)) => {
+                            // The access cannot wait for a page that will never come: it is
+                            // filled with zeros, and the VMM ends the run at once.
+                            log::error!("faults: swapped page {gfn:#x}: {e}");
+                            t.swap_error.get_or_insert(e);
+                            if let Some(tell) = &t.on_swap_failure {
+                                tell();
+                            }
+                            // SAFETY: a registered page of guest RAM; `zeros` is our zeroed page.
+                            unsafe { uffd.fill_missing(f.page, f.write, at.zeros) }
+                        }
+                        Err(SwapIn::Resolve(e)) => Err(e),
+                    };
+                    if resolved.is_ok() {
+                        if let Some(s) = slot
+                            && let Some(file) = &mut t.swap
+                        {
+                            file.release(s);
+                        }
+                        t.out.remove(&gfn);
+                        t.swapped = t.swapped.saturating_sub(1);
+                        let access = if f.write { Access::Write } else { Access::Read };
+                        t.swap_ins.pages.push((gfn, access));
+                        t.swap_ins
+                            .wait_us
+                            .push(read_at.elapsed().as_secs_f64() * 1e6);
+                    }
+                    resolved
+                }
             };
+
             if let Err(source) = result {
                 t.error.get_or_insert(HandlerError::Resolve {
                     gfn,
@@ -458,5 +658,196 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
                 });
             }
         }
+    }
+}
+
+/// Why a swapped page could not come back.
+enum SwapIn {
+    Read(SwapFileError),
+    Resolve(errno::Error),
+}
+
+/// Brings swapped page `f` back: slot `slot` read into the bounce page and copied into place, or
+/// (a zero page) filled as the kernel would.
+fn swap_in(
+    uffd: &Uffd,
+    file: Option<&SwapFile>,
+    at: Layout,
+    f: &Fault,
+    slot: Option<Slot>,
+) -> Result<(), SwapIn> {
+    let (Some(s), Some(file)) = (slot, file) else {
+        // SAFETY: a registered page of guest RAM; `zeros` is our zeroed page.
+        return unsafe { uffd.fill_missing(f.page, f.write, at.zeros) }.map_err(SwapIn::Resolve);
+    };
+    // SAFETY: the bounce page is one page of our own stash mapping, mapped while this thread runs
+    // and used by this thread only, so no other reference to it exists during the borrow.
+    let buf = unsafe { std::slice::from_raw_parts_mut(at.bounce as *mut u8, PAGE_SIZE as usize) };
+    file.load(s, buf).map_err(SwapIn::Read)?;
+    // SAFETY: `f.page` is a registered page of guest RAM, which no reference covers; the bounce
+    // page is ours and page aligned.
+    unsafe { uffd.copy_page(f.page, at.bounce) }.map_err(SwapIn::Resolve)
+}
+
+#[cfg(test)]
+mod tests {
+    use vm_memory::Bytes;
+
+    use super::*;
+    use crate::memory::GuestMemory;
+
+    fn page(fill: u8) -> Vec<u8> {
+        vec![fill; PAGE_SIZE as usize]
+    }
+
+    /// Guest memory with swap on (a file in a temp dir), or `None` without userfaultfd.
+    fn swapping(dir: &std::path::Path) -> Option<GuestMemory> {
+        let mem = GuestMemory::new(GuestRam::new(4 << 20, false).unwrap());
+        if let Err(e) = mem.start_faults(2) {
+            eprintln!("SKIPPED: {e}");
+            return None;
+        }
+        mem.faults()
+            .unwrap()
+            .enable_swap(SwapFile::create(dir).unwrap(), Box::new(|| {}));
+        Some(mem)
+    }
+
+    /// Swaps pages out the way the VMM does: store, discard, commit.
+    fn swap_out(mem: &GuestMemory, gfns: &[u64]) -> Vec<(u64, Option<Slot>)> {
+        let f = mem.faults().unwrap();
+        let mut buf = page(0);
+        let mut stored = Vec::new();
+        for &gfn in gfns {
+            mem.ram()
+                .mem()
+                .read_slice(&mut buf, vm_memory::GuestAddress(gfn * PAGE_SIZE))
+                .unwrap();
+            match f.swap_store(gfn, &buf).unwrap() {
+                Stored::Zero => stored.push((gfn, None)),
+                Stored::Slot(s) => stored.push((gfn, Some(s))),
+                other => panic!("page {gfn}: {other:?}"),
+            }
+        }
+        for &(gfn, _) in &stored {
+            mem.discard(gfn..gfn + 1).unwrap();
+        }
+        f.swap_commit(&stored);
+        stored
+    }
+
+    #[test]
+    fn swapped_pages_come_back_on_a_vmm_read_and_free_their_slots() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(mem) = swapping(dir.path()) else {
+            return;
+        };
+        let ram = mem.ram();
+        let f = mem.faults().unwrap();
+        for gfn in 10..14 {
+            ram.write(gfn * PAGE_SIZE, &page(gfn as u8)).unwrap();
+        }
+        // Page 14 is written with zeros: it is dropped but not written to the file.
+        ram.write(14 * PAGE_SIZE, &page(0)).unwrap();
+        let stored = swap_out(&mem, &[10, 11, 12, 13, 14]);
+        assert_eq!(stored[4], (14, None), "a zero page takes no slot");
+        assert!(stored[..4].iter().all(|(_, s)| s.is_some()));
+        assert_eq!(f.swapped_pages(), 5);
+        assert!(f.is_swapped(11));
+        // A VMM read of a swapped page faults to the handler, which reads it back.
+        let v: u64 = ram.read_obj(11 * PAGE_SIZE + 64).unwrap();
+        assert_eq!(v, u64::from_ne_bytes([11; 8]));
+        let v: u64 = ram.read_obj(14 * PAGE_SIZE).unwrap();
+        assert_eq!(v, 0);
+        let ins = f.take_swap_ins();
+        let got: Vec<u64> = ins.pages.iter().map(|&(g, _)| g).collect();
+        assert_eq!(got, vec![11, 14]);
+        assert_eq!(ins.wait_us.len(), 2);
+        assert_eq!(f.swapped_pages(), 3);
+        assert!(!f.is_swapped(11));
+        // A write brings a page back as a write, with its contents under the write.
+        ram.write(12 * PAGE_SIZE, &[0xee]).unwrap();
+        let v: [u8; 2] = ram.read_obj(12 * PAGE_SIZE).unwrap();
+        assert_eq!(v, [0xee, 12]);
+        assert_eq!(f.take_swap_ins().pages, vec![(12, Access::Write)]);
+        // A release of a swapped page frees its slot: it reads zero afterwards, and the slot is
+        // the lowest free one again.
+        let slot13 = stored[3].1.unwrap();
+        mem.discard(13..14).unwrap();
+        assert_eq!(f.swapped_pages(), 1);
+        let v: u64 = ram.read_obj(13 * PAGE_SIZE).unwrap();
+        assert_eq!(v, 0, "a released swapped page reads zero");
+        assert!(f.take_swap_ins().pages.is_empty(), "not a page-in");
+        ram.write(20 * PAGE_SIZE, &page(20)).unwrap();
+        let again = swap_out(&mem, &[20]);
+        assert!(again[0].1.unwrap() <= slot13, "{again:?}");
+        let v: u8 = ram.read_obj(20 * PAGE_SIZE + 5).unwrap();
+        assert_eq!(v, 20);
+        let v: u8 = ram.read_obj(10 * PAGE_SIZE + 5).unwrap();
+        assert_eq!(v, 10);
+        assert_eq!(f.swapped_pages(), 0);
+        assert!(f.take_swap_error().is_none());
+        assert!(f.take_handler_error().is_none());
+    }
+
+    #[test]
+    fn a_swapped_page_is_not_sampled_and_a_sampled_one_not_swapped() {
+        let dir = tempfile::tempdir().unwrap();
+        let Some(mem) = swapping(dir.path()) else {
+            return;
+        };
+        let ram = mem.ram();
+        let f = mem.faults().unwrap();
+        ram.write(3 * PAGE_SIZE, &page(3)).unwrap();
+        ram.write(4 * PAGE_SIZE, &page(4)).unwrap();
+        swap_out(&mem, &[3]);
+        assert_eq!(f.sample(3, 0).unwrap(), Sampled::Refused);
+        assert!(matches!(f.sample(4, 0).unwrap(), Sampled::Armed { .. }));
+        assert!(matches!(
+            f.swap_store(4, &page(4)).unwrap(),
+            Stored::Refused
+        ));
+        // Ending the round leaves the swapped page swapped.
+        let out = f.end_samples().unwrap();
+        assert_eq!(out.len(), 1);
+        assert!(f.is_swapped(3));
+        let v: u8 = ram.read_obj(3 * PAGE_SIZE).unwrap();
+        assert_eq!(v, 3);
+        let v: u8 = ram.read_obj(4 * PAGE_SIZE).unwrap();
+        assert_eq!(v, 4);
+    }
+
+    #[test]
+    fn a_slot_that_cannot_be_read_is_an_error_that_is_told_at_once() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let mem = GuestMemory::new(GuestRam::new(4 << 20, false).unwrap());
+        if let Err(e) = mem.start_faults(0) {
+            eprintln!("SKIPPED: {e}");
+            return;
+        }
+        let f = mem.faults().unwrap();
+        let told = Arc::new(AtomicBool::new(false));
+        let flag = told.clone();
+        f.enable_swap(
+            SwapFile::create(&path).unwrap(),
+            Box::new(move || flag.store(true, Ordering::SeqCst)),
+        );
+        mem.ram().write(7 * PAGE_SIZE, &page(7)).unwrap();
+        swap_out(&mem, &[7]);
+        // The file loses its contents behind the VMM's back.
+        std::fs::OpenOptions::new()
+            .write(true)
+            .open(&path)
+            .unwrap()
+            .set_len(0)
+            .unwrap();
+        assert!(!told.load(Ordering::SeqCst));
+        let v: u8 = mem.ram().read_obj(7 * PAGE_SIZE).unwrap();
+        assert_eq!(v, 0, "filled, so that nobody waits for ever");
+        assert!(told.load(Ordering::SeqCst), "the VMM is told at once");
+        let err = f.take_swap_error().expect("the failure is kept");
+        assert!(matches!(err, SwapFileError::ShortRead { .. }), "{err}");
+        assert!(f.take_swap_error().is_none(), "once");
     }
 }

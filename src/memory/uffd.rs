@@ -371,6 +371,31 @@ impl Uffd {
         Ok(())
     }
 
+    /// Installs a copy of the page at `src` at the missing page `page` (`UFFDIO_COPY`) and wakes
+    /// whoever waits on it. `EEXIST` (a page is there already) is an error here: the caller's
+    /// contents would be lost.
+    ///
+    /// # Safety
+    ///
+    /// `page` must be a page of an anonymous private mapping registered with this descriptor that
+    /// no Rust reference covers, and `src` a page-aligned readable page of this process that
+    /// stays mapped for the call.
+    pub unsafe fn copy_page(&self, page: u64, src: u64) -> Result<(), errno::Error> {
+        let mut copy = UffdioCopy {
+            dst: page,
+            src,
+            len: crate::units::PAGE_SIZE,
+            ..Default::default()
+        };
+        // SAFETY: UFFDIO_COPY reads one page at `src` (the caller's promise) and writes the
+        // `uffdio_copy`; the kernel checks the destination.
+        let rc = unsafe { ioctl_with_mut_ref(&self.file, UFFDIO_COPY(), &mut copy) };
+        if rc < 0 {
+            return Err(errno::Error::last());
+        }
+        Ok(())
+    }
+
     /// The page faults queued now (none if there are none: the descriptor is non-blocking).
     pub fn read_faults(&self, out: &mut Vec<Fault>) -> Result<(), UffdError> {
         let mut buf = [UffdMsg::default(); 16];

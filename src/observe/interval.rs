@@ -109,6 +109,9 @@ pub struct Estimator {
     exclude: Bitmap,
     /// Pages the map knows written (the last harvest's count).
     written_pages: u64,
+    /// Pages the VMM put back into guest RAM in the interval (hypervisor swap's page-ins), with
+    /// whether a read brought each: [`Estimator::note_remapped`].
+    remapped: Vec<(u64, bool)>,
 }
 
 impl Estimator {
@@ -142,6 +145,7 @@ impl Estimator {
             population,
             exclude: Bitmap::new(pages),
             written_pages: 0,
+            remapped: Vec::new(),
         }
     }
 
@@ -195,6 +199,7 @@ impl Estimator {
         if let Some(r) = &round {
             self.hide_trapped_reads(dirty, r);
         }
+        self.hide_remapped_reads(dirty);
         let write_t = self.write_round.as_ref().map(|w| {
             let s = self.write[w.sampler].as_ref().expect("armed sampler");
             (s.armed().len() as u64, s.count_touched(dirty), w.population)
@@ -254,6 +259,30 @@ impl Estimator {
         }
     }
 
+    /// Guest pages `pages` were put back into guest RAM by the VMM in this interval (hypervisor
+    /// swap's page-ins; `true`: a read brought the page back). KVM maps such a page afresh, and
+    /// may log the fault's read as a write, as it does for the access sampler's pages: a read
+    /// one's dirty bit is hidden at the next close where the map did not know it dirty (and the
+    /// page write-protected again), and all of them are left out of the next write sample, as
+    /// the access sample is. (To be joined with the access sampler's remapped pages.)
+    pub fn note_remapped(&mut self, pages: impl IntoIterator<Item = (u64, bool)>) {
+        self.remapped.extend(pages);
+    }
+
+    /// [`Estimator::hide_trapped_reads`] for the pages of [`Estimator::note_remapped`].
+    fn hide_remapped_reads(&mut self, dirty: &mut [u64]) {
+        for &(gfn, read) in &self.remapped {
+            let (w, bit) = ((gfn / 64) as usize, 1u64 << (gfn % 64));
+            let Some(word) = dirty.get_mut(w) else {
+                continue;
+            };
+            if read && *word & bit != 0 && !self.map.known_dirty(gfn) {
+                *word &= !bit;
+                self.reprotect.push(gfn);
+            }
+        }
+    }
+
     /// Arms the write sample for `interval`: drawn from the pages written so far minus the
     /// access sample `arming` and the one before (all of RAM when not stratifying). Returns the
     /// RAM-wide bitmap of the dirty bits to clear in KVM (the write sample, and any page a
@@ -265,7 +294,8 @@ impl Estimator {
         } else {
             &self.everything
         };
-        for &gfn in arming.pages.iter().chain(&arming.previous) {
+        let remapped: Vec<u64> = self.remapped.drain(..).map(|(gfn, _)| gfn).collect();
+        for &gfn in arming.pages.iter().chain(&arming.previous).chain(&remapped) {
             self.exclude.set(gfn);
         }
         if let Some(w) = self.write_round.take() {
@@ -293,7 +323,7 @@ impl Estimator {
                 population,
             });
         }
-        for &gfn in arming.pages.iter().chain(&arming.previous) {
+        for &gfn in arming.pages.iter().chain(&arming.previous).chain(&remapped) {
             self.exclude.clear(gfn);
         }
         log::debug!(
@@ -385,6 +415,24 @@ impl IntervalWork {
         for r in released {
             self.core.note_released(r.pages.clone(), &r.dirty, interval);
         }
+    }
+
+    /// Guest pages the VMM swapped out (hypervisor swap) during `interval`: released through the
+    /// VM first (`released`, as [`IntervalWork::note_released`]), then `VmmSwapped` in the map
+    /// (`true` beside a page: it had contents other than zero).
+    pub fn note_swapped_out(
+        &mut self,
+        released: &[Released],
+        pages: &[(u64, bool)],
+        interval: u64,
+    ) {
+        self.note_released(released, interval);
+        self.core.map.note_vmm_swapped(pages);
+    }
+
+    /// Pages hypervisor swap brought back in the interval now ending ([`Estimator::note_remapped`]).
+    pub fn note_remapped(&mut self, pages: impl IntoIterator<Item = (u64, bool)>) {
+        self.core.note_remapped(pages);
     }
 
     /// Arms both samples for `interval`: the access sample from the pages touched so far, then

@@ -41,6 +41,8 @@ pub enum Stream {
     Write(u64),
     /// The access sampler.
     Access,
+    /// Hypervisor swap's page choice.
+    Swap,
 }
 
 /// SplitMix64's finaliser: a bijection of u64 that spreads every input bit over the output.
@@ -55,6 +57,7 @@ fn mix(mut z: u64) -> u64 {
 pub fn stream_seed(seed: u64, stream: Stream) -> u64 {
     let tag = match stream {
         Stream::Access => 1,
+        Stream::Swap => 3,
         Stream::Write(i) => i.wrapping_mul(2).wrapping_add(2),
     };
     mix(seed ^ mix(tag.wrapping_mul(0x9e37_79b9_7f4a_7c15)))

@@ -5,7 +5,7 @@
 use serde_json::{Map, Value};
 
 use crate::row::GuestStats;
-use crate::row::{Active, BalloonView, Check, HostUsage, Row, Truth};
+use crate::row::{Active, BalloonView, Check, HostUsage, Row, Swap, Truth};
 
 /// A row with every optional section present, so that the header lists every column even when
 /// the first interval lacks some (no truth yet, sampling off).
@@ -24,6 +24,11 @@ fn template() -> Row {
         balloon: Some(BalloonView {
             guest_stats: Some(GuestStats::default()),
             ..BalloonView::default()
+        }),
+        swap: Some(Swap {
+            page_in_us_p50: Some(0.0),
+            page_in_us_p99: Some(0.0),
+            ..Swap::default()
         }),
         check: Some(Check::default()),
         ..Row::default()
@@ -151,6 +156,12 @@ mod tests {
                 }),
                 ..BalloonView::default()
             }),
+            swap: Some(crate::row::Swap {
+                swapped_mib: 24.0,
+                page_ins: 3,
+                page_in_us_p50: Some(12.5),
+                ..crate::row::Swap::default()
+            }),
             active_writes: Some(Active {
                 n: 1000,
                 t: 250,
@@ -198,6 +209,8 @@ mod tests {
         assert!(headers.contains(&"time_s".to_string()));
         assert!(headers.contains(&"check_intact_pages".to_string()));
         assert!(headers.contains(&"check_zero_MiB".to_string()));
+        assert!(headers.contains(&"swap_swapped_MiB".to_string()));
+        assert!(headers.contains(&"swap_page_in_us_p99".to_string()));
         for ((h, v), (k, json)) in headers.iter().zip(&values).zip(&flat) {
             let expect = match json {
                 Value::String(s) => s.clone(),

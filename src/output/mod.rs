@@ -29,7 +29,7 @@ pub fn table_header(pfn_visible: bool) -> String {
         "host usage (MiB; no PFNs: zero/backed inferred)"
     };
     let l1 = format!(
-        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<50} | {:<36} | {:<43} | {:<20}",
+        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<56} | {:<36} | {:<43} | {:<20}",
         "",
         "",
         "",
@@ -41,7 +41,7 @@ pub fn table_header(pfn_visible: bool) -> String {
         "balloon, guest stats"
     );
     let l2 = format!(
-        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}",
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}",
         "time",
         "phase",
         "cfg",
@@ -55,6 +55,7 @@ pub fn table_header(pfn_visible: bool) -> String {
         "untch",
         "zero",
         "swap",
+        "vswp",
         "shard",
         "rel",
         "est",
@@ -134,7 +135,7 @@ pub fn table_row(r: &Row) -> String {
     let bal = r.balloon.as_ref();
     let gs = bal.and_then(|b| b.guest_stats.as_ref());
     format!(
-        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}{}",
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}{}",
         cell(Some(r.time_s), 6, 1),
         phase_cell(&r.phase, 24),
         cell(Some(r.configured_mib), 6, 0),
@@ -148,6 +149,7 @@ pub fn table_row(r: &Row) -> String {
         cell(h.map(|h| h.untouched_mib), 6, 1),
         cell(h.map(|h| h.zero_mib), 5, 1),
         cell(h.map(|h| h.swapped_mib), 5, 1),
+        cell(r.swap.as_ref().map(|s| s.swapped_mib), 5, 1),
         cell(h.map(|h| h.shared_mib), 5, 1),
         cell(h.map(|h| h.released_mib), 5, 1),
         cell(a.map(|a| a.estimate_mib), 6, 1),
@@ -354,7 +356,7 @@ impl Sink {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use crate::row::{Active, GuestView, HostUsage, Truth};
+    use crate::row::{Active, GuestView, HostUsage, Swap, Truth};
 
     /// The character positions of the column separators `|` in a line.
     fn bars(line: &str) -> Vec<usize> {
@@ -385,6 +387,10 @@ mod tests {
             }),
             reads_seen: true,
             balloon: None,
+            swap: Some(Swap {
+                swapped_mib: v,
+                ..Swap::default()
+            }),
             check: None,
             length_s: 1.0,
             partial: false,

@@ -209,6 +209,8 @@ pub struct Series {
     pub backed: Vec<Option<f64>>,
     /// Backed + overhead (the top of the stack).
     pub host: Vec<Option<f64>>,
+    /// Guest RAM in the VMM's swap file (`--swap`; `None` without it).
+    pub swapped: Vec<Option<f64>>,
     pub allocated: Vec<Option<f64>>,
     pub touched: Vec<Option<f64>>,
     pub written: Vec<Option<f64>>,
@@ -246,6 +248,7 @@ struct Point {
     time_s: f64,
     backed: Option<f64>,
     host: Option<f64>,
+    swapped: Option<f64>,
     allocated: Option<f64>,
     touched: Option<f64>,
     written: Option<f64>,
@@ -280,6 +283,7 @@ impl Point {
             time_s: r.time_s,
             backed: h.and_then(|h| finite(h.backed_mib)),
             host: h.and_then(|h| finite(h.backed_mib + h.overhead_mib)),
+            swapped: r.swap.as_ref().and_then(|s| finite(s.swapped_mib)),
             allocated: finite(r.guest.allocated_mib),
             touched: truth.and_then(|t| finite(t.touched_mib)),
             written: truth.and_then(|t| finite(t.written_mib)),
@@ -435,6 +439,7 @@ impl Recorder {
             s.time_s.push(p.time_s);
             s.backed.push(p.backed);
             s.host.push(p.host);
+            s.swapped.push(p.swapped);
             s.allocated.push(p.allocated);
             s.touched.push(p.touched);
             s.written.push(p.written);
@@ -539,6 +544,7 @@ fn palette(kind: &str) -> [RGBColor; 4] {
 const BACKED: RGBColor = RGBColor(107, 174, 214);
 const OVERHEAD: RGBColor = RGBColor(253, 174, 107);
 const HOST: RGBColor = RGBColor(8, 69, 148);
+const SWAPPED: RGBColor = RGBColor(128, 0, 128);
 const TOUCHED: RGBColor = RGBColor(65, 171, 93);
 const WRITTEN: RGBColor = RGBColor(0, 90, 50);
 const PHASE: RGBColor = RGBColor(120, 120, 120);
@@ -648,7 +654,7 @@ where
     let t = &s.time_s;
     let xmax = t.iter().cloned().fold(0.0, f64::max).max(1e-3);
     let mut ymax: f64 = 1.0;
-    for v in [&s.host, &s.allocated, &s.touched, &s.written] {
+    for v in [&s.host, &s.swapped, &s.allocated, &s.touched, &s.written] {
         ymax = ymax.max(v.iter().flatten().cloned().fold(0.0, f64::max));
     }
     for a in &s.actives {
@@ -702,6 +708,12 @@ where
         Mark::Fill(OVERHEAD.mix(0.6)),
     ));
     entries.push(("host = backed + overhead".into(), Mark::Line(HOST, 3)));
+    if s.swapped.iter().any(Option::is_some) {
+        for seg in segments(t, &s.swapped) {
+            chart.draw_series(DashedLineSeries::new(seg, 4, 4, SWAPPED.stroke_width(2)))?;
+        }
+        entries.push(("swapped by the VMM".into(), Mark::Dashed(SWAPPED, 2)));
+    }
 
     // The guest's view and its truth.
     entries.push(("guest's view".into(), Mark::Heading));

@@ -37,7 +37,16 @@ pub enum PrometheusError {
 #[derive(Default)]
 struct Latest {
     row: Option<Row>,
-    intervals: u64,
+    totals: Totals,
+}
+
+/// What the counters count: totals over the rows so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Totals {
+    pub intervals: u64,
+    /// Pages hypervisor swap read back and wrote out.
+    pub swap_in_pages: u64,
+    pub swap_out_pages: u64,
 }
 
 /// The HTTP server and the latest row it serves; dropping it stops the server without waiting
@@ -58,11 +67,11 @@ impl Exporter {
             render: Box::new({
                 let latest = latest.clone();
                 move || {
-                    let (row, intervals) = {
+                    let (row, totals) = {
                         let l = latest.lock().unwrap_or_else(|e| e.into_inner());
-                        (l.row.clone(), l.intervals)
+                        (l.row.clone(), l.totals)
                     };
-                    encode(row.as_ref(), intervals, &name)
+                    encode(row.as_ref(), totals, &name)
                 }
             }),
         };
@@ -80,8 +89,12 @@ impl Exporter {
     pub fn update(&self, row: &Row) {
         let row = row.clone();
         let mut l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(s) = &row.swap {
+            l.totals.swap_in_pages += s.page_ins;
+            l.totals.swap_out_pages += s.page_outs;
+        }
         l.row = Some(row);
-        l.intervals += 1;
+        l.totals.intervals += 1;
     }
 }
 
@@ -116,11 +129,11 @@ fn bytes(reg: &mut Registry, name: &str, help: &str, mib: f64) {
 
 /// The metrics of one row in the Prometheus text format. Without a row yet, only the interval
 /// counter (0).
-pub fn encode(row: Option<&Row>, intervals: u64, name: &str) -> String {
+pub fn encode(row: Option<&Row>, totals: Totals, name: &str) -> String {
     let mut reg =
         Registry::with_labels([(Cow::Borrowed("vm"), Cow::Owned(name.to_string()))].into_iter());
     let c: Counter = Counter::default();
-    c.inc_by(intervals);
+    c.inc_by(totals.intervals);
     reg.register(
         "memvisor_intervals",
         "Reporting intervals completed (one row of the table each)",
@@ -128,11 +141,47 @@ pub fn encode(row: Option<&Row>, intervals: u64, name: &str) -> String {
     );
     if let Some(r) = row {
         add_row(&mut reg, r);
+        if let Some(s) = &r.swap {
+            add_swap(&mut reg, s, totals);
+        }
     }
     let mut out = String::new();
     // Writing to a String cannot fail.
     let _ = prometheus_text::encode(&mut out, &reg);
     out
+}
+
+/// Hypervisor swap (`--swap`): the swapped total and target now, and bytes read back and written
+/// out over the run.
+fn add_swap(reg: &mut Registry, s: &crate::row::Swap, totals: Totals) {
+    bytes(
+        reg,
+        "memvisor_swapped",
+        "Guest RAM in the VMM's swap file (hypervisor swap, --swap)",
+        s.swapped_mib,
+    );
+    bytes(
+        reg,
+        "memvisor_swap_target",
+        "The hypervisor swap target",
+        s.target_mib,
+    );
+    for (name, help, pages) in [
+        (
+            "memvisor_swap_in",
+            "Bytes hypervisor swap brought back into guest RAM (page-ins)",
+            totals.swap_in_pages,
+        ),
+        (
+            "memvisor_swap_out",
+            "Bytes hypervisor swap wrote out and dropped from guest RAM (page-outs)",
+            totals.swap_out_pages,
+        ),
+    ] {
+        let c: Counter = Counter::default();
+        c.inc_by(pages * crate::units::PAGE_SIZE);
+        reg.register_with_unit(name, help, Unit::Bytes, c);
+    }
 }
 
 fn add_row(reg: &mut Registry, r: &Row) {
@@ -208,8 +257,8 @@ fn add_row(reg: &mut Registry, r: &Row) {
         );
         bytes(
             reg,
-            "memvisor_swapped",
-            "Guest pages the host swapped out (from /proc/self/pagemap)",
+            "memvisor_host_swapped",
+            "Guest pages the host kernel swapped out (from /proc/self/pagemap); the VMM's own swap is memvisor_swapped_bytes",
             h.swapped_mib,
         );
         bytes(
@@ -331,7 +380,18 @@ mod tests {
 
     #[test]
     fn metrics_are_named_with_base_units_and_typed() {
-        let text = encode(Some(&row()), 2, "vm1");
+        let mut r = row();
+        r.swap = Some(crate::row::Swap {
+            swapped_mib: 24.0,
+            target_mib: 32.0,
+            ..crate::row::Swap::default()
+        });
+        let totals = Totals {
+            intervals: 2,
+            swap_in_pages: 3,
+            swap_out_pages: 5,
+        };
+        let text = encode(Some(&r), totals, "vm1");
         let s = parse(&text);
         assert_eq!(value(&s, "memvisor_host_usage_bytes", &[]), 68.5 * MIB);
         assert_eq!(value(&s, "memvisor_backed_bytes", &[]), 64.25 * MIB);
@@ -353,6 +413,13 @@ mod tests {
         );
         assert_eq!(value(&s, "memvisor_samples", &[("kind", "writes")]), 1000.0);
         assert_eq!(value(&s, "memvisor_intervals_total", &[]), 2.0);
+        assert_eq!(value(&s, "memvisor_swapped_bytes", &[]), 24.0 * MIB);
+        assert_eq!(value(&s, "memvisor_swap_target_bytes", &[]), 32.0 * MIB);
+        assert_eq!(value(&s, "memvisor_swap_in_bytes_total", &[]), 3.0 * 4096.0);
+        assert_eq!(
+            value(&s, "memvisor_swap_out_bytes_total", &[]),
+            5.0 * 4096.0
+        );
         assert!(s.samples.iter().all(|x| x.labels.get("vm") == Some("vm1")));
         // _total only on the counter; every metric has help text.
         assert!(
@@ -361,7 +428,13 @@ mod tests {
         );
         for x in &s.samples {
             assert!(
-                !x.metric.ends_with("_total") || x.metric == "memvisor_intervals_total",
+                !x.metric.ends_with("_total")
+                    || [
+                        "memvisor_intervals_total",
+                        "memvisor_swap_in_bytes_total",
+                        "memvisor_swap_out_bytes_total"
+                    ]
+                    .contains(&x.metric.as_str()),
                 "{}",
                 x.metric
             );
@@ -372,7 +445,7 @@ mod tests {
 
     #[test]
     fn before_the_first_row_only_the_counter() {
-        let s = parse(&encode(None, 0, "x"));
+        let s = parse(&encode(None, Totals::default(), "x"));
         assert_eq!(s.samples.len(), 1);
         assert_eq!(value(&s, "memvisor_intervals_total", &[]), 0.0);
     }

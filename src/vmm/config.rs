@@ -11,6 +11,7 @@ use thiserror::Error;
 use crate::contract::abi;
 use crate::contract::workload::{DEFAULT_SPEC, Workload, WorkloadError};
 use crate::kvm::boot::{self, BootError};
+use crate::memory::swap::{Policy, SwapFile, SwapFileError};
 use crate::memory::{GuestRam, MemoryError};
 use crate::observe::pmp_mmp::{self, MapFileError};
 use crate::observe::sampler::{Sampler, SamplerError, Stream, stream_seed};
@@ -99,6 +100,8 @@ pub struct RunOptions {
     /// deflates it when it would otherwise run out of memory).
     #[arg(long, value_parser = size_arg, conflicts_with = "limit")]
     pub balloon: Option<u64>,
+    #[command(flatten)]
+    pub swap: SwapOptions,
 }
 
 #[derive(Parser)]
@@ -159,6 +162,10 @@ pub enum ConfigError {
         m = fmt_mib(*.1)
     )]
     NoBalloon(&'static str, u64),
+    #[error("--swap")]
+    Swap(#[source] SwapFileError),
+    #[error("--swap-target and --swap-policy need --swap")]
+    SwapTargetWithoutSwap,
     #[error("--console {path}")]
     Console {
         path: PathBuf,
@@ -229,6 +236,8 @@ pub struct RunConfig {
     pub console: Console,
     /// The virtio-balloon, when guest RAM leaves room for its registers.
     pub balloon: Option<BalloonConfig>,
+    /// Hypervisor swap (`--swap`), with its file open.
+    pub swap: Option<SwapConfig>,
 }
 
 /// What the virtio-balloon offers and asks for.
@@ -329,6 +338,7 @@ impl RunConfig {
             pmp_mmp::check_target(p).map_err(ConfigError::MapOut)?;
         }
         let balloon = BalloonConfig::new(&opts)?;
+        let swap = SwapConfig::new(&opts.swap, opts.mem, opts.seed)?;
         let cycle = vec![(!opts.no_sampling).then_some(opts.samples)];
         samplers(&cycle, opts.mem, opts.seed)?;
         check_access_samples(opts.access_samples, opts.mem)?;
@@ -356,6 +366,7 @@ impl RunConfig {
             map_every: opts.map_every,
             console,
             balloon,
+            swap,
         })
     }
 
@@ -410,6 +421,71 @@ fn samplers(
         .collect()
 }
 
+// ---- Hypervisor swap (`--swap`, `--swap-target`, `--swap-policy`) ----------------------------
+
+/// The options of hypervisor swap.
+#[derive(Args, Clone, Debug, Default)]
+pub struct SwapOptions {
+    /// Hypervisor swap: write guest pages to FILE and drop them from RAM, reading each back on
+    /// the guest's next access. FILE is created anew (mode 0600; an existing file or a symlink is
+    /// refused) and removed at the end; an existing directory gets an unnamed file there, which
+    /// never outlives the process.
+    #[arg(long, value_name = "FILE")]
+    pub swap: Option<PathBuf>,
+    /// How much guest RAM to keep swapped out, e.g. 64M (needs --swap; default 0).
+    #[arg(long, value_parser = size_arg)]
+    pub swap_target: Option<u64>,
+    /// Which pages to swap out: cold (longest unseen first) or random (ESX's choice).
+    #[arg(long, value_enum)]
+    pub swap_policy: Option<Policy>,
+}
+
+/// Hypervisor swap, validated (its file is created at set-up).
+#[derive(Clone, Debug)]
+pub struct SwapConfig {
+    /// The swap file, or the directory for an unnamed one (checked: [`SwapFile::check`]).
+    pub path: PathBuf,
+    /// Pages to keep swapped out.
+    pub target_pages: u64,
+    pub policy: Policy,
+    /// The page choice's seed, if reproducible (its own stream of `--seed`).
+    pub seed: Option<u64>,
+}
+
+/// The swap policy when `--swap-policy` is not given.
+pub const DEFAULT_SWAP_POLICY: Policy = Policy::Cold;
+
+impl SwapConfig {
+    fn new(opts: &SwapOptions, mem: u64, seed: Option<u64>) -> Result<Option<Self>, ConfigError> {
+        let Some(path) = &opts.swap else {
+            if opts.swap_target.is_some() || opts.swap_policy.is_some() {
+                return Err(ConfigError::SwapTargetWithoutSwap);
+            }
+            return Ok(None);
+        };
+        let target = opts.swap_target.unwrap_or(0);
+        if target > mem {
+            return Err(ConfigError::AboveMem {
+                option: "--swap-target",
+                size: target,
+                mem,
+            });
+        }
+        if !target.is_multiple_of(PAGE_SIZE) {
+            return Err(ConfigError::Unaligned("--swap-target", target));
+        }
+        SwapFile::check(path).map_err(ConfigError::Swap)?;
+        Ok(Some(SwapConfig {
+            path: path.clone(),
+            target_pages: target / PAGE_SIZE,
+            policy: opts.swap_policy.unwrap_or(DEFAULT_SWAP_POLICY),
+            seed: seed.map(|s| stream_seed(s, Stream::Swap)),
+        }))
+    }
+}
+
+// ---- end of hypervisor swap ----------------------------------------------------------------
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -443,6 +519,36 @@ mod tests {
         assert_eq!(samplers.len(), 1);
         assert_eq!(samplers[0].as_mut().unwrap().arm().len(), 1000);
         assert_eq!(cfg.console, Console::Stderr);
+    }
+
+    #[test]
+    fn swap_options_are_checked_and_open_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("guest.vswp");
+        let p = path.to_str().unwrap();
+        let cfg = RunConfig::new(opts(&["--swap", p, "--swap-target", "64M"])).unwrap();
+        let swap = cfg.swap.as_ref().unwrap();
+        assert_eq!(swap.target_pages, 64 * 256);
+        assert_eq!(swap.policy, DEFAULT_SWAP_POLICY);
+        assert!(path.exists(), "created at once");
+        drop(cfg);
+        assert!(!path.exists(), "removed at the end");
+        assert!(RunConfig::new(opts(&[])).unwrap().swap.is_none());
+        let e = err(&["--swap-target", "8M"]);
+        assert!(e.contains("need --swap"), "{e}");
+        let e = err(&["--swap", p, "--swap-target", "1G"]);
+        assert!(e.contains("--swap-target 1024.0 MiB is above --mem"), "{e}");
+        std::fs::write(&path, b"mine").unwrap();
+        let e = err(&["--swap", p]);
+        assert!(e.starts_with("--swap") && e.contains("exists"), "{e}");
+        assert_eq!(
+            std::fs::read(&path).unwrap(),
+            b"mine",
+            "an existing file is left alone"
+        );
+        let d = dir.path().to_str().unwrap();
+        let cfg = RunConfig::new(opts(&["--swap", d, "--swap-policy", "random"])).unwrap();
+        assert_eq!(cfg.swap.as_ref().unwrap().policy, Policy::Random);
     }
 
     #[test]

@@ -13,6 +13,7 @@ pub mod exits;
 pub mod outcome;
 pub mod rows;
 pub mod stop;
+pub mod swap;
 
 use std::io;
 use std::time::{Duration, Instant};
@@ -38,6 +39,7 @@ use crate::vmm::config::RunConfig;
 use crate::vmm::exits::{Action, ExitHandler};
 pub use crate::vmm::outcome::{RunError, RunSummary};
 use crate::vmm::rows::Joiner;
+use crate::vmm::swap::HypervisorSwap;
 
 /// Receives each row as soon as it is complete, on the vCPU thread: it must not block (the
 /// binary queues it for a writer thread). An error stops the run (a closed pipe quietly).
@@ -66,7 +68,7 @@ pub fn setup(cfg: RunConfig) -> Result<Ready, RunError> {
     let samplers = cfg.write_samplers()?;
     let (inbox, controller) = Inbox::new(Abilities {
         balloon: balloon.is_some(),
-        swap: false,
+        swap: cfg.swap.is_some(),
     });
     let handler = ExitHandler::new(vm.ram().size(), cfg.console.open()?, balloon);
     Ok(Ready {
@@ -157,6 +159,12 @@ impl Ready {
                 stratify: cfg.stratify,
             },
         )?;
+        // Hypervisor swap after the access sampler, which starts the fault handler with its stash.
+        let swap = cfg
+            .swap
+            .clone()
+            .map(|c| HypervisorSwap::new(&vm, c))
+            .transpose()?;
         // The clock starts here, and with it the kicker thread (stopped when `vmm` is dropped).
         let clock = Clock::new(cfg.interval, cfg.timeout);
         let kicker = Kicker::spawn(clock.grid(), inbox.pending());
@@ -168,6 +176,7 @@ impl Ready {
                 .map(|p| matches!(p, Phase::Check { .. }))
                 .collect(),
             work,
+            swap,
             joiner: Joiner::new(rows::grace(cfg.interval)),
             clock,
             kicker,
@@ -229,6 +238,8 @@ struct Vmm<'vm, 'o> {
     /// Which phases are `check` phases (their results go on a row).
     check_phases: Vec<bool>,
     work: IntervalWork,
+    /// Hypervisor swap, when on (`--swap`).
+    swap: Option<HypervisorSwap>,
     /// Pairs each measured row with the guest's truth and lets it go.
     joiner: Joiner,
     /// The interval grid and the interval now running.
@@ -252,6 +263,11 @@ impl Vmm<'_, '_> {
     fn run_loop(&mut self, vcpu: &mut Vcpu<'_>) -> Result<Ended, RunError> {
         loop {
             let exit = vcpu.run()?;
+            // A swapped page that could not be read back ends the run before anything the guest
+            // did after it (on a page of zeros) is believed.
+            if let Some(e) = self.swap.as_ref().and_then(|s| s.failure(self.vm)) {
+                return Ok(Ended::Early(e.into()));
+            }
             let handled = self.handler.handle(exit, self.vm.ram());
             self.note_released()?;
             self.take_commands();
@@ -339,7 +355,11 @@ impl Vmm<'_, '_> {
                     }
                 }
                 // The controller refuses it while swap is off.
-                Command::SetSwapTarget { .. } => {}
+                Command::SetSwapTarget { mib } => {
+                    if let Some(swap) = &mut self.swap {
+                        swap.set_target(mib.saturating_mul(units::MIB / PAGE_SIZE));
+                    }
+                }
                 Command::Stop => self.stopped = true,
             }
         }
@@ -464,6 +484,12 @@ impl Vmm<'_, '_> {
         let last = end.is_some();
         let ended = self.clock.end_interval(Instant::now(), last);
         let interval = ended.interval;
+        let swap = match &mut self.swap {
+            Some(s) => {
+                Some(s.end_interval(self.vm, &mut self.work, interval, ended.length, last)?)
+            }
+            None => None,
+        };
         let measured = self.work.end(self.vm, interval, ended.length, last)?;
         let row = Row {
             time_s: self.clock.elapsed().as_secs_f64(),
@@ -480,6 +506,7 @@ impl Vmm<'_, '_> {
             reads_seen: self.work.reads_seen(),
             active_writes: measured.active_writes,
             balloon: self.handler.balloon.as_ref().map(BalloonMmio::view),
+            swap,
             check: self.check.take(),
         };
         if !last && let Some(b) = &mut self.handler.balloon {

@@ -18,6 +18,7 @@ use crate::observe::pmp_mmp::{MapFileError, MapSummary};
 use crate::row::{EndReason, GuestView};
 use crate::vmm::config::ConfigError;
 use crate::vmm::exits::ExitError;
+use crate::vmm::swap::SwapError;
 
 /// Why a run failed or stopped early. Every variant but the VMM's own failures (memory, VM,
 /// vCPU, interval, map file) comes after a last row and the map were written.
@@ -33,6 +34,8 @@ pub enum RunError {
     Vcpu(#[from] VcpuError),
     #[error("at an interval boundary")]
     Interval(#[from] IntervalError),
+    #[error("hypervisor swap")]
+    Swap(#[from] SwapError),
     #[error(transparent)]
     MapFile(#[from] MapFileError),
     #[error("{error}{}", rip.map(|r| format!(" at RIP {r:#x}")).unwrap_or_default())]
@@ -77,6 +80,7 @@ impl RunError {
             RunError::Signal { reason, .. } => *reason,
             RunError::Stopped { .. } => EndReason::Stopped,
             RunError::OutputClosed => EndReason::OutputClosed,
+            RunError::Swap(SwapError::PageIn(_)) => EndReason::SwapError,
             _ => EndReason::GuestError,
         }
     }

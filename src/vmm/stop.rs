@@ -45,7 +45,7 @@ pub fn requested() -> Option<EndReason> {
 pub fn exit_code(reason: EndReason) -> u8 {
     match reason {
         EndReason::Done => 0,
-        EndReason::GuestError => 1,
+        EndReason::GuestError | EndReason::SwapError => 1,
         EndReason::Timeout => 124,
         EndReason::Sigint => 128 + libc::SIGINT as u8,
         // A stop asked for on the control socket ends the run as SIGTERM does.

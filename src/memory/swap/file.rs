@@ -7,6 +7,9 @@
 //!
 //! Errors keep their kind: a full file system or a short write means "stop swapping, keep the page
 //! in RAM" ([`SwapFileError::is_full`]); a failed read at page-in cannot be hidden from the guest.
+//! Each slot's CRC-32 is kept in memory (4 bytes per slot), so a page read back that is not the
+//! page written (the file changed or cut and regrown behind the VMM's back, or a disk that
+//! returns bad data) is a read error too ([`SwapFileError::Corrupt`]), never a wrong page.
 
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
@@ -48,6 +51,8 @@ pub enum SwapFileError {
     ShortRead { slot: u32, read: usize },
     #[error("swap file: all {0} slots are in use")]
     Slots(u32),
+    #[error("swap file: slot {slot} does not hold the page written there (checksum mismatch)")]
+    Corrupt { slot: u32 },
 }
 
 impl SwapFileError {
@@ -73,9 +78,43 @@ pub struct SwapFile {
     /// Slots ever handed out: the file's length in pages.
     high: u32,
     in_use: u32,
+    /// The CRC-32 of the page in each slot ever handed out.
+    sums: Vec<u32>,
 }
 
 impl SwapFile {
+    /// Checks, before anything is created, that [`SwapFile::create`] may use `path`: an existing
+    /// directory, or a new name in an existing directory.
+    pub fn check(path: &Path) -> Result<(), SwapFileError> {
+        let refused = |why| SwapFileError::Refused {
+            path: path.to_path_buf(),
+            why,
+        };
+        match std::fs::symlink_metadata(path) {
+            Ok(m) if m.file_type().is_dir() => Ok(()),
+            Ok(m) if m.file_type().is_symlink() => Err(refused("it is a symbolic link")),
+            Ok(_) => Err(refused("it exists; swap files are created anew")),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => {
+                let dir = match path.parent() {
+                    Some(d) if !d.as_os_str().is_empty() => d,
+                    _ => Path::new("."),
+                };
+                match std::fs::metadata(dir) {
+                    Ok(m) if m.is_dir() => Ok(()),
+                    Ok(_) => Err(refused("its directory is not a directory")),
+                    Err(source) => Err(SwapFileError::Open {
+                        path: path.to_path_buf(),
+                        source,
+                    }),
+                }
+            }
+            Err(source) => Err(SwapFileError::Open {
+                path: path.to_path_buf(),
+                source,
+            }),
+        }
+    }
+
     /// Opens the swap file at `path`: a new file created there, or an unnamed one inside `path`
     /// when it is an existing directory.
     pub fn create(path: &Path) -> Result<Self, SwapFileError> {
@@ -121,6 +160,7 @@ impl SwapFile {
             free: BinaryHeap::new(),
             high: 0,
             in_use: 0,
+            sums: Vec::new(),
         }
     }
 
@@ -142,7 +182,9 @@ impl SwapFile {
             Ok(()) => {
                 if slot == self.high {
                     self.high += 1;
+                    self.sums.push(0);
                 }
+                self.sums[slot as usize] = crc32fast::hash(page);
                 self.in_use += 1;
                 Ok(Slot(slot))
             }
@@ -187,7 +229,8 @@ impl SwapFile {
         Ok(())
     }
 
-    /// Reads `slot` into `page`; the slot stays taken until [`Self::release`].
+    /// Reads `slot` into `page` and checks it is the page written there; the slot stays taken
+    /// until [`Self::release`].
     pub fn load(&self, slot: Slot, page: &mut [u8]) -> Result<(), SwapFileError> {
         let mut done = 0;
         while done < page.len() {
@@ -211,7 +254,10 @@ impl SwapFile {
                 }
             }
         }
-        Ok(())
+        match self.sums.get(slot.0 as usize) {
+            Some(&sum) if sum == crc32fast::hash(page) => Ok(()),
+            _ => Err(SwapFileError::Corrupt { slot: slot.0 }),
+        }
     }
 
     /// Frees `slot` for reuse.
@@ -313,6 +359,31 @@ mod tests {
             0,
             "nothing is named in the directory"
         );
+    }
+
+    #[test]
+    fn a_slot_changed_behind_our_back_is_an_error() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s");
+        let mut f = SwapFile::create(&path).unwrap();
+        f.store(&page(1)).unwrap();
+        f.store(&page(2)).unwrap();
+        // Another writer changes one byte of slot 1; then the file is cut and regrown (holes
+        // read zero).
+        let other = std::fs::OpenOptions::new().write(true).open(&path).unwrap();
+        other.write_at(&[9], PAGE_SIZE + 100).unwrap();
+        let mut buf = page(0);
+        f.load(Slot(0), &mut buf).unwrap();
+        assert!(matches!(
+            f.load(Slot(1), &mut buf),
+            Err(SwapFileError::Corrupt { slot: 1 })
+        ));
+        other.set_len(0).unwrap();
+        other.set_len(2 * PAGE_SIZE).unwrap();
+        assert!(matches!(
+            f.load(Slot(0), &mut buf),
+            Err(SwapFileError::Corrupt { slot: 0 })
+        ));
     }
 
     #[test]

@@ -23,7 +23,7 @@
 //! | 8 | u64 | PFN (0 unless state is Backed or Shared, or when PFNs are hidden; below 2^55) |
 //! | 16 | u32 | interval of first touch (below the interval count) |
 //! | 20 | u32 | interval of the last observed write (`0xffff_ffff`: none; else below the interval count) |
-//! | 24 | u8 | state: 1 Zero, 2 Backed, 3 Swapped, 4 Shared, 5 Discarded, 6 Released (given back by the balloon) |
+//! | 24 | u8 | state: 1 Zero, 2 Backed, 3 Swapped, 4 Shared, 5 Discarded, 6 Released (given back by the balloon), 7 VmmSwapped (in the VMM's swap file, `--swap`) |
 //! | 25 | u8 | flags: bit 0 guest-written, bit 1 VMM-written |
 //! | 26 | u16 | reserved, 0 |
 //!
@@ -466,6 +466,7 @@ impl<R: Read> MapFile<R> {
                 PageState::Shared(_) => s.shared += 1,
                 PageState::Discarded => s.discarded += 1,
                 PageState::Released => s.released += 1,
+                PageState::VmmSwapped => s.vmm_swapped += 1,
                 PageState::Untouched => {}
             }
             s.guest_written += u64::from(p.guest_written);
@@ -903,7 +904,7 @@ mod tests {
         (1u64..5000, 1u32..50, any::<bool>()).prop_flat_map(|(pages, intervals, pfn_visible)| {
             let rec = (
                 0..pages,
-                0u32..6,
+                0u32..7,
                 1u64..PFN_MASK,
                 0..intervals,
                 proptest::option::of(0..intervals),
@@ -923,6 +924,7 @@ mod tests {
                             2 => PageState::Swapped,
                             3 if pfn_visible => PageState::Shared(pfn),
                             4 => PageState::Released,
+                            5 => PageState::VmmSwapped,
                             _ => PageState::Discarded,
                         };
                         PageInfo {
@@ -973,7 +975,7 @@ mod tests {
                 let n = f.header().records;
                 if let Ok(s) = f.summary() {
                     prop_assert_eq!(bytes.len() as u64, 40 + 28 * n);
-                    prop_assert_eq!(s.untouched + s.zero + s.backed + s.swapped + s.shared + s.discarded + s.released, s.pages);
+                    prop_assert_eq!(s.untouched + s.zero + s.backed + s.swapped + s.shared + s.discarded + s.released + s.vmm_swapped, s.pages);
                 }
             }
         }

@@ -12,7 +12,10 @@
 //! * `Backed(pfn)`: a machine page of its own (PFN 0 when PFNs are hidden from this process).
 //! * `Shared(pfn)`: a machine page that another guest page maps too (KSM); found by
 //!   [`PmpMmpMap::refresh`].
-//! * `Swapped`: in swap.
+//! * `Swapped`: in the host kernel's swap (pagemap bit 62).
+//! * `VmmSwapped`: in the VMM's own swap file (hypervisor swap, `--swap`;
+//!   [`PmpMmpMap::note_vmm_swapped`]); a later access brings it back, and the residency pass or a
+//!   write finds it `Backed` again.
 //! * `Discarded`: touched before, now neither present nor in swap (the VMM dropped it, e.g.
 //!   `MADV_DONTNEED`); costs nothing.
 //! * `Released`: given back to the host by the balloon (inflated, or reported free) with
@@ -91,7 +94,8 @@ use crate::memory::pagemap::{
 };
 use crate::units::PAGE_SIZE;
 use record::{
-    NO_WRITE, Record, Records, ST_BACKED, ST_DISCARDED, ST_RELEASED, ST_SHARED, ST_SWAPPED, ST_ZERO,
+    NO_WRITE, Record, Records, ST_BACKED, ST_DISCARDED, ST_RELEASED, ST_SHARED, ST_SWAPPED,
+    ST_VMM_SWAPPED, ST_ZERO,
 };
 
 /// Pages of gap a pagemap read reads through rather than starting a new `pread`.
@@ -149,6 +153,8 @@ pub struct MapSummary {
     pub discarded: u64,
     /// Pages the balloon gave back to the host, untouched since.
     pub released: u64,
+    /// Pages in the VMM's swap file (hypervisor swap), not in the host kernel's swap (`swapped`).
+    pub vmm_swapped: u64,
     /// Pages ever written by the guest.
     pub guest_written: u64,
     /// Pages ever written by the VMM.
@@ -186,6 +192,7 @@ impl fmt::Display for MapSummary {
             ("swapped", self.swapped),
             ("discarded", self.discarded),
             ("released", self.released),
+            ("vmm-swapped", self.vmm_swapped),
             ("guest-written", self.guest_written),
             ("vmm-written", self.vmm_written),
         ] {
@@ -558,12 +565,10 @@ impl PmpMmpMap {
     /// last released (or ever) is taken for the shared zero page (see "When PFNs are hidden" in
     /// the module docs).
     fn set_residency(&mut self, gfn: u64, res: Residency, frame: impl FnOnce(u64) -> PageState) {
-        let released = self
-            .records
-            .get(gfn)
-            .is_some_and(|r| r.state_code() == ST_RELEASED);
+        let code = self.records.get(gfn).map(|r| r.state_code());
         let state = match res {
-            Residency::Absent if released => PageState::Released,
+            Residency::Absent if code == Some(ST_RELEASED) => PageState::Released,
+            Residency::Absent if code == Some(ST_VMM_SWAPPED) => PageState::VmmSwapped,
             Residency::Absent => PageState::Discarded,
             Residency::Swapped => PageState::Swapped,
             Residency::Zero => PageState::Zero,
@@ -604,6 +609,40 @@ impl PmpMmpMap {
                 self.written_since_release.clear(gfn);
             }
         }
+    }
+
+    /// The VMM swapped guest pages `pages` out (hypervisor swap) just after releasing them
+    /// through the VM ([`PmpMmpMap::note_released`] first): each touched one becomes
+    /// `VmmSwapped` while it is absent. `true` beside a page: it had contents other than zero,
+    /// so when it comes back it has a machine page of its own (with PFNs hidden, it counts as
+    /// written since its release).
+    pub fn note_vmm_swapped(&mut self, pages: &[(u64, bool)]) {
+        for &(gfn, contents) in pages {
+            if gfn >= self.pages || !self.touched.get(gfn) {
+                continue;
+            }
+            self.records.set_state(gfn, PageState::VmmSwapped);
+            self.resident.clear(gfn);
+            if contents {
+                self.written_since_release.set(gfn);
+            }
+        }
+    }
+
+    /// Touched pages in state Backed with the last interval they were seen accessed (their
+    /// last write, else their first touch), ascending by page: hypervisor swap's candidates.
+    pub fn backed_pages(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
+        self.touched.iter_ones().filter_map(|gfn| {
+            let r = self.records.get(gfn)?;
+            (r.state_code() == ST_BACKED).then(|| {
+                let seen = if r.last_write == NO_WRITE {
+                    r.first_touch
+                } else {
+                    r.last_write.max(r.first_touch)
+                };
+                (gfn, seen)
+            })
+        })
     }
 
     /// The sampler cleared the bits of `mask` (bit i = page i) in KVM's dirty log: a later set
@@ -681,6 +720,7 @@ impl PmpMmpMap {
             shared: r.count(ST_SHARED),
             discarded: r.count(ST_DISCARDED),
             released: r.count(ST_RELEASED),
+            vmm_swapped: r.count(ST_VMM_SWAPPED),
             guest_written: self.guest_written.count_ones(),
             vmm_written: self.vmm_written.count_ones(),
             page_size: PAGE_SIZE,

@@ -25,7 +25,8 @@ pub(crate) const ST_SWAPPED: u8 = 3;
 pub(crate) const ST_SHARED: u8 = 4;
 pub(crate) const ST_DISCARDED: u8 = 5;
 pub(crate) const ST_RELEASED: u8 = 6;
-const N_STATES: usize = 7;
+pub(crate) const ST_VMM_SWAPPED: u8 = 7;
+const N_STATES: usize = 8;
 
 /// What backs a guest page.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
@@ -44,6 +45,8 @@ pub enum PageState {
     Discarded,
     /// Given back to the host by the balloon (inflated or reported free) and not touched since.
     Released,
+    /// Swapped out by the VMM (hypervisor swap, `--swap`), not by the host kernel (`Swapped`).
+    VmmSwapped,
 }
 
 impl PageState {
@@ -57,6 +60,7 @@ impl PageState {
             PageState::Shared(_) => ST_SHARED,
             PageState::Discarded => ST_DISCARDED,
             PageState::Released => ST_RELEASED,
+            PageState::VmmSwapped => ST_VMM_SWAPPED,
         }
     }
 
@@ -78,6 +82,7 @@ impl PageState {
             ST_SHARED => PageState::Shared(pfn),
             ST_DISCARDED => PageState::Discarded,
             ST_RELEASED => PageState::Released,
+            ST_VMM_SWAPPED => PageState::VmmSwapped,
             _ => return None,
         })
     }
@@ -257,10 +262,11 @@ mod tests {
             PageState::Shared(9),
             PageState::Discarded,
             PageState::Released,
+            PageState::VmmSwapped,
         ] {
             assert_eq!(PageState::from_code(s.code(), s.pfn()), Some(s));
         }
-        assert_eq!(PageState::from_code(7, 0), None);
+        assert_eq!(PageState::from_code(8, 0), None);
         let mut r = Records::new(1000);
         assert_eq!(r.get(5), None, "no chunk yet");
         r.reset(5, Record::touched_in(3));

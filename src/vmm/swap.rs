@@ -1,0 +1,262 @@
+//! Hypervisor swap for one VM (`--swap`): at each interval boundary, with the vCPU stopped, guest
+//! pages are written to the swap file and dropped from guest RAM until the swapped total reaches
+//! the target; the VM's one fault handler reads each back on its next access
+//! ([`crate::memory::faults`]). `docs/design.md` ("Hypervisor swap") walks through it.
+//!
+//! A page leaves guest RAM only through the VM's release path ([`Vm::release`]), after its write
+//! succeeded, so the dirty log, the fault handler and the map stay in step exactly as for the
+//! balloon's releases; the map then calls it `VmmSwapped`.
+
+use std::collections::HashMap;
+use std::ops::Range;
+use std::time::{Duration, Instant};
+
+use rand::SeedableRng;
+use rand::rngs::StdRng;
+use thiserror::Error;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::kvm::vcpu::kick;
+use crate::kvm::vm::{Vm, VmError};
+use crate::memory::faults::{Access, Faults, FaultsError, Stored};
+use crate::memory::swap::policy::{Candidate, choose};
+use crate::memory::swap::{Policy, Slot, SwapFile, SwapFileError};
+use crate::observe::interval::IntervalWork;
+use crate::row::Swap;
+use crate::units::{PAGE_SIZE, pages_mib};
+use crate::vmm::config::SwapConfig;
+
+/// The most pages swapped out at one boundary (64 MiB): the guest waits while they are written,
+/// so a large target is reached over a few intervals.
+pub const MAX_OUT_PER_INTERVAL: u64 = 16384;
+
+/// What went wrong with hypervisor swap.
+#[derive(Debug, Error)]
+pub enum SwapError {
+    #[error("hypervisor swap")]
+    File(#[source] SwapFileError),
+    #[error("hypervisor swap needs userfaultfd")]
+    Faults(#[source] FaultsError),
+    #[error("reading guest page {gfn:#x} to swap it out")]
+    Read {
+        gfn: u64,
+        #[source]
+        source: vm_memory::GuestMemoryError,
+    },
+    #[error("dropping swapped pages from guest RAM")]
+    Release(#[source] VmError),
+    #[error(
+        "a swapped page could not be read back, so the guest cannot get its memory; the run ends here"
+    )]
+    PageIn(#[source] SwapFileError),
+}
+
+/// Hypervisor swap's state across intervals.
+pub struct HypervisorSwap {
+    policy: Policy,
+    target_pages: u64,
+    rng: StdRng,
+    /// The swap file could not take more pages: no more swapping this run.
+    stopped: bool,
+    /// The last interval in which each page was brought back (an access the map does not see when
+    /// it is a read: a page the guest only reads, its kernel's code and page tables, looks cold
+    /// to the dirty log). At most one entry per page ever swapped in.
+    paged_in: HashMap<u64, u32>,
+}
+
+impl HypervisorSwap {
+    /// Turns hypervisor swap on for `vm` (after the access sampler has started the fault handler
+    /// with its stash, if it runs).
+    pub fn new(vm: &Vm, cfg: SwapConfig) -> Result<Self, SwapError> {
+        let faults = vm.memory().start_faults(0).map_err(SwapError::Faults)?;
+        // A failed page-in kicks this thread (the vCPU's, which runs the whole loop) out of
+        // `KVM_RUN`, so that the run ends before the guest goes on with a page of zeros.
+        // SAFETY: pthread_self has no preconditions.
+        let vcpu_thread = unsafe { libc::pthread_self() };
+        let file = SwapFile::create(&cfg.path).map_err(SwapError::File)?;
+        faults.enable_swap(file, Box::new(move || kick(vcpu_thread)));
+        Ok(HypervisorSwap {
+            policy: cfg.policy,
+            target_pages: cfg.target_pages,
+            rng: StdRng::seed_from_u64(cfg.seed.unwrap_or_else(rand::random)),
+            stopped: false,
+            paged_in: HashMap::new(),
+        })
+    }
+
+    /// Sets the target (pages to keep swapped out), e.g. from the control socket; it is reached
+    /// from the next interval boundary on. Lowering it brings nothing back: pages come back when
+    /// the guest touches them.
+    pub fn set_target(&mut self, pages: u64) {
+        self.target_pages = pages;
+    }
+
+    /// A page-in failure, once: the run must end with it (after its final row). Ask after every
+    /// exit, before anything else: the failed page was filled with zeros so that the access could
+    /// go on, and the vCPU was kicked at once, so the guest ran briefly at most, and nothing it
+    /// reported since is to be believed.
+    pub fn failure(&self, vm: &Vm) -> Option<SwapError> {
+        let e = vm.memory().faults()?.take_swap_error()?;
+        Some(SwapError::PageIn(e))
+    }
+
+    /// Ends interval `interval` (which lasted `length`; `last`: the run's last): takes the
+    /// page-ins the fault handler made, tells the interval work about them, and, unless `last`,
+    /// swaps pages out towards the target. Call before [`IntervalWork::end`], with the vCPU
+    /// stopped. Returns the row's `swap` object.
+    pub fn end_interval(
+        &mut self,
+        vm: &Vm,
+        work: &mut IntervalWork,
+        interval: u64,
+        length: Duration,
+        last: bool,
+    ) -> Result<Swap, SwapError> {
+        let faults = vm.memory().start_faults(0).map_err(SwapError::Faults)?;
+        let ins = faults.take_swap_ins();
+        let now_interval = u32::try_from(interval).unwrap_or(u32::MAX - 1);
+        for &(gfn, _) in &ins.pages {
+            self.paged_in.insert(gfn, now_interval);
+        }
+        work.note_remapped(
+            ins.pages
+                .iter()
+                .map(|&(gfn, access)| (gfn, access == Access::Read)),
+        );
+        let t0 = Instant::now();
+        let mut page_outs = 0;
+        let now = faults.swapped_pages();
+        if !last && !self.stopped && self.target_pages > now {
+            let want = (self.target_pages - now).min(MAX_OUT_PER_INTERVAL);
+            page_outs = self.swap_out(vm, faults, work, want, interval)?;
+        }
+        if page_outs > 0 {
+            log::debug!(
+                "interval {interval}: swapped out {page_outs} pages in {:.1} ms",
+                t0.elapsed().as_secs_f64() * 1e3
+            );
+        }
+        let secs = length.as_secs_f64();
+        let rate = |pages: u64| {
+            if secs > 0.0 {
+                pages_mib(pages) / secs
+            } else {
+                0.0
+            }
+        };
+        let page_ins = ins.pages.len() as u64;
+        let mut waits = ins.wait_us;
+        waits.sort_unstable_by(f64::total_cmp);
+        Ok(Swap {
+            swapped_mib: pages_mib(faults.swapped_pages()),
+            target_mib: pages_mib(self.target_pages),
+            in_mib_s: rate(page_ins),
+            out_mib_s: rate(page_outs),
+            page_ins,
+            page_outs,
+            page_in_us_p50: percentile(&waits, 0.50),
+            page_in_us_p99: percentile(&waits, 0.99),
+            stopped: self.stopped,
+        })
+    }
+
+    /// Swaps out up to `want` pages, chosen by the policy among the pages the map calls backed;
+    /// returns how many left guest RAM.
+    fn swap_out(
+        &mut self,
+        vm: &Vm,
+        faults: &Faults,
+        work: &mut IntervalWork,
+        want: u64,
+        interval: u64,
+    ) -> Result<u64, SwapError> {
+        let paged_in = &self.paged_in;
+        let candidates = work.map().backed_pages().map(|(page, seen)| Candidate {
+            page,
+            last_seen: Some(paged_in.get(&page).map_or(seen, |&p| p.max(seen))),
+        });
+        let mut chosen = choose(self.policy, candidates, want as usize, &mut self.rng);
+        chosen.sort_unstable();
+        let mut stored: Vec<(u64, Option<Slot>)> = Vec::with_capacity(chosen.len());
+        let mut page = vec![0u8; PAGE_SIZE as usize];
+        for gfn in chosen {
+            vm.ram()
+                .mem()
+                .read_slice(&mut page, GuestAddress(gfn * PAGE_SIZE))
+                .map_err(|source| SwapError::Read { gfn, source })?;
+            match faults.swap_store(gfn, &page).map_err(SwapError::Faults)? {
+                Stored::Zero => stored.push((gfn, None)),
+                Stored::Slot(s) => stored.push((gfn, Some(s))),
+                Stored::Refused => {}
+                Stored::Full(e) => {
+                    log::warn!(
+                        "hypervisor swap stops: {e}; the page stays in guest RAM, and so does \
+                         every page not swapped out yet"
+                    );
+                    self.stopped = true;
+                    break;
+                }
+            }
+        }
+        if stored.is_empty() {
+            return Ok(0);
+        }
+        let ranges = ranges(stored.iter().map(|&(gfn, _)| gfn));
+        let released = match vm.release(&ranges) {
+            Ok(r) => r,
+            Err(e) => {
+                faults.swap_abort(stored.iter().filter_map(|&(_, s)| s));
+                return Err(SwapError::Release(e));
+            }
+        };
+        // The vCPU is stopped: nothing touches the dropped pages before they are marked.
+        faults.swap_commit(&stored);
+        let pages: Vec<(u64, bool)> = stored.iter().map(|&(g, s)| (g, s.is_some())).collect();
+        work.note_swapped_out(&released, &pages, interval);
+        Ok(stored.len() as u64)
+    }
+}
+
+/// Ascending pages merged into ranges.
+fn ranges(pages: impl Iterator<Item = u64>) -> Vec<Range<u64>> {
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for p in pages {
+        match out.last_mut() {
+            Some(r) if r.end == p => r.end += 1,
+            _ => out.push(p..p + 1),
+        }
+    }
+    out
+}
+
+/// The `q` quantile of sorted `v` (nearest rank), `None` when empty.
+fn percentile(v: &[f64], q: f64) -> Option<f64> {
+    if v.is_empty() {
+        return None;
+    }
+    let rank = ((q * v.len() as f64).ceil() as usize).clamp(1, v.len());
+    Some(v[rank - 1])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn pages_merge_into_ranges() {
+        assert_eq!(
+            ranges([1, 2, 3, 7, 9, 10].into_iter()),
+            vec![1..4, 7..8, 9..11]
+        );
+        assert!(ranges(std::iter::empty()).is_empty());
+    }
+
+    #[test]
+    fn percentiles_are_nearest_rank() {
+        let v: Vec<f64> = (1..=100).map(f64::from).collect();
+        assert_eq!(percentile(&v, 0.5), Some(50.0));
+        assert_eq!(percentile(&v, 0.99), Some(99.0));
+        assert_eq!(percentile(&[7.0], 0.99), Some(7.0));
+        assert_eq!(percentile(&[], 0.5), None);
+    }
+}
