@@ -55,8 +55,17 @@ impl VmProcess {
             .arg(format!("--interval={}ms", period.as_millis().max(1)))
             .arg("--control")
             .arg(&socket)
-            .args(&spec.run_args)
-            .stdin(Stdio::null())
+            .args(&spec.run_args);
+        // Hypervisor swap for the host's `hard` state: an unnamed file in the host's directory
+        // (gone with the VM, even killed), unless the VM's spec chose its own.
+        if !spec
+            .run_args
+            .iter()
+            .any(|a| a.starts_with("--swap=") || a == "--swap")
+        {
+            cmd.arg(format!("--swap={}", dir.display()));
+        }
+        cmd.stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped());
         Self::start(cmd, spec.clone(), socket)

@@ -203,7 +203,10 @@ fn observed(spec: &VmSpec, row: Option<&Row>) -> (VmInput, VmMemory, Option<f64>
         target_pages: 0,
         granted_pages: host.map_or(0, |h| h.backed_pages),
         balloon_pages: balloon.map_or(0, |b| pages(b.balloon_mib)),
-        swapped_pages: host.map_or(0, |h| pages(h.swapped_mib)),
+        // Swapped by the VMM (`--swap`), what the host's swap targets move.
+        swapped_pages: row
+            .and_then(|r| r.swap.as_ref())
+            .map_or(0, |w| pages(w.swapped_mib)),
         balloon_device: balloon.is_some(),
     };
     (
@@ -468,7 +471,8 @@ mod tests {
         let spec = spec::parse("name=a,mem=1G", 0).unwrap();
         let row: Row = serde_json::from_value(serde_json::json!({
             "reads_seen": true,
-            "host": {"backed_pages": 25600, "overhead_mib": 6.0, "swapped_mib": 2.0},
+            "host": {"backed_pages": 25600, "overhead_mib": 6.0, "swapped_mib": 9.0},
+            "swap": {"swapped_mib": 2.0},
             "active": {"max_mib": 40.0},
             "active_writes": {"max_mib": 10.0},
             "balloon": {"balloon_mib": 64.0},
