@@ -522,7 +522,7 @@ mod tests {
     }
 
     #[test]
-    fn swap_options_are_checked_and_open_the_file() {
+    fn swap_options_are_checked_before_anything_is_created() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("guest.vswp");
         let p = path.to_str().unwrap();
@@ -530,9 +530,9 @@ mod tests {
         let swap = cfg.swap.as_ref().unwrap();
         assert_eq!(swap.target_pages, 64 * 256);
         assert_eq!(swap.policy, DEFAULT_SWAP_POLICY);
-        assert!(path.exists(), "created at once");
+        assert_eq!(swap.path, path);
+        assert!(!path.exists(), "checked, not created: set-up creates it");
         drop(cfg);
-        assert!(!path.exists(), "removed at the end");
         assert!(RunConfig::new(opts(&[])).unwrap().swap.is_none());
         let e = err(&["--swap-target", "8M"]);
         assert!(e.contains("need --swap"), "{e}");
@@ -546,6 +546,12 @@ mod tests {
             b"mine",
             "an existing file is left alone"
         );
+        let e = err(&["--swap", dir.path().join("no/such/dir/f").to_str().unwrap()]);
+        assert!(e.starts_with("--swap"), "{e}");
+        let link = dir.path().join("link");
+        std::os::unix::fs::symlink(&path, &link).unwrap();
+        let e = err(&["--swap", link.to_str().unwrap()]);
+        assert!(e.contains("symbolic link"), "{e}");
         let d = dir.path().to_str().unwrap();
         let cfg = RunConfig::new(opts(&["--swap", d, "--swap-policy", "random"])).unwrap();
         assert_eq!(cfg.swap.as_ref().unwrap().policy, Policy::Random);
