@@ -65,7 +65,7 @@ pub fn slot_pages_for(pages: u64, max_slots: usize) -> u64 {
 
 /// One release: guest pages `pages`, and KVM's dirty bits over them just before (bits of the
 /// window's other pages are as KVM had them, untouched). The map and the samplers must be told
-/// (`IntervalWork::note_released`).
+/// (`IntervalWork::release`, the one caller).
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub struct Released {
     pub pages: Range<u64>,
@@ -213,7 +213,7 @@ impl Vm {
     /// harvest), the pages are discarded (a sampled page among them loses its stashed contents:
     /// [`GuestMemory::discard`]), and their dirty bits are cleared, which write-protects them
     /// again so that a write after the release shows as a new one. The map and the samplers get
-    /// the returned records (`IntervalWork::note_released`).
+    /// the returned records (`IntervalWork::release`, the one caller).
     ///
     /// The cost is the ranges' and their memslots' (a `KVM_GET_DIRTY_LOG` of each slot touched,
     /// 32 KiB of bitmap per GiB slot), not the RAM's.

@@ -409,24 +409,32 @@ impl IntervalWork {
         })
     }
 
-    /// Tells the map about guest pages just released through the VM ([`Vm::release`], which
-    /// discarded them and kept the dirty log and the fault handler in step) during `interval`.
-    pub fn note_released(&mut self, released: &[Released], interval: u64) {
+    /// Gives guest pages `ranges` back to the host during `interval`: the one path of every
+    /// release of guest memory (the balloon's, hypervisor swap's). The VM discards them and keeps
+    /// the dirty log and the fault handler in step ([`Vm::release`]); then the map is told. The
+    /// cost is the ranges', not the RAM's. Call with the vCPU stopped.
+    pub fn release(
+        &mut self,
+        vm: &Vm,
+        ranges: &[Range<u64>],
+        interval: u64,
+    ) -> Result<(), IntervalError> {
+        let released = vm.release(ranges).map_err(IntervalError::Release)?;
+        self.note_released(&released, interval);
+        Ok(())
+    }
+
+    /// Tells the map about guest pages just released through the VM (by [`IntervalWork::release`]).
+    fn note_released(&mut self, released: &[Released], interval: u64) {
         for r in released {
             self.core.note_released(r.pages.clone(), &r.dirty, interval);
         }
     }
 
-    /// Guest pages the VMM swapped out (hypervisor swap) during `interval`: released through the
-    /// VM first (`released`, as [`IntervalWork::note_released`]), then `VmmSwapped` in the map
-    /// (`true` beside a page: it had contents other than zero).
-    pub fn note_swapped_out(
-        &mut self,
-        released: &[Released],
-        pages: &[(u64, bool)],
-        interval: u64,
-    ) {
-        self.note_released(released, interval);
+    /// Guest pages the VMM swapped out (hypervisor swap), released already
+    /// ([`IntervalWork::release`]): `VmmSwapped` in the map (`true` beside a page: it had contents
+    /// other than zero).
+    pub fn note_swapped_out(&mut self, pages: &[(u64, bool)]) {
         self.core.map.note_vmm_swapped(pages);
     }
 

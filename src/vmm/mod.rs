@@ -27,7 +27,7 @@ use crate::kvm::vcpu::Vcpu;
 use crate::kvm::vm::Vm;
 use crate::memory::GuestRam;
 use crate::observe::access::AccessSampler;
-use crate::observe::interval::{Estimators, IntervalError, IntervalWork};
+use crate::observe::interval::{Estimators, IntervalWork};
 use crate::observe::sampler::Sampler;
 use crate::row::{Check, EndReason, Row};
 use crate::units;
@@ -459,8 +459,7 @@ impl Vmm<'_, '_> {
         if let Some(b) = &mut self.handler.balloon {
             let ranges = b.device_mut().take_released();
             if !ranges.is_empty() {
-                let released = self.vm.release(&ranges).map_err(IntervalError::Release)?;
-                self.work.note_released(&released, self.clock.current());
+                self.work.release(self.vm, &ranges, self.clock.current())?;
             }
             if b.has_work() {
                 // SAFETY: pthread_self has no preconditions.

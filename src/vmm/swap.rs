@@ -17,11 +17,11 @@ use thiserror::Error;
 use vm_memory::{Bytes, GuestAddress};
 
 use crate::kvm::vcpu::kick;
-use crate::kvm::vm::{Vm, VmError};
+use crate::kvm::vm::Vm;
 use crate::memory::faults::{Access, Faults, FaultsError, Stored};
 use crate::memory::swap::policy::{Candidate, choose};
 use crate::memory::swap::{Policy, Slot, SwapFile, SwapFileError};
-use crate::observe::interval::IntervalWork;
+use crate::observe::interval::{IntervalError, IntervalWork};
 use crate::row::Swap;
 use crate::units::{PAGE_SIZE, pages_mib};
 use crate::vmm::config::SwapConfig;
@@ -44,7 +44,7 @@ pub enum SwapError {
         source: vm_memory::GuestMemoryError,
     },
     #[error("dropping swapped pages from guest RAM")]
-    Release(#[source] VmError),
+    Release(#[source] IntervalError),
     #[error(
         "a swapped page could not be read back, so the guest cannot get its memory; the run ends here"
     )]
@@ -202,17 +202,14 @@ impl HypervisorSwap {
             return Ok(0);
         }
         let ranges = ranges(stored.iter().map(|&(gfn, _)| gfn));
-        let released = match vm.release(&ranges) {
-            Ok(r) => r,
-            Err(e) => {
-                faults.swap_abort(stored.iter().filter_map(|&(_, s)| s));
-                return Err(SwapError::Release(e));
-            }
-        };
+        if let Err(e) = work.release(vm, &ranges, interval) {
+            faults.swap_abort(stored.iter().filter_map(|&(_, s)| s));
+            return Err(SwapError::Release(e));
+        }
         // The vCPU is stopped: nothing touches the dropped pages before they are marked.
         faults.swap_commit(&stored);
         let pages: Vec<(u64, bool)> = stored.iter().map(|&(g, s)| (g, s.is_some())).collect();
-        work.note_swapped_out(&released, &pages, interval);
+        work.note_swapped_out(&pages);
         Ok(stored.len() as u64)
     }
 }
