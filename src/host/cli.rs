@@ -42,7 +42,7 @@ pub struct HostOptions {
     /// How often the host decides (and each VM reports).
     #[arg(long, value_parser = duration_arg)]
     pub period: Option<Duration>,
-    /// One VM: name=web,mem=512M,shares=1000,reservation=128M,limit=400M,<run option>=...,
+    /// One VM: name=web,mem=512M,shares=1000,reservation=128M,limit=400M,OPTION=VALUE,...,
     /// workload=... (workload last: it takes the rest). Repeat for each VM.
     #[arg(long = "vm", value_name = "SPEC")]
     pub vms: Vec<String>,

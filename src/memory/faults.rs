@@ -7,7 +7,7 @@
 //! moved out, and stays registered: a present page never faults (unless write-protected, below), so a region costs nothing until a
 //! page in it goes missing. One handler thread resolves every fault by what the page is:
 //!
-//! - a page moved out ([`MovedOut`]): its kind says what to do (a sampled page records its first
+//! - a page moved out (`MovedOut`): its kind says what to do (a sampled page records its first
 //!   access, read or write, and moves back from the stash; a swapped page is read from its slot of
 //!   the swap file into a bounce page and copied into place with `UFFDIO_COPY`, or filled as zero
 //!   when it read as zero at swap-out, and its slot is freed);
@@ -15,7 +15,7 @@
 //!   kernel would have, with the zero page for a read and a zeroed page for a write.
 //!
 //! Regions are registered in WP mode as well: a page put back into guest RAM with no access (a
-//! sampled page nobody touched) is write-protected there ([`protect_returned`]), because KVM has
+//! sampled page nobody touched) is write-protected there (`protect_returned`), because KVM has
 //! no mapping of it and would map it writable on the guest's next read, logging that read as a
 //! write; protected, the read maps it read-only, and a write faults here once and is let through.
 //!
