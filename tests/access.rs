@@ -29,13 +29,20 @@ fn reads_are_seen_while_the_write_estimate_stays_near_zero() {
     );
     let mut covered = 0;
     let mut writes = 0.0;
+    // Intervals in which the guest read all 40 MiB (on a host busy with other tests, the guest
+    // can run slower for an interval and read less; the coverage below uses each interval's own
+    // truth).
+    let mut whole = 0;
     for r in &rows {
         assert!(r.reads_seen);
         let a = r.active.as_ref().expect("an access estimate");
         let w = r.active_writes.as_ref().expect("a write estimate");
         let t = r.truth.as_ref().expect("the guest's truth");
         assert_eq!(t.written_pages, 0);
-        assert!(t.touched_mib > 39.0, "{t:?}");
+        assert!(t.touched_pages > 0, "{t:?}");
+        if t.touched_mib > 39.0 {
+            whole += 1;
+        }
         assert_eq!(a.n, 200, "{a:?}");
         // Writes: the guest's own bookkeeping (a few pages), plus, on this nested host, the odd
         // read that KVM logs as a write after the host remapped a page: a tenth of the reads at
@@ -54,6 +61,10 @@ fn reads_are_seen_while_the_write_estimate_stays_near_zero() {
     // for 80% fails with probability below 1%, while an estimator blind to reads (0 MiB) or off
     // by more than its interval's width fails every time.
     let k = rows.len();
+    assert!(
+        whole * 100 >= k * 80,
+        "the guest read all 40 MiB in only {whole} of {k} intervals"
+    );
     assert!(
         covered * 100 >= k * 80,
         "95% intervals covered the touched truth in {covered} of {k} intervals"
