@@ -447,14 +447,16 @@ mod tests {
 
     const PAGE: u64 = crate::units::PAGE_SIZE;
 
+    /// A userfaultfd, or `None` after saying the test is skipped (the kernel or its settings
+    /// refuse one).
+    fn uffd_or_skip() -> Option<Uffd> {
+        Uffd::new().map_err(|e| eprintln!("SKIPPED: {e}")).ok()
+    }
+
     #[test]
     fn a_moved_out_page_faults_to_the_handler_and_moves_back_intact() {
-        let uffd = match Uffd::new() {
-            Ok(u) => u,
-            Err(e) => {
-                eprintln!("SKIPPED: {e}");
-                return;
-            }
+        let Some(uffd) = uffd_or_skip() else {
+            return;
         };
         let ram = AnonMapping::new(4 * PAGE as usize).unwrap();
         let stash = AnonMapping::new(PAGE as usize).unwrap();
@@ -498,12 +500,8 @@ mod tests {
 
     #[test]
     fn a_write_protected_page_reads_freely_and_faults_on_a_write() {
-        let uffd = match Uffd::new() {
-            Ok(u) => u,
-            Err(e) => {
-                eprintln!("SKIPPED: {e}");
-                return;
-            }
+        let Some(uffd) = uffd_or_skip() else {
+            return;
         };
         let ram = AnonMapping::new(2 * PAGE as usize).unwrap();
         let page = ram.addr() as u64 + PAGE;
