@@ -203,6 +203,9 @@ pub struct Row {
     /// The interval ended before its boundary (the run's last row, cut short): its rates are over
     /// a short length and its counts are not comparable to a full interval's.
     pub partial: bool,
+    /// Seconds of the interval the vCPU was held out of the guest by a controller's `pause`
+    /// (the host scheduler's `low` state): the guest did no work then.
+    pub paused_s: f64,
     pub configured_mib: f64,
     pub guest: GuestView,
     pub truth: Option<Truth>,

@@ -188,6 +188,65 @@ fn query_balloon_target_and_stop_drive_a_running_vm() {
     assert!(!socket, "the socket is removed at the end");
 }
 
+#[test]
+fn pause_holds_the_guest_out_and_resume_lets_it_run() {
+    if !common::kvm("pause_holds_the_guest_out_and_resume_lets_it_run") {
+        return;
+    }
+    let vm = Vm::start(&[]);
+    let mut c = vm.client();
+    let paused_rows = || {
+        (vm.rows.lock().unwrap().iter())
+            .filter(|r| r["paused_s"].as_f64().unwrap() > 0.0)
+            .count()
+    };
+    assert_eq!(paused_rows(), 0, "nothing is paused before a pause");
+    assert_eq!(c.command("pause", None).unwrap(), serde_json::json!({}));
+    assert_eq!(c.command("pause", None).unwrap(), serde_json::json!({}));
+    // The intervals go on while paused: rows keep coming.
+    vm.wait_for(|| paused_rows() >= 4, "four paused rows");
+    let during = vm.rows();
+    assert_eq!(c.command("resume", None).unwrap(), serde_json::json!({}));
+    // After the resume, the guest reports its truth again and nothing is paused.
+    vm.wait_for(
+        || {
+            let rows = vm.rows.lock().unwrap();
+            rows.len() > during + 2 && {
+                let last = rows.last().unwrap();
+                last["paused_s"] == 0.0 && !last["truth"].is_null()
+            }
+        },
+        "a whole, truthful row after the resume",
+    );
+    c.command("stop", None).unwrap();
+    let (code, stderr, rows, _) = vm.finish();
+    assert_eq!(code, Some(143), "{stderr}");
+    // An interval paused from boundary to boundary has no truth: the guest never ran to send it.
+    let whole: Vec<&Value> = (rows.iter())
+        .filter(|r| {
+            let (p, l) = (
+                r["paused_s"].as_f64().unwrap(),
+                r["length_s"].as_f64().unwrap(),
+            );
+            p > 0.0 && p >= l - 1e-3
+        })
+        .collect();
+    assert!(whole.len() >= 2, "{} wholly paused rows", whole.len());
+    for r in &whole {
+        assert!(
+            r["truth"].is_null(),
+            "a wholly paused interval has a truth: {r}"
+        );
+    }
+    for r in &rows {
+        let (p, l) = (
+            r["paused_s"].as_f64().unwrap(),
+            r["length_s"].as_f64().unwrap(),
+        );
+        assert!(p <= l + 1e-3, "paused {p} s of a {l} s interval");
+    }
+}
+
 /// Sends `bytes` on a fresh connection and returns what comes back before the server closes it
 /// or goes quiet.
 fn exchange(path: &Path, bytes: &[u8]) -> String {

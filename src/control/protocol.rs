@@ -3,6 +3,8 @@
 //! - `{"execute":"query"}` returns the latest row (the same JSON object as `run --json` prints);
 //! - `{"execute":"set-balloon-target","mib":N}` and `{"execute":"set-swap-target","mib":N}` set a
 //!   target (MiB of guest memory to hold in the balloon, or swapped out by the VMM);
+//! - `{"execute":"pause"}` holds the vCPU out of the guest until `{"execute":"resume"}` (the
+//!   intervals, their rows and the swap at their boundaries go on; the guest does not run);
 //! - `{"execute":"stop"}` ends the run gracefully, as SIGTERM does;
 //! - every answer is `{"return":…}` or `{"error":{"class":…,"desc":…}}`.
 //!
@@ -25,6 +27,10 @@ pub enum Request {
     SetBalloonTarget { mib: u64 },
     /// Keep this many MiB of guest memory swapped out by the VMM.
     SetSwapTarget { mib: u64 },
+    /// Hold the vCPU out of the guest.
+    Pause,
+    /// Let it run again.
+    Resume,
     /// End the run gracefully.
     Stop,
 }
@@ -98,11 +104,11 @@ pub fn parse(line: &[u8]) -> Result<Request, Answer> {
         None => Err(generic(format!(r#"{command} needs "mib""#))),
     };
     let allowed: &[&str] = match command {
-        "query" | "stop" => &["execute"],
+        "query" | "stop" | "pause" | "resume" => &["execute"],
         "set-balloon-target" | "set-swap-target" => &["execute", "mib"],
         _ => {
             return Err(generic(format!(
-                "unknown command {:?}: query, set-balloon-target, set-swap-target or stop",
+                "unknown command {:?}: query, set-balloon-target, set-swap-target, pause, resume or stop",
                 truncate(command, 64)
             )));
         }
@@ -116,6 +122,8 @@ pub fn parse(line: &[u8]) -> Result<Request, Answer> {
     Ok(match command {
         "query" => Request::Query,
         "stop" => Request::Stop,
+        "pause" => Request::Pause,
+        "resume" => Request::Resume,
         "set-balloon-target" => Request::SetBalloonTarget { mib: mib()? },
         _ => Request::SetSwapTarget { mib: mib()? },
     })
@@ -188,6 +196,12 @@ mod tests {
     fn the_four_commands_parse() {
         assert_eq!(parse(br#"{"execute":"query"}"#), Ok(Request::Query));
         assert_eq!(parse(br#"{"execute":"stop"}"#), Ok(Request::Stop));
+        assert_eq!(parse(br#"{"execute":"pause"}"#), Ok(Request::Pause));
+        assert_eq!(parse(br#"{"execute":"resume"}"#), Ok(Request::Resume));
+        assert_eq!(
+            class(parse(br#"{"execute":"pause","mib":1}"#)),
+            ErrorClass::GenericError
+        );
         assert_eq!(
             parse(br#"{"execute":"set-balloon-target","mib":256}"#),
             Ok(Request::SetBalloonTarget { mib: 256 })

@@ -6,7 +6,7 @@ use serde_json::Value;
 
 use super::protocol::{Answer, ErrorClass, Request};
 use super::server::Handler;
-use crate::vmm::command::{CommandError, Controller};
+use crate::vmm::command::{Command, CommandError, Controller};
 
 /// The handler that serves `controller`'s VM.
 pub fn handler(controller: Controller) -> Handler {
@@ -26,6 +26,8 @@ pub fn answer(controller: &Controller, request: Request) -> Answer {
         }
         Request::SetBalloonTarget { mib } => controller.set_balloon_target(mib),
         Request::SetSwapTarget { mib } => controller.set_swap_target(mib),
+        Request::Pause => controller.send(Command::Pause),
+        Request::Resume => controller.send(Command::Resume),
         Request::Stop => controller.stop(),
     };
     match done {
@@ -47,7 +49,7 @@ fn class(e: CommandError) -> ErrorClass {
 mod tests {
     use super::*;
     use crate::row::Row;
-    use crate::vmm::command::{Abilities, Command, Inbox};
+    use crate::vmm::command::{Abilities, Inbox};
 
     #[test]
     fn requests_become_commands_and_refusals_their_classes() {
@@ -84,6 +86,10 @@ mod tests {
         };
         assert_eq!(class, ErrorClass::DeviceNotActive);
         assert!(desc.contains("swap is off"), "{desc}");
+        assert_eq!(answer(&c, Request::Pause), Answer::ok());
+        assert_eq!(inbox.take(), Some(Command::Pause));
+        assert_eq!(answer(&c, Request::Resume), Answer::ok());
+        assert_eq!(inbox.take(), Some(Command::Resume));
         assert_eq!(answer(&c, Request::Stop), Answer::ok());
         assert_eq!(inbox.take(), Some(Command::Stop));
         drop(inbox);

@@ -219,6 +219,7 @@ pub fn table_block(row: &HostRow) -> String {
     );
     for v in &row.vms {
         let status = match v.status {
+            "running" if v.paused => "pause",
             "running" if v.balloon_stuck => "swap",
             "running" => "run",
             "ended" => "end",

@@ -112,6 +112,8 @@ pub struct VmLine {
     /// The balloon does not answer (or there is none): swap stands in.
     pub balloon_stuck: bool,
     /// Orders the VM refused or did not answer this period.
+    /// Its vCPU is held out of the guest (`low`, above its target).
+    pub paused: bool,
     pub order_errors: u64,
 }
 
@@ -131,6 +133,8 @@ struct Managed {
     /// Orders last sent (MiB), so that only changes are sent.
     sent_balloon: Option<u64>,
     sent_swap: Option<u64>,
+    /// Its vCPU is held out of the guest (`pause` sent and taken).
+    paused: bool,
     /// The first refusal of each order, logged once.
     warned: bool,
 }
@@ -241,6 +245,7 @@ pub fn run(
             history: History::default(),
             sent_balloon: None,
             sent_swap: None,
+            paused: false,
             warned: false,
         });
     }
@@ -374,6 +379,25 @@ fn decide(
                     }
                 }
             }
+            if plan.pause != vm.paused {
+                match vm
+                    .process
+                    .command(if plan.pause { "pause" } else { "resume" }, None)
+                {
+                    Ok(()) => {
+                        vm.paused = plan.pause;
+                        log::info!(
+                            "host: {} {}",
+                            spec.name,
+                            if plan.pause { "paused" } else { "resumed" }
+                        );
+                    }
+                    Err(e) => {
+                        errors += 1;
+                        warn_once(&mut vm.warned, &spec.name, &e);
+                    }
+                }
+            }
         }
         let granted = pages_mib(memory.granted_pages);
         let active = pages_mib(input.active_pages);
@@ -405,6 +429,7 @@ fn decide(
             limit_mib: spec.limit.map(mib),
             rate,
             balloon_stuck: stuck,
+            paused: vm.paused && status.is_none(),
             order_errors: errors,
         });
     }

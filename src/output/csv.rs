@@ -125,6 +125,7 @@ mod tests {
             end: Some(crate::row::EndReason::Done),
             length_s: 0.5,
             partial: true,
+            paused_s: 0.25,
             configured_mib: 256.0,
             guest: GuestView {
                 allocated_pages: 10,

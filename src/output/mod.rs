@@ -168,11 +168,20 @@ pub fn table_row(r: &Row) -> String {
     )
 }
 
-/// What follows the last row: `(end)` or `(end: why)`, after `(partial: 0.02 s)` when its
+/// What follows a row: `(paused: 0.80 s)` when a controller held the vCPU out of the guest in
+/// its interval; on the last row, `(end)` or `(end: why)`, after `(partial: 0.02 s)` when its
 /// interval was cut short (its rates are over that length, its counts not a full interval's).
 fn end_marker(r: &Row) -> String {
+    let paused = if r.paused_s > 0.0 {
+        format!(
+            "  (paused: {} s)",
+            cell(Some(r.paused_s), 6, 2).trim_start()
+        )
+    } else {
+        String::new()
+    };
     let Some(why) = r.end else {
-        return String::new();
+        return paused;
     };
     let partial = if r.partial {
         format!("  (partial: {} s)", cell(Some(r.length_s), 6, 2))
@@ -186,7 +195,7 @@ fn end_marker(r: &Row) -> String {
         }
         why => format!("(end: {})", why.as_str()),
     };
-    format!("{partial}  {end}")
+    format!("{paused}{partial}  {end}")
 }
 
 /// One JSON line.
@@ -394,6 +403,7 @@ mod tests {
             check: None,
             length_s: 1.0,
             partial: false,
+            paused_s: 0.0,
             time_s: v,
             interval: 1,
             phase: phase.into(),
@@ -575,6 +585,14 @@ mod tests {
     fn the_last_row_says_why_the_run_ended_and_whether_it_was_cut_short() {
         let mut r = row_with(3.0, "idle 1s");
         assert!(!table_row(&r).contains("(end"));
+        assert!(!table_row(&r).contains("(paused"));
+        r.paused_s = 0.8;
+        assert!(
+            table_row(&r).ends_with("  (paused: 0.80 s)"),
+            "{}",
+            table_row(&r)
+        );
+        r.paused_s = 0.0;
         r.end = Some(crate::row::EndReason::Done);
         assert!(table_row(&r).ends_with("  (end)"));
         r.partial = true;

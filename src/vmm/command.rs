@@ -25,6 +25,12 @@ pub enum Command {
     SetBalloonTarget { mib: u64 },
     /// Keep this many MiB of guest memory swapped out by the VMM.
     SetSwapTarget { mib: u64 },
+    /// Hold the vCPU out of the guest until [`Command::Resume`]: the intervals go on (their rows
+    /// leave after the grace, with no truth, and swap works at their boundaries); the guest's
+    /// clock runs on, as a paused VM's does.
+    Pause,
+    /// Let a paused vCPU run again (nothing if it runs).
+    Resume,
     /// End the run as a stop signal would: the partial interval becomes the last row, marked
     /// `stopped`, and the map is written.
     Stop,

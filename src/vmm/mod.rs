@@ -11,6 +11,7 @@ pub mod config;
 pub mod console_file;
 pub mod exits;
 pub mod outcome;
+pub mod pause;
 pub mod rows;
 pub mod stop;
 pub mod swap;
@@ -38,6 +39,7 @@ pub use crate::vmm::command::{Abilities, Command, CommandError, Controller};
 use crate::vmm::config::RunConfig;
 use crate::vmm::exits::{Action, ExitHandler};
 pub use crate::vmm::outcome::{RunError, RunSummary};
+use crate::vmm::pause::Pause;
 use crate::vmm::rows::Joiner;
 use crate::vmm::swap::HypervisorSwap;
 
@@ -188,6 +190,7 @@ impl Ready {
             on_row,
             inbox,
             stopped: false,
+            pause: Pause::default(),
         };
         let setup = setup + t0.elapsed();
         log::info!("set-up took {:.1} ms", setup.as_secs_f64() * 1e3);
@@ -257,11 +260,20 @@ struct Vmm<'vm, 'o> {
     inbox: Inbox,
     /// A controller asked the run to stop.
     stopped: bool,
+    /// A controller holds the vCPU out of the guest.
+    pause: Pause,
 }
 
 impl Vmm<'_, '_> {
     fn run_loop(&mut self, vcpu: &mut Vcpu<'_>) -> Result<Ended, RunError> {
         loop {
+            if self.pause.is_paused() {
+                self.hold()?;
+                if let Some(e) = self.stop_due() {
+                    return Ok(Ended::Early(e));
+                }
+                continue;
+            }
             let exit = vcpu.run()?;
             // A swapped page that could not be read back ends the run before anything the guest
             // did after it (on a page of zeros) is believed.
@@ -360,6 +372,8 @@ impl Vmm<'_, '_> {
                         swap.set_target(mib.saturating_mul(units::MIB / PAGE_SIZE));
                     }
                 }
+                Command::Pause => self.pause.pause(Instant::now()),
+                Command::Resume => self.pause.resume(Instant::now()),
                 Command::Stop => self.stopped = true,
             }
         }
@@ -433,6 +447,31 @@ impl Vmm<'_, '_> {
         }
     }
 
+    /// While a controller holds the vCPU out of the guest: the intervals go on (their work at
+    /// each boundary, rows whose grace ran out) and commands are taken, until a resume or a
+    /// reason to stop.
+    fn hold(&mut self) -> Result<(), RunError> {
+        while self.pause.is_paused() {
+            let now = Instant::now();
+            let tick = self.clock.ends();
+            if now >= tick {
+                self.tick(None)?;
+                continue;
+            }
+            if let Some(row) = self.joiner.expired(now) {
+                self.emit(row);
+            }
+            self.take_commands();
+            let stop = stop::requested().is_some() || self.stopped;
+            if stop || self.clock.past_deadline() || self.output.is_err() {
+                return Ok(());
+            }
+            let wake = self.joiner.deadline().map_or(tick, |d| d.min(tick));
+            std::thread::sleep(wake.saturating_duration_since(now).min(POLL));
+        }
+        Ok(())
+    }
+
     /// The guest answers the statistics request of an interval tick on its next system call,
     /// which is the INTERVAL report that completes the row: the row shows those statistics.
     fn attach_guest_stats(&self, row: &mut Row) {
@@ -490,6 +529,7 @@ impl Vmm<'_, '_> {
             None => None,
         };
         let measured = self.work.end(self.vm, interval, ended.length, last)?;
+        let paused = self.pause.end_interval(Instant::now());
         let row = Row {
             time_s: self.clock.elapsed().as_secs_f64(),
             interval,
@@ -497,6 +537,7 @@ impl Vmm<'_, '_> {
             end,
             length_s: ended.length.as_secs_f64(),
             partial: ended.partial,
+            paused_s: paused.as_secs_f64(),
             configured_mib: units::mib(self.vm.ram().size()),
             guest: self.protocol.guest().clone(),
             truth: None,
