@@ -1,14 +1,19 @@
 //! Per VM and period: how much of the memory it must give back goes to the balloon and how much to
 //! hypervisor swap.
 //!
-//! A VM with a target of `T` pages of its configured `M` must not hold more than `T`: `M − T`
-//! pages of it are to be reclaimed, by the balloon (the guest picks the pages, cheap) or by
-//! hypervisor swap (the host picks blindly, slow). [`plan`] turns the target, what the VM holds
+//! A VM with a target of `T` pages must not hold more than `T`. What it would hold without
+//! reclamation is what it holds now (GRANT) plus what is reclaimed already (its balloon and its
+//! swapped pages): the excess over `T` is to be kept reclaimed, by the balloon (the guest picks
+//! the pages, cheap) or by hypervisor swap (the host picks blindly, slow). Memory a guest never
+//! touched costs the host nothing and is not reclaimed: a VM that uses less than its target is
+//! left alone, whatever its configured size. This closes the loop on what the VM holds: when it
+//! holds less than its target, the balloon may deflate by the difference. [`plan`] turns the target, what the VM holds
 //! now and the host's [`MemState`] into a balloon target (ESX's MCTLTGT) and a swap target
 //! (SWTGT):
 //!
 //! - the balloon first, up to [`CTL_MAX_PERCENT`] of the VM's memory (ESX's `Mem.CtlMaxPercent`);
-//! - `high`: nothing new is reclaimed; targets only fall when the VM's target rises;
+//! - `high`: nothing new is reclaimed (as ESX): swapping stops (swapped pages come back as the
+//!   guest touches them) and the balloon only deflates, toward what the VM's target needs;
 //! - `soft`: the balloon moves toward its share; swap only for what the balloon may not take
 //!   (above its maximum), swap already done that the balloon has not yet replaced, and everything
 //!   for a VM whose balloon is stuck (below);
@@ -108,10 +113,14 @@ pub fn balloon_max(mem_pages: u64) -> u64 {
 pub fn plan(vm: &VmMemory, state: MemState, history: History) -> Plan {
     let mem = vm.mem_pages;
     let target = vm.target_pages.min(mem);
-    let need = mem - target;
     let cap = balloon_max(mem);
     let balloon = vm.balloon_pages.min(mem);
     let swapped = vm.swapped_pages.min(mem);
+    let footprint = (vm.granted_pages.min(mem))
+        .saturating_add(balloon)
+        .saturating_add(swapped)
+        .min(mem);
+    let need = footprint.saturating_sub(target);
     let previous = history.balloon_target_pages.min(cap);
 
     // Stuck: asked to grow (last target above its size) and has not grown since last period.
@@ -141,7 +150,7 @@ pub fn plan(vm: &VmMemory, state: MemState, history: History) -> Plan {
     // What the balloon has not delivered of what must be reclaimed.
     let uncovered = need.saturating_sub(balloon);
     let swap_target = match state {
-        MemState::High => swapped.min(uncovered),
+        MemState::High => 0,
         MemState::Soft if stuck => uncovered,
         MemState::Soft => swapped.max(need.saturating_sub(cap)).min(uncovered),
         MemState::Hard | MemState::Low => uncovered,
@@ -271,9 +280,10 @@ mod tests {
             ..vm(6_000, 0, 0)
         };
         assert!(!plan(&under, Low, History::default()).pause);
+        // It holds 1,000 above its target: swap those.
         assert_eq!(
             plan(&above, Low, History::default()).swap_target_pages,
-            4_000
+            1_000
         );
     }
 
@@ -315,13 +325,24 @@ mod tests {
         let (p, v, h) = simulate(vm(2_000, 0, 0), &[Soft; 20], History::default(), true);
         assert_eq!((v.balloon_pages, v.swapped_pages), (6_500, 1_500));
         assert_eq!(p.swap_target_pages, 1_500);
-        // The target rises by 1,000: the swap target falls by 1,000, the balloon holds.
+        // The target rises by 1,000 and the host is in high: swapping stops (the pages come
+        // back as they are touched), the balloon holds.
         let p = plan(
             &VmMemory {
                 target_pages: 3_000,
                 ..v
             },
             High,
+            h,
+        );
+        assert_eq!((p.balloon_target_pages, p.swap_target_pages), (6_500, 0));
+        // Still short (soft): the swap target falls by the 1,000 the target rose.
+        let p = plan(
+            &VmMemory {
+                target_pages: 3_000,
+                ..v
+            },
+            Soft,
             h,
         );
         assert_eq!((p.balloon_target_pages, p.swap_target_pages), (6_500, 500));
@@ -346,6 +367,45 @@ mod tests {
             true,
         );
         assert_eq!((p.balloon_target_pages, v.swapped_pages), (0, 0));
+    }
+
+    #[test]
+    fn only_what_a_vm_holds_above_its_target_is_reclaimed() {
+        // It touched 5,000 of its 10,000 pages; its target is 6,000: nothing to take, whatever
+        // the state.
+        let v = VmMemory {
+            granted_pages: 5_000,
+            ..vm(6_000, 0, 0)
+        };
+        for s in [High, Soft, Hard, Low] {
+            let p = plan(&v, s, History::default());
+            assert_eq!(
+                (p.balloon_target_pages, p.swap_target_pages),
+                (0, 0),
+                "{s:?}"
+            );
+            assert!(!p.pause && !p.balloon_stuck, "{s:?}");
+        }
+        // It holds 7,000, 1,000 above: in hard, swap the 1,000 now while the balloon starts.
+        let v = VmMemory {
+            granted_pages: 7_000,
+            ..vm(6_000, 0, 0)
+        };
+        let p = plan(&v, Hard, History::default());
+        assert_eq!((p.balloon_target_pages, p.swap_target_pages), (500, 1_000));
+        // It holds 3,000 with 2,000 in its balloon and 1,000 swapped: 6,000 in all, its target.
+        // Nothing more is needed: the balloon deflates at its rate and swapping stops.
+        let v = VmMemory {
+            granted_pages: 3_000,
+            ..vm(6_000, 2_000, 1_000)
+        };
+        let h = History {
+            balloon_target_pages: 2_000,
+            last_balloon_pages: 2_000,
+            still_periods: 0,
+        };
+        let p = plan(&v, Soft, h);
+        assert_eq!((p.balloon_target_pages, p.swap_target_pages), (1_500, 0));
     }
 
     #[test]
@@ -408,7 +468,8 @@ mod tests {
                 s in any_state(),
             ) {
                 let p = plan(&v, s, h);
-                let need = v.mem_pages - v.target_pages;
+                let held = (v.granted_pages + v.balloon_pages + v.swapped_pages).min(v.mem_pages);
+                let need = held.saturating_sub(v.target_pages);
                 let previous = h.balloon_target_pages.min(balloon_max(v.mem_pages));
                 // The rate limit, both ways, and the balloon's maximum.
                 prop_assert!(p.balloon_target_pages.abs_diff(previous) <= balloon_step(v.mem_pages));
@@ -420,7 +481,7 @@ mod tests {
                 }
                 match s {
                     High => {
-                        prop_assert!(p.swap_target_pages <= v.swapped_pages);
+                        prop_assert_eq!(p.swap_target_pages, 0);
                         prop_assert!(p.balloon_target_pages <= previous);
                     }
                     Soft if !p.balloon_stuck && need <= balloon_max(v.mem_pages) => {

@@ -211,7 +211,9 @@ fn observed(spec: &VmSpec, row: Option<&Row>) -> (VmInput, VmMemory, Option<f64>
         swapped_pages: row
             .and_then(|r| r.swap.as_ref())
             .map_or(0, |w| pages(w.swapped_mib)),
-        balloon_device: balloon.is_some(),
+        // Every VM has the balloon unless its RAM covers the device's registers: before its first
+        // row, assume it has.
+        balloon_device: row.is_none() || balloon.is_some(),
     };
     (
         input(spec, overhead, pages(active), source),
