@@ -100,6 +100,10 @@ pub struct RunOptions {
     /// deflates it when it would otherwise run out of memory).
     #[arg(long, value_parser = size_arg, conflicts_with = "limit")]
     pub balloon: Option<u64>,
+    /// No virtio-balloon device: the guest cannot give memory back by ballooning, as a guest
+    /// without a balloon driver (only hypervisor swap can take memory from it).
+    #[arg(long, conflicts_with_all = ["limit", "balloon", "free_page_reporting"])]
+    pub no_balloon: bool,
     #[command(flatten)]
     pub swap: SwapOptions,
 }
@@ -256,6 +260,9 @@ impl BalloonConfig {
     /// (an error if an option needs it).
     fn new(opts: &RunOptions) -> Result<Option<Self>, ConfigError> {
         let sized = [("--limit", opts.limit), ("--balloon", opts.balloon)];
+        if opts.no_balloon {
+            return Ok(None);
+        }
         if opts.mem > abi::balloon::MMIO_BASE {
             return match sized.iter().find(|(_, v)| v.is_some()) {
                 _ if opts.free_page_reporting => {
@@ -628,6 +635,11 @@ mod tests {
         );
         let both = DefaultsOnly::try_parse_from(["m", "--limit", "1M", "--balloon", "1M"]);
         assert!(both.is_err(), "--limit and --balloon exclude each other");
+        assert!(RunConfig::new(opts(&["--no-balloon"])).unwrap().balloon.is_none());
+        for with in ["--limit=1M", "--balloon=1M", "--free-page-reporting"] {
+            let both = DefaultsOnly::try_parse_from(["m", "--no-balloon", with]);
+            assert!(both.is_err(), "--no-balloon excludes {with}");
+        }
         // A custom guest may have RAM where the balloon's registers would be.
         let mut o = opts(&["--free-page-reporting", "--workload", "idle 1ms"]);
         o.mem = abi::balloon::MMIO_BASE + (1 << 30);

@@ -225,6 +225,17 @@ impl Ready {
     }
 }
 
+/// Says how long a phase ran, in the guest's time (`RUST_LOG=memvisor=info`; benches time
+/// phases with it).
+fn log_phase(p: &crate::contract::protocol::PhaseRecord) {
+    log::info!(
+        "phase {} ({}) ran {:.3} s",
+        p.index,
+        p.name,
+        p.end_s - p.start_s
+    );
+}
+
 /// How the run loop ended, when the VMM itself did not fail.
 enum Ended {
     /// The guest halted: the protocol judges whether it finished.
@@ -334,6 +345,7 @@ impl Vmm<'_, '_> {
             }
             News::PhaseEnded(i) if self.check_phases.get(i) == Some(&true) => {
                 let p = &self.protocol.phases()[i];
+                log_phase(p);
                 let check = Check {
                     phase: p.name.clone(),
                     checked_pages: p.touched_pages,
@@ -347,7 +359,11 @@ impl Vmm<'_, '_> {
                     None => self.check = Some(check),
                 }
             }
-            News::PhaseEnded(_) => {}
+            News::PhaseEnded(i) => {
+                if let Some(p) = self.protocol.phases().get(i) {
+                    log_phase(p);
+                }
+            }
         }
     }
 
