@@ -137,7 +137,8 @@ fn swapped_pages_come_back_intact_with_the_sampler_and_the_balloon() {
         );
     }
     for r in rows.iter().filter(|r| swap(r).page_ins == 0) {
-        assert_eq!(swap(r).in_ms, 0.0, "{:?}", swap(r));
+        // +0.0 exactly (JSON would show a -0.0).
+        assert_eq!(swap(r).in_ms.to_bits(), 0.0f64.to_bits(), "{:?}", swap(r));
     }
     assert!(rows.iter().any(|r| swap(r).out_ms > 0.0), "{rows:?}");
 }

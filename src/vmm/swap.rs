@@ -143,7 +143,8 @@ impl HypervisorSwap {
         };
         let page_ins = ins.pages.len() as u64;
         let mut waits = ins.wait_us;
-        let in_ms = waits.iter().sum::<f64>() / 1e3;
+        // Folded from +0.0: an empty f64 sum is -0.0, which JSON would print as such.
+        let in_ms = waits.iter().fold(0.0, |a, w| a + w) / 1e3;
         waits.sort_unstable_by(f64::total_cmp);
         Ok(Swap {
             swapped_mib: pages_mib(faults.swapped_pages()),
