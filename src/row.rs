@@ -137,8 +137,9 @@ pub struct Swap {
     /// stopped, or the run ended).
     pub out_ms: f64,
     /// The page-ins' waits in this interval added up (each from the fault read to the page in
-    /// place, as the fault handler measured it), in milliseconds: the time the guest's faulting
-    /// accesses waited for swapped pages.
+    /// place, as the fault handler measured it), in milliseconds: a lower bound of the time the
+    /// guest's faulting accesses waited for swapped pages (the wake-ups of the handler and of the
+    /// faulting thread are not in it).
     pub in_ms: f64,
     /// The swap file could not take more (full, a short write, an I/O error): swapping stopped.
     pub stopped: bool,
