@@ -1,8 +1,9 @@
 //! Hypervisor swap benchmarks (`make bench`): what a page-in costs next to the other faults the
-//! one userfaultfd handler resolves, how fast pages are swapped out, and which policy brings fewer
-//! pages back on a hot/cold workload.
+//! one userfaultfd handler resolves, how fast pages are swapped out, which policy brings fewer
+//! pages back on a hot/cold workload, and what holding a guest back costs its work by the balloon
+//! against by swap (ESX's experiment).
 //!
-//! `cargo bench --bench swap [-- latency|out|policy]`
+//! `cargo bench --bench swap [-- latency|out|policy|balloon]`
 
 mod common;
 
@@ -193,6 +194,130 @@ fn policy() {
     }
 }
 
+/// The working set of the balloon-versus-swap experiment, the guest's RAM (the working set, the
+/// most taken, and 16 MiB for its kernel and slack), and the working phase.
+const W_MIB: u64 = 64;
+const X_MIB: [u64; 3] = [16, 32, 48];
+const GUEST_MIB: u64 = W_MIB + 48 + 16;
+const WORK: &str = "touch 64M mixed random 4s";
+
+/// One run of the experiment: the guest's work rate in the working phase (page accesses per
+/// second of the rows' real lengths, the phase's first row left out: it began in the phase
+/// before), host memory backing the guest at the phase's end, and the VMM's swap-out time and
+/// page-ins per second in the phase.
+struct Held {
+    rate: f64,
+    backed_mib: f64,
+    /// `None` without swap.
+    out_ms_per_s: Option<f64>,
+    page_ins_per_s: Option<f64>,
+}
+
+fn held(mem_mib: u64, limit: Option<u64>, swap: Option<(u64, Policy)>) -> Held {
+    let dir = tempfile::tempdir_in(std::env::temp_dir()).unwrap();
+    let opts = RunOptions {
+        mem: mem_mib * MIB,
+        workload: format!("alloc {W_MIB}M; touch {W_MIB}M write; {WORK}"),
+        interval: Duration::from_millis(500),
+        timeout: Some(Duration::from_secs(600)),
+        seed: Some(1),
+        limit: limit.map(|l| l * MIB),
+        swap: SwapOptions {
+            swap: swap.map(|_| dir.path().to_path_buf()),
+            swap_target: swap.map(|(x, _)| x * MIB),
+            swap_policy: swap.map(|(_, p)| p),
+        },
+        ..RunOptions::default()
+    };
+    let (_, rows) = run_rows(RunConfig::new(opts).expect("bench options are valid"));
+    let work: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.phase == WORK && r.end.is_none() && !r.partial)
+        .skip(1)
+        .collect();
+    assert!(
+        work.len() >= 3,
+        "too few rows in the working phase: {rows:?}"
+    );
+    let secs: f64 = work.iter().map(|r| r.length_s).sum();
+    let accesses: u64 = work
+        .iter()
+        .filter_map(|r| r.truth.as_ref().map(|t| t.iterations))
+        .sum();
+    let swap_per_s = |f: fn(&memvisor::row::Swap) -> f64| -> Option<f64> {
+        swap.map(|_| {
+            work.iter()
+                .filter_map(|r| r.swap.as_ref().map(f))
+                .fold(0.0, |a, v| a + v)
+                / secs
+        })
+    };
+    Held {
+        rate: accesses as f64 / secs,
+        backed_mib: work
+            .last()
+            .and_then(|r| r.host.as_ref())
+            .map_or(0.0, |h| h.backed_mib),
+        out_ms_per_s: swap_per_s(|s| s.out_ms),
+        page_ins_per_s: swap_per_s(|s| s.page_ins as f64),
+    }
+}
+
+/// Balloon against swap, after ESX's experiment (Waldspurger, OSDI '02, section 3.2): a guest of
+/// `GUEST_MIB` working over `W_MIB` (uniform random reads and writes) is held back by X, once by
+/// the balloon (`--limit GUEST - X`: the guest kernel gives X of its free pages at boot) and once
+/// by hypervisor swap (`--swap-target X`, each policy); its work rate against an unconstrained
+/// run next to it. As in ESX's Figure 2, a guest configured with GUEST - X is measured too: what
+/// the balloon should cost is the difference between it and the ballooned guest.
+fn balloon() {
+    println!(
+        "## balloon: --mem {GUEST_MIB}M --interval 500ms, alloc {W_MIB}M; touch {W_MIB}M write; \
+         {WORK}; rows of the last phase"
+    );
+    println!(
+        "| held back by | X (MiB) | work rate vs unconstrained | backed (MiB) | swap-out ms per s | page-ins per s |"
+    );
+    println!("|---|---|---|---|---|---|");
+    for x in X_MIB {
+        // The unconstrained run next to the held ones, so that the ratios compare runs made
+        // under the same load of the (shared) host.
+        let base = held(GUEST_MIB, None, None);
+        println!(
+            "| nothing | 0 | 1 ({:.1} M accesses/s) | {:.1} | - | - |",
+            base.rate / 1e6,
+            base.backed_mib
+        );
+        let cases = [
+            (
+                "configured smaller (`--mem`)",
+                held(GUEST_MIB - x, None, None),
+            ),
+            (
+                "balloon (`--limit`)",
+                held(GUEST_MIB, Some(GUEST_MIB - x), None),
+            ),
+            (
+                "swap, `cold`",
+                held(GUEST_MIB, None, Some((x, Policy::Cold))),
+            ),
+            (
+                "swap, `random`",
+                held(GUEST_MIB, None, Some((x, Policy::Random))),
+            ),
+        ];
+        for (name, h) in cases {
+            let per_s = |v: Option<f64>| v.map_or("-".to_string(), |v| format!("{v:.0}"));
+            println!(
+                "| {name} | {x} | {:.3} | {:.1} | {} | {} |",
+                h.rate / base.rate,
+                h.backed_mib,
+                per_s(h.out_ms_per_s),
+                per_s(h.page_ins_per_s)
+            );
+        }
+    }
+}
+
 fn main() {
     let which: Vec<String> = std::env::args()
         .skip(1)
@@ -210,6 +335,13 @@ fn main() {
             policy();
         } else {
             eprintln!("the policy benchmark needs /dev/kvm; skipped");
+        }
+    }
+    if want("balloon") {
+        if std::path::Path::new("/dev/kvm").exists() {
+            balloon();
+        } else {
+            eprintln!("the balloon benchmark needs /dev/kvm; skipped");
         }
     }
 }

@@ -131,6 +131,16 @@ pub struct Swap {
     /// microseconds; `None` when there were none.
     pub page_in_us_p50: Option<f64>,
     pub page_in_us_p99: Option<f64>,
+    /// The VMM's wall time at this interval's closing boundary spent swapping out (choosing the
+    /// pages, writing them, dropping them from guest RAM), in milliseconds; the vCPU is stopped
+    /// meanwhile. 0 when the boundary swapped nothing out (the target was reached, swapping
+    /// stopped, or the run ended).
+    pub out_ms: f64,
+    /// The page-ins' waits in this interval added up (each from the fault read to the page in
+    /// place, as the fault handler measured it), in milliseconds: a lower bound of the time the
+    /// guest's faulting accesses waited for swapped pages (the wake-ups of the handler and of the
+    /// faulting thread are not in it).
+    pub in_ms: f64,
     /// The swap file could not take more (full, a short write, an I/O error): swapping stopped.
     pub stopped: bool,
 }

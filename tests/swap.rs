@@ -127,7 +127,20 @@ fn swapped_pages_come_back_intact_with_the_sampler_and_the_balloon() {
             swap(r).page_in_us_p99.unwrap(),
         );
         assert!(p50 > 0.0 && p50 <= p99, "{:?}", swap(r));
+        // The waits added up, in ms: at least the p99 wait, and at least half of them at p50.
+        let in_us = swap(r).in_ms * 1e3;
+        let half = (swap(r).page_ins / 2) as f64;
+        assert!(
+            in_us >= p99 * 0.999 && in_us >= half * p50 * 0.999,
+            "{:?}",
+            swap(r)
+        );
     }
+    for r in rows.iter().filter(|r| swap(r).page_ins == 0) {
+        // +0.0 exactly (JSON would show a -0.0).
+        assert_eq!(swap(r).in_ms.to_bits(), 0.0f64.to_bits(), "{:?}", swap(r));
+    }
+    assert!(rows.iter().any(|r| swap(r).out_ms > 0.0), "{rows:?}");
 }
 
 #[test]
@@ -208,6 +221,27 @@ fn the_map_shows_swapped_pages_and_rss_agrees() {
             "Rss {rss_mib} MiB, backed {} MiB",
             h.backed_mib
         );
+    }
+    // The boundary's time swapping out: on the rows that swapped out, and none on a row whose
+    // boundary found the target reached (it swapped nothing).
+    let rows: Vec<&Row> = rows.iter().map(|(r, _)| r).collect();
+    let outs: Vec<&Swap> = rows
+        .iter()
+        .map(|r| swap(r))
+        .filter(|s| s.page_outs > 0)
+        .collect();
+    assert!(!outs.is_empty(), "{rows:?}");
+    for sw in outs {
+        assert!(sw.out_ms > 0.0, "{sw:?}");
+    }
+    let reached: Vec<&Swap> = rows
+        .iter()
+        .map(|r| swap(r))
+        .filter(|s| s.page_outs == 0 && s.swapped_mib >= s.target_mib)
+        .collect();
+    assert!(!reached.is_empty(), "{rows:?}");
+    for sw in reached {
+        assert_eq!(sw.out_ms, 0.0, "{sw:?}");
     }
     // The map at the end: the swapped pages are VmmSwapped, not Swapped.
     assert!(s.map.vmm_swapped >= 31 * 256, "{:?}", s.map);

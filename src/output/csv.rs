@@ -1,6 +1,7 @@
 //! `--csv`: one header row, then one row per interval with every field of the JSON row, nested
 //! objects flattened with `_` (esxtop's batch-mode convention). Units are in the header: a field
-//! named `..._mib` in JSON is `..._MiB` here, `_s` is seconds, `_pages` pages.
+//! named `..._mib` in JSON is `..._MiB` here, `_s` is seconds, `_ms` milliseconds, `_pages`
+//! pages.
 
 use serde_json::{Map, Value};
 
@@ -161,6 +162,8 @@ mod tests {
                 swapped_mib: 24.0,
                 page_ins: 3,
                 page_in_us_p50: Some(12.5),
+                out_ms: 41.5,
+                in_ms: 0.25,
                 ..crate::row::Swap::default()
             }),
             active_writes: Some(Active {
@@ -212,6 +215,9 @@ mod tests {
         assert!(headers.contains(&"check_zero_MiB".to_string()));
         assert!(headers.contains(&"swap_swapped_MiB".to_string()));
         assert!(headers.contains(&"swap_page_in_us_p99".to_string()));
+        let at = |name: &str| &values[headers.iter().position(|h| h == name).unwrap()];
+        assert_eq!(at("swap_out_ms"), "41.5");
+        assert_eq!(at("swap_in_ms"), "0.25");
         for ((h, v), (k, json)) in headers.iter().zip(&values).zip(&flat) {
             let expect = match json {
                 Value::String(s) => s.clone(),

@@ -41,12 +41,15 @@ struct Latest {
 }
 
 /// What the counters count: totals over the rows so far.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Copy, Debug, Default, PartialEq)]
 pub struct Totals {
     pub intervals: u64,
     /// Pages hypervisor swap read back and wrote out.
     pub swap_in_pages: u64,
     pub swap_out_pages: u64,
+    /// Seconds the VMM spent swapping out at boundaries, and seconds the page-ins waited.
+    pub swap_out_seconds: f64,
+    pub swap_in_wait_seconds: f64,
 }
 
 /// The HTTP server and the latest row it serves; dropping it stops the server without waiting
@@ -89,12 +92,21 @@ impl Exporter {
     pub fn update(&self, row: &Row) {
         let row = row.clone();
         let mut l = self.latest.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(s) = &row.swap {
-            l.totals.swap_in_pages += s.page_ins;
-            l.totals.swap_out_pages += s.page_outs;
-        }
+        l.totals.add(&row);
         l.row = Some(row);
-        l.totals.intervals += 1;
+    }
+}
+
+impl Totals {
+    /// Counts one more row.
+    fn add(&mut self, row: &Row) {
+        self.intervals += 1;
+        if let Some(s) = &row.swap {
+            self.swap_in_pages += s.page_ins;
+            self.swap_out_pages += s.page_outs;
+            self.swap_out_seconds += s.out_ms / 1e3;
+            self.swap_in_wait_seconds += s.in_ms / 1e3;
+        }
     }
 }
 
@@ -181,6 +193,22 @@ fn add_swap(reg: &mut Registry, s: &crate::row::Swap, totals: Totals) {
         let c: Counter = Counter::default();
         c.inc_by(pages * crate::units::PAGE_SIZE);
         reg.register_with_unit(name, help, Unit::Bytes, c);
+    }
+    for (name, help, secs) in [
+        (
+            "memvisor_swap_out",
+            "Time the VMM spent swapping out at interval boundaries, with the vCPU stopped",
+            totals.swap_out_seconds,
+        ),
+        (
+            "memvisor_swap_in_wait",
+            "Time the guest's page-ins waited for swapped pages, as the fault handler measured it",
+            totals.swap_in_wait_seconds,
+        ),
+    ] {
+        let c: Counter<f64, AtomicU64> = Counter::default();
+        c.inc_by(secs);
+        reg.register_with_unit(name, help, Unit::Seconds, c);
     }
 }
 
@@ -379,6 +407,33 @@ mod tests {
     }
 
     #[test]
+    fn totals_add_up_the_rows_swap_counts_and_times() {
+        let mut t = Totals::default();
+        let mut r = row();
+        t.add(&r);
+        r.swap = Some(crate::row::Swap {
+            page_ins: 2,
+            page_outs: 100,
+            out_ms: 40.0,
+            in_ms: 0.5,
+            ..crate::row::Swap::default()
+        });
+        t.add(&r);
+        t.add(&r);
+        assert_eq!(t.intervals, 3);
+        assert_eq!((t.swap_in_pages, t.swap_out_pages), (4, 200));
+        assert!((t.swap_out_seconds - 0.08).abs() < 1e-12, "{t:?}");
+        assert!((t.swap_in_wait_seconds - 0.001).abs() < 1e-12, "{t:?}");
+        let text = encode(Some(&r), t, "vm1");
+        let s = parse(&text);
+        assert!((value(&s, "memvisor_swap_out_seconds_total", &[]) - 0.08).abs() < 1e-12);
+        assert!(
+            text.contains("# TYPE memvisor_swap_out_seconds_total counter"),
+            "{text}"
+        );
+    }
+
+    #[test]
     fn metrics_are_named_with_base_units_and_typed() {
         let mut r = row();
         r.swap = Some(crate::row::Swap {
@@ -390,6 +445,8 @@ mod tests {
             intervals: 2,
             swap_in_pages: 3,
             swap_out_pages: 5,
+            swap_out_seconds: 0.25,
+            swap_in_wait_seconds: 0.0125,
         };
         let text = encode(Some(&r), totals, "vm1");
         let s = parse(&text);
@@ -420,6 +477,11 @@ mod tests {
             value(&s, "memvisor_swap_out_bytes_total", &[]),
             5.0 * 4096.0
         );
+        assert_eq!(value(&s, "memvisor_swap_out_seconds_total", &[]), 0.25);
+        assert_eq!(
+            value(&s, "memvisor_swap_in_wait_seconds_total", &[]),
+            0.0125
+        );
         assert!(s.samples.iter().all(|x| x.labels.get("vm") == Some("vm1")));
         // _total only on the counter; every metric has help text.
         assert!(
@@ -432,7 +494,9 @@ mod tests {
                     || [
                         "memvisor_intervals_total",
                         "memvisor_swap_in_bytes_total",
-                        "memvisor_swap_out_bytes_total"
+                        "memvisor_swap_out_bytes_total",
+                        "memvisor_swap_out_seconds_total",
+                        "memvisor_swap_in_wait_seconds_total"
                     ]
                     .contains(&x.metric.as_str()),
                 "{}",

@@ -123,18 +123,15 @@ impl HypervisorSwap {
                 .iter()
                 .map(|&(gfn, access)| (gfn, access == Access::Read)),
         );
-        let t0 = Instant::now();
         let mut page_outs = 0;
+        let mut out_ms = 0.0;
         let now = faults.swapped_pages();
         if !last && !self.stopped && self.target_pages > now {
             let want = (self.target_pages - now).min(MAX_OUT_PER_INTERVAL);
+            let t0 = Instant::now();
             page_outs = self.swap_out(vm, faults, work, want, interval)?;
-        }
-        if page_outs > 0 {
-            log::debug!(
-                "interval {interval}: swapped out {page_outs} pages in {:.1} ms",
-                t0.elapsed().as_secs_f64() * 1e3
-            );
+            out_ms = t0.elapsed().as_secs_f64() * 1e3;
+            log::debug!("interval {interval}: swapped out {page_outs} pages in {out_ms:.1} ms");
         }
         let secs = length.as_secs_f64();
         let rate = |pages: u64| {
@@ -146,6 +143,8 @@ impl HypervisorSwap {
         };
         let page_ins = ins.pages.len() as u64;
         let mut waits = ins.wait_us;
+        // Folded from +0.0: an empty f64 sum is -0.0, which JSON would print as such.
+        let in_ms = waits.iter().fold(0.0, |a, w| a + w) / 1e3;
         waits.sort_unstable_by(f64::total_cmp);
         Ok(Swap {
             swapped_mib: pages_mib(faults.swapped_pages()),
@@ -156,6 +155,8 @@ impl HypervisorSwap {
             page_outs,
             page_in_us_p50: percentile(&waits, 0.50),
             page_in_us_p99: percentile(&waits, 0.99),
+            out_ms,
+            in_ms,
             stopped: self.stopped,
         })
     }
