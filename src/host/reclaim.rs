@@ -12,8 +12,12 @@
 //! (SWTGT):
 //!
 //! - the balloon first, up to [`CTL_MAX_PERCENT`] of the VM's memory (ESX's `Mem.CtlMaxPercent`);
-//! - `high`: nothing new is reclaimed (as ESX): swapping stops (swapped pages come back as the
-//!   guest touches them) and the balloon only deflates, toward what the VM's target needs;
+//! - `high`: nothing new is reclaimed: the balloon only deflates, toward what the VM's target
+//!   needs, and the swap target is what is swapped now, less what the VM may take back below its
+//!   target. Swapped pages come back as the guest touches them, but a VM's page-ins never take it
+//!   above its target (the next boundary swaps out as many of its coldest pages): letting them
+//!   would refill the memory the last reclamation freed, and the host would fall back from `high`
+//!   to where it came from, period after period;
 //! - `soft`: the balloon moves toward its share; swap only for what the balloon may not take
 //!   (above its maximum), swap already done that the balloon has not yet replaced, and everything
 //!   for a VM whose balloon is stuck (below);
@@ -150,7 +154,7 @@ pub fn plan(vm: &VmMemory, state: MemState, history: History) -> Plan {
     // What the balloon has not delivered of what must be reclaimed.
     let uncovered = need.saturating_sub(balloon);
     let swap_target = match state {
-        MemState::High => 0,
+        MemState::High => swapped.min(uncovered),
         MemState::Soft if stuck => uncovered,
         MemState::Soft => swapped.max(need.saturating_sub(cap)).min(uncovered),
         MemState::Hard | MemState::Low => uncovered,
@@ -325,27 +329,19 @@ mod tests {
         let (p, v, h) = simulate(vm(2_000, 0, 0), &[Soft; 20], History::default(), true);
         assert_eq!((v.balloon_pages, v.swapped_pages), (6_500, 1_500));
         assert_eq!(p.swap_target_pages, 1_500);
-        // The target rises by 1,000 and the host is in high: swapping stops (the pages come
-        // back as they are touched), the balloon holds.
-        let p = plan(
-            &VmMemory {
-                target_pages: 3_000,
-                ..v
-            },
-            High,
-            h,
-        );
-        assert_eq!((p.balloon_target_pages, p.swap_target_pages), (6_500, 0));
-        // Still short (soft): the swap target falls by the 1,000 the target rose.
-        let p = plan(
-            &VmMemory {
-                target_pages: 3_000,
-                ..v
-            },
-            Soft,
-            h,
-        );
-        assert_eq!((p.balloon_target_pages, p.swap_target_pages), (6_500, 500));
+        // The target rises by 1,000: the swap target falls by 1,000, the balloon holds (in high
+        // as in soft).
+        for s in [High, Soft] {
+            let p = plan(
+                &VmMemory {
+                    target_pages: 3_000,
+                    ..v
+                },
+                s,
+                h,
+            );
+            assert_eq!((p.balloon_target_pages, p.swap_target_pages), (6_500, 500));
+        }
         // By 2,000: no swap, the balloon deflates by 500 (the rate limit).
         let p = plan(
             &VmMemory {
@@ -481,7 +477,7 @@ mod tests {
                 }
                 match s {
                     High => {
-                        prop_assert_eq!(p.swap_target_pages, 0);
+                        prop_assert!(p.swap_target_pages <= v.swapped_pages);
                         prop_assert!(p.balloon_target_pages <= previous);
                     }
                     Soft if !p.balloon_stuck && need <= balloon_max(v.mem_pages) => {

@@ -635,7 +635,12 @@ mod tests {
         );
         let both = DefaultsOnly::try_parse_from(["m", "--limit", "1M", "--balloon", "1M"]);
         assert!(both.is_err(), "--limit and --balloon exclude each other");
-        assert!(RunConfig::new(opts(&["--no-balloon"])).unwrap().balloon.is_none());
+        assert!(
+            RunConfig::new(opts(&["--no-balloon"]))
+                .unwrap()
+                .balloon
+                .is_none()
+        );
         for with in ["--limit=1M", "--balloon=1M", "--free-page-reporting"] {
             let both = DefaultsOnly::try_parse_from(["m", "--no-balloon", with]);
             assert!(both.is_err(), "--no-balloon excludes {with}");
