@@ -19,6 +19,8 @@ pub mod cli;
 pub mod csv;
 #[cfg(feature = "prometheus")]
 pub mod metrics;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod process;
 pub mod reclaim;
 pub mod scheduler;
