@@ -218,6 +218,19 @@ fn runs(points: &[&Point], f: impl Fn(&Point) -> Option<f64>) -> Vec<Vec<(f64, f
     out
 }
 
+/// Characters of a VM's name that fit the legend (names have up to 32).
+const LEGEND_CHARS: usize = 17;
+
+/// A VM's name as the legend shows it: cut with `~` when it would not fit.
+fn legend_name(name: &str) -> String {
+    if name.chars().count() <= LEGEND_CHARS {
+        return name.to_string();
+    }
+    let mut s: String = name.chars().take(LEGEND_CHARS - 1).collect();
+    s.push('~');
+    s
+}
+
 /// The plot's title.
 fn title(rec: &Recorder) -> String {
     let budget = rec.points.first().map_or(0.0, |p| p.budget);
@@ -379,7 +392,7 @@ where
     y += 28;
     for (i, name) in rec.names.iter().enumerate() {
         legend.draw(&swatch(y, colour(i).mix(0.55)))?;
-        legend.draw(&Text::new(name.clone(), (54, y), text.clone()))?;
+        legend.draw(&Text::new(legend_name(name), (54, y), text.clone()))?;
         y += 24;
     }
     legend.draw(&swatch(y, OVERHEAD.mix(0.6)))?;
