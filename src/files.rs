@@ -118,6 +118,35 @@ pub fn write_atomic(
     new.persist(path, &dir)
 }
 
+/// Creates (or truncates) a regular file at `path` to be written as it goes, for a log that a
+/// reader may follow while it grows (the host's `--csv`). The same checks as [`write_atomic`] on
+/// the target and its directory; the open itself follows no symbolic link (`O_NOFOLLOW`) and
+/// cannot block (`O_NONBLOCK`), and what it opened must be a regular file, so a path swapped for
+/// a link, FIFO or device after the checks is still refused.
+pub fn create_stream(path: &Path) -> Result<File, FileError> {
+    target_dir(path)?;
+    let f = OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .custom_flags(libc::O_NOFOLLOW | libc::O_NONBLOCK | libc::O_NOCTTY)
+        .open(path)
+        .map_err(|e| FileError::io(path, "creating it", e))?;
+    let meta = f
+        .metadata()
+        .map_err(|e| FileError::io(path, "creating it", e))?;
+    if !meta.is_file() {
+        return Err(FileError::bad(
+            path,
+            format!(
+                "is {}, not a regular file: refusing to write it",
+                kind(meta.file_type())
+            ),
+        ));
+    }
+    Ok(f)
+}
+
 /// Opens `path` for reading if it is a regular file (through symbolic links); anything else is
 /// refused without blocking.
 pub fn open_regular(path: &Path) -> Result<File, FileError> {
@@ -439,6 +468,39 @@ mod tests {
         let h = hidden_name(Path::new("x/out.map"), Path::new("x"));
         let n = h.file_name().unwrap().as_bytes().to_vec();
         assert!(is_our_temp(&n, b".out.map."), "{}", h.display());
+    }
+
+    #[test]
+    fn a_stream_is_created_only_as_a_regular_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let d = dir.path();
+        let file = d.join("log.csv");
+        std::fs::write(&file, b"old text").unwrap();
+        let mut f = create_stream(&file).unwrap();
+        f.write_all(b"new").unwrap();
+        drop(f);
+        assert_eq!(
+            std::fs::read(&file).unwrap(),
+            b"new",
+            "truncated, then written"
+        );
+        let victim = d.join("victim");
+        std::fs::write(&victim, b"precious").unwrap();
+        let link = d.join("link.csv");
+        std::os::unix::fs::symlink(&victim, &link).unwrap();
+        let e = create_stream(&link).unwrap_err().to_string();
+        assert!(e.contains("a symbolic link"), "{e}");
+        assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+        let e = create_stream(d).unwrap_err().to_string();
+        assert!(e.contains("a directory"), "{e}");
+        let e = create_stream(Path::new("/dev/null"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("a character device"), "{e}");
+        let e = create_stream(&d.join("no/such/dir.csv"))
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("does not exist"), "{e}");
     }
 
     #[test]

@@ -143,3 +143,107 @@ fn a_failing_vm_is_reported_and_the_others_go_on() {
         "the VM's stderr is passed on: {stderr}"
     );
 }
+
+/// `--csv` beside `--json`: one CSV row per period, with a column per VM and field whose cells
+/// are the JSON's values.
+#[test]
+fn the_csv_has_a_row_per_period_and_agrees_with_the_json() {
+    if !common::kvm("the_csv_has_a_row_per_period_and_agrees_with_the_json") {
+        return;
+    }
+    let dir = tempfile::tempdir().unwrap();
+    let csv = dir.path().join("host.csv");
+    let (rows, code, stderr) = host(&[
+        "--budget",
+        "256M",
+        "--period",
+        "200ms",
+        "--csv",
+        csv.to_str().unwrap(),
+        "--vm",
+        "name=a,mem=64M,workload=alloc 16M; touch 16M write 1s",
+        "--vm",
+        "name=b,mem=64M,shares=2000,limit=48M,workload=alloc 8M; touch 8M write; idle 1s",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let mut rd = csv::Reader::from_path(&csv).unwrap();
+    let header: Vec<String> = rd.headers().unwrap().iter().map(String::from).collect();
+    let records: Vec<csv::StringRecord> = rd.records().map(Result::unwrap).collect();
+    assert_eq!(records.len(), rows.len(), "one row per period");
+    assert!(rows.len() >= 4, "{} periods: {stderr}", rows.len());
+    let col = |name: &str| {
+        header
+            .iter()
+            .position(|h| h == name)
+            .unwrap_or_else(|| panic!("no column {name} in {header:?}"))
+    };
+    let num = |rec: &csv::StringRecord, name: &str| rec[col(name)].parse::<f64>().unwrap();
+    for (json, rec) in rows.iter().zip(&records) {
+        assert_eq!(num(rec, "period"), f(json, "period"));
+        assert_eq!(num(rec, "time_s"), f(json, "time_s"));
+        assert_eq!(num(rec, "\\\\host\\free_MiB"), f(&json["host"], "free_mib"));
+        assert_eq!(&rec[col("\\\\host\\state")], json["host"]["state"]);
+        for name in ["a", "b"] {
+            let v = vm(json, name);
+            let c = |field: &str| format!("\\\\vm({name})\\{field}");
+            for (field, key) in [
+                ("target_MiB", "target_mib"),
+                ("granted_MiB", "granted_mib"),
+                ("active_MiB", "active_mib"),
+                ("balloon_MiB", "balloon_mib"),
+                ("swap_target_MiB", "swap_target_mib"),
+                ("shares", "shares"),
+            ] {
+                assert_eq!(num(rec, &c(field)), f(v, key), "{field} of {name}");
+            }
+            assert_eq!(&rec[col(&c("status"))], v["status"]);
+        }
+        assert_eq!(num(rec, "\\\\vm(b)\\limit_MiB"), 48.0);
+        assert_eq!(
+            &rec[col("\\\\vm(a)\\limit_MiB")],
+            "",
+            "no limit: an empty cell"
+        );
+    }
+}
+
+/// `--csv` and `--plot` at a symbolic link or a directory are refused with a clear error before
+/// any VM starts, and the link's target is left alone.
+#[test]
+fn bad_output_paths_are_refused_before_any_vm_starts() {
+    let dir = tempfile::tempdir().unwrap();
+    let victim = dir.path().join("victim");
+    std::fs::write(&victim, b"precious").unwrap();
+    let link = dir.path().join("link.csv");
+    std::os::unix::fs::symlink(&victim, &link).unwrap();
+    let sub = dir.path().join("sub.svg");
+    std::fs::create_dir(&sub).unwrap();
+    let cases = [
+        ("--csv", &link, "symbolic link"),
+        ("--csv", &sub, "directory"),
+        ("--plot", &sub, "directory"),
+    ];
+    // Without the plot feature, --plot is refused as such (tested with the other outputs).
+    for (flag, path, says) in cases
+        .into_iter()
+        .filter(|c| cfg!(feature = "plot") || c.0 != "--plot")
+    {
+        let out = memvisor()
+            .args(["host", "--budget", "256M", flag])
+            .arg(path)
+            .args(["--vm", "name=a,mem=64M,workload=alloc 8M; idle 30s"])
+            .output()
+            .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(
+            out.status.code(),
+            Some(1),
+            "{flag} {}: {err}",
+            path.display()
+        );
+        assert!(err.contains(flag) && err.contains(says), "{err}");
+        assert!(!err.contains("[a]"), "no VM started: {err}");
+        assert!(out.stdout.is_empty(), "no period printed");
+    }
+    assert_eq!(std::fs::read(&victim).unwrap(), b"precious");
+}

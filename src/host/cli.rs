@@ -2,6 +2,7 @@
 //! [`HostConfig`] before any VM starts, and the host's rows printed as a table or JSON lines.
 
 use std::io::{Read, Write};
+use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
@@ -9,8 +10,11 @@ use clap::Args;
 use serde::Deserialize;
 use thiserror::Error;
 
+use crate::files::FileError;
+use crate::output::OutputError;
 use crate::units::{fmt_mib, parse_duration, parse_size};
 
+use super::csv::CsvLog;
 use super::scheduler::DEFAULT_TAX;
 use super::spec::{self, SpecError};
 use super::supervisor::{HostConfig, HostRow};
@@ -49,6 +53,18 @@ pub struct HostOptions {
     /// One JSON object per period instead of the table.
     #[arg(long)]
     pub json: bool,
+    /// Also write each period to this CSV file as the host runs, esxtop's batch style: one row per
+    /// period, one column per VM and field (`\\host\free_MiB`, `\\vm(web)\target_MiB`...).
+    #[arg(long, value_name = "FILE")]
+    pub csv: Option<PathBuf>,
+    /// Serve the latest period to Prometheus at http://ADDR/metrics, e.g. 127.0.0.1:9464: the
+    /// host's metrics and each VM's, labelled with its name (`vm="web"`).
+    #[arg(long, value_name = "ADDR", value_parser = crate::output::socket_addr_arg)]
+    pub prometheus: Option<SocketAddr>,
+    /// Draw the host's plot to this file at the end, also when stopped (.svg or .png): each VM's
+    /// granted memory stacked under the budget, and each VM's target and active memory.
+    #[arg(long, value_name = "FILE")]
+    pub plot: Option<PathBuf>,
 }
 
 /// Why the host's settings are refused.
@@ -66,6 +82,16 @@ pub enum HostCliError {
     Spec(#[from] SpecError),
     #[error("cannot find the memvisor binary to run the VMs: {0}")]
     Exe(std::io::Error),
+    #[error("--csv: {0}")]
+    Csv(#[source] FileError),
+    #[cfg(feature = "plot")]
+    #[error("--plot: {0}")]
+    Plot(#[source] super::plot::PlotError),
+    #[cfg(feature = "prometheus")]
+    #[error(transparent)]
+    Prometheus(#[from] crate::output::prometheus::PrometheusError),
+    #[error(transparent)]
+    Output(#[from] OutputError),
 }
 
 /// The host file's form.
@@ -252,24 +278,125 @@ fn truncate(s: &str, n: usize) -> &str {
     s.char_indices().nth(n).map_or(s, |(i, _)| &s[..i])
 }
 
-/// Runs the host, printing its rows to stdout.
+/// The outputs beside stdout: the CSV file, the Prometheus endpoint and the plot.
+struct Outputs {
+    csv: Option<CsvLog>,
+    #[cfg(feature = "prometheus")]
+    exporter: Option<super::metrics::Exporter>,
+    #[cfg(feature = "plot")]
+    plot: Option<(PathBuf, super::plot::Recorder)>,
+}
+
+impl Outputs {
+    /// Checks the plot's file, creates the CSV file and starts the endpoint: a bad path or
+    /// address is refused here, before any VM starts.
+    fn start(opts: &HostOptions) -> Result<Self, HostCliError> {
+        #[cfg(feature = "plot")]
+        if let Some(p) = &opts.plot {
+            super::plot::check(p).map_err(HostCliError::Plot)?;
+        }
+        #[cfg(not(feature = "plot"))]
+        if opts.plot.is_some() {
+            return Err(OutputError::FeatureOff {
+                flag: "--plot",
+                feature: "plot",
+            }
+            .into());
+        }
+        #[cfg(not(feature = "prometheus"))]
+        if opts.prometheus.is_some() {
+            return Err(OutputError::FeatureOff {
+                flag: "--prometheus",
+                feature: "prometheus",
+            }
+            .into());
+        }
+        #[cfg(feature = "prometheus")]
+        let exporter = match opts.prometheus {
+            Some(addr) => {
+                let e = super::metrics::Exporter::start(addr)?;
+                log::info!(
+                    "host: serving Prometheus metrics at http://{}{}",
+                    e.local_addr(),
+                    crate::output::prometheus::PATH
+                );
+                Some(e)
+            }
+            None => None,
+        };
+        let csv = (opts.csv.as_deref())
+            .map(CsvLog::create)
+            .transpose()
+            .map_err(HostCliError::Csv)?;
+        Ok(Outputs {
+            csv,
+            #[cfg(feature = "prometheus")]
+            exporter,
+            #[cfg(feature = "plot")]
+            plot: opts
+                .plot
+                .clone()
+                .map(|p| (p, super::plot::Recorder::default())),
+        })
+    }
+
+    /// Hands one period to each output.
+    fn period(&mut self, row: &HostRow) -> std::io::Result<()> {
+        #[cfg(feature = "prometheus")]
+        if let Some(e) = &self.exporter {
+            e.update(row);
+        }
+        #[cfg(feature = "plot")]
+        if let Some((_, rec)) = &mut self.plot {
+            rec.push(row);
+        }
+        match &mut self.csv {
+            Some(c) => c.row(row),
+            None => Ok(()),
+        }
+    }
+
+    /// Draws the plot, if asked for.
+    fn finish(self) -> Result<(), HostCliError> {
+        #[cfg(feature = "plot")]
+        if let Some((path, rec)) = &self.plot {
+            super::plot::write(path, rec).map_err(HostCliError::Plot)?;
+        }
+        Ok(())
+    }
+}
+
+/// Runs the host, printing its rows to stdout and handing them to the other outputs. The plot is
+/// drawn whatever ended the run.
 pub fn run(opts: &HostOptions) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = opts.config()?;
+    // Admission first, so that a refused host creates no file.
+    super::supervisor::admit(&cfg)?;
+    let mut outputs = Outputs::start(opts)?;
     let mut out = std::io::stdout().lock();
     if !opts.json {
         writeln!(out, "{}", table_header())?;
     }
     let json = opts.json;
-    super::supervisor::run(&cfg, &mut |row| {
+    let result = super::supervisor::run(&cfg, &mut |row| {
         let line = if json {
             serde_json::to_string(row).map_err(std::io::Error::other)?
         } else {
             table_block(row)
         };
         writeln!(out, "{line}")?;
-        out.flush()
-    })?;
-    Ok(())
+        out.flush()?;
+        outputs.period(row)
+    });
+    let plot = outputs.finish();
+    match (result, plot) {
+        (Err(e), Err(p)) => {
+            log::error!("{p}");
+            Err(e.into())
+        }
+        (Err(e), Ok(())) => Err(e.into()),
+        (Ok(_), plot) => Ok(plot?),
+    }
 }
 
 #[cfg(test)]

@@ -9,15 +9,23 @@
 //!   hypervisor swap, with the balloon's rate limit.
 //!
 //! Around it: `spec`, one VM as the user gives it; `process`, one VM as its own `memvisor run`
-//! process, driven over its control socket.
+//! process, driven over its control socket; `supervisor`, the host loop; `cli`, the command line
+//! and the table and JSON; `csv`, `metrics` (Prometheus) and `plot`, the host's other outputs.
 //!
 //! All sizes are in pages (`units::PAGE_SIZE`); MiB only in messages. See docs/design.md, "The host
 //! scheduler".
 
 pub mod cli;
+pub mod csv;
+#[cfg(feature = "prometheus")]
+pub mod metrics;
+#[cfg(feature = "plot")]
+pub mod plot;
 pub mod process;
 pub mod reclaim;
 pub mod scheduler;
 pub mod spec;
 pub mod state;
 pub mod supervisor;
+#[cfg(test)]
+mod testing;
