@@ -94,6 +94,78 @@ fn an_idle_vm_gets_less_than_a_busy_one_and_both_finish() {
     }
 }
 
+/// Three VMs on a budget 40% short of what they touch: once reclamation has had `SETTLE`
+/// periods, host usage stays within the budget plus `SLACK_PCT` and each VM within its target
+/// plus the same slack; the targets never exceed the budget; pages that were swapped out come
+/// back intact (every `verify` access checksums its page: a changed one fails the run).
+#[test]
+fn under_a_tight_budget_targets_are_reached_and_every_guest_verifies() {
+    if !common::kvm("under_a_tight_budget_targets_are_reached_and_every_guest_verifies") {
+        return;
+    }
+    // Periods after pressure first shows (the first state below high) before the bounds hold:
+    // the first arrival of memory outruns any reclamation (a guest touches 96 MiB in well under
+    // a period), and a boundary swaps out at most 64 MiB of a VM.
+    const SETTLE: usize = 4;
+    // Page-ins between a VM's boundaries, and the one period the targets lag behind: 10% of the
+    // budget.
+    const SLACK_PCT: f64 = 10.0;
+    let (rows, code, stderr) = host(&[
+        "--budget",
+        "200M",
+        "--period",
+        "500ms",
+        "--vm",
+        "name=a,mem=128M,workload=alloc 96M; touch 96M write; idle 3s; touch 96M read verify",
+        "--vm",
+        "name=b,mem=128M,workload=alloc 96M; touch 96M write; touch 96M mixed random 4s verify",
+        "--vm",
+        "name=c,mem=128M,workload=alloc 64M; touch 64M write; touch 64M mixed random 4s verify",
+    ]);
+    assert_eq!(code, Some(0), "{stderr}");
+    let names = ["a", "b", "c"];
+    let budget = 200.0;
+    let slack = budget * SLACK_PCT / 100.0;
+    for r in &rows {
+        assert!(f(&r["host"], "targets_mib") <= budget, "{r}");
+    }
+    let pressure = (rows.iter())
+        .position(|r| r["host"]["state"] != "high")
+        .expect("the host came under pressure");
+    let settled: Vec<&Value> = (rows.iter().skip(pressure + SETTLE))
+        .filter(|r| names.iter().all(|n| vm(r, n)["status"] == "running"))
+        .collect();
+    assert!(
+        settled.len() >= 2,
+        "{} settled periods: {stderr}",
+        settled.len()
+    );
+    for r in &settled {
+        let usage: f64 = (names.iter())
+            .map(|n| f(vm(r, n), "granted_mib") + f(vm(r, n), "overhead_mib"))
+            .sum();
+        assert!(usage <= budget + slack, "usage {usage:.1} MiB at {r}");
+        for n in names {
+            let v = vm(r, n);
+            assert!(
+                f(v, "granted_mib") <= f(v, "target_mib") + slack,
+                "{n} above its target at {r}"
+            );
+        }
+    }
+    // Memory was taken back, and some of it by swap: the verify phases read swapped pages.
+    assert!(
+        rows.iter()
+            .any(|r| names.iter().any(|n| f(vm(r, n), "swapped_mib") > 8.0)),
+        "{stderr}"
+    );
+    let last = rows.last().unwrap();
+    for n in names {
+        assert_eq!(vm(last, n)["status"], "ended", "{n}: {last}\n{stderr}");
+        assert_eq!(vm(last, n)["exit_code"], 0, "{n}: {last}");
+    }
+}
+
 /// Admission: reservations that do not fit the budget are refused before any VM starts.
 #[test]
 fn reservations_beyond_the_budget_are_refused_up_front() {

@@ -14,7 +14,7 @@
 //! MCTLTGT), `_swapped_bytes` and `_swap_target_bytes` (SWCUR, SWTGT), `_overhead_bytes` (OVHD),
 //! `_shares`, `_reservation_bytes`, `_limit_bytes` (only a VM with a limit), the guest's
 //! `_work_rate_accesses_per_second` (once it reports one), `_balloon_stuck` (1 while swap stands in
-//! for a balloon that does not move), its status as an enum-style gauge
+//! for a balloon that does not move), `_paused` (1 while its vCPU is held in `low`), its status as an enum-style gauge
 //! (`memvisor_host_vm_status{vm="web",status="running"} 1`) and `_order_errors_total`.
 
 use std::collections::HashMap;
@@ -361,6 +361,14 @@ fn add_vms(reg: &mut Registry, vms: &[VmLine], totals: &Totals) {
         "1 while hypervisor swap stands in for the VM's balloon (none, or it did not move)",
         None,
         |v| Some(f64::from(u8::from(v.balloon_stuck))),
+    );
+    per_vm(
+        reg,
+        vms,
+        "memvisor_host_paused",
+        "1 while the VM's vCPU is held out of the guest (the low state, above its target)",
+        None,
+        |v| Some(f64::from(u8::from(v.paused))),
     );
     let status = Family::<StatusLabels, GaugeF>::default();
     for v in vms {

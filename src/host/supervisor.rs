@@ -348,7 +348,15 @@ fn decide(
         targets_pages += t.pages;
     }
     for (i, vm) in vms.iter_mut().enumerate() {
-        let (status, input, mut memory, rate) = views[i].clone();
+        let (status, mut input, mut memory, rate) = views[i].clone();
+        if status.is_some() {
+            // Its process is gone, and with it everything it held.
+            memory.granted_pages = 0;
+            memory.balloon_pages = 0;
+            memory.swapped_pages = 0;
+            input.active_pages = 0;
+            input.overhead_pages = 0;
+        }
         let spec = vm.process.spec.clone();
         let mut errors = 0;
         let mut stuck = false;

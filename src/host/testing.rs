@@ -30,6 +30,7 @@ pub fn vm(name: &str, granted: f64, target: f64, active: f64) -> VmLine {
         limit_mib: None,
         rate: Some(1.5e6),
         balloon_stuck: false,
+        paused: false,
         order_errors: 0,
     }
 }
