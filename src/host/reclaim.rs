@@ -31,7 +31,11 @@
 //!   no longer needs beyond the balloon), then the balloon deflates.
 //!
 //! The balloon target moves at most [`BALLOON_STEP_PERCENT`] of the VM's memory per period, both
-//! ways. oVirt MOM's balloon policy moves a guest by at most 5% of its memory per policy round
+//! ways, and the swap target falls by at most as much (it rises at once: swap is the fallback when
+//! ballooning is too slow). The limit on the way back is what keeps the host from swinging: a VM
+//! whose target rose takes back swapped pages as fast as it touches them (tens of MiB a second),
+//! while the VMs whose targets fell give memory back only once the host is short again; without
+//! it, a host of a few hundred MiB fell from `high` to `low` within one period, again and again. oVirt MOM's balloon policy moves a guest by at most 5% of its memory per policy round
 //! (`max_balloon_change_percent`, every 10 s by default); Proxmox's autoballoon moves a VM by at
 //! most 100 MiB per 10 s round. Memvisor's period is 1 s by default and its VMs are small (tens to
 //! hundreds of MiB), so MOM's 5% per period is used: a guest's balloon driver inflates that much
@@ -153,12 +157,14 @@ pub fn plan(vm: &VmMemory, state: MemState, history: History) -> Plan {
 
     // What the balloon has not delivered of what must be reclaimed.
     let uncovered = need.saturating_sub(balloon);
-    let swap_target = match state {
+    let wanted_swap = match state {
         MemState::High => swapped.min(uncovered),
         MemState::Soft if stuck => uncovered,
         MemState::Soft => swapped.max(need.saturating_sub(cap)).min(uncovered),
         MemState::Hard | MemState::Low => uncovered,
     };
+    // Swapped pages come back at most a step a period, as the balloon deflates.
+    let swap_target = wanted_swap.max(swapped.saturating_sub(step));
 
     Plan {
         balloon_target_pages: balloon_target,
@@ -329,8 +335,8 @@ mod tests {
         let (p, v, h) = simulate(vm(2_000, 0, 0), &[Soft; 20], History::default(), true);
         assert_eq!((v.balloon_pages, v.swapped_pages), (6_500, 1_500));
         assert_eq!(p.swap_target_pages, 1_500);
-        // The target rises by 1,000: the swap target falls by 1,000, the balloon holds (in high
-        // as in soft).
+        // The target rises by 1,000: the swap target falls by a step (500) of those 1,000, the
+        // balloon holds (in high as in soft).
         for s in [High, Soft] {
             let p = plan(
                 &VmMemory {
@@ -340,9 +346,10 @@ mod tests {
                 s,
                 h,
             );
-            assert_eq!((p.balloon_target_pages, p.swap_target_pages), (6_500, 500));
+            assert_eq!((p.balloon_target_pages, p.swap_target_pages), (6_500, 1_000));
         }
-        // By 2,000: no swap, the balloon deflates by 500 (the rate limit).
+        // By 2,000: no swap is needed; the swap target falls by a step and the balloon deflates
+        // by one (the rate limits).
         let p = plan(
             &VmMemory {
                 target_pages: 4_000,
@@ -351,7 +358,7 @@ mod tests {
             High,
             h,
         );
-        assert_eq!((p.balloon_target_pages, p.swap_target_pages), (6_000, 0));
+        assert_eq!((p.balloon_target_pages, p.swap_target_pages), (6_000, 1_000));
         // All of it: the balloon empties in 13 periods.
         let (p, v, _) = simulate(
             VmMemory {
@@ -390,7 +397,8 @@ mod tests {
         let p = plan(&v, Hard, History::default());
         assert_eq!((p.balloon_target_pages, p.swap_target_pages), (500, 1_000));
         // It holds 3,000 with 2,000 in its balloon and 1,000 swapped: 6,000 in all, its target.
-        // Nothing more is needed: the balloon deflates at its rate and swapping stops.
+        // Nothing more is needed: the balloon deflates at its rate, and swapped pages may come
+        // back at the same rate.
         let v = VmMemory {
             granted_pages: 3_000,
             ..vm(6_000, 2_000, 1_000)
@@ -401,7 +409,7 @@ mod tests {
             still_periods: 0,
         };
         let p = plan(&v, Soft, h);
-        assert_eq!((p.balloon_target_pages, p.swap_target_pages), (1_500, 0));
+        assert_eq!((p.balloon_target_pages, p.swap_target_pages), (1_500, 500));
     }
 
     #[test]
@@ -422,7 +430,9 @@ mod tests {
         for s in [High, Soft, Hard, Low] {
             let p = plan(&v, s, h);
             assert!(p.balloon_target_pages <= 65, "{s:?}");
-            assert_eq!(p.swap_target_pages, 0, "{s:?}");
+            // Nothing is needed (the target is all of it); what is swapped (clamped to 100)
+            // comes back a step (5) at a time.
+            assert_eq!(p.swap_target_pages, 95, "{s:?}");
         }
     }
 
@@ -470,11 +480,17 @@ mod tests {
                 // The rate limit, both ways, and the balloon's maximum.
                 prop_assert!(p.balloon_target_pages.abs_diff(previous) <= balloon_step(v.mem_pages));
                 prop_assert!(p.balloon_target_pages <= balloon_max(v.mem_pages));
-                // Never swap what the balloon already covers.
-                prop_assert!(p.swap_target_pages <= need.saturating_sub(v.balloon_pages));
+                // Never swap what the balloon already covers, beyond what may come back in a
+                // step.
+                let held = v.swapped_pages.saturating_sub(balloon_step(v.mem_pages));
+                prop_assert!(
+                    p.swap_target_pages <= need.saturating_sub(v.balloon_pages).max(held)
+                );
                 if need <= v.balloon_pages {
-                    prop_assert_eq!(p.swap_target_pages, 0);
+                    prop_assert!(p.swap_target_pages <= held);
                 }
+                // Swapped pages come back at most a step a period.
+                prop_assert!(p.swap_target_pages >= held);
                 match s {
                     High => {
                         prop_assert!(p.swap_target_pages <= v.swapped_pages);
@@ -489,7 +505,10 @@ mod tests {
                     }
                 }
                 if p.balloon_stuck && s != High {
-                    prop_assert_eq!(p.swap_target_pages, need.saturating_sub(v.balloon_pages));
+                    prop_assert_eq!(
+                        p.swap_target_pages,
+                        need.saturating_sub(v.balloon_pages).max(held)
+                    );
                 }
                 prop_assert_eq!(p.pause, s == Low && v.granted_pages > v.target_pages);
                 prop_assert_eq!(p.history.balloon_target_pages, p.balloon_target_pages);
