@@ -71,6 +71,15 @@ struct RunArgs {
     /// CSV instead of the table: a header row (units in the names), then one row per interval.
     #[arg(long)]
     csv: bool,
+    /// The table's columns, comma-separated, in the order given (README lists them), e.g.
+    /// time,phase,host,est,ci. Default: time,phase,touch,write,host,backed,ovhd,vswp,est,ci,
+    /// west,dirty,balln (at most 120 characters wide).
+    #[arg(long, value_name = "LIST", value_parser = output::table::Table::arg,
+          conflicts_with_all = ["json", "csv", "wide"])]
+    columns: Option<output::table::Table>,
+    /// The table with every column (about 210 characters wide).
+    #[arg(long, conflicts_with_all = ["json", "csv"])]
+    wide: bool,
     /// Serve the latest interval to Prometheus at http://ADDR/metrics, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR", value_parser = output::socket_addr_arg)]
     prometheus: Option<std::net::SocketAddr>,
@@ -131,7 +140,14 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let format = match (args.json, args.csv) {
         (true, _) => output::Format::Json,
         (_, true) => output::Format::Csv,
-        _ => output::Format::Table,
+        _ => output::Format::Table {
+            table: match (args.columns, args.wide) {
+                (Some(t), _) => t,
+                (None, true) => output::table::Table::wide(),
+                (None, false) => output::table::Table::default(),
+            },
+            header_every: output::table::header_every_for_stdout(),
+        },
     };
     let prometheus = args.prometheus.map(|addr| {
         let name = args.name.unwrap_or_else(|| std::process::id().to_string());

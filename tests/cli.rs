@@ -209,19 +209,47 @@ fn json_and_table_output() {
         assert!(lo <= est && est <= hi, "{r}");
     }
 
-    let out = memvisor_output(&args);
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert!(lines[0].contains("active: reads+writes") && lines[0].contains("active: writes"));
-    assert!(lines[1].contains("backed") && lines[1].contains("95% CI"));
-    assert!(lines.last().unwrap().ends_with("(end)"));
-    // Two header lines, then one line per interval, every one with the same columns.
-    assert!(lines.len() >= 2 + 5, "{text}");
-    let bars = lines[1].matches('|').count();
+    for view in [&[][..], &["--wide"], &["--columns", "time,est,backed"]] {
+        let out = memvisor_output(&[&args[..], view].concat());
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // Not a terminal: one header, at the top.
+        assert_eq!(text.matches(" time ").count(), 1, "{text}");
+        assert!(lines.last().unwrap().ends_with("(end)"));
+        // Two header lines, then one line per interval, every one with the same columns.
+        assert!(lines.len() >= 2 + 5, "{text}");
+        let bars = lines[1].matches('|').count();
+        assert!(
+            lines[2..].iter().all(|l| l.matches('|').count() == bars),
+            "{text}"
+        );
+        let names: Vec<&str> = lines[1]
+            .split([' ', '|'])
+            .filter(|w| !w.is_empty())
+            .collect();
+        match view {
+            [] => {
+                assert!(lines[0].contains("active: reads+writes"), "{text}");
+                assert_eq!(names.len(), 13, "{text}");
+                let (last, rows) = lines.split_last().unwrap();
+                assert!(rows.iter().all(|l| l.chars().count() <= 120), "{text}");
+                assert!(last.contains("(end)"));
+            }
+            ["--wide"] => {
+                assert!(lines[0].contains("active: writes"), "{text}");
+                assert_eq!(names.len(), 28, "{text}");
+            }
+            _ => assert_eq!(names, ["time", "est", "backed"], "{text}"),
+        }
+    }
+    // An unknown column is a usage error naming the valid ones.
+    let out = memvisor_output(&["run", "--columns", "time,hots"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        lines[2..].iter().all(|l| l.matches('|').count() == bars),
-        "{text}"
+        err.contains("unknown column \"hots\"") && err.contains("untch"),
+        "{err}"
     );
 }
 
