@@ -120,6 +120,7 @@ mod tests {
 
     fn full_row() -> Row {
         let mut r = Row {
+            schema_version: crate::row::SchemaVersion,
             time_s: 2.5,
             interval: 3,
             phase: "touch 4M, \"odd\" name".into(),

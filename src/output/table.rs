@@ -562,6 +562,7 @@ pub(crate) mod tests {
     /// A row with every value `v` and the phase name `phase`.
     pub(crate) fn row_with(v: f64, phase: &str) -> Row {
         let mut r = Row {
+            schema_version: crate::row::SchemaVersion,
             active: Some(Active {
                 estimate_mib: v,
                 ci_low_mib: v,
