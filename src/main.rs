@@ -83,8 +83,9 @@ struct RunArgs {
     /// Serve the latest interval to Prometheus at http://ADDR/metrics, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR", value_parser = output::socket_addr_arg)]
     prometheus: Option<std::net::SocketAddr>,
-    /// The `vm` label of the Prometheus metrics (default: the process id).
-    #[arg(long, requires = "prometheus")]
+    /// The VM's name: the `vm` column of --csv (default: vm) and the `vm` label of the Prometheus
+    /// metrics (default: the process id). `memvisor host` passes each VM's own.
+    #[arg(long)]
     name: Option<String>,
     /// Draw the run's plot to this file at the end, also when the run is stopped (.svg or .png).
     #[arg(long, value_name = "FILE")]
@@ -139,7 +140,9 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let cfg = RunConfig::new(args.options).map_err(|e| Failure::new(1, &e))?;
     let format = match (args.json, args.csv) {
         (true, _) => output::Format::Json,
-        (_, true) => output::Format::Csv,
+        (_, true) => output::Format::Csv {
+            name: args.name.clone().unwrap_or_else(|| "vm".into()),
+        },
         _ => output::Format::Table {
             table: match (args.columns, args.wide) {
                 (Some(t), _) => t,

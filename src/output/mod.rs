@@ -42,7 +42,10 @@ pub enum Format {
         header_every: Option<usize>,
     },
     Json,
-    Csv,
+    /// CSV rows of the VM named `name` (`run --name`).
+    Csv {
+        name: String,
+    },
 }
 
 /// Errors setting up or finishing the outputs.
@@ -142,7 +145,7 @@ impl Sink {
         let mut lines = LineWriter::spawn(out, writer::QUEUE_LINES, warn);
         let header = match &format {
             Format::Table { table, .. } => Some(table.header(pfn_visible)),
-            Format::Csv => Some(crate::output::csv::header()),
+            Format::Csv { .. } => Some(crate::output::csv::header()),
             Format::Json => None,
         };
         if let Some(h) = header {
@@ -188,7 +191,9 @@ impl Sink {
                 }
             }
             Format::Json => json_row(row),
-            Format::Csv => crate::output::csv::row(row),
+            Format::Csv { name } => {
+                crate::output::csv::row(row, name, std::time::SystemTime::now())
+            }
         };
         self.lines.send(line)
     }
@@ -311,17 +316,27 @@ mod tests {
     fn sink_prints_the_chosen_format() {
         let r = row_with(3.0, "idle 1s");
         let buf = Shared::default();
-        let mut s = Sink::new(buf.clone(), Format::Csv, None, None, true, quiet).unwrap();
+        let csv = Format::Csv { name: "web".into() };
+        let before = std::time::SystemTime::now();
+        let mut s = Sink::new(buf.clone(), csv, None, None, true, quiet).unwrap();
         s.row(&r).unwrap();
         let f = s.finish();
+        let after = std::time::SystemTime::now();
         assert_eq!(f.printed.unwrap().total(), 0);
         f.plot.unwrap();
         let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
         let lines: Vec<&str> = text.lines().collect();
-        assert_eq!(
-            lines,
-            [crate::output::csv::header(), crate::output::csv::row(&r)]
+        assert_eq!(lines.len(), 2);
+        assert_eq!(lines[0], crate::output::csv::header());
+        // Stamped with the wall clock when it was printed (to the millisecond).
+        let (stamp, rest) = lines[1].split_once(',').unwrap();
+        let bounds = [before, after].map(crate::units::rfc3339_utc);
+        assert!(
+            bounds[0].as_str() <= stamp && stamp <= bounds[1].as_str(),
+            "{stamp}"
         );
+        let expect = crate::output::csv::row(&r, "web", before);
+        assert_eq!(rest, expect.split_once(',').unwrap().1);
 
         let buf = Shared::default();
         let mut s = Sink::new(buf.clone(), Format::Json, None, None, true, quiet).unwrap();
