@@ -348,3 +348,78 @@ fn run_plot_in_a_missing_directory_fails_before_the_guest_runs() {
     assert_clean_failure(&out, "symbolic link");
     assert!(out.stdout.is_empty());
 }
+
+/// The binary's standard output for `args`, which must succeed.
+fn stdout_of(args: &[&str]) -> String {
+    let out = memvisor_output(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish_know_the_subcommands_and_options() {
+    for (shell, marker) in [
+        ("bash", "complete -F _memvisor"),
+        ("zsh", "#compdef memvisor"),
+        ("fish", "complete -c memvisor"),
+    ] {
+        let text = stdout_of(&["completions", shell]);
+        assert!(text.contains(marker), "{shell}: no {marker:?}");
+        assert!(text.contains("run") && text.contains("host"), "{shell}");
+        for option in ["mem", "columns", "wide"] {
+            // fish spells a long option `-l mem`.
+            let word = match shell {
+                "fish" => format!("-l {option}"),
+                _ => format!("--{option}"),
+            };
+            assert!(text.contains(&word), "{shell}: no {word}");
+        }
+    }
+    let out = memvisor_output(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bash"));
+}
+
+#[test]
+fn man_prints_roff_pages() {
+    let top = stdout_of(&["man"]);
+    assert!(top.contains(".TH memvisor 1"), "{top}");
+    assert!(top.contains(".SH SYNOPSIS") && top.contains("memvisor\\-run(1)"));
+    // The run page, which the top page names, exists too, with run's options and exit codes.
+    let run = stdout_of(&["man", "run"]);
+    assert!(run.contains(".TH memvisor\\-run 1") || run.contains(".TH memvisor-run 1"));
+    for word in ["\\-\\-mem", "\\-\\-columns", "Exit codes", "RUST_LOG"] {
+        assert!(run.contains(word), "no {word} in the run page");
+    }
+    let out = memvisor_output(&["man", "bogus"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no subcommand \"bogus\"") && err.contains("run, "),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_shows_the_workload_grammar_the_exit_codes_and_rust_log() {
+    for args in [&["--help"][..], &["run", "--help"]] {
+        let text = stdout_of(args);
+        assert!(
+            text.contains(memvisor::contract::workload::GRAMMAR_HELP),
+            "{args:?}: no grammar"
+        );
+        assert!(
+            text.contains(memvisor::vmm::stop::EXIT_CODES_HELP),
+            "{args:?}: no exit codes"
+        );
+        for word in ["touch SIZE [read|write|mixed]", "124", "143", "RUST_LOG"] {
+            assert!(text.contains(word), "{args:?}: no {word}");
+        }
+    }
+    // `run --help` still lists run's options.
+    assert!(stdout_of(&["run", "--help"]).contains("--columns <LIST>"));
+}
