@@ -423,3 +423,83 @@ fn help_shows_the_workload_grammar_the_exit_codes_and_rust_log() {
     // `run --help` still lists run's options.
     assert!(stdout_of(&["run", "--help"]).contains("--columns <LIST>"));
 }
+
+#[test]
+fn on_a_terminal_the_table_repeats_its_header_every_screenful() {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    if !common::kvm("on_a_terminal_the_table_repeats_its_header_every_screenful") {
+        return;
+    }
+    // A terminal 8 lines high: 2 header lines and 6 rows a screenful.
+    let ws = libc::winsize {
+        ws_row: 8,
+        ws_col: 200,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given integers; the name and termios
+    // pointers may be null, and `ws` outlives the call.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: both descriptors were just opened and are owned by nothing else.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let mut cmd = common::memvisor();
+    cmd.args([
+        "run",
+        "--mem",
+        "64M",
+        "--interval",
+        "100ms",
+        "--console",
+        "/dev/null",
+        "--workload",
+        "alloc 8M; touch 8M write 1500ms",
+    ])
+    .stdout(std::process::Stdio::from(slave))
+    .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    // The parent's copy of the terminal's end closes with the command: EOF (EIO) when the child ends.
+    drop(cmd);
+    // Read as it comes (a full terminal would block the writer), to EOF or EIO.
+    let reader = std::thread::spawn(move || {
+        let mut master = master;
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+        }
+        bytes
+    });
+    let status = common::wait_bounded(&mut child, std::time::Duration::from_secs(60));
+    assert!(status.success());
+    let bytes = reader.join().unwrap();
+    let text = String::from_utf8(bytes).unwrap().replace('\r', "");
+    let lines: Vec<&str> = text.lines().collect();
+    let headers: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("  time phase"))
+        .collect();
+    let rows = lines.len() - 2 * headers.len();
+    assert!(rows >= 14, "{text}");
+    assert_eq!(headers.len(), rows.div_ceil(6), "{text}");
+    for (k, &h) in headers.iter().enumerate() {
+        assert_eq!(h, 1 + 8 * k, "{text}");
+    }
+}
