@@ -4,16 +4,14 @@
 //! memory, the VM and its devices, `--control` serves the VM's control socket, and the run
 //! creates the vCPU, runs, and hands each interval's row here to print.
 //!
-//! Exit codes: 0 the guest ran its workload; 1 an error (bad options, a guest failure, a VMM
-//! failure); 2 a usage error; 124 `--timeout`; 130 SIGINT; 143 SIGTERM or `stop` on the control
-//! socket; 141 the output pipe closed.
+//! Exit codes: `vmm::stop::EXIT_CODES_HELP` (shown by `--help`).
 
 use std::error::Error;
 use std::io::{self, Write};
 use std::path::PathBuf;
 use std::process::ExitCode;
 
-use clap::{Args, Parser, Subcommand};
+use clap::{Args, CommandFactory, Parser, Subcommand};
 
 use memvisor::control::{self, ControlError, ControlServer};
 use memvisor::observe::pmp_mmp::MapFile;
@@ -23,11 +21,23 @@ use memvisor::vmm::config::{RunConfig, RunOptions};
 use memvisor::vmm::stop;
 use memvisor::vmm::{self, RunError};
 
+/// What `--help` adds after the options (of the top level and of `run`): the workload grammar,
+/// the exit codes and the log's environment variable.
+fn after_help() -> String {
+    format!(
+        "{}\n\n{}\n\nEnvironment:\n  RUST_LOG  the VMM's log on stderr: error, warn (the default), info, debug, \
+         trace,\n            or per module, e.g. RUST_LOG=memvisor::host=debug",
+        memvisor::contract::workload::GRAMMAR_HELP,
+        stop::EXIT_CODES_HELP
+    )
+}
+
 #[derive(Parser)]
 #[command(
     name = "memvisor",
     version,
-    about = "A KVM hypervisor that makes guest memory visible"
+    about = "A KVM hypervisor that makes guest memory visible",
+    after_long_help = after_help()
 )]
 struct Cli {
     #[command(subcommand)]
@@ -39,6 +49,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Boot the test guest, run a workload, print host and guest memory usage per interval.
+    #[command(after_long_help = after_help())]
     Run(Box<RunArgs>),
     /// Plot a run from its `run --json` output.
     Plot {
@@ -59,6 +70,18 @@ enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print a shell completion script to standard output, e.g.
+    /// `memvisor completions bash > /etc/bash_completion.d/memvisor`.
+    Completions {
+        /// The shell.
+        shell: clap_complete::Shell,
+    },
+    /// Print the man page (roff) to standard output, e.g. `memvisor man | man -l -`; with a
+    /// subcommand's name, that subcommand's page (memvisor-run(1): `memvisor man run`).
+    Man {
+        /// run, host, plot, map, completions or man.
+        subcommand: Option<String>,
+    },
 }
 
 #[derive(Args)]
@@ -71,11 +94,20 @@ struct RunArgs {
     /// CSV instead of the table: a header row (units in the names), then one row per interval.
     #[arg(long)]
     csv: bool,
+    /// The table's columns, comma-separated, in the order given, e.g. time,phase,host,est,ci
+    /// (README lists them; the default view of 13 is at most 120 characters wide).
+    #[arg(long, value_name = "LIST", value_parser = output::table::Table::arg,
+          conflicts_with_all = ["json", "csv", "wide"])]
+    columns: Option<output::table::Table>,
+    /// The table with every column (about 210 characters wide).
+    #[arg(long, conflicts_with_all = ["json", "csv"])]
+    wide: bool,
     /// Serve the latest interval to Prometheus at http://ADDR/metrics, e.g. 127.0.0.1:9464.
     #[arg(long, value_name = "ADDR", value_parser = output::socket_addr_arg)]
     prometheus: Option<std::net::SocketAddr>,
-    /// The `vm` label of the Prometheus metrics (default: the process id).
-    #[arg(long, requires = "prometheus")]
+    /// The VM's name: the `vm` column of --csv (default: vm) and the `vm` label of the Prometheus
+    /// metrics (default: the process id). `memvisor host` passes each VM's own.
+    #[arg(long)]
     name: Option<String>,
     /// Draw the run's plot to this file at the end, also when the run is stopped (.svg or .png).
     #[arg(long, value_name = "FILE")]
@@ -130,8 +162,17 @@ fn run(args: RunArgs) -> Result<(), Failure> {
     let cfg = RunConfig::new(args.options).map_err(|e| Failure::new(1, &e))?;
     let format = match (args.json, args.csv) {
         (true, _) => output::Format::Json,
-        (_, true) => output::Format::Csv,
-        _ => output::Format::Table,
+        (_, true) => output::Format::Csv {
+            name: args.name.clone().unwrap_or_else(|| "vm".into()),
+        },
+        _ => output::Format::Table {
+            table: match (args.columns, args.wide) {
+                (Some(t), _) => t,
+                (None, true) => output::table::Table::wide(),
+                (None, false) => output::table::Table::default(),
+            },
+            header_every: output::table::header_every_for_stdout(),
+        },
     };
     let prometheus = args.prometheus.map(|addr| {
         let name = args.name.unwrap_or_else(|| std::process::id().to_string());
@@ -245,6 +286,44 @@ fn map(file: PathBuf, json: bool) -> Result<(), Failure> {
         .map_err(write_failure)
 }
 
+/// Writes what `render` makes of the command line's definition to stdout (rendered in memory
+/// first: the generators panic on a failed write, and a closed pipe must be a quiet exit).
+fn print_generated(
+    render: impl FnOnce(&mut clap::Command, &mut Vec<u8>) -> io::Result<()>,
+) -> Result<(), Failure> {
+    let mut text = Vec::new();
+    render(&mut Cli::command(), &mut text).map_err(|e| Failure::new(1, &e))?;
+    let mut out = io::stdout().lock();
+    out.write_all(&text)
+        .and_then(|_| out.flush())
+        .map_err(write_failure)
+}
+
+/// The man page of the top level, or of one subcommand (`memvisor-run(1)`, as the top level's
+/// page names them).
+fn man(cmd: &mut clap::Command, subcommand: Option<String>, out: &mut Vec<u8>) -> io::Result<()> {
+    // Built, subcommands carry their display names (`memvisor-run`).
+    cmd.build();
+    let page = match subcommand {
+        None => cmd.clone(),
+        Some(name) => cmd
+            .find_subcommand(&name)
+            .filter(|_| name != "help")
+            .cloned()
+            .ok_or_else(|| {
+                let names: Vec<&str> = (cmd.get_subcommands())
+                    .map(|c| c.get_name())
+                    .filter(|n| *n != "help")
+                    .collect();
+                io::Error::other(format!(
+                    "man: no subcommand {name:?}; the subcommands are: {}",
+                    names.join(", ")
+                ))
+            })?,
+    };
+    clap_mangen::Man::new(page).render(out)
+}
+
 fn main() -> ExitCode {
     env_logger::Builder::from_env(env_logger::Env::default().default_filter_or("warn")).init();
     let cli = Cli::parse();
@@ -262,6 +341,11 @@ fn main() -> ExitCode {
             memvisor::host::cli::run(&opts).map_err(|e| Failure::new(1, &*e))
         }
         Command::Map { file, json } => map(file, json),
+        Command::Completions { shell } => print_generated(|cmd, out| {
+            clap_complete::generate(shell, cmd, "memvisor", out);
+            Ok(())
+        }),
+        Command::Man { subcommand } => print_generated(|cmd, out| man(cmd, subcommand, out)),
         #[cfg(feature = "plot")]
         Command::Plot { file, output } => {
             use memvisor::output::plot;

@@ -9,7 +9,36 @@
 //! - **The guest's own view** and **truth** come from the guest over the report channel and are
 //!   used only to check the estimators.
 
-use serde::{Deserialize, Serialize};
+use serde::{Deserialize, Deserializer, Serialize, Serializer};
+
+/// The version of the rows' JSON schema (`docs/schema.json`), written as `schema_version` in every
+/// row of `memvisor run` and `memvisor host`: raised when a field is renamed or removed, or its
+/// type or meaning changes (adding a field is a change too: the schema refuses unknown fields).
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// A row's `schema_version`: always [`SCHEMA_VERSION`] when written. Reading takes a row without
+/// it (an older output) and refuses another version with a clear error.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SchemaVersion;
+
+impl Serialize for SchemaVersion {
+    fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_u32(SCHEMA_VERSION)
+    }
+}
+
+impl<'de> Deserialize<'de> for SchemaVersion {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let v = u64::deserialize(d)?;
+        if v == u64::from(SCHEMA_VERSION) {
+            Ok(SchemaVersion)
+        } else {
+            Err(serde::de::Error::custom(format!(
+                "a row of schema version {v}; this memvisor reads version {SCHEMA_VERSION}"
+            )))
+        }
+    }
+}
 
 /// The guest's own view of its memory (its kernel's lists).
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
@@ -200,6 +229,8 @@ pub const BETWEEN_PHASES: &str = "-";
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default)]
 pub struct Row {
+    /// The schema's version, [`SCHEMA_VERSION`].
+    pub schema_version: SchemaVersion,
     /// Seconds since the guest started.
     pub time_s: f64,
     /// Interval number (0-based).
@@ -288,5 +319,27 @@ impl Row {
             a.error_mib = Some(a.estimate_mib - truth.written_mib);
         }
         self.truth = Some(truth);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_row_says_its_schema_version_and_another_version_is_refused() {
+        let text = serde_json::to_string(&Row::default()).unwrap();
+        assert!(
+            text.starts_with(&format!("{{\"schema_version\":{SCHEMA_VERSION},")),
+            "{text}"
+        );
+        assert_eq!(serde_json::from_str::<Row>(&text).unwrap(), Row::default());
+        // An older row without it reads; another version does not, and says why.
+        assert!(serde_json::from_str::<Row>(r#"{"time_s": 1.0}"#).is_ok());
+        let e = serde_json::from_str::<Row>(r#"{"schema_version": 99}"#)
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("schema version 99"), "{e}");
+        assert!(serde_json::from_str::<Row>(r#"{"schema_version": "1"}"#).is_err());
     }
 }

@@ -278,6 +278,33 @@ pub fn fmt_duration_spec(d: Duration) -> String {
     format!("{ns}ns")
 }
 
+/// A wall-clock time as RFC 3339 in UTC with milliseconds, `2025-06-01T12:34:56.789Z` (the CSV
+/// outputs' `timestamp`). Formatted here, from the days since 1970 (Hinnant's `civil_from_days`),
+/// rather than with a date crate: UTC needs no time zone data. A time before 1970 (a clock set
+/// wrong) prints as 1970-01-01T00:00:00.000Z.
+pub fn rfc3339_utc(t: std::time::SystemTime) -> String {
+    let d = t.duration_since(std::time::UNIX_EPOCH).unwrap_or_default();
+    let secs = d.as_secs();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // civil_from_days, for days >= 0 (eras of 400 years from 0000-03-01).
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + u64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}.{:03}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60,
+        d.subsec_millis()
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -550,5 +577,22 @@ mod tests {
                 prop_assert_eq!(parse_duration(&text), Ok(d), "{}", text);
             }
         }
+    }
+
+    #[test]
+    fn rfc3339_utc_is_the_calendar_date_and_time() {
+        use std::time::{Duration, UNIX_EPOCH};
+        let at = |secs: u64, ms: u64| {
+            rfc3339_utc(UNIX_EPOCH + Duration::from_secs(secs) + Duration::from_millis(ms))
+        };
+        assert_eq!(at(0, 0), "1970-01-01T00:00:00.000Z");
+        assert_eq!(at(951_782_400, 5), "2000-02-29T00:00:00.005Z");
+        assert_eq!(at(1_709_251_199, 999), "2024-02-29T23:59:59.999Z");
+        assert_eq!(at(1_735_689_600, 0), "2025-01-01T00:00:00.000Z");
+        assert_eq!(at(4_107_542_400, 0), "2100-03-01T00:00:00.000Z");
+        assert_eq!(
+            rfc3339_utc(UNIX_EPOCH - Duration::from_secs(1)),
+            "1970-01-01T00:00:00.000Z"
+        );
     }
 }

@@ -284,7 +284,7 @@ fn an_allocation_beyond_the_limit_fails_cleanly() {
         128.0,
         "not deflated"
     );
-    let line = memvisor::output::table_row(last);
+    let line = memvisor::output::table::Table::default().row(last);
     assert!(
         line.ends_with("(end: guest-error: the guest is out of memory)"),
         "{line}"

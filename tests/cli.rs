@@ -209,19 +209,47 @@ fn json_and_table_output() {
         assert!(lo <= est && est <= hi, "{r}");
     }
 
-    let out = memvisor_output(&args);
-    assert!(out.status.success());
-    let text = String::from_utf8(out.stdout).unwrap();
-    let lines: Vec<&str> = text.lines().collect();
-    assert!(lines[0].contains("active: reads+writes") && lines[0].contains("active: writes"));
-    assert!(lines[1].contains("backed") && lines[1].contains("95% CI"));
-    assert!(lines.last().unwrap().ends_with("(end)"));
-    // Two header lines, then one line per interval, every one with the same columns.
-    assert!(lines.len() >= 2 + 5, "{text}");
-    let bars = lines[1].matches('|').count();
+    for view in [&[][..], &["--wide"], &["--columns", "time,est,backed"]] {
+        let out = memvisor_output(&[&args[..], view].concat());
+        assert!(out.status.success());
+        let text = String::from_utf8(out.stdout).unwrap();
+        let lines: Vec<&str> = text.lines().collect();
+        // Not a terminal: one header, at the top.
+        assert_eq!(text.matches(" time ").count(), 1, "{text}");
+        assert!(lines.last().unwrap().ends_with("(end)"));
+        // Two header lines, then one line per interval, every one with the same columns.
+        assert!(lines.len() >= 2 + 5, "{text}");
+        let bars = lines[1].matches('|').count();
+        assert!(
+            lines[2..].iter().all(|l| l.matches('|').count() == bars),
+            "{text}"
+        );
+        let names: Vec<&str> = lines[1]
+            .split([' ', '|'])
+            .filter(|w| !w.is_empty())
+            .collect();
+        match view {
+            [] => {
+                assert!(lines[0].contains("active: reads+writes"), "{text}");
+                assert_eq!(names.len(), 13, "{text}");
+                let (last, rows) = lines.split_last().unwrap();
+                assert!(rows.iter().all(|l| l.chars().count() <= 120), "{text}");
+                assert!(last.contains("(end)"));
+            }
+            ["--wide"] => {
+                assert!(lines[0].contains("active: writes"), "{text}");
+                assert_eq!(names.len(), 28, "{text}");
+            }
+            _ => assert_eq!(names, ["time", "est", "backed"], "{text}"),
+        }
+    }
+    // An unknown column is a usage error naming the valid ones.
+    let out = memvisor_output(&["run", "--columns", "time,hots"]);
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        lines[2..].iter().all(|l| l.matches('|').count() == bars),
-        "{text}"
+        err.contains("unknown column \"hots\"") && err.contains("untch"),
+        "{err}"
     );
 }
 
@@ -319,4 +347,159 @@ fn run_plot_in_a_missing_directory_fails_before_the_guest_runs() {
     let out = memvisor_output(&["run", "--plot", link.to_str().unwrap()]);
     assert_clean_failure(&out, "symbolic link");
     assert!(out.stdout.is_empty());
+}
+
+/// The binary's standard output for `args`, which must succeed.
+fn stdout_of(args: &[&str]) -> String {
+    let out = memvisor_output(args);
+    assert!(
+        out.status.success(),
+        "{args:?}: {}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    String::from_utf8(out.stdout).unwrap()
+}
+
+#[test]
+fn completions_for_bash_zsh_and_fish_know_the_subcommands_and_options() {
+    for (shell, marker) in [
+        ("bash", "complete -F _memvisor"),
+        ("zsh", "#compdef memvisor"),
+        ("fish", "complete -c memvisor"),
+    ] {
+        let text = stdout_of(&["completions", shell]);
+        assert!(text.contains(marker), "{shell}: no {marker:?}");
+        assert!(text.contains("run") && text.contains("host"), "{shell}");
+        for option in ["mem", "columns", "wide"] {
+            // fish spells a long option `-l mem`.
+            let word = match shell {
+                "fish" => format!("-l {option}"),
+                _ => format!("--{option}"),
+            };
+            assert!(text.contains(&word), "{shell}: no {word}");
+        }
+    }
+    let out = memvisor_output(&["completions", "tcsh"]);
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("bash"));
+}
+
+#[test]
+fn man_prints_roff_pages() {
+    let top = stdout_of(&["man"]);
+    assert!(top.contains(".TH memvisor 1"), "{top}");
+    assert!(top.contains(".SH SYNOPSIS") && top.contains("memvisor\\-run(1)"));
+    // The run page, which the top page names, exists too, with run's options and exit codes.
+    let run = stdout_of(&["man", "run"]);
+    assert!(run.contains(".TH memvisor\\-run 1") || run.contains(".TH memvisor-run 1"));
+    for word in ["\\-\\-mem", "\\-\\-columns", "Exit codes", "RUST_LOG"] {
+        assert!(run.contains(word), "no {word} in the run page");
+    }
+    let out = memvisor_output(&["man", "bogus"]);
+    assert_eq!(out.status.code(), Some(1));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("no subcommand \"bogus\"") && err.contains("run, "),
+        "{err}"
+    );
+}
+
+#[test]
+fn help_shows_the_workload_grammar_the_exit_codes_and_rust_log() {
+    for args in [&["--help"][..], &["run", "--help"]] {
+        let text = stdout_of(args);
+        assert!(
+            text.contains(memvisor::contract::workload::GRAMMAR_HELP),
+            "{args:?}: no grammar"
+        );
+        assert!(
+            text.contains(memvisor::vmm::stop::EXIT_CODES_HELP),
+            "{args:?}: no exit codes"
+        );
+        for word in ["touch SIZE [read|write|mixed]", "124", "143", "RUST_LOG"] {
+            assert!(text.contains(word), "{args:?}: no {word}");
+        }
+    }
+    // `run --help` still lists run's options.
+    assert!(stdout_of(&["run", "--help"]).contains("--columns <LIST>"));
+}
+
+#[test]
+fn on_a_terminal_the_table_repeats_its_header_every_screenful() {
+    use std::io::Read;
+    use std::os::fd::FromRawFd;
+    if !common::kvm("on_a_terminal_the_table_repeats_its_header_every_screenful") {
+        return;
+    }
+    // A terminal 8 lines high: 2 header lines and 6 rows a screenful.
+    let ws = libc::winsize {
+        ws_row: 8,
+        ws_col: 200,
+        ws_xpixel: 0,
+        ws_ypixel: 0,
+    };
+    let (mut master, mut slave) = (-1, -1);
+    // SAFETY: openpty writes two descriptors into the given integers; the name and termios
+    // pointers may be null, and `ws` outlives the call.
+    let rc = unsafe {
+        libc::openpty(
+            &mut master,
+            &mut slave,
+            std::ptr::null_mut(),
+            std::ptr::null(),
+            &ws,
+        )
+    };
+    assert_eq!(rc, 0, "openpty");
+    // SAFETY: both descriptors were just opened and are owned by nothing else.
+    let (master, slave) = unsafe {
+        (
+            std::fs::File::from_raw_fd(master),
+            std::fs::File::from_raw_fd(slave),
+        )
+    };
+    let mut cmd = common::memvisor();
+    cmd.args([
+        "run",
+        "--mem",
+        "64M",
+        "--interval",
+        "100ms",
+        "--console",
+        "/dev/null",
+        "--workload",
+        "alloc 8M; touch 8M write 1500ms",
+    ])
+    .stdout(std::process::Stdio::from(slave))
+    .stderr(std::process::Stdio::null());
+    let mut child = cmd.spawn().unwrap();
+    // The parent's copy of the terminal's end closes with the command: EOF (EIO) when the child ends.
+    drop(cmd);
+    // Read as it comes (a full terminal would block the writer), to EOF or EIO.
+    let reader = std::thread::spawn(move || {
+        let mut master = master;
+        let mut bytes = Vec::new();
+        let mut buf = [0u8; 4096];
+        while let Ok(n) = master.read(&mut buf) {
+            if n == 0 {
+                break;
+            }
+            bytes.extend_from_slice(&buf[..n]);
+        }
+        bytes
+    });
+    let status = common::wait_bounded(&mut child, std::time::Duration::from_secs(60));
+    assert!(status.success());
+    let bytes = reader.join().unwrap();
+    let text = String::from_utf8(bytes).unwrap().replace('\r', "");
+    let lines: Vec<&str> = text.lines().collect();
+    let headers: Vec<usize> = (0..lines.len())
+        .filter(|&i| lines[i].starts_with("  time phase"))
+        .collect();
+    let rows = lines.len() - 2 * headers.len();
+    assert!(rows >= 14, "{text}");
+    assert_eq!(headers.len(), rows.div_ceil(6), "{text}");
+    for (k, &h) in headers.iter().enumerate() {
+        assert_eq!(h, 1 + 8 * k, "{text}");
+    }
 }

@@ -34,12 +34,13 @@ fn run_args<'a>(console: &'a str, more: &[&'a str]) -> Vec<&'a str> {
     a
 }
 
-/// JSON keys of a value, nested objects flattened with `_`.
+/// JSON keys of a value, nested objects flattened with `_` (a key that begins with its section's
+/// name is not prefixed again: `host` + `host_mib` is `host_mib`).
 fn flatten(prefix: &str, v: &serde_json::Value, out: &mut Vec<String>) {
     match v {
         serde_json::Value::Object(m) => {
             for (k, v) in m {
-                let key = if prefix.is_empty() {
+                let key = if prefix.is_empty() || k.starts_with(&format!("{prefix}_")) {
                     k.clone()
                 } else {
                     format!("{prefix}_{k}")
@@ -199,7 +200,7 @@ fn csv_columns_are_the_json_fields() {
     let dir = tempfile::tempdir().unwrap();
     let console = dir.path().join("console");
     let console = console.to_str().unwrap();
-    let csv_out = memvisor_output(&run_args(console, &["--csv"]));
+    let csv_out = memvisor_output(&run_args(console, &["--csv", "--name", "web"]));
     assert!(csv_out.status.success());
     let json_out = memvisor_output(&run_args(console, &["--json"]));
     assert!(json_out.status.success());
@@ -208,10 +209,18 @@ fn csv_columns_are_the_json_fields() {
     let headers: Vec<String> = rd.headers().unwrap().iter().map(String::from).collect();
     let records: Vec<csv::StringRecord> = rd.records().collect::<Result<_, _>>().unwrap();
     assert!(records.len() >= 4, "{} rows", records.len());
-    assert!(
-        headers.contains(&"host_host_MiB".to_string()),
-        "{headers:?}"
-    );
+    assert!(headers.contains(&"host_MiB".to_string()), "{headers:?}");
+    assert!(headers.contains(&"balloon_MiB".to_string()), "{headers:?}");
+    assert_eq!(headers[..2], ["timestamp", "vm"]);
+    for r in &records {
+        assert_eq!(&r[1], "web");
+        // RFC 3339 UTC with milliseconds, e.g. 2025-06-01T12:00:00.250Z.
+        let t = &r[0];
+        assert!(
+            t.len() == 24 && t.ends_with('Z') && &t[10..11] == "T",
+            "{t}"
+        );
+    }
 
     // A JSON row with every section carries exactly the CSV's columns, in order.
     let full = String::from_utf8(json_out.stdout)
@@ -227,7 +236,7 @@ fn csv_columns_are_the_json_fields() {
         .expect("a JSON row with truth, host usage and an estimate");
     let mut keys = Vec::new();
     flatten("", &full, &mut keys);
-    let lower: Vec<String> = headers.iter().map(|h| h.to_lowercase()).collect();
+    let lower: Vec<String> = headers[2..].iter().map(|h| h.to_lowercase()).collect();
     // The `check` object is on a check phase's row only (this workload has none): its columns
     // stand where its null is.
     let check_columns = [
@@ -249,6 +258,8 @@ fn csv_columns_are_the_json_fields() {
         "swap_page_outs",
         "swap_page_in_us_p50",
         "swap_page_in_us_p99",
+        "swap_out_ms",
+        "swap_in_ms",
         "swap_stopped",
     ];
     assert_eq!(full["swap"], serde_json::Value::Null);
@@ -337,8 +348,6 @@ fn plots_of_a_run_and_of_its_json_are_the_same_and_host_usage_stays_flat_over_th
 fn output_flags_conflict_and_bad_addresses_are_clear_errors() {
     let out = memvisor_output(&["run", "--json", "--csv"]);
     assert_clean_failure(&out, "cannot be used with");
-    let out = memvisor_output(&["run", "--name", "x"]);
-    assert_clean_failure(&out, "--prometheus");
     let out = memvisor_output(&["run", "--prometheus", "localhost"]);
     assert_clean_failure(&out, "expected IP:PORT");
     let out = memvisor_output(&["run", "--prometheus", "127.0.0.1:99999"]);

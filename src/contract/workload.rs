@@ -29,6 +29,23 @@
 //! phases and at most [`MAX_SPEC_TEXT`] bytes of text. Every phase error names the phase (counted
 //! from 1), its text, and the offending token or amount.
 
+/// The workload grammar as `memvisor run --help` shows it (README's "Workload spec").
+pub const GRAMMAR_HELP: &str = "\
+Workload spec (--workload): phases separated by `;`
+  alloc SIZE      pages move from the guest's free list to its allocated list (the app's heap)
+  free SIZE       the top SIZE of the heap goes back to the free list
+  touch SIZE [read|write|mixed] [DURATION] [seq|random] [hot P%:Q%] [verify]
+                  access the first SIZE of the heap; without DURATION one pass
+                  (hot P%:Q%: the first P% of the pages get Q% of the accesses; needs random)
+                  (mixed: reads and writes in turn, access by access)
+                  (verify: every access checksums the whole page against what the app wrote
+                  there, so write the range first; a changed page fails the run)
+  idle DURATION   sleep (the guest sleeps through a hypercall instead of spinning)
+  check SIZE      read the first SIZE of the heap, whole pages; counts the pages still holding
+                  what `touch ... write` wrote and the pages reading zero (JSON `check`)
+  fault           (tests) the app touches an unmapped address
+SIZE: 64K, 16M, 1G...; DURATION: 500ms, 2s, 1.5s...";
+
 use std::fmt;
 use std::time::Duration;
 

@@ -204,10 +204,11 @@ fn table_spec(t: &toml::Table) -> Result<String, String> {
     Ok(items.join(","))
 }
 
-/// The table's header: the host line's names, then esxtop's memory-screen names per VM.
+/// The table's header: the host line's names, then esxtop's memory-screen names per VM. Sizes
+/// are MiB, or GiB with a `G` when MiB would need more than 6 digits (as `memvisor run`'s table).
 pub fn table_header() -> String {
     format!(
-        "{:>7} {:<5} {:>8} {:>8} {:>8}  (MiB)\n  {:<10} {:>7} {:>7} {:>7} {:>7} {:>5} {:>7} {:>7} {:>7} {:>7} {:>6} {:>7} {:>6} {:>6} {:>6} {:>9}",
+        "{:>7} {:<5} {:>8} {:>8} {:>8}  (MiB)\n  {:<10} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5} {:>9}",
         "time",
         "state",
         "budget",
@@ -232,16 +233,17 @@ pub fn table_header() -> String {
     )
 }
 
-/// One period as a block: the host line, then one line per VM.
+/// One period as a block: the host line, then one line per VM, each at most 120 characters.
 pub fn table_block(row: &HostRow) -> String {
+    use crate::output::table::{cell, size_cell, size_cell0};
     let h = &row.host;
     let mut s = format!(
-        "{:>6.1}s {:<5} {:>8.1} {:>8.1} {:>8.1}",
-        row.time_s,
+        "{:>6}s {:<5} {:>8} {:>8} {:>8}",
+        cell(Some(row.time_s), 6, 1),
         h.state.as_str(),
-        h.budget_mib,
-        h.free_mib,
-        h.targets_mib
+        size_cell(Some(h.budget_mib), 8),
+        size_cell(Some(h.free_mib), 8),
+        size_cell(Some(h.targets_mib), 8)
     );
     for v in &row.vms {
         let status = match v.status {
@@ -251,22 +253,23 @@ pub fn table_block(row: &HostRow) -> String {
             "ended" => "end",
             _ => "FAIL",
         };
+        let size = |m: f64| size_cell(Some(m), 6);
         s.push_str(&format!(
-            "\n  {:<10} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>5.0} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>6.1} {:>7} {:>6.0} {:>6} {:>6} {:>9}",
+            "\n  {:<10} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5} {:>9}",
             truncate(&v.name, 10),
-            v.mem_mib,
-            v.target_mib,
-            v.granted_mib,
-            v.active_mib,
-            v.active_pct,
-            v.balloon_mib,
-            v.balloon_target_mib,
-            v.swapped_mib,
-            v.swap_target_mib,
-            v.overhead_mib,
-            v.shares,
-            v.reservation_mib,
-            v.limit_mib.map_or("-".into(), |l| format!("{l:.0}")),
+            size(v.mem_mib),
+            size(v.target_mib),
+            size(v.granted_mib),
+            size(v.active_mib),
+            cell(Some(v.active_pct), 5, 0),
+            size(v.balloon_mib),
+            size_cell(Some(v.balloon_target_mib), 7),
+            size(v.swapped_mib),
+            size(v.swap_target_mib),
+            size(v.overhead_mib),
+            cell(Some(v.shares as f64), 6, 0),
+            size_cell0(Some(v.reservation_mib), 6),
+            size_cell0(v.limit_mib, 6),
             status,
             v.rate.map_or("-".into(), |r| format!("{r:.3e}")),
         ));
@@ -423,6 +426,59 @@ mod tests {
         assert_eq!(c.vms.len(), 2);
         assert_eq!(c.vms[1].name, "vm2");
         assert_eq!(c.vms[1].shares, 5);
+    }
+
+    #[test]
+    fn the_table_fits_120_columns_with_big_values() {
+        for l in table_header().lines() {
+            assert!(l.chars().count() <= 120, "{l}");
+        }
+        let mut r = crate::host::testing::rows(2).remove(1);
+        r.time_s = 86_399.9;
+        r.host.budget_mib = 16_777_216.0;
+        r.host.free_mib = 1_048_576.5;
+        r.host.targets_mib = 15_000_000.0;
+        for v in &mut r.vms {
+            v.name = "a-name-of-32-characters-in-length".into();
+            v.mem_mib = 4_194_304.0;
+            v.target_mib = 3_500_000.0;
+            v.granted_mib = 4_000_000.0;
+            v.active_mib = 2_621_440.0;
+            v.active_pct = 100.0;
+            v.balloon_mib = 999_999.0;
+            v.balloon_target_mib = 1_200_000.0;
+            v.swapped_mib = 2_000_000.0;
+            v.swap_target_mib = 2_000_000.0;
+            v.overhead_mib = 1100.5;
+            v.shares = 400_000;
+            v.reservation_mib = 1_048_576.0;
+            v.limit_mib = Some(4_194_304.0);
+            v.rate = Some(1.234e12);
+            v.paused = true;
+        }
+        let block = table_block(&r);
+        let header = table_header();
+        let names = header.lines().nth(1).unwrap();
+        for l in block.lines() {
+            assert!(l.chars().count() <= 120, "{l}");
+            assert!(!l.contains('>'), "clamped: {l}");
+        }
+        // Each VM line has the header's columns, with the esxtop names kept.
+        let vm_line = block.lines().nth(1).unwrap();
+        assert_eq!(
+            vm_line.chars().count(),
+            names.chars().count(),
+            "\n{names}\n{vm_line}"
+        );
+        for n in [
+            "MEMSZ", "SZTGT", "GRANT", "TCHD", "%ACTV", "MCTLSZ", "MCTLTGT", "SWCUR",
+        ] {
+            assert!(names.contains(n), "{names}");
+        }
+        assert!(
+            vm_line.contains("4096G") && vm_line.contains("pause"),
+            "{vm_line}"
+        );
     }
 
     #[test]

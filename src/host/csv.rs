@@ -1,7 +1,8 @@
 //! `memvisor host --csv FILE`: the host's periods in esxtop's batch style, one row per period and
 //! one column per VM and field, written as the host runs (a reader can follow the file).
 //!
-//! The columns are the `--json` row's fields, flattened: `time_s` and `period`, then the host
+//! The columns are the wall-clock `timestamp` (RFC 3339, UTC, when the row was written), then the
+//! `--json` row's fields, flattened: `schema_version`, `time_s` and `period`, then the host
 //! line's as `\\host\FIELD`, then each VM's as `\\vm(NAME)\FIELD`, VMs in the order they were
 //! given (esxtop names its columns `\\HOST\Group Memory(ID:NAME)\Field`). A field's unit is in its
 //! name: `_MiB` (the JSON's `_mib`), `_s` seconds, `_pct` percent. A VM's name is letters, digits,
@@ -38,7 +39,13 @@ impl CsvLog {
     /// Writes one period's row (the header first, with the first row), and flushes it. Each cell
     /// goes under its column; a column the row lacks (none while the VMs are fixed) is empty.
     pub fn row(&mut self, row: &HostRow) -> std::io::Result<()> {
-        let cells = cells(row);
+        self.row_at(row, std::time::SystemTime::now())
+    }
+
+    /// [`CsvLog::row`], stamped with the wall-clock time `at`.
+    fn row_at(&mut self, row: &HostRow, at: std::time::SystemTime) -> std::io::Result<()> {
+        let mut cells = cells(row);
+        cells.insert(0, ("timestamp".into(), crate::units::rfc3339_utc(at)));
         let columns = match &self.columns {
             Some(c) => c,
             None => {
@@ -60,21 +67,14 @@ impl CsvLog {
     }
 }
 
-/// A JSON field name as a column's field: the `mib` unit spelt `MiB`.
+/// A JSON field name as a column's field: the `mib` unit spelt `MiB` (as `run --csv` spells it).
 fn field_name(key: &str) -> String {
-    key.split('_')
-        .map(|part| if part == "mib" { "MiB" } else { part })
-        .collect::<Vec<_>>()
-        .join("_")
+    crate::output::csv::column_name(key)
 }
 
 /// One cell: `null` is empty, a string is itself, anything else its JSON text.
 fn cell(v: &Value) -> String {
-    match v {
-        Value::Null => String::new(),
-        Value::String(s) => s.clone(),
-        v => v.to_string(),
-    }
+    crate::output::csv::cell(Some(v))
 }
 
 /// Appends the fields of `v` under `prefix`, nested objects flattened with `_`.
@@ -143,13 +143,20 @@ mod tests {
         let path = dir.path().join("host.csv");
         let rows = testing::rows(4);
         let mut log = CsvLog::create(&path).unwrap();
-        for r in &rows {
-            log.row(r).unwrap();
+        let start = std::time::UNIX_EPOCH + std::time::Duration::from_secs(1_748_779_200);
+        for (i, r) in rows.iter().enumerate() {
+            let at = start + std::time::Duration::from_millis(500 * i as u64);
+            log.row_at(r, at).unwrap();
         }
         drop(log);
         let (header, records) = read(&path);
         assert_eq!(records.len(), rows.len());
-        assert_eq!(&header[..2], ["time_s", "period"]);
+        assert_eq!(
+            &header[..4],
+            ["timestamp", "schema_version", "time_s", "period"]
+        );
+        assert_eq!(records[1][0], "2025-06-01T12:00:00.500Z");
+        assert_eq!(records[1][1], crate::row::SCHEMA_VERSION.to_string());
         for col in [
             "\\\\host\\budget_MiB",
             "\\\\host\\free_MiB",

@@ -55,6 +55,7 @@ impl VmProcess {
             .arg(format!("--interval={}ms", period.as_millis().max(1)))
             .arg("--control")
             .arg(&socket)
+            .arg(format!("--name={}", spec.name))
             .args(&spec.run_args);
         // Hypervisor swap for the host's `hard` state: an unnamed file in the host's directory
         // (gone with the VM, even killed), unless the VM's spec chose its own.

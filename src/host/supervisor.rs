@@ -120,6 +120,8 @@ pub struct VmLine {
 /// One period.
 #[derive(Clone, Debug, Serialize)]
 pub struct HostRow {
+    /// The schema's version (`docs/schema.json`), as in `run`'s rows.
+    pub schema_version: crate::row::SchemaVersion,
     pub time_s: f64,
     pub period: u64,
     pub host: HostLine,
@@ -444,6 +446,7 @@ fn decide(
         });
     }
     HostRow {
+        schema_version: crate::row::SchemaVersion,
         time_s: start.elapsed().as_secs_f64(),
         period,
         host: HostLine {

@@ -53,6 +53,7 @@ pub fn rows(n: usize) -> Vec<HostRow> {
             let granted = web.granted_mib + db.granted_mib;
             let overheads = web.overhead_mib + db.overhead_mib;
             HostRow {
+                schema_version: crate::row::SchemaVersion,
                 time_s: 0.5 * (x + 1.0),
                 period: i as u64,
                 host: HostLine {

@@ -547,6 +547,7 @@ impl Vmm<'_, '_> {
         let measured = self.work.end(self.vm, interval, ended.length, last)?;
         let paused = self.pause.end_interval(Instant::now());
         let row = Row {
+            schema_version: crate::row::SchemaVersion,
             time_s: self.clock.elapsed().as_secs_f64(),
             interval,
             phase: self.protocol.phase_name(),

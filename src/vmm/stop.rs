@@ -41,6 +41,20 @@ pub fn requested() -> Option<EndReason> {
     }
 }
 
+/// The exit codes as `memvisor --help` shows them (README's "How a run stops, and exit codes").
+pub const EXIT_CODES_HELP: &str = "\
+Exit codes:
+  0    the guest ran its whole workload (last row: (end))
+  1    an error: bad options (before anything runs), a guest failure (fault, out of memory,
+       triple fault, halting early), a VMM failure, or a swapped page that could not be read
+       back (last row: (end: guest-error), (end: swap-error))
+  2    a usage error (unknown option)
+  124  --timeout ran out (last row: (end: timeout))
+  130  SIGINT (last row: (end: sigint))
+  141  standard output was closed (memvisor run | head): the run stops quietly
+  143  SIGTERM, or stop on the control socket (last row: (end: sigterm), (end: stopped))
+A stop loses no result: the partial interval is printed as the last row, marked with why.";
+
 /// The process exit code for a run that ended for `reason` (0 for a finished run).
 pub fn exit_code(reason: EndReason) -> u8 {
     match reason {
@@ -57,6 +71,27 @@ pub fn exit_code(reason: EndReason) -> u8 {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_help_lists_every_exit_code_with_its_end() {
+        for r in [
+            EndReason::Done,
+            EndReason::GuestError,
+            EndReason::Timeout,
+            EndReason::Sigint,
+            EndReason::Sigterm,
+            EndReason::OutputClosed,
+            EndReason::Stopped,
+            EndReason::SwapError,
+        ] {
+            let code = format!("\n  {:<4} ", exit_code(r));
+            assert!(EXIT_CODES_HELP.contains(&code), "no {code:?}");
+            if !matches!(r, EndReason::Done | EndReason::OutputClosed) {
+                let end = format!("(end: {})", r.as_str());
+                assert!(EXIT_CODES_HELP.contains(&end), "no {end}");
+            }
+        }
+    }
 
     #[test]
     fn exit_codes_follow_shell_conventions() {
