@@ -30,4 +30,4 @@ pub mod spec;
 pub mod state;
 pub mod supervisor;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;
