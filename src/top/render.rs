@@ -9,7 +9,7 @@ use ratatui::Frame;
 use ratatui::layout::{Alignment, Constraint, Flex, Layout, Rect};
 use ratatui::style::{Modifier, Style};
 use ratatui::text::{Line, Span};
-use ratatui::widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Table, TableState, Wrap};
+use ratatui::widgets::{Block, Borders, Cell, Clear, Paragraph, Row, Table, TableState};
 
 use crate::row::Active;
 
@@ -22,22 +22,28 @@ pub const KEYS: &str = "q quit  ↑↓ select  s/< sort  r reverse  f fields  d 
 /// Draws the whole view.
 pub fn draw(frame: &mut Frame, state: &State) {
     let area = frame.area();
-    let detail = detail_lines(state);
+    let width = area.width;
+    let head = pack(&header_items(state), width, 0);
+    let detail = detail_items(state).map(|d| {
+        d.iter()
+            .flat_map(|(label, items)| pack_labelled(label, items, width))
+            .collect::<Vec<_>>()
+    });
     let vms = state.snapshot.as_ref().map_or(0, |s| s.vms.len()) as u16;
-    // The table wants its header and every VM, the detail pane its lines (as wrapped) and its
-    // title; when both do not fit, the table keeps at least half.
-    let body = area.height.saturating_sub(3);
+    // The host line takes what it needs up to 3 lines; the table wants its header and every VM,
+    // the detail pane its lines and its title; when both do not fit, the table keeps half.
+    let head_h = (head.len() as u16).clamp(1, 3).min(area.height);
+    let body = area.height.saturating_sub(head_h + 2);
     let table_want = vms.saturating_add(1);
     let detail_h = match (&state.pane, &detail) {
         (Pane::Detail, Some(lines)) if body > table_want.min(body / 2) + 2 => {
-            let wanted = wrapped_height(lines, area.width).saturating_add(1);
-            wanted.min(body - table_want.min(body / 2))
+            (lines.len() as u16 + 1).min(body - table_want.min(body / 2))
         }
         _ => 0,
     };
     let table_h = table_want.min(body - detail_h);
     let [top, source, table, pane, _, keys] = Layout::vertical([
-        Constraint::Length(1),
+        Constraint::Length(head_h),
         Constraint::Length(1),
         Constraint::Length(table_h),
         Constraint::Length(detail_h),
@@ -45,7 +51,7 @@ pub fn draw(frame: &mut Frame, state: &State) {
         Constraint::Length(1),
     ])
     .areas(area);
-    frame.render_widget(Paragraph::new(header_line(state)), top);
+    frame.render_widget(Paragraph::new(head), top);
     let hidden = draw_table(frame, state, table);
     frame.render_widget(Paragraph::new(source_line(state, hidden)), source);
     if detail_h > 0
@@ -53,7 +59,7 @@ pub fn draw(frame: &mut Frame, state: &State) {
     {
         let name = state.selected_vm().map_or("", |v| v.name.as_str());
         frame.render_widget(
-            Paragraph::new(lines).wrap(Wrap { trim: false }).block(
+            Paragraph::new(lines).block(
                 Block::default()
                     .borders(Borders::TOP)
                     .title(format!(" {name} ")),
@@ -75,11 +81,63 @@ pub fn draw(frame: &mut Frame, state: &State) {
     }
 }
 
-/// Rows the lines take in `width` columns once wrapped.
-fn wrapped_height(lines: &[Line], width: u16) -> u16 {
-    let w = usize::from(width.max(1));
-    let rows: usize = lines.iter().map(|l| l.width().max(1).div_ceil(w)).sum();
-    rows.min(usize::from(u16::MAX)) as u16
+/// One item of a packed line: its text, bold or not. Items are never split; lines break
+/// between them.
+type Item = (String, bool);
+
+fn plain(s: impl Into<String>) -> Item {
+    (s.into(), false)
+}
+
+fn strong(s: impl Into<String>) -> Item {
+    (s.into(), true)
+}
+
+/// Packs items into lines of at most `width` columns, two spaces apart, each line after the
+/// first indented by `indent` (an item longer than a line gets a line of its own, cut by the
+/// terminal).
+fn pack(items: &[Item], width: u16, indent: usize) -> Vec<Line<'static>> {
+    let width = usize::from(width.max(1));
+    let mut lines = Vec::new();
+    let mut spans: Vec<Span<'static>> = Vec::new();
+    let mut used = 0;
+    // Whether the current line has an item yet.
+    let mut any = false;
+    for (text, is_bold) in items {
+        let w = text.chars().count();
+        if any && used + 2 + w > width {
+            lines.push(Line::from(std::mem::take(&mut spans)));
+            spans.push(Span::raw(" ".repeat(indent)));
+            used = indent;
+            any = false;
+        }
+        if any {
+            spans.push(Span::raw("  "));
+            used += 2;
+        }
+        spans.push(if *is_bold {
+            bold(text.clone())
+        } else {
+            Span::raw(text.clone())
+        });
+        used += w;
+        any = true;
+    }
+    if !spans.is_empty() {
+        lines.push(Line::from(spans));
+    }
+    lines
+}
+
+/// Width of the detail pane's labels.
+const LABEL: usize = 17;
+
+/// A labelled group of the detail pane: the label, then its items, the lines after the first
+/// indented under the first item.
+fn pack_labelled(label: &str, items: &[Item], width: u16) -> Vec<Line<'static>> {
+    let mut all = vec![strong(format!("{label:<w$}", w = LABEL - 2))];
+    all.extend_from_slice(items);
+    pack(&all, width, LABEL)
 }
 
 fn bold(s: impl Into<String>) -> Span<'static> {
@@ -87,54 +145,42 @@ fn bold(s: impl Into<String>) -> Span<'static> {
 }
 
 /// The line on top: the host's state and budget, or the run's interval and phase.
-fn header_line(state: &State) -> Line<'static> {
+fn header_items(state: &State) -> Vec<Item> {
+    let mut items = vec![strong("memvisor top")];
     let Some(snap) = &state.snapshot else {
-        return Line::from(vec![
-            bold("memvisor top"),
-            Span::raw("  waiting for the first row"),
-        ]);
+        items.push(plain("waiting for the first row"));
+        return items;
     };
-    let mut spans = vec![bold("memvisor top")];
     match &snap.header {
         Header::Host(h) => {
-            spans.push(Span::raw(format!(
-                "  host {:.1} s  period {}  state ",
-                h.time_s, h.period
-            )));
-            spans.push(bold(h.state.clone()));
-            spans.push(Span::raw(format!(
-                " ({} changes)  budget {:.1}  free {:.1}  targets {:.1} MiB  VMs {}/{} running",
-                h.transitions,
-                h.budget_mib,
-                h.free_mib,
-                h.targets_mib,
+            items.push(plain(format!("host {:.1} s", h.time_s)));
+            items.push(plain(format!("period {}", h.period)));
+            items.push(strong(format!("state {}", h.state)));
+            items.push(plain(format!("changes {}", h.transitions)));
+            items.push(plain(format!("budget {:.1}", h.budget_mib)));
+            items.push(plain(format!("free {:.1}", h.free_mib)));
+            items.push(plain(format!("targets {:.1} MiB", h.targets_mib)));
+            items.push(plain(format!(
+                "VMs {}/{} running",
                 h.running,
                 snap.vms.len()
             )));
         }
         Header::Run(r) => {
-            spans.push(Span::raw(format!(
-                "  run {:.1} s  interval {}  phase ",
-                r.time_s, r.interval
-            )));
-            spans.push(bold(r.phase.clone()));
+            items.push(plain(format!("run {:.1} s", r.time_s)));
+            items.push(plain(format!("interval {}", r.interval)));
+            items.push(strong(format!("phase {}", r.phase)));
             if let Some(e) = &r.end {
-                spans.push(Span::raw("  ended: "));
-                spans.push(bold(e.clone()));
+                items.push(strong(format!("ended: {e}")));
             }
-            spans.push(Span::raw(format!(
-                "  configured {:.1} MiB  host {} MiB{}",
-                r.configured_mib,
-                opt(r.host_mib),
-                if r.pfn_visible {
-                    ""
-                } else {
-                    "  (no PFNs: sharing not seen)"
-                }
-            )));
+            items.push(plain(format!("configured {:.1} MiB", r.configured_mib)));
+            items.push(plain(format!("host {} MiB", opt(r.host_mib))));
+            if !r.pfn_visible {
+                items.push(plain("(no PFNs: sharing not seen)"));
+            }
         }
     }
-    Line::from(spans)
+    items
 }
 
 /// Where the rows come from, their age, the last problem, and columns the width left out.
@@ -257,175 +303,160 @@ fn opt(v: Option<f64>) -> String {
     v.map_or("-".into(), |v| format!("{v:.1}"))
 }
 
-fn label(s: &str) -> Span<'static> {
-    bold(format!("{s:<16}"))
-}
-
-fn estimate(name: &str, a: &Active) -> Line<'static> {
-    Line::from(vec![
-        label(name),
-        bold(format!("{:.1} MiB", a.estimate_mib)),
-        Span::raw(format!(
-            "  95% CI {:.1}–{:.1}  fast {:.1}  slow {:.1}  max {:.1}  exact {:.1}  {}/{} of {:.1}{}",
-            a.ci_low_mib,
-            a.ci_high_mib,
-            a.fast_mib,
-            a.slow_mib,
-            a.max_mib,
-            a.exact_mib,
-            a.t,
-            a.n,
-            a.sampled_from_mib,
-            a.error_mib
-                .map_or(String::new(), |e| format!("  error {e:+.1}"))
+fn estimate(a: &Active) -> Vec<Item> {
+    let mut items = vec![
+        strong(format!("{:.1} MiB", a.estimate_mib)),
+        plain(format!("95% CI {:.1}–{:.1}", a.ci_low_mib, a.ci_high_mib)),
+        plain(format!("fast {:.1}", a.fast_mib)),
+        plain(format!("slow {:.1}", a.slow_mib)),
+        plain(format!("max {:.1}", a.max_mib)),
+        plain(format!("exact {:.1}", a.exact_mib)),
+        plain(format!(
+            "{}/{} sampled of {:.1}",
+            a.t, a.n, a.sampled_from_mib
         )),
-    ])
+    ];
+    if let Some(e) = a.error_mib {
+        items.push(plain(format!("error {e:+.1}")));
+    }
+    items
 }
 
-/// The selected VM's detail: both estimates with their intervals, the guest's truth and view,
-/// host usage, balloon, swap, and for a host's VM its scheduling. `None` without a VM.
-pub fn detail_lines(state: &State) -> Option<Vec<Line<'static>>> {
+/// The selected VM's detail, as labelled groups: both estimates with their intervals, the
+/// guest's truth and view, host usage, balloon, swap, and for a host's VM its scheduling. `None`
+/// without a VM.
+pub fn detail_items(state: &State) -> Option<Vec<(&'static str, Vec<Item>)>> {
     let v = state.selected_vm()?;
-    let mut lines = Vec::new();
+    let mut out = Vec::new();
     let host = state.snapshot.as_ref().is_some_and(|s| s.is_host());
     if host {
-        let src = v.active_source.as_deref().unwrap_or("-");
-        lines.push(Line::from(vec![
-            label("host"),
-            Span::raw(format!(
-                "{}  target {}  granted {}  TCHD {} (from {src})  shares {}  resv {}  limit {}{}",
-                v.state,
-                opt(v.get(Col::Sztgt)),
-                opt(v.get(Col::Grant)),
+        let mut items = vec![
+            strong(v.state.clone()),
+            plain(format!("target {}", opt(v.get(Col::Sztgt)))),
+            plain(format!("granted {}", opt(v.get(Col::Grant)))),
+            plain(format!(
+                "TCHD {} (from {})",
                 opt(v.get(Col::Tchd)),
-                cell(Col::Shares, v.get(Col::Shares)),
-                opt(v.get(Col::Resv)),
-                opt(v.get(Col::Limit)),
-                if v.order_errors > 0 {
-                    format!("  {} order(s) refused", v.order_errors)
-                } else {
-                    String::new()
-                }
+                v.active_source.as_deref().unwrap_or("-")
             )),
-        ]));
+            plain(format!("shares {}", cell(Col::Shares, v.get(Col::Shares)))),
+            plain(format!("resv {}", opt(v.get(Col::Resv)))),
+            plain(format!("limit {}", opt(v.get(Col::Limit)))),
+        ];
+        if v.order_errors > 0 {
+            items.push(plain(format!("{} order(s) refused", v.order_errors)));
+        }
+        out.push(("host", items));
     }
     let Some(r) = &v.row else {
-        lines.push(Line::from(
-            "no row of its own here (host --json has the host's figures only): memvisor top \
-             --control on the host's socket shows both estimates, their intervals and the guest's \
-             view",
+        out.push((
+            "",
+            vec![
+                plain("no row of its own here"),
+                plain("(host --json has the host's figures only):"),
+                plain("memvisor top --control on the host's socket"),
+                plain("shows both estimates, their intervals"),
+                plain("and the guest's view"),
+            ],
         ));
-        return Some(lines);
+        return Some(out);
     };
-    lines.push(Line::from(vec![
-        label("row"),
-        Span::raw(format!(
-            "interval {}  {:.1} s  phase {}{}{}",
-            r.interval,
-            r.time_s,
-            r.phase,
-            r.end
-                .map_or(String::new(), |e| format!("  ended: {}", e.as_str())),
-            if r.paused_s > 0.0 {
-                format!("  paused {:.2} s", r.paused_s)
-            } else {
-                String::new()
-            }
-        )),
-    ]));
-    match &r.active {
-        Some(a) => lines.push(estimate("active (r+w)", a)),
-        None => lines.push(Line::from(vec![
-            label("active (r+w)"),
-            Span::raw("- (reads are not seen: the access sampler is off)"),
-        ])),
+    let mut items = vec![
+        plain(format!("interval {}", r.interval)),
+        plain(format!("{:.1} s", r.time_s)),
+        plain(format!("phase {}", r.phase)),
+    ];
+    if let Some(e) = r.end {
+        items.push(strong(format!("ended: {}", e.as_str())));
     }
+    if r.paused_s > 0.0 {
+        items.push(plain(format!("paused {:.2} s", r.paused_s)));
+    }
+    out.push(("row", items));
+    out.push((
+        "active (r+w)",
+        match &r.active {
+            Some(a) => estimate(a),
+            None => vec![plain("- (reads are not seen: the access sampler is off)")],
+        },
+    ));
     if let Some(a) = &r.active_writes {
-        lines.push(estimate("active (writes)", a));
+        out.push(("active (writes)", estimate(a)));
     }
     if let Some(t) = &r.truth {
-        lines.push(Line::from(vec![
-            label("guest truth"),
-            Span::raw(format!(
-                "touched {:.1}  written {:.1} MiB  rate {} accesses/s",
-                t.touched_mib,
-                t.written_mib,
-                si(t.rate)
-            )),
-        ]));
-    }
-    let g = &r.guest;
-    let mut view = format!(
-        "allocated {:.1}  free {:.1} MiB{}",
-        g.allocated_mib,
-        g.free_mib,
-        if g.out_of_memory {
-            "  OUT OF MEMORY"
-        } else {
-            ""
-        }
-    );
-    if let Some(s) = r.balloon.as_ref().and_then(|b| b.guest_stats.as_ref()) {
-        view.push_str(&format!(
-            "  · balloon stats: free {}  available {}  total {} MiB ({})",
-            opt(s.free_mib),
-            opt(s.available_mib),
-            opt(s.total_mib),
-            s.source
+        out.push((
+            "guest truth",
+            vec![
+                plain(format!("touched {:.1}", t.touched_mib)),
+                plain(format!("written {:.1} MiB", t.written_mib)),
+                plain(format!("rate {} accesses/s", si(t.rate))),
+            ],
         ));
     }
-    lines.push(Line::from(vec![label("guest view"), Span::raw(view)]));
+    let g = &r.guest;
+    let mut items = vec![
+        plain(format!("allocated {:.1}", g.allocated_mib)),
+        plain(format!("free {:.1} MiB", g.free_mib)),
+    ];
+    if g.out_of_memory {
+        items.push(strong("OUT OF MEMORY"));
+    }
+    if let Some(s) = r.balloon.as_ref().and_then(|b| b.guest_stats.as_ref()) {
+        items.push(plain(format!("· balloon stats: free {}", opt(s.free_mib))));
+        items.push(plain(format!("available {}", opt(s.available_mib))));
+        items.push(plain(format!("total {} MiB", opt(s.total_mib))));
+    }
+    out.push(("guest view", items));
     if let Some(h) = &r.host {
-        lines.push(Line::from(vec![
-            label("host usage"),
-            bold(format!("{:.1} MiB", h.host_mib)),
-            Span::raw(format!(
-                " = backed {:.1} + overhead {:.1}  · zero {:.1}  untouched {:.1}  released {:.1}  \
-                 swapped {:.1}  shared {:.1}",
-                h.backed_mib,
-                h.overhead_mib,
-                h.zero_mib,
-                h.untouched_mib,
-                h.released_mib,
-                h.swapped_mib,
-                h.shared_mib
-            )),
-        ]));
+        out.push((
+            "host usage",
+            vec![
+                strong(format!("{:.1} MiB", h.host_mib)),
+                plain(format!(
+                    "= backed {:.1} + overhead {:.1}",
+                    h.backed_mib, h.overhead_mib
+                )),
+                plain(format!("zero {:.1}", h.zero_mib)),
+                plain(format!("untouched {:.1}", h.untouched_mib)),
+                plain(format!("released {:.1}", h.released_mib)),
+                plain(format!("swapped {:.1}", h.swapped_mib)),
+                plain(format!("shared {:.1}", h.shared_mib)),
+            ],
+        ));
     }
     if let Some(b) = &r.balloon {
-        lines.push(Line::from(vec![
-            label("balloon"),
-            Span::raw(format!(
-                "size {:.1}  target {:.1}  reported free {:.1} MiB ({} extents){}",
-                b.balloon_mib,
-                b.target_mib,
-                b.reported_mib,
-                b.reported_extents,
-                if b.errors > 0 {
-                    format!("  {} bad requests", b.errors)
-                } else {
-                    String::new()
-                }
+        let mut items = vec![
+            plain(format!("size {:.1}", b.balloon_mib)),
+            plain(format!("target {:.1}", b.target_mib)),
+            plain(format!(
+                "reported free {:.1} MiB ({} extents)",
+                b.reported_mib, b.reported_extents
             )),
-        ]));
+        ];
+        if b.errors > 0 {
+            items.push(strong(format!("{} bad requests", b.errors)));
+        }
+        out.push(("balloon", items));
     }
     if let Some(s) = &r.swap {
-        lines.push(Line::from(vec![
-            label("swap"),
-            Span::raw(format!(
-                "swapped {:.1}  target {:.1} MiB  in {:.1}  out {:.1} MiB/s  page-in p50 {}  p99 {} \
-                 us{}",
-                s.swapped_mib,
-                s.target_mib,
-                s.in_mib_s,
-                s.out_mib_s,
-                s.page_in_us_p50.map_or("-".into(), |x| format!("{x:.0}")),
-                s.page_in_us_p99.map_or("-".into(), |x| format!("{x:.0}")),
-                if s.stopped { "  STOPPED" } else { "" }
+        let us = |x: Option<f64>| x.map_or("-".into(), |x| format!("{x:.0}"));
+        let mut items = vec![
+            plain(format!("swapped {:.1}", s.swapped_mib)),
+            plain(format!("target {:.1} MiB", s.target_mib)),
+            plain(format!("in {:.1}", s.in_mib_s)),
+            plain(format!("out {:.1} MiB/s", s.out_mib_s)),
+            plain(format!(
+                "page-in p50 {}  p99 {} us",
+                us(s.page_in_us_p50),
+                us(s.page_in_us_p99)
             )),
-        ]));
+        ];
+        if s.stopped {
+            items.push(strong("STOPPED"));
+        }
+        out.push(("swap", items));
     }
-    Some(lines)
+    Some(out)
 }
 
 /// The field list over the table: each column with its letter and whether it is shown.
@@ -683,7 +714,14 @@ mod tests {
             assert!(header.contains(t), "{t} kept: {header}");
         }
         assert!(!header.contains("RATE"), "{header}");
-        assert!(lines[1].contains("left out: too narrow"), "{all}");
+        assert!(
+            lines.len() == 24 && lines[2].contains("left out: too narrow"),
+            "{all}"
+        );
+        assert!(
+            lines[1].starts_with("free 47.0"),
+            "the host line goes on: {all}"
+        );
         assert!(order(&lines, &["web", "db", "app"]).len() == 3);
     }
 
