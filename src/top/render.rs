@@ -312,7 +312,7 @@ fn estimate(a: &Active) -> Vec<Item> {
         plain(format!("max {:.1}", a.max_mib)),
         plain(format!("exact {:.1}", a.exact_mib)),
         plain(format!(
-            "{}/{} sampled of {:.1}",
+            "sample {}/{} of {:.1}",
             a.t, a.n, a.sampled_from_mib
         )),
     ];
@@ -349,16 +349,18 @@ pub fn detail_items(state: &State) -> Option<Vec<(&'static str, Vec<Item>)>> {
         out.push(("host", items));
     }
     let Some(r) = &v.row else {
-        out.push((
-            "",
+        let items = if state.source.label == "stdin" {
             vec![
                 plain("no row of its own here"),
                 plain("(host --json has the host's figures only):"),
                 plain("memvisor top --control on the host's socket"),
                 plain("shows both estimates, their intervals"),
                 plain("and the guest's view"),
-            ],
-        ));
+            ]
+        } else {
+            vec![plain("no row from this VM (yet)")]
+        };
+        out.push(("", items));
         return Some(out);
     };
     let mut items = vec![
@@ -745,7 +747,8 @@ mod tests {
         assert!(find(&lines, "95% CI 48.0–52.0").is_some(), "{all}");
         // `host --json` has no rows: the pane says where to find them.
         let v = serde_json::to_value(&testing::rows(1)[0]).unwrap();
-        let st = state_with(parse_value(v, "-").unwrap().unwrap());
+        let mut st = State::new("stdin");
+        st.update(parse_value(v, "-").unwrap().unwrap());
         let all = screen(&st, 120, 30).join("\n");
         assert!(all.contains("no row of its own here"), "{all}");
     }
