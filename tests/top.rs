@@ -221,3 +221,35 @@ fn top_in_tmux_gives_the_terminal_back_on_sigterm() {
     assert_eq!(tmux.pane("#{alternate_on}"), "0", "the main screen is back");
     assert_eq!(tmux.pane("#{cursor_flag}"), "1", "the cursor is shown");
 }
+
+#[test]
+fn top_refuses_what_it_cannot_show_with_a_clear_error() {
+    let top = |args: &[&str]| {
+        let out = Command::new(env!("CARGO_BIN_EXE_memvisor"))
+            .arg("top")
+            .args(args)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        (
+            out.status.code(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    };
+    // No source, or a wrong operand: usage errors.
+    let (code, err) = top(&[]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("--control"), "{err}");
+    let (code, err) = top(&["host.sock"]);
+    assert_eq!(code, Some(2), "{err}");
+    assert!(err.contains("the only operand is `-`"), "{err}");
+    let (code, _) = top(&["-", "--control", "/tmp/x.sock"]);
+    assert_eq!(code, Some(2));
+    // Standard output is a pipe here, not a terminal to draw on.
+    let (code, err) = top(&["--stdin"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("standard output is not one"), "{err}");
+    let (code, err) = top(&["--control", "/tmp/x.sock", "--interval", "10ms"]);
+    assert_eq!(code, Some(1), "{err}");
+    assert!(err.contains("--interval must be at least 100 ms"), "{err}");
+}
