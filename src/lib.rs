@@ -50,7 +50,9 @@
 //!   library's builder;
 //! - `control`: the control socket through which a running VM is driven;
 //! - `host`: a host of several VMs: its policy (targets, memory states, reclamation), pure, and
-//!   each VM as its own `memvisor run` process.
+//!   each VM as its own `memvisor run` process;
+//! - `top`: `memvisor top`, the live terminal view of a run or a host (its state and drawing
+//!   pure, the terminal loop thin).
 #![deny(clippy::undocumented_unsafe_blocks)]
 
 // Internal modules: public for the binary, the tests and the benchmarks, not a stable interface.
@@ -73,6 +75,8 @@ pub mod observe;
 #[doc(hidden)]
 pub mod output;
 pub mod row;
+#[doc(hidden)]
+pub mod top;
 #[doc(hidden)]
 pub mod units;
 #[doc(hidden)]

@@ -62,6 +62,9 @@ enum Command {
     /// Run several VMs on one memory budget, each its own `memvisor run` driven over its control
     /// socket; shares, reservations, limits and the idle memory tax decide who gives memory back.
     Host(Box<memvisor::host::cli::HostOptions>),
+    /// A live, esxtop-like view of a running `run` or `host` (its control socket) or of a `--json`
+    /// stream on standard input: q quits, s sorts, f chooses the fields, d shows the detail.
+    Top(memvisor::top::TopOptions),
     /// Summarise a PMP-MMP map file written by `run --map-out`.
     Map {
         /// The map file.
@@ -346,6 +349,15 @@ fn main() -> ExitCode {
             Ok(())
         }),
         Command::Man { subcommand } => print_generated(|cmd, out| man(cmd, subcommand, out)),
+        Command::Top(opts) => match memvisor::top::run(&opts) {
+            Ok(0) => Ok(()),
+            // A signal ended the view: its exit code, no message.
+            Ok(code) => Err(Failure {
+                code,
+                message: None,
+            }),
+            Err(e) => Err(Failure::new(1, &e)),
+        },
         #[cfg(feature = "plot")]
         Command::Plot { file, output } => {
             use memvisor::output::plot;

@@ -166,6 +166,7 @@ fn full_host_row() -> HostRow {
             balloon_stuck: true,
             paused: true,
             order_errors: 2,
+            row: None,
         }],
     }
 }

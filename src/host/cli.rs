@@ -65,6 +65,10 @@ pub struct HostOptions {
     /// granted memory stacked under the budget, and each VM's target and active memory.
     #[arg(long, value_name = "FILE")]
     pub plot: Option<PathBuf>,
+    /// Serve a control socket here (mode 0600) while the host runs: `query` answers the latest
+    /// period (the `--json` object, each VM with its latest row), for `memvisor top --control`.
+    #[arg(long, value_name = "PATH")]
+    pub control: Option<PathBuf>,
 }
 
 /// Why the host's settings are refused.
@@ -92,6 +96,8 @@ pub enum HostCliError {
     Prometheus(#[from] crate::output::prometheus::PrometheusError),
     #[error(transparent)]
     Output(#[from] OutputError),
+    #[error("--control: {0}")]
+    Control(#[source] crate::control::ControlError),
 }
 
 /// The host file's form.
@@ -284,6 +290,7 @@ fn truncate(s: &str, n: usize) -> &str {
 /// The outputs beside stdout: the CSV file, the Prometheus endpoint and the plot.
 struct Outputs {
     csv: Option<CsvLog>,
+    control: Option<super::control::HostControl>,
     #[cfg(feature = "prometheus")]
     exporter: Option<super::metrics::Exporter>,
     #[cfg(feature = "plot")]
@@ -331,8 +338,13 @@ impl Outputs {
             .map(CsvLog::create)
             .transpose()
             .map_err(HostCliError::Csv)?;
+        let control = (opts.control.as_deref())
+            .map(super::control::HostControl::start)
+            .transpose()
+            .map_err(HostCliError::Control)?;
         Ok(Outputs {
             csv,
+            control,
             #[cfg(feature = "prometheus")]
             exporter,
             #[cfg(feature = "plot")]
@@ -345,6 +357,9 @@ impl Outputs {
 
     /// Hands one period to each output.
     fn period(&mut self, row: &HostRow) -> std::io::Result<()> {
+        if let Some(c) = &self.control {
+            c.publish(row);
+        }
         #[cfg(feature = "prometheus")]
         if let Some(e) = &self.exporter {
             e.update(row);

@@ -10,12 +10,14 @@
 //!
 //! Around it: `spec`, one VM as the user gives it; `process`, one VM as its own `memvisor run`
 //! process, driven over its control socket; `supervisor`, the host loop; `cli`, the command line
-//! and the table and JSON; `csv`, `metrics` (Prometheus) and `plot`, the host's other outputs.
+//! and the table and JSON; `control`, the host's control socket (`query` only, for `memvisor
+//! top`); `csv`, `metrics` (Prometheus) and `plot`, the host's other outputs.
 //!
 //! All sizes are in pages (`units::PAGE_SIZE`); MiB only in messages. See docs/design.md, "The host
 //! scheduler".
 
 pub mod cli;
+pub mod control;
 pub mod csv;
 #[cfg(feature = "prometheus")]
 pub mod metrics;
@@ -28,4 +30,4 @@ pub mod spec;
 pub mod state;
 pub mod supervisor;
 #[cfg(test)]
-mod testing;
+pub(crate) mod testing;

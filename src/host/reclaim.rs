@@ -346,7 +346,10 @@ mod tests {
                 s,
                 h,
             );
-            assert_eq!((p.balloon_target_pages, p.swap_target_pages), (6_500, 1_000));
+            assert_eq!(
+                (p.balloon_target_pages, p.swap_target_pages),
+                (6_500, 1_000)
+            );
         }
         // By 2,000: no swap is needed; the swap target falls by a step and the balloon deflates
         // by one (the rate limits).
@@ -358,7 +361,10 @@ mod tests {
             High,
             h,
         );
-        assert_eq!((p.balloon_target_pages, p.swap_target_pages), (6_000, 1_000));
+        assert_eq!(
+            (p.balloon_target_pages, p.swap_target_pages),
+            (6_000, 1_000)
+        );
         // All of it: the balloon empties in 13 periods.
         let (p, v, _) = simulate(
             VmMemory {

@@ -115,6 +115,10 @@ pub struct VmLine {
     /// Its vCPU is held out of the guest (`low`, above its target).
     pub paused: bool,
     pub order_errors: u64,
+    /// The VM's latest row (the object `run --json` prints), for the host's control socket
+    /// (`memvisor top`'s detail pane); not in `host --json`.
+    #[serde(skip)]
+    pub row: Option<Row>,
 }
 
 /// One period.
@@ -302,7 +306,7 @@ fn decide(
         let status = vm.process.exited();
         let row = vm.process.rows().latest.clone();
         let (input, memory, rate) = observed(&vm.process.spec, row.as_ref());
-        views.push((status, input, memory, rate));
+        views.push((status, input, memory, rate, row));
     }
     let used: u64 = views
         .iter()
@@ -350,7 +354,7 @@ fn decide(
         targets_pages += t.pages;
     }
     for (i, vm) in vms.iter_mut().enumerate() {
-        let (status, mut input, mut memory, rate) = views[i].clone();
+        let (status, mut input, mut memory, rate, row) = views[i].clone();
         if status.is_some() {
             // Its process is gone, and with it everything it held.
             memory.granted_pages = 0;
@@ -443,6 +447,7 @@ fn decide(
             balloon_stuck: stuck,
             paused: vm.paused && status.is_none(),
             order_errors: errors,
+            row,
         });
     }
     HostRow {
