@@ -115,6 +115,9 @@ pub struct VmLine {
     /// Its vCPU is held out of the guest (`low`, above its target).
     pub paused: bool,
     pub order_errors: u64,
+    /// The VM's latest row, for `--prometheus` (each VM's row metrics); not in the JSON.
+    #[serde(skip)]
+    pub latest: Option<Row>,
 }
 
 /// One period.
@@ -300,7 +303,7 @@ fn decide(
         let status = vm.process.exited();
         let row = vm.process.rows().latest.clone();
         let (input, memory, rate) = observed(&vm.process.spec, row.as_ref());
-        views.push((status, input, memory, rate));
+        views.push((status, input, memory, rate, row));
     }
     let used: u64 = views
         .iter()
@@ -348,7 +351,7 @@ fn decide(
         targets_pages += t.pages;
     }
     for (i, vm) in vms.iter_mut().enumerate() {
-        let (status, mut input, mut memory, rate) = views[i].clone();
+        let (status, mut input, mut memory, rate, latest) = views[i].clone();
         if status.is_some() {
             // Its process is gone, and with it everything it held.
             memory.granted_pages = 0;
@@ -441,6 +444,7 @@ fn decide(
             balloon_stuck: stuck,
             paused: vm.paused && status.is_none(),
             order_errors: errors,
+            latest,
         });
     }
     HostRow {

@@ -32,6 +32,7 @@ pub fn vm(name: &str, granted: f64, target: f64, active: f64) -> VmLine {
         balloon_stuck: false,
         paused: false,
         order_errors: 0,
+        latest: None,
     }
 }
 

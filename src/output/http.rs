@@ -324,6 +324,22 @@ mod tests {
     }
 
     #[test]
+    fn a_linger_ends_when_told_and_a_zero_one_at_once() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let asked = std::cell::Cell::new(0);
+        // An hour, ended by the third look at the stop: the call returns (the test would hang
+        // otherwise), having looked exactly three times.
+        linger(addr, Duration::from_secs(3600), &|| {
+            asked.set(asked.get() + 1);
+            asked.get() >= 3
+        });
+        assert_eq!(asked.get(), 3);
+        linger(addr, Duration::ZERO, &|| {
+            panic!("a zero linger looks at nothing")
+        });
+    }
+
+    #[test]
     fn answers_get_and_head_and_refuses_the_rest() {
         let s = server();
         let a = s.local_addr();

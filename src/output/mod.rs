@@ -574,6 +574,38 @@ mod tests {
 
     fn quiet(_: String) {}
 
+    #[test]
+    fn listen_addresses_as_node_exporter_takes_them() {
+        let ok = |s: &str| socket_addr_arg(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert_eq!(ok("127.0.0.1:9464"), "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(ok("[::1]:9464"), "[::1]:9464".parse().unwrap());
+        assert_eq!(ok("localhost:9464"), "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(ok("LocalHost:0"), "127.0.0.1:0".parse().unwrap());
+        // Every interface, IPv6 and (dual-stack) IPv4.
+        assert_eq!(ok(":9100"), "[::]:9100".parse().unwrap());
+        assert_eq!(ok("0.0.0.0:9100"), "0.0.0.0:9100".parse().unwrap());
+        for bad in [
+            "",
+            ":",
+            "9464",
+            "localhost",
+            "localhost:",
+            ":+80",
+            ":65536",
+            "example.com:80",
+            "127.0.0.1",
+            "::1:80",
+            "localhost:80:80",
+            " :80",
+            ":-1",
+        ] {
+            let e = socket_addr_arg(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} taken"));
+            assert!(e.contains(":PORT"), "{bad:?}: {e}");
+        }
+    }
+
     /// Built without its feature, an output asked for is a clear error before anything runs.
     #[cfg(not(all(feature = "plot", feature = "prometheus")))]
     #[test]

@@ -934,8 +934,11 @@ mod tests {
             .find(|x| x.metric == "memvisor_run_info")
             .unwrap();
         assert_eq!(ri.labels.get("seed"), Some("random"));
+        // prometheus-parse leaves the escapes in: the text format was escaped.
         let w = ri.labels.get("workload").unwrap();
-        assert_eq!(w.chars().count(), MAX_LABEL_CHARS, "{w}");
+        assert!(w.starts_with(r#"\"x\"\n"#), "{w}");
+        let unescaped = w.replace(r#"\""#, "\"").replace(r"\n", "\n");
+        assert_eq!(unescaped.chars().count(), MAX_LABEL_CHARS, "{w}");
         assert!(w.ends_with('~'));
     }
 
