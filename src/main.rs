@@ -163,6 +163,9 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         writer::warn_stderr,
     )
     .map_err(|e| Failure::new(1, &e))?;
+    // Signals that came before the last row (one of them ended the run) do not end the
+    // --prometheus-linger: the next one does.
+    let mut signals = 0;
     // Set-up, then the control socket (which needs the set-up VM's controller), then the run;
     // the socket is stopped and removed as soon as the run ends.
     let result = vmm::setup(cfg).map_err(Started::Run).and_then(|ready| {
@@ -170,15 +173,15 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             .map(|p| ControlServer::start(p, control::vm::handler(ready.controller())))
             .transpose()
             .map_err(Started::Control)?;
-        let result = ready.run(&mut |row: &Row| sink.row(row));
+        let result = ready.run(&mut |row: &Row| {
+            signals = stop::signal_count();
+            sink.row(row)
+        });
         drop(control);
         result.map_err(Started::Run)
     });
     // The plot is drawn whatever ended the run: a stop loses no result. With
     // --prometheus-linger the endpoint then serves the last row on, until the next signal.
-    let by_signal = matches!(&result, Err(Started::Run(e))
-        if matches!(e.end_reason(), EndReason::Sigint | EndReason::Sigterm));
-    let signals = u32::from(by_signal);
     let finished = sink.finish_lingering(args.prometheus_linger.unwrap_or_default(), &|| {
         stop::signal_count() > signals
     });

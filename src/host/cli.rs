@@ -397,7 +397,11 @@ pub fn run(opts: &HostOptions) -> Result<(), Box<dyn std::error::Error>> {
         writeln!(out, "{}", table_header())?;
     }
     let json = opts.json;
+    // Signals that came before the last period (one of them stopped the host) do not end the
+    // linger: the next one does.
+    let mut signals = 0;
     let result = super::supervisor::run(&cfg, &mut |row| {
+        signals = crate::vmm::stop::signal_count();
         let line = if json {
             serde_json::to_string(row).map_err(std::io::Error::other)?
         } else {
@@ -407,8 +411,6 @@ pub fn run(opts: &HostOptions) -> Result<(), Box<dyn std::error::Error>> {
         out.flush()?;
         outputs.period(row)
     });
-    // A signal that stopped the host does not end the linger: the next one does.
-    let signals = u32::from(crate::vmm::stop::requested().is_some());
     let plot = outputs.finish(opts.prometheus_linger.unwrap_or_default(), &|| {
         crate::vmm::stop::signal_count() > signals
     });
