@@ -310,6 +310,8 @@ impl Outputs {
             .into());
         }
         #[cfg(not(feature = "prometheus"))]
+        let _ = cfg;
+        #[cfg(not(feature = "prometheus"))]
         if opts.prometheus.is_some() {
             return Err(OutputError::FeatureOff {
                 flag: "--prometheus",
