@@ -105,13 +105,18 @@ struct RunArgs {
     /// The table with every column (about 210 characters wide).
     #[arg(long, conflicts_with_all = ["json", "csv"])]
     wide: bool,
-    /// Serve the latest interval to Prometheus at http://ADDR/metrics, e.g. 127.0.0.1:9464.
+    /// Serve the latest interval to Prometheus at http://ADDR/metrics: IP:PORT (127.0.0.1:9464),
+    /// localhost:PORT, or :PORT for every interface (reachable from the network: see README).
     #[arg(long, value_name = "ADDR", value_parser = output::socket_addr_arg)]
     prometheus: Option<std::net::SocketAddr>,
     /// The VM's name: the `vm` column of --csv (default: vm) and the `vm` label of the Prometheus
     /// metrics (default: the process id). `memvisor host` passes each VM's own.
     #[arg(long)]
     name: Option<String>,
+    /// Keep serving the final row's metrics this long after the run ends (e.g. 15s, a little over
+    /// the scrape interval), so that the last scrape sees it; a SIGINT or SIGTERM ends the wait.
+    #[arg(long, value_name = "DURATION", requires = "prometheus", value_parser = duration_arg)]
+    prometheus_linger: Option<std::time::Duration>,
     /// Draw the run's plot to this file at the end, also when the run is stopped (.svg or .png).
     #[arg(long, value_name = "FILE")]
     plot: Option<PathBuf>,
@@ -119,6 +124,10 @@ struct RunArgs {
     /// balloon target, stop it (docs/control.md).
     #[arg(long, value_name = "PATH")]
     control: Option<PathBuf>,
+}
+
+fn duration_arg(s: &str) -> Result<std::time::Duration, String> {
+    memvisor::units::parse_duration(s).map_err(|e| e.to_string())
 }
 
 /// A failure of the command, with the exit code it calls for.
@@ -162,6 +171,7 @@ fn chain(e: &(dyn Error + 'static)) -> String {
 }
 
 fn run(args: RunArgs) -> Result<(), Failure> {
+    let (workload, seed) = (args.options.workload.clone(), args.options.seed);
     let cfg = RunConfig::new(args.options).map_err(|e| Failure::new(1, &e))?;
     let format = match (args.json, args.csv) {
         (true, _) => output::Format::Json,
@@ -178,8 +188,12 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         },
     };
     let prometheus = args.prometheus.map(|addr| {
-        let name = args.name.unwrap_or_else(|| std::process::id().to_string());
-        (addr, name)
+        let info = output::RunInfo {
+            name: args.name.unwrap_or_else(|| std::process::id().to_string()),
+            workload,
+            seed,
+        };
+        (addr, info)
     });
     // Whether this process sees host PFNs (root with CAP_SYS_ADMIN): the table's header says so.
     let pfn_visible = memvisor::memory::pagemap::Pagemap::open().is_ok_and(|p| p.pfn_visible());
@@ -193,6 +207,9 @@ fn run(args: RunArgs) -> Result<(), Failure> {
         writer::warn_stderr,
     )
     .map_err(|e| Failure::new(1, &e))?;
+    // Signals that came before the last row (one of them ended the run) do not end the
+    // --prometheus-linger: the next one does.
+    let mut signals = 0;
     // Set-up, then the control socket (which needs the set-up VM's controller), then the run;
     // the socket is stopped and removed as soon as the run ends.
     let result = vmm::setup(cfg).map_err(Started::Run).and_then(|ready| {
@@ -200,12 +217,18 @@ fn run(args: RunArgs) -> Result<(), Failure> {
             .map(|p| ControlServer::start(p, control::vm::handler(ready.controller())))
             .transpose()
             .map_err(Started::Control)?;
-        let result = ready.run(&mut |row: &Row| sink.row(row));
+        let result = ready.run(&mut |row: &Row| {
+            signals = stop::signal_count();
+            sink.row(row)
+        });
         drop(control);
         result.map_err(Started::Run)
     });
-    // The plot is drawn whatever ended the run: a stop loses no result.
-    let finished = sink.finish();
+    // The plot is drawn whatever ended the run: a stop loses no result. With
+    // --prometheus-linger the endpoint then serves the last row on, until the next signal.
+    let finished = sink.finish_lingering(args.prometheus_linger.unwrap_or_default(), &|| {
+        stop::signal_count() > signals
+    });
     if let Ok(not) = &finished.printed
         && not.total() > 0
     {

@@ -84,6 +84,12 @@ pub struct HostUsage {
     pub shared_mib: f64,
     /// Given back to the host by the balloon (inflated or reported free), untouched since.
     pub released_mib: f64,
+    /// Touched before, now neither resident nor in any swap (the VMM dropped it): no machine page.
+    pub discarded_mib: f64,
+    /// In the VMM's own swap file (hypervisor swap, `--swap`) as the map last saw it; not in
+    /// `swapped_mib` (the host kernel's swap). With `untouched`, `zero`, `backed` (shared
+    /// included), `swapped`, `released` and `discarded` it makes up configured RAM exactly.
+    pub vmm_swapped_mib: f64,
     /// Pages written by the VMM itself (image, boot info), counted in backed.
     pub vmm_written_mib: f64,
     pub configured_mib: f64,
@@ -207,6 +213,18 @@ pub enum EndReason {
 }
 
 impl EndReason {
+    /// Every reason, in the order the Prometheus enum-style gauge lists them.
+    pub const ALL: [EndReason; 8] = [
+        EndReason::Done,
+        EndReason::GuestError,
+        EndReason::Timeout,
+        EndReason::Sigint,
+        EndReason::Sigterm,
+        EndReason::OutputClosed,
+        EndReason::Stopped,
+        EndReason::SwapError,
+    ];
+
     /// The word the table shows.
     pub fn as_str(self) -> &'static str {
         match self {

@@ -163,21 +163,34 @@ fn prometheus_scrape_during_a_run_matches_the_json_row() {
     );
     let h = r.host.as_ref().unwrap();
     close("memvisor_host_usage_bytes", &[], h.host_mib * MIB);
-    close("memvisor_backed_bytes", &[], h.backed_mib * MIB);
-    close("memvisor_overhead_bytes", &[], h.overhead_mib * MIB);
-    close("memvisor_zero_bytes", &[], h.zero_mib * MIB);
-    let a = r.active_writes.as_ref().unwrap();
-    let w = |stat| [("kind", "writes"), ("stat", stat)];
     close(
-        "memvisor_active_bytes",
-        &w("estimate"),
-        a.estimate_mib * MIB,
+        "memvisor_guest_memory_bytes",
+        &[("state", "backed")],
+        (h.backed_mib - h.shared_mib) * MIB,
     );
-    close("memvisor_active_bytes", &w("ci_low"), a.ci_low_mib * MIB);
-    close("memvisor_active_bytes", &w("ci_high"), a.ci_high_mib * MIB);
-    close("memvisor_active_bytes", &w("fast"), a.fast_mib * MIB);
-    close("memvisor_active_bytes", &w("slow"), a.slow_mib * MIB);
-    close("memvisor_active_bytes", &w("max"), a.max_mib * MIB);
+    close("memvisor_overhead_bytes", &[], h.overhead_mib * MIB);
+    close(
+        "memvisor_guest_memory_bytes",
+        &[("state", "zero")],
+        h.zero_mib * MIB,
+    );
+    let a = r.active_writes.as_ref().unwrap();
+    let w = [("kind", "writes")];
+    close("memvisor_active_bytes", &w, a.estimate_mib * MIB);
+    close("memvisor_active_ci_low_bytes", &w, a.ci_low_mib * MIB);
+    close("memvisor_active_ci_high_bytes", &w, a.ci_high_mib * MIB);
+    close(
+        "memvisor_active_avg_bytes",
+        &[("kind", "writes"), ("window", "fast")],
+        a.fast_mib * MIB,
+    );
+    close(
+        "memvisor_active_avg_bytes",
+        &[("kind", "writes"), ("window", "slow")],
+        a.slow_mib * MIB,
+    );
+    close("memvisor_active_max_avg_bytes", &w, a.max_mib * MIB);
+    close("memvisor_phase_info", &[("phase", r.phase.as_str())], 1.0);
     close(
         "memvisor_dirty_rate_bytes_per_second",
         &[],

@@ -57,10 +57,16 @@ pub struct HostOptions {
     /// period, one column per VM and field (`\\host\free_MiB`, `\\vm(web)\target_MiB`...).
     #[arg(long, value_name = "FILE")]
     pub csv: Option<PathBuf>,
-    /// Serve the latest period to Prometheus at http://ADDR/metrics, e.g. 127.0.0.1:9464: the
-    /// host's metrics and each VM's, labelled with its name (`vm="web"`).
+    /// Serve the latest period to Prometheus at http://ADDR/metrics: the host's metrics and each
+    /// VM's, labelled with its name (`vm="web"`). ADDR: IP:PORT (127.0.0.1:9464),
+    /// localhost:PORT, or :PORT for every interface (reachable from the network: see README).
     #[arg(long, value_name = "ADDR", value_parser = crate::output::socket_addr_arg)]
     pub prometheus: Option<SocketAddr>,
+    /// Keep serving the final period's metrics this long after the VMs end (e.g. 15s, a little
+    /// over the scrape interval), so that the last scrape sees it; a SIGINT or SIGTERM ends the
+    /// wait.
+    #[arg(long, value_name = "DURATION", requires = "prometheus", value_parser = duration_arg)]
+    pub prometheus_linger: Option<Duration>,
     /// Draw the host's plot to this file at the end, also when stopped (.svg or .png): each VM's
     /// granted memory stacked under the budget, and each VM's target and active memory.
     #[arg(long, value_name = "FILE")]
@@ -300,7 +306,7 @@ struct Outputs {
 impl Outputs {
     /// Checks the plot's file, creates the CSV file and starts the endpoint: a bad path or
     /// address is refused here, before any VM starts.
-    fn start(opts: &HostOptions) -> Result<Self, HostCliError> {
+    fn start(opts: &HostOptions, cfg: &HostConfig) -> Result<Self, HostCliError> {
         #[cfg(feature = "plot")]
         if let Some(p) = &opts.plot {
             super::plot::check(p).map_err(HostCliError::Plot)?;
@@ -314,6 +320,8 @@ impl Outputs {
             .into());
         }
         #[cfg(not(feature = "prometheus"))]
+        let _ = cfg;
+        #[cfg(not(feature = "prometheus"))]
         if opts.prometheus.is_some() {
             return Err(OutputError::FeatureOff {
                 flag: "--prometheus",
@@ -324,9 +332,12 @@ impl Outputs {
         #[cfg(feature = "prometheus")]
         let exporter = match opts.prometheus {
             Some(addr) => {
-                let e = super::metrics::Exporter::start(addr)?;
-                log::info!(
-                    "host: serving Prometheus metrics at http://{}{}",
+                let vms = cfg.vms.iter().map(super::metrics::VmInfo::of).collect();
+                let e = super::metrics::Exporter::start(addr, vms)?;
+                // stderr may be closed: the address is a courtesy, not a result.
+                let _ = writeln!(
+                    std::io::stderr(),
+                    "memvisor: Prometheus metrics at http://{}{}",
                     e.local_addr(),
                     crate::output::prometheus::PATH
                 );
@@ -374,13 +385,23 @@ impl Outputs {
         }
     }
 
-    /// Draws the plot, if asked for.
-    fn finish(self) -> Result<(), HostCliError> {
+    /// Draws the plot, if asked for; then, with `--prometheus-linger`, serves the last period on
+    /// for that long or until `stop()`.
+    fn finish(self, linger: Duration, stop: &dyn Fn() -> bool) -> Result<(), HostCliError> {
         #[cfg(feature = "plot")]
-        if let Some((path, rec)) = &self.plot {
-            super::plot::write(path, rec).map_err(HostCliError::Plot)?;
+        let plot = match &self.plot {
+            Some((path, rec)) => super::plot::write(path, rec).map_err(HostCliError::Plot),
+            None => Ok(()),
+        };
+        #[cfg(not(feature = "plot"))]
+        let plot = Ok(());
+        #[cfg(feature = "prometheus")]
+        if let Some(e) = &self.exporter {
+            e.linger(linger, stop);
         }
-        Ok(())
+        #[cfg(not(feature = "prometheus"))]
+        let _ = (linger, stop);
+        plot
     }
 }
 
@@ -390,13 +411,17 @@ pub fn run(opts: &HostOptions) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = opts.config()?;
     // Admission first, so that a refused host creates no file.
     super::supervisor::admit(&cfg)?;
-    let mut outputs = Outputs::start(opts)?;
+    let mut outputs = Outputs::start(opts, &cfg)?;
     let mut out = std::io::stdout().lock();
     if !opts.json {
         writeln!(out, "{}", table_header())?;
     }
     let json = opts.json;
+    // Signals that came before the last period (one of them stopped the host) do not end the
+    // linger: the next one does.
+    let mut signals = 0;
     let result = super::supervisor::run(&cfg, &mut |row| {
+        signals = crate::vmm::stop::signal_count();
         let line = if json {
             serde_json::to_string(row).map_err(std::io::Error::other)?
         } else {
@@ -406,7 +431,9 @@ pub fn run(opts: &HostOptions) -> Result<(), Box<dyn std::error::Error>> {
         out.flush()?;
         outputs.period(row)
     });
-    let plot = outputs.finish();
+    let plot = outputs.finish(opts.prometheus_linger.unwrap_or_default(), &|| {
+        crate::vmm::stop::signal_count() > signals
+    });
     match (result, plot) {
         (Err(e), Err(p)) => {
             log::error!("{p}");

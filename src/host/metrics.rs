@@ -5,35 +5,39 @@
 //! `run --prometheus` is: the host loop only swaps the latest period in under a short lock, and a
 //! scrape copies it out and encodes it, so a slow, stuck or hostile client never delays the loop.
 //!
-//! The host: `memvisor_host_budget_bytes`, `_free_bytes`, `_targets_bytes`, `_running_vms`,
-//! `_time_seconds`, the state as an enum-style gauge (`memvisor_host_state{state="soft"} 1`, the
-//! other states 0), and the counters `memvisor_host_state_transitions_total` and
-//! `memvisor_host_periods_total`. Each VM, labelled `vm="NAME"`: `memvisor_host_configured_bytes`
-//! (MEMSZ), `_target_bytes` (SZTGT), `_granted_bytes` (GRANT), `_active_bytes` (TCHD, with a
-//! `source` label: `accesses` or `writes`), `_balloon_bytes` and `_balloon_target_bytes` (MCTLSZ,
-//! MCTLTGT), `_swapped_bytes` and `_swap_target_bytes` (SWCUR, SWTGT), `_overhead_bytes` (OVHD),
-//! `_shares`, `_reservation_bytes`, `_limit_bytes` (only a VM with a limit), the guest's
-//! `_work_rate_accesses_per_second` (once it reports one), `_balloon_stuck` (1 while swap stands in
-//! for a balloon that does not move), `_paused` (1 while its vCPU is held in `low`), its status as an enum-style gauge
-//! (`memvisor_host_vm_status{vm="web",status="running"} 1`) and `_order_errors_total`.
+//! The host: `memvisor_build_info{version}`, `memvisor_host_budget_bytes`, `_free_bytes`,
+//! `_targets_bytes`, `_running_vms`, `_time_seconds`, the state as an enum-style gauge
+//! (`memvisor_host_state{state="soft"} 1`, the other states 0), and the counters
+//! `memvisor_host_state_transitions_total` and `memvisor_host_periods_total`. Each VM, labelled
+//! `vm="NAME"`: `memvisor_run_info{vm,workload,seed}`, `memvisor_host_configured_bytes` (MEMSZ),
+//! `_target_bytes` (SZTGT), `_granted_bytes` (GRANT), `_active_bytes` (TCHD, with a `source`
+//! label: `accesses` or `writes`, one series per VM), `_balloon_bytes` and
+//! `_balloon_target_bytes` (MCTLSZ, MCTLTGT), `_swapped_bytes` and `_swap_target_bytes` (SWCUR,
+//! SWTGT), `_overhead_bytes` (OVHD), `_shares`, `_reservation_bytes`, `_limit_bytes` (only a VM
+//! with a limit), the guest's `_work_rate_accesses_per_second` (once it reports one),
+//! `_balloon_stuck` (1 while swap stands in for a balloon that does not move), `_paused` (1 while
+//! its vCPU is held in `low`), its status as an enum-style gauge
+//! (`memvisor_host_vm_status{vm="web",status="running"} 1`) and `_order_errors_total`. Beside
+//! those, each VM's latest row as `run --prometheus` serves it (the same names, from
+//! [`crate::output::prometheus::add_row`]): its phase and end reason for every VM that reported a
+//! row, its memory (by state, the estimates, balloon, swap) while it runs. Every family's labels
+//! mean one thing each: summing over `vm` adds VMs up; `state`, `status` and `source` are
+//! enum-style (one series is 1, or one series per VM).
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::AtomicU64;
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
-use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::encoding::prometheus_text;
-use prometheus_client::metrics::counter::Counter;
-use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
-use prometheus_client::registry::{Registry, Unit};
+use prometheus_client::registry::Unit;
 
 use super::scheduler::ActiveSource;
+use super::spec::VmSpec;
 use super::state::MemState;
 use super::supervisor::{HostRow, VmLine};
 use crate::output::http::{Document, Server};
-use crate::output::prometheus::{PATH, PrometheusError};
+use crate::output::prometheus::{self as prom, Metrics, PATH, PrometheusError};
 use crate::units::MIB;
 
 /// The states, in the order the enum-style gauge lists them.
@@ -61,6 +65,33 @@ pub struct Totals {
     pub order_errors: HashMap<String, u64>,
 }
 
+/// What `memvisor_run_info` says of one VM: its name, workload and seed, from its spec.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct VmInfo {
+    pub name: String,
+    pub workload: String,
+    pub seed: Option<u64>,
+}
+
+impl VmInfo {
+    /// From the VM's spec: its `--workload=` and `--seed=` words (the run's default workload
+    /// without one).
+    pub fn of(spec: &VmSpec) -> Self {
+        let arg = |key: &str| {
+            spec.run_args
+                .iter()
+                .rev()
+                .find_map(|a| a.strip_prefix(key).map(str::to_string))
+        };
+        VmInfo {
+            name: spec.name.clone(),
+            workload: arg("--workload=")
+                .unwrap_or_else(|| crate::vmm::config::RunOptions::default().workload),
+            seed: arg("--seed=").and_then(|s| s.parse().ok()),
+        }
+    }
+}
+
 /// The HTTP server and the period it serves; dropping it stops the server without waiting on any
 /// client.
 pub struct Exporter {
@@ -70,8 +101,8 @@ pub struct Exporter {
 
 impl Exporter {
     /// Listens on `addr` (port 0 picks a free port) and serves from a new thread; a bad address
-    /// fails here, before any VM starts.
-    pub fn start(addr: SocketAddr) -> Result<Self, PrometheusError> {
+    /// fails here, before any VM starts. `vms`: what the info metric says of each VM.
+    pub fn start(addr: SocketAddr, vms: Vec<VmInfo>) -> Result<Self, PrometheusError> {
         let latest = Arc::new(Mutex::new(Latest::default()));
         let doc = Document {
             paths: &[PATH, "/"],
@@ -83,7 +114,7 @@ impl Exporter {
                         let l = latest.lock().unwrap_or_else(|e| e.into_inner());
                         (l.row.clone(), l.totals.clone())
                     };
-                    encode(row.as_ref(), &totals)
+                    encode(row.as_ref(), &totals, &vms)
                 }
             }),
         };
@@ -107,69 +138,26 @@ impl Exporter {
         }
         l.row = Some(row);
     }
-}
 
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct VmLabel {
-    vm: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct ActiveLabels {
-    vm: String,
-    /// `accesses` or `writes`: the estimate the scheduler used.
-    source: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StatusLabels {
-    vm: String,
-    status: String,
-}
-
-#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
-struct StateLabel {
-    state: String,
-}
-
-type GaugeF = Gauge<f64, AtomicU64>;
-
-fn gauge(reg: &mut Registry, name: &str, help: &str, unit: Option<Unit>, v: f64) {
-    let g = GaugeF::default();
-    g.set(v);
-    match unit {
-        Some(u) => reg.register_with_unit(name, help, u, g),
-        None => reg.register(name, help, g),
+    /// Keeps serving the latest period for `linger`, or until `stop` says so (see
+    /// [`crate::output::http::linger`]).
+    pub fn linger(&self, linger: Duration, stop: &dyn Fn() -> bool) {
+        crate::output::http::linger(self.local_addr(), linger, stop);
     }
 }
 
-fn counter(reg: &mut Registry, name: &str, help: &str, v: u64) {
-    let c: Counter = Counter::default();
-    c.inc_by(v);
-    reg.register(name, help, c);
-}
-
-/// A per-VM gauge family: `value` of each VM (none where it gives `None`).
+/// A per-VM gauge: `value` of each VM (none where it gives `None`).
 fn per_vm(
-    reg: &mut Registry,
+    m: &mut Metrics,
     vms: &[VmLine],
     name: &str,
     help: &str,
     unit: Option<Unit>,
     value: impl Fn(&VmLine) -> Option<f64>,
 ) {
-    let family = Family::<VmLabel, GaugeF>::default();
-    let mut any = false;
     for v in vms {
         if let Some(x) = value(v) {
-            any = true;
-            family.get_or_create(&VmLabel { vm: v.name.clone() }).set(x);
-        }
-    }
-    if any {
-        match unit {
-            Some(u) => reg.register_with_unit(name, help, u, family),
-            None => reg.register(name, help, family),
+            m.gauge(name, help, unit.clone(), &[("vm", &v.name)], x);
         }
     }
 }
@@ -187,32 +175,44 @@ fn bytes(mib: f64) -> f64 {
 }
 
 /// The metrics of the latest period in the Prometheus text format. Before the first period,
-/// only the period counter (0).
-pub fn encode(row: Option<&HostRow>, totals: &Totals) -> String {
-    let mut reg = Registry::default();
-    counter(
-        &mut reg,
+/// only the period counter (0) and the info metrics.
+pub fn encode(row: Option<&HostRow>, totals: &Totals, vms: &[VmInfo]) -> String {
+    let mut m = Metrics::default();
+    prom::add_build_info(&mut m, &[]);
+    for v in vms {
+        prom::add_run_info(&mut m, &[("vm", &v.name)], &v.workload, v.seed);
+    }
+    m.counter(
         "memvisor_host_periods",
         "Host periods completed (one block of the table each)",
-        totals.periods,
+        None,
+        &[],
+        totals.periods as f64,
     );
     if let Some(r) = row {
-        add_host(&mut reg, r);
-        add_vms(&mut reg, &r.vms, totals);
+        add_host(&mut m, r);
+        add_vms(&mut m, &r.vms, totals);
+        for v in &r.vms {
+            if let Some(latest) = &v.row {
+                let base = [("vm", v.name.as_str())];
+                prom::add_row_state(&mut m, &base, latest);
+                // An ended VM holds nothing any more: only its phase and end are told.
+                if v.status == "running" {
+                    prom::add_row(&mut m, &base, latest);
+                }
+            }
+        }
     }
-    let mut out = String::new();
-    // Writing to a String cannot fail.
-    let _ = prometheus_text::encode(&mut out, &reg);
-    out
+    m.encode()
 }
 
-fn add_host(reg: &mut Registry, r: &HostRow) {
+fn add_host(m: &mut Metrics, r: &HostRow) {
     let h = &r.host;
-    gauge(
-        reg,
+    m.gauge(
         "memvisor_host_time",
         "Time since the host started, at the end of the latest period",
         Some(Unit::Seconds),
+        &[],
         r.time_s,
     );
     for (name, help, mib) in [
@@ -232,37 +232,34 @@ fn add_host(reg: &mut Registry, r: &HostRow) {
             h.targets_mib,
         ),
     ] {
-        gauge(reg, name, help, Some(Unit::Bytes), bytes(mib));
+        m.gauge(name, help, Some(Unit::Bytes), &[], bytes(mib));
     }
-    gauge(
-        reg,
+    m.gauge(
         "memvisor_host_running_vms",
         "VMs still running",
         None,
+        &[],
         h.running as f64,
     );
-    let state = Family::<StateLabel, GaugeF>::default();
     for s in STATES {
-        state
-            .get_or_create(&StateLabel {
-                state: s.as_str().into(),
-            })
-            .set(if s == h.state { 1.0 } else { 0.0 });
+        m.gauge(
+            "memvisor_host_state",
+            "The host's memory state, from the budget's free part: 1 for the current one (high: nothing; soft: balloon; hard: also hypervisor swap; low: also pause VMs above their target)",
+            None,
+            &[("state", s.as_str())],
+            f64::from(u8::from(s == h.state)),
+        );
     }
-    reg.register(
-        "memvisor_host_state",
-        "The host's memory state, from the budget's free part: 1 for the current one (high: nothing; soft: balloon; hard: also hypervisor swap; low: also pause VMs above their target)",
-        state,
-    );
-    counter(
-        reg,
+    m.counter(
         "memvisor_host_state_transitions",
         "Changes of the host's memory state",
-        h.transitions,
+        None,
+        &[],
+        h.transitions as f64,
     );
 }
 
-fn add_vms(reg: &mut Registry, vms: &[VmLine], totals: &Totals) {
+fn add_vms(m: &mut Metrics, vms: &[VmLine], totals: &Totals) {
     type Field = (&'static str, &'static str, fn(&VmLine) -> Option<f64>);
     let sizes: [Field; 10] = [
         (
@@ -317,29 +314,21 @@ fn add_vms(reg: &mut Registry, vms: &[VmLine], totals: &Totals) {
         ),
     ];
     for (name, help, value) in sizes {
-        per_vm(reg, vms, name, help, Some(Unit::Bytes), |v| {
+        per_vm(m, vms, name, help, Some(Unit::Bytes), |v| {
             value(v).map(bytes)
         });
     }
-    let active = Family::<ActiveLabels, GaugeF>::default();
     for v in vms {
-        active
-            .get_or_create(&ActiveLabels {
-                vm: v.name.clone(),
-                source: source_name(v.active_source).into(),
-            })
-            .set(bytes(v.active_mib));
-    }
-    if !vms.is_empty() {
-        reg.register_with_unit(
+        m.gauge(
             "memvisor_host_active",
-            "The VM's active memory as the scheduler used it (TCHD): the max of the moving averages of the access estimate (source=accesses), or of the write estimate where reads are not seen (source=writes)",
-            Unit::Bytes,
-            active,
+            "The VM's active memory as the scheduler used it (TCHD): the max of the moving averages of the access estimate (source=accesses), or of the write estimate where reads are not seen (source=writes); one series per VM",
+            Some(Unit::Bytes),
+            &[("vm", &v.name), ("source", source_name(v.active_source))],
+            bytes(v.active_mib),
         );
     }
     per_vm(
-        reg,
+        m,
         vms,
         "memvisor_host_shares",
         "The VM's shares",
@@ -347,7 +336,7 @@ fn add_vms(reg: &mut Registry, vms: &[VmLine], totals: &Totals) {
         |v| Some(v.shares as f64),
     );
     per_vm(
-        reg,
+        m,
         vms,
         "memvisor_host_work_rate",
         "The guest's work rate: page accesses per second, from its exact count",
@@ -355,7 +344,7 @@ fn add_vms(reg: &mut Registry, vms: &[VmLine], totals: &Totals) {
         |v| v.rate,
     );
     per_vm(
-        reg,
+        m,
         vms,
         "memvisor_host_balloon_stuck",
         "1 while hypervisor swap stands in for the VM's balloon (none, or it did not move)",
@@ -363,40 +352,31 @@ fn add_vms(reg: &mut Registry, vms: &[VmLine], totals: &Totals) {
         |v| Some(f64::from(u8::from(v.balloon_stuck))),
     );
     per_vm(
-        reg,
+        m,
         vms,
         "memvisor_host_paused",
         "1 while the VM's vCPU is held out of the guest (the low state, above its target)",
         None,
         |v| Some(f64::from(u8::from(v.paused))),
     );
-    let status = Family::<StatusLabels, GaugeF>::default();
     for v in vms {
         for s in STATUSES {
-            status
-                .get_or_create(&StatusLabels {
-                    vm: v.name.clone(),
-                    status: s.into(),
-                })
-                .set(if s == v.status { 1.0 } else { 0.0 });
+            m.gauge(
+                "memvisor_host_vm_status",
+                "The VM's status: 1 for the current one (running; ended: exit code 0; failed: any other end)",
+                None,
+                &[("vm", &v.name), ("status", s)],
+                f64::from(u8::from(s == v.status)),
+            );
         }
     }
-    let errors = Family::<VmLabel, Counter>::default();
     for v in vms {
-        errors
-            .get_or_create(&VmLabel { vm: v.name.clone() })
-            .inc_by(totals.order_errors.get(&v.name).copied().unwrap_or(0));
-    }
-    if !vms.is_empty() {
-        reg.register(
-            "memvisor_host_vm_status",
-            "The VM's status: 1 for the current one (running; ended: exit code 0; failed: any other end)",
-            status,
-        );
-        reg.register(
+        m.counter(
             "memvisor_host_order_errors",
             "Balloon and swap orders the VM refused or did not answer",
-            errors,
+            None,
+            &[("vm", &v.name)],
+            totals.order_errors.get(&v.name).copied().unwrap_or(0) as f64,
         );
     }
 }
@@ -437,7 +417,7 @@ mod tests {
             periods: 5,
             order_errors: [("web".to_string(), 2)].into_iter().collect(),
         };
-        let text = encode(Some(r), &totals);
+        let text = encode(Some(r), &totals, &infos());
         let s = parse(&text);
         assert_eq!(value(&s, "memvisor_host_budget_bytes", &[]), 200.0 * M);
         assert_eq!(
@@ -526,6 +506,7 @@ mod tests {
         for x in &s.samples {
             let per_vm = x.labels.get("vm").is_some();
             let host_only = [
+                "memvisor_build_info",
                 "memvisor_host_budget_bytes",
                 "memvisor_host_free_bytes",
                 "memvisor_host_targets_bytes",
@@ -542,16 +523,129 @@ mod tests {
         assert!(text.contains("# TYPE memvisor_host_periods_total counter"));
     }
 
+    fn infos() -> Vec<VmInfo> {
+        vec![
+            VmInfo {
+                name: "web".into(),
+                workload: "alloc 8M".into(),
+                seed: Some(3),
+            },
+            VmInfo {
+                name: "db".into(),
+                workload: "idle 1s".into(),
+                seed: None,
+            },
+        ]
+    }
+
     #[test]
-    fn before_the_first_period_only_the_counter() {
-        let s = parse(&encode(None, &Totals::default()));
-        assert_eq!(s.samples.len(), 1);
+    fn before_the_first_period_only_the_counter_and_the_info() {
+        let s = parse(&encode(None, &Totals::default(), &infos()));
+        assert_eq!(s.samples.len(), 4);
         assert_eq!(value(&s, "memvisor_host_periods_total", &[]), 0.0);
+        assert_eq!(
+            value(
+                &s,
+                "memvisor_run_info",
+                &[("vm", "web"), ("workload", "alloc 8M"), ("seed", "3")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(&s, "memvisor_run_info", &[("vm", "db"), ("seed", "random")]),
+            1.0
+        );
+        assert!(s.samples.iter().any(|x| x.metric == "memvisor_build_info"));
+    }
+
+    #[test]
+    fn each_vms_row_is_served_with_its_name_memory_only_while_it_runs() {
+        let mut rows = testing::rows(5);
+        let r = &mut rows[4];
+        let row = |phase: &str, end| crate::row::Row {
+            phase: phase.into(),
+            end,
+            configured_mib: 128.0,
+            host: Some(crate::row::HostUsage {
+                backed_mib: 40.0,
+                shared_mib: 1.0,
+                zero_mib: 8.0,
+                untouched_mib: 80.0,
+                ..Default::default()
+            }),
+            ..Default::default()
+        };
+        r.vms[0].row = Some(row("touch", None));
+        r.vms[1].row = Some(row("idle", Some(crate::row::EndReason::Done)));
+        let s = parse(&encode(Some(r), &Totals::default(), &infos()));
+        for vm in ["web", "db"] {
+            let phase = if vm == "web" { "touch" } else { "idle" };
+            assert_eq!(
+                value(&s, "memvisor_phase_info", &[("vm", vm), ("phase", phase)]),
+                1.0
+            );
+        }
+        assert_eq!(
+            value(
+                &s,
+                "memvisor_end_reason",
+                &[("vm", "db"), ("reason", "done")]
+            ),
+            1.0
+        );
+        assert_eq!(
+            value(
+                &s,
+                "memvisor_end_reason",
+                &[("vm", "web"), ("reason", "done")]
+            ),
+            0.0
+        );
+        // web's states sum to its configured RAM; db has ended and holds nothing.
+        let states: f64 = s
+            .samples
+            .iter()
+            .filter(|x| x.metric == "memvisor_guest_memory_bytes")
+            .map(|x| {
+                assert_eq!(x.labels.get("vm"), Some("web"));
+                match x.value {
+                    prometheus_parse::Value::Gauge(v) => v,
+                    ref v => panic!("{v:?}"),
+                }
+            })
+            .sum();
+        assert_eq!(states, 128.0 * M);
+        // Each family once, however many VMs add to it.
+        let text = encode(Some(r), &Totals::default(), &infos());
+        for line in text.lines().filter(|l| l.starts_with("# TYPE ")) {
+            assert_eq!(text.matches(&format!("{line}\n")).count(), 1, "{line}");
+        }
+    }
+
+    #[test]
+    fn a_vms_info_comes_from_its_spec() {
+        let spec = crate::host::spec::parse("name=a,mem=64M,seed=9,workload=alloc 8M; idle 1s", 0)
+            .unwrap();
+        assert_eq!(
+            VmInfo::of(&spec),
+            VmInfo {
+                name: "a".into(),
+                workload: "alloc 8M; idle 1s".into(),
+                seed: Some(9),
+            }
+        );
+        let spec = crate::host::spec::parse("mem=512M", 1).unwrap();
+        let i = VmInfo::of(&spec);
+        assert_eq!((i.name.as_str(), i.seed), ("vm2", None));
+        assert_eq!(
+            i.workload,
+            crate::vmm::config::RunOptions::default().workload
+        );
     }
 
     #[test]
     fn the_endpoint_serves_the_latest_period_and_a_stuck_client_blocks_nothing() {
-        let e = Exporter::start("127.0.0.1:0".parse().unwrap()).unwrap();
+        let e = Exporter::start("127.0.0.1:0".parse().unwrap(), infos()).unwrap();
         let mut stuck = TcpStream::connect(e.local_addr()).unwrap();
         write!(stuck, "GET /metr").unwrap();
         let rows = testing::rows(3);

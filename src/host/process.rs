@@ -114,6 +114,21 @@ impl VmProcess {
         self.rows.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// What the row reader has seen, once it has read the VM's stdout to its end (its last row,
+    /// the one that says why it ended), waiting at most `limit` for that: for a VM that has
+    /// exited, whose stdout ends at once.
+    pub fn rows_to_the_end(&self, limit: Duration) -> MutexGuard<'_, Rows> {
+        let until = Instant::now() + limit;
+        loop {
+            let r = self.rows();
+            if r.closed || Instant::now() >= until {
+                return r;
+            }
+            drop(r);
+            std::thread::sleep(Duration::from_millis(5));
+        }
+    }
+
     /// The VM's exit status once it has ended (never blocks).
     pub fn exited(&mut self) -> Option<ExitStatus> {
         if self.status.is_none() {

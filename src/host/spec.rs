@@ -21,6 +21,7 @@ const HOST_OWNED: &[&str] = &[
     "csv",
     "control",
     "prometheus",
+    "prometheus-linger",
     "name",
     "plot",
     "interval",

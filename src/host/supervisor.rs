@@ -291,6 +291,9 @@ fn sleep_until(t: Instant) {
     }
 }
 
+/// The longest wait for an ended VM's last row (its stdout ends as it exits; once).
+const LAST_ROW_WAIT: Duration = Duration::from_secs(2);
+
 /// One period: observe, decide, order, report.
 fn decide(
     cfg: &HostConfig,
@@ -304,7 +307,11 @@ fn decide(
     let mut views = Vec::with_capacity(vms.len());
     for vm in vms.iter_mut() {
         let status = vm.process.exited();
-        let row = vm.process.rows().latest.clone();
+        // An ended VM's last row (why it ended) may still be in its pipe: read it to the end.
+        let row = match status {
+            Some(_) => vm.process.rows_to_the_end(LAST_ROW_WAIT).latest.clone(),
+            None => vm.process.rows().latest.clone(),
+        };
         let (input, memory, rate) = observed(&vm.process.spec, row.as_ref());
         views.push((status, input, memory, rate, row));
     }

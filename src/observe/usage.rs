@@ -21,6 +21,8 @@ pub fn host_usage(map: &MapSummary, rss_bytes: u64) -> HostUsage {
         swapped_mib: pages_mib(map.swapped),
         shared_mib: pages_mib(map.shared),
         released_mib: pages_mib(map.released),
+        discarded_mib: pages_mib(map.discarded),
+        vmm_swapped_mib: pages_mib(map.vmm_swapped),
         vmm_written_mib: pages_mib(map.vmm_written),
         configured_mib: mib(configured),
         backed_pages: map.backed + map.shared,

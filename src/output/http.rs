@@ -19,6 +19,7 @@
 //! (well under 2 MiB in all), whatever clients send; it is part of the VMM overhead that memvisor
 //! reports, as every byte of the process is.
 
+use std::io::Write;
 use std::net::SocketAddr;
 use std::sync::Arc;
 use std::thread::JoinHandle;
@@ -76,7 +77,7 @@ impl Server {
     /// Listens on `addr` (port 0 picks a free port) and serves `doc` from a new thread named
     /// `name`. A bad address fails here, before anything runs.
     pub fn start(addr: SocketAddr, name: &str, doc: Document) -> Result<Self, HttpError> {
-        let listener = std::net::TcpListener::bind(addr).map_err(HttpError::Listen)?;
+        let listener = bind(addr).map_err(HttpError::Listen)?;
         listener.set_nonblocking(true).map_err(HttpError::Listen)?;
         let bound = listener.local_addr().map_err(HttpError::Listen)?;
         let rt = tokio::runtime::Builder::new_current_thread()
@@ -122,6 +123,54 @@ impl Drop for Server {
         if let Some(t) = self.thread.take() {
             let _ = t.join();
         }
+    }
+}
+
+/// Binds `addr`. `[::]:PORT` (what `:PORT` means, as for node_exporter: every interface) takes
+/// IPv4 too where the kernel allows it (`bindv6only` off, the default); where IPv6 is off, it
+/// falls back to `0.0.0.0:PORT`.
+fn bind(addr: SocketAddr) -> std::io::Result<std::net::TcpListener> {
+    match std::net::TcpListener::bind(addr) {
+        Err(e)
+            if addr.ip() == std::net::Ipv6Addr::UNSPECIFIED
+                && matches!(
+                    e.raw_os_error(),
+                    Some(libc::EAFNOSUPPORT | libc::EADDRNOTAVAIL)
+                ) =>
+        {
+            log::info!(
+                "IPv6 unavailable ({e}): listening on 0.0.0.0:{}",
+                addr.port()
+            );
+            std::net::TcpListener::bind((std::net::Ipv4Addr::UNSPECIFIED, addr.port()))
+        }
+        r => r,
+    }
+}
+
+/// The step at which [`linger`] checks its stop.
+pub const LINGER_STEP: Duration = Duration::from_millis(20);
+
+/// Keeps the calling thread (and so a server that serves the final figures) for `linger` after
+/// the run ended, so that the last scrape sees them, returning early once `stop()` is true (a
+/// second SIGINT or SIGTERM). Says so on stderr. Never longer than `linger`.
+pub fn linger(addr: SocketAddr, linger: Duration, stop: &dyn Fn() -> bool) {
+    if linger.is_zero() {
+        return;
+    }
+    // stderr may be closed: the note is a courtesy.
+    let _ = writeln!(
+        std::io::stderr(),
+        "memvisor: serving the final metrics at http://{addr} for {:.1} s more (SIGINT or SIGTERM ends it)",
+        linger.as_secs_f64()
+    );
+    let end = std::time::Instant::now() + linger;
+    while !stop() {
+        let now = std::time::Instant::now();
+        if now >= end {
+            return;
+        }
+        std::thread::sleep((end - now).min(LINGER_STEP));
     }
 }
 
@@ -272,6 +321,22 @@ mod tests {
         // A reset after the answer (the server closed with unread input) still leaves it here.
         let _ = c.read_to_end(&mut resp);
         String::from_utf8_lossy(&resp).into_owned()
+    }
+
+    #[test]
+    fn a_linger_ends_when_told_and_a_zero_one_at_once() {
+        let addr: SocketAddr = "127.0.0.1:1".parse().unwrap();
+        let asked = std::cell::Cell::new(0);
+        // An hour, ended by the third look at the stop: the call returns (the test would hang
+        // otherwise), having looked exactly three times.
+        linger(addr, Duration::from_secs(3600), &|| {
+            asked.set(asked.get() + 1);
+            asked.get() >= 3
+        });
+        assert_eq!(asked.get(), 3);
+        linger(addr, Duration::ZERO, &|| {
+            panic!("a zero linger looks at nothing")
+        });
     }
 
     #[test]

@@ -26,10 +26,41 @@ pub fn json_row(r: &Row) -> String {
     serde_json::to_string(r).unwrap_or_else(|e| format!("{{\"error\":\"{e}\"}}"))
 }
 
-/// Parses `--prometheus ADDR` (an IP address and a port).
+/// Parses `--prometheus ADDR`: `IP:PORT` (`127.0.0.1:9464`, `[::1]:9464`), `localhost:PORT`
+/// (127.0.0.1, not resolved: no lookup can send it elsewhere) or `:PORT` (every interface, IPv6
+/// and IPv4, as node_exporter's `:9100`). Port 0 picks a free port.
 pub fn socket_addr_arg(s: &str) -> Result<SocketAddr, String> {
-    s.parse()
-        .map_err(|_| format!("expected IP:PORT, e.g. 127.0.0.1:9464 or [::1]:9464, not {s:?}"))
+    let bad = || {
+        format!(
+            "expected IP:PORT, localhost:PORT or :PORT (every interface), e.g. 127.0.0.1:9464, \
+             [::1]:9464, localhost:9464 or :9464, not {s:?}"
+        )
+    };
+    if let Ok(a) = s.parse() {
+        return Ok(a);
+    }
+    let (host, port) = s.rsplit_once(':').ok_or_else(bad)?;
+    // Digits only: `parse` alone would take `+80`.
+    if port.is_empty() || !port.bytes().all(|b| b.is_ascii_digit()) {
+        return Err(bad());
+    }
+    let port: u16 = port.parse().map_err(|_| bad())?;
+    match host {
+        "" => Ok((std::net::Ipv6Addr::UNSPECIFIED, port).into()),
+        h if h.eq_ignore_ascii_case("localhost") => {
+            Ok((std::net::Ipv4Addr::LOCALHOST, port).into())
+        }
+        _ => Err(bad()),
+    }
+}
+
+/// What the Prometheus info metrics say of a run: its `vm` label, `--workload` and `--seed`.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct RunInfo {
+    pub name: String,
+    pub workload: String,
+    /// `None`: no `--seed` (the run is not reproducible); the label says `random`.
+    pub seed: Option<u64>,
 }
 
 /// How rows are printed.
@@ -105,7 +136,7 @@ impl Sink {
     pub fn new<W: Write + Send + 'static>(
         out: W,
         format: Format,
-        prometheus: Option<(SocketAddr, String)>,
+        prometheus: Option<(SocketAddr, RunInfo)>,
         plot: Option<PathBuf>,
         pfn_visible: bool,
         warn: fn(String),
@@ -130,8 +161,8 @@ impl Sink {
         }
         #[cfg(feature = "prometheus")]
         let exporter = match prometheus {
-            Some((addr, name)) => {
-                let e = Exporter::start(addr, name)?;
+            Some((addr, info)) => {
+                let e = Exporter::start(addr, info)?;
                 // stderr may be closed: the address is a courtesy, not a result.
                 let _ = writeln!(
                     std::io::stderr(),
@@ -201,6 +232,16 @@ impl Sink {
     /// Lets the writer finish (waiting at most [`writer::FINISH_WAIT`]), writes the plot (if
     /// asked for) and stops the Prometheus server.
     pub fn finish(self) -> Finished {
+        self.finish_lingering(std::time::Duration::ZERO, &|| true)
+    }
+
+    /// As [`Sink::finish`], but the Prometheus server (if any) keeps serving the last row for
+    /// `linger` once the rows are written and the plot drawn, or until `stop()` (`--prometheus-linger`).
+    pub fn finish_lingering(
+        self,
+        linger: std::time::Duration,
+        stop: &dyn Fn() -> bool,
+    ) -> Finished {
         let printed = self.lines.finish(writer::FINISH_WAIT);
         #[cfg(feature = "plot")]
         let plot = match &self.plot {
@@ -209,6 +250,12 @@ impl Sink {
         };
         #[cfg(not(feature = "plot"))]
         let plot = Ok(());
+        #[cfg(feature = "prometheus")]
+        if let Some(e) = &self.exporter {
+            e.linger(linger, stop);
+        }
+        #[cfg(not(feature = "prometheus"))]
+        let _ = (linger, stop);
         Finished { printed, plot }
     }
 }
@@ -234,13 +281,45 @@ mod tests {
 
     fn quiet(_: String) {}
 
+    #[test]
+    fn listen_addresses_as_node_exporter_takes_them() {
+        let ok = |s: &str| socket_addr_arg(s).unwrap_or_else(|e| panic!("{s}: {e}"));
+        assert_eq!(ok("127.0.0.1:9464"), "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(ok("[::1]:9464"), "[::1]:9464".parse().unwrap());
+        assert_eq!(ok("localhost:9464"), "127.0.0.1:9464".parse().unwrap());
+        assert_eq!(ok("LocalHost:0"), "127.0.0.1:0".parse().unwrap());
+        // Every interface, IPv6 and (dual-stack) IPv4.
+        assert_eq!(ok(":9100"), "[::]:9100".parse().unwrap());
+        assert_eq!(ok("0.0.0.0:9100"), "0.0.0.0:9100".parse().unwrap());
+        for bad in [
+            "",
+            ":",
+            "9464",
+            "localhost",
+            "localhost:",
+            ":+80",
+            ":65536",
+            "example.com:80",
+            "127.0.0.1",
+            "::1:80",
+            "localhost:80:80",
+            " :80",
+            ":-1",
+        ] {
+            let e = socket_addr_arg(bad)
+                .err()
+                .unwrap_or_else(|| panic!("{bad:?} taken"));
+            assert!(e.contains(":PORT"), "{bad:?}: {e}");
+        }
+    }
+
     /// Built without its feature, an output asked for is a clear error before anything runs.
     #[cfg(not(all(feature = "plot", feature = "prometheus")))]
     #[test]
     fn an_output_left_out_of_the_build_is_a_clear_error() {
         #[cfg(not(feature = "prometheus"))]
         {
-            let prom = Some(("127.0.0.1:0".parse().unwrap(), "x".to_string()));
+            let prom = Some(("127.0.0.1:0".parse().unwrap(), RunInfo::default()));
             let err = Sink::new(Shared::default(), Format::Json, prom, None, true, quiet)
                 .err()
                 .unwrap()

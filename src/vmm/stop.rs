@@ -4,14 +4,17 @@
 //! why, and the map is written. `memvisor` exits with 130 or 143, as a shell reports a process the
 //! signal killed; a timeout exits with 124, as `timeout(1)` does.
 
-use std::sync::atomic::{AtomicI32, Ordering};
+use std::sync::atomic::{AtomicI32, AtomicU32, Ordering};
 
 use crate::row::EndReason;
 
 static SIGNAL: AtomicI32 = AtomicI32::new(0);
+/// SIGINT and SIGTERM received so far.
+static COUNT: AtomicU32 = AtomicU32::new(0);
 
 extern "C" fn on_signal(sig: libc::c_int) {
     SIGNAL.store(sig, Ordering::SeqCst);
+    COUNT.fetch_add(1, Ordering::SeqCst);
 }
 
 /// Routes SIGINT and SIGTERM to the stop flag (the binary calls this once; library users choose).
@@ -54,6 +57,12 @@ Exit codes:
   141  standard output was closed (memvisor run | head): the run stops quietly
   143  SIGTERM, or stop on the control socket (last row: (end: sigterm), (end: stopped))
 A stop loses no result: the partial interval is printed as the last row, marked with why.";
+
+/// How many SIGINTs and SIGTERMs arrived so far: a wait after the run (`--prometheus-linger`)
+/// ends at the next one, whether or not one ended the run.
+pub fn signal_count() -> u32 {
+    COUNT.load(Ordering::SeqCst)
+}
 
 /// The process exit code for a run that ended for `reason` (0 for a finished run).
 pub fn exit_code(reason: EndReason) -> u8 {
@@ -107,10 +116,12 @@ mod tests {
     fn a_raised_signal_is_seen_as_a_stop_request() {
         install_handlers().unwrap();
         assert_eq!(requested(), None);
+        let before = signal_count();
         // SAFETY: raise delivers SIGTERM to this thread; the handler installed above only sets
         // the flag, so the test process survives it.
         assert_eq!(unsafe { libc::raise(libc::SIGTERM) }, 0);
         assert_eq!(requested(), Some(EndReason::Sigterm));
+        assert_eq!(signal_count(), before + 1);
         SIGNAL.store(0, Ordering::SeqCst);
     }
 }
