@@ -9,6 +9,14 @@ use memvisor::vmm::RunError;
 
 const MIB: u64 = 1 << 20;
 
+/// One guest at a time in this test binary: KSM tests read this process's mappings and the
+/// host's KSM counters.
+static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_guest() -> std::sync::MutexGuard<'static, ()> {
+    ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 /// The check phases' (checked, intact, zero) page counts, added up (checks ending in one
 /// interval share a row).
 fn checks(rows: &[Row]) -> (u64, u64, u64) {
@@ -50,7 +58,11 @@ fn a_page_holding_another_fill_fails_verify_and_check() {
         "alloc 8M; touch 8M fill same; free 8M; alloc 8M; check 8M",
         32 * MIB,
     );
-    assert_eq!(checks(&rows), (8 * 256, 0, 0), "no page holds its index + 1");
+    assert_eq!(
+        checks(&rows),
+        (8 * 256, 0, 0),
+        "no page holds its index + 1"
+    );
     let err = common::run_cfg(common::config(
         "alloc 8M; touch 8M fill same; free 8M; alloc 8M; touch 8M read verify",
         32 * MIB,
@@ -63,4 +75,42 @@ fn a_page_holding_another_fill_fails_verify_and_check() {
         ),
         "{err}"
     );
+}
+
+#[test]
+fn ksm_makes_guest_ram_mergeable() {
+    if !common::kvm("ksm_makes_guest_ram_mergeable") {
+        return;
+    }
+    if !std::path::Path::new("/sys/kernel/mm/ksm").exists() {
+        eprintln!(
+            "SKIPPED ksm_makes_guest_ram_mergeable: no /sys/kernel/mm/ksm (kernel without KSM)"
+        );
+        return;
+    }
+    let _one = one_guest();
+    // Mappings of this process with the `mg` (mergeable) flag.
+    let mergeable = || {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        smaps
+            .split("VmFlags:")
+            .skip(1)
+            .filter(|f| {
+                f.lines()
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .any(|f| f == "mg")
+            })
+            .count()
+    };
+    let plain = memvisor::vmm::setup(common::validated(common::config("alloc 4M", 16 * MIB)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(mergeable(), 0, "without --ksm nothing is mergeable");
+    drop(plain);
+    let mut opts = common::config("alloc 4M", 16 * MIB);
+    opts.ksm = true;
+    let ready = memvisor::vmm::setup(common::validated(opts)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(mergeable() >= 1, "guest RAM is mergeable");
+    drop(ready);
 }

@@ -59,6 +59,9 @@ pub fn setup(cfg: RunConfig) -> Result<Ready, RunError> {
     let t0 = Instant::now();
     // Memory: guest RAM with the image, descriptor tables and page tables.
     let ram = GuestRam::new(cfg.mem_bytes, cfg.hugepages)?;
+    if cfg.ksm {
+        ram.merge()?;
+    }
     let image = boot::load_image(&ram, &cfg.image()?)?;
     let tables = boot::write_cpu_tables(&ram)?;
     // The VM owns the RAM.
