@@ -235,7 +235,7 @@ mod tests {
             ]
         );
         assert!(
-            parse("mem=64M", 0)
+            parse("mem=256M", 0)
                 .unwrap()
                 .run_args
                 .iter()
