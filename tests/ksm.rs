@@ -114,3 +114,91 @@ fn ksm_makes_guest_ram_mergeable() {
     assert!(mergeable() >= 1, "guest RAM is mergeable");
     drop(ready);
 }
+
+/// Starts ksmd fast for a test (restored when dropped, also when the test panics), or `None`
+/// where the kernel has no KSM (the test is skipped, and says so).
+fn ksmd_fast(test: &str) -> Option<memvisor::memory::ksm::KsmRun> {
+    use memvisor::memory::ksm;
+    if !ksm::available() {
+        eprintln!("SKIPPED {test}: no {} (kernel without KSM)", ksm::KSM_DIR);
+        return None;
+    }
+    let mut run = ksm::KsmRun::start().expect("start ksmd");
+    run.set("pages_to_scan", 2000).expect("pages_to_scan");
+    run.set("sleep_millisecs", 10).expect("sleep_millisecs");
+    Some(run)
+}
+
+fn host(r: &Row) -> &memvisor::row::HostUsage {
+    r.host.as_ref().expect("host usage on every row")
+}
+
+#[test]
+fn identical_pages_merge_and_a_write_unshares_them_within_an_interval() {
+    let test = "identical_pages_merge_and_a_write_unshares_them_within_an_interval";
+    if !common::kvm(test) || !common::root(test) {
+        return;
+    }
+    let _one = one_guest();
+    let Some(_ksmd) = ksmd_fast(test) else {
+        return;
+    };
+    // 16 MiB of identical pages, merged while the guest idles; then a quarter is written unique
+    // (copy-on-write breaks) and the rest verified.
+    let mut opts = common::config(
+        "alloc 16M; touch 16M fill same; idle 3s; touch 4M write; idle 600ms; \
+         touch 16M read verify; idle 300ms",
+        32 * MIB,
+    );
+    opts.ksm = true;
+    opts.access_samples = 0;
+    let (_, rows) = common::run_cfg(opts).unwrap_or_else(|e| panic!("{e}"));
+    let phase = |r: &Row, p: &str| r.phase.contains(p);
+    // The last interval of the first idle: 4096 identical heap pages, merged.
+    let merged = rows
+        .iter()
+        .rfind(|r| phase(r, "idle 3s"))
+        .expect("rows of the idle");
+    let h = host(merged);
+    let pages = 16 * 256;
+    let shared = (h.shared_mib * 256.0).round() as u64;
+    assert!(
+        (pages..pages + 64).contains(&shared),
+        "SHRD {shared} pages of {pages} identical ones: {h:?}"
+    );
+    // m pages on a frame save m - 1: with max_page_sharing (256 by default) frames of 256.
+    let saved = h.shared_saved_mib * 256.0;
+    let expect = (shared - h.shared_frames) as f64;
+    assert!(
+        (saved - expect).abs() < 1e-6,
+        "saved {saved} vs {expect}: {h:?}"
+    );
+    assert!(h.shared_frames >= pages / 256, "{h:?}");
+    // The kernel's own figures agree, within what ksmd merged since (nothing else merges here).
+    let k = h.ksm.as_ref().expect("kernel figures with --ksm");
+    assert!(
+        k.merging_pages.abs_diff(shared) <= 64,
+        "ksm_merging_pages {} vs SHRD {shared}",
+        k.merging_pages
+    );
+    assert!(
+        k.host_pages_sharing.abs_diff(saved.round() as u64) <= 64,
+        "pages_sharing {} vs SHRDSVD {saved}",
+        k.host_pages_sharing
+    );
+    // Usage: backed - saved + overhead.
+    assert!(
+        (h.host_mib - (h.backed_mib - h.shared_saved_mib + h.overhead_mib)).abs() < 0.01,
+        "{h:?}"
+    );
+    // The first interval after the write: its 1024 pages are private again.
+    let after = rows
+        .iter()
+        .find(|r| phase(r, "idle 600ms"))
+        .expect("rows after the write");
+    let now = (host(after).shared_mib * 256.0).round() as u64;
+    assert!(
+        now + 1024 <= shared && now + 1024 + 64 >= shared,
+        "SHRD {now} after writing 1024 of {shared} shared pages"
+    );
+}

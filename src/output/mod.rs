@@ -29,7 +29,7 @@ pub fn table_header(pfn_visible: bool) -> String {
         "host usage (MiB; no PFNs: zero/backed inferred)"
     };
     let l1 = format!(
-        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<56} | {:<36} | {:<43} | {:<20}",
+        "{:>6} {:<24} {:>6} | {:>13} | {:>13} | {:<62} | {:<36} | {:<43} | {:<20}",
         "",
         "",
         "",
@@ -41,7 +41,7 @@ pub fn table_header(pfn_visible: bool) -> String {
         "balloon, guest stats"
     );
     let l2 = format!(
-        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}",
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}",
         "time",
         "phase",
         "cfg",
@@ -57,6 +57,7 @@ pub fn table_header(pfn_visible: bool) -> String {
         "swap",
         "vswp",
         "shard",
+        "saved",
         "rel",
         "est",
         "95% CI",
@@ -135,7 +136,7 @@ pub fn table_row(r: &Row) -> String {
     let bal = r.balloon.as_ref();
     let gs = bal.and_then(|b| b.guest_stats.as_ref());
     format!(
-        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}{}",
+        "{:>6} {:<24} {:>6} | {:>6} {:>6} | {:>6} {:>6} | {:>6} {:>6} {:>5} {:>6} {:>5} {:>5} {:>5} {:>5} {:>5} {:>5} | {:>6} {:>15} {:>6} {:>6} | {:>6} {:>15} {:>6} {:>6} {:>6} | {:>6} {:>6} {:>6}{}",
         cell(Some(r.time_s), 6, 1),
         phase_cell(&r.phase, 24),
         cell(Some(r.configured_mib), 6, 0),
@@ -151,6 +152,7 @@ pub fn table_row(r: &Row) -> String {
         cell(h.map(|h| h.swapped_mib), 5, 1),
         cell(r.swap.as_ref().map(|s| s.swapped_mib), 5, 1),
         cell(h.map(|h| h.shared_mib), 5, 1),
+        cell(h.map(|h| h.shared_saved_mib), 5, 1),
         cell(h.map(|h| h.released_mib), 5, 1),
         cell(a.map(|a| a.estimate_mib), 6, 1),
         ci_cell(a),

@@ -295,6 +295,12 @@ fn add_row(reg: &mut Registry, r: &Row) {
             "Guest pages whose machine page backs several guest pages (e.g. KSM), from /proc/self/pagemap",
             h.shared_mib,
         );
+        bytes(
+            reg,
+            "memvisor_shared_saved",
+            "Machine memory page sharing saves, this VM's part (esxtop SHRDSVD): a machine page that m guest pages map saves m - 1 pages, charged (m - 1)/m to each",
+            h.shared_saved_mib,
+        );
     }
     let active = Family::<ActiveLabels, GaugeF>::default();
     let samples = Family::<KindLabel, GaugeF>::default();

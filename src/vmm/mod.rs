@@ -149,7 +149,7 @@ impl Ready {
             &cfg.workload.text,
             &cmdline,
         )?;
-        let work = IntervalWork::new(
+        let mut work = IntervalWork::new(
             &vm,
             Estimators {
                 write: samplers,
@@ -164,6 +164,9 @@ impl Ready {
                 stratify: cfg.stratify,
             },
         )?;
+        if cfg.ksm {
+            work.watch_sharing();
+        }
         // Hypervisor swap after the access sampler, which starts the fault handler with its stash.
         let swap = cfg
             .swap
