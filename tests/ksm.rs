@@ -3,9 +3,15 @@
 
 mod common;
 
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::memvisor;
 use memvisor::contract::protocol::GuestError;
 use memvisor::row::Row;
 use memvisor::vmm::RunError;
+use serde_json::Value;
 
 const MIB: u64 = 1 << 20;
 
@@ -201,4 +207,143 @@ fn identical_pages_merge_and_a_write_unshares_them_within_an_interval() {
         now + 1024 <= shared && now + 1024 + 64 >= shared,
         "SHRD {now} after writing 1024 of {shared} shared pages"
     );
+}
+
+/// ksmd's `run` now.
+fn ksm_run_now() -> u64 {
+    memvisor::memory::ksm::knob("run").expect("read run")
+}
+
+/// `memvisor host --ksm-run --json` with two VMs of the same seed and content: it starts ksmd,
+/// both VMs' pages merge across the VMs, each VM's saving is its (m − 1)/m part and the parts add
+/// up to the host's total and to the kernel's `pages_sharing`; SIGTERM ends it and ksmd's `run`
+/// is back to what it was.
+#[test]
+fn two_identical_vms_share_across_and_ksm_run_is_restored_after_sigterm() {
+    let test = "two_identical_vms_share_across_and_ksm_run_is_restored_after_sigterm";
+    if !common::kvm(test) || !common::root(test) {
+        return;
+    }
+    let _one = one_guest();
+    if !memvisor::memory::ksm::available() {
+        eprintln!("SKIPPED {test}: no /sys/kernel/mm/ksm (kernel without KSM)");
+        return;
+    }
+    let before = ksm_run_now();
+    // Faster scanning for the test only (restored when dropped); `run` is the host's to set.
+    let mut scan = memvisor::memory::ksm::KsmRun::start().unwrap();
+    scan.set("pages_to_scan", 2000).unwrap();
+    memvisor::memory::ksm::set_knob("run", before).unwrap();
+    let vm = |name: &str| {
+        format!(
+            "name={name},mem=32M,ksm,seed=5,access-samples=0,workload=alloc 16M; touch 16M fill same; idle 60s"
+        )
+    };
+    let mut child = memvisor()
+        .args([
+            "host",
+            "--json",
+            "--ksm-run",
+            "--budget",
+            "1G",
+            "--period",
+            "300ms",
+        ])
+        .args(["--vm", &vm("a"), "--vm", &vm("b")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memvisor host");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut merged = None;
+    let mut running_seen = false;
+    for line in lines.by_ref().take(100) {
+        let row: Value = serde_json::from_str(&line.unwrap()).expect("a JSON row");
+        running_seen |= ksm_run_now() == 1;
+        let shared: Vec<f64> = row["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["shared_mib"].as_f64().unwrap())
+            .collect();
+        if shared.iter().all(|&s| s >= 16.0) {
+            merged = Some(row);
+            break;
+        }
+    }
+    // SAFETY: kill sends SIGTERM to our own child, which is still running (its stdout is open).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = common::wait_bounded(&mut child, Duration::from_secs(30));
+    drop(lines);
+    let restored = ksm_run_now();
+    drop(scan);
+    assert!(running_seen, "--ksm-run started ksmd");
+    assert_eq!(restored, before, "run restored after SIGTERM ({status:?})");
+    let row = merged.expect("both VMs' pages merged within 100 periods");
+    let vms = row["vms"].as_array().unwrap();
+    let saved: Vec<f64> = vms
+        .iter()
+        .map(|v| v["saved_mib"].as_f64().unwrap())
+        .collect();
+    let total = row["host"]["saved_mib"].as_f64().unwrap();
+    // The parts add up to the host's total (each rounded to whole pages by the host).
+    assert!(
+        (saved.iter().sum::<f64>() - total).abs() < 2.0 / 256.0,
+        "{saved:?} vs {total}"
+    );
+    // 8192 identical pages in 256-way frames save 8192 − 32 pages; allow the guests' other
+    // identical pages and the scan in progress a margin of 1 MiB.
+    let ideal = (8192.0 - 32.0) / 256.0;
+    assert!(
+        (total - ideal).abs() <= 1.0,
+        "saved {total} MiB, ideal {ideal}"
+    );
+    // Each VM's part is about half: sharing goes across the VMs.
+    for s in &saved {
+        assert!((s - ideal / 2.0).abs() <= 1.0, "{saved:?}");
+    }
+    let kernel = row["host"]["ksm_pages_sharing_mib"]
+        .as_f64()
+        .expect("kernel figure");
+    assert!(
+        (kernel - total).abs() <= 1.0,
+        "kernel pages_sharing {kernel} MiB vs {total} MiB"
+    );
+}
+
+#[test]
+fn ksm_run_is_restored_after_a_normal_end() {
+    let test = "ksm_run_is_restored_after_a_normal_end";
+    if !common::kvm(test) {
+        return;
+    }
+    let _one = one_guest();
+    if !memvisor::memory::ksm::available() {
+        eprintln!("SKIPPED {test}: no /sys/kernel/mm/ksm (kernel without KSM)");
+        return;
+    }
+    let before = ksm_run_now();
+    let out = memvisor()
+        .args([
+            "host",
+            "--json",
+            "--ksm-run",
+            "--budget",
+            "1G",
+            "--period",
+            "200ms",
+        ])
+        .args([
+            "--vm",
+            "name=a,mem=16M,ksm,workload=alloc 4M; touch 4M fill same; idle 400ms",
+        ])
+        .output()
+        .expect("run memvisor host");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.is_empty(), "rows were printed");
+    assert_eq!(ksm_run_now(), before, "run restored after the end");
 }
