@@ -68,7 +68,15 @@ fn identical(ns: &[usize]) {
     for &n in ns {
         let ideal = (n as f64 - 1.0) * 32.0;
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_memvisor"));
-        cmd.args(["host", "--json", "--ksm-run", "--budget", "4G", "--period", "1s"]);
+        cmd.args([
+            "host",
+            "--json",
+            "--ksm-run",
+            "--budget",
+            "4G",
+            "--period",
+            "1s",
+        ]);
         for i in 0..n {
             cmd.arg("--vm").arg(format!(
                 "name=g{i},mem=48M,ksm,seed=1,access-samples=0,workload=alloc 32M; touch 32M write; idle 300s"
@@ -88,7 +96,11 @@ fn identical(ns: &[usize]) {
             let row: Value = serde_json::from_str(&line).expect("a JSON row");
             let saved = f(&row["host"], "saved_mib");
             let t = started.elapsed().as_secs_f64();
-            let done = if n == 1 { t >= 10.0 } else { saved >= 0.99 * ideal };
+            let done = if n == 1 {
+                t >= 10.0
+            } else {
+                saved >= 0.99 * ideal
+            };
             last = Some((row, t));
             if done {
                 converged = Some(t);
@@ -107,7 +119,7 @@ fn identical(ns: &[usize]) {
         let per_vm: Vec<f64> = vms.iter().map(|v| f(v, "saved_mib")).collect();
         let saved = f(&row["host"], "saved_mib");
         let kernel = f(&row["host"], "ksm_pages_sharing_mib");
-        let per_gib = cpu.filter(|_| saved > 0.0).map(|c| c / (saved / 1024.0));
+        let per_gib = cpu.filter(|_| saved >= 1.0).map(|c| c / (saved / 1024.0));
         println!(
             "{n:>2} {ideal:>10.1} {saved:>10.1} {:>10.2} {kernel:>12.1} {:>10.3} {:>9} {:>12} {:>10}",
             per_vm.iter().sum::<f64>() / n as f64,
@@ -206,7 +218,10 @@ fn main() {
         eprintln!("SKIPPED: the KSM experiments need root and /sys/kernel/mm/ksm");
         return;
     }
-    let args: Vec<String> = std::env::args().skip(1).filter(|a| a != "--bench").collect();
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
     let which = args.first().map(String::as_str);
     if matches!(which, None | Some("identical")) {
         let ns: Vec<usize> = args.iter().skip(1).filter_map(|a| a.parse().ok()).collect();
