@@ -61,8 +61,7 @@ pub struct HostUsage {
     pub shared_saved_mib: f64,
     /// Distinct machine pages behind the shared pages.
     pub shared_frames: u64,
-    /// The kernel's own KSM figures for the comparison (`--ksm` runs).
-    #[serde(skip_serializing_if = "Option::is_none")]
+    /// The kernel's own KSM figures for the comparison (`--ksm` runs; null otherwise).
     pub ksm: Option<KsmKernel>,
     /// Given back to the host by the balloon (inflated or reported free), untouched since.
     pub released_mib: f64,

@@ -314,7 +314,7 @@ fn two_identical_vms_share_across_and_ksm_run_is_restored_after_sigterm() {
 #[test]
 fn ksm_run_is_restored_after_a_normal_end() {
     let test = "ksm_run_is_restored_after_a_normal_end";
-    if !common::kvm(test) {
+    if !common::kvm(test) || !common::root(test) {
         return;
     }
     let _one = one_guest();
