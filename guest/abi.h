@@ -18,8 +18,8 @@
 #define ABI_PD0_ADDR 0x5000
 #define ABI_KERNEL_BASE 0x100000
 #define ABI_KERNEL_MAX_ADDR 0x40000000 /* end of the VMM's identity map */
-/* Largest RAM the kernel boots with: its reserved area (a 4 KiB PT per 2 MiB of RAM, 4 bitmap bits
- * per page) grows by about 2.1 MiB per GiB of RAM and must end below ABI_KERNEL_MAX_ADDR. */
+/* Largest RAM the kernel boots with: its reserved area (a 4 KiB PT per 2 MiB of RAM, 6 bitmap bits
+ * per page) grows by about 2.2 MiB per GiB of RAM and must end below ABI_KERNEL_MAX_ADDR. */
 #define ABI_MAX_MEM_BYTES (448ULL << 30)
 
 /* GDT selectors. */
@@ -112,6 +112,10 @@
 #define PHASE_F_RANDOM 2u
 #define PHASE_F_MIXED 8u  /* reads and writes in turn, access by access */
 #define PHASE_F_VERIFY 4u /* check each access: the page holds what the app wrote (page index + 1) */
+/* What a write puts in a page (without either flag: its index + 1, unique). The app only ever writes
+ * a page's first word and the rest of every heap page stays zero, so the word is the whole content. */
+#define PHASE_F_FILL_SAME 16u /* every page the same word, from the seed: identical pages */
+#define PHASE_F_FILL_ZERO 32u /* the word 0: the whole page reads zero */
 
 /* Messages. */
 #define ABI_MSG_MAGIC 0x3152564du

@@ -81,7 +81,17 @@ pub struct HostUsage {
     /// Read but never written: mapped to the host's zero page, no machine page.
     pub zero_mib: f64,
     pub swapped_mib: f64,
+    /// SHRD: guest pages whose machine page other guest pages map too, of this VM or of any
+    /// (KSM), exact from PFNs; counted in `backed_mib`.
     pub shared_mib: f64,
+    /// SHRDSVD: this VM's part of the machine pages sharing saves. A machine page that m guest
+    /// pages map saves m − 1 pages, each sharer charged (m − 1)/m, so the VMs' parts add up to
+    /// the host's saving. `host_mib` is `backed_mib` − this + `overhead_mib`.
+    pub shared_saved_mib: f64,
+    /// Distinct machine pages behind the shared pages.
+    pub shared_frames: u64,
+    /// The kernel's own KSM figures for the comparison (`--ksm` runs; null otherwise).
+    pub ksm: Option<KsmKernel>,
     /// Given back to the host by the balloon (inflated or reported free), untouched since.
     pub released_mib: f64,
     /// Touched before, now neither resident nor in any swap (the VMM dropped it): no machine page.
@@ -99,6 +109,27 @@ pub struct HostUsage {
     /// Whether PFNs were visible. Without them (no `CAP_SYS_ADMIN`) zero and backed pages are
     /// told apart by whether they were ever written, and sharing is not seen.
     pub pfn_visible: bool,
+}
+
+/// The kernel's own KSM figures, beside the PFN count (`shared_mib`, `shared_saved_mib`) they
+/// should agree with up to the scan in progress.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct KsmKernel {
+    /// `/proc/PID/ksm_stat` `ksm_merging_pages`: this VMM's pages merged by ksmd (SHRD's figure;
+    /// it keeps counting a merged page whose other sharers left, until ksmd looks again).
+    pub merging_pages: u64,
+    /// `ksm_zero_pages`: pages merged into the zero page (`use_zero_pages`), in `zero_mib`.
+    pub zero_pages: u64,
+    /// `ksm_process_profit`: merged and zero pages less ksmd's rmap items, MiB.
+    pub process_profit_mib: f64,
+    /// Host-wide `/sys/kernel/mm/ksm/pages_sharing`: pages saved by all of KSM (the sum of every
+    /// VM's `shared_saved_mib`, in pages, when only these VMs merge).
+    pub host_pages_sharing: u64,
+    /// Host-wide `pages_shared`: KSM pages in use.
+    pub host_pages_shared: u64,
+    /// Host-wide `full_scans`: ksmd's passes over all mergeable memory so far.
+    pub full_scans: u64,
 }
 
 /// Active memory in one interval, estimated by stratified sampling: the pages touched (or, for

@@ -276,11 +276,22 @@ fn csv_columns_are_the_json_fields() {
         "swap_stopped",
     ];
     assert_eq!(full["swap"], serde_json::Value::Null);
+    // And the kernel's KSM figures without `--ksm`.
+    let ksm_columns = [
+        "host_ksm_merging_pages",
+        "host_ksm_zero_pages",
+        "host_ksm_process_profit_mib",
+        "host_ksm_host_pages_sharing",
+        "host_ksm_host_pages_shared",
+        "host_ksm_full_scans",
+    ];
+    assert_eq!(full["host"]["ksm"], serde_json::Value::Null);
     let keys: Vec<String> = keys
         .into_iter()
         .flat_map(|k| match k.as_str() {
             "check" => check_columns.iter().map(|c| c.to_string()).collect(),
             "swap" => swap_columns.iter().map(|c| c.to_string()).collect(),
+            "host_ksm" => ksm_columns.iter().map(|c| c.to_string()).collect(),
             _ => vec![k],
         })
         .collect();

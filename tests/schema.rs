@@ -143,6 +143,8 @@ fn full_host_row() -> HostRow {
             transitions: 1,
             targets_mib: 170.0,
             running: 1,
+            saved_mib: 3.0,
+            ksm_pages_sharing_mib: Some(3.0),
         },
         vms: vec![VmLine {
             name: "web-1".into(),
@@ -159,6 +161,8 @@ fn full_host_row() -> HostRow {
             swapped_mib: 2.0,
             swap_target_mib: 4.0,
             overhead_mib: 9.5,
+            shared_mib: 6.0,
+            saved_mib: 3.0,
             shares: 1000,
             reservation_mib: 16.0,
             limit_mib: Some(120.0),

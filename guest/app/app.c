@@ -17,6 +17,13 @@ static volatile struct boot_info *const bi = (volatile struct boot_info *)APP_BO
 static struct msg msgbuf __attribute__((aligned(128)));
 
 static u64 *bm_phase_t, *bm_phase_w, *bm_win_t, *bm_win_w;
+/* The fill of each heap page's last write: a bit in bm_fill_same (the seed's word) or in
+ * bm_fill_zero (zero), neither for unique (index + 1). Kept for the life of a heap page. */
+static u64 *bm_fill_same, *bm_fill_zero;
+/* A page's word under `fill same`: from the seed, top bit set (never a page index + 1, never 0). */
+static u64 same_word;
+/* Some write used `fill same` or `fill zero`: only then do unique writes clear fill bits. */
+static int fills_used;
 static u64 heap_pages;  /* pages the app holds, from APP_HEAP_VA up */
 static u64 touch_pages; /* pages of the running touch phase, else 0 */
 static u64 tsc_khz, rng, cur_phase;
@@ -167,8 +174,9 @@ static inline void check_interval(void)
 }
 
 /* The checksum of heap page p: its 512 words, each weighted by an odd number that depends on its
- * place, so a lost, moved or swapped word shows. The app writes only a page's first word (its index
- * + 1, weight 1), so an intact written page sums to p + 1 and a zero page to 0. */
+ * place, so a lost, moved or swapped word shows. The app writes only a page's first word (weight 1):
+ * its index + 1, same_word or 0 by the write's fill, so an intact written page sums to that word
+ * (expected()) and a zero page to 0. */
 static u64 page_sum(u64 p)
 {
     const volatile u64 *a = (const volatile u64 *)(APP_HEAP_VA + (p << 12));
@@ -178,17 +186,49 @@ static u64 page_sum(u64 p)
     return sum;
 }
 
+/* The first word (and checksum) of heap page p as its last write left it. */
+static inline u64 expected(u64 p)
+{
+    u64 wi = p >> 6, b = 1ULL << (p & 63);
+    if (bm_fill_zero[wi] & b)
+        return 0;
+    if (bm_fill_same[wi] & b)
+        return same_word;
+    return p + 1;
+}
+
+/* What a write of fill `fill` (PHASE_F_FILL_* or 0) puts in page p's first word; records the fill. */
+static inline u64 fill_word(u64 p, u32 fill)
+{
+    u64 wi = p >> 6, b = 1ULL << (p & 63);
+    if (fill == PHASE_F_FILL_SAME) {
+        bm_fill_same[wi] |= b;
+        bm_fill_zero[wi] &= ~b;
+        return same_word;
+    }
+    if (fill == PHASE_F_FILL_ZERO) {
+        bm_fill_zero[wi] |= b;
+        bm_fill_same[wi] &= ~b;
+        return 0;
+    }
+    if (fills_used) {
+        bm_fill_same[wi] &= ~b;
+        bm_fill_zero[wi] &= ~b;
+    }
+    return p + 1;
+}
+
 /* One page access. The interval is checked first, so the access counts in the interval the VMM was in
  * just before it (the gap is a few instructions, not the access, which may take a host fault). */
-static inline __attribute__((always_inline)) void access(u64 p, int write, int verify)
+static inline __attribute__((always_inline)) void access(u64 p, int write, int verify, u32 fill)
 {
     check_interval();
     volatile u64 *a = (volatile u64 *)(APP_HEAP_VA + (p << 12));
     u64 wi = p >> 6, b = 1ULL << (p & 63);
-    if (verify && page_sum(p) != p + 1)
+    if (verify && page_sum(p) != expected(p))
         mismatches++;
     if (write) {
-        *a = p + 1;
+        *a = fill_word(p, fill);
         if (!(bm_phase_w[wi] & b)) {
             bm_phase_w[wi] |= b;
             ph.written++;
@@ -226,6 +266,11 @@ static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
     int random = flags & PHASE_F_RANDOM;
     int verify = flags & PHASE_F_VERIFY;
     int mixed = flags & PHASE_F_MIXED;
+    u32 fill = flags & (PHASE_F_FILL_SAME | PHASE_F_FILL_ZERO);
+    if (fill == (PHASE_F_FILL_SAME | PHASE_F_FILL_ZERO))
+        return PHASE_BAD;
+    if (fill)
+        fills_used = 1;
     int split = hot && hot < n;
     u64 total = duration ? U64_MAX : n; /* duration 0: one pass of n accesses */
     u64 deadline = duration ? sat_add(rdtsc(), ns_to_ticks(duration)) : 0;
@@ -264,18 +309,18 @@ static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
             if (mixed) {
                 /* Reads and writes in turn. */
                 if ((done + i) & 1)
-                    access(p, 1, verify);
+                    access(p, 1, verify, fill);
                 else
-                    access(p, 0, verify);
+                    access(p, 0, verify, 0);
             } else if (verify) {
                 if (write)
-                    access(p, 1, 1);
+                    access(p, 1, 1, fill);
                 else
-                    access(p, 0, 1);
+                    access(p, 0, 1, 0);
             } else if (write) {
-                access(p, 1, 0);
+                access(p, 1, 0, fill);
             } else {
-                access(p, 0, 0);
+                access(p, 0, 0, 0);
             }
         }
         done += batch;
@@ -289,8 +334,9 @@ static u64 phase_touch(u32 flags, u64 n, u64 duration, u64 hot, u64 permille)
 /* PHASE_END arg2 of a check phase: intact pages | zero pages << 32. */
 static u64 check_result;
 
-/* Reads the first n heap pages whole: a page written by `touch ... write` holds its index + 1 in
- * its first word and zeros after it (intact); a page the balloon released reads zero. */
+/* Reads the first n heap pages whole: a page written by `touch ... write` holds its last write's
+ * word (expected()) in its first word and zeros after it (intact); a page the balloon released
+ * reads zero (counted as zero unless its last write was `fill zero`, then it is intact). */
 static u64 phase_check(u64 n)
 {
     if (n > heap_pages)
@@ -301,10 +347,10 @@ static u64 phase_check(u64 n)
         win.hi = n;
     u64 intact = 0, zero = 0;
     for (u64 p = 0; p < n; p++) {
-        access(p, 0, 0);
-        u64 v = *(volatile u64 *)(APP_HEAP_VA + (p << 12)), sum = page_sum(p);
-        intact += v == p + 1 && sum == p + 1;
-        zero += v == 0 && sum == 0;
+        access(p, 0, 0, 0);
+        u64 v = *(volatile u64 *)(APP_HEAP_VA + (p << 12)), sum = page_sum(p), e = expected(p);
+        intact += v == e && sum == e;
+        zero += e != 0 && v == 0 && sum == 0;
     }
     touch_pages = 0;
     check_result = intact | zero << 32;
@@ -342,6 +388,11 @@ static u64 run_phase(u32 kind, u32 flags, u64 pages, u64 duration, u64 hot, u64 
         if (pages) {
             if (sys(SYS_FREE, pages) != 0)
                 return PHASE_BAD;
+            /* The freed pages' fills are forgotten: a page allocated there later is unique. */
+            for (u64 q = heap_pages - pages; q < heap_pages; q++) {
+                bm_fill_same[q >> 6] &= ~(1ULL << (q & 63));
+                bm_fill_zero[q >> 6] &= ~(1ULL << (q & 63));
+            }
             heap_pages -= pages;
         }
         return PHASE_OK;
@@ -367,10 +418,17 @@ void app_main(u64 *bitmaps, u64 words)
     bm_phase_w = bitmaps + words;
     bm_win_t = bitmaps + 2 * words;
     bm_win_w = bitmaps + 3 * words;
+    bm_fill_same = bitmaps + 4 * words;
+    bm_fill_zero = bitmaps + 5 * words;
     tsc_khz = bi->tsc_khz ? bi->tsc_khz : 1000000;
     rng = bi->seed * 0x9e3779b97f4a7c15ULL + 0x632be59bd9b4e019ULL;
     if (!rng)
         rng = 1;
+    /* splitmix64's finalizer of the seed: guests with the same seed write the same word. */
+    same_word = bi->seed + 0x9e3779b97f4a7c15ULL;
+    same_word = (same_word ^ (same_word >> 30)) * 0xbf58476d1ce4e5b9ULL;
+    same_word = (same_word ^ (same_word >> 27)) * 0x94d049bb133111ebULL;
+    same_word = (same_word ^ (same_word >> 31)) | (1ULL << 63);
     cur_interval = bi->interval;
     win_tsc = rdtsc();
     u64 nphases = bi->nphases < ABI_MAX_PHASES ? bi->nphases : ABI_MAX_PHASES;

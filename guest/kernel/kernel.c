@@ -700,7 +700,7 @@ __attribute__((noreturn, used)) void kmain(void)
     u64 regions = (mem_pages + 511) >> 9;            /* 2 MiB heap regions: one PT each */
     u64 heap_pds = (regions + 511) >> 9;             /* one PD per GiB of heap */
     u64 bm_words = (mem_pages + 63) >> 6;            /* one bitmap, sized for all of RAM */
-    u64 bm_pages = (4 * bm_words * 8 + 4095) >> 12; /* the four bitmaps */
+    u64 bm_pages = (6 * bm_words * 8 + 4095) >> 12; /* the app's six bitmaps */
     /* Bitmaps of 2 MiB or more (RAM of 16 GiB or more) are mapped with 2 MiB pages. */
     int bm_huge = bm_pages >= 512;
     if (bm_huge)

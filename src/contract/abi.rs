@@ -207,6 +207,10 @@ pub const PHASE_RANDOM: u32 = c::PHASE_F_RANDOM as u32;
 pub const PHASE_MIXED: u32 = c::PHASE_F_MIXED as u32;
 /// Phase flag: check every access against what the app wrote (see the workload spec).
 pub const PHASE_VERIFY: u32 = c::PHASE_F_VERIFY as u32;
+/// Phase flag: writes put the same content in every page (derived from the guest's seed).
+pub const PHASE_FILL_SAME: u32 = c::PHASE_F_FILL_SAME as u32;
+/// Phase flag: writes make the page all zero.
+pub const PHASE_FILL_ZERO: u32 = c::PHASE_F_FILL_ZERO as u32;
 
 /// PHASE_END status (`arg1`): the phase ran.
 pub const PHASE_OK: u64 = c::PHASE_OK;

@@ -10,10 +10,13 @@
 //! alloc SIZE      pages move from the guest kernel's free list to its allocated list and join
 //!                 the app's heap (at its top)
 //! free SIZE       the top SIZE of the heap goes back to the free list (LIFO)
-//! touch SIZE [read|write|mixed] [DURATION] [seq|random] [hot P%:Q%] [verify]
+//! touch SIZE [read|write|mixed] [DURATION] [seq|random] [hot P%:Q%] [verify] [fill zero|same|unique]
 //!                 touch the first SIZE of the heap; options in any order, each at most once.
-//!                 Defaults: write, seq, one pass (no duration). `hot P%:Q%`: the first P% of
-//!                 those pages receive Q% of the accesses; needs `random`, and Q > P.
+//!                 Defaults: write, seq, one pass (no duration), fill unique. `hot P%:Q%`: the
+//!                 first P% of those pages receive Q% of the accesses; needs `random`, and Q > P.
+//!                 `fill`: what writes put in a page (needs write or mixed): `unique` its index
+//!                 + 1, `same` one word from the guest's seed (identical pages, across guests
+//!                 with the same seed too), `zero` nothing (the page reads all zero).
 //! idle DURATION   the guest sleeps
 //! fault           (tests) the app touches an unmapped address; the guest stops there, so no
 //!                 phase may follow
@@ -52,8 +55,8 @@ use std::time::Duration;
 use thiserror::Error;
 
 use crate::contract::abi::{
-    MAX_PHASES, MAX_SPEC_TEXT, PHASE_MIXED, PHASE_RANDOM, PHASE_VERIFY, PHASE_WRITE, PhaseEntry,
-    phase_kind,
+    MAX_PHASES, MAX_SPEC_TEXT, PHASE_FILL_SAME, PHASE_FILL_ZERO, PHASE_MIXED, PHASE_RANDOM,
+    PHASE_VERIFY, PHASE_WRITE, PhaseEntry, phase_kind,
 };
 use crate::units::{
     PAGE_SIZE, UnitError, fmt_bytes, fmt_duration_spec, fmt_size_spec, parse_duration, parse_size,
@@ -116,9 +119,15 @@ pub enum PhaseProblem {
     #[error("unexpected \"{token}\": {usage}")]
     Unexpected { token: String, usage: &'static str },
     #[error(
-        "unknown touch option \"{0}\" (expected read, write, seq, random, a duration such as 2s, or hot P%:Q%)"
+        "unknown touch option \"{0}\" (expected read, write, mixed, seq, random, verify, a duration such as 2s, hot P%:Q% or fill zero|same|unique)"
     )]
     UnknownOption(String),
+    #[error("\"fill\" needs a content: \"fill zero\", \"fill same\" or \"fill unique\"")]
+    MissingFill,
+    #[error("unknown fill \"{0}\" (expected zero, same or unique)")]
+    BadFill(String),
+    #[error("\"fill {0}\" needs writes (write or mixed); a read touch writes nothing")]
+    FillNeedsWrite(&'static str),
     #[error("\"{token}\" sets the {what} again (already set by \"{earlier}\")")]
     DuplicateOption {
         token: String,
@@ -163,6 +172,30 @@ pub enum Pattern {
     Random,
 }
 
+/// What a write puts in a page (the guest writes only a page's first word; the rest stays zero).
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum Fill {
+    /// The page's heap index + 1: every page differs.
+    #[default]
+    Unique,
+    /// One word derived from the guest's seed: every page of the guest, and of any guest with the
+    /// same seed, is identical (what page sharing merges).
+    Same,
+    /// Zero: the whole page reads zero.
+    Zero,
+}
+
+impl Fill {
+    /// The spec keyword.
+    pub fn name(self) -> &'static str {
+        match self {
+            Fill::Unique => "unique",
+            Fill::Same => "same",
+            Fill::Zero => "zero",
+        }
+    }
+}
+
 /// A hot/cold split: the first `pages_permille` of the touched pages receive `share_permille` of
 /// the accesses.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -184,6 +217,8 @@ pub struct Touch {
     /// Check every access: the page must hold what the app last wrote there (write the range
     /// first); a mismatch fails the phase.
     pub verify: bool,
+    /// What the writes put in the pages.
+    pub fill: Fill,
 }
 
 impl Touch {
@@ -246,6 +281,11 @@ impl Phase {
                 if t.verify {
                     flags |= PHASE_VERIFY;
                 }
+                flags |= match t.fill {
+                    Fill::Unique => 0,
+                    Fill::Same => PHASE_FILL_SAME,
+                    Fill::Zero => PHASE_FILL_ZERO,
+                };
                 PhaseEntry {
                     kind: phase_kind::TOUCH,
                     flags,
@@ -323,6 +363,9 @@ impl fmt::Display for Phase {
                 }
                 if t.verify {
                     write!(f, " verify")?;
+                }
+                if t.fill != Fill::Unique {
+                    write!(f, " fill {}", t.fill.name())?;
                 }
                 Ok(())
             }
@@ -563,6 +606,7 @@ fn parse_touch_options<'a>(
     let mut duration: Option<(Duration, String)> = None;
     let mut hot: Option<(Hot, String)> = None;
     let mut verify: Option<((), String)> = None;
+    let mut fill: Option<(Fill, String)> = None;
 
     /// Fails if `slot` is already set.
     fn once<T>(
@@ -604,6 +648,17 @@ fn parse_touch_options<'a>(
                 once(&verify, token, "verify")?;
                 verify = Some(((), token.to_string()));
             }
+            "fill" => {
+                once(&fill, token, "fill")?;
+                let what = tokens.next().ok_or(PhaseProblem::MissingFill)?;
+                let f = match what {
+                    "unique" => Fill::Unique,
+                    "same" => Fill::Same,
+                    "zero" => Fill::Zero,
+                    other => return Err(PhaseProblem::BadFill(other.to_string())),
+                };
+                fill = Some((f, format!("fill {what}")));
+            }
             "hot" => {
                 once(&hot, token, "hot split")?;
                 let split = tokens.next().ok_or(PhaseProblem::MissingHot)?;
@@ -625,7 +680,11 @@ fn parse_touch_options<'a>(
         duration: duration.map(|(d, _)| d),
         hot: hot.as_ref().map(|(h, _)| *h),
         verify: verify.is_some(),
+        fill: fill.map_or(Fill::Unique, |(f, _)| f),
     };
+    if touch.access == Access::Read && touch.fill != Fill::Unique {
+        return Err(PhaseProblem::FillNeedsWrite(touch.fill.name()));
+    }
     if let Some((_, split)) = hot {
         if pattern != Pattern::Random {
             return Err(PhaseProblem::HotNeedsRandom);
@@ -754,6 +813,62 @@ mod tests {
     }
 
     #[test]
+    fn fill_parses_encodes_and_round_trips() {
+        let w = parse(
+            "alloc 8M; touch 8M fill same; touch 4M mixed fill zero verify; touch 8M fill unique; \
+             touch 8M read verify",
+        )
+        .unwrap();
+        let fills: Vec<Fill> = w
+            .phases
+            .iter()
+            .filter_map(|p| match p {
+                Phase::Touch(t) => Some(t.fill),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(fills, [Fill::Same, Fill::Zero, Fill::Unique, Fill::Unique]);
+        let e = entries(&w);
+        assert_eq!(e[1].flags, PHASE_WRITE | PHASE_FILL_SAME);
+        assert_eq!(e[2].flags, PHASE_MIXED | PHASE_VERIFY | PHASE_FILL_ZERO);
+        assert_eq!(e[3].flags, PHASE_WRITE, "unique is the default: no flag");
+        assert_eq!(e[4].flags & (PHASE_FILL_SAME | PHASE_FILL_ZERO), 0);
+        // The canonical form leaves the default out and reads back to the same phases.
+        let text = w.to_string();
+        assert_eq!(
+            text,
+            "alloc 8M; touch 8M write fill same; touch 4M mixed verify fill zero; \
+             touch 8M write; touch 8M read verify"
+        );
+        assert_eq!(parse(&text).unwrap().phases, w.phases);
+    }
+
+    #[test]
+    fn bad_fills_are_refused() {
+        let (p, msg) = phase_err("alloc 8M; touch 8M fill", 2, "touch 8M fill");
+        assert_eq!(p, PhaseProblem::MissingFill);
+        assert!(msg.contains("fill zero"), "{msg}");
+        let (p, _) = phase_err("alloc 8M; touch 8M fill ones", 2, "touch 8M fill ones");
+        assert_eq!(p, PhaseProblem::BadFill("ones".into()));
+        let (p, msg) = phase_err(
+            "alloc 8M; touch 8M fill same fill zero",
+            2,
+            "touch 8M fill same fill zero",
+        );
+        assert!(matches!(p, PhaseProblem::DuplicateOption { .. }), "{msg}");
+        assert!(msg.contains("already set by \"fill same\""), "{msg}");
+        let (p, msg) = phase_err(
+            "alloc 8M; touch 8M read fill zero",
+            2,
+            "touch 8M read fill zero",
+        );
+        assert_eq!(p, PhaseProblem::FillNeedsWrite("zero"));
+        assert!(msg.contains("needs writes"), "{msg}");
+        // fill unique on a read is the default spelled out: harmless.
+        assert!(parse("alloc 8M; touch 8M read fill unique").is_ok());
+    }
+
+    #[test]
     fn default_spec_parses() {
         let w = parse(DEFAULT_SPEC).unwrap();
         assert_eq!(w.phases.len(), 5);
@@ -781,6 +896,7 @@ mod tests {
                 duration: None,
                 hot: None,
                 verify: false,
+                fill: Fill::Unique,
             })
         );
         let v = parse("alloc 64M; touch 64M write; touch 64M verify random 1s").unwrap();
@@ -1241,7 +1357,7 @@ mod tests {
             prop_oneof![
                 4 => prop::sample::select(vec![
                     "alloc", "free", "touch", "idle", "fault", "read", "write", "seq", "random",
-                    "hot", ";", ";", ";",
+                    "hot", "fill", "zero", "same", "unique", ";", ";", ";",
                 ]).prop_map(String::from),
                 3 => (1u64..4096, prop::sample::select(vec!["K", "M", "G", "k", "MiB", "", "T"]))
                     .prop_map(|(n, u)| format!("{}{u}", n * 4)),
@@ -1317,6 +1433,14 @@ mod tests {
                             }
                             if random && n >= 100 && st[5] % 2 == 0 {
                                 opts.push("hot 10%:90.5%".into());
+                            }
+                            let writes = st[1] % 2 != 0 || !flag;
+                            if writes && st[3] % 4 != 0 {
+                                opts.push(
+                                    ["fill zero", "fill same", "fill unique"]
+                                        [usize::from(st[3] % 4 - 1)]
+                                    .into(),
+                                );
                             }
                             // Options after the size in any order.
                             let rot = usize::from(st[5]) % opts.len().max(1);

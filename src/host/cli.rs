@@ -75,6 +75,10 @@ pub struct HostOptions {
     /// period (the `--json` object, each VM with its latest row), for `memvisor top --control`.
     #[arg(long, value_name = "PATH")]
     pub control: Option<PathBuf>,
+    /// Start the host kernel's ksmd (/sys/kernel/mm/ksm/run = 1) for the VMs given `ksm`, and put
+    /// its old value back at the end, also after SIGINT or SIGTERM (not after SIGKILL).
+    #[arg(long)]
+    pub ksm_run: bool,
 }
 
 /// Why the host's settings are refused.
@@ -104,6 +108,8 @@ pub enum HostCliError {
     Output(#[from] OutputError),
     #[error("--control: {0}")]
     Control(#[source] crate::control::ControlError),
+    #[error("--ksm-run: {0}")]
+    KsmRun(#[source] crate::memory::ksm::KsmError),
 }
 
 /// The host file's form.
@@ -411,6 +417,12 @@ pub fn run(opts: &HostOptions) -> Result<(), Box<dyn std::error::Error>> {
     let cfg = opts.config()?;
     // Admission first, so that a refused host creates no file.
     super::supervisor::admit(&cfg)?;
+    // ksmd runs while this lives: dropped on every way out of here, a stop signal's included.
+    let _ksmd = opts
+        .ksm_run
+        .then(crate::memory::ksm::KsmRun::start)
+        .transpose()
+        .map_err(HostCliError::KsmRun)?;
     let mut outputs = Outputs::start(opts, &cfg)?;
     let mut out = std::io::stdout().lock();
     if !opts.json {

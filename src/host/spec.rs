@@ -225,6 +225,26 @@ mod tests {
     }
 
     #[test]
+    fn ksm_is_a_run_option_per_vm() {
+        let s = parse("name=a,mem=256M,ksm,seed=5", 0).unwrap();
+        assert_eq!(
+            s.run_args,
+            [
+                format!("--mem={}", 256 * MIB),
+                "--ksm".into(),
+                "--seed=5".into()
+            ]
+        );
+        assert!(
+            parse("mem=256M", 0)
+                .unwrap()
+                .run_args
+                .iter()
+                .all(|a| a != "--ksm")
+        );
+    }
+
+    #[test]
     fn defaults_are_esx_normal_shares_no_reservation_no_limit() {
         let s = parse("mem=1G", 2).unwrap();
         assert_eq!(s.name, "vm3");

@@ -76,6 +76,12 @@ pub struct HostLine {
     /// The sum of the running VMs' targets.
     pub targets_mib: f64,
     pub running: usize,
+    /// Machine memory page sharing saves, the running VMs' parts added up (each VM's
+    /// `saved_mib`); `free_mib` counts it as free.
+    pub saved_mib: f64,
+    /// The kernel's host-wide `/sys/kernel/mm/ksm/pages_sharing` in MiB, to compare with
+    /// `saved_mib` (when a VM reports KSM figures).
+    pub ksm_pages_sharing_mib: Option<f64>,
 }
 
 /// One VM's line of a period, with esxtop's memory-screen names in the comments.
@@ -104,6 +110,11 @@ pub struct VmLine {
     pub swap_target_mib: f64,
     /// OVHD.
     pub overhead_mib: f64,
+    /// SHRD: guest pages whose machine page is shared (with this VM's or other VMs' pages).
+    pub shared_mib: f64,
+    /// SHRDSVD: this VM's part of the machine memory sharing saves (1/m of each m-way saving
+    /// per sharer page), subtracted from what it uses of the budget.
+    pub saved_mib: f64,
     pub shares: u64,
     pub reservation_mib: f64,
     pub limit_mib: Option<f64>,
@@ -313,13 +324,20 @@ fn decide(
             None => vm.process.rows().latest.clone(),
         };
         let (input, memory, rate) = observed(&vm.process.spec, row.as_ref());
-        views.push((status, input, memory, rate, row));
+        let sharing = sharing_of(row.as_ref());
+        views.push((status, input, memory, rate, row, sharing));
     }
     let used: u64 = views
         .iter()
         .filter(|v| v.0.is_none())
-        .map(|v| v.2.granted_pages + v.1.overhead_pages)
+        .map(|v| (v.2.granted_pages + v.1.overhead_pages).saturating_sub(v.5.saved_pages))
         .sum();
+    let running_sharing = views.iter().filter(|v| v.0.is_none()).map(|v| &v.5);
+    let saved_pages: u64 = running_sharing.clone().map(|s| s.saved_pages).sum();
+    let ksm_pages_sharing = running_sharing
+        .filter_map(|s| s.kernel_pages_sharing)
+        .max()
+        .map(pages_mib);
     let free = budget_pages.saturating_sub(used);
     if let Some(t) = machine.observe(free, budget_pages) {
         log::info!(
@@ -361,7 +379,7 @@ fn decide(
         targets_pages += t.pages;
     }
     for (i, vm) in vms.iter_mut().enumerate() {
-        let (status, mut input, mut memory, rate, row) = views[i].clone();
+        let (status, mut input, mut memory, rate, row, mut sharing) = views[i].clone();
         if status.is_some() {
             // Its process is gone, and with it everything it held.
             memory.granted_pages = 0;
@@ -369,6 +387,7 @@ fn decide(
             memory.swapped_pages = 0;
             input.active_pages = 0;
             input.overhead_pages = 0;
+            sharing = Sharing::default();
         }
         let spec = vm.process.spec.clone();
         let mut errors = 0;
@@ -447,6 +466,8 @@ fn decide(
             swapped_mib: pages_mib(memory.swapped_pages),
             swap_target_mib: pages_mib(plan_swap),
             overhead_mib: pages_mib(input.overhead_pages),
+            shared_mib: pages_mib(sharing.shared_pages),
+            saved_mib: pages_mib(sharing.saved_pages),
             shares: spec.shares,
             reservation_mib: mib(spec.reservation),
             limit_mib: spec.limit.map(mib),
@@ -468,8 +489,32 @@ fn decide(
             transitions: machine.transitions(),
             targets_mib: pages_mib(targets_pages),
             running: running.len(),
+            saved_mib: pages_mib(saved_pages),
+            ksm_pages_sharing_mib: ksm_pages_sharing,
         },
         vms: lines,
+    }
+}
+
+/// A VM's page sharing as its latest row says (pages).
+#[derive(Clone, Copy, Debug, Default)]
+struct Sharing {
+    shared_pages: u64,
+    /// Its part of the saving, rounded to whole pages.
+    saved_pages: u64,
+    /// The kernel's host-wide `pages_sharing`, as the VM read it.
+    kernel_pages_sharing: Option<u64>,
+}
+
+fn sharing_of(row: Option<&crate::row::Row>) -> Sharing {
+    let Some(h) = row.and_then(|r| r.host.as_ref()) else {
+        return Sharing::default();
+    };
+    let pages = |mib: f64| (mib.max(0.0) * (MIB / PAGE_SIZE) as f64).round() as u64;
+    Sharing {
+        shared_pages: pages(h.shared_mib),
+        saved_pages: pages(h.shared_saved_mib),
+        kernel_pages_sharing: h.ksm.as_ref().map(|k| k.host_pages_sharing),
     }
 }
 

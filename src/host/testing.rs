@@ -25,6 +25,8 @@ pub fn vm(name: &str, granted: f64, target: f64, active: f64) -> VmLine {
         swapped_mib: 2.0,
         swap_target_mib: 3.0,
         overhead_mib: 9.5,
+        shared_mib: 0.0,
+        saved_mib: 0.0,
         shares: 1280,
         reservation_mib: 16.0,
         limit_mib: None,
@@ -68,6 +70,8 @@ pub fn rows(n: usize) -> Vec<HostRow> {
                     transitions: u64::from(i >= 3),
                     targets_mib: web.target_mib + db.target_mib,
                     running: if i + 1 == n { 1 } else { 2 },
+                    saved_mib: 0.0,
+                    ksm_pages_sharing_mib: None,
                 },
                 vms: vec![web, db],
             }

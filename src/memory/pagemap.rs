@@ -26,6 +26,10 @@ use vmm_sys_util::ioctl_iowr_nr;
 
 /// Path of this process's pagemap.
 pub const PAGEMAP_PATH: &str = "/proc/self/pagemap";
+/// Per machine page (PFN), how many page table entries map it: 8 bytes per PFN (root only).
+pub const KPAGECOUNT_PATH: &str = "/proc/kpagecount";
+/// PFNs of gap a `/proc/kpagecount` read reads through rather than starting a new `pread`.
+const COUNT_GAP_PFNS: u64 = 64;
 /// Entries read by one `pread` (512 KiB).
 pub const READ_CHUNK_ENTRIES: usize = 64 * 1024;
 /// Pages checked by one `mincore` call (4 GiB of address space, a 1 MiB vector).
@@ -84,6 +88,13 @@ pub enum PagemapError {
     /// Opening `/proc/self/pagemap` failed.
     #[error("opening {PAGEMAP_PATH}: {0}")]
     Open(#[source] std::io::Error),
+    /// Opening or reading `/proc/kpagecount` failed.
+    #[error("reading {KPAGECOUNT_PATH} at PFN {pfn:#x}: {source}")]
+    Counts {
+        pfn: u64,
+        #[source]
+        source: std::io::Error,
+    },
     /// `pread` of the pagemap failed or ended early.
     #[error("reading {PAGEMAP_PATH} for {pages} pages at {vaddr:#x}: {source}")]
     Read {
@@ -197,6 +208,59 @@ pub struct Pagemap {
     zero_pfn: Option<u64>,
     huge_zero_pfn: Option<u64>,
     scan_supported: bool,
+}
+
+/// `/proc/kpagecount`: the mappings of each machine page, across all processes. A KSM page that
+/// m guest pages map (of this VM or of any other) reads m.
+#[derive(Debug)]
+pub struct PageCounts {
+    file: File,
+    buf: Vec<u8>,
+}
+
+impl PageCounts {
+    /// Opens `/proc/kpagecount` (needs `CAP_SYS_ADMIN`).
+    pub fn open() -> Result<Self, PagemapError> {
+        let file = File::open(KPAGECOUNT_PATH)
+            .map_err(|source| PagemapError::Counts { pfn: 0, source })?;
+        Ok(PageCounts {
+            file,
+            buf: Vec::new(),
+        })
+    }
+
+    /// The mapping count of each PFN of `pfns` (ascending), in the same order: one `pread` per
+    /// run of PFNs less than [`COUNT_GAP_PFNS`] apart.
+    pub fn counts(&mut self, pfns: &[u64]) -> Result<Vec<u64>, PagemapError> {
+        use std::os::unix::fs::FileExt;
+        let mut out = Vec::with_capacity(pfns.len());
+        let mut i = 0;
+        while i < pfns.len() {
+            let first = pfns[i];
+            let mut j = i + 1;
+            while j < pfns.len()
+                && pfns[j] >= pfns[j - 1]
+                && pfns[j] - pfns[j - 1] <= COUNT_GAP_PFNS
+                && pfns[j] - first < READ_CHUNK_ENTRIES as u64
+            {
+                j += 1;
+            }
+            let span = (pfns[j - 1] - first + 1) as usize;
+            self.buf.resize(span * 8, 0);
+            let err = |source| PagemapError::Counts { pfn: first, source };
+            let off = first
+                .checked_mul(8)
+                .ok_or_else(|| err(std::io::Error::from(std::io::ErrorKind::InvalidInput)))?;
+            self.file.read_exact_at(&mut self.buf, off).map_err(err)?;
+            for &pfn in &pfns[i..j] {
+                let at = ((pfn - first) * 8) as usize;
+                let word: [u8; 8] = self.buf[at..at + 8].try_into().expect("8 bytes");
+                out.push(u64::from_ne_bytes(word));
+            }
+            i = j;
+        }
+        Ok(out)
+    }
 }
 
 impl Pagemap {

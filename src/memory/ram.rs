@@ -43,6 +43,10 @@ pub enum MemoryError {
     },
     #[error("madvise on guest memory failed: {0}")]
     Madvise(std::io::Error),
+    #[error(
+        "--ksm: MADV_MERGEABLE on guest memory failed: {0} (is the host kernel built with CONFIG_KSM? see /sys/kernel/mm/ksm)"
+    )]
+    Mergeable(std::io::Error),
     #[error("counting resident guest pages (mincore)")]
     Mincore(#[source] crate::memory::pagemap::PagemapError),
     #[error("VMM access to guest memory at {addr:#x} failed: {source}")]
@@ -89,6 +93,26 @@ impl GuestRam {
             size,
             host_addr,
         })
+    }
+
+    /// Lets the host kernel's KSM merge identical pages of guest RAM (`MADV_MERGEABLE`); ksmd
+    /// merges only while it runs (`/sys/kernel/mm/ksm/run`). Merged pages are read-only to the
+    /// guest until its next write, which copies the page again (copy-on-write).
+    pub fn merge(&self) -> Result<(), MemoryError> {
+        // SAFETY: the range is exactly our own guest RAM mapping, alive as long as `self`;
+        // MADV_MERGEABLE only lets ksmd replace pages by identical write-protected ones, which
+        // keeps every page's contents, so no reference into guest memory is invalidated.
+        let rc = unsafe {
+            libc::madvise(
+                self.host_addr as *mut libc::c_void,
+                self.size as usize,
+                libc::MADV_MERGEABLE,
+            )
+        };
+        if rc != 0 {
+            return Err(MemoryError::Mergeable(std::io::Error::last_os_error()));
+        }
+        Ok(())
     }
 
     /// Checks a requested guest size.

@@ -351,6 +351,8 @@ impl Estimator {
 pub struct IntervalWork {
     core: Estimator,
     access: Option<AccessSampler>,
+    /// Guest RAM is mergeable (`--ksm`).
+    ksm: bool,
 }
 
 impl IntervalWork {
@@ -361,9 +363,16 @@ impl IntervalWork {
         let mut work = IntervalWork {
             core: Estimator::new(map, &mut est),
             access: est.access.take(),
+            ksm: false,
         };
         work.arm(vm, 0)?;
         Ok(work)
+    }
+
+    /// Guest RAM is mergeable by KSM: refresh the map every interval (merges change frames
+    /// without a write) and report the kernel's KSM figures beside the map's.
+    pub fn watch_sharing(&mut self) {
+        self.ksm = true;
     }
 
     /// The PMP-MMP map.
@@ -396,12 +405,20 @@ impl IntervalWork {
         let est = self
             .core
             .close(&mut dirty, &vmm_dirty, round, interval, length)?;
-        if last {
+        // Merging changes frames without a write: with KSM the map is re-read every interval.
+        if last || self.ksm {
             self.core.map_mut().refresh()?;
-        } else {
+        }
+        if !last {
             self.arm(vm, interval + 1)?;
         }
-        let host = usage::host_usage(&self.core.map().summary(), usage::rss_bytes().unwrap_or(0));
+        let map = self.core.map();
+        let host = usage::host_usage(
+            &map.summary(),
+            &map.sharing(),
+            usage::rss_bytes().unwrap_or(0),
+            self.ksm.then(usage::ksm_kernel).flatten(),
+        );
         Ok(Measured {
             host,
             active: est.access,

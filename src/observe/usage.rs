@@ -2,19 +2,31 @@
 
 use std::time::Duration;
 
-use crate::observe::pmp_mmp::MapSummary;
-use crate::row::HostUsage;
-use crate::units::{PAGE_SIZE, mib, pages_mib};
+use crate::memory::ksm;
+use crate::observe::pmp_mmp::{MapSummary, Sharing};
+use crate::row::{HostUsage, KsmKernel};
+use crate::units::{MIB, PAGE_SIZE, mib, pages_mib};
 
 /// Host memory usage: the map's page counts with the VMM's RSS (overhead is RSS minus resident
-/// guest RAM: the map, bitmaps, vCPU state, code).
-pub fn host_usage(map: &MapSummary, rss_bytes: u64) -> HostUsage {
+/// guest RAM: the map, bitmaps, vCPU state, code). Sharing saves machine pages: usage is backed
+/// − saved + overhead (ESX: GRANT − SHRDSVD + OVHD); `backed` still counts every shared page.
+pub fn host_usage(
+    map: &MapSummary,
+    sharing: &Sharing,
+    rss_bytes: u64,
+    ksm: Option<KsmKernel>,
+) -> HostUsage {
     let configured = map.pages * PAGE_SIZE;
+    // The process's RSS counts a shared page once per guest page mapping it, as `backed` does.
     let resident_guest = (map.backed + map.shared) * PAGE_SIZE;
     let overhead = rss_bytes.saturating_sub(resident_guest);
+    let saved = sharing.saved.min((map.backed + map.shared) as f64);
     HostUsage {
-        host_mib: mib(resident_guest + overhead),
+        host_mib: mib(resident_guest + overhead) - saved * PAGE_SIZE as f64 / MIB as f64,
         backed_mib: pages_mib(map.backed + map.shared),
+        shared_saved_mib: saved * PAGE_SIZE as f64 / MIB as f64,
+        shared_frames: sharing.frames,
+        ksm,
         overhead_mib: mib(overhead),
         untouched_mib: pages_mib(map.untouched),
         zero_mib: pages_mib(map.zero),
@@ -30,6 +42,24 @@ pub fn host_usage(map: &MapSummary, rss_bytes: u64) -> HostUsage {
         released_pages: map.released,
         pfn_visible: map.pfn_visible,
     }
+}
+
+/// The kernel's KSM figures for this process and the host, or `None` where KSM is missing or
+/// its files cannot be read (logged).
+pub fn ksm_kernel() -> Option<KsmKernel> {
+    let read = || -> Result<KsmKernel, ksm::KsmError> {
+        let p = ksm::process(None)?;
+        let h = ksm::host()?;
+        Ok(KsmKernel {
+            merging_pages: p.merging_pages,
+            zero_pages: p.zero_pages,
+            process_profit_mib: p.profit_bytes as f64 / MIB as f64,
+            host_pages_sharing: h.pages_sharing,
+            host_pages_shared: h.pages_shared,
+            full_scans: h.full_scans,
+        })
+    };
+    read().inspect_err(|e| log::debug!("ksm figures: {e}")).ok()
 }
 
 /// The VMM process's resident set in bytes (from `/proc/self/statm`).

@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use serde_json::{Map, Value};
 
 use crate::row::GuestStats;
-use crate::row::{Active, BalloonView, Check, HostUsage, Row, Swap, Truth};
+use crate::row::{Active, BalloonView, Check, HostUsage, KsmKernel, Row, Swap, Truth};
 use crate::units::rfc3339_utc;
 
 /// A row with every optional section present, so that the header lists every column even when
@@ -19,7 +19,10 @@ use crate::units::rfc3339_utc;
 fn template() -> Row {
     Row {
         truth: Some(Truth::default()),
-        host: Some(HostUsage::default()),
+        host: Some(HostUsage {
+            ksm: Some(KsmKernel::default()),
+            ..HostUsage::default()
+        }),
         active: Some(Active {
             error_mib: Some(0.0),
             ..Active::default()
@@ -170,6 +173,11 @@ mod tests {
             host: Some(HostUsage {
                 host_mib: 70.5,
                 backed_mib: 64.25,
+                shared_saved_mib: 1.5,
+                ksm: Some(KsmKernel {
+                    host_pages_sharing: 384,
+                    ..KsmKernel::default()
+                }),
                 ..HostUsage::default()
             }),
             active: Some(Active {

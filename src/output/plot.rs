@@ -207,7 +207,11 @@ pub struct Series {
     pub time_s: Vec<f64>,
     pub configured_mib: f64,
     pub backed: Vec<Option<f64>>,
-    /// Backed + overhead (the top of the stack).
+    /// Machine pages saved by page sharing (SHRDSVD), MiB.
+    pub saved: Vec<Option<f64>>,
+    /// Backed − saved: where the overhead is stacked from.
+    pub net: Vec<Option<f64>>,
+    /// Backed − saved + overhead (the top of the stack).
     pub host: Vec<Option<f64>>,
     /// Guest RAM in the VMM's swap file (`--swap`; `None` without it).
     pub swapped: Vec<Option<f64>>,
@@ -247,6 +251,7 @@ struct ActivePoint {
 struct Point {
     time_s: f64,
     backed: Option<f64>,
+    saved: Option<f64>,
     host: Option<f64>,
     swapped: Option<f64>,
     allocated: Option<f64>,
@@ -282,7 +287,8 @@ impl Point {
         Point {
             time_s: r.time_s,
             backed: h.and_then(|h| finite(h.backed_mib)),
-            host: h.and_then(|h| finite(h.backed_mib + h.overhead_mib)),
+            saved: h.and_then(|h| finite(h.shared_saved_mib)),
+            host: h.and_then(|h| finite(h.backed_mib - h.shared_saved_mib + h.overhead_mib)),
             swapped: r.swap.as_ref().and_then(|s| finite(s.swapped_mib)),
             allocated: finite(r.guest.allocated_mib),
             touched: truth.and_then(|t| finite(t.touched_mib)),
@@ -438,6 +444,9 @@ impl Recorder {
         for (i, p) in points.enumerate() {
             s.time_s.push(p.time_s);
             s.backed.push(p.backed);
+            s.saved.push(p.saved);
+            s.net
+                .push(p.backed.zip(p.saved).map(|(b, v)| b - v).or(p.backed));
             s.host.push(p.host);
             s.swapped.push(p.swapped);
             s.allocated.push(p.allocated);
@@ -696,7 +705,7 @@ where
     for seg in segments(t, &s.backed) {
         chart.draw_series(AreaSeries::new(seg, 0.0, BACKED.mix(0.45)))?;
     }
-    for poly in bands(t, &s.backed, &s.host) {
+    for poly in bands(t, &s.net, &s.host) {
         chart.draw_series(std::iter::once(Polygon::new(poly, OVERHEAD.mix(0.6))))?;
     }
     for seg in segments(t, &s.host) {
@@ -707,7 +716,19 @@ where
         "VMM overhead (stacked)".into(),
         Mark::Fill(OVERHEAD.mix(0.6)),
     ));
-    entries.push(("host = backed + overhead".into(), Mark::Line(HOST, 3)));
+    let sharing = s.saved.iter().any(|v| v.is_some_and(|v| v > 0.0));
+    if sharing {
+        for seg in segments(t, &s.saved) {
+            chart.draw_series(DashedLineSeries::new(seg, 2, 3, HOST.stroke_width(2)))?;
+        }
+        entries.push(("saved by page sharing".into(), Mark::Dashed(HOST, 2)));
+        entries.push((
+            "host = backed − saved + overhead".into(),
+            Mark::Line(HOST, 3),
+        ));
+    } else {
+        entries.push(("host = backed + overhead".into(), Mark::Line(HOST, 3)));
+    }
     if s.swapped.iter().any(Option::is_some) {
         for seg in segments(t, &s.swapped) {
             chart.draw_series(DashedLineSeries::new(seg, 4, 4, SWAPPED.stroke_width(2)))?;

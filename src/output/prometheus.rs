@@ -434,6 +434,12 @@ pub fn add_row(m: &mut Metrics, base: &[(&str, &str)], r: &Row) {
                 mib,
             );
         }
+        m.bytes(
+            "memvisor_shared_saved",
+            "Machine memory page sharing saves, this VM's part (esxtop SHRDSVD): a machine page that m guest pages map saves m - 1 pages, charged (m - 1)/m to each",
+            base,
+            h.shared_saved_mib,
+        );
     }
     for (kind, a) in r.actives() {
         add_active(m, base, kind_label(kind), a);

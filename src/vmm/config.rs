@@ -78,6 +78,13 @@ pub struct RunOptions {
     /// Allow transparent huge pages for guest RAM (off by default).
     #[arg(long)]
     pub hugepages: bool,
+    /// Let the host kernel's KSM merge identical guest pages (MADV_MERGEABLE on guest RAM; ksmd
+    /// must run: /sys/kernel/mm/ksm/run, or `memvisor host --ksm-run`). Off by default: sharing
+    /// across VMs is a timing side channel (a write to a shared page is a slow copy-on-write, so
+    /// a guest learns whether another VM holds the same page), which is why ESX salts sharing per
+    /// VM by default since 2014.
+    #[arg(long)]
+    pub ksm: bool,
     /// Write the PMP-MMP map to this file at the end (also when the run is stopped).
     #[arg(long)]
     pub map_out: Option<PathBuf>,
@@ -211,6 +218,8 @@ impl Console {
 pub struct RunConfig {
     pub mem_bytes: u64,
     pub hugepages: bool,
+    /// Guest RAM is mergeable by KSM (`--ksm`); the map is refreshed every interval.
+    pub ksm: bool,
     pub workload: Workload,
     /// A guest ELF image instead of the built-in test guest (checked here, read at set-up).
     pub guest: Option<PathBuf>,
@@ -357,6 +366,7 @@ impl RunConfig {
         Ok(RunConfig {
             mem_bytes: opts.mem,
             hugepages: opts.hugepages,
+            ksm: opts.ksm,
             workload,
             guest: opts.guest,
             timeout: opts.timeout,

@@ -59,6 +59,9 @@ pub fn setup(cfg: RunConfig) -> Result<Ready, RunError> {
     let t0 = Instant::now();
     // Memory: guest RAM with the image, descriptor tables and page tables.
     let ram = GuestRam::new(cfg.mem_bytes, cfg.hugepages)?;
+    if cfg.ksm {
+        ram.merge()?;
+    }
     let image = boot::load_image(&ram, &cfg.image()?)?;
     let tables = boot::write_cpu_tables(&ram)?;
     // The VM owns the RAM.
@@ -146,7 +149,7 @@ impl Ready {
             &cfg.workload.text,
             &cmdline,
         )?;
-        let work = IntervalWork::new(
+        let mut work = IntervalWork::new(
             &vm,
             Estimators {
                 write: samplers,
@@ -161,6 +164,9 @@ impl Ready {
                 stratify: cfg.stratify,
             },
         )?;
+        if cfg.ksm {
+            work.watch_sharing();
+        }
         // Hypervisor swap after the access sampler, which starts the fault handler with its stash.
         let swap = cfg
             .swap

@@ -90,7 +90,7 @@ pub use residency::ResidencyMethod;
 
 use crate::memory::bitmap::{Bitmap, WORD_BITS, Window, words_for};
 use crate::memory::pagemap::{
-    PageEntry, PageRegion, Pagemap, PagemapError, READ_CHUNK_ENTRIES, Residency,
+    PageCounts, PageEntry, PageRegion, Pagemap, PagemapError, READ_CHUNK_ENTRIES, Residency,
 };
 use crate::units::PAGE_SIZE;
 use record::{
@@ -240,6 +240,26 @@ pub struct RefreshStats {
     pub ms: f64,
 }
 
+/// Page sharing as the last [`PmpMmpMap::refresh`] found it, exact from PFNs.
+///
+/// The rule: a machine page that m guest pages map (of this VM and of any other, counted by
+/// `/proc/kpagecount`) saves m − 1 machine pages, and each of the m guest pages is charged
+/// (m − 1)/m of that saving, so the savings of all VMs add up to the host's. Pages on the shared
+/// zero page (never written, or merged into it by KSM's `use_zero_pages`) are `zero`, never
+/// shared: they have no machine page, so they save nothing here and cost nothing in `backed`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Serialize)]
+pub struct Sharing {
+    /// Guest pages whose machine page other guest pages map too (esxtop's SHRD).
+    pub shared: u64,
+    /// This VM's part of the machine pages saved, in pages (esxtop's SHRDSVD).
+    pub saved: f64,
+    /// Distinct machine pages behind the shared pages.
+    pub frames: u64,
+    /// Whether sharers were counted across the host (`/proc/kpagecount`); without it (no
+    /// `CAP_SYS_ADMIN`) only this VM's own pages are counted, and sharing with other VMs is missed.
+    pub across_host: bool,
+}
+
 /// Tuning of the map.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub struct MapOptions {
@@ -287,6 +307,9 @@ pub struct PmpMmpMap {
     mincore_buf: Vec<u8>,
     scan_buf: Vec<PageRegion>,
     entry_buf: Vec<u64>,
+    /// `/proc/kpagecount`, when readable: sharers across the host.
+    counts: Option<PageCounts>,
+    sharing: Sharing,
 }
 
 impl PmpMmpMap {
@@ -339,6 +362,14 @@ impl PmpMmpMap {
             }
             m => m,
         };
+        // Sharers across the host need kpagecount, which is readable where PFNs are.
+        let counts = if pagemap.pfn_visible() {
+            PageCounts::open()
+                .inspect_err(|e| log::debug!("pmp-mmp: {e}; sharing counted within this VM"))
+                .ok()
+        } else {
+            None
+        };
         Ok(PmpMmpMap {
             host_addr,
             pages: guest_pages,
@@ -358,6 +389,8 @@ impl PmpMmpMap {
             mincore_buf: Vec::new(),
             scan_buf: Vec::new(),
             entry_buf: Vec::new(),
+            counts,
+            sharing: Sharing::default(),
         })
     }
 
@@ -685,15 +718,42 @@ impl PmpMmpMap {
         self.touched = touched;
         result?;
         candidates.sort_unstable_by_key(|&(pfn, gfn, _)| (pfn, gfn));
+        // Each distinct frame's mappings across the host (this VM's count without kpagecount).
+        let mut frames: Vec<u64> = candidates.iter().map(|c| c.0).collect();
+        frames.dedup();
+        let host_counts = match self.counts.as_mut().map(|c| c.counts(&frames)) {
+            Some(Ok(c)) => Some(c),
+            Some(Err(e)) => {
+                log::warn!("pmp-mmp refresh: {e}; sharing is counted within this VM only");
+                self.counts = None;
+                None
+            }
+            None => None,
+        };
+        let mut sharing = Sharing {
+            across_host: host_counts.is_some(),
+            ..Sharing::default()
+        };
         let mut i = 0;
+        let mut frame = 0;
         while i < candidates.len() {
             let pfn = candidates[i].0;
             let mut j = i + 1;
             while j < candidates.len() && candidates[j].0 == pfn {
                 j += 1;
             }
+            let here = (j - i) as u64;
+            // Sharers: at least this VM's own (kpagecount is read a moment later than the
+            // pagemap; ksmd may have moved in between).
+            let m = host_counts.as_ref().map_or(here, |c| c[frame].max(here));
+            frame += 1;
+            if m > 1 {
+                sharing.shared += here;
+                sharing.frames += 1;
+                sharing.saved += here as f64 * (m - 1) as f64 / m as f64;
+            }
             for &(_, gfn, old) in &candidates[i..j] {
-                if j - i > 1 {
+                if m > 1 {
                     self.records.set_state(gfn, PageState::Shared(pfn));
                     stats.shared += 1;
                 }
@@ -703,9 +763,15 @@ impl PmpMmpMap {
             }
             i = j;
         }
+        self.sharing = sharing;
         stats.ms = ms(t0.elapsed());
         log::debug!("pmp-mmp refresh: {stats:?}");
         Ok(stats)
+    }
+
+    /// Sharing as the last [`PmpMmpMap::refresh`] found it.
+    pub fn sharing(&self) -> Sharing {
+        self.sharing
     }
 
     /// Page counts.

@@ -1,0 +1,236 @@
+//! Page sharing (KSM) experiments (README, "Page sharing"). Each needs root, /dev/kvm and
+//! /sys/kernel/mm/ksm; every KSM knob changed is put back at the end (also on a panic).
+//!
+//! `cargo bench --bench ksm [-- identical [N...]|cow|bias]`
+//!
+//! 1. `identical`: after Waldspurger, OSDI'02 (Fig. 4): n identical guests (`memvisor host
+//!    --ksm-run`, the same workload writing 32 MiB whose contents depend only on the page index),
+//!    at ksmd's default scan rate. Sharing approaches (n − 1)/n of their memory: each VM's saving,
+//!    the host total, the kernel's `pages_sharing`, the time to converge and ksmd's CPU time per
+//!    GiB merged.
+//! 2. `cow`: the guest's write slowdown on shared pages: a pass writing 32 MiB of merged pages
+//!    (every write a copy-on-write break) against the same pass over private pages.
+//! 3. `bias`: the access sampler over half-merged memory: KSM pages refuse `UFFDIO_MOVE`, so the
+//!    sampler replaces them by unshared pages; reads of only the merged half are then missed.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use memvisor::memory::ksm::{self, KsmRun};
+use memvisor::vmm::config::{RunConfig, RunOptions};
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+/// ksmd's CPU time so far, seconds (utime + stime of the kernel thread), if found.
+fn ksmd_cpu_s() -> Option<f64> {
+    let hz = 100.0; // USER_HZ
+    for e in std::fs::read_dir("/proc").ok()?.flatten() {
+        let comm = std::fs::read_to_string(e.path().join("comm")).unwrap_or_default();
+        if comm.trim() == "ksmd" {
+            let stat = std::fs::read_to_string(e.path().join("stat")).ok()?;
+            let after = stat.rsplit_once(')')?.1;
+            let f: Vec<&str> = after.split_whitespace().collect();
+            // After the name: state is field 3, utime 14 and stime 15 (1-based, whole line).
+            let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+            return Some(ticks / hz);
+        }
+    }
+    None
+}
+
+fn f(v: &Value, k: &str) -> f64 {
+    v[k].as_f64().unwrap_or(0.0)
+}
+
+fn identical(ns: &[usize]) {
+    println!(
+        "identical guests: 48 MiB each, 32 MiB written alike; ksmd at its default rate \
+         (pages_to_scan {}, sleep_millisecs {})",
+        ksm::knob("pages_to_scan").unwrap(),
+        ksm::knob("sleep_millisecs").unwrap()
+    );
+    println!(
+        "{:>2} {:>10} {:>10} {:>10} {:>12} {:>10} {:>9} {:>12} {:>10}",
+        "n",
+        "ideal MiB",
+        "saved MiB",
+        "per VM",
+        "kernel MiB",
+        "saved/ideal",
+        "conv s",
+        "ksmd cpu s",
+        "s per GiB"
+    );
+    for &n in ns {
+        let ideal = (n as f64 - 1.0) * 32.0;
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_memvisor"));
+        cmd.args([
+            "host",
+            "--json",
+            "--ksm-run",
+            "--budget",
+            "4G",
+            "--period",
+            "1s",
+        ]);
+        for i in 0..n {
+            cmd.arg("--vm").arg(format!(
+                "name=g{i},mem=48M,ksm,seed=1,access-samples=0,workload=alloc 32M; touch 32M write; idle 300s"
+            ));
+        }
+        let cpu0 = ksmd_cpu_s();
+        let mut child = cmd
+            .stdout(Stdio::piped())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawn memvisor host");
+        let started = Instant::now();
+        let mut last: Option<(Value, f64)> = None;
+        let mut converged = None;
+        for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+            let Ok(line) = line else { break };
+            let row: Value = serde_json::from_str(&line).expect("a JSON row");
+            let saved = f(&row["host"], "saved_mib");
+            let t = started.elapsed().as_secs_f64();
+            let done = if n == 1 {
+                t >= 10.0
+            } else {
+                saved >= 0.99 * ideal
+            };
+            last = Some((row, t));
+            if done {
+                converged = Some(t);
+                break;
+            }
+            if t > 280.0 {
+                break;
+            }
+        }
+        let cpu = ksmd_cpu_s().zip(cpu0).map(|(a, b)| a - b);
+        // SAFETY: kill sends SIGTERM to our own child, which has not been waited for yet.
+        unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+        let _ = child.wait();
+        let (row, _) = last.expect("rows");
+        let vms = row["vms"].as_array().unwrap();
+        let per_vm: Vec<f64> = vms.iter().map(|v| f(v, "saved_mib")).collect();
+        let saved = f(&row["host"], "saved_mib");
+        let kernel = f(&row["host"], "ksm_pages_sharing_mib");
+        let per_gib = cpu.filter(|_| saved >= 1.0).map(|c| c / (saved / 1024.0));
+        println!(
+            "{n:>2} {ideal:>10.1} {saved:>10.1} {:>10.2} {kernel:>12.1} {:>10.3} {:>9} {:>12} {:>10}",
+            per_vm.iter().sum::<f64>() / n as f64,
+            if ideal > 0.0 { saved / ideal } else { f64::NAN },
+            converged.map_or("-".into(), |t| format!("{t:.1}")),
+            cpu.map_or("-".into(), |c| format!("{c:.2}")),
+            per_gib.map_or("-".into(), |c| format!("{c:.1}")),
+        );
+    }
+}
+
+fn config(spec: &str, ksm: bool) -> RunConfig {
+    let mut cfg = RunConfig::new(RunOptions {
+        workload: spec.into(),
+        mem: 64 * MIB,
+        interval: Duration::from_millis(250),
+        seed: Some(3),
+        ksm,
+        ..RunOptions::default()
+    })
+    .expect("options");
+    cfg.console = memvisor::vmm::config::Console::Discard;
+    cfg
+}
+
+fn cow() {
+    // ksmd fast, so that the pages are merged before the first write pass.
+    let mut k = KsmRun::start().unwrap();
+    k.set("pages_to_scan", 4000).unwrap();
+    let spec = "alloc 32M; touch 32M fill same; idle 3s; touch 32M write; touch 32M write";
+    println!("write pass over 32 MiB (8192 pages), seq; median of 5 runs");
+    println!(
+        "{:<6} {:>14} {:>14} {:>12} {:>8}",
+        "ksm", "1st pass ms", "2nd pass ms", "shared MiB", "ratio"
+    );
+    for on in [false, true] {
+        let mut first = Vec::new();
+        let mut second = Vec::new();
+        let mut shared = 0.0;
+        for _ in 0..5 {
+            let (s, rows) = common::run_rows(config(spec, on));
+            let ms = |i: usize| (s.phases[i].end_s - s.phases[i].start_s) * 1e3;
+            first.push(ms(3));
+            second.push(ms(4));
+            shared = rows
+                .iter()
+                .filter(|r| r.phase.contains("idle"))
+                .filter_map(|r| r.host.as_ref())
+                .map(|h| h.shared_mib)
+                .fold(0.0, f64::max);
+        }
+        let (a, b) = (common::median(&mut first), common::median(&mut second));
+        println!(
+            "{:<6} {a:>14.2} {b:>14.2} {shared:>12.1} {:>8.1}",
+            if on { "on" } else { "off" },
+            a / b
+        );
+    }
+}
+
+fn bias() {
+    let mut k = KsmRun::start().unwrap();
+    k.set("pages_to_scan", 4000).unwrap();
+    // 16 MiB merged (fill same) and 16 MiB private; then only the merged half is read.
+    let spec = "alloc 32M; touch 16M fill same; touch 32M write; touch 16M fill same; idle 3s; \
+                touch 16M read random 6s";
+    println!("access estimate while only the merged 16 MiB are read (truth: touched per interval)");
+    println!(
+        "{:<6} {:>10} {:>10} {:>10} {:>12}",
+        "ksm", "truth MiB", "est MiB", "skipped", "shared MiB"
+    );
+    for on in [false, true] {
+        let (_, rows) = common::run_rows(config(spec, on));
+        let reading: Vec<_> = rows
+            .iter()
+            .filter(|r| r.phase.contains("read random") && !r.partial)
+            .skip(2)
+            .collect();
+        let mean = |g: &dyn Fn(&memvisor::row::Row) -> f64| {
+            reading.iter().map(|r| g(r)).sum::<f64>() / reading.len().max(1) as f64
+        };
+        println!(
+            "{:<6} {:>10.1} {:>10.1} {:>10.1} {:>12.1}",
+            if on { "on" } else { "off" },
+            mean(&|r| r.truth.as_ref().map_or(0.0, |t| t.touched_mib)),
+            mean(&|r| r.active.as_ref().map_or(0.0, |a| a.estimate_mib)),
+            mean(&|r| r.active.as_ref().map_or(0.0, |a| a.skipped as f64)),
+            mean(&|r| r.host.as_ref().map_or(0.0, |h| h.shared_mib)),
+        );
+    }
+}
+
+fn main() {
+    // SAFETY: geteuid has no preconditions and cannot fail.
+    if unsafe { libc::geteuid() } != 0 || !ksm::available() {
+        eprintln!("SKIPPED: the KSM experiments need root and /sys/kernel/mm/ksm");
+        return;
+    }
+    let args: Vec<String> = std::env::args()
+        .skip(1)
+        .filter(|a| a != "--bench")
+        .collect();
+    let which = args.first().map(String::as_str);
+    if matches!(which, None | Some("identical")) {
+        let ns: Vec<usize> = args.iter().skip(1).filter_map(|a| a.parse().ok()).collect();
+        identical(if ns.is_empty() { &[1, 2, 4, 6] } else { &ns });
+    }
+    if matches!(which, None | Some("cow")) {
+        cow();
+    }
+    if matches!(which, None | Some("bias")) {
+        bias();
+    }
+}

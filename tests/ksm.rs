@@ -1,0 +1,349 @@
+//! Page contents for page sharing: `touch ... fill zero|same|unique` writes what it says, and
+//! `verify` and `check` expect each page's last fill.
+
+mod common;
+
+use std::io::{BufRead, BufReader};
+use std::process::Stdio;
+use std::time::Duration;
+
+use common::memvisor;
+use memvisor::contract::protocol::GuestError;
+use memvisor::row::Row;
+use memvisor::vmm::RunError;
+use serde_json::Value;
+
+const MIB: u64 = 1 << 20;
+
+/// One guest at a time in this test binary: KSM tests read this process's mappings and the
+/// host's KSM counters.
+static ONE_GUEST: std::sync::Mutex<()> = std::sync::Mutex::new(());
+
+fn one_guest() -> std::sync::MutexGuard<'static, ()> {
+    ONE_GUEST.lock().unwrap_or_else(|e| e.into_inner())
+}
+
+/// The check phases' (checked, intact, zero) page counts, added up (checks ending in one
+/// interval share a row).
+fn checks(rows: &[Row]) -> (u64, u64, u64) {
+    rows.iter()
+        .filter_map(|r| r.check.as_ref())
+        .fold((0, 0, 0), |(c, i, z), k| {
+            (c + k.checked_pages, i + k.intact_pages, z + k.zero_pages)
+        })
+}
+
+#[test]
+fn every_fill_holds_under_verify_and_check() {
+    if !common::kvm("every_fill_holds_under_verify_and_check") {
+        return;
+    }
+    // Each fill over the others, read back by verify (read and mixed) and by check; the last
+    // check holds three fills side by side.
+    let spec = "alloc 8M; touch 8M write; touch 8M write fill same; touch 8M read verify; \
+                check 8M; touch 8M fill zero; touch 8M read verify random; check 8M; \
+                touch 8M mixed verify fill same; touch 4M fill unique; touch 2M fill zero; \
+                touch 8M read verify; idle 300ms; check 8M";
+    let (_, rows) = common::run_ok(spec, 32 * MIB);
+    let pages = 8 * 256;
+    assert_eq!(
+        checks(&rows),
+        (3 * pages, 3 * pages, 0),
+        "every page holds its last fill (a zero fill is intact, not lost)"
+    );
+}
+
+#[test]
+fn a_page_holding_another_fill_fails_verify_and_check() {
+    if !common::kvm("a_page_holding_another_fill_fails_verify_and_check") {
+        return;
+    }
+    // Freed pages forget their fill: allocated again, the app expects its unique word, but they
+    // still hold the seed's word, so check finds no intact page and verify fails.
+    let (_, rows) = common::run_ok(
+        "alloc 8M; touch 8M fill same; free 8M; alloc 8M; check 8M",
+        32 * MIB,
+    );
+    assert_eq!(
+        checks(&rows),
+        (8 * 256, 0, 0),
+        "no page holds its index + 1"
+    );
+    let err = common::run_cfg(common::config(
+        "alloc 8M; touch 8M fill same; free 8M; alloc 8M; touch 8M read verify",
+        32 * MIB,
+    ))
+    .expect_err("verify must fail");
+    assert!(
+        matches!(
+            err,
+            RunError::Guest(GuestError::NeverWritten { accesses, .. }) if accesses == 8 * 256
+        ),
+        "{err}"
+    );
+}
+
+#[test]
+fn ksm_makes_guest_ram_mergeable() {
+    if !common::kvm("ksm_makes_guest_ram_mergeable") {
+        return;
+    }
+    if !std::path::Path::new("/sys/kernel/mm/ksm").exists() {
+        eprintln!(
+            "SKIPPED ksm_makes_guest_ram_mergeable: no /sys/kernel/mm/ksm (kernel without KSM)"
+        );
+        return;
+    }
+    let _one = one_guest();
+    // Mappings of this process with the `mg` (mergeable) flag.
+    let mergeable = || {
+        let smaps = std::fs::read_to_string("/proc/self/smaps").unwrap();
+        smaps
+            .split("VmFlags:")
+            .skip(1)
+            .filter(|f| {
+                f.lines()
+                    .next()
+                    .unwrap_or("")
+                    .split_whitespace()
+                    .any(|f| f == "mg")
+            })
+            .count()
+    };
+    let plain = memvisor::vmm::setup(common::validated(common::config("alloc 4M", 16 * MIB)))
+        .unwrap_or_else(|e| panic!("{e}"));
+    assert_eq!(mergeable(), 0, "without --ksm nothing is mergeable");
+    drop(plain);
+    let mut opts = common::config("alloc 4M", 16 * MIB);
+    opts.ksm = true;
+    let ready = memvisor::vmm::setup(common::validated(opts)).unwrap_or_else(|e| panic!("{e}"));
+    assert!(mergeable() >= 1, "guest RAM is mergeable");
+    drop(ready);
+}
+
+/// Starts ksmd fast for a test (restored when dropped, also when the test panics), or `None`
+/// where the kernel has no KSM (the test is skipped, and says so).
+fn ksmd_fast(test: &str) -> Option<memvisor::memory::ksm::KsmRun> {
+    use memvisor::memory::ksm;
+    if !ksm::available() {
+        eprintln!("SKIPPED {test}: no {} (kernel without KSM)", ksm::KSM_DIR);
+        return None;
+    }
+    let mut run = ksm::KsmRun::start().expect("start ksmd");
+    run.set("pages_to_scan", 2000).expect("pages_to_scan");
+    run.set("sleep_millisecs", 10).expect("sleep_millisecs");
+    Some(run)
+}
+
+fn host(r: &Row) -> &memvisor::row::HostUsage {
+    r.host.as_ref().expect("host usage on every row")
+}
+
+#[test]
+fn identical_pages_merge_and_a_write_unshares_them_within_an_interval() {
+    let test = "identical_pages_merge_and_a_write_unshares_them_within_an_interval";
+    if !common::kvm(test) || !common::root(test) {
+        return;
+    }
+    let _one = one_guest();
+    let Some(_ksmd) = ksmd_fast(test) else {
+        return;
+    };
+    // 16 MiB of identical pages, merged while the guest idles; then a quarter is written unique
+    // (copy-on-write breaks) and the rest verified.
+    let mut opts = common::config(
+        "alloc 16M; touch 16M fill same; idle 3s; touch 4M write; idle 600ms; \
+         touch 16M read verify; idle 300ms",
+        32 * MIB,
+    );
+    opts.ksm = true;
+    opts.access_samples = 0;
+    let (_, rows) = common::run_cfg(opts).unwrap_or_else(|e| panic!("{e}"));
+    let phase = |r: &Row, p: &str| r.phase.contains(p);
+    // The last interval of the first idle: 4096 identical heap pages, merged.
+    let merged = rows
+        .iter()
+        .rfind(|r| phase(r, "idle 3s"))
+        .expect("rows of the idle");
+    let h = host(merged);
+    let pages = 16 * 256;
+    let shared = (h.shared_mib * 256.0).round() as u64;
+    assert!(
+        (pages..pages + 64).contains(&shared),
+        "SHRD {shared} pages of {pages} identical ones: {h:?}"
+    );
+    // m pages on a frame save m - 1: with max_page_sharing (256 by default) frames of 256.
+    let saved = h.shared_saved_mib * 256.0;
+    let expect = (shared - h.shared_frames) as f64;
+    assert!(
+        (saved - expect).abs() < 1e-6,
+        "saved {saved} vs {expect}: {h:?}"
+    );
+    assert!(h.shared_frames >= pages / 256, "{h:?}");
+    // The kernel's own figures agree, within what ksmd merged since (nothing else merges here).
+    let k = h.ksm.as_ref().expect("kernel figures with --ksm");
+    assert!(
+        k.merging_pages.abs_diff(shared) <= 64,
+        "ksm_merging_pages {} vs SHRD {shared}",
+        k.merging_pages
+    );
+    assert!(
+        k.host_pages_sharing.abs_diff(saved.round() as u64) <= 64,
+        "pages_sharing {} vs SHRDSVD {saved}",
+        k.host_pages_sharing
+    );
+    // Usage: backed - saved + overhead.
+    assert!(
+        (h.host_mib - (h.backed_mib - h.shared_saved_mib + h.overhead_mib)).abs() < 0.01,
+        "{h:?}"
+    );
+    // The first interval after the write: its 1024 pages are private again.
+    let after = rows
+        .iter()
+        .find(|r| phase(r, "idle 600ms"))
+        .expect("rows after the write");
+    let now = (host(after).shared_mib * 256.0).round() as u64;
+    assert!(
+        now + 1024 <= shared && now + 1024 + 64 >= shared,
+        "SHRD {now} after writing 1024 of {shared} shared pages"
+    );
+}
+
+/// ksmd's `run` now.
+fn ksm_run_now() -> u64 {
+    memvisor::memory::ksm::knob("run").expect("read run")
+}
+
+/// `memvisor host --ksm-run --json` with two VMs of the same seed and content: it starts ksmd,
+/// both VMs' pages merge across the VMs, each VM's saving is its (m − 1)/m part and the parts add
+/// up to the host's total and to the kernel's `pages_sharing`; SIGTERM ends it and ksmd's `run`
+/// is back to what it was.
+#[test]
+fn two_identical_vms_share_across_and_ksm_run_is_restored_after_sigterm() {
+    let test = "two_identical_vms_share_across_and_ksm_run_is_restored_after_sigterm";
+    if !common::kvm(test) || !common::root(test) {
+        return;
+    }
+    let _one = one_guest();
+    if !memvisor::memory::ksm::available() {
+        eprintln!("SKIPPED {test}: no /sys/kernel/mm/ksm (kernel without KSM)");
+        return;
+    }
+    let before = ksm_run_now();
+    // Faster scanning for the test only (restored when dropped); `run` is the host's to set.
+    let mut scan = memvisor::memory::ksm::KsmRun::start().unwrap();
+    scan.set("pages_to_scan", 2000).unwrap();
+    memvisor::memory::ksm::set_knob("run", before).unwrap();
+    let vm = |name: &str| {
+        format!(
+            "name={name},mem=32M,ksm,seed=5,access-samples=0,workload=alloc 16M; touch 16M fill same; idle 60s"
+        )
+    };
+    let mut child = memvisor()
+        .args([
+            "host",
+            "--json",
+            "--ksm-run",
+            "--budget",
+            "1G",
+            "--period",
+            "300ms",
+        ])
+        .args(["--vm", &vm("a"), "--vm", &vm("b")])
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn memvisor host");
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let mut merged = None;
+    let mut running_seen = false;
+    for line in lines.by_ref().take(100) {
+        let row: Value = serde_json::from_str(&line.unwrap()).expect("a JSON row");
+        running_seen |= ksm_run_now() == 1;
+        let shared: Vec<f64> = row["vms"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|v| v["shared_mib"].as_f64().unwrap())
+            .collect();
+        if shared.iter().all(|&s| s >= 16.0) {
+            merged = Some(row);
+            break;
+        }
+    }
+    // SAFETY: kill sends SIGTERM to our own child, which is still running (its stdout is open).
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let status = common::wait_bounded(&mut child, Duration::from_secs(30));
+    drop(lines);
+    let restored = ksm_run_now();
+    drop(scan);
+    assert!(running_seen, "--ksm-run started ksmd");
+    assert_eq!(restored, before, "run restored after SIGTERM ({status:?})");
+    let row = merged.expect("both VMs' pages merged within 100 periods");
+    let vms = row["vms"].as_array().unwrap();
+    let saved: Vec<f64> = vms
+        .iter()
+        .map(|v| v["saved_mib"].as_f64().unwrap())
+        .collect();
+    let total = row["host"]["saved_mib"].as_f64().unwrap();
+    // The parts add up to the host's total (each rounded to whole pages by the host).
+    assert!(
+        (saved.iter().sum::<f64>() - total).abs() < 2.0 / 256.0,
+        "{saved:?} vs {total}"
+    );
+    // 8192 identical pages in 256-way frames save 8192 − 32 pages; allow the guests' other
+    // identical pages and the scan in progress a margin of 1 MiB.
+    let ideal = (8192.0 - 32.0) / 256.0;
+    assert!(
+        (total - ideal).abs() <= 1.0,
+        "saved {total} MiB, ideal {ideal}"
+    );
+    // Each VM's part is about half: sharing goes across the VMs.
+    for s in &saved {
+        assert!((s - ideal / 2.0).abs() <= 1.0, "{saved:?}");
+    }
+    let kernel = row["host"]["ksm_pages_sharing_mib"]
+        .as_f64()
+        .expect("kernel figure");
+    assert!(
+        (kernel - total).abs() <= 1.0,
+        "kernel pages_sharing {kernel} MiB vs {total} MiB"
+    );
+}
+
+#[test]
+fn ksm_run_is_restored_after_a_normal_end() {
+    let test = "ksm_run_is_restored_after_a_normal_end";
+    if !common::kvm(test) || !common::root(test) {
+        return;
+    }
+    let _one = one_guest();
+    if !memvisor::memory::ksm::available() {
+        eprintln!("SKIPPED {test}: no /sys/kernel/mm/ksm (kernel without KSM)");
+        return;
+    }
+    let before = ksm_run_now();
+    let out = memvisor()
+        .args([
+            "host",
+            "--json",
+            "--ksm-run",
+            "--budget",
+            "1G",
+            "--period",
+            "200ms",
+        ])
+        .args([
+            "--vm",
+            "name=a,mem=16M,ksm,workload=alloc 4M; touch 4M fill same; idle 400ms",
+        ])
+        .output()
+        .expect("run memvisor host");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.stdout.is_empty(), "rows were printed");
+    assert_eq!(ksm_run_now(), before, "run restored after the end");
+}
