@@ -13,8 +13,9 @@
 //!
 //! - the balloon first, up to [`CTL_MAX_PERCENT`] of the VM's memory (ESX's `Mem.CtlMaxPercent`);
 //! - `high`: nothing new is reclaimed: the balloon only deflates, toward what the VM's target
-//!   needs, and the swap target is what is swapped now, less what the VM may take back below its
-//!   target. Swapped pages come back as the guest touches them, but a VM's page-ins never take it
+//!   needs, and the swap target is what swap held last period (its target, not what is still out
+//!   after this period's page-ins), less what the VM may take back below its target. Swapped
+//!   pages come back as the guest touches them, but a VM's page-ins never take it
 //!   above its target (the next boundary swaps out as many of its coldest pages): letting them
 //!   would refill the memory the last reclamation freed, and the host would fall back from `high`
 //!   to where it came from, period after period;
@@ -84,6 +85,10 @@ pub struct History {
     pub last_balloon_pages: u64,
     /// Consecutive periods the balloon was asked to grow and did not.
     pub still_periods: u32,
+    /// The swap target set last period: what was swapped out stays swapped out (pages the guest
+    /// touched since are swapped out again at the next boundary, its coldest first) until the
+    /// plan lowers the target.
+    pub swap_target_pages: u64,
 }
 
 /// This period's orders for one VM.
@@ -157,14 +162,18 @@ pub fn plan(vm: &VmMemory, state: MemState, history: History) -> Plan {
 
     // What the balloon has not delivered of what must be reclaimed.
     let uncovered = need.saturating_sub(balloon);
+    // What swap holds now: last period's target, not what is still out after this period's
+    // page-ins (a guest's page-ins would otherwise lower the target by as much, and a VM at its
+    // target would creep above it, period after period, until the host fell out of `high`).
+    let holds = history.swap_target_pages.min(mem).max(swapped);
     let wanted_swap = match state {
-        MemState::High => swapped.min(uncovered),
+        MemState::High => holds.min(uncovered),
         MemState::Soft if stuck => uncovered,
-        MemState::Soft => swapped.max(need.saturating_sub(cap)).min(uncovered),
+        MemState::Soft => holds.max(need.saturating_sub(cap)).min(uncovered),
         MemState::Hard | MemState::Low => uncovered,
     };
     // Swapped pages come back at most a step a period, as the balloon deflates.
-    let swap_target = wanted_swap.max(swapped.saturating_sub(step));
+    let swap_target = wanted_swap.max(holds.saturating_sub(step));
 
     Plan {
         balloon_target_pages: balloon_target,
@@ -175,6 +184,7 @@ pub fn plan(vm: &VmMemory, state: MemState, history: History) -> Plan {
             balloon_target_pages: balloon_target,
             last_balloon_pages: balloon,
             still_periods,
+            swap_target_pages: swap_target,
         },
     }
 }
@@ -413,9 +423,32 @@ mod tests {
             balloon_target_pages: 2_000,
             last_balloon_pages: 2_000,
             still_periods: 0,
+            swap_target_pages: 1_000,
         };
         let p = plan(&v, Soft, h);
         assert_eq!((p.balloon_target_pages, p.swap_target_pages), (1_500, 500));
+    }
+
+    #[test]
+    fn page_ins_do_not_lower_the_swap_target() {
+        // Held at its target (6,000) with 4,000 swapped; the guest pages 300 back in.
+        let (p, v, h) = simulate(vm(6_000, 0, 0), &[Hard], History::default(), false);
+        assert_eq!((p.swap_target_pages, v.swapped_pages), (4_000, 4_000));
+        let paged_in = VmMemory {
+            granted_pages: 6_300,
+            swapped_pages: 3_700,
+            ..v
+        };
+        for s in [High, Soft, Hard, Low] {
+            // The target holds: the next boundary swaps 300 out again (its coldest pages).
+            assert_eq!(plan(&paged_in, s, h).swap_target_pages, 4_000, "{s:?}");
+        }
+        // Its target rises by 1,000: the held swap falls, a step at a time.
+        let raised = VmMemory {
+            target_pages: 7_000,
+            ..paged_in
+        };
+        assert_eq!(plan(&raised, High, h).swap_target_pages, 3_500);
     }
 
     #[test]
@@ -432,6 +465,7 @@ mod tests {
             balloon_target_pages: u64::MAX,
             last_balloon_pages: u64::MAX,
             still_periods: u32::MAX,
+            swap_target_pages: u64::MAX,
         };
         for s in [High, Soft, Hard, Low] {
             let p = plan(&v, s, h);
@@ -466,10 +500,11 @@ mod tests {
         }
 
         fn any_history(mem: u64) -> impl Strategy<Value = History> {
-            (0..=mem, 0..=mem, 0u32..10).prop_map(|(t, b, s)| History {
+            (0..=mem, 0..=mem, 0u32..10, 0..=mem).prop_map(|(t, b, s, w)| History {
                 balloon_target_pages: t,
                 last_balloon_pages: b,
                 still_periods: s,
+                swap_target_pages: w,
             })
         }
 
@@ -486,9 +521,11 @@ mod tests {
                 // The rate limit, both ways, and the balloon's maximum.
                 prop_assert!(p.balloon_target_pages.abs_diff(previous) <= balloon_step(v.mem_pages));
                 prop_assert!(p.balloon_target_pages <= balloon_max(v.mem_pages));
+                // What swap holds: last period's target, or what is out now if more.
+                let holds = h.swap_target_pages.min(v.mem_pages).max(v.swapped_pages.min(v.mem_pages));
                 // Never swap what the balloon already covers, beyond what may come back in a
                 // step.
-                let held = v.swapped_pages.saturating_sub(balloon_step(v.mem_pages));
+                let held = holds.saturating_sub(balloon_step(v.mem_pages));
                 prop_assert!(
                     p.swap_target_pages <= need.saturating_sub(v.balloon_pages).max(held)
                 );
@@ -499,11 +536,11 @@ mod tests {
                 prop_assert!(p.swap_target_pages >= held);
                 match s {
                     High => {
-                        prop_assert!(p.swap_target_pages <= v.swapped_pages);
+                        prop_assert!(p.swap_target_pages <= holds);
                         prop_assert!(p.balloon_target_pages <= previous);
                     }
                     Soft if !p.balloon_stuck && need <= balloon_max(v.mem_pages) => {
-                        prop_assert!(p.swap_target_pages <= v.swapped_pages);
+                        prop_assert!(p.swap_target_pages <= holds);
                     }
                     Soft => {}
                     Hard | Low => {

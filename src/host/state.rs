@@ -23,6 +23,12 @@
 //! `cargo bench --bench host -- ladder`. Falling is never delayed: short memory is acted on at
 //! once.
 //!
+//! Re-entering `high` (which stops reclaiming) is damped further, as routers damp a flapping route
+//! (RFC 2439): each fall from `high` within the last [`EPISODE_WINDOW`] periods doubles the dwell
+//! before `high` is re-entered ([`StateMachine::high_dwell`]: 3, 6, 12, at most 24 periods), and
+//! the host waits in `soft` meanwhile. A host whose demand keeps arriving in steps then stays in
+//! its reclaiming states through them, instead of returning to `high` between two steps.
+//!
 //! Hence between entering a state and leaving it upward, free memory must move by at least two
 //! points of the budget (`low`: below 1% to above 3%; `hard`: below 2% to above 5%; `soft`: below
 //! 4% to above 7%): a free fraction that wanders inside any band two points wide never changes
@@ -35,6 +41,8 @@
 //! share so that a host whose VMs sit at their targets is back in `high`.
 //!
 //! All comparisons are exact in integers (`free · 100` against `percent · budget`).
+
+use std::collections::VecDeque;
 
 use serde::Serialize;
 
@@ -49,6 +57,12 @@ pub const MARGIN_PCT: u64 = 1;
 
 /// How many observations in a row must allow a state to be left upward.
 pub const UP_PERIODS: usize = 3;
+
+/// The periods over which falls from `high` are remembered (see [`StateMachine::high_dwell`]).
+pub const EPISODE_WINDOW: u64 = 60;
+
+/// The longest dwell before `high` is re-entered: [`UP_PERIODS`] doubled three times.
+pub const MAX_HIGH_DWELL: usize = UP_PERIODS << 3;
 
 /// The part of `budget_pages` that targets and overheads may use: the budget less just over
 /// `HIGH_PCT + MARGIN_PCT` percent of it, so that free memory at the targets exceeds `high`'s
@@ -129,9 +143,13 @@ pub struct Transition {
 pub struct StateMachine {
     state: MemState,
     transitions: u64,
-    /// The highest state each of the last observations allowed (at most [`UP_PERIODS`], since
-    /// the last fall).
-    allowed: std::collections::VecDeque<MemState>,
+    /// The highest state each of the last observations allowed (at most [`MAX_HIGH_DWELL`],
+    /// since the last fall).
+    allowed: VecDeque<MemState>,
+    /// Observations so far.
+    period: u64,
+    /// The periods at which the state fell from `high`, within the last [`EPISODE_WINDOW`].
+    episodes: VecDeque<u64>,
 }
 
 impl Default for StateMachine {
@@ -156,8 +174,20 @@ impl StateMachine {
         StateMachine {
             state: MemState::High,
             transitions: 0,
-            allowed: std::collections::VecDeque::with_capacity(UP_PERIODS),
+            allowed: VecDeque::with_capacity(MAX_HIGH_DWELL),
+            period: 0,
+            episodes: VecDeque::new(),
         }
+    }
+
+    /// How many observations in a row must allow `high` before it is re-entered: [`UP_PERIODS`]
+    /// after one fall from `high` in the last [`EPISODE_WINDOW`] periods (or none), doubled for
+    /// each further fall, up to [`MAX_HIGH_DWELL`]. Route flap damping's rule (RFC 2439), in
+    /// periods: a host that keeps falling out of `high` keeps reclaiming until memory has stayed
+    /// free for longer.
+    pub fn high_dwell(&self) -> usize {
+        let falls = self.episodes.len().saturating_sub(1).min(3);
+        UP_PERIODS << falls
     }
 
     pub fn state(&self) -> MemState {
@@ -172,6 +202,9 @@ impl StateMachine {
     /// One period's observation: `free_pages` of `budget_pages` are free (the budget less every
     /// VM's granted memory and overhead; the caller saturates at 0). Returns the change, if any.
     pub fn observe(&mut self, free_pages: u64, budget_pages: u64) -> Option<Transition> {
+        while (self.episodes.front()).is_some_and(|&p| self.period - p >= EPISODE_WINDOW) {
+            self.episodes.pop_front();
+        }
         let from = self.state;
         let mut to = from;
         // Down: as far as free memory is below the entry threshold of the next state down.
@@ -192,18 +225,33 @@ impl StateMachine {
                     break;
                 }
             }
-            if self.allowed.len() == UP_PERIODS {
+            if self.allowed.len() == MAX_HIGH_DWELL {
                 self.allowed.pop_front();
             }
             self.allowed.push_back(allowed);
-            if self.allowed.len() == UP_PERIODS {
-                // The least free state of them (the greatest in the order), never below `from`.
-                to = self.allowed.iter().copied().max().unwrap_or(from).min(from);
+            // The least free state of the last `n` (the greatest in the order), if there are `n`.
+            let least = |n: usize| {
+                let a = &self.allowed;
+                (a.len() >= n).then(|| a.iter().skip(a.len() - n).copied().max())
+            };
+            if let Some(Some(rise)) = least(UP_PERIODS) {
+                // Back to `high` only after its own (longer) dwell; `soft` meanwhile.
+                let rise = match rise {
+                    MemState::High if least(self.high_dwell()) != Some(Some(MemState::High)) => {
+                        MemState::Soft
+                    }
+                    other => other,
+                };
+                to = rise.min(from);
             }
         } else {
             // Falling: what earlier observations allowed no longer counts.
             self.allowed.clear();
+            if from == MemState::High {
+                self.episodes.push_back(self.period);
+            }
         }
+        self.period += 1;
         if to == from {
             return None;
         }
@@ -358,6 +406,54 @@ mod tests {
     }
 
     #[test]
+    fn falls_from_high_lengthen_the_way_back() {
+        let mut m = StateMachine::new();
+        for (fall, dwell) in [(1, 3), (2, 6), (3, 12), (4, 24)] {
+            assert_eq!(m.observe(50, B).map(|t| (t.from, t.to)), Some((High, Low)));
+            assert_eq!(m.high_dwell(), dwell, "fall {fall}");
+            // Rising through the reclaiming states keeps their own dwell of UP_PERIODS.
+            for _ in 1..UP_PERIODS {
+                assert_eq!(m.observe(10_000, B), None);
+            }
+            let t = m.observe(10_000, B).expect("a rise");
+            assert_eq!(t.to, if dwell == UP_PERIODS { High } else { Soft });
+            for _ in UP_PERIODS..dwell - 1 {
+                assert_eq!(m.observe(10_000, B), None, "fall {fall}: the dwell");
+            }
+            if dwell > UP_PERIODS {
+                assert_eq!(m.observe(10_000, B).map(|t| t.to), Some(High));
+            }
+        }
+        // A fifth: the dwell stays at its longest.
+        m.observe(50, B);
+        assert_eq!(m.high_dwell(), MAX_HIGH_DWELL);
+        // EPISODE_WINDOW periods after the last fall, one fall counts as the first again.
+        let mut m = StateMachine::new();
+        for _ in 0..3 {
+            m.observe(50, B);
+            observe_long(&mut m, 10_000, B);
+            while m.state() != High {
+                m.observe(10_000, B);
+            }
+        }
+        assert_eq!(m.high_dwell(), 12);
+        for _ in 0..EPISODE_WINDOW {
+            m.observe(10_000, B);
+        }
+        m.observe(50, B);
+        assert_eq!(m.high_dwell(), UP_PERIODS);
+        // A fall from `high` is a new episode; a fall from a reclaiming state is not.
+        m.observe(10_000, B);
+        m.observe(10_000, B);
+        m.observe(10_000, B);
+        assert_eq!(m.state(), High);
+        m.observe(300, B);
+        assert_eq!(m.state(), Soft);
+        m.observe(50, B);
+        assert_eq!(m.high_dwell(), 6);
+    }
+
+    #[test]
     fn names() {
         assert_eq!(
             [High, Soft, Hard, Low].map(MemState::as_str),
@@ -421,7 +517,11 @@ mod tests {
                     let full = i + 1 >= UP_PERIODS;
                     if *recent > 300 && full { prop_assert!(s <= Hard); }
                     if *recent > 500 && full { prop_assert!(s <= Soft); }
-                    if *recent > 700 && full { prop_assert_eq!(s, High); }
+                    // `high` after its own dwell, which falls from it lengthen.
+                    let dwell = m.high_dwell();
+                    let recent_high = walk[(i + 1).saturating_sub(dwell)..=i].iter().min().unwrap();
+                    if *recent_high > 700 && i + 1 >= dwell { prop_assert_eq!(s, High); }
+                    if *recent > 700 && full { prop_assert!(s <= Soft); }
                 }
                 prop_assert_eq!(m.transitions(), count);
             }
