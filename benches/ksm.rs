@@ -1,7 +1,7 @@
 //! Page sharing (KSM) experiments (README, "Page sharing"). Each needs root, /dev/kvm and
 //! /sys/kernel/mm/ksm; every KSM knob changed is put back at the end (also on a panic).
 //!
-//! `cargo bench --bench ksm [-- identical [N...]|cow|bias]`
+//! `cargo bench --bench ksm [-- identical [N...]|cow|bias|sharing]`
 //!
 //! 1. `identical`: after Waldspurger, OSDI'02 (Fig. 4): n identical guests (`memvisor host
 //!    --ksm-run`, the same workload writing 32 MiB whose contents depend only on the page index),
@@ -12,6 +12,10 @@
 //!    (every write a copy-on-write break) against the same pass over private pages.
 //! 3. `bias`: the access sampler over half-merged memory: KSM pages refuse `UFFDIO_MOVE`, so the
 //!    sampler replaces them by unshared pages; reads of only the merged half are then missed.
+//! 4. `sharing`: the host scheduler with and without sharing on the same overcommitted budget:
+//!    three identical VMs under `memvisor host`, once without `ksm` and once with `ksm` and
+//!    `--ksm-run`; each VM's target, grant, saving, balloon, swap and work rate, and the host's
+//!    state and free memory.
 
 mod common;
 
@@ -212,6 +216,111 @@ fn bias() {
     }
 }
 
+/// One `memvisor host --json` run of `args` for `secs` seconds: its rows.
+fn host_rows(args: &[String], secs: f64) -> Vec<Value> {
+    let mut child = Command::new(env!("CARGO_BIN_EXE_memvisor"))
+        .arg("host")
+        .arg("--json")
+        .args(args)
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .expect("spawn memvisor host");
+    let started = Instant::now();
+    let mut rows = Vec::new();
+    for line in BufReader::new(child.stdout.take().unwrap()).lines() {
+        let Ok(line) = line else { break };
+        rows.push(serde_json::from_str::<Value>(&line).expect("a JSON row"));
+        if started.elapsed().as_secs_f64() > secs {
+            break;
+        }
+    }
+    // SAFETY: kill sends SIGTERM to our own child, which has not been waited for yet.
+    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = child.wait();
+    rows
+}
+
+fn sharing() {
+    // ksmd 10 times its default rate (restored at the end), so that merging is done within the
+    // run; `run` itself is left to `memvisor host --ksm-run`.
+    let before = ksm::knob("run").unwrap();
+    let mut k = KsmRun::start().unwrap();
+    k.set("pages_to_scan", 1000).unwrap();
+    ksm::set_knob("run", before).unwrap();
+    let (budget, secs, tail) = ("100M", 45.0, 10);
+    println!(
+        "3 VMs of 48 MiB, each writing the same 32 MiB (fill unique, seed 1) then reading it at \
+         random; budget {budget}, {secs} s, 1 s periods; ksmd pages_to_scan 1000; per VM: the last \
+         period, rate: mean of the last {tail} periods"
+    );
+    println!(
+        "{:<4} {:<4} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9}",
+        "ksm", "VM", "SZTGT", "GRANT", "SHRDSVD", "MCTLSZ", "SWCUR", "SWTGT", "rate"
+    );
+    let mut hosts = Vec::new();
+    for on in [false, true] {
+        let ksm_opt = if on { "ksm," } else { "" };
+        let mut args: Vec<String> = ["--budget", budget, "--period", "1s"]
+            .iter()
+            .map(|s| s.to_string())
+            .collect();
+        if on {
+            args.push("--ksm-run".into());
+        }
+        for name in ["a", "b", "c"] {
+            args.push("--vm".into());
+            args.push(format!(
+                "name={name},mem=48M,{ksm_opt}seed=1,access-samples=0,workload=alloc 32M; \
+                 touch 32M fill unique; touch 32M read 60s random"
+            ));
+        }
+        let rows = host_rows(&args, secs);
+        let last = rows.last().expect("rows");
+        let recent = &rows[rows.len().saturating_sub(tail)..];
+        for (i, v) in last["vms"].as_array().unwrap().iter().enumerate() {
+            let rate =
+                recent.iter().map(|r| f(&r["vms"][i], "rate")).sum::<f64>() / recent.len() as f64;
+            println!(
+                "{:<4} {:<4} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>9.3e}",
+                if on { "on" } else { "off" },
+                v["name"].as_str().unwrap_or("?"),
+                f(v, "target_mib"),
+                f(v, "granted_mib"),
+                f(v, "saved_mib"),
+                f(v, "balloon_mib"),
+                f(v, "swapped_mib"),
+                f(v, "swap_target_mib"),
+                rate
+            );
+        }
+        // The host: its state over the run (periods in each), free memory at the end.
+        let mut states: Vec<(String, usize)> = Vec::new();
+        for r in &rows {
+            let s = r["host"]["state"].as_str().unwrap_or("?").to_string();
+            match states.iter_mut().find(|(n, _)| *n == s) {
+                Some((_, c)) => *c += 1,
+                None => states.push((s, 1)),
+            }
+        }
+        let h = &last["host"];
+        hosts.push(format!(
+            "{:<4} state at the end {}, periods per state {:?}, changes {}, free {:.1} MiB, \
+             saved {:.1} MiB (kernel pages_sharing {:.1} MiB)",
+            if on { "on" } else { "off" },
+            h["state"].as_str().unwrap_or("?"),
+            states,
+            h["transitions"],
+            f(h, "free_mib"),
+            f(h, "saved_mib"),
+            f(h, "ksm_pages_sharing_mib"),
+        ));
+    }
+    for h in hosts {
+        println!("{h}");
+    }
+}
+
 fn main() {
     // SAFETY: geteuid has no preconditions and cannot fail.
     if unsafe { libc::geteuid() } != 0 || !ksm::available() {
@@ -232,5 +341,8 @@ fn main() {
     }
     if matches!(which, None | Some("bias")) {
         bias();
+    }
+    if matches!(which, None | Some("sharing")) {
+        sharing();
     }
 }

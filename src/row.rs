@@ -193,6 +193,9 @@ pub struct Swap {
     /// Pages brought back and swapped out in this interval.
     pub page_ins: u64,
     pub page_outs: u64,
+    /// Of `page_outs`, pages that were on a shared machine page (KSM): swapped out only when the
+    /// unshared backed pages were not enough.
+    pub shared_page_outs: u64,
     /// The page-ins' waits as the fault handler measured them (fault read to page in place), in
     /// microseconds; `None` when there were none.
     pub page_in_us_p50: Option<f64>,

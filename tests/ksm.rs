@@ -347,3 +347,134 @@ fn ksm_run_is_restored_after_a_normal_end() {
     assert!(!out.stdout.is_empty(), "rows were printed");
     assert_eq!(ksm_run_now(), before, "run restored after the end");
 }
+
+/// Pages of a size in MiB (rows give whole pages in MiB).
+fn pages(mib: f64) -> u64 {
+    (mib * 256.0).round() as u64
+}
+
+/// Hypervisor swap on a VM whose pages are merged: swap takes every unshared backed page before
+/// any shared one, shared ones go by whole frames (here all of the VM's own, so each frame taken
+/// is freed), SHRD and SHRDSVD drop by what went, and `verify` then reads every page back intact.
+#[test]
+fn swap_takes_unshared_pages_first_and_verify_holds_after_it() {
+    let test = "swap_takes_unshared_pages_first_and_verify_holds_after_it";
+    if !common::kvm(test) || !common::root(test) {
+        return;
+    }
+    let _one = one_guest();
+    let Some(_ksmd) = ksmd_fast(test) else {
+        return;
+    };
+    let dir = tempfile::tempdir().unwrap();
+    // 24 MiB written unique, then its first 16 MiB the same page (merged into 256-way frames of
+    // this VM only); after the swap every page is read back and checked.
+    let mut opts = common::config(
+        "alloc 24M; touch 24M fill unique; touch 16M fill same; idle 8s; \
+         touch 24M read verify; idle 600ms",
+        64 * MIB,
+    );
+    opts.ksm = true;
+    opts.access_samples = 0;
+    opts.interval = Duration::from_millis(200);
+    opts.swap.swap = Some(dir.path().join("guest.vswp"));
+    let vm = memvisor::Run::from_options(opts)
+        .console(memvisor::Console::Discard)
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut rows: Vec<Row> = Vec::new();
+    let mut target = None;
+    for row in vm.rows().iter() {
+        let h = host(&row);
+        // Once merged (and before the verify), swap out every unshared backed page and 4 MiB
+        // of shared ones.
+        if target.is_none() && row.phase.contains("idle 8s") && pages(h.shared_mib) >= 16 * 256 {
+            let unshared = pages(h.backed_mib) - pages(h.shared_mib);
+            let mib = unshared.div_ceil(256) + 4;
+            vm.controller().set_swap_target(mib).expect("swap target");
+            target = Some(mib * 256);
+        }
+        rows.push(row);
+    }
+    vm.wait()
+        .unwrap_or_else(|e| panic!("verify holds after the swap: {e}"));
+    let target = target.expect("16 MiB merged during the idle");
+    // The boundary that swapped, and the row before it (the map it chose from).
+    let k = rows
+        .iter()
+        .position(|r| r.swap.as_ref().is_some_and(|s| s.page_outs > 0))
+        .expect("a swap-out");
+    let (before, at) = (host(&rows[k - 1]), &rows[k]);
+    let s = at.swap.as_ref().unwrap();
+    let unshared_before = pages(before.backed_mib) - pages(before.shared_mib);
+    eprintln!(
+        "{test}: before the swap {} backed pages, {} shared on {} frames; swapped out {} pages, \
+         {} of them shared",
+        pages(before.backed_mib),
+        pages(before.shared_mib),
+        before.shared_frames,
+        s.page_outs,
+        s.shared_page_outs
+    );
+    assert_eq!(
+        s.page_outs, target,
+        "the target reached at one boundary: {s:?}"
+    );
+    assert_eq!(
+        s.page_outs - s.shared_page_outs,
+        unshared_before,
+        "every unshared backed page first: {s:?}, before {before:?}"
+    );
+    assert!(
+        s.shared_page_outs >= 4 * 256 - 256,
+        "then shared ones: {s:?}"
+    );
+    // Every later boundary too (the verify's page-ins take the swapped total under the target,
+    // and swap tops it up): shared pages only after all the unshared ones the map knew of.
+    for w in rows[k..].windows(2) {
+        let (prev, s) = (host(&w[0]), w[1].swap.as_ref().unwrap());
+        if s.shared_page_outs > 0 {
+            assert!(
+                s.page_outs - s.shared_page_outs >= pages(prev.backed_mib) - pages(prev.shared_mib),
+                "shared pages before unshared ones: {s:?}, before {prev:?}"
+            );
+        }
+    }
+    // The accounting follows at once: the swapped-out sharers left SHRD (ksmd may merge a few
+    // other pages meanwhile), and with every sharer in this VM, SHRDSVD = SHRD − frames.
+    let after = host(at);
+    let shared_after = pages(after.shared_mib);
+    assert!(
+        (shared_after + s.shared_page_outs).abs_diff(pages(before.shared_mib)) <= 64,
+        "SHRD {} before, {} swapped, {shared_after} after",
+        pages(before.shared_mib),
+        s.shared_page_outs
+    );
+    for r in [before, after] {
+        let saved = r.shared_saved_mib * 256.0;
+        assert!(
+            (saved - (pages(r.shared_mib) - r.shared_frames) as f64).abs() < 1e-6,
+            "SHRDSVD = SHRD − frames: {r:?}"
+        );
+        assert!(
+            (r.host_mib - (r.backed_mib - r.shared_saved_mib + r.overhead_mib)).abs() < 0.01,
+            "{r:?}"
+        );
+    }
+    // Whole frames went: the frames left are fewer by at least the full frames swapped out.
+    assert!(
+        after.shared_frames + s.shared_page_outs / 256 <= before.shared_frames,
+        "frames {} before, {} after, {} shared pages out",
+        before.shared_frames,
+        after.shared_frames,
+        s.shared_page_outs
+    );
+    // The verify read brought the swapped pages back.
+    let ins: u64 = rows[k + 1..]
+        .iter()
+        .filter_map(|r| r.swap.as_ref())
+        .map(|s| s.page_ins)
+        .sum();
+    // (the heap's unique 8 MiB, unshared, all went out).
+    assert!(ins >= 8 * 256, "page-ins {ins}");
+}

@@ -104,6 +104,7 @@ fn full_run_row() -> Row {
             out_mib_s: 8.0,
             page_ins: 256,
             page_outs: 1024,
+            shared_page_outs: 24,
             page_in_us_p50: Some(12.5),
             page_in_us_p99: Some(80.0),
             out_ms: 3.5,

@@ -224,14 +224,21 @@ fn table_spec(t: &toml::Table) -> Result<String, String> {
 
 /// The table's header: the host line's names, then esxtop's memory-screen names per VM. Sizes
 /// are MiB, or GiB with a `G` when MiB would need more than 6 digits (as `memvisor run`'s table).
-pub fn table_header() -> String {
-    format!(
-        "{:>7} {:<5} {:>8} {:>8} {:>8}  (MiB)\n  {:<10} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5} {:>9}",
-        "time",
-        "state",
-        "budget",
-        "free",
-        "targets",
+/// With `sharing` (some VM runs with `ksm`) the host line gains `saved` (the VMs' parts added up)
+/// and each VM line SHRD and SHRDSVD in place of its settings (shares, reservation, limit: the
+/// same every period, and in `--json`), so that a line still fits 120 columns.
+pub fn table_header(sharing: bool) -> String {
+    let host = format!(
+        "{:>7} {:<5} {:>8} {:>8} {:>8}",
+        "time", "state", "budget", "free", "targets"
+    );
+    let saved = if sharing {
+        format!(" {:>8}", "saved")
+    } else {
+        String::new()
+    };
+    let vm = format!(
+        "  {:<10} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6} {:>7} {:>6} {:>6} {:>6}",
         "VM",
         "MEMSZ",
         "SZTGT",
@@ -242,17 +249,22 @@ pub fn table_header() -> String {
         "MCTLTGT",
         "SWCUR",
         "SWTGT",
-        "OVHD",
-        "shares",
-        "resv",
-        "limit",
-        "st",
-        "rate"
+        "OVHD"
+    );
+    let middle = if sharing {
+        format!(" {:>6} {:>7}", "SHRD", "SHRDSVD")
+    } else {
+        format!(" {:>6} {:>6} {:>6}", "shares", "resv", "limit")
+    };
+    format!(
+        "{host}{saved}  (MiB)\n{vm}{middle} {:>5} {:>9}",
+        "st", "rate"
     )
 }
 
-/// One period as a block: the host line, then one line per VM, each at most 120 characters.
-pub fn table_block(row: &HostRow) -> String {
+/// One period as a block: the host line, then one line per VM, each at most 120 characters; with
+/// `sharing`, the columns of [`table_header`]`(true)`.
+pub fn table_block(row: &HostRow, sharing: bool) -> String {
     use crate::output::table::{cell, size_cell, size_cell0};
     let h = &row.host;
     let mut s = format!(
@@ -263,6 +275,9 @@ pub fn table_block(row: &HostRow) -> String {
         size_cell(Some(h.free_mib), 8),
         size_cell(Some(h.targets_mib), 8)
     );
+    if sharing {
+        s.push_str(&format!(" {:>8}", size_cell(Some(h.saved_mib), 8)));
+    }
     for v in &row.vms {
         let status = match v.status {
             "running" if v.paused => "pause",
@@ -272,8 +287,22 @@ pub fn table_block(row: &HostRow) -> String {
             _ => "FAIL",
         };
         let size = |m: f64| size_cell(Some(m), 6);
+        let middle = if sharing {
+            format!(
+                " {:>6} {:>7}",
+                size(v.shared_mib),
+                size_cell(Some(v.saved_mib), 7)
+            )
+        } else {
+            format!(
+                " {:>6} {:>6} {:>6}",
+                cell(Some(v.shares as f64), 6, 0),
+                size_cell0(Some(v.reservation_mib), 6),
+                size_cell0(v.limit_mib, 6)
+            )
+        };
         s.push_str(&format!(
-            "\n  {:<10} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6} {:>7} {:>6} {:>6} {:>6} {:>6} {:>6} {:>6} {:>5} {:>9}",
+            "\n  {:<10} {:>6} {:>6} {:>6} {:>6} {:>5} {:>6} {:>7} {:>6} {:>6} {:>6}{middle} {:>5} {:>9}",
             truncate(&v.name, 10),
             size(v.mem_mib),
             size(v.target_mib),
@@ -285,9 +314,6 @@ pub fn table_block(row: &HostRow) -> String {
             size(v.swapped_mib),
             size(v.swap_target_mib),
             size(v.overhead_mib),
-            cell(Some(v.shares as f64), 6, 0),
-            size_cell0(Some(v.reservation_mib), 6),
-            size_cell0(v.limit_mib, 6),
             status,
             v.rate.map_or("-".into(), |r| format!("{r:.3e}")),
         ));
@@ -425,8 +451,10 @@ pub fn run(opts: &HostOptions) -> Result<(), Box<dyn std::error::Error>> {
         .map_err(HostCliError::KsmRun)?;
     let mut outputs = Outputs::start(opts, &cfg)?;
     let mut out = std::io::stdout().lock();
+    // SHRD and SHRDSVD take the settings' place when some VM may share pages.
+    let sharing = cfg.vms.iter().any(|v| v.ksm());
     if !opts.json {
-        writeln!(out, "{}", table_header())?;
+        writeln!(out, "{}", table_header(sharing))?;
     }
     let json = opts.json;
     // Signals that came before the last period (one of them stopped the host) do not end the
@@ -437,7 +465,7 @@ pub fn run(opts: &HostOptions) -> Result<(), Box<dyn std::error::Error>> {
         let line = if json {
             serde_json::to_string(row).map_err(std::io::Error::other)?
         } else {
-            table_block(row)
+            table_block(row, sharing)
         };
         writeln!(out, "{line}")?;
         out.flush()?;
@@ -484,55 +512,101 @@ mod tests {
 
     #[test]
     fn the_table_fits_120_columns_with_big_values() {
-        for l in table_header().lines() {
-            assert!(l.chars().count() <= 120, "{l}");
+        for sharing in [false, true] {
+            for l in table_header(sharing).lines() {
+                assert!(l.chars().count() <= 120, "{l}");
+            }
+            let mut r = crate::host::testing::rows(2).remove(1);
+            r.time_s = 86_399.9;
+            r.host.budget_mib = 16_777_216.0;
+            r.host.free_mib = 1_048_576.5;
+            r.host.targets_mib = 15_000_000.0;
+            r.host.saved_mib = 8_000_000.0;
+            for v in &mut r.vms {
+                v.name = "a-name-of-32-characters-in-length".into();
+                v.mem_mib = 4_194_304.0;
+                v.target_mib = 3_500_000.0;
+                v.granted_mib = 4_000_000.0;
+                v.active_mib = 2_621_440.0;
+                v.active_pct = 100.0;
+                v.balloon_mib = 999_999.0;
+                v.balloon_target_mib = 1_200_000.0;
+                v.swapped_mib = 2_000_000.0;
+                v.swap_target_mib = 2_000_000.0;
+                v.overhead_mib = 1100.5;
+                v.shared_mib = 4_000_000.0;
+                v.saved_mib = 3_999_999.5;
+                v.shares = 400_000;
+                v.reservation_mib = 1_048_576.0;
+                v.limit_mib = Some(4_194_304.0);
+                v.rate = Some(1.234e12);
+                v.paused = true;
+            }
+            let block = table_block(&r, sharing);
+            let header = table_header(sharing);
+            let names = header.lines().nth(1).unwrap();
+            for l in block.lines() {
+                assert!(l.chars().count() <= 120, "{l}");
+                assert!(!l.contains('>'), "clamped: {l}");
+            }
+            // Each line has its header's columns, with the esxtop names kept.
+            let vm_line = block.lines().nth(1).unwrap();
+            assert_eq!(
+                vm_line.chars().count(),
+                names.chars().count(),
+                "\n{names}\n{vm_line}"
+            );
+            let host_line = block.lines().next().unwrap();
+            let host_names = header.lines().next().unwrap();
+            assert_eq!(
+                host_line.split_whitespace().count() + 1,
+                host_names.split_whitespace().count(),
+                "\n{host_names}\n{host_line}"
+            );
+            for n in [
+                "MEMSZ", "SZTGT", "GRANT", "TCHD", "%ACTV", "MCTLSZ", "MCTLTGT", "SWCUR",
+            ] {
+                assert!(names.contains(n), "{names}");
+            }
+            assert!(
+                vm_line.contains("4096G") && vm_line.contains("pause"),
+                "{vm_line}"
+            );
+            assert_eq!(names.contains("SHRDSVD"), sharing, "{names}");
+            assert_eq!(names.contains("shares"), !sharing, "{names}");
+            assert_eq!(host_names.contains("saved"), sharing, "{host_names}");
         }
+    }
+
+    #[test]
+    fn sharing_shows_shrd_and_shrdsvd_under_their_names() {
         let mut r = crate::host::testing::rows(2).remove(1);
-        r.time_s = 86_399.9;
-        r.host.budget_mib = 16_777_216.0;
-        r.host.free_mib = 1_048_576.5;
-        r.host.targets_mib = 15_000_000.0;
-        for v in &mut r.vms {
-            v.name = "a-name-of-32-characters-in-length".into();
-            v.mem_mib = 4_194_304.0;
-            v.target_mib = 3_500_000.0;
-            v.granted_mib = 4_000_000.0;
-            v.active_mib = 2_621_440.0;
-            v.active_pct = 100.0;
-            v.balloon_mib = 999_999.0;
-            v.balloon_target_mib = 1_200_000.0;
-            v.swapped_mib = 2_000_000.0;
-            v.swap_target_mib = 2_000_000.0;
-            v.overhead_mib = 1100.5;
-            v.shares = 400_000;
-            v.reservation_mib = 1_048_576.0;
-            v.limit_mib = Some(4_194_304.0);
-            v.rate = Some(1.234e12);
-            v.paused = true;
+        r.host.saved_mib = 31.7;
+        for (i, v) in r.vms.iter_mut().enumerate() {
+            v.shared_mib = 32.0 + i as f64;
+            v.saved_mib = 15.8 + i as f64;
         }
-        let block = table_block(&r);
-        let header = table_header();
-        let names = header.lines().nth(1).unwrap();
-        for l in block.lines() {
-            assert!(l.chars().count() <= 120, "{l}");
-            assert!(!l.contains('>'), "clamped: {l}");
-        }
-        // Each VM line has the header's columns, with the esxtop names kept.
-        let vm_line = block.lines().nth(1).unwrap();
-        assert_eq!(
-            vm_line.chars().count(),
-            names.chars().count(),
-            "\n{names}\n{vm_line}"
+        let header = table_header(true);
+        let block = table_block(&r, true);
+        // The value under each name (names and cells hold no spaces here).
+        let under = |names: &str, line: &str, name: &str| -> String {
+            let at = names.split_whitespace().position(|n| n == name).unwrap();
+            line.split_whitespace().nth(at).unwrap().to_string()
+        };
+        let (h1, h2) = (
+            header.lines().next().unwrap(),
+            header.lines().nth(1).unwrap(),
         );
-        for n in [
-            "MEMSZ", "SZTGT", "GRANT", "TCHD", "%ACTV", "MCTLSZ", "MCTLTGT", "SWCUR",
-        ] {
-            assert!(names.contains(n), "{names}");
+        assert_eq!(under(h1, block.lines().next().unwrap(), "saved"), "31.7");
+        for (i, line) in block.lines().skip(1).enumerate() {
+            assert_eq!(under(h2, line, "SHRD"), format!("{:.1}", 32.0 + i as f64));
+            assert_eq!(
+                under(h2, line, "SHRDSVD"),
+                format!("{:.1}", 15.8 + i as f64)
+            );
         }
-        assert!(
-            vm_line.contains("4096G") && vm_line.contains("pause"),
-            "{vm_line}"
-        );
+        // Without sharing, the settings instead.
+        assert!(!table_block(&r, false).contains("15.8"));
     }
 
     #[test]

@@ -45,6 +45,13 @@ pub struct VmSpec {
     pub run_args: Vec<String>,
 }
 
+impl VmSpec {
+    /// Whether the VM's guest RAM is mergeable by KSM (`ksm` in its spec).
+    pub fn ksm(&self) -> bool {
+        self.run_args.iter().any(|a| a == "--ksm")
+    }
+}
+
 /// Why a SPEC is refused.
 #[derive(Debug, Error, PartialEq)]
 pub enum SpecError {
@@ -235,13 +242,8 @@ mod tests {
                 "--seed=5".into()
             ]
         );
-        assert!(
-            parse("mem=256M", 0)
-                .unwrap()
-                .run_args
-                .iter()
-                .all(|a| a != "--ksm")
-        );
+        assert!(s.ksm());
+        assert!(!parse("mem=256M", 0).unwrap().ksm());
     }
 
     #[test]

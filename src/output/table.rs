@@ -163,6 +163,12 @@ pub const COLUMNS: &[Column] = &[
         cell: size!(|r: &Row| r.host.as_ref().map(|h| h.shared_mib)),
     },
     Column {
+        name: "saved",
+        group: Group::Host,
+        width: 6,
+        cell: size!(|r: &Row| r.host.as_ref().map(|h| h.shared_saved_mib)),
+    },
+    Column {
         name: "rel",
         group: Group::Host,
         width: 6,
@@ -607,6 +613,7 @@ pub(crate) mod tests {
                 zero_mib: v,
                 swapped_mib: v,
                 shared_mib: v,
+                shared_saved_mib: v,
                 released_mib: v,
                 ..HostUsage::default()
             }),
@@ -739,6 +746,34 @@ pub(crate) mod tests {
         let cells: Vec<&str> = line.split([' ', '|']).filter(|w| !w.is_empty()).collect();
         assert_eq!(cells, ["42.0", "42.0", "42.0"]);
         assert!(header.lines().next().unwrap().contains("host"), "{header}");
+    }
+
+    #[test]
+    fn shard_and_saved_show_esxtops_shrd_and_shrdsvd() {
+        let mut r = row_with(1.0, "idle");
+        let h = r.host.as_mut().unwrap();
+        h.shared_mib = 32.0;
+        h.shared_saved_mib = 31.875;
+        let t = Table::select("shard,saved").unwrap();
+        let cells = |line: &str| -> Vec<String> {
+            line.split([' ', '|'])
+                .filter(|w| !w.is_empty())
+                .map(String::from)
+                .collect()
+        };
+        assert_eq!(cells(&t.row(&r)), ["32.0", "31.9"]);
+        assert_eq!(
+            cells(t.header(true).lines().nth(1).unwrap()),
+            ["shard", "saved"]
+        );
+        // In the wide view, beside each other in the host group; not in the default view.
+        let wide = Table::wide().column_names();
+        let at = wide.iter().position(|&c| c == "shard").unwrap();
+        assert_eq!(wide[at + 1], "saved");
+        assert!(!Table::default().column_names().contains(&"saved"));
+        // A row without host usage shows `-`.
+        r.host = None;
+        assert_eq!(cells(&t.row(&r)), ["-", "-"]);
     }
 
     #[test]

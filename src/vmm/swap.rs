@@ -19,9 +19,11 @@ use vm_memory::{Bytes, GuestAddress};
 use crate::kvm::vcpu::kick;
 use crate::kvm::vm::Vm;
 use crate::memory::faults::{Access, Faults, FaultsError, Stored};
-use crate::memory::swap::policy::{Candidate, choose};
+use crate::memory::pagemap::PageCounts;
+use crate::memory::swap::policy::{Candidate, SharedFrame, choose, choose_shared};
 use crate::memory::swap::{Policy, Slot, SwapFile, SwapFileError};
 use crate::observe::interval::{IntervalError, IntervalWork};
+use crate::observe::pmp_mmp::{PageState, PmpMmpMap};
 use crate::row::Swap;
 use crate::units::{PAGE_SIZE, pages_mib};
 use crate::vmm::config::SwapConfig;
@@ -62,6 +64,9 @@ pub struct HypervisorSwap {
     /// it is a read: a page the guest only reads, its kernel's code and page tables, looks cold
     /// to the dirty log). At most one entry per page ever swapped in.
     paged_in: HashMap<u64, u32>,
+    /// `/proc/kpagecount`, opened the first time shared pages must be swapped out (`None` after:
+    /// not readable, and only this VM's sharers are counted).
+    counts: Option<Option<PageCounts>>,
 }
 
 impl HypervisorSwap {
@@ -81,6 +86,7 @@ impl HypervisorSwap {
             rng: StdRng::seed_from_u64(cfg.seed.unwrap_or_else(rand::random)),
             stopped: false,
             paged_in: HashMap::new(),
+            counts: None,
         })
     }
 
@@ -124,12 +130,13 @@ impl HypervisorSwap {
                 .map(|&(gfn, access)| (gfn, access == Access::Read)),
         );
         let mut page_outs = 0;
+        let mut shared_page_outs = 0;
         let mut out_ms = 0.0;
         let now = faults.swapped_pages();
         if !last && !self.stopped && self.target_pages > now {
             let want = (self.target_pages - now).min(MAX_OUT_PER_INTERVAL);
             let t0 = Instant::now();
-            page_outs = self.swap_out(vm, faults, work, want, interval)?;
+            (page_outs, shared_page_outs) = self.swap_out(vm, faults, work, want, interval)?;
             out_ms = t0.elapsed().as_secs_f64() * 1e3;
             log::debug!("interval {interval}: swapped out {page_outs} pages in {out_ms:.1} ms");
         }
@@ -153,6 +160,7 @@ impl HypervisorSwap {
             out_mib_s: rate(page_outs),
             page_ins,
             page_outs,
+            shared_page_outs,
             page_in_us_p50: percentile(&waits, 0.50),
             page_in_us_p99: percentile(&waits, 0.99),
             out_ms,
@@ -161,8 +169,10 @@ impl HypervisorSwap {
         })
     }
 
-    /// Swaps out up to `want` pages, chosen by the policy among the pages the map calls backed;
-    /// returns how many left guest RAM.
+    /// Swaps out up to `want` pages, chosen by the policy among the pages the map calls backed
+    /// (not shared); when those are not enough, pages on shared machine pages follow, in the
+    /// order of [`choose_shared`]. Returns how many left guest RAM, and how many of them were
+    /// shared.
     fn swap_out(
         &mut self,
         vm: &Vm,
@@ -170,13 +180,21 @@ impl HypervisorSwap {
         work: &mut IntervalWork,
         want: u64,
         interval: u64,
-    ) -> Result<u64, SwapError> {
+    ) -> Result<(u64, u64), SwapError> {
         let paged_in = &self.paged_in;
         let candidates = work.map().backed_pages().map(|(page, seen)| Candidate {
             page,
             last_seen: Some(paged_in.get(&page).map_or(seen, |&p| p.max(seen))),
         });
-        let mut chosen = choose(self.policy, candidates, want as usize, &mut self.rng);
+        let want = want as usize;
+        let mut chosen = choose(self.policy, candidates, want, &mut self.rng);
+        let mut shared = std::collections::HashSet::new();
+        if chosen.len() < want {
+            let frames = self.shared_frames(work.map());
+            let more = choose_shared(frames, want - chosen.len(), &mut self.rng);
+            shared.extend(more.iter().copied());
+            chosen.extend(more);
+        }
         chosen.sort_unstable();
         let mut stored: Vec<(u64, Option<Slot>)> = Vec::with_capacity(chosen.len());
         let mut page = vec![0u8; PAGE_SIZE as usize];
@@ -200,7 +218,7 @@ impl HypervisorSwap {
             }
         }
         if stored.is_empty() {
-            return Ok(0);
+            return Ok((0, 0));
         }
         let ranges = ranges(stored.iter().map(|&(gfn, _)| gfn));
         if let Err(e) = work.release(vm, &ranges, interval) {
@@ -211,7 +229,62 @@ impl HypervisorSwap {
         faults.swap_commit(&stored);
         let pages: Vec<(u64, bool)> = stored.iter().map(|&(g, s)| (g, s.is_some())).collect();
         work.note_swapped_out(&pages);
-        Ok(stored.len() as u64)
+        let shared_outs = stored.iter().filter(|(g, _)| shared.contains(g)).count();
+        Ok((stored.len() as u64, shared_outs as u64))
+    }
+
+    /// This VM's pages on shared machine pages, as the map last found them (its refresh, every
+    /// interval with `--ksm`), by frame, with each frame's sharers across the host from
+    /// `/proc/kpagecount` (this VM's own where it cannot be read).
+    fn shared_frames(&mut self, map: &PmpMmpMap) -> Vec<SharedFrame> {
+        let mut on: Vec<(u64, u64)> = map
+            .touched()
+            .iter_ones()
+            .filter_map(|gfn| match map.page(gfn)?.state {
+                PageState::Shared(pfn) => Some((pfn, gfn)),
+                _ => None,
+            })
+            .collect();
+        if on.is_empty() {
+            return Vec::new();
+        }
+        on.sort_unstable();
+        let mut frames: Vec<(u64, SharedFrame)> = Vec::new();
+        for (pfn, gfn) in on {
+            match frames.last_mut() {
+                Some((p, f)) if *p == pfn => f.pages.push(gfn),
+                _ => frames.push((
+                    pfn,
+                    SharedFrame {
+                        pages: vec![gfn],
+                        sharers: 0,
+                    },
+                )),
+            }
+        }
+        let pfns: Vec<u64> = frames.iter().map(|(p, _)| *p).collect();
+        let counts = self
+            .counts
+            .get_or_insert_with(|| {
+                PageCounts::open()
+                    .inspect_err(|e| log::debug!("hypervisor swap: {e}; sharers within this VM"))
+                    .ok()
+            })
+            .as_mut()
+            .and_then(|c| {
+                c.counts(&pfns)
+                    .inspect_err(|e| log::debug!("hypervisor swap: {e}; sharers within this VM"))
+                    .ok()
+            });
+        frames
+            .into_iter()
+            .enumerate()
+            .map(|(i, (_, mut f))| {
+                let here = f.pages.len() as u64;
+                f.sharers = counts.as_ref().map_or(here, |c| c[i].max(here));
+                f
+            })
+            .collect()
     }
 }
 

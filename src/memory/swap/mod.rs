@@ -5,4 +5,4 @@ pub mod file;
 pub mod policy;
 
 pub use file::{Slot, SwapFile, SwapFileError};
-pub use policy::{Candidate, Policy};
+pub use policy::{Candidate, Policy, SharedFrame};

@@ -6,6 +6,10 @@
 //!   write in the dirty log, or an access the access sampler saw), ties broken at random.
 //!
 //! Both take O(candidates) time and return distinct pages.
+//!
+//! Both choose among unshared pages. Pages on a machine page shared by page sharing (KSM) come
+//! after all of those ([`choose_shared`]): swapping one out frees nothing while another page maps
+//! its machine page.
 
 use rand::Rng;
 use rand::RngExt;
@@ -54,6 +58,40 @@ pub fn choose(
             keyed.into_iter().map(|(_, _, page)| page).collect()
         }
     }
+}
+
+/// The guest pages of one VM on one shared machine page, and how many guest pages map it
+/// across the host (`sharers`, at least `pages.len()`; 2 or more).
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct SharedFrame {
+    pub pages: Vec<u64>,
+    pub sharers: u64,
+}
+
+/// Up to `n` distinct pages of shared machine pages, for when the unshared ones are not enough.
+/// A machine page is freed only when all its sharers are gone, so whole frames are taken, in this
+/// order: the fewest sharers outside this VM first (none: swapping out this VM's pages of it
+/// frees it), then the fewest pages of this VM (the machine pages freed per page swapped out),
+/// ties at random. Only the last frame taken may be taken in part.
+pub fn choose_shared(frames: Vec<SharedFrame>, n: usize, rng: &mut impl Rng) -> Vec<u64> {
+    let mut keyed: Vec<(u64, usize, u64, SharedFrame)> = frames
+        .into_iter()
+        .filter(|f| !f.pages.is_empty())
+        .map(|f| {
+            let outside = f.sharers.saturating_sub(f.pages.len() as u64);
+            (outside, f.pages.len(), rng.random::<u64>(), f)
+        })
+        .collect();
+    keyed.sort_unstable_by_key(|k| (k.0, k.1, k.2));
+    let mut out = Vec::with_capacity(n.min(1 << 20));
+    for (_, _, _, f) in keyed {
+        if out.len() >= n {
+            break;
+        }
+        let take = (n - out.len()).min(f.pages.len());
+        out.extend_from_slice(&f.pages[..take]);
+    }
+    out
 }
 
 /// A uniform sample of `n` items from a stream of unknown length (Algorithm R).
@@ -133,6 +171,33 @@ mod tests {
             .sum();
         // 19 degrees of freedom: P(chi2 > 43.8) = 0.001.
         assert!(chi2 < 43.8, "chi2 {chi2}, counts {counts:?}");
+    }
+
+    #[test]
+    fn shared_frames_go_whole_those_freed_by_this_vm_first() {
+        let mut rng = StdRng::seed_from_u64(5);
+        let frame = |pages: std::ops::Range<u64>, sharers| SharedFrame {
+            pages: pages.collect(),
+            sharers,
+        };
+        let frames = vec![
+            // Shared with another VM's page: freed only when that one goes too.
+            frame(0..1, 2),
+            // Only this VM's: 3 pages free it, then 4 pages free the next.
+            frame(10..14, 4),
+            frame(20..23, 3),
+            // Three other sharers.
+            frame(30..32, 5),
+        ];
+        assert_eq!(choose_shared(frames.clone(), 3, &mut rng), [20, 21, 22]);
+        assert_eq!(
+            choose_shared(frames.clone(), 9, &mut rng),
+            [20, 21, 22, 10, 11, 12, 13, 0, 30]
+        );
+        // Never more than there is, nor a page twice.
+        assert_eq!(choose_shared(frames.clone(), 100, &mut rng).len(), 10);
+        assert!(choose_shared(frames, 0, &mut rng).is_empty());
+        assert!(choose_shared(Vec::new(), 5, &mut rng).is_empty());
     }
 
     #[test]
