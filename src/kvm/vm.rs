@@ -172,13 +172,15 @@ impl Vm {
 
     /// KVM's dirty bitmap for guest RAM (bit i = guest page i): bits stay set until cleared
     /// (manual protect).
-    pub fn dirty_log(&self) -> Result<Vec<u64>, VmError> {
+    pub fn dirty_log(&self) -> Result<(Vec<u64>, u64), VmError> {
         let mut out = vec![0u64; words_for(self.ram().pages())];
+        let mut n = 0;
         for (slot, pages) in self.slots() {
             let w = (pages.start / WORD_BITS) as usize;
             self.get_slot(slot, &pages, &mut out[w..])?;
+            n += 1;
         }
-        Ok(out)
+        Ok((out, n))
     }
 
     /// Clears the bits in `mask` (a RAM-wide bitmap; missing words clear nothing) and
@@ -321,7 +323,7 @@ mod tests {
                 .iter_ones()
                 .collect()
         };
-        assert_eq!(ones(&vm.dirty_log().unwrap()), vec![1, 63, 64, 65]);
+        assert_eq!(ones(&vm.dirty_log().unwrap().0), vec![1, 63, 64, 65]);
         let rel = vm.release(&[Range { start: 62, end: 65 }]).unwrap();
         assert_eq!(rel[0].dirty.first_page(), 0);
         let seen: Vec<u64> = (0..200).filter(|&p| rel[0].dirty.get(p)).collect();
@@ -330,13 +332,13 @@ mod tests {
             vec![1, 63, 64, 65],
             "both slots' words, as KVM had them"
         );
-        assert_eq!(ones(&vm.dirty_log().unwrap()), vec![1, 65]);
+        assert_eq!(ones(&vm.dirty_log().unwrap().0), vec![1, 65]);
         // A RAM-wide clear reaches every slot it has bits for.
         let mut mask = vec![0u64; 16];
         mask[0] = 1 << 1;
         mask[1] = 1 << 1;
         vm.clear_dirty(&mask).unwrap();
-        assert!(ones(&vm.dirty_log().unwrap()).is_empty());
+        assert!(ones(&vm.dirty_log().unwrap().0).is_empty());
         drop(vcpu);
     }
 
@@ -353,7 +355,7 @@ mod tests {
         let mut vcpu = vm.fd().create_vcpu(0).unwrap();
         run_to_hlt(&mut vcpu);
         let dirty = |vm: &Vm| -> Vec<u64> {
-            let log = vm.dirty_log().unwrap();
+            let (log, _) = vm.dirty_log().unwrap();
             crate::memory::bitmap::Bitmap::from_words(&log, vm.ram().pages())
                 .iter_ones()
                 .collect()

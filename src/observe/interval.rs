@@ -13,7 +13,7 @@
 //! memory for that data and applies the core's answers.
 
 use std::ops::Range;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -24,7 +24,7 @@ use crate::observe::pmp_mmp::{MapError, PmpMmpMap};
 use crate::observe::sampler::Sampler;
 use crate::observe::stats::{Smoother, Stratified};
 use crate::observe::usage;
-use crate::row::{Active, HostUsage};
+use crate::row::{Active, HostUsage, VmmWork};
 use crate::units::PAGE_SIZE;
 
 /// Why an interval's measurement failed.
@@ -48,6 +48,8 @@ pub struct Measured {
     pub active: Option<Active>,
     /// The write estimate, if this interval was sampled.
     pub active_writes: Option<Active>,
+    /// What it cost, the guest paused.
+    pub work: VmmWork,
 }
 
 /// How the estimators sample.
@@ -224,11 +226,11 @@ impl Estimator {
         );
         let access = round.map(|r| {
             let s = Stratified::new(new_touches, r.t, r.n, r.population);
-            active(s, r.skipped, &mut self.access_smoother, pages, length)
+            active(s, r.skipped, &mut self.access_smoother, pages, None)
         });
         let writes = write_t.map(|(n, t, population)| {
             let s = Stratified::new(new_writes, t, n, population);
-            active(s, 0, &mut self.write_smoother, pages, length)
+            active(s, 0, &mut self.write_smoother, pages, Some(length))
         });
         Ok(Estimates { access, writes })
     }
@@ -395,23 +397,35 @@ impl IntervalWork {
         length: Duration,
         last: bool,
     ) -> Result<Measured, IntervalError> {
+        let t0 = Instant::now();
+        let mut work = VmmWork::default();
         // The access round first: pages nobody touched go back, so the harvest sees them.
         let round = match &mut self.access {
             Some(a) => a.disarm(vm.memory())?,
             None => None,
         };
-        let mut dirty = vm.dirty_log()?;
+        let t1 = Instant::now();
+        work.access_round_ms = ms(t1 - t0);
+        let (mut dirty, slots) = vm.dirty_log()?;
+        work.dirty_log_slots = slots;
         let vmm_dirty = vm.ram().take_vmm_dirty();
         let est = self
             .core
             .close(&mut dirty, &vmm_dirty, round, interval, length)?;
+        let t2 = Instant::now();
+        work.harvest_ms = ms(t2 - t1);
         // Merging changes frames without a write: with KSM the map is re-read every interval.
         if last || self.ksm {
             self.core.map_mut().refresh()?;
         }
+        let t3 = Instant::now();
+        work.map_ms = ms(t3 - t2);
         if !last {
-            self.arm(vm, interval + 1)?;
+            let (access_ms, write_ms) = self.arm(vm, interval + 1)?;
+            work.access_round_ms += access_ms;
+            work.write_round_ms = write_ms;
         }
+        let t4 = Instant::now();
         let map = self.core.map();
         let host = usage::host_usage(
             &map.summary(),
@@ -419,10 +433,13 @@ impl IntervalWork {
             usage::rss_bytes().unwrap_or(0),
             self.ksm.then(usage::ksm_kernel).flatten(),
         );
+        work.row_ms = ms(t4.elapsed());
+        work.work_ms = ms(t0.elapsed());
         Ok(Measured {
             host,
             active: est.access,
             active_writes: est.writes,
+            work,
         })
     }
 
@@ -462,7 +479,9 @@ impl IntervalWork {
 
     /// Arms both samples for `interval`: the access sample from the pages touched so far, then
     /// the write sample, write-protected with one `KVM_CLEAR_DIRTY_LOG`.
-    fn arm(&mut self, vm: &Vm, interval: u64) -> Result<(), IntervalError> {
+    /// Returns the milliseconds of each: (access, write).
+    fn arm(&mut self, vm: &Vm, interval: u64) -> Result<(f64, f64), IntervalError> {
+        let t0 = Instant::now();
         let arming = match &mut self.access {
             Some(a) => {
                 let (touched, ranks, n) = self.core.access_draw(interval);
@@ -470,20 +489,26 @@ impl IntervalWork {
             }
             None => Arming::default(),
         };
+        let t1 = Instant::now();
         if let Some(mask) = self.core.arm_writes(interval, &arming) {
             vm.clear_dirty(mask)?;
         }
-        Ok(())
+        Ok((ms(t1 - t0), ms(t1.elapsed())))
     }
 }
 
-/// An estimate in MiB, with its moving averages.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// An estimate in MiB, with its moving averages; with `rate_over` (the write estimate's interval
+/// length), its dirty rate.
 fn active(
     s: Stratified,
     skipped: u64,
     smoother: &mut Smoother,
     pages: u64,
-    length: Duration,
+    rate_over: Option<Duration>,
 ) -> Active {
     let mib = |p: f64| p * PAGE_SIZE as f64 / (1u64 << 20) as f64;
     let sm = smoother.update(s.pages / pages as f64);
@@ -501,7 +526,7 @@ fn active(
         slow_mib: sm.slow * ram_mib,
         max_mib: sm.max * ram_mib,
         error_mib: None,
-        dirty_rate_mib_s: usage::dirty_rate_mib_s(mib(s.pages), length),
+        dirty_rate_mib_s: rate_over.map(|l| usage::dirty_rate_mib_s(mib(s.pages), l)),
     }
 }
 
