@@ -213,9 +213,9 @@ impl Estimator {
             u32::try_from(interval).unwrap_or(u32::MAX - 1),
         )?;
         if self.stratify {
-            self.population = Ranks::new(self.map.touched());
+            self.population = self.map.touched_ranks();
         }
-        self.written_pages = self.map.guest_written().count_ones();
+        self.written_pages = self.map.guest_written_pages();
         let pages = self.map.pages();
         // The pages touched (written) for the first time are counted exactly when stratifying;
         // plain sampling estimates them with the rest. The populations are all of RAM then.

@@ -88,7 +88,7 @@ pub use file::{MapFile, MapFileError, MapHeader, check_target};
 pub use record::{PageInfo, PageState};
 pub use residency::ResidencyMethod;
 
-use crate::memory::bitmap::{Bitmap, WORD_BITS, Window, words_for};
+use crate::memory::bitmap::{Bitmap, Counted, Ranks, WORD_BITS, Window, words_for};
 use crate::memory::pagemap::{
     PageCounts, PageEntry, PageRegion, Pagemap, PagemapError, READ_CHUNK_ENTRIES, Residency,
 };
@@ -287,9 +287,9 @@ pub struct PmpMmpMap {
     pages: u64,
     options: MapOptions,
     pagemap: Pagemap,
-    touched: Bitmap,
-    guest_written: Bitmap,
-    vmm_written: Bitmap,
+    touched: Counted,
+    guest_written: Counted,
+    vmm_written: Counted,
     /// Pages written (by the guest or the VMM) since the balloon last released them: with PFNs
     /// hidden, a present page has a machine page of its own exactly when set.
     written_since_release: Bitmap,
@@ -375,9 +375,9 @@ impl PmpMmpMap {
             pages: guest_pages,
             options,
             pagemap,
-            touched: Bitmap::new(guest_pages),
-            guest_written: Bitmap::new(guest_pages),
-            vmm_written: Bitmap::new(guest_pages),
+            touched: Counted::new(guest_pages),
+            guest_written: Counted::new(guest_pages),
+            vmm_written: Counted::new(guest_pages),
             written_since_release: Bitmap::new(guest_pages),
             known_dirty: Bitmap::new(guest_pages),
             resident: Bitmap::new(guest_pages),
@@ -401,12 +401,27 @@ impl PmpMmpMap {
 
     /// Pages ever seen touched (written, or resident after a read).
     pub fn touched(&self) -> &Bitmap {
-        &self.touched
+        self.touched.bitmap()
+    }
+
+    /// The rank index of [`PmpMmpMap::touched`], from the map's counts (O(pages / 4096)).
+    pub fn touched_ranks(&self) -> Ranks {
+        self.touched.ranks()
     }
 
     /// Pages ever seen written by the guest.
     pub fn guest_written(&self) -> &Bitmap {
-        &self.guest_written
+        self.guest_written.bitmap()
+    }
+
+    /// Pages ever seen written by the guest: counted as they are, not recounted.
+    pub fn guest_written_pages(&self) -> u64 {
+        self.guest_written.count_ones()
+    }
+
+    /// The rank index of [`PmpMmpMap::guest_written`], from the map's counts.
+    pub fn guest_written_ranks(&self) -> Ranks {
+        self.guest_written.ranks()
     }
 
     /// Whether the map believes `gfn`'s bit is set in KVM's dirty log.
@@ -479,7 +494,7 @@ impl PmpMmpMap {
     ) {
         let nwords = words_for(self.pages);
         for w in 0..nwords {
-            let valid = self.touched.word_mask(w);
+            let valid = self.touched.bitmap().word_mask(w);
             let g = guest_dirty.get(w).map_or(0, |x| x & valid);
             let v = vmm_dirty.get(w).map_or(0, |x| x & valid);
             if g == 0 && v == 0 && self.known_dirty.words()[w] == 0 {
@@ -496,11 +511,10 @@ impl PmpMmpMap {
             if written == 0 {
                 continue;
             }
-            let was_touched = self.touched.words()[w];
-            self.touched.words_mut()[w] |= written;
-            stats.newly_written += u64::from((new_g & !self.guest_written.words()[w]).count_ones());
-            self.guest_written.words_mut()[w] |= new_g;
-            self.vmm_written.words_mut()[w] |= v;
+            let was_touched = self.touched.word(w);
+            self.touched.or_word(w, written);
+            stats.newly_written += u64::from(self.guest_written.or_word(w, new_g).count_ones());
+            self.vmm_written.or_word(w, v);
             self.written_since_release.words_mut()[w] |= written;
             self.pending.words_mut()[w] |= written;
             stats.guest_writes += u64::from(new_g.count_ones());
@@ -665,7 +679,7 @@ impl PmpMmpMap {
     /// Touched pages in state Backed with the last interval they were seen accessed (their
     /// last write, else their first touch), ascending by page: hypervisor swap's candidates.
     pub fn backed_pages(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
-        self.touched.iter_ones().filter_map(|gfn| {
+        self.touched.bitmap().iter_ones().filter_map(|gfn| {
             let r = self.records.get(gfn)?;
             (r.state_code() == ST_BACKED).then(|| {
                 let seen = if r.last_write == NO_WRITE {
@@ -699,7 +713,7 @@ impl PmpMmpMap {
         // (PFN, gfn, old record word) of present pages not mapped exclusively: the only ones
         // that can be shared (a frame two guest pages map has a map count of at least 2).
         let mut candidates: Vec<(u64, u64, Option<Record>)> = Vec::new();
-        let result = self.for_each_entry(&touched, "refresh", |map, gfn, e| {
+        let result = self.for_each_entry(touched.bitmap(), "refresh", |map, gfn, e| {
             stats.pages_read += 1;
             let old = map.records.get(gfn);
             let res = map.pagemap.classify(e);
@@ -822,10 +836,11 @@ impl PmpMmpMap {
 
     /// Heap bytes the map itself holds (bitmaps, record chunks, scratch buffers).
     pub fn overhead_bytes(&self) -> usize {
+        let counted = [&self.touched, &self.guest_written, &self.vmm_written]
+            .iter()
+            .map(|b| b.heap_bytes())
+            .sum::<usize>();
         let bitmaps = [
-            &self.touched,
-            &self.guest_written,
-            &self.vmm_written,
             &self.written_since_release,
             &self.known_dirty,
             &self.resident,
@@ -834,7 +849,8 @@ impl PmpMmpMap {
         .iter()
         .map(|b| b.heap_bytes())
         .sum::<usize>();
-        bitmaps
+        counted
+            + bitmaps
             + self.records.heap_bytes()
             + self.mincore_buf.capacity()
             + self.scan_buf.capacity() * std::mem::size_of::<PageRegion>()
@@ -1446,5 +1462,92 @@ mod tests {
         let mut map = PmpMmpMap::new(addr, 4).unwrap();
         assert_eq!(map.harvest(&[], &[], 0).unwrap().newly_touched, 0);
         assert_eq!(map.summary().untouched, 4);
+    }
+
+    /// The summary from the map's counters, against a recount of every page.
+    fn assert_summary_is_a_recount(map: &PmpMmpMap) {
+        let s = map.summary();
+        let mut counts = [0u64; 8];
+        let (mut gw, mut vw) = (0, 0);
+        for g in 0..map.pages() {
+            let p = map.page(g).unwrap();
+            counts[p.state.code() as usize] += 1;
+            gw += u64::from(p.guest_written);
+            vw += u64::from(p.vmm_written);
+        }
+        let recount = MapSummary {
+            untouched: map.pages() - map.touched().count_ones(),
+            zero: counts[ST_ZERO as usize],
+            backed: counts[ST_BACKED as usize],
+            swapped: counts[ST_SWAPPED as usize],
+            shared: counts[ST_SHARED as usize],
+            discarded: counts[ST_DISCARDED as usize],
+            released: counts[ST_RELEASED as usize],
+            vmm_swapped: counts[ST_VMM_SWAPPED as usize],
+            guest_written: gw,
+            vmm_written: vw,
+            ..s.clone()
+        };
+        assert_eq!(s, recount);
+        assert_eq!(map.guest_written_pages(), map.guest_written().count_ones());
+        assert_eq!(
+            map.touched_ranks().total(),
+            map.touched().count_ones(),
+            "the touched pages' ranks"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(24))]
+        /// Whatever the guest and the VMM write, read and release, the map's counters are what
+        /// a recount of its pages finds.
+        #[test]
+        fn summary_counters_equal_a_recount(
+            steps in proptest::collection::vec(
+                proptest::collection::vec((0u8..4, 0u64..600), 0..40), 1..6),
+        ) {
+            const PAGES: u64 = 600;
+            let ram = Ram::new(PAGES);
+            let mut map = PmpMmpMap::new(ram.host(), PAGES).unwrap();
+            let mut log = Bitmap::new(PAGES);
+            for (i, ops) in steps.into_iter().enumerate() {
+                let mut vmm = Bitmap::new(PAGES);
+                for (op, g) in ops {
+                    match op {
+                        0 => {
+                            ram.write(g, 1);
+                            log.set(g);
+                        }
+                        1 => {
+                            ram.read(g);
+                        }
+                        2 => {
+                            ram.write(g, 2);
+                            vmm.set(g);
+                        }
+                        _ => {
+                            let r = g..(g + 7).min(PAGES);
+                            let window = Window::of(log.words(), r.clone());
+                            log.clear_range(r.clone());
+                            // SAFETY: pages of our own mapping, which no reference covers.
+                            let rc = unsafe {
+                                libc::madvise(
+                                    (ram.host() + (r.start * PAGE_SIZE) as usize) as *mut libc::c_void,
+                                    ((r.end - r.start) * PAGE_SIZE) as usize,
+                                    libc::MADV_DONTNEED,
+                                )
+                            };
+                            assert_eq!(rc, 0);
+                            map.note_released(r.clone(), &window, i as u32);
+                            map.note_cleared_in(r);
+                        }
+                    }
+                }
+                map.harvest(log.words(), vmm.words(), i as u32).unwrap();
+                assert_summary_is_a_recount(&map);
+            }
+            map.refresh().unwrap();
+            assert_summary_is_a_recount(&map);
+        }
     }
 }

@@ -69,7 +69,7 @@ impl PmpMmpMap {
                 settle_residency(
                     &mut self.resident,
                     &mut self.pending,
-                    &self.touched,
+                    self.touched.bitmap(),
                     w0 + k,
                     pack_residency(bytes),
                 );
@@ -86,7 +86,7 @@ impl PmpMmpMap {
         let mut diff = ResidencyDiff {
             resident: &mut self.resident,
             pending: &mut self.pending,
-            touched: &self.touched,
+            touched: self.touched.bitmap(),
             next_word: 0,
             cur: None,
         };
