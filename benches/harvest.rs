@@ -100,6 +100,7 @@ fn bench(gib: u64, kvm: Option<&Kvm>) -> Result<Row, String> {
     let opts = |residency, residency_every| MapOptions {
         residency,
         residency_every,
+        windowed: false,
     };
     let new_map =
         |o: MapOptions| PmpMmpMap::with_options(region.addr(), pages, o).map_err(|e| e.to_string());

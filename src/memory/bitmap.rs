@@ -247,6 +247,58 @@ impl Bitmap {
     }
 }
 
+/// [`Bitmap::gap_ranges`] of the set bits `ones` (ascending), found some other way than a pass over
+/// all the words: O(ones).
+pub fn gap_ranges_of(ones: impl IntoIterator<Item = u64>, gap: u64, max: u64) -> Vec<Range<u64>> {
+    let max = max.max(1);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for i in ones {
+        match out.last_mut() {
+            Some(last) if i >= last.end && i - last.end <= gap && i + 1 - last.start <= max => {
+                last.end = i + 1;
+            }
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
+/// Sorted, disjoint ranges of words covering `ranges` of bits (ascending), adjacent ones merged.
+pub fn word_windows(ranges: impl IntoIterator<Item = Range<u64>>) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for r in ranges {
+        if r.start >= r.end {
+            continue;
+        }
+        let w = (r.start / WORD_BITS) as usize..words_for(r.end);
+        match out.last_mut() {
+            Some(last) if w.start <= last.end => last.end = last.end.max(w.end),
+            _ => out.push(w),
+        }
+    }
+    out
+}
+
+/// The union of two sorted, disjoint lists of word ranges, sorted, disjoint, adjacent ones merged.
+pub fn union_windows(a: &[Range<usize>], b: &[Range<usize>]) -> Vec<Range<usize>> {
+    let (mut i, mut j) = (0, 0);
+    let mut out: Vec<Range<usize>> = Vec::with_capacity(a.len() + b.len());
+    while i < a.len() || j < b.len() {
+        let next = if j >= b.len() || (i < a.len() && a[i].start <= b[j].start) {
+            i += 1;
+            a[i - 1].clone()
+        } else {
+            j += 1;
+            b[j - 1].clone()
+        };
+        match out.last_mut() {
+            Some(last) if next.start <= last.end => last.end = last.end.max(next.end),
+            _ => out.push(next),
+        }
+    }
+    out
+}
+
 /// The bits of a stretch of pages, word-aligned: bit `i` of the words is page `first_page + i`,
 /// with `first_page` a multiple of 64, the way `KVM_CLEAR_DIRTY_LOG` takes a window of a slot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -722,6 +774,30 @@ mod tests {
             for r in [0, a.total() / 2, a.total().saturating_sub(1), a.total()] {
                 proptest::prop_assert_eq!(a.select(plain, r), b.select(plain, r));
             }
+        }
+    }
+
+    #[test]
+    fn windows_cover_runs_and_unite() {
+        assert_eq!(
+            word_windows([0..1, 63..65, 200..201, 256..300]),
+            vec![0..2, 3..5]
+        );
+        assert_eq!(word_windows([5..5]), Vec::<Range<usize>>::new());
+        assert_eq!(
+            union_windows(&[0..2, 10..12], &[1..3, 5..6, 12..13]),
+            vec![0..3, 5..6, 10..13]
+        );
+        let mut b = Bitmap::new(5000);
+        for i in [1u64, 2, 3, 70, 71, 200, 4000, 4001, 4999] {
+            b.set(i);
+        }
+        for (gap, max) in [(0, 100), (64, 3), (64, 512), (1000, 5000)] {
+            assert_eq!(
+                gap_ranges_of(b.iter_ones(), gap, max),
+                b.gap_ranges(gap, max),
+                "{gap} {max}"
+            );
         }
     }
 }

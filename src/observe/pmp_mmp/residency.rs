@@ -106,6 +106,17 @@ impl PmpMmpMap {
     }
 }
 
+/// [`settle_residency`] on the map's own bitmaps.
+pub(super) fn settle(map: &mut PmpMmpMap, w: usize, now: u64) {
+    settle_residency(
+        &mut map.resident,
+        &mut map.pending,
+        map.touched.bitmap(),
+        w,
+        now,
+    );
+}
+
 /// Word `w` of the residency bitmap now reads `now`: pages newly resident, and touched pages no
 /// longer resident, are queued in `pending` for a lookup.
 fn settle_residency(
