@@ -783,7 +783,10 @@ mod tests {
             word_windows([0..1, 63..65, 200..201, 256..300]),
             vec![0..2, 3..5]
         );
-        assert_eq!(word_windows(std::iter::once(5..5)), Vec::<Range<usize>>::new());
+        assert_eq!(
+            word_windows(std::iter::once(5..5)),
+            Vec::<Range<usize>>::new()
+        );
         assert_eq!(
             union_windows(&[0..2, 10..12], &[1..3, 5..6, 12..13]),
             vec![0..3, 5..6, 10..13]

@@ -735,6 +735,14 @@ impl PmpMmpMap {
         self.known_dirty.and_not_assign(mask);
     }
 
+    /// The sampler cleared the dirty bits of guest pages `pages` in KVM's log: a later set bit
+    /// there is a new write. [`PmpMmpMap::note_cleared`] at the pages' cost.
+    pub fn note_cleared_pages(&mut self, pages: &[u64]) {
+        for &p in pages {
+            self.known_dirty.clear(p);
+        }
+    }
+
     /// The VM cleared the dirty bits of guest pages `pages` in KVM's log: a later set bit there is
     /// a new write. [`PmpMmpMap::note_cleared`] for one range, at the range's cost.
     pub fn note_cleared_in(&mut self, pages: Range<u64>) {
