@@ -190,23 +190,19 @@ impl GuestRam {
         };
         let bitmap = vm_memory::MmapRegion::bitmap(region);
         let pages = self.pages() as usize;
-        for win in windows {
-            for w in win.clone() {
-                let Some(word) = out.get_mut(w) else {
-                    return;
-                };
-                let first = w * 64;
-                *word = (first..(first + 64).min(pages))
-                    .filter(|&p| bitmap.is_bit_set(p))
-                    .fold(0, |acc, p| acc | 1 << (p - first));
-            }
-            let start = win.start * 64;
-            let end = (win.end * 64).min(pages);
-            if start < end {
-                bitmap.reset_addr_range(
-                    start * PAGE_SIZE as usize,
-                    (end - start) * PAGE_SIZE as usize,
-                );
+        for w in windows.iter().flat_map(Clone::clone) {
+            let Some(word) = out.get_mut(w) else {
+                return;
+            };
+            let first = w * 64;
+            *word = (first..(first + 64).min(pages))
+                .filter(|&p| bitmap.is_bit_set(p))
+                .fold(0, |acc, p| acc | 1 << (p - first));
+            // Only the set bits are reset (an atomic read-modify-write each): usually few.
+            let mut bits = *word;
+            while bits != 0 {
+                bitmap.reset_bit(first + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
             }
         }
     }

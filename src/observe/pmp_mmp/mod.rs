@@ -540,7 +540,24 @@ impl PmpMmpMap {
         stats.newly_written += u64::from(self.guest_written.or_word(w, new_g).count_ones());
         self.vmm_written.or_word(w, v);
         self.written_since_release.words_mut()[w] |= written;
-        self.pending.words_mut()[w] |= written;
+        // A write to a page resident and Backed (a machine page of its own, not shared) changes
+        // nothing the pagemap would say: only the others are looked up. (A frame the kernel
+        // moved under such a page is found by `refresh`, as for unwritten pages.)
+        let mut lookup = written;
+        let mut stay = written & was_touched & self.resident.words()[w];
+        while stay != 0 {
+            let b = stay.trailing_zeros();
+            stay &= stay - 1;
+            let gfn = w as u64 * WORD_BITS + u64::from(b);
+            if self
+                .records
+                .get(gfn)
+                .is_some_and(|r| r.state_code() == ST_BACKED)
+            {
+                lookup &= !(1 << b);
+            }
+        }
+        self.pending.words_mut()[w] |= lookup;
         stats.guest_writes += u64::from(new_g.count_ones());
         stats.vmm_writes += u64::from(v.count_ones());
         stats.newly_touched += u64::from((written & !was_touched).count_ones());
