@@ -208,7 +208,7 @@ fn release() {
                 }
                 let t0 = Instant::now();
                 if before == 1 {
-                    let dirty = vm.dirty_log().expect("dirty log");
+                    let (dirty, _) = vm.dirty_log().expect("dirty log");
                     vm.memory().discard(r.clone()).expect("discard");
                     let mut mask = Bitmap::new(pages);
                     mask.set_range(r.clone());

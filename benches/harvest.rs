@@ -8,7 +8,13 @@
 //! With /dev/kvm, the cost of a real KVM_GET_DIRTY_LOG on a memslot of the same size is shown
 //! too.
 //!
-//! Run: `cargo bench --bench harvest`.
+//! `cargo bench --bench harvest -- pause` instead measures the pause per interval of real runs:
+//! `memvisor run --json` at 1, 4, 16, 64 and 256 GiB (MAP_NORESERVE; the built-in guest's page
+//! tables map 448 GiB), the guest writing 256 MiB (and 4 GiB at 16 and 64 GiB) every interval,
+//! and reports the median of the steady rows' `vmm` block (every interval after the first two,
+//! the last one left out: it re-reads the whole map).
+//!
+//! Run: `cargo bench --bench harvest`, `cargo bench --bench harvest -- pause`.
 
 use std::time::Instant;
 
@@ -100,6 +106,7 @@ fn bench(gib: u64, kvm: Option<&Kvm>) -> Result<Row, String> {
     let opts = |residency, residency_every| MapOptions {
         residency,
         residency_every,
+        windowed: false,
     };
     let new_map =
         |o: MapOptions| PmpMmpMap::with_options(region.addr(), pages, o).map_err(|e| e.to_string());
@@ -178,7 +185,87 @@ fn bench(gib: u64, kvm: Option<&Kvm>) -> Result<Row, String> {
     })
 }
 
+/// The median of `v` (sorted in place); 0 when empty.
+fn median(v: &mut [f64]) -> f64 {
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(0.0)
+}
+
+/// One real run's steady rows: medians of the `vmm` parts, ms, and the slots read.
+fn pause_run(gib: u64, touch: &str) -> Result<Vec<f64>, String> {
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_memvisor"))
+        .args([
+            "run",
+            "--json",
+            "--console",
+            "/dev/null",
+            "--seed",
+            "1",
+            "--mem",
+        ])
+        .arg(format!("{gib}G"))
+        .arg("--workload")
+        .arg(format!("alloc {touch}; touch {touch} write 6s"))
+        .output()
+        .map_err(|e| format!("memvisor run: {e}"))?;
+    if !out.status.success() {
+        return Err(String::from_utf8_lossy(&out.stderr).into_owned());
+    }
+    let rows: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .filter_map(|l| serde_json::from_str(l).ok())
+        .collect();
+    let steady = rows.get(2..rows.len().saturating_sub(1)).unwrap_or(&[]);
+    if steady.is_empty() {
+        return Err(format!("{} rows", rows.len()));
+    }
+    let parts = [
+        "work_ms",
+        "harvest_ms",
+        "access_round_ms",
+        "write_round_ms",
+        "row_ms",
+        "dirty_log_slots",
+    ];
+    Ok(parts
+        .iter()
+        .map(|k| {
+            let mut v: Vec<f64> = steady.iter().filter_map(|r| r["vmm"][k].as_f64()).collect();
+            median(&mut v)
+        })
+        .collect())
+}
+
+fn pause_table() {
+    println!("Pause per interval (vmm block of real rows, median of the steady ones), ms");
+    println!(
+        "{:>5} {:>6} | {:>7} {:>7} {:>7} {:>7} {:>7} | {:>5}",
+        "GiB", "touch", "work", "harvest", "access", "write", "row", "slots"
+    );
+    for (gib, touch) in [
+        (1, "256M"),
+        (4, "256M"),
+        (16, "256M"),
+        (64, "256M"),
+        (256, "256M"),
+        (16, "4G"),
+        (64, "4G"),
+    ] {
+        match pause_run(gib, touch) {
+            Ok(p) => println!(
+                "{:>5} {:>6} | {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} | {:>5}",
+                gib, touch, p[0], p[1], p[2], p[3], p[4], p[5]
+            ),
+            Err(e) => eprintln!("{gib} GiB, {touch}: {e}"),
+        }
+    }
+}
+
 fn main() {
+    if std::env::args().any(|a| a == "pause") {
+        pause_table();
+        return;
+    }
     // `cargo bench` passes --bench; any other argument is ignored.
     let kvm = if std::path::Path::new("/dev/kvm").exists() {
         match Kvm::new() {

@@ -196,7 +196,7 @@ fn cost() {
         let mut t = [Vec::new(), Vec::new(), Vec::new(), Vec::new(), Vec::new()];
         for _ in 0..50 {
             let a = Instant::now();
-            let dirty = vm.dirty_log().expect("dirty log");
+            let (dirty, _) = vm.dirty_log().expect("dirty log");
             let b = Instant::now();
             let touched = sampler.count_touched(&dirty);
             std::hint::black_box(touched);

@@ -157,9 +157,35 @@ pub struct Active {
     /// Estimate minus the guest's truth (touched for the access estimate, written for the write
     /// estimate), when the truth is known.
     pub error_mib: Option<f64>,
-    /// The estimate per second of the interval: what QEMU's calc-dirty-rate reports (a page
-    /// written many times in the interval counts once). See `observe::usage::dirty_rate_mib_s`.
-    pub dirty_rate_mib_s: f64,
+    /// The write estimate only (`None`, and absent from JSON, on the access estimate): the
+    /// estimate per second of the interval, what QEMU's calc-dirty-rate reports (a page written
+    /// many times in the interval counts once). See `observe::usage::dirty_rate_mib_s`.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub dirty_rate_mib_s: Option<f64>,
+}
+
+/// The VMM's work at the interval's closing boundary, with the vCPU stopped (the guest paused),
+/// in milliseconds of wall time, by part (`observe::interval::IntervalWork::end`). Hypervisor
+/// swap's own work at the same boundary is `swap.out_ms`, not in here.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct VmmWork {
+    /// All of it: the parts below and the glue between them.
+    pub work_ms: f64,
+    /// Reading KVM's dirty log and harvesting the PMP-MMP map (first touches and first writes
+    /// found, pages looked up), and forming both estimates.
+    pub harvest_ms: f64,
+    /// The access sampler's round: closing the one that ended and arming the next.
+    pub access_round_ms: f64,
+    /// The write sampler's round: drawing the next sample and write-protecting it
+    /// (`KVM_CLEAR_DIRTY_LOG`).
+    pub write_round_ms: f64,
+    /// Re-reading the map in full (KSM runs, and the last row); 0 otherwise.
+    pub map_ms: f64,
+    /// Forming the row's host usage (the map's counts, the VMM's resident set).
+    pub row_ms: f64,
+    /// Memslots whose dirty log was read (the others could hold no dirty page).
+    pub dirty_log_slots: u64,
 }
 
 /// The virtio-balloon's side of a row.
@@ -316,6 +342,8 @@ pub struct Row {
     pub swap: Option<Swap>,
     /// The `check` phase that ended in this interval, if one did.
     pub check: Option<Check>,
+    /// What the interval's closing boundary cost the VMM, the guest paused.
+    pub vmm: Option<VmmWork>,
 }
 
 /// What a `check` phase found, on the row of the interval in which it ended: of the heap pages

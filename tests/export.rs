@@ -194,7 +194,7 @@ fn prometheus_scrape_during_a_run_matches_the_json_row() {
     close(
         "memvisor_dirty_rate_bytes_per_second",
         &[],
-        a.dirty_rate_mib_s * MIB,
+        a.dirty_rate_mib_s.expect("the write estimate's rate") * MIB,
     );
     close("memvisor_samples", &[("kind", "writes")], a.n as f64);
     close(

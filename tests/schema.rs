@@ -14,7 +14,7 @@ use memvisor::host::state::MemState;
 use memvisor::host::supervisor::{HostLine, HostRow, VmLine};
 use memvisor::row::{
     Active, BalloonView, Check, EndReason, GuestStats, GuestView, HostUsage, Row, SCHEMA_VERSION,
-    SchemaVersion, Swap, Truth,
+    SchemaVersion, Swap, Truth, VmmWork,
 };
 use serde_json::{Value, json};
 
@@ -50,7 +50,7 @@ fn full_run_row() -> Row {
         slow_mib: 18.0,
         max_mib: 20.0,
         error_mib: None,
-        dirty_rate_mib_s: 21.0,
+        dirty_rate_mib_s: None,
     };
     let mut r = Row {
         schema_version: SchemaVersion,
@@ -83,7 +83,10 @@ fn full_run_row() -> Row {
         }),
         active: Some(active.clone()),
         reads_seen: true,
-        active_writes: Some(active),
+        active_writes: Some(Active {
+            dirty_rate_mib_s: Some(21.0),
+            ..active
+        }),
         balloon: Some(BalloonView {
             balloon_mib: 16.0,
             target_mib: 16.0,
@@ -118,6 +121,15 @@ fn full_run_row() -> Row {
             zero_pages: 48,
             intact_mib: 7.8125,
             zero_mib: 0.1875,
+        }),
+        vmm: Some(VmmWork {
+            work_ms: 1.5,
+            harvest_ms: 0.5,
+            access_round_ms: 0.5,
+            write_round_ms: 0.25,
+            map_ms: 0.0,
+            row_ms: 0.125,
+            dirty_log_slots: 1,
         }),
     };
     r.attach_truth(Truth {
@@ -188,6 +200,7 @@ fn rows_with_every_optional_section_validate() {
         "balloon",
         "swap",
         "check",
+        "vmm",
     ] {
         assert!(run[key].is_object(), "{key}");
     }
@@ -237,6 +250,14 @@ fn a_wrong_type_or_a_misspelt_field_fails() {
         set(&run, "/guest", Value::Null),
         set(&run, "/host/backed_mib", json!("24")),
         set(&run, "/active/n", json!(null)),
+        set(&run, "/vmm/work_ms", json!(null)),
+        // Only the write estimate has a dirty rate, and it always has one.
+        {
+            let mut r = run.clone();
+            r["active"]["dirty_rate_mib_s"] = json!(21.0);
+            r
+        },
+        rename(&run, "/active_writes/dirty_rate_mib_s", "dirty_mib_s"),
         set(&run, "/balloon/guest_stats/source", json!(3)),
         set(&run, "/end", json!("finished")),
         set(&host, "/host/state", json!("medium")),
@@ -317,6 +338,23 @@ fn real_run_rows_validate() {
     assert!(rows.iter().any(|r| r["truth"].is_object()));
     assert!(rows.iter().any(|r| r["balloon"]["guest_stats"].is_object()));
     assert_eq!(rows.last().unwrap()["end"], "done");
+    // Every row says what its boundary cost, the parts within the whole.
+    for r in &rows {
+        let w = &r["vmm"];
+        let part = |k: &str| w[k].as_f64().unwrap_or_else(|| panic!("vmm.{k} in {r}"));
+        let parts: f64 = [
+            "harvest_ms",
+            "access_round_ms",
+            "write_round_ms",
+            "map_ms",
+            "row_ms",
+        ]
+        .iter()
+        .map(|k| part(k))
+        .sum();
+        assert!(part("work_ms") > 0.0 && parts <= part("work_ms"), "{w}");
+        assert!(w["dirty_log_slots"].as_u64().unwrap() >= 1, "{w}");
+    }
 }
 
 #[test]

@@ -172,13 +172,100 @@ impl Vm {
 
     /// KVM's dirty bitmap for guest RAM (bit i = guest page i): bits stay set until cleared
     /// (manual protect).
-    pub fn dirty_log(&self) -> Result<Vec<u64>, VmError> {
+    pub fn dirty_log(&self) -> Result<(Vec<u64>, u64), VmError> {
         let mut out = vec![0u64; words_for(self.ram().pages())];
+        let mut n = 0;
         for (slot, pages) in self.slots() {
             let w = (pages.start / WORD_BITS) as usize;
             self.get_slot(slot, &pages, &mut out[w..])?;
+            n += 1;
         }
-        Ok(out)
+        Ok((out, n))
+    }
+
+    /// Reads KVM's dirty log into `out` (one word per 64 guest pages, kept between calls) for
+    /// the words `windows` at least: every memslot they meet is read whole (`None`: every
+    /// memslot); words of slots read last time (`read`, updated) and not now are zeroed, so no
+    /// stale bit stays behind. Returns how many slots were read. The cost is the slots'.
+    pub fn dirty_log_in(
+        &self,
+        out: &mut Vec<u64>,
+        windows: Option<&[Range<usize>]>,
+        read: &mut Vec<u32>,
+    ) -> Result<u64, VmError> {
+        let pages = self.ram().pages();
+        out.resize(words_for(pages), 0);
+        let slot_words = (self.slot_pages / WORD_BITS) as usize;
+        let mut now: Vec<u32> = match windows {
+            None => self.slots().map(|(s, _)| s).collect(),
+            Some(ws) => {
+                let mut v: Vec<u32> = Vec::new();
+                for w in ws.iter().filter(|w| w.start < w.end) {
+                    for s in w.start / slot_words..=(w.end - 1) / slot_words {
+                        if v.last() != Some(&(s as u32)) {
+                            v.push(s as u32);
+                        }
+                    }
+                }
+                v.dedup();
+                v
+            }
+        };
+        for &s in read.iter() {
+            if now.binary_search(&s).is_err() {
+                let first = s as usize * slot_words;
+                let end = (first + slot_words).min(out.len());
+                out[first..end].fill(0);
+            }
+        }
+        for &s in &now {
+            let start = u64::from(s) * self.slot_pages;
+            let pages = start..(start + self.slot_pages).min(pages);
+            let w = (start / WORD_BITS) as usize;
+            self.get_slot(s, &pages, &mut out[w..])?;
+        }
+        std::mem::swap(read, &mut now);
+        Ok(read.len() as u64)
+    }
+
+    /// Clears the dirty bits of guest pages `pages` (ascending) and write-protects them again:
+    /// one `KVM_CLEAR_DIRTY_LOG` per memslot, over the words from its first page's to its last's.
+    /// The cost is those windows' and the pages', not the RAM's.
+    pub fn clear_dirty_pages(&self, pages: &[u64]) -> Result<(), VmError> {
+        let total = self.ram().pages();
+        let mut i = 0;
+        while i < pages.len() {
+            let slot = pages[i] / self.slot_pages;
+            let slot_start = slot * self.slot_pages;
+            let slot_end = (slot_start + self.slot_pages).min(total);
+            let mut j = i;
+            while j < pages.len() && pages[j] < slot_end {
+                j += 1;
+            }
+            let part = &pages[i..j];
+            i = j.max(i + 1);
+            let Some(&last) = part.last() else {
+                continue;
+            };
+            if last >= total {
+                break;
+            }
+            let lo = part[0] - part[0] % WORD_BITS;
+            let hi = (last + 1).next_multiple_of(WORD_BITS).min(slot_end);
+            let mut mask = vec![0u64; words_for(hi - lo)];
+            for &p in part {
+                mask[((p - lo) / WORD_BITS) as usize] |= 1 << ((p - lo) % WORD_BITS);
+            }
+            ioctls::clear_dirty_log(
+                &self.fd,
+                slot as u32,
+                lo - slot_start,
+                (hi - lo) as u32,
+                &mask,
+            )
+            .map_err(VmError::ClearDirtyLog)?;
+        }
+        Ok(())
     }
 
     /// Clears the bits in `mask` (a RAM-wide bitmap; missing words clear nothing) and
@@ -321,7 +408,7 @@ mod tests {
                 .iter_ones()
                 .collect()
         };
-        assert_eq!(ones(&vm.dirty_log().unwrap()), vec![1, 63, 64, 65]);
+        assert_eq!(ones(&vm.dirty_log().unwrap().0), vec![1, 63, 64, 65]);
         let rel = vm.release(&[Range { start: 62, end: 65 }]).unwrap();
         assert_eq!(rel[0].dirty.first_page(), 0);
         let seen: Vec<u64> = (0..200).filter(|&p| rel[0].dirty.get(p)).collect();
@@ -330,13 +417,13 @@ mod tests {
             vec![1, 63, 64, 65],
             "both slots' words, as KVM had them"
         );
-        assert_eq!(ones(&vm.dirty_log().unwrap()), vec![1, 65]);
+        assert_eq!(ones(&vm.dirty_log().unwrap().0), vec![1, 65]);
         // A RAM-wide clear reaches every slot it has bits for.
         let mut mask = vec![0u64; 16];
         mask[0] = 1 << 1;
         mask[1] = 1 << 1;
         vm.clear_dirty(&mask).unwrap();
-        assert!(ones(&vm.dirty_log().unwrap()).is_empty());
+        assert!(ones(&vm.dirty_log().unwrap().0).is_empty());
         drop(vcpu);
     }
 
@@ -353,7 +440,7 @@ mod tests {
         let mut vcpu = vm.fd().create_vcpu(0).unwrap();
         run_to_hlt(&mut vcpu);
         let dirty = |vm: &Vm| -> Vec<u64> {
-            let log = vm.dirty_log().unwrap();
+            let (log, _) = vm.dirty_log().unwrap();
             crate::memory::bitmap::Bitmap::from_words(&log, vm.ram().pages())
                 .iter_ones()
                 .collect()

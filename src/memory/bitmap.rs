@@ -247,6 +247,58 @@ impl Bitmap {
     }
 }
 
+/// [`Bitmap::gap_ranges`] of the set bits `ones` (ascending), found some other way than a pass over
+/// all the words: O(ones).
+pub fn gap_ranges_of(ones: impl IntoIterator<Item = u64>, gap: u64, max: u64) -> Vec<Range<u64>> {
+    let max = max.max(1);
+    let mut out: Vec<Range<u64>> = Vec::new();
+    for i in ones {
+        match out.last_mut() {
+            Some(last) if i >= last.end && i - last.end <= gap && i + 1 - last.start <= max => {
+                last.end = i + 1;
+            }
+            _ => out.push(i..i + 1),
+        }
+    }
+    out
+}
+
+/// Sorted, disjoint ranges of words covering `ranges` of bits (ascending), adjacent ones merged.
+pub fn word_windows(ranges: impl IntoIterator<Item = Range<u64>>) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for r in ranges {
+        if r.start >= r.end {
+            continue;
+        }
+        let w = (r.start / WORD_BITS) as usize..words_for(r.end);
+        match out.last_mut() {
+            Some(last) if w.start <= last.end => last.end = last.end.max(w.end),
+            _ => out.push(w),
+        }
+    }
+    out
+}
+
+/// The union of two sorted, disjoint lists of word ranges, sorted, disjoint, adjacent ones merged.
+pub fn union_windows(a: &[Range<usize>], b: &[Range<usize>]) -> Vec<Range<usize>> {
+    let (mut i, mut j) = (0, 0);
+    let mut out: Vec<Range<usize>> = Vec::with_capacity(a.len() + b.len());
+    while i < a.len() || j < b.len() {
+        let next = if j >= b.len() || (i < a.len() && a[i].start <= b[j].start) {
+            i += 1;
+            a[i - 1].clone()
+        } else {
+            j += 1;
+            b[j - 1].clone()
+        };
+        match out.last_mut() {
+            Some(last) if next.start <= last.end => last.end = last.end.max(next.end),
+            _ => out.push(next),
+        }
+    }
+    out
+}
+
 /// The bits of a stretch of pages, word-aligned: bit `i` of the words is page `first_page + i`,
 /// with `first_page` a multiple of 64, the way `KVM_CLEAR_DIRTY_LOG` takes a window of a slot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -354,6 +406,114 @@ impl Ranks {
             left -= c;
         }
         None
+    }
+}
+
+impl Ranks {
+    /// The index of a bitmap whose blocks of 4096 bits hold `blocks` set bits each (a
+    /// [`Counted`] keeps them): O(bits / 4096), no pass over the words.
+    pub fn from_block_counts(blocks: &[u32]) -> Self {
+        let mut before = Vec::with_capacity(blocks.len());
+        let mut total = 0u64;
+        for &c in blocks {
+            before.push(total);
+            total += u64::from(c);
+        }
+        Ranks { before, total }
+    }
+}
+
+/// Bits per block of a [`Counted`] bitmap's counts (as a [`Ranks`] block).
+const COUNT_BLOCK_BITS: u64 = RANK_BLOCK_WORDS as u64 * WORD_BITS;
+
+/// A bitmap that keeps count of its set bits as they are set and cleared, in all and per block of
+/// 4096 bits: its count is O(1) and its [`Ranks`] O(bits / 4096), where [`Bitmap::count_ones`]
+/// and [`Ranks::new`] read every word. Every change goes through its methods.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct Counted {
+    bits: Bitmap,
+    blocks: Vec<u32>,
+    total: u64,
+}
+
+impl Counted {
+    /// `bits` zero bits.
+    pub fn new(bits: u64) -> Self {
+        Counted {
+            bits: Bitmap::new(bits),
+            blocks: vec![0; bits.div_ceil(COUNT_BLOCK_BITS) as usize],
+            total: 0,
+        }
+    }
+
+    /// The bits.
+    pub fn bitmap(&self) -> &Bitmap {
+        &self.bits
+    }
+
+    /// Set bits: kept, not counted.
+    pub fn count_ones(&self) -> u64 {
+        self.total
+    }
+
+    /// Bit `i`; false past the end.
+    pub fn get(&self, i: u64) -> bool {
+        self.bits.get(i)
+    }
+
+    /// Word `w` (0 past the end).
+    pub fn word(&self, w: usize) -> u64 {
+        self.bits.words.get(w).copied().unwrap_or(0)
+    }
+
+    /// Sets bit `i` (ignored past the end); returns whether it was clear.
+    pub fn set(&mut self, i: u64) -> bool {
+        let new = i < self.bits.len() && !self.bits.get(i);
+        if new {
+            self.bits.set(i);
+            self.add(i / COUNT_BLOCK_BITS, 1);
+        }
+        new
+    }
+
+    /// Clears bit `i`; returns whether it was set.
+    pub fn clear(&mut self, i: u64) -> bool {
+        let was = self.bits.get(i);
+        if was {
+            self.bits.clear(i);
+            let b = (i / COUNT_BLOCK_BITS) as usize;
+            self.blocks[b] -= 1;
+            self.total -= 1;
+        }
+        was
+    }
+
+    /// ORs `x` into word `w` (bits past the end dropped); returns the bits newly set.
+    pub fn or_word(&mut self, w: usize, x: u64) -> u64 {
+        let Some(word) = self.bits.words.get(w).copied() else {
+            return 0;
+        };
+        let new = x & !word & self.bits.word_mask(w);
+        if new != 0 {
+            self.bits.words[w] |= new;
+            self.add(w as u64 / RANK_BLOCK_WORDS as u64, new.count_ones());
+        }
+        new
+    }
+
+    fn add(&mut self, block: u64, n: u32) {
+        self.blocks[block as usize] += n;
+        self.total += u64::from(n);
+    }
+
+    /// The rank index of the bits, from the counts.
+    pub fn ranks(&self) -> Ranks {
+        Ranks::from_block_counts(&self.blocks)
+    }
+
+    /// Heap bytes held.
+    pub fn heap_bytes(&self) -> usize {
+        self.bits.heap_bytes() + self.blocks.capacity() * std::mem::size_of::<u32>()
     }
 }
 
@@ -589,5 +749,58 @@ mod tests {
         let mut g = Bitmap::new(3);
         g.words_mut()[0] = u64::MAX;
         assert_eq!(g.ones_in(0..64).collect::<Vec<_>>(), vec![0, 1, 2]);
+    }
+
+    proptest::proptest! {
+        /// A counted bitmap's counts and ranks are those a recount finds, whatever is set and
+        /// cleared.
+        #[test]
+        fn counted_bitmaps_count_exactly(
+            bits in 1u64..20_000,
+            ops in proptest::collection::vec((0u8..3, 0u64..20_100, proptest::num::u64::ANY), 0..200),
+        ) {
+            let mut c = Counted::new(bits);
+            for (op, i, x) in ops {
+                match op {
+                    0 => { c.set(i); }
+                    1 => { c.clear(i); }
+                    _ => { c.or_word((i / 64) as usize, x); }
+                }
+            }
+            let plain = c.bitmap();
+            proptest::prop_assert_eq!(c.count_ones(), plain.count_ones());
+            let (a, b) = (c.ranks(), Ranks::new(plain));
+            proptest::prop_assert_eq!(a.total(), b.total());
+            for r in [0, a.total() / 2, a.total().saturating_sub(1), a.total()] {
+                proptest::prop_assert_eq!(a.select(plain, r), b.select(plain, r));
+            }
+        }
+    }
+
+    #[test]
+    fn windows_cover_runs_and_unite() {
+        assert_eq!(
+            word_windows([0..1, 63..65, 200..201, 256..300]),
+            vec![0..2, 3..5]
+        );
+        assert_eq!(
+            word_windows(std::iter::once(5..5)),
+            Vec::<Range<usize>>::new()
+        );
+        assert_eq!(
+            union_windows(&[0..2, 10..12], &[1..3, 5..6, 12..13]),
+            vec![0..3, 5..6, 10..13]
+        );
+        let mut b = Bitmap::new(5000);
+        for i in [1u64, 2, 3, 70, 71, 200, 4000, 4001, 4999] {
+            b.set(i);
+        }
+        for (gap, max) in [(0, 100), (64, 3), (64, 512), (1000, 5000)] {
+            assert_eq!(
+                gap_ranges_of(b.iter_ones(), gap, max),
+                b.gap_ranges(gap, max),
+                "{gap} {max}"
+            );
+        }
     }
 }

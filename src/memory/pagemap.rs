@@ -376,6 +376,31 @@ impl Pagemap {
         pages: usize,
         required: u64,
         buf: &mut Vec<PageRegion>,
+        f: impl FnMut(&PageRegion),
+    ) -> Result<(), PagemapError> {
+        self.scan_masks(vaddr, pages, (required, 0), buf, f)
+    }
+
+    /// [`Pagemap::scan`] for runs of pages whose categories include any of `any_of` (each run's
+    /// `categories` says which).
+    pub fn scan_any(
+        &self,
+        vaddr: usize,
+        pages: usize,
+        any_of: u64,
+        buf: &mut Vec<PageRegion>,
+        f: impl FnMut(&PageRegion),
+    ) -> Result<(), PagemapError> {
+        self.scan_masks(vaddr, pages, (0, any_of), buf, f)
+    }
+
+    /// `PAGEMAP_SCAN` with `(category_mask, category_anyof_mask)`.
+    fn scan_masks(
+        &self,
+        vaddr: usize,
+        pages: usize,
+        (required, any_of): (u64, u64),
+        buf: &mut Vec<PageRegion>,
         mut f: impl FnMut(&PageRegion),
     ) -> Result<(), PagemapError> {
         if !vaddr.is_multiple_of(self.page_size) {
@@ -413,6 +438,7 @@ impl Pagemap {
                 vec: buf.as_mut_ptr() as u64,
                 vec_len: buf.len() as u64,
                 category_mask: required,
+                category_anyof_mask: any_of,
                 return_mask: PAGE_IS_PRESENT | PAGE_IS_SWAPPED | PAGE_IS_PFNZERO | PAGE_IS_HUGE,
                 ..Default::default()
             };

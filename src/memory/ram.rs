@@ -181,6 +181,32 @@ impl GuestRam {
         Ok(vec.iter().filter(|&&b| b & 1 != 0).count() as u64)
     }
 
+    /// [`GuestRam::take_vmm_dirty`] for the words `windows` (word w: pages 64w..64w + 64) only:
+    /// writes their bits into `out` (one word per 64 guest pages; other words are left alone)
+    /// and resets them. The cost is the windows', not the RAM's.
+    pub fn take_vmm_dirty_in(&self, windows: &[std::ops::Range<usize>], out: &mut [u64]) {
+        let Some(region) = self.mem.iter().next() else {
+            return;
+        };
+        let bitmap = vm_memory::MmapRegion::bitmap(region);
+        let pages = self.pages() as usize;
+        for w in windows.iter().flat_map(Clone::clone) {
+            let Some(word) = out.get_mut(w) else {
+                return;
+            };
+            let first = w * 64;
+            *word = (first..(first + 64).min(pages))
+                .filter(|&p| bitmap.is_bit_set(p))
+                .fold(0, |acc, p| acc | 1 << (p - first));
+            // Only the set bits are reset (an atomic read-modify-write each): usually few.
+            let mut bits = *word;
+            while bits != 0 {
+                bitmap.reset_bit(first + bits.trailing_zeros() as usize);
+                bits &= bits - 1;
+            }
+        }
+    }
+
     /// Pages the VMM wrote since the last call, as bitmap words (bit i = guest page i); resets.
     pub fn take_vmm_dirty(&self) -> Vec<u64> {
         self.mem

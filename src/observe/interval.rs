@@ -13,7 +13,7 @@
 //! memory for that data and applies the core's answers.
 
 use std::ops::Range;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use thiserror::Error;
 
@@ -24,7 +24,7 @@ use crate::observe::pmp_mmp::{MapError, PmpMmpMap};
 use crate::observe::sampler::Sampler;
 use crate::observe::stats::{Smoother, Stratified};
 use crate::observe::usage;
-use crate::row::{Active, HostUsage};
+use crate::row::{Active, HostUsage, VmmWork};
 use crate::units::PAGE_SIZE;
 
 /// Why an interval's measurement failed.
@@ -48,6 +48,8 @@ pub struct Measured {
     pub active: Option<Active>,
     /// The write estimate, if this interval was sampled.
     pub active_writes: Option<Active>,
+    /// What it cost, the guest paused.
+    pub work: VmmWork,
 }
 
 /// How the estimators sample.
@@ -92,14 +94,11 @@ pub struct Estimator {
     access_cycle: Vec<u64>,
     stratify: bool,
     write_round: Option<WriteRound>,
-    /// Whole-RAM bitmap holding the bits to clear in KVM (the armed write sample).
-    mask: Vec<u64>,
     /// Pages whose dirty bit a trapped read may have set: write-protected again at the next arm.
     reprotect: Vec<u64>,
-    /// The pages re-protected at the last arm, whose bits leave the mask at the next.
-    reprotect_last: Vec<u64>,
-    /// All of RAM, the population of plain (unstratified) sampling.
+    /// All of RAM, the population of plain (unstratified) sampling, and its rank index.
     everything: Bitmap,
+    everything_ranks: Ranks,
     /// The rank index of the access sample's population: the pages touched so far (all of RAM
     /// when not stratifying), built by the count after each harvest.
     population: Ranks,
@@ -125,10 +124,11 @@ impl Estimator {
         }
         // Plain sampling draws from all of RAM, indexed once; stratified sampling from the pages
         // touched so far, indexed after each harvest.
+        let everything_ranks = Ranks::new(&everything);
         let population = if est.stratify {
             Ranks::default()
         } else {
-            Ranks::new(&everything)
+            everything_ranks.clone()
         };
         Estimator {
             map,
@@ -138,10 +138,9 @@ impl Estimator {
             access_cycle: std::mem::take(&mut est.access_cycle),
             stratify: est.stratify,
             write_round: None,
-            mask: vec![0u64; pages.div_ceil(64) as usize],
             reprotect: Vec::new(),
-            reprotect_last: Vec::new(),
             everything,
+            everything_ranks,
             population,
             exclude: Bitmap::new(pages),
             written_pages: 0,
@@ -211,9 +210,9 @@ impl Estimator {
             u32::try_from(interval).unwrap_or(u32::MAX - 1),
         )?;
         if self.stratify {
-            self.population = Ranks::new(self.map.touched());
+            self.population = self.map.touched_ranks();
         }
-        self.written_pages = self.map.guest_written().count_ones();
+        self.written_pages = self.map.guest_written_pages();
         let pages = self.map.pages();
         // The pages touched (written) for the first time are counted exactly when stratifying;
         // plain sampling estimates them with the rest. The populations are all of RAM then.
@@ -224,11 +223,11 @@ impl Estimator {
         );
         let access = round.map(|r| {
             let s = Stratified::new(new_touches, r.t, r.n, r.population);
-            active(s, r.skipped, &mut self.access_smoother, pages, length)
+            active(s, r.skipped, &mut self.access_smoother, pages, None)
         });
         let writes = write_t.map(|(n, t, population)| {
             let s = Stratified::new(new_writes, t, n, population);
-            active(s, 0, &mut self.write_smoother, pages, length)
+            active(s, 0, &mut self.write_smoother, pages, Some(length))
         });
         Ok(Estimates { access, writes })
     }
@@ -284,32 +283,37 @@ impl Estimator {
     }
 
     /// Arms the write sample for `interval`: drawn from the pages written so far minus the
-    /// access sample `arming` and the one before (all of RAM when not stratifying). Returns the
-    /// RAM-wide bitmap of the dirty bits to clear in KVM (the write sample, and any page a
-    /// trapped read may have dirtied), or `None` when there are none; the map counts them
-    /// cleared, so the caller must clear them (one `KVM_CLEAR_DIRTY_LOG`).
-    pub fn arm_writes(&mut self, interval: u64, arming: &Arming) -> Option<&[u64]> {
-        let written = if self.stratify {
-            self.map.guest_written()
+    /// access sample `arming` and the one before (all of RAM when not stratifying), through the
+    /// map's rank index, at a cost of the sample's size, not the RAM's. Returns the pages whose
+    /// dirty bits to clear in KVM (the write sample, and any page a trapped read may have
+    /// dirtied), ascending, or `None` when there are none; the map counts them cleared, so the
+    /// caller must clear them ([`Vm::clear_dirty_pages`]).
+    pub fn arm_writes(&mut self, interval: u64, arming: &Arming) -> Option<Vec<u64>> {
+        let (written, ranks) = if self.stratify {
+            (self.map.guest_written(), self.map.guest_written_ranks())
         } else {
-            &self.everything
+            (&self.everything, self.everything_ranks.clone())
         };
         let remapped: Vec<u64> = self.remapped.drain(..).map(|(gfn, _)| gfn).collect();
-        for &gfn in arming.pages.iter().chain(&arming.previous).chain(&remapped) {
+        let mut excluded: Vec<u64> = arming
+            .pages
+            .iter()
+            .chain(&arming.previous)
+            .chain(&remapped)
+            .copied()
+            .collect();
+        excluded.sort_unstable();
+        excluded.dedup();
+        for &gfn in &excluded {
             self.exclude.set(gfn);
         }
-        if let Some(w) = self.write_round.take() {
-            let s = self.write[w.sampler].as_ref().expect("armed sampler");
-            s.unmask_from(&mut self.mask);
-        }
-        // Bits set only to re-protect pages last time are cleared from the mask now.
-        for gfn in self.reprotect_last.drain(..) {
-            self.mask[(gfn / 64) as usize] &= !(1 << (gfn % 64));
-        }
+        self.write_round = None;
         let i = (interval % self.write.len() as u64) as usize;
         let mut population = 0;
+        let mut clear = Vec::new();
         if let Some(s) = &mut self.write[i] {
-            s.arm_from(written, Some(&self.exclude));
+            let (armed, _) = s.arm_ranked(written, &ranks, &self.exclude, &excluded);
+            clear.extend_from_slice(armed);
             // The sample stands for the whole stratum, the few excluded pages included: they are
             // not different, only watched by the access sampler (or briefly unsafe to watch).
             population = if self.stratify {
@@ -317,13 +321,12 @@ impl Estimator {
             } else {
                 self.everything.len()
             };
-            s.mask_into(&mut self.mask);
             self.write_round = Some(WriteRound {
                 sampler: i,
                 population,
             });
         }
-        for &gfn in arming.pages.iter().chain(&arming.previous).chain(&remapped) {
+        for &gfn in &excluded {
             self.exclude.clear(gfn);
         }
         log::debug!(
@@ -332,17 +335,15 @@ impl Estimator {
             arming.pages.len(),
             arming.new_regions.len()
         );
-        for &gfn in &self.reprotect {
-            self.mask[(gfn / 64) as usize] |= 1 << (gfn % 64);
-        }
-        let clear = self.write_round.is_some() || !self.reprotect.is_empty();
-        // Re-protected pages leave the mask at the next arm (the write sample's with it).
-        self.reprotect_last = std::mem::take(&mut self.reprotect);
-        if !clear {
+        // Pages a trapped read may have dirtied are write-protected again, this once.
+        clear.append(&mut self.reprotect);
+        clear.sort_unstable();
+        clear.dedup();
+        if clear.is_empty() {
             return None;
         }
-        self.map.note_cleared(&self.mask);
-        Some(&self.mask)
+        self.map.note_cleared_pages(&clear);
+        Some(clear)
     }
 }
 
@@ -353,6 +354,12 @@ pub struct IntervalWork {
     access: Option<AccessSampler>,
     /// Guest RAM is mergeable (`--ksm`).
     ksm: bool,
+    /// KVM's dirty log and the VMM's, one word per 64 guest pages, kept between intervals (only
+    /// the windows' words are read and filled in a windowed harvest).
+    dirty: Vec<u64>,
+    vmm_dirty: Vec<u64>,
+    /// The memslots whose dirty log was read last.
+    slots_read: Vec<u32>,
 }
 
 impl IntervalWork {
@@ -364,6 +371,9 @@ impl IntervalWork {
             core: Estimator::new(map, &mut est),
             access: est.access.take(),
             ksm: false,
+            dirty: Vec::new(),
+            vmm_dirty: Vec::new(),
+            slots_read: Vec::new(),
         };
         work.arm(vm, 0)?;
         Ok(work)
@@ -395,23 +405,43 @@ impl IntervalWork {
         length: Duration,
         last: bool,
     ) -> Result<Measured, IntervalError> {
+        let t0 = Instant::now();
+        let mut work = VmmWork::default();
         // The access round first: pages nobody touched go back, so the harvest sees them.
         let round = match &mut self.access {
             Some(a) => a.disarm(vm.memory())?,
             None => None,
         };
-        let mut dirty = vm.dirty_log()?;
-        let vmm_dirty = vm.ram().take_vmm_dirty();
+        let t1 = Instant::now();
+        work.access_round_ms = ms(t1 - t0);
+        // The windows that can hold news (a windowed map), then the dirty logs over them.
+        let windows = self.core.map_mut().windows()?.map(<[_]>::to_vec);
+        work.dirty_log_slots =
+            vm.dirty_log_in(&mut self.dirty, windows.as_deref(), &mut self.slots_read)?;
+        match &windows {
+            Some(w) => {
+                self.vmm_dirty.resize(self.dirty.len(), 0);
+                vm.ram().take_vmm_dirty_in(w, &mut self.vmm_dirty);
+            }
+            None => self.vmm_dirty = vm.ram().take_vmm_dirty(),
+        }
         let est = self
             .core
-            .close(&mut dirty, &vmm_dirty, round, interval, length)?;
+            .close(&mut self.dirty, &self.vmm_dirty, round, interval, length)?;
+        let t2 = Instant::now();
+        work.harvest_ms = ms(t2 - t1);
         // Merging changes frames without a write: with KSM the map is re-read every interval.
         if last || self.ksm {
             self.core.map_mut().refresh()?;
         }
+        let t3 = Instant::now();
+        work.map_ms = ms(t3 - t2);
         if !last {
-            self.arm(vm, interval + 1)?;
+            let (access_ms, write_ms) = self.arm(vm, interval + 1)?;
+            work.access_round_ms += access_ms;
+            work.write_round_ms = write_ms;
         }
+        let t4 = Instant::now();
         let map = self.core.map();
         let host = usage::host_usage(
             &map.summary(),
@@ -419,10 +449,13 @@ impl IntervalWork {
             usage::rss_bytes().unwrap_or(0),
             self.ksm.then(usage::ksm_kernel).flatten(),
         );
+        work.row_ms = ms(t4.elapsed());
+        work.work_ms = ms(t0.elapsed());
         Ok(Measured {
             host,
             active: est.access,
             active_writes: est.writes,
+            work,
         })
     }
 
@@ -462,7 +495,9 @@ impl IntervalWork {
 
     /// Arms both samples for `interval`: the access sample from the pages touched so far, then
     /// the write sample, write-protected with one `KVM_CLEAR_DIRTY_LOG`.
-    fn arm(&mut self, vm: &Vm, interval: u64) -> Result<(), IntervalError> {
+    /// Returns the milliseconds of each: (access, write).
+    fn arm(&mut self, vm: &Vm, interval: u64) -> Result<(f64, f64), IntervalError> {
+        let t0 = Instant::now();
         let arming = match &mut self.access {
             Some(a) => {
                 let (touched, ranks, n) = self.core.access_draw(interval);
@@ -470,20 +505,26 @@ impl IntervalWork {
             }
             None => Arming::default(),
         };
-        if let Some(mask) = self.core.arm_writes(interval, &arming) {
-            vm.clear_dirty(mask)?;
+        let t1 = Instant::now();
+        if let Some(pages) = self.core.arm_writes(interval, &arming) {
+            vm.clear_dirty_pages(&pages)?;
         }
-        Ok(())
+        Ok((ms(t1 - t0), ms(t1.elapsed())))
     }
 }
 
-/// An estimate in MiB, with its moving averages.
+fn ms(d: Duration) -> f64 {
+    d.as_secs_f64() * 1e3
+}
+
+/// An estimate in MiB, with its moving averages; with `rate_over` (the write estimate's interval
+/// length), its dirty rate.
 fn active(
     s: Stratified,
     skipped: u64,
     smoother: &mut Smoother,
     pages: u64,
-    length: Duration,
+    rate_over: Option<Duration>,
 ) -> Active {
     let mib = |p: f64| p * PAGE_SIZE as f64 / (1u64 << 20) as f64;
     let sm = smoother.update(s.pages / pages as f64);
@@ -501,7 +542,7 @@ fn active(
         slow_mib: sm.slow * ram_mib,
         max_mib: sm.max * ram_mib,
         error_mib: None,
-        dirty_rate_mib_s: usage::dirty_rate_mib_s(mib(s.pages), length),
+        dirty_rate_mib_s: rate_over.map(|l| usage::dirty_rate_mib_s(mib(s.pages), l)),
     }
 }
 
@@ -573,10 +614,11 @@ mod tests {
         /// pages.
         fn arm(&mut self, interval: u64, arming: &Arming) -> Vec<u64> {
             match self.core.arm_writes(interval, arming) {
-                Some(mask) => {
-                    let cleared = Bitmap::from_words(mask, PAGES);
-                    self.log.and_not_assign(cleared.words());
-                    cleared.iter_ones().collect()
+                Some(pages) => {
+                    for &p in &pages {
+                        self.log.clear(p);
+                    }
+                    pages
                 }
                 None => Vec::new(),
             }

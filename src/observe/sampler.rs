@@ -15,7 +15,7 @@ use rand::rngs::{StdRng, SysRng};
 use rand::{RngExt, SeedableRng};
 use thiserror::Error;
 
-use crate::memory::bitmap::Bitmap;
+use crate::memory::bitmap::{Bitmap, Ranks};
 use crate::units::PAGE_SIZE;
 use crate::units::fmt_bytes;
 
@@ -160,6 +160,43 @@ impl Sampler {
             all.truncate(k as usize);
             self.armed = all;
         }
+        self.armed.sort_unstable();
+        (&self.armed, candidates)
+    }
+
+    /// [`Sampler::arm_from`] through `ranks`, the rank index of `population`: ranks are drawn
+    /// uniformly and selected, and a page in `exclude` is drawn again, so the cost is
+    /// O(samples × (log(pages / 4096) + 64)) whatever the guest's size, where `arm_from` counts
+    /// and may walk all of the bitmaps. `excluded` lists the pages set in `exclude` (distinct), to
+    /// count the candidates by.
+    pub fn arm_ranked(
+        &mut self,
+        population: &Bitmap,
+        ranks: &Ranks,
+        exclude: &Bitmap,
+        excluded: &[u64],
+    ) -> (&[u64], u64) {
+        let total = ranks.total();
+        let out = excluded.iter().filter(|&&p| population.get(p)).count() as u64;
+        let candidates = total - out.min(total);
+        let k = self.samples.min(candidates);
+        let mut taken = std::mem::take(&mut self.picked);
+        taken.clear();
+        self.armed.clear();
+        while (self.armed.len() as u64) < k {
+            let drawn = self.draw_ranks(k - self.armed.len() as u64, total, &mut taken);
+            if drawn.is_empty() {
+                break;
+            }
+            for r in drawn {
+                if let Some(p) = ranks.select(population, r)
+                    && !exclude.get(p)
+                {
+                    self.armed.push(p);
+                }
+            }
+        }
+        self.picked = taken;
         self.armed.sort_unstable();
         (&self.armed, candidates)
     }

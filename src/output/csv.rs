@@ -11,7 +11,7 @@ use std::time::SystemTime;
 use serde_json::{Map, Value};
 
 use crate::row::GuestStats;
-use crate::row::{Active, BalloonView, Check, HostUsage, KsmKernel, Row, Swap, Truth};
+use crate::row::{Active, BalloonView, Check, HostUsage, KsmKernel, Row, Swap, Truth, VmmWork};
 use crate::units::rfc3339_utc;
 
 /// A row with every optional section present, so that the header lists every column even when
@@ -29,6 +29,7 @@ fn template() -> Row {
         }),
         active_writes: Some(Active {
             error_mib: Some(0.0),
+            dirty_rate_mib_s: Some(0.0),
             ..Active::default()
         }),
         balloon: Some(BalloonView {
@@ -41,6 +42,7 @@ fn template() -> Row {
             ..Swap::default()
         }),
         check: Some(Check::default()),
+        vmm: Some(VmmWork::default()),
         ..Row::default()
     }
 }
@@ -208,7 +210,7 @@ mod tests {
                 n: 1000,
                 t: 250,
                 estimate_mib: 64.0,
-                dirty_rate_mib_s: 64.0,
+                dirty_rate_mib_s: Some(64.0),
                 ..Active::default()
             }),
             check: Some(Check {
@@ -218,6 +220,10 @@ mod tests {
                 zero_pages: 24,
                 intact_mib: 1000.0 / 256.0,
                 zero_mib: 24.0 / 256.0,
+            }),
+            vmm: Some(VmmWork {
+                work_ms: 1.25,
+                ..VmmWork::default()
             }),
         };
         r.attach_truth(Truth {
@@ -265,6 +271,7 @@ mod tests {
             "active_writes_dirty_rate_MiB_s",
             "check_intact_pages",
             "check_zero_MiB",
+            "vmm_work_ms",
             "swap_swapped_MiB",
             "swap_page_in_us_p99",
         ] {

@@ -444,14 +444,38 @@ pub fn add_row(m: &mut Metrics, base: &[(&str, &str)], r: &Row) {
     for (kind, a) in r.actives() {
         add_active(m, base, kind_label(kind), a);
     }
-    if let Some(w) = &r.active_writes {
+    if let Some(rate) = r.active_writes.as_ref().and_then(|w| w.dirty_rate_mib_s) {
         m.gauge(
             "memvisor_dirty_rate",
             "Bytes written per second: the write estimate of the interval over its length; a page written many times counts once (as QEMU's calc-dirty-rate)",
             Some(Unit::Other("bytes_per_second".into())),
             base,
-            w.dirty_rate_mib_s * MIB,
+            rate * MIB,
         );
+    }
+    if let Some(w) = &r.vmm {
+        m.gauge(
+            "memvisor_pause",
+            "The VMM's work at the latest interval boundary with the guest paused (part=all), and its parts (harvest, access_round, write_round, map, row: sum over part != all to get near all)",
+            Some(Unit::Seconds),
+            &with(base, "part", "all"),
+            w.work_ms / 1e3,
+        );
+        for (part, ms) in [
+            ("harvest", w.harvest_ms),
+            ("access_round", w.access_round_ms),
+            ("write_round", w.write_round_ms),
+            ("map", w.map_ms),
+            ("row", w.row_ms),
+        ] {
+            m.gauge(
+                "memvisor_pause",
+                "",
+                Some(Unit::Seconds),
+                &with(base, "part", part),
+                ms / 1e3,
+            );
+        }
     }
     if let Some(b) = &r.balloon {
         add_balloon(m, base, b);
@@ -653,7 +677,7 @@ mod tests {
                 fast_mib: 50.0,
                 slow_mib: 40.0,
                 max_mib: 50.0,
-                dirty_rate_mib_s: 32.0,
+                dirty_rate_mib_s: Some(32.0),
                 error_mib: None,
                 ..Active::default()
             }),

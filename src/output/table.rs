@@ -226,7 +226,7 @@ pub const COLUMNS: &[Column] = &[
         name: "dirty",
         group: Group::Writes,
         width: 6,
-        cell: size!(|r: &Row| r.active_writes.as_ref().map(|a| a.dirty_rate_mib_s)),
+        cell: size!(|r: &Row| r.active_writes.as_ref().and_then(|a| a.dirty_rate_mib_s)),
     },
     Column {
         name: "balln",
@@ -591,6 +591,7 @@ pub(crate) mod tests {
                 ..Swap::default()
             }),
             check: None,
+            vmm: None,
             length_s: 1.0,
             partial: false,
             paused_s: 0.0,
@@ -624,7 +625,7 @@ pub(crate) mod tests {
                 fast_mib: v,
                 slow_mib: v,
                 max_mib: v,
-                dirty_rate_mib_s: v,
+                dirty_rate_mib_s: Some(v),
                 ..Active::default()
             }),
         };

@@ -571,6 +571,7 @@ impl Vmm<'_, '_> {
             balloon: self.handler.balloon.as_ref().map(BalloonMmio::view),
             swap,
             check: self.check.take(),
+            vmm: Some(measured.work),
         };
         if !last && let Some(b) = &mut self.handler.balloon {
             b.request_stats(self.vm.ram());

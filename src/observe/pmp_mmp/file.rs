@@ -366,7 +366,11 @@ impl PmpMmpMap {
 
     /// The header, then a record per touched page.
     fn write_records(&self, w: impl Write) -> std::io::Result<()> {
-        let pages = self.touched.iter_ones().filter_map(|g| self.page(g));
+        let pages = self
+            .touched
+            .bitmap()
+            .iter_ones()
+            .filter_map(|g| self.page(g));
         write_map(w, &self.file_header(), pages)
     }
 

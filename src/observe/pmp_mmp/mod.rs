@@ -76,6 +76,7 @@
 pub mod file;
 mod record;
 mod residency;
+mod windows;
 
 use std::fmt;
 use std::ops::Range;
@@ -88,7 +89,7 @@ pub use file::{MapFile, MapFileError, MapHeader, check_target};
 pub use record::{PageInfo, PageState};
 pub use residency::ResidencyMethod;
 
-use crate::memory::bitmap::{Bitmap, WORD_BITS, Window, words_for};
+use crate::memory::bitmap::{Bitmap, Counted, Ranks, WORD_BITS, Window, words_for};
 use crate::memory::pagemap::{
     PageCounts, PageEntry, PageRegion, Pagemap, PagemapError, READ_CHUNK_ENTRIES, Residency,
 };
@@ -267,8 +268,12 @@ pub struct MapOptions {
     /// again after the first). Pages only read by the guest are found by it, so with n > 1 their
     /// first-touch interval may be up to n - 1 intervals late.
     pub residency_every: u32,
-    /// How to find resident pages.
+    /// How to find resident pages (the whole-RAM harvest only).
     pub residency: ResidencyMethod,
+    /// Harvest over the populated windows only (`windows` module; the default where the kernel
+    /// has `PAGEMAP_SCAN`), or, when false, by passes over all of guest RAM (kept to check the
+    /// windowed one against).
+    pub windowed: bool,
 }
 
 impl Default for MapOptions {
@@ -276,6 +281,7 @@ impl Default for MapOptions {
         MapOptions {
             residency_every: 1,
             residency: ResidencyMethod::Auto,
+            windowed: true,
         }
     }
 }
@@ -287,9 +293,9 @@ pub struct PmpMmpMap {
     pages: u64,
     options: MapOptions,
     pagemap: Pagemap,
-    touched: Bitmap,
-    guest_written: Bitmap,
-    vmm_written: Bitmap,
+    touched: Counted,
+    guest_written: Counted,
+    vmm_written: Counted,
     /// Pages written (by the guest or the VMM) since the balloon last released them: with PFNs
     /// hidden, a present page has a machine page of its own exactly when set.
     written_since_release: Bitmap,
@@ -310,6 +316,8 @@ pub struct PmpMmpMap {
     /// `/proc/kpagecount`, when readable: sharers across the host.
     counts: Option<PageCounts>,
     sharing: Sharing,
+    /// The windowed harvest's state (`windows` module).
+    windows: windows::State,
 }
 
 impl PmpMmpMap {
@@ -375,9 +383,9 @@ impl PmpMmpMap {
             pages: guest_pages,
             options,
             pagemap,
-            touched: Bitmap::new(guest_pages),
-            guest_written: Bitmap::new(guest_pages),
-            vmm_written: Bitmap::new(guest_pages),
+            touched: Counted::new(guest_pages),
+            guest_written: Counted::new(guest_pages),
+            vmm_written: Counted::new(guest_pages),
             written_since_release: Bitmap::new(guest_pages),
             known_dirty: Bitmap::new(guest_pages),
             resident: Bitmap::new(guest_pages),
@@ -391,6 +399,7 @@ impl PmpMmpMap {
             entry_buf: Vec::new(),
             counts,
             sharing: Sharing::default(),
+            windows: windows::State::default(),
         })
     }
 
@@ -401,12 +410,27 @@ impl PmpMmpMap {
 
     /// Pages ever seen touched (written, or resident after a read).
     pub fn touched(&self) -> &Bitmap {
-        &self.touched
+        self.touched.bitmap()
+    }
+
+    /// The rank index of [`PmpMmpMap::touched`], from the map's counts (O(pages / 4096)).
+    pub fn touched_ranks(&self) -> Ranks {
+        self.touched.ranks()
     }
 
     /// Pages ever seen written by the guest.
     pub fn guest_written(&self) -> &Bitmap {
-        &self.guest_written
+        self.guest_written.bitmap()
+    }
+
+    /// Pages ever seen written by the guest: counted as they are, not recounted.
+    pub fn guest_written_pages(&self) -> u64 {
+        self.guest_written.count_ones()
+    }
+
+    /// The rank index of [`PmpMmpMap::guest_written`], from the map's counts.
+    pub fn guest_written_ranks(&self) -> Ranks {
+        self.guest_written.ranks()
     }
 
     /// Whether the map believes `gfn`'s bit is set in KVM's dirty log.
@@ -445,6 +469,9 @@ impl PmpMmpMap {
         if interval == NO_WRITE {
             return Err(MapError::BadInterval(interval));
         }
+        if self.windowed() {
+            return self.harvest_windowed(guest_dirty, vmm_dirty, interval);
+        }
         let mut stats = HarvestStats::default();
         let t0 = Instant::now();
         self.bitmap_pass(guest_dirty, vmm_dirty, interval, &mut stats);
@@ -459,7 +486,7 @@ impl PmpMmpMap {
         let t2 = Instant::now();
         stats.residency_ms = ms(t2 - t1);
 
-        let (lookups, newly) = self.lookup_pending(interval)?;
+        let (lookups, newly) = self.lookup_pending(interval, None)?;
         stats.lookups = lookups;
         stats.newly_touched += newly;
         stats.lookup_ms = ms(t2.elapsed());
@@ -477,72 +504,110 @@ impl PmpMmpMap {
         interval: u32,
         stats: &mut HarvestStats,
     ) {
-        let nwords = words_for(self.pages);
-        for w in 0..nwords {
-            let valid = self.touched.word_mask(w);
-            let g = guest_dirty.get(w).map_or(0, |x| x & valid);
-            let v = vmm_dirty.get(w).map_or(0, |x| x & valid);
-            if g == 0 && v == 0 && self.known_dirty.words()[w] == 0 {
-                continue;
-            }
-            let mut new_g = 0;
-            if w < guest_dirty.len() {
-                new_g = g & !self.known_dirty.words()[w];
-                // KVM's log is authoritative for the words it gave: a bit that is clear now was
-                // cleared (told or not), so its next set is a new write.
-                self.known_dirty.words_mut()[w] = g;
-            }
-            let written = new_g | v;
-            if written == 0 {
-                continue;
-            }
-            let was_touched = self.touched.words()[w];
-            self.touched.words_mut()[w] |= written;
-            stats.newly_written += u64::from((new_g & !self.guest_written.words()[w]).count_ones());
-            self.guest_written.words_mut()[w] |= new_g;
-            self.vmm_written.words_mut()[w] |= v;
-            self.written_since_release.words_mut()[w] |= written;
-            self.pending.words_mut()[w] |= written;
-            stats.guest_writes += u64::from(new_g.count_ones());
-            stats.vmm_writes += u64::from(v.count_ones());
-            stats.newly_touched += u64::from((written & !was_touched).count_ones());
-            let mut bits = written;
-            while bits != 0 {
-                let b = bits.trailing_zeros();
-                bits &= bits - 1;
-                let gfn = w as u64 * WORD_BITS + u64::from(b);
-                if was_touched & (1 << b) == 0 {
-                    self.touch(gfn, interval);
-                }
-                self.records.get_mut(gfn).last_write = interval;
-            }
+        for w in 0..words_for(self.pages) {
+            self.bitmap_word(w, guest_dirty, vmm_dirty, interval, stats);
         }
     }
 
-    /// Looks up every pending page; returns (lookups, newly touched).
-    fn lookup_pending(&mut self, interval: u32) -> Result<(u64, u64), MapError> {
+    /// The bitmap pass for word `w`.
+    fn bitmap_word(
+        &mut self,
+        w: usize,
+        guest_dirty: &[u64],
+        vmm_dirty: &[u64],
+        interval: u32,
+        stats: &mut HarvestStats,
+    ) {
+        let valid = self.touched.bitmap().word_mask(w);
+        let g = guest_dirty.get(w).map_or(0, |x| x & valid);
+        let v = vmm_dirty.get(w).map_or(0, |x| x & valid);
+        if g == 0 && v == 0 && self.known_dirty.words()[w] == 0 {
+            return;
+        }
+        let mut new_g = 0;
+        if w < guest_dirty.len() {
+            new_g = g & !self.known_dirty.words()[w];
+            // KVM's log is authoritative for the words it gave: a bit that is clear now was
+            // cleared (told or not), so its next set is a new write.
+            self.known_dirty.words_mut()[w] = g;
+        }
+        let written = new_g | v;
+        if written == 0 {
+            return;
+        }
+        let was_touched = self.touched.word(w);
+        self.touched.or_word(w, written);
+        stats.newly_written += u64::from(self.guest_written.or_word(w, new_g).count_ones());
+        self.vmm_written.or_word(w, v);
+        self.written_since_release.words_mut()[w] |= written;
+        // A write to a page resident and Backed (a machine page of its own, not shared) changes
+        // nothing the pagemap would say: only the others are looked up. (A frame the kernel
+        // moved under such a page is found by `refresh`, as for unwritten pages.)
+        let mut lookup = written;
+        let mut stay = written & was_touched & self.resident.words()[w];
+        while stay != 0 {
+            let b = stay.trailing_zeros();
+            stay &= stay - 1;
+            let gfn = w as u64 * WORD_BITS + u64::from(b);
+            if self
+                .records
+                .get(gfn)
+                .is_some_and(|r| r.state_code() == ST_BACKED)
+            {
+                lookup &= !(1 << b);
+            }
+        }
+        self.pending.words_mut()[w] |= lookup;
+        stats.guest_writes += u64::from(new_g.count_ones());
+        stats.vmm_writes += u64::from(v.count_ones());
+        stats.newly_touched += u64::from((written & !was_touched).count_ones());
+        let mut bits = written;
+        while bits != 0 {
+            let b = bits.trailing_zeros();
+            bits &= bits - 1;
+            let gfn = w as u64 * WORD_BITS + u64::from(b);
+            if was_touched & (1 << b) == 0 {
+                self.touch(gfn, interval);
+            }
+            self.records.get_mut(gfn).last_write = interval;
+        }
+    }
+
+    /// Looks up every pending page (found among `ranges` of pages, or by a pass over the
+    /// whole bitmap when `None`), then clears them; returns (lookups, newly touched).
+    fn lookup_pending(
+        &mut self,
+        interval: u32,
+        ranges: Option<Vec<Range<u64>>>,
+    ) -> Result<(u64, u64), MapError> {
         let pending = std::mem::take(&mut self.pending);
+        let ranges = ranges
+            .unwrap_or_else(|| pending.gap_ranges(LOOKUP_GAP_PAGES, READ_CHUNK_ENTRIES as u64));
         let mut lookups = 0u64;
         let mut newly = 0u64;
-        let result = self.for_each_entry(&pending, "harvest", |map, gfn, e| {
+        let result = self.for_each_entry(&pending, &ranges, "harvest", |map, gfn, e| {
             lookups += 1;
             newly += u64::from(map.apply_entry(gfn, e, Some(interval)));
         });
         self.pending = pending;
-        self.pending.clear_all();
+        for r in &ranges {
+            self.pending.clear_range(r.clone());
+        }
         result.map(|()| (lookups, newly))
     }
 
-    /// Reads the pagemap entries of the pages set in `pages`, a range of nearby ones (see
-    /// [`Bitmap::gap_ranges`]) per read, and calls `f` with each of those pages and its entry, in
-    /// ascending order. A failed read ends the walk with [`MapError::Lookup`] for `step`.
+    /// Reads the pagemap entries of the pages set in `pages` within `ranges` (ascending, see
+    /// [`Bitmap::gap_ranges`]), one read per range, and calls `f` with each of those pages and
+    /// its entry, in ascending order. A failed read ends the walk with [`MapError::Lookup`] for
+    /// `step`.
     fn for_each_entry(
         &mut self,
         pages: &Bitmap,
+        ranges: &[Range<u64>],
         step: &'static str,
         mut f: impl FnMut(&mut Self, u64, PageEntry),
     ) -> Result<(), MapError> {
-        for r in pages.gap_ranges(LOOKUP_GAP_PAGES, READ_CHUNK_ENTRIES as u64) {
+        for r in ranges {
             self.read_entries(r.clone())
                 .map_err(|source| MapError::Lookup { step, source })?;
             let entries = std::mem::take(&mut self.entry_buf);
@@ -626,6 +691,9 @@ impl PmpMmpMap {
     pub fn note_released(&mut self, pages: Range<u64>, guest_dirty: &Window, interval: u32) {
         let end = pages.end.min(self.pages);
         let interval = interval.min(NO_WRITE - 1);
+        if pages.start < end {
+            self.windows.released.push(pages.start..end);
+        }
         for gfn in pages.start..end {
             let (w, bit) = ((gfn / WORD_BITS) as usize, 1u64 << (gfn % WORD_BITS));
             let dirty = guest_dirty.get(gfn);
@@ -665,7 +733,7 @@ impl PmpMmpMap {
     /// Touched pages in state Backed with the last interval they were seen accessed (their
     /// last write, else their first touch), ascending by page: hypervisor swap's candidates.
     pub fn backed_pages(&self) -> impl Iterator<Item = (u64, u32)> + '_ {
-        self.touched.iter_ones().filter_map(|gfn| {
+        self.touched.bitmap().iter_ones().filter_map(|gfn| {
             let r = self.records.get(gfn)?;
             (r.state_code() == ST_BACKED).then(|| {
                 let seen = if r.last_write == NO_WRITE {
@@ -684,6 +752,14 @@ impl PmpMmpMap {
         self.known_dirty.and_not_assign(mask);
     }
 
+    /// The sampler cleared the dirty bits of guest pages `pages` in KVM's log: a later set bit
+    /// there is a new write. [`PmpMmpMap::note_cleared`] at the pages' cost.
+    pub fn note_cleared_pages(&mut self, pages: &[u64]) {
+        for &p in pages {
+            self.known_dirty.clear(p);
+        }
+    }
+
     /// The VM cleared the dirty bits of guest pages `pages` in KVM's log: a later set bit there is
     /// a new write. [`PmpMmpMap::note_cleared`] for one range, at the range's cost.
     pub fn note_cleared_in(&mut self, pages: Range<u64>) {
@@ -699,7 +775,10 @@ impl PmpMmpMap {
         // (PFN, gfn, old record word) of present pages not mapped exclusively: the only ones
         // that can be shared (a frame two guest pages map has a map count of at least 2).
         let mut candidates: Vec<(u64, u64, Option<Record>)> = Vec::new();
-        let result = self.for_each_entry(&touched, "refresh", |map, gfn, e| {
+        let ranges = touched
+            .bitmap()
+            .gap_ranges(LOOKUP_GAP_PAGES, READ_CHUNK_ENTRIES as u64);
+        let result = self.for_each_entry(touched.bitmap(), &ranges, "refresh", |map, gfn, e| {
             stats.pages_read += 1;
             let old = map.records.get(gfn);
             let res = map.pagemap.classify(e);
@@ -822,10 +901,11 @@ impl PmpMmpMap {
 
     /// Heap bytes the map itself holds (bitmaps, record chunks, scratch buffers).
     pub fn overhead_bytes(&self) -> usize {
+        let counted = [&self.touched, &self.guest_written, &self.vmm_written]
+            .iter()
+            .map(|b| b.heap_bytes())
+            .sum::<usize>();
         let bitmaps = [
-            &self.touched,
-            &self.guest_written,
-            &self.vmm_written,
             &self.written_since_release,
             &self.known_dirty,
             &self.resident,
@@ -834,7 +914,8 @@ impl PmpMmpMap {
         .iter()
         .map(|b| b.heap_bytes())
         .sum::<usize>();
-        bitmaps
+        counted
+            + bitmaps
             + self.records.heap_bytes()
             + self.mincore_buf.capacity()
             + self.scan_buf.capacity() * std::mem::size_of::<PageRegion>()
@@ -908,6 +989,7 @@ mod tests {
     fn map_with(ram: &Ram, method: ResidencyMethod) -> PmpMmpMap {
         let opts = MapOptions {
             residency: method,
+            windowed: false,
             ..Default::default()
         };
         let map = PmpMmpMap::with_options(ram.host(), ram.pages, opts).unwrap();
@@ -918,7 +1000,11 @@ mod tests {
     #[test]
     fn auto_scans_sparse_ram_and_mincores_dense_ram() {
         let ram = Ram::new(200);
-        let mut map = PmpMmpMap::new(ram.host(), 200).unwrap();
+        let whole = MapOptions {
+            windowed: false,
+            ..Default::default()
+        };
+        let mut map = PmpMmpMap::with_options(ram.host(), 200, whole).unwrap();
         assert_eq!(map.residency_method(), ResidencyMethod::Auto);
         let st = map.harvest(&[], &[], 0).unwrap();
         assert_eq!(st.residency_method, Some(ResidencyMethod::PagemapScan));
@@ -1363,6 +1449,7 @@ mod tests {
         let ram = Ram::new(64);
         let opts = MapOptions {
             residency_every: 3,
+            windowed: false,
             ..Default::default()
         };
         let mut map = PmpMmpMap::with_options(ram.host(), 64, opts).unwrap();
@@ -1436,6 +1523,7 @@ mod tests {
         let addr = 4096;
         let opts = MapOptions {
             residency: ResidencyMethod::Mincore,
+            windowed: false,
             ..Default::default()
         };
         let mut map = PmpMmpMap::with_options(addr, 4, opts).unwrap();
@@ -1446,5 +1534,178 @@ mod tests {
         let mut map = PmpMmpMap::new(addr, 4).unwrap();
         assert_eq!(map.harvest(&[], &[], 0).unwrap().newly_touched, 0);
         assert_eq!(map.summary().untouched, 4);
+    }
+
+    /// The summary from the map's counters, against a recount of every page.
+    fn assert_summary_is_a_recount(map: &PmpMmpMap) {
+        let s = map.summary();
+        let mut counts = [0u64; 8];
+        let (mut gw, mut vw) = (0, 0);
+        for g in 0..map.pages() {
+            let p = map.page(g).unwrap();
+            counts[p.state.code() as usize] += 1;
+            gw += u64::from(p.guest_written);
+            vw += u64::from(p.vmm_written);
+        }
+        let recount = MapSummary {
+            untouched: map.pages() - map.touched().count_ones(),
+            zero: counts[ST_ZERO as usize],
+            backed: counts[ST_BACKED as usize],
+            swapped: counts[ST_SWAPPED as usize],
+            shared: counts[ST_SHARED as usize],
+            discarded: counts[ST_DISCARDED as usize],
+            released: counts[ST_RELEASED as usize],
+            vmm_swapped: counts[ST_VMM_SWAPPED as usize],
+            guest_written: gw,
+            vmm_written: vw,
+            ..s.clone()
+        };
+        assert_eq!(s, recount);
+        assert_eq!(map.guest_written_pages(), map.guest_written().count_ones());
+        assert_eq!(
+            map.touched_ranks().total(),
+            map.touched().count_ones(),
+            "the touched pages' ranks"
+        );
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(24))]
+        /// Whatever the guest and the VMM write, read and release, the map's counters are what
+        /// a recount of its pages finds.
+        #[test]
+        fn summary_counters_equal_a_recount(
+            steps in proptest::collection::vec(
+                proptest::collection::vec((0u8..4, 0u64..600), 0..40), 1..6),
+        ) {
+            const PAGES: u64 = 600;
+            let ram = Ram::new(PAGES);
+            let mut map = PmpMmpMap::new(ram.host(), PAGES).unwrap();
+            let mut log = Bitmap::new(PAGES);
+            for (i, ops) in steps.into_iter().enumerate() {
+                let mut vmm = Bitmap::new(PAGES);
+                for (op, g) in ops {
+                    match op {
+                        0 => {
+                            ram.write(g, 1);
+                            log.set(g);
+                        }
+                        1 => {
+                            ram.read(g);
+                        }
+                        2 => {
+                            ram.write(g, 2);
+                            vmm.set(g);
+                        }
+                        _ => {
+                            let r = g..(g + 7).min(PAGES);
+                            let window = Window::of(log.words(), r.clone());
+                            log.clear_range(r.clone());
+                            // SAFETY: pages of our own mapping, which no reference covers.
+                            let rc = unsafe {
+                                libc::madvise(
+                                    (ram.host() + (r.start * PAGE_SIZE) as usize) as *mut libc::c_void,
+                                    ((r.end - r.start) * PAGE_SIZE) as usize,
+                                    libc::MADV_DONTNEED,
+                                )
+                            };
+                            assert_eq!(rc, 0);
+                            map.note_released(r.clone(), &window, i as u32);
+                            map.note_cleared_in(r);
+                        }
+                    }
+                }
+                map.harvest(log.words(), vmm.words(), i as u32).unwrap();
+                assert_summary_is_a_recount(&map);
+            }
+            map.refresh().unwrap();
+            assert_summary_is_a_recount(&map);
+        }
+    }
+
+    proptest::proptest! {
+        #![proptest_config(proptest::test_runner::Config::with_cases(32))]
+        /// The windowed harvest and the whole-RAM passes give the same map and the same first
+        /// touches and first writes, interval by interval, whatever the guest and the VMM write,
+        /// read, release and clear.
+        #[test]
+        fn windowed_and_whole_ram_harvests_agree(
+            steps in proptest::collection::vec(
+                proptest::collection::vec((0u8..5, 0u64..3000), 0..60), 1..7),
+        ) {
+            const PAGES: u64 = 3000;
+            let ram = Ram::new(PAGES);
+            let whole = MapOptions {
+                residency: ResidencyMethod::PagemapScan,
+                windowed: false,
+                ..Default::default()
+            };
+            let mut old = PmpMmpMap::with_options(ram.host(), PAGES, whole).unwrap();
+            let mut new = PmpMmpMap::new(ram.host(), PAGES).unwrap();
+            let mut log = Bitmap::new(PAGES);
+            for (i, ops) in steps.into_iter().enumerate() {
+                let mut vmm = Bitmap::new(PAGES);
+                for (op, g) in ops {
+                    match op {
+                        0 => {
+                            ram.write(g, 1);
+                            log.set(g);
+                        }
+                        1 => {
+                            ram.read(g);
+                        }
+                        2 => {
+                            ram.write(g, 2);
+                            vmm.set(g);
+                        }
+                        3 => {
+                            // The sampler clears a dirty bit (write-protects the page again).
+                            log.clear(g);
+                            old.note_cleared_in(g..g + 1);
+                            new.note_cleared_in(g..g + 1);
+                        }
+                        _ => {
+                            let r = g..(g + 70).min(PAGES);
+                            let window = Window::of(log.words(), r.clone());
+                            log.clear_range(r.clone());
+                            // SAFETY: pages of our own mapping, which no reference covers.
+                            let rc = unsafe {
+                                libc::madvise(
+                                    (ram.host() + (r.start * PAGE_SIZE) as usize) as *mut libc::c_void,
+                                    ((r.end - r.start) * PAGE_SIZE) as usize,
+                                    libc::MADV_DONTNEED,
+                                )
+                            };
+                            assert_eq!(rc, 0);
+                            for m in [&mut old, &mut new] {
+                                m.note_released(r.clone(), &window, i as u32);
+                                m.note_cleared_in(r.clone());
+                            }
+                        }
+                    }
+                }
+                // The windowed map's dirty log is right in its windows only: garbage elsewhere.
+                let windows: Vec<_> = new.windows().unwrap().expect("windowed").to_vec();
+                let mut partial = vec![u64::MAX; log.words().len()];
+                for w in windows.iter().flat_map(Clone::clone) {
+                    partial[w] = log.words()[w];
+                }
+                let mut vmm_partial = partial.clone();
+                for w in windows.iter().flat_map(Clone::clone) {
+                    vmm_partial[w] = vmm.words()[w];
+                }
+                let a = old.harvest(log.words(), vmm.words(), i as u32).unwrap();
+                let b = new.harvest(&partial, &vmm_partial, i as u32).unwrap();
+                proptest::prop_assert_eq!(
+                    (a.newly_touched, a.newly_written, a.guest_writes, a.vmm_writes),
+                    (b.newly_touched, b.newly_written, b.guest_writes, b.vmm_writes),
+                    "interval {}", i
+                );
+                for g in 0..PAGES {
+                    proptest::prop_assert_eq!(old.page(g), new.page(g), "page {} interval {}", g, i);
+                }
+                proptest::prop_assert_eq!(old.summary(), new.summary());
+            }
+        }
     }
 }

@@ -69,7 +69,7 @@ impl PmpMmpMap {
                 settle_residency(
                     &mut self.resident,
                     &mut self.pending,
-                    &self.touched,
+                    self.touched.bitmap(),
                     w0 + k,
                     pack_residency(bytes),
                 );
@@ -86,7 +86,7 @@ impl PmpMmpMap {
         let mut diff = ResidencyDiff {
             resident: &mut self.resident,
             pending: &mut self.pending,
-            touched: &self.touched,
+            touched: self.touched.bitmap(),
             next_word: 0,
             cur: None,
         };
@@ -104,6 +104,17 @@ impl PmpMmpMap {
         diff.finish();
         Ok(())
     }
+}
+
+/// [`settle_residency`] on the map's own bitmaps.
+pub(super) fn settle(map: &mut PmpMmpMap, w: usize, now: u64) {
+    settle_residency(
+        &mut map.resident,
+        &mut map.pending,
+        map.touched.bitmap(),
+        w,
+        now,
+    );
 }
 
 /// Word `w` of the residency bitmap now reads `now`: pages newly resident, and touched pages no
