@@ -2,7 +2,7 @@
 //! guest's truth by access pattern, stratified against plain sampling on a sparse guest, the
 //! guest's slowdown and first-touch cost, and the cost of one round by guest size.
 //!
-//! `cargo bench --bench access [-- accuracy|sparse|bias|overhead|cost]`
+//! `cargo bench --bench access [-- accuracy|sparse|bias|overhead|firsttouch|cost]`
 
 mod common;
 
@@ -576,6 +576,87 @@ fn overhead() {
     println!();
 }
 
+/// First touches by pattern: a 1 GiB guest writes 512 MiB of fresh memory in one pass, with the
+/// access sampler off, at the default and at 200, in turn (every pattern and size once per
+/// repetition, the same seed within a repetition), three repetitions.
+fn first_touch() {
+    let mem = GIB;
+    let n_default = RunOptions::default().access_samples;
+    let sizes = [0u64, n_default, 200];
+    let patterns = [
+        ("seq", "alloc 512M; touch 512M write; idle 10ms"),
+        ("random", "alloc 512M; touch 512M write random; idle 10ms"),
+        (
+            "hot",
+            "alloc 512M; touch 512M write random hot 10%:90%; idle 10ms",
+        ),
+    ];
+    println!(
+        "## First touches by pattern: one pass of 131072 writes over 512 MiB of fresh memory in a 1 GiB guest, interval 250 ms, 3 repetitions alternating"
+    );
+    println!();
+    println!(
+        "| pattern | access samples | phase time (guest s) | first touches | µs per first touch | vs off | handler fills |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    // (pattern, size) -> (phase seconds, first touches, handler fills) per repetition.
+    let mut got: Vec<Vec<(f64, f64, u64)>> = vec![Vec::new(); patterns.len() * sizes.len()];
+    for rep in 0..3u64 {
+        for (p, (_, spec)) in patterns.iter().enumerate() {
+            for (k, &samples) in sizes.iter().enumerate() {
+                let mut o = options(spec, mem, Duration::from_millis(250), 21 + rep);
+                o.access_samples = samples;
+                let (s, rows) = run(o);
+                let secs = s.phases[1].guest_seconds;
+                // First writes, counted exactly by the harvest (the guest's own pages included).
+                let first: f64 = rows
+                    .iter()
+                    .filter_map(|r| r.active_writes.as_ref())
+                    .map(|a| a.exact_mib)
+                    .sum::<f64>()
+                    * (MIB / PAGE_SIZE) as f64;
+                let fills = rows
+                    .iter()
+                    .filter_map(|r| r.active.as_ref())
+                    .map(|a| a.handler_fills)
+                    .sum();
+                got[p * sizes.len() + k].push((secs, first, fills));
+            }
+        }
+    }
+    for (p, (name, _)) in patterns.iter().enumerate() {
+        let per = |k: usize| -> Vec<f64> {
+            got[p * sizes.len() + k]
+                .iter()
+                .map(|&(s, f, _)| s / f * 1e6)
+                .collect()
+        };
+        let (off, _) = mean_se(&per(0));
+        for (k, &n) in sizes.iter().enumerate() {
+            let runs = &got[p * sizes.len() + k];
+            let secs: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let (ms, ss) = mean_se(&secs);
+            let first = runs.iter().map(|r| r.1).sum::<f64>() / runs.len() as f64;
+            let (m, se) = mean_se(&per(k));
+            let fills: u64 = runs.iter().map(|r| r.2).sum::<u64>() / runs.len() as u64;
+            let label = match n {
+                0 => "off".to_string(),
+                n if n == n_default => format!("{n} (default)"),
+                n => n.to_string(),
+            };
+            let vs = if n == 0 {
+                "—".to_string()
+            } else {
+                format!("{:+.1}%", 100.0 * (m - off) / off)
+            };
+            println!(
+                "| {name} | {label} | {ms:.3} ± {ss:.3} | {first:.0} | {m:.1} ± {se:.1} | {vs} | {fills} |"
+            );
+        }
+    }
+    println!();
+}
+
 fn cost() {
     println!(
         "## Cost of one access round (200 pages armed, then disarmed untouched), 256 MiB touched, median of 30, microseconds"
@@ -623,6 +704,44 @@ fn cost() {
     println!();
 }
 
+/// The cost of registering a region, which maps its never-touched pages to the zero page first:
+/// arming one page in each of 64 regions that hold only that page, against 64 fully touched.
+fn populate_cost() {
+    use memvisor::memory::faults::REGION_PAGES;
+    println!("## Registering a 2 MiB region: the first page armed in it, median of 64 regions, µs");
+    println!();
+    println!("| region | pages mapped to the zero page | arm the first page |");
+    println!("|---|---|---|");
+    let mem = GuestMemory::new(GuestRam::new(GIB, false).expect("guest RAM"));
+    let ram = mem.ram();
+    let faults = mem.start_faults(1).expect("uffd");
+    for (what, touched) in [
+        ("one page touched", 1u64),
+        ("all 512 touched", REGION_PAGES),
+    ] {
+        let first_region = if touched == 1 { 0 } else { 64 };
+        let mut t = Vec::new();
+        let mut mapped = 0;
+        for r in first_region..first_region + 64 {
+            let base = r * REGION_PAGES;
+            for gfn in base..base + touched {
+                ram.write_obj(gfn * PAGE_SIZE, gfn + 1).expect("touch");
+            }
+            let t0 = Instant::now();
+            faults.sample(base, 0).expect("arm");
+            t.push(t0.elapsed().as_secs_f64() * 1e6);
+            faults.end_samples().expect("disarm");
+            mapped += faults
+                .take_zero_mapped()
+                .iter()
+                .map(|p| p.end - p.start)
+                .sum::<u64>();
+        }
+        println!("| {what} | {} | {:.1} |", mapped / 64, median(&mut t));
+    }
+    println!();
+}
+
 fn main() {
     if std::fs::File::open("/dev/kvm").is_err() {
         eprintln!("access bench skipped: /dev/kvm is absent");
@@ -632,16 +751,27 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let sections = ["cost", "overhead", "sparse", "bias", "accuracy"];
+    let sections = [
+        "cost",
+        "overhead",
+        "firsttouch",
+        "sparse",
+        "bias",
+        "accuracy",
+    ];
     let (named, patterns): (Vec<String>, Vec<String>) = which
         .into_iter()
         .partition(|w| sections.contains(&w.as_str()));
     let want = |name: &str| named.is_empty() || named.iter().any(|w| w == name);
     if want("cost") {
         cost();
+        populate_cost();
     }
     if want("overhead") {
         overhead();
+    }
+    if want("firsttouch") {
+        first_touch();
     }
     if want("sparse") {
         sparse();

@@ -400,11 +400,21 @@ impl IntervalWork {
             Some(a) => a.disarm(vm.memory())?,
             None => None,
         };
+        let fills = round.as_ref().map(|r| r.fills);
+        // Pages the fault handler mapped to the zero page (never touched) stay untouched.
+        if let Some(f) = vm.memory().faults() {
+            for pages in f.take_zero_mapped() {
+                self.core.map_mut().note_zero_mapped(pages);
+            }
+        }
         let mut dirty = vm.dirty_log()?;
         let vmm_dirty = vm.ram().take_vmm_dirty();
-        let est = self
+        let mut est = self
             .core
             .close(&mut dirty, &vmm_dirty, round, interval, length)?;
+        if let (Some(a), Some(fills)) = (&mut est.access, fills) {
+            a.handler_fills = fills;
+        }
         // Merging changes frames without a write: with KSM the map is re-read every interval.
         if last || self.ksm {
             self.core.map_mut().refresh()?;
@@ -494,6 +504,7 @@ fn active(
         exact_mib: mib(s.exact as f64),
         sampled_from_mib: mib(s.population as f64),
         skipped,
+        handler_fills: 0,
         estimate_mib: mib(s.pages),
         ci_low_mib: mib(s.low),
         ci_high_mib: mib(s.high),
@@ -728,6 +739,7 @@ mod tests {
             read_first: vec![150],
             skipped: 2,
             population: 100,
+            fills: 0,
         };
         let e = rig.close(Some(round), 1);
         let a = e.access.expect("an access round was closed");
