@@ -2,7 +2,7 @@
 //! guest's truth by access pattern, stratified against plain sampling on a sparse guest, the
 //! guest's slowdown and first-touch cost, and the cost of one round by guest size.
 //!
-//! `cargo bench --bench access [-- accuracy|sparse|bias|overhead|firsttouch|cost]`
+//! `cargo bench --bench access [-- accuracy|sparse|bias|overhead|trap|firsttouch|cost]`
 
 mod common;
 
@@ -443,6 +443,60 @@ fn bias_large() {
     println!();
 }
 
+/// Least squares over intervals `(traps, guest rate, length in s)`: rate = a + b x traps. One
+/// trap costs the guest c = -b / a x the interval's length. Returns (c in µs, its standard error,
+/// the mean length).
+fn trap_fit(points: &[(f64, f64, f64)]) -> (f64, f64, f64) {
+    let k = points.len() as f64;
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / k,
+        points.iter().map(|p| p.1).sum::<f64>() / k,
+    );
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let b = sxy / sxx;
+    let a = my - b * mx;
+    let resid: f64 = points.iter().map(|p| (p.1 - a - b * p.0).powi(2)).sum();
+    let se_b = (resid / (k - 2.0) / sxx).sqrt();
+    let len = points.iter().map(|p| p.2).sum::<f64>() / k;
+    (-b / a * len * 1e6, se_b / a * len * 1e6, len)
+}
+
+/// The cost of one trap, with many traps per interval so that the slope stands out of the host's
+/// noise: a 256 MiB guest reads 64 MiB at random, the access sample cycling 0, 1024, 0, 4096 per
+/// 1 s interval (nearly every armed page is read each interval).
+fn trap_cost() {
+    let cycle = [0u64, 1024, 0, 4096];
+    let secs = 4 * cycle.len() as u32 + 2;
+    let spec = format!("alloc 64M; touch 64M write; touch 64M read random {secs}s");
+    let timed = phase_name(&spec, 256 * MIB, 2);
+    let mut o = options(&spec, 256 * MIB, Duration::from_secs(1), 5);
+    o.no_sampling = true;
+    let cfg = RunConfig::new(o)
+        .expect("options")
+        .with_access_cycle(&cycle)
+        .expect("cycle");
+    let (_, rows) = run_rows(cfg);
+    let timed_rows: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.phase == timed && r.end.is_none())
+        .collect();
+    let points: Vec<(f64, f64, f64)> = timed_rows[1..timed_rows.len() - 1]
+        .iter()
+        .filter_map(|r| {
+            let t = r.truth.as_ref()?;
+            let traps = r.active.as_ref().map_or(0.0, |a| a.t as f64);
+            Some((traps, t.rate / 1e6, r.length_s))
+        })
+        .collect();
+    let (c, se_c, _) = trap_fit(&points);
+    let most = points.iter().map(|p| p.0).fold(0.0, f64::max);
+    println!(
+        "Trap cost: {c:.0} ± {se_c:.0} µs of guest time per trapped access (fit over {} intervals, up to {most:.0} traps per interval)",
+        points.len()
+    );
+}
+
 fn overhead() {
     let mem = GIB;
     // 1. The whole heap active: the access sample size cycles interval by interval in one run,
@@ -520,21 +574,7 @@ fn overhead() {
         );
     }
     println!();
-    // Least squares over every interval: rate = a + b x traps. One trap costs the guest
-    // c = -b / a x the interval's length; the default's slowdown is c x its traps per second.
-    let k = points.len() as f64;
-    let (mx, my) = (
-        points.iter().map(|p| p.0).sum::<f64>() / k,
-        points.iter().map(|p| p.1).sum::<f64>() / k,
-    );
-    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    let b = sxy / sxx;
-    let a = my - b * mx;
-    let resid: f64 = points.iter().map(|p| (p.1 - a - b * p.0).powi(2)).sum();
-    let se_b = (resid / (k - 2.0) / sxx).sqrt();
-    let len = points.iter().map(|p| p.2).sum::<f64>() / k;
-    let (c, se_c) = (-b / a * len * 1e6, se_b / a * len * 1e6);
+    let (c, se_c, len) = trap_fit(&points);
     let at_default = c * n_default as f64 / (len * 1e6) * 100.0;
     let se_default = se_c * n_default as f64 / (len * 1e6) * 100.0;
     println!(
@@ -769,6 +809,9 @@ fn main() {
     }
     if want("overhead") {
         overhead();
+    }
+    if want("trap") {
+        trap_cost();
     }
     if want("firsttouch") {
         first_touch();

@@ -937,6 +937,11 @@ mod tests {
         // (a missing page reads zero either way). Page 3's release was seen.
         assert_eq!(f.take_zero_mapped(), vec![2..3, 4..REGION_PAGES]);
         assert!(f.take_zero_mapped().is_empty(), "once");
+        // A page mapped to the zero page can be sampled (plain sampling draws from all of RAM).
+        assert_eq!(
+            f.sample(10, 1).unwrap(),
+            Sampled::Armed { new_region: None }
+        );
         // First writes to never-touched pages do not come to the handler...
         for gfn in 4..REGION_PAGES {
             ram.write(gfn * PAGE_SIZE + 8, &[gfn as u8]).unwrap();
@@ -950,10 +955,16 @@ mod tests {
         let out = f.end_samples().unwrap();
         assert_eq!(
             out,
-            vec![SampleOutcome {
-                gfn: 1,
-                first: Some(Access::Read)
-            }]
+            vec![
+                SampleOutcome {
+                    gfn: 1,
+                    first: Some(Access::Read)
+                },
+                SampleOutcome {
+                    gfn: 10,
+                    first: Some(Access::Write)
+                }
+            ]
         );
         // Contents: page 0 as written, 2 zero, 3 and the never-touched ones as written since.
         let got: Vec<[u8; 9]> = [0u64, 2, 3, 4, 300]
