@@ -2,7 +2,7 @@
 //! guest's truth by access pattern, stratified against plain sampling on a sparse guest, the
 //! guest's slowdown and first-touch cost, and the cost of one round by guest size.
 //!
-//! `cargo bench --bench access [-- accuracy|sparse|bias|overhead|cost]`
+//! `cargo bench --bench access [-- accuracy|sparse|bias|overhead|trap|firsttouch|cost]`
 
 mod common;
 
@@ -443,6 +443,65 @@ fn bias_large() {
     println!();
 }
 
+/// Least squares over intervals `(traps, guest rate, length in s)`: rate = a + b x traps. One
+/// trap costs the guest c = -b / a x the interval's length. Returns (c in µs, its standard error,
+/// the mean length).
+fn trap_fit(points: &[(f64, f64, f64)]) -> (f64, f64, f64) {
+    let k = points.len() as f64;
+    let (mx, my) = (
+        points.iter().map(|p| p.0).sum::<f64>() / k,
+        points.iter().map(|p| p.1).sum::<f64>() / k,
+    );
+    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
+    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
+    let b = sxy / sxx;
+    let a = my - b * mx;
+    let resid: f64 = points.iter().map(|p| (p.1 - a - b * p.0).powi(2)).sum();
+    let se_b = (resid / (k - 2.0) / sxx).sqrt();
+    let len = points.iter().map(|p| p.2).sum::<f64>() / k;
+    (-b / a * len * 1e6, se_b / a * len * 1e6, len)
+}
+
+/// The cost of one trap, with many traps per interval so that the slope stands out of the host's
+/// noise: a 256 MiB guest reads 64 MiB at random, the access sample cycling 0, 1024, 0, 4096 per
+/// 1 s interval (nearly every armed page is read each interval). The sampler stays off for the
+/// first 3 intervals (boot and the first writes: a census of the guest kernel's few pages would
+/// slow its emulated ring 0 to a crawl).
+fn trap_cost() {
+    let mut cycle = vec![0u64; 3];
+    for _ in 0..4 {
+        cycle.extend([0u64, 1024, 0, 4096]);
+    }
+    let secs = cycle.len() as u32 + 2;
+    let spec = format!("alloc 64M; touch 64M write; touch 64M read random {secs}s");
+    let timed = phase_name(&spec, 256 * MIB, 2);
+    let mut o = options(&spec, 256 * MIB, Duration::from_secs(1), 5);
+    o.no_sampling = true;
+    let cfg = RunConfig::new(o)
+        .expect("options")
+        .with_access_cycle(&cycle)
+        .expect("cycle");
+    let (_, rows) = run_rows(cfg);
+    let timed_rows: Vec<&Row> = rows
+        .iter()
+        .filter(|r| r.phase == timed && r.end.is_none())
+        .collect();
+    let points: Vec<(f64, f64, f64)> = timed_rows[1..timed_rows.len() - 1]
+        .iter()
+        .filter_map(|r| {
+            let t = r.truth.as_ref()?;
+            let traps = r.active.as_ref().map_or(0.0, |a| a.t as f64);
+            Some((traps, t.rate / 1e6, r.length_s))
+        })
+        .collect();
+    let (c, se_c, _) = trap_fit(&points);
+    let most = points.iter().map(|p| p.0).fold(0.0, f64::max);
+    println!(
+        "Trap cost: {c:.0} ± {se_c:.0} µs of guest time per trapped access (fit over {} intervals, up to {most:.0} traps per interval)",
+        points.len()
+    );
+}
+
 fn overhead() {
     let mem = GIB;
     // 1. The whole heap active: the access sample size cycles interval by interval in one run,
@@ -520,21 +579,7 @@ fn overhead() {
         );
     }
     println!();
-    // Least squares over every interval: rate = a + b x traps. One trap costs the guest
-    // c = -b / a x the interval's length; the default's slowdown is c x its traps per second.
-    let k = points.len() as f64;
-    let (mx, my) = (
-        points.iter().map(|p| p.0).sum::<f64>() / k,
-        points.iter().map(|p| p.1).sum::<f64>() / k,
-    );
-    let sxx: f64 = points.iter().map(|p| (p.0 - mx).powi(2)).sum();
-    let sxy: f64 = points.iter().map(|p| (p.0 - mx) * (p.1 - my)).sum();
-    let b = sxy / sxx;
-    let a = my - b * mx;
-    let resid: f64 = points.iter().map(|p| (p.1 - a - b * p.0).powi(2)).sum();
-    let se_b = (resid / (k - 2.0) / sxx).sqrt();
-    let len = points.iter().map(|p| p.2).sum::<f64>() / k;
-    let (c, se_c) = (-b / a * len * 1e6, se_b / a * len * 1e6);
+    let (c, se_c, len) = trap_fit(&points);
     let at_default = c * n_default as f64 / (len * 1e6) * 100.0;
     let se_default = se_c * n_default as f64 / (len * 1e6) * 100.0;
     println!(
@@ -573,6 +618,87 @@ fn overhead() {
         on.len(),
         100.0 * (m_on - m_off) / m_off
     );
+    println!();
+}
+
+/// First touches by pattern: a 1 GiB guest writes 512 MiB of fresh memory in one pass, with the
+/// access sampler off, at the default and at 200, in turn (every pattern and size once per
+/// repetition, the same seed within a repetition), three repetitions.
+fn first_touch() {
+    let mem = GIB;
+    let n_default = RunOptions::default().access_samples;
+    let sizes = [0u64, n_default, 200];
+    let patterns = [
+        ("seq", "alloc 512M; touch 512M write; idle 10ms"),
+        ("random", "alloc 512M; touch 512M write random; idle 10ms"),
+        (
+            "hot",
+            "alloc 512M; touch 512M write random hot 10%:90%; idle 10ms",
+        ),
+    ];
+    println!(
+        "## First touches by pattern: one pass of 131072 writes over 512 MiB of fresh memory in a 1 GiB guest, interval 250 ms, 3 repetitions alternating"
+    );
+    println!();
+    println!(
+        "| pattern | access samples | phase time (guest s) | first touches | µs per first touch | vs off | handler fills |"
+    );
+    println!("|---|---|---|---|---|---|---|");
+    // (pattern, size) -> (phase seconds, first touches, handler fills) per repetition.
+    let mut got: Vec<Vec<(f64, f64, u64)>> = vec![Vec::new(); patterns.len() * sizes.len()];
+    for rep in 0..3u64 {
+        for (p, (_, spec)) in patterns.iter().enumerate() {
+            for (k, &samples) in sizes.iter().enumerate() {
+                let mut o = options(spec, mem, Duration::from_millis(250), 21 + rep);
+                o.access_samples = samples;
+                let (s, rows) = run(o);
+                let secs = s.phases[1].guest_seconds;
+                // First writes, counted exactly by the harvest (the guest's own pages included).
+                let first: f64 = rows
+                    .iter()
+                    .filter_map(|r| r.active_writes.as_ref())
+                    .map(|a| a.exact_mib)
+                    .sum::<f64>()
+                    * (MIB / PAGE_SIZE) as f64;
+                let fills = rows
+                    .iter()
+                    .filter_map(|r| r.active.as_ref())
+                    .map(|a| a.handler_fills)
+                    .sum();
+                got[p * sizes.len() + k].push((secs, first, fills));
+            }
+        }
+    }
+    for (p, (name, _)) in patterns.iter().enumerate() {
+        let per = |k: usize| -> Vec<f64> {
+            got[p * sizes.len() + k]
+                .iter()
+                .map(|&(s, f, _)| s / f * 1e6)
+                .collect()
+        };
+        let (off, _) = mean_se(&per(0));
+        for (k, &n) in sizes.iter().enumerate() {
+            let runs = &got[p * sizes.len() + k];
+            let secs: Vec<f64> = runs.iter().map(|r| r.0).collect();
+            let (ms, ss) = mean_se(&secs);
+            let first = runs.iter().map(|r| r.1).sum::<f64>() / runs.len() as f64;
+            let (m, se) = mean_se(&per(k));
+            let fills: u64 = runs.iter().map(|r| r.2).sum::<u64>() / runs.len() as u64;
+            let label = match n {
+                0 => "off".to_string(),
+                n if n == n_default => format!("{n} (default)"),
+                n => n.to_string(),
+            };
+            let vs = if n == 0 {
+                "—".to_string()
+            } else {
+                format!("{:+.1}%", 100.0 * (m - off) / off)
+            };
+            println!(
+                "| {name} | {label} | {ms:.3} ± {ss:.3} | {first:.0} | {m:.1} ± {se:.1} | {vs} | {fills} |"
+            );
+        }
+    }
     println!();
 }
 
@@ -623,6 +749,44 @@ fn cost() {
     println!();
 }
 
+/// The cost of registering a region, which maps its never-touched pages to the zero page first:
+/// arming one page in each of 64 regions that hold only that page, against 64 fully touched.
+fn populate_cost() {
+    use memvisor::memory::faults::REGION_PAGES;
+    println!("## Registering a 2 MiB region: the first page armed in it, median of 64 regions, µs");
+    println!();
+    println!("| region | pages mapped to the zero page | arm the first page |");
+    println!("|---|---|---|");
+    let mem = GuestMemory::new(GuestRam::new(GIB, false).expect("guest RAM"));
+    let ram = mem.ram();
+    let faults = mem.start_faults(1).expect("uffd");
+    for (what, touched) in [
+        ("one page touched", 1u64),
+        ("all 512 touched", REGION_PAGES),
+    ] {
+        let first_region = if touched == 1 { 0 } else { 64 };
+        let mut t = Vec::new();
+        let mut mapped = 0;
+        for r in first_region..first_region + 64 {
+            let base = r * REGION_PAGES;
+            for gfn in base..base + touched {
+                ram.write_obj(gfn * PAGE_SIZE, gfn + 1).expect("touch");
+            }
+            let t0 = Instant::now();
+            faults.sample(base, 0).expect("arm");
+            t.push(t0.elapsed().as_secs_f64() * 1e6);
+            faults.end_samples().expect("disarm");
+            mapped += faults
+                .take_zero_mapped()
+                .iter()
+                .map(|p| p.end - p.start)
+                .sum::<u64>();
+        }
+        println!("| {what} | {} | {:.1} |", mapped / 64, median(&mut t));
+    }
+    println!();
+}
+
 fn main() {
     if std::fs::File::open("/dev/kvm").is_err() {
         eprintln!("access bench skipped: /dev/kvm is absent");
@@ -632,16 +796,30 @@ fn main() {
         .skip(1)
         .filter(|a| !a.starts_with('-'))
         .collect();
-    let sections = ["cost", "overhead", "sparse", "bias", "accuracy"];
+    let sections = [
+        "cost",
+        "overhead",
+        "firsttouch",
+        "sparse",
+        "bias",
+        "accuracy",
+    ];
     let (named, patterns): (Vec<String>, Vec<String>) = which
         .into_iter()
         .partition(|w| sections.contains(&w.as_str()));
     let want = |name: &str| named.is_empty() || named.iter().any(|w| w == name);
     if want("cost") {
         cost();
+        populate_cost();
     }
     if want("overhead") {
         overhead();
+    }
+    if want("trap") {
+        trap_cost();
+    }
+    if want("firsttouch") {
+        first_touch();
     }
     if want("sparse") {
         sparse();

@@ -147,6 +147,10 @@ pub struct Active {
     pub sampled_from_mib: f64,
     /// Picked pages that could not be armed and were replaced (access estimate only).
     pub skipped: u64,
+    /// First touches that went through the fault handler in the interval (access estimate only):
+    /// missing pages of a registered region that were not sampled, i.e. pages released since their
+    /// last touch (never-touched ones are mapped to the zero page when their region is registered).
+    pub handler_fills: u64,
     pub estimate_mib: f64,
     /// 95% interval: Wilson's for the sampled part, with the finite population correction.
     pub ci_low_mib: f64,

@@ -129,6 +129,62 @@ fn a_census_of_every_touched_page_keeps_data_and_the_guest_intact() {
 }
 
 #[test]
+fn first_touches_in_registered_regions_do_not_go_through_the_handler() {
+    if !common::kvm("first_touches_in_registered_regions_do_not_go_through_the_handler") {
+        return;
+    }
+    // Random first writes over 48 MiB for 2 s: after the first interval, touched pages are spread
+    // over every 2 MiB region of the heap, so the access sample registers them all while most of
+    // their pages are still to be touched. Those never-touched pages are mapped to the zero page
+    // at registration: their first writes are ordinary copy-on-write faults, never the handler's.
+    let mut opts = common::config(
+        "alloc 48M; touch 48M write random 2s; touch 48M write; touch 48M read random 1s verify",
+        128 << 20,
+    );
+    opts.interval = Duration::from_millis(100);
+    opts.access_samples = 200;
+    let (s, rows) = common::run_cfg(opts).expect("data intact, guest running");
+    let fills: u64 = rows
+        .iter()
+        .filter_map(|r| r.active.as_ref())
+        .map(|a| a.handler_fills)
+        .sum();
+    assert_eq!(fills, 0, "first touches resolved by the handler");
+    let phase = common::inside(&rows, "touch 48M write random");
+    let mut first_touching = 0;
+    for r in &phase {
+        let (a, w) = (
+            r.active.as_ref().unwrap(),
+            r.active_writes.as_ref().unwrap(),
+        );
+        assert_eq!(a.n, 200, "{a:?}");
+        // The first touches are all writes, counted exactly in both estimates: pages mapped to the
+        // zero page are not taken for reads (the map keeps them untouched)...
+        assert!(
+            (a.exact_mib - w.exact_mib).abs() < 0.5,
+            "first touches {} MiB, first writes {} MiB",
+            a.exact_mib,
+            w.exact_mib
+        );
+        // ... nor counted as zero pages.
+        let host = r.host.as_ref().unwrap();
+        assert!(host.zero_mib < 1.0, "{host:?}");
+        if w.exact_mib > 1.0 {
+            first_touching += 1;
+        }
+    }
+    assert!(
+        first_touching >= 3,
+        "intervals with first writes under the sampler: {first_touching} of {}",
+        phase.len()
+    );
+    let verify = s.phases.iter().filter(|p| p.name.ends_with("verify"));
+    for p in verify {
+        assert!(p.ended && p.status == 0, "{p:?}");
+    }
+}
+
+#[test]
 fn verify_fails_a_run_whose_pages_do_not_hold_what_was_written() {
     if !common::kvm("verify_fails_a_run_whose_pages_do_not_hold_what_was_written") {
         return;

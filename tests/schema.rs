@@ -43,6 +43,7 @@ fn full_run_row() -> Row {
         exact_mib: 3.0,
         sampled_from_mib: 60.0,
         skipped: 1,
+        handler_fills: 2,
         estimate_mib: 21.0,
         ci_low_mib: 15.5,
         ci_high_mib: 27.25,

@@ -5,14 +5,21 @@
 //!
 //! Guest RAM is registered in MISSING mode by 2 MiB region, the first time a page of the region is
 //! moved out, and stays registered: a present page never faults (unless write-protected, below), so a region costs nothing until a
-//! page in it goes missing. One handler thread resolves every fault by what the page is:
+//! page in it goes missing. Just before a region is registered, its never-touched pages (no page,
+//! never released, not moved out) are mapped to the shared zero page (`MADV_POPULATE_READ`), so
+//! that their first touch does not fault here either: a guest read is native, a write an ordinary
+//! copy-on-write fault in the kernel. The pages so mapped are queued for the PMP-MMP map
+//! ([`Faults::take_zero_mapped`]), which keeps them untouched (`docs/design.md` says why, with
+//! the figures). One handler thread resolves every fault by what the page is:
 //!
 //! - a page moved out (`MovedOut`): its kind says what to do (a sampled page records its first
 //!   access, read or write, and moves back from the stash; a swapped page is read from its slot of
 //!   the swap file into a bounce page and copied into place with `UFFDIO_COPY`, or filled as zero
 //!   when it read as zero at swap-out, and its slot is freed);
-//! - any other missing page in a registered region (never touched, or released): filled as the
-//!   kernel would have, with the zero page for a read and a zeroed page for a write.
+//! - any other missing page in a registered region (released since its last touch; a
+//!   never-touched one only if mapping it to the zero page failed): filled as the kernel would
+//!   have, with the zero page for a read and a zeroed page for a write, and counted
+//!   ([`Faults::take_fills`]).
 //!
 //! Regions are registered in WP mode as well: a page put back into guest RAM with no access (a
 //! sampled page nobody touched) is write-protected there (`protect_returned`), because KVM has
@@ -35,7 +42,7 @@ use thiserror::Error;
 use vmm_sys_util::errno;
 
 use crate::memory::bitmap::Bitmap;
-use crate::memory::pagemap::AnonMapping;
+use crate::memory::pagemap::{AnonMapping, PageEntry, Pagemap};
 use crate::memory::ram::GuestRam;
 use crate::memory::swap::{Slot, SwapFile, SwapFileError};
 use crate::memory::uffd::{Fault, Uffd, UffdError};
@@ -159,6 +166,9 @@ struct Table {
     swap_error: Option<SwapFileError>,
     /// Called (on the handler thread) when a swapped page cannot be read back.
     on_swap_failure: Option<Box<dyn Fn() + Send>>,
+    /// Missing pages not moved out that the handler filled since the last take (first touches
+    /// that came through the handler).
+    fills: u64,
 }
 
 /// Where things are: guest RAM, the stash and its zero page. Plain addresses, valid while the
@@ -214,6 +224,14 @@ pub struct Faults {
     table: Arc<Mutex<Table>>,
     /// Regions registered (one bit per 2 MiB of guest RAM).
     registered: Mutex<Bitmap>,
+    /// Pages ever released ([`Faults::released`]; one bit per guest page): a missing page that is
+    /// not one of these, nor moved out, was never touched.
+    released_ever: Mutex<Bitmap>,
+    /// Page ranges mapped to the zero page since the last [`Faults::take_zero_mapped`].
+    zero_mapped: Mutex<Vec<Range<u64>>>,
+    /// Tells missing pages from swapped and present ones in a region about to be registered
+    /// (`None`: the pagemap cannot be read, and never-touched pages are left to the handler).
+    pagemap: Option<Pagemap>,
     layout: Layout,
     /// The sample stash, then one zeroed page (the source for filling a written missing page),
     /// then the swap-in bounce page; held for its mapping, reached through `layout`.
@@ -261,10 +279,20 @@ impl Faults {
                 .spawn(move || handle_faults(&uffd, &table, &done, layout))
                 .map_err(FaultsError::Spawn)?
         };
+        let pagemap = Pagemap::open()
+            .map_err(|e| {
+                log::warn!(
+                    "faults: the pagemap cannot be read ({e}): first touches in registered regions go through the fault handler"
+                )
+            })
+            .ok();
         Ok(Faults {
             uffd,
             table,
             registered: Mutex::new(Bitmap::new(ram.pages().div_ceil(REGION_PAGES))),
+            released_ever: Mutex::new(Bitmap::new(ram.pages())),
+            zero_mapped: Mutex::new(Vec::new()),
+            pagemap,
             layout,
             _stash: stash,
             capacity: stash_pages,
@@ -278,8 +306,8 @@ impl Faults {
         self.capacity
     }
 
-    /// Registers the 2 MiB region of `gfn` unless it is already; returns the region if it was
-    /// registered now.
+    /// Registers the 2 MiB region of `gfn` unless it is already, after mapping its never-touched
+    /// pages to the zero page; returns the region if it was registered now.
     fn ensure_registered(&self, gfn: u64) -> Result<Option<u64>, UffdError> {
         let region = gfn / REGION_PAGES;
         let mut registered = lock(&self.registered);
@@ -287,11 +315,61 @@ impl Faults {
             return Ok(None);
         }
         let first = region * REGION_PAGES;
-        let len = (first + REGION_PAGES).min(self.layout.pages) - first;
+        let end = (first + REGION_PAGES).min(self.layout.pages);
+        // Before registering: once registered, populating a missing page would fault here.
+        self.map_never_touched(first..end);
         self.uffd
-            .register(self.layout.page_addr(first), len * PAGE_SIZE)?;
+            .register(self.layout.page_addr(first), (end - first) * PAGE_SIZE)?;
         registered.set(region);
         Ok(Some(region))
+    }
+
+    /// Maps the never-touched pages of `pages` (one region, not registered yet) to the shared zero
+    /// page: each run of pages that have no page and are neither in swap, nor released since
+    /// faults started, nor moved out, with one `MADV_POPULATE_READ`. A run that fails is left
+    /// missing (its first touch then comes to the handler, as before). Call with the guest
+    /// stopped.
+    fn map_never_touched(&self, pages: Range<u64>) {
+        let Some(pagemap) = &self.pagemap else {
+            return;
+        };
+        let n = (pages.end - pages.start) as usize;
+        let mut entries = [0u64; REGION_PAGES as usize];
+        let base = self.layout.page_addr(pages.start) as usize;
+        if let Err(e) = pagemap.read(base, n, &mut entries) {
+            log::debug!("faults: pagemap of pages {pages:?}: {e}; left to the handler");
+            return;
+        }
+        let runs: Vec<Range<u64>> = {
+            let released = lock(&self.released_ever);
+            let table = lock(&self.table);
+            let never = |gfn: u64| {
+                let e = PageEntry(entries[(gfn - pages.start) as usize]);
+                !e.present() && !e.swapped() && !released.get(gfn) && !table.out.contains_key(&gfn)
+            };
+            runs_where(pages.clone(), never)
+        };
+        let mut mapped = lock(&self.zero_mapped);
+        for run in runs {
+            match populate_read(self.layout.page_addr(run.start), run.end - run.start) {
+                Ok(()) => mapped.push(run),
+                Err(e) => log::debug!("faults: mapping pages {run:?} to the zero page: {e}"),
+            }
+        }
+    }
+
+    /// The page ranges mapped to the zero page since the last call (never touched, and untouched
+    /// by the guest or the VMM when mapped; a write since gives the page a machine page of its
+    /// own, which the dirty log or the VMM's bitmap shows).
+    pub fn take_zero_mapped(&self) -> Vec<Range<u64>> {
+        std::mem::take(&mut lock(&self.zero_mapped))
+    }
+
+    /// Missing pages, not moved out, that the handler filled since the last call: first touches
+    /// that went through the handler (pages released since their last touch; never-touched pages
+    /// are mapped to the zero page when their region is registered, and do not come here).
+    pub fn take_fills(&self) -> u64 {
+        std::mem::take(&mut lock(&self.table).fills)
     }
 
     /// Moves guest page `gfn` out to stash slot `slot` for the access sampler: its next access,
@@ -391,6 +469,7 @@ impl Faults {
     /// missing and, if touched again, is filled as released memory reads: zero. The cost is one
     /// look at each page moved out, whatever the range's size.
     pub(super) fn released(&self, pages: &Range<u64>) {
+        lock(&self.released_ever).set_range(pages.start..pages.end.min(self.layout.pages));
         let mut guard = lock(&self.table);
         let t = &mut *guard;
         let mut freed = Vec::new();
@@ -512,6 +591,40 @@ impl Faults {
     }
 }
 
+/// The runs of consecutive pages of `pages` for which `keep` holds, ascending.
+fn runs_where(pages: Range<u64>, mut keep: impl FnMut(u64) -> bool) -> Vec<Range<u64>> {
+    let mut runs: Vec<Range<u64>> = Vec::new();
+    for gfn in pages {
+        if !keep(gfn) {
+            continue;
+        }
+        match runs.last_mut() {
+            Some(r) if r.end == gfn => r.end = gfn + 1,
+            _ => runs.push(gfn..gfn + 1),
+        }
+    }
+    runs
+}
+
+/// Maps the missing pages of `[addr, addr + pages pages)` (guest RAM, not registered with the
+/// userfaultfd) as a read would: to the shared zero page (`MADV_POPULATE_READ`, Linux 5.14).
+fn populate_read(addr: u64, pages: u64) -> std::io::Result<()> {
+    // SAFETY: the range lies in guest RAM (the caller's region), which no Rust reference covers;
+    // MADV_POPULATE_READ only faults pages in for reading, which changes no contents (a missing
+    // anonymous page reads as zero before and after).
+    let rc = unsafe {
+        libc::madvise(
+            addr as *mut libc::c_void,
+            (pages * PAGE_SIZE) as usize,
+            libc::MADV_POPULATE_READ,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Drops the stash copy of sampled page `gfn` (slot `slot`).
 fn drop_stash_copy(at: Layout, gfn: u64, slot: u64) {
     let addr = at.slot_addr(slot);
@@ -608,12 +721,18 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
                     }
                 }
                 // Resolved already (its resolution woke everyone), or released since and missing
-                // again; and any page not moved out: a first touch, or a touch after a release.
-                // Filled as the kernel would; a page that is there just wakes the toucher.
+                // again. Filled as the kernel would; a page that is there just wakes the toucher.
                 // SAFETY: a registered page of guest RAM; `zeros` is our zeroed page.
-                Some(MovedOut::Sampled { .. }) | None => unsafe {
+                Some(MovedOut::Sampled { .. }) => unsafe {
                     uffd.fill_missing(f.page, f.write, at.zeros)
                 },
+                // Not moved out: a touch after a release (or a first touch, if mapping the page
+                // to the zero page failed). Filled the same way, and counted.
+                None => {
+                    t.fills += 1;
+                    // SAFETY: as above.
+                    unsafe { uffd.fill_missing(f.page, f.write, at.zeros) }
+                }
                 Some(MovedOut::Swapped { slot }) => {
                     let slot = *slot;
                     let result = swap_in(uffd, t.swap.as_ref(), at, f, slot);
@@ -787,6 +906,81 @@ mod tests {
         assert_eq!(v, 10);
         assert_eq!(f.swapped_pages(), 0);
         assert!(f.take_swap_error().is_none());
+        assert!(f.take_handler_error().is_none());
+    }
+
+    #[test]
+    fn registering_a_region_maps_its_never_touched_pages_so_they_never_fault() {
+        let mem = GuestMemory::new(GuestRam::new(4 << 20, false).unwrap());
+        let ram = mem.ram();
+        for gfn in 0..4 {
+            ram.write(gfn * PAGE_SIZE, &page(gfn as u8 + 1)).unwrap();
+        }
+        // Page 2 is released before faults start... and page 3 after: neither was never touched.
+        mem.discard(2..3).unwrap();
+        let f = match mem.start_faults(2) {
+            Ok(f) => f,
+            Err(e) => {
+                eprintln!("SKIPPED: {e}");
+                return;
+            }
+        };
+        mem.discard(3..4).unwrap();
+        assert!(f.pagemap.is_some(), "the pagemap reads");
+        assert_eq!(
+            f.sample(1, 0).unwrap(),
+            Sampled::Armed {
+                new_region: Some(0)
+            }
+        );
+        // Page 2 was released before the handler knew: it is mapped with the never-touched ones
+        // (a missing page reads zero either way). Page 3's release was seen.
+        assert_eq!(f.take_zero_mapped(), vec![2..3, 4..REGION_PAGES]);
+        assert!(f.take_zero_mapped().is_empty(), "once");
+        // A page mapped to the zero page can be sampled (plain sampling draws from all of RAM).
+        assert_eq!(
+            f.sample(10, 1).unwrap(),
+            Sampled::Armed { new_region: None }
+        );
+        // First writes to never-touched pages do not come to the handler...
+        for gfn in 4..REGION_PAGES {
+            ram.write(gfn * PAGE_SIZE + 8, &[gfn as u8]).unwrap();
+        }
+        assert_eq!(f.take_fills(), 0);
+        // ... a touch after a release does; a sampled page's trap is not a fill.
+        ram.write(3 * PAGE_SIZE, &[9]).unwrap();
+        let v: u8 = ram.read_obj(PAGE_SIZE).unwrap();
+        assert_eq!(v, 2, "the sampled page came back intact");
+        assert_eq!(f.take_fills(), 1);
+        let out = f.end_samples().unwrap();
+        assert_eq!(
+            out,
+            vec![
+                SampleOutcome {
+                    gfn: 1,
+                    first: Some(Access::Read)
+                },
+                SampleOutcome {
+                    gfn: 10,
+                    first: Some(Access::Write)
+                }
+            ]
+        );
+        // Contents: page 0 as written, 2 zero, 3 and the never-touched ones as written since.
+        let got: Vec<[u8; 9]> = [0u64, 2, 3, 4, 300]
+            .iter()
+            .map(|&g| ram.read_obj(g * PAGE_SIZE).unwrap())
+            .collect();
+        let with = |b0: u8, b8: u8| {
+            let mut v = [0u8; 9];
+            v[0] = b0;
+            v[8] = b8;
+            v
+        };
+        assert_eq!(got[0], [1; 9]);
+        assert_eq!(got[1..], [with(0, 0), with(9, 0), with(0, 4), with(0, 44)]);
+        // The other region was not registered: nothing mapped there.
+        assert!(f.take_zero_mapped().is_empty());
         assert!(f.take_handler_error().is_none());
     }
 

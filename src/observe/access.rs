@@ -54,6 +54,9 @@ pub struct Round {
     pub skipped: u64,
     /// The population the pages were drawn from.
     pub population: u64,
+    /// Missing pages not moved out that the fault handler filled during the round: first touches
+    /// that went through the handler ([`Faults::take_fills`]).
+    pub fills: u64,
 }
 
 /// What arming did.
@@ -194,6 +197,7 @@ impl AccessSampler {
             n: outcomes.len() as u64,
             skipped: self.skipped,
             population: self.population,
+            fills: faults.take_fills(),
             ..Round::default()
         };
         for o in outcomes {

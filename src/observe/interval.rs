@@ -414,6 +414,13 @@ impl IntervalWork {
         };
         let t1 = Instant::now();
         work.access_round_ms = ms(t1 - t0);
+        let fills = round.as_ref().map(|r| r.fills);
+        // Pages the fault handler mapped to the zero page (never touched) stay untouched.
+        if let Some(f) = vm.memory().faults() {
+            for pages in f.take_zero_mapped() {
+                self.core.map_mut().note_zero_mapped(pages);
+            }
+        }
         // The windows that can hold news (a windowed map), then the dirty logs over them.
         let windows = self.core.map_mut().windows()?.map(<[_]>::to_vec);
         work.dirty_log_slots =
@@ -425,9 +432,12 @@ impl IntervalWork {
             }
             None => self.vmm_dirty = vm.ram().take_vmm_dirty(),
         }
-        let est = self
+        let mut est = self
             .core
             .close(&mut self.dirty, &self.vmm_dirty, round, interval, length)?;
+        if let (Some(a), Some(fills)) = (&mut est.access, fills) {
+            a.handler_fills = fills;
+        }
         let t2 = Instant::now();
         work.harvest_ms = ms(t2 - t1);
         // Merging changes frames without a write: with KSM the map is re-read every interval.
@@ -535,6 +545,7 @@ fn active(
         exact_mib: mib(s.exact as f64),
         sampled_from_mib: mib(s.population as f64),
         skipped,
+        handler_fills: 0,
         estimate_mib: mib(s.pages),
         ci_low_mib: mib(s.low),
         ci_high_mib: mib(s.high),
@@ -770,6 +781,7 @@ mod tests {
             read_first: vec![150],
             skipped: 2,
             population: 100,
+            fills: 0,
         };
         let e = rig.close(Some(round), 1);
         let a = e.access.expect("an access round was closed");

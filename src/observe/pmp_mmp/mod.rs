@@ -712,6 +712,20 @@ impl PmpMmpMap {
         }
     }
 
+    /// The VMM mapped guest pages `pages` to the shared zero page without touching them (the
+    /// fault handler does so for the never-touched pages of a region before registering it, so
+    /// that their first touch does not fault to it). Untouched ones among them stay untouched:
+    /// they are taken as resident already, so the residency pass does not count them as read. A
+    /// write gives one a machine page, which the dirty log shows; a guest read of one is not seen
+    /// (`docs/design.md`, the access sampler). Tell the map before the next harvest.
+    pub fn note_zero_mapped(&mut self, pages: Range<u64>) {
+        for gfn in pages.start..pages.end.min(self.pages) {
+            if !self.touched.get(gfn) {
+                self.resident.set(gfn);
+            }
+        }
+    }
+
     /// The VMM swapped guest pages `pages` out (hypervisor swap) just after releasing them
     /// through the VM ([`PmpMmpMap::note_released`] first): each touched one becomes
     /// `VmmSwapped` while it is absent. `true` beside a page: it had contents other than zero,
@@ -1442,6 +1456,34 @@ mod tests {
         assert_eq!(s.backed, ram.resident() - s.zero);
         drop(vcpu);
         drop(vm);
+    }
+
+    per_method!(check_zero_mapped: zero_mapped_with_mincore, zero_mapped_with_pagemap_scan);
+
+    /// Pages the VMM mapped to the zero page stay untouched; a write to one is a first touch.
+    fn check_zero_mapped(method: ResidencyMethod) {
+        let ram = Ram::new(128);
+        let mut map = map_with(&ram, method);
+        ram.write(0, 1);
+        map.harvest(&dirty_of(128, &[0]), &[], 0).unwrap();
+        // The VMM maps pages 1..64 to the zero page (as a read would) and says so.
+        for g in 1..64 {
+            assert_eq!(ram.read(g), 0);
+        }
+        map.note_zero_mapped(0..64);
+        let st = map.harvest(&dirty_of(128, &[0]), &[], 1).unwrap();
+        assert_eq!(st.newly_touched, 0, "{st:?}");
+        let s = map.summary();
+        assert_eq!((s.backed, s.zero, s.untouched), (1, 0, 127));
+        assert_eq!(map.page(5).unwrap().state, PageState::Untouched);
+        // A write to one is seen (the dirty log), a read of another page still is.
+        ram.write(5, 2);
+        ram.read(100);
+        let st = map.harvest(&dirty_of(128, &[0, 5]), &[], 2).unwrap();
+        assert_eq!(st.newly_touched, 2, "{st:?}");
+        assert_eq!(map.page(5).unwrap().first_touch, Some(2));
+        let s = map.summary();
+        assert_eq!((s.backed, s.zero, s.untouched), (2, 1, 125));
     }
 
     #[test]
