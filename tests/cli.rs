@@ -238,7 +238,7 @@ fn json_and_table_output() {
             }
             ["--wide"] => {
                 assert!(lines[0].contains("active: writes"), "{text}");
-                assert_eq!(names.len(), 28, "{text}");
+                assert_eq!(names.len(), 29, "{text}");
             }
             _ => assert_eq!(names, ["time", "est", "backed"], "{text}"),
         }
