@@ -269,6 +269,7 @@ fn csv_columns_are_the_json_fields() {
         "swap_out_mib_s",
         "swap_page_ins",
         "swap_page_outs",
+        "swap_shared_page_outs",
         "swap_page_in_us_p50",
         "swap_page_in_us_p99",
         "swap_out_ms",
