@@ -41,7 +41,7 @@ use std::time::Instant;
 use thiserror::Error;
 use vmm_sys_util::errno;
 
-use crate::memory::bitmap::Bitmap;
+use crate::memory::bitmap::{Bitmap, gap_ranges_of};
 use crate::memory::pagemap::{AnonMapping, PageEntry, Pagemap};
 use crate::memory::ram::GuestRam;
 use crate::memory::swap::{Slot, SwapFile, SwapFileError};
@@ -347,7 +347,7 @@ impl Faults {
                 let e = PageEntry(entries[(gfn - pages.start) as usize]);
                 !e.present() && !e.swapped() && !released.get(gfn) && !table.out.contains_key(&gfn)
             };
-            runs_where(pages.clone(), never)
+            gap_ranges_of(pages.clone().filter(|&g| never(g)), 0, u64::MAX)
         };
         let mut mapped = lock(&self.zero_mapped);
         for run in runs {
@@ -589,21 +589,6 @@ impl Faults {
     pub fn take_swap_error(&self) -> Option<SwapFileError> {
         lock(&self.table).swap_error.take()
     }
-}
-
-/// The runs of consecutive pages of `pages` for which `keep` holds, ascending.
-fn runs_where(pages: Range<u64>, mut keep: impl FnMut(u64) -> bool) -> Vec<Range<u64>> {
-    let mut runs: Vec<Range<u64>> = Vec::new();
-    for gfn in pages {
-        if !keep(gfn) {
-            continue;
-        }
-        match runs.last_mut() {
-            Some(r) if r.end == gfn => r.end = gfn + 1,
-            _ => runs.push(gfn..gfn + 1),
-        }
-    }
-    runs
 }
 
 /// Maps the missing pages of `[addr, addr + pages pages)` (guest RAM, not registered with the
