@@ -467,6 +467,28 @@ fn trap_fit(points: &[(f64, f64, f64)]) -> (f64, f64, f64) {
 /// 1 s interval (nearly every armed page is read each interval). The sampler stays off for the
 /// first 3 intervals (boot and the first writes: a census of the guest kernel's few pages would
 /// slow its emulated ring 0 to a crawl).
+/// Runs `spec` (a guest of `mem`, 1 s intervals, write sampling off) with the access sample size
+/// cycling through `cycle` interval by interval, and returns the rows of its phase 2 less the
+/// first and the last (a partial interval each).
+fn steady_cycled_rows(spec: &str, mem: u64, cycle: &[u64], seed: u64) -> Vec<Row> {
+    let timed = phase_name(spec, mem, 2);
+    let mut o = options(spec, mem, Duration::from_secs(1), seed);
+    o.no_sampling = true;
+    let cfg = RunConfig::new(o)
+        .expect("options")
+        .with_access_cycle(cycle)
+        .expect("cycle");
+    let (_, rows) = run_rows(cfg);
+    let mut timed_rows: Vec<Row> = (rows.into_iter())
+        .filter(|r| r.phase == timed && r.end.is_none())
+        .collect();
+    timed_rows.pop();
+    if !timed_rows.is_empty() {
+        timed_rows.remove(0);
+    }
+    timed_rows
+}
+
 fn trap_cost() {
     let mut cycle = vec![0u64; 3];
     for _ in 0..4 {
@@ -474,19 +496,8 @@ fn trap_cost() {
     }
     let secs = cycle.len() as u32 + 2;
     let spec = format!("alloc 64M; touch 64M write; touch 64M read random {secs}s");
-    let timed = phase_name(&spec, 256 * MIB, 2);
-    let mut o = options(&spec, 256 * MIB, Duration::from_secs(1), 5);
-    o.no_sampling = true;
-    let cfg = RunConfig::new(o)
-        .expect("options")
-        .with_access_cycle(&cycle)
-        .expect("cycle");
-    let (_, rows) = run_rows(cfg);
-    let timed_rows: Vec<&Row> = rows
-        .iter()
-        .filter(|r| r.phase == timed && r.end.is_none())
-        .collect();
-    let points: Vec<(f64, f64, f64)> = timed_rows[1..timed_rows.len() - 1]
+    let timed_rows = steady_cycled_rows(&spec, 256 * MIB, &cycle, 5);
+    let points: Vec<(f64, f64, f64)> = timed_rows
         .iter()
         .filter_map(|r| {
             let t = r.truth.as_ref()?;
@@ -511,7 +522,6 @@ fn overhead() {
     let rounds = 10u32;
     let secs = rounds * cycle.len() as u32 + 2;
     let spec = format!("alloc 512M; touch 512M write; touch 512M read random {secs}s");
-    let timed = phase_name(&spec, mem, 2);
     println!(
         "## Overhead: random reads over 512 MiB of a 1 GiB guest (every sampled page is accessed), interval 1 s"
     );
@@ -520,18 +530,7 @@ fn overhead() {
         "| access samples | intervals | guest rate (M accesses/s) | vs off | traps per interval |"
     );
     println!("|---|---|---|---|---|");
-    let mut o = options(&spec, mem, Duration::from_secs(1), 3);
-    o.no_sampling = true;
-    let cfg = RunConfig::new(o)
-        .expect("options")
-        .with_access_cycle(&cycle)
-        .expect("cycle");
-    let (_, rows) = run_rows(cfg);
-    let timed_rows: Vec<&Row> = rows
-        .iter()
-        .filter(|r| r.phase == timed && r.end.is_none())
-        .collect();
-    let timed_rows = &timed_rows[1..timed_rows.len() - 1];
+    let timed_rows = steady_cycled_rows(&spec, mem, &cycle, 3);
     // (traps, rate, interval length in s) of every interval, for the fit below.
     let points: Vec<(f64, f64, f64)> = timed_rows
         .iter()
@@ -546,7 +545,7 @@ fn overhead() {
     sizes.sort_unstable();
     sizes.dedup();
     for &n in &sizes {
-        let sel: Vec<&&Row> = timed_rows
+        let sel: Vec<&Row> = timed_rows
             .iter()
             .filter(|r| r.active.as_ref().map_or(0, |a| a.n) == n)
             .collect();
