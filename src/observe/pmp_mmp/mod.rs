@@ -984,6 +984,19 @@ mod tests {
             assert!(gfn < self.pages);
             self.mem.read_volatile((gfn * PAGE_SIZE) as usize)
         }
+        /// Discards pages `r` (`MADV_DONTNEED`), as a release does.
+        pub(super) fn discard(&self, r: Range<u64>) {
+            assert!(r.start <= r.end && r.end <= self.pages);
+            // SAFETY: pages of our own mapping, which no Rust reference covers.
+            let rc = unsafe {
+                libc::madvise(
+                    (self.host() + (r.start * PAGE_SIZE) as usize) as *mut libc::c_void,
+                    ((r.end - r.start) * PAGE_SIZE) as usize,
+                    libc::MADV_DONTNEED,
+                )
+            };
+            assert_eq!(rc, 0);
+        }
         fn resident(&self) -> u64 {
             let mut v = vec![0u8; self.pages as usize];
             crate::memory::pagemap::mincore(self.host(), (self.pages * PAGE_SIZE) as usize, &mut v)
@@ -1163,15 +1176,7 @@ mod tests {
         map.harvest(&dirty_of(128, &[0, 1, 2, 3]), &[], 0).unwrap();
         assert_eq!(map.summary().backed, 4);
         // The VMM drops pages 2 and 3 (balloon-style): the mincore pass notices.
-        // SAFETY: discards two pages of our own mapping; nothing holds references into them.
-        let r = unsafe {
-            libc::madvise(
-                ram.mem.as_ptr().add(2 * PAGE_SIZE as usize).cast(),
-                2 * PAGE_SIZE as usize,
-                libc::MADV_DONTNEED,
-            )
-        };
-        assert_eq!(r, 0);
+        ram.discard(2..4);
         map.harvest(&dirty_of(128, &[0, 1, 2, 3]), &[], 1).unwrap();
         let s = map.summary();
         assert_eq!((s.backed, s.discarded, s.zero), (2, 2, 1));
@@ -1208,16 +1213,8 @@ mod tests {
         map.harvest(&all, &[], 0).unwrap();
         // Page 9 is written after the harvest: the release records it before releasing it.
         ram.write(9, 1);
-        for (first, n) in [(2usize, 4usize), (9, 1)] {
-            // SAFETY: discards pages of our own mapping; nothing holds references into them.
-            let r = unsafe {
-                libc::madvise(
-                    ram.mem.as_ptr().add(first * PAGE_SIZE as usize).cast(),
-                    n * PAGE_SIZE as usize,
-                    libc::MADV_DONTNEED,
-                )
-            };
-            assert_eq!(r, 0);
+        for (first, n) in [(2u64, 4u64), (9, 1)] {
+            ram.discard(first..first + n);
         }
         let log = dirty_of(128, &[0, 1, 2, 3, 4, 5, 6, 7, 9]);
         let log = Window::new(0, log);
@@ -1375,15 +1372,7 @@ mod tests {
         }
         // The balloon releases pages 2..6 (the VMM clears their dirty bits); the guest reads 3
         // and 4 and writes 5 again.
-        // SAFETY: discards pages of our own mapping; nothing holds references into them.
-        let r = unsafe {
-            libc::madvise(
-                ram.mem.as_ptr().add(2 * PAGE_SIZE as usize).cast(),
-                4 * PAGE_SIZE as usize,
-                libc::MADV_DONTNEED,
-            )
-        };
-        assert_eq!(r, 0);
+        ram.discard(2..6);
         assert_eq!(ram.read(3) + ram.read(4), 0);
         ram.write(5, 2);
         let after = dirty_of(64, &[0, 1, 5, 6, 7]);
@@ -1643,15 +1632,7 @@ mod tests {
                             let r = g..(g + 7).min(PAGES);
                             let window = Window::of(log.words(), r.clone());
                             log.clear_range(r.clone());
-                            // SAFETY: pages of our own mapping, which no reference covers.
-                            let rc = unsafe {
-                                libc::madvise(
-                                    (ram.host() + (r.start * PAGE_SIZE) as usize) as *mut libc::c_void,
-                                    ((r.end - r.start) * PAGE_SIZE) as usize,
-                                    libc::MADV_DONTNEED,
-                                )
-                            };
-                            assert_eq!(rc, 0);
+                            ram.discard(r.clone());
                             map.note_released(r.clone(), &window, i as u32);
                             map.note_cleared_in(r);
                         }
@@ -1710,15 +1691,7 @@ mod tests {
                             let r = g..(g + 70).min(PAGES);
                             let window = Window::of(log.words(), r.clone());
                             log.clear_range(r.clone());
-                            // SAFETY: pages of our own mapping, which no reference covers.
-                            let rc = unsafe {
-                                libc::madvise(
-                                    (ram.host() + (r.start * PAGE_SIZE) as usize) as *mut libc::c_void,
-                                    ((r.end - r.start) * PAGE_SIZE) as usize,
-                                    libc::MADV_DONTNEED,
-                                )
-                            };
-                            assert_eq!(rc, 0);
+                            ram.discard(r.clone());
                             for m in [&mut old, &mut new] {
                                 m.note_released(r.clone(), &window, i as u32);
                                 m.note_cleared_in(r.clone());
