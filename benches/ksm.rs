@@ -1,7 +1,7 @@
 //! Page sharing (KSM) experiments (README, "Page sharing"). Each needs root, /dev/kvm and
 //! /sys/kernel/mm/ksm; every KSM knob changed is put back at the end (also on a panic).
 //!
-//! `cargo bench --bench ksm [-- identical [N...]|cow|bias|sharing]`
+//! `cargo bench --bench ksm [-- identical [N...]|cow|bias|sharing|gap [BUDGET]]`
 //!
 //! 1. `identical`: after Waldspurger, OSDI'02 (Fig. 4): n identical guests (`memvisor host
 //!    --ksm-run`, the same workload writing 32 MiB whose contents depend only on the page index),
@@ -285,7 +285,9 @@ fn host_rows(args: &[String], secs: f64) -> Vec<(Value, KernelSample)> {
     rows
 }
 
-fn sharing() {
+/// `runs`: (ksm on, budget) per run; `series`: print the kernel's figures against the PFN count
+/// at every period of the runs with ksm.
+fn sharing(runs: &[(bool, &str)], series: bool) {
     // ksmd 10 times its default rate (restored at the end), so that merging is done within the
     // run; `run` itself is left to `memvisor host --ksm-run`.
     let before = ksm::knob("run").unwrap();
@@ -314,9 +316,7 @@ fn sharing() {
         "rate"
     );
     let mut hosts = Vec::new();
-    // The third run is the control for the kernel's figures: no pressure, so nothing is ever
-    // ballooned or swapped.
-    for (on, budget) in [(false, "100M"), (true, "100M"), (true, "400M")] {
+    for &(on, budget) in runs {
         let ksm_opt = if on { "ksm," } else { "" };
         let mut args: Vec<String> = ["--budget", budget, "--period", "1s"]
             .iter()
@@ -379,6 +379,23 @@ fn sharing() {
         ));
         if on {
             hosts.push(kernel_gap(&rows, tail));
+        }
+        if on && series {
+            println!("period  pages_sharing−saved  ours_merging−SHRD  SWCUR moves  BAL  (MiB)");
+            let per_mib = (MIB / 4096) as f64;
+            for (r, k) in &rows {
+                let sum = |key: &str| -> f64 {
+                    r["vms"].as_array().map_or(0.0, |vs| vs.iter().map(|v| f(v, key)).sum())
+                };
+                println!(
+                    "{:>6} {:>20.1} {:>18.1} {:>12.1} {:>4.1}",
+                    r["period"],
+                    k.pages_sharing as f64 / per_mib - sum("saved_mib"),
+                    k.ours_merging as f64 / per_mib - sum("shared_mib"),
+                    swap_moves(&rows, r),
+                    sum("balloon_mib"),
+                );
+            }
         }
     }
     for h in hosts {
@@ -467,6 +484,13 @@ fn main() {
         bias();
     }
     if matches!(which, None | Some("sharing")) {
-        sharing();
+        // The third run is the control for the kernel's figures: no pressure, so nothing is ever
+        // ballooned or swapped.
+        sharing(&[(false, "100M"), (true, "100M"), (true, "400M")], false);
+    }
+    if which == Some("gap") {
+        // `gap BUDGET`: the kernel's figures against the PFN count period by period, with ksm, on
+        // a budget tight enough that sharing does not spare the VMs reclamation.
+        sharing(&[(true, args.get(1).map_or("60M", String::as_str))], true);
     }
 }

@@ -478,3 +478,130 @@ fn swap_takes_unshared_pages_first_and_verify_holds_after_it() {
     // (the heap's unique 8 MiB, unshared, all went out).
     assert!(ins >= 8 * 256, "page-ins {ins}");
 }
+
+/// The balloon over merged pages: a guest writes 24 MiB of identical pages (merged within the VM
+/// into 256-way frames), frees the top half, and the balloon is inflated into what it freed. Each
+/// shared page ballooned drops one mapping of its frame: SHRD and `backed` fall by as many pages,
+/// SHRDSVD stays SHRD − frames, host usage stays `backed` − `saved` + `ovhd`, the kernel's own
+/// count for this process follows within two intervals, and `verify` holds on the pages left.
+#[test]
+fn ballooning_shared_pages_is_accounted_and_verify_holds_on_the_rest() {
+    let test = "ballooning_shared_pages_is_accounted_and_verify_holds_on_the_rest";
+    if !common::kvm(test) || !common::root(test) {
+        return;
+    }
+    let _one = one_guest();
+    let Some(_ksmd) = ksmd_fast(test) else {
+        return;
+    };
+    let mut opts = common::config(
+        "alloc 24M; touch 24M fill same; free 12M; idle 6s; touch 12M read verify; \
+         check 12M; idle 600ms",
+        32 * MIB,
+    );
+    opts.ksm = true;
+    opts.access_samples = 0;
+    opts.interval = Duration::from_millis(200);
+    let vm = memvisor::Run::from_options(opts)
+        .console(memvisor::Console::Discard)
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut rows: Vec<Row> = Vec::new();
+    let mut asked: Option<(usize, u64)> = None;
+    for row in vm.rows().iter() {
+        // Once the 24 MiB are merged, inflate into all of the guest's free memory but 2 MiB: the
+        // balloon takes from the top, the never-touched pages first, then the freed shared ones.
+        if asked.is_none() && row.phase.contains("idle 6s") && pages(host(&row).shared_mib) >= 24 * 256
+        {
+            let mib = (row.guest.free_mib as u64).saturating_sub(2);
+            vm.controller().set_balloon_target(mib).expect("balloon target");
+            asked = Some((rows.len(), mib));
+        }
+        rows.push(row);
+    }
+    let summary = vm
+        .wait()
+        .unwrap_or_else(|e| panic!("verify holds on the pages left: {e}"));
+    let (k, target) = asked.expect("24 MiB merged during the idle");
+    assert!(target >= 12, "the guest had {target} + 2 MiB free");
+    let before = host(&rows[k]).clone();
+    // The first row with the balloon at its target, and the one after (the accounting of a
+    // boundary's release shows at the next harvest).
+    let full = k + rows[k..]
+        .iter()
+        .position(|r| r.balloon.as_ref().is_some_and(|b| b.balloon_mib >= target as f64))
+        .expect("the balloon reached its target");
+    let after_row = rows.get(full + 1).unwrap_or(&rows[full]);
+    assert!(
+        after_row.phase.contains("idle 6s"),
+        "still idle two intervals after: {}",
+        after_row.phase
+    );
+    let after = host(after_row);
+    let (shrd_drop, backed_drop) = (
+        pages(before.shared_mib) - pages(after.shared_mib),
+        before.backed_pages - after.backed_pages,
+    );
+    eprintln!(
+        "{test}: balloon {target} MiB; SHRD {} -> {} pages, backed {} -> {}, frames {} -> {}, \
+         saved {:.2} -> {:.2} MiB, host {:.2} -> {:.2} MiB",
+        pages(before.shared_mib),
+        pages(after.shared_mib),
+        before.backed_pages,
+        after.backed_pages,
+        before.shared_frames,
+        after.shared_frames,
+        before.shared_saved_mib,
+        after.shared_saved_mib,
+        before.host_mib,
+        after.host_mib
+    );
+    // The balloon reached into the freed shared pages (it takes at most 12 MiB of them), and every
+    // backed page it took was a shared one.
+    assert!(
+        (4 * 256..=12 * 256 + 64).contains(&shrd_drop),
+        "SHRD fell by {shrd_drop} pages"
+    );
+    assert!(
+        backed_drop.abs_diff(shrd_drop) <= 64,
+        "backed fell by {backed_drop}, SHRD by {shrd_drop}"
+    );
+    // Each sharer gone lowers the saving by one page while its frame keeps another sharer; a
+    // frame left with one mapping is a page of its own again (not shared, nothing saved).
+    for r in [&before, after] {
+        let saved = r.shared_saved_mib * 256.0;
+        assert!(
+            (saved - (pages(r.shared_mib) - r.shared_frames) as f64).abs() < 1e-6,
+            "SHRDSVD = SHRD − frames: {r:?}"
+        );
+        assert!(
+            (r.host_mib - (r.backed_mib - r.shared_saved_mib + r.overhead_mib)).abs() < 0.01,
+            "host = backed − saved + ovhd: {r:?}"
+        );
+    }
+    let saved_drop = (before.shared_saved_mib - after.shared_saved_mib) * 256.0;
+    assert!(
+        saved_drop <= shrd_drop as f64 + 1e-6 && saved_drop >= (shrd_drop as f64) * 0.9,
+        "saved fell by {saved_drop} pages for {shrd_drop} sharers gone"
+    );
+    // The machine memory freed is the frames left with no sharer: usage falls by far less than
+    // what was ballooned.
+    assert!(
+        before.host_mib - after.host_mib < (shrd_drop as f64 / 256.0) / 2.0,
+        "host {} -> {} MiB",
+        before.host_mib,
+        after.host_mib
+    );
+    // The kernel's count for this process (immune to other processes merging) follows within two
+    // intervals: ksmd drops a zapped mapping from its tree at its next pass.
+    let kernel = after.ksm.as_ref().expect("kernel figures");
+    assert!(
+        kernel.merging_pages.abs_diff(pages(after.shared_mib)) <= 64,
+        "ksm_merging_pages {} vs SHRD {}",
+        kernel.merging_pages,
+        pages(after.shared_mib)
+    );
+    // verify (above) and check hold on the 12 MiB left.
+    assert_eq!(checks(&rows), (12 * 256, 12 * 256, 0));
+    assert!(summary.balloon.unwrap().inflated_pages >= target * 256);
+}
