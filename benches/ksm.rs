@@ -14,8 +14,10 @@
 //!    sampler replaces them by unshared pages; reads of only the merged half are then missed.
 //! 4. `sharing`: the host scheduler with and without sharing on the same overcommitted budget:
 //!    three identical VMs under `memvisor host`, once without `ksm` and once with `ksm` and
-//!    `--ksm-run`; each VM's target, grant, saving, balloon, swap and work rate, and the host's
-//!    state and free memory.
+//!    `--ksm-run` (and a control with `ksm` and no pressure); each VM's target, guest target,
+//!    grant, saving, balloon, swap and work rate, and the host's state and free memory.
+//! 5. `gap [BUDGET]`: the `sharing` run with `ksm` on a tight budget (60M by default), the
+//!    kernel's `pages_sharing` and `ksm_merging_pages` against the PFN count period by period.
 
 mod common;
 
