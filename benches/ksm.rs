@@ -387,7 +387,9 @@ fn sharing(runs: &[(bool, &str)], series: bool) {
             let per_mib = (MIB / 4096) as f64;
             for (r, k) in &rows {
                 let sum = |key: &str| -> f64 {
-                    r["vms"].as_array().map_or(0.0, |vs| vs.iter().map(|v| f(v, key)).sum())
+                    r["vms"]
+                        .as_array()
+                        .map_or(0.0, |vs| vs.iter().map(|v| f(v, key)).sum())
                 };
                 println!(
                     "{:>6} {:>20.1} {:>18.1} {:>12.1} {:>4.1}",
@@ -436,8 +438,9 @@ fn kernel_gap(rows: &[(Value, KernelSample)], tail: usize) -> String {
         series(&|r, k| mib(k.pages_sharing) - sum(r, "saved_mib")),
         series(&|r, k| mib(k.ours_merging) - sum(r, "shared_mib")),
         series(&|_, k| mib(k.others_merging)),
-        series(&|_, k| mib(k.pages_sharing + k.pages_shared)
-            - mib(k.ours_merging + k.others_merging)),
+        series(
+            &|_, k| mib(k.pages_sharing + k.pages_shared) - mib(k.ours_merging + k.others_merging)
+        ),
         series(&|_, k| mib(k.zero_pages)),
         series(&|r, _| swap_moves(rows, r)),
         mib(k_last.pages_sharing),

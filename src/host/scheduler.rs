@@ -685,7 +685,12 @@ mod tests {
         // Saving 5 000, it needs only 7 000 machine pages for its cap: the 2 000 it cannot use go
         // to the others.
         sharing.saved_pages = 5_000;
-        let ts = targets(&[sharing.clone(), plain.clone(), plain], 27_000, DEFAULT_TAX).unwrap();
+        let ts = targets(
+            &[sharing.clone(), plain.clone(), plain],
+            27_000,
+            DEFAULT_TAX,
+        )
+        .unwrap();
         assert_eq!(pages(&ts), [7_000, 10_000, 10_000]);
         assert_eq!(ts[0].guest_pages, 12_000);
         assert_eq!(ts[0].bound, Bound::Size);
@@ -764,7 +769,11 @@ mod tests {
                     .prop_map(move |(resv, limit, overhead, active)| {
                         let cap = limit.map_or(mem, |l| l.min(mem));
                         // Savings in about half of the VMs, from a few pages to all of them.
-                        let saved = if active % 2 == 0 { 0 } else { (active / 2).min(mem) };
+                        let saved = if active % 2 == 0 {
+                            0
+                        } else {
+                            (active / 2).min(mem)
+                        };
                         VmInput {
                             name: "v".into(),
                             mem_pages: mem,
