@@ -139,14 +139,39 @@ fn host(r: &Row) -> &memvisor::row::HostUsage {
     r.host.as_ref().expect("host usage on every row")
 }
 
+/// A VM whose sharers are all its own: SHRDSVD = SHRD − frames (m pages on a frame save m − 1),
+/// and host usage = `backed` − `saved` + `ovhd`.
+fn assert_sharing_within_the_vm(r: &memvisor::row::HostUsage) {
+    let saved = r.shared_saved_mib * 256.0;
+    assert!(
+        (saved - (pages(r.shared_mib) - r.shared_frames) as f64).abs() < 1e-6,
+        "SHRDSVD = SHRD − frames: {r:?}"
+    );
+    assert!(
+        (r.host_mib - (r.backed_mib - r.shared_saved_mib + r.overhead_mib)).abs() < 0.01,
+        "host = backed − saved + ovhd: {r:?}"
+    );
+}
+
+/// What a test with a guest under a fast ksmd needs: KVM, root (PFNs), the guest to itself and
+/// ksmd started fast (restored when dropped); `None` (skipped, saying why) without one of them.
+fn ksm_guest(
+    test: &str,
+) -> Option<(
+    std::sync::MutexGuard<'static, ()>,
+    memvisor::memory::ksm::KsmRun,
+)> {
+    if !common::kvm(test) || !common::root(test) {
+        return None;
+    }
+    let one = one_guest();
+    ksmd_fast(test).map(|k| (one, k))
+}
+
 #[test]
 fn identical_pages_merge_and_a_write_unshares_them_within_an_interval() {
     let test = "identical_pages_merge_and_a_write_unshares_them_within_an_interval";
-    if !common::kvm(test) || !common::root(test) {
-        return;
-    }
-    let _one = one_guest();
-    let Some(_ksmd) = ksmd_fast(test) else {
+    let Some((_one, _ksmd)) = ksm_guest(test) else {
         return;
     };
     // 16 MiB of identical pages, merged while the guest idles; then a quarter is written unique
@@ -359,11 +384,7 @@ fn pages(mib: f64) -> u64 {
 #[test]
 fn swap_takes_unshared_pages_first_and_verify_holds_after_it() {
     let test = "swap_takes_unshared_pages_first_and_verify_holds_after_it";
-    if !common::kvm(test) || !common::root(test) {
-        return;
-    }
-    let _one = one_guest();
-    let Some(_ksmd) = ksmd_fast(test) else {
+    let Some((_one, _ksmd)) = ksm_guest(test) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -451,15 +472,7 @@ fn swap_takes_unshared_pages_first_and_verify_holds_after_it() {
         s.shared_page_outs
     );
     for r in [before, after] {
-        let saved = r.shared_saved_mib * 256.0;
-        assert!(
-            (saved - (pages(r.shared_mib) - r.shared_frames) as f64).abs() < 1e-6,
-            "SHRDSVD = SHRD − frames: {r:?}"
-        );
-        assert!(
-            (r.host_mib - (r.backed_mib - r.shared_saved_mib + r.overhead_mib)).abs() < 0.01,
-            "{r:?}"
-        );
+        assert_sharing_within_the_vm(r);
     }
     // Whole frames went: the frames left are fewer by at least the full frames swapped out.
     assert!(
@@ -559,11 +572,7 @@ fn balloon_full(rows: &[Row], k: usize, target: u64) -> usize {
 #[test]
 fn ballooning_shared_pages_is_accounted_and_verify_holds_on_the_rest() {
     let test = "ballooning_shared_pages_is_accounted_and_verify_holds_on_the_rest";
-    if !common::kvm(test) || !common::root(test) {
-        return;
-    }
-    let _one = one_guest();
-    let Some(_ksmd) = ksmd_fast(test) else {
+    let Some((_one, _ksmd)) = ksm_guest(test) else {
         return;
     };
     let (rows, k, target) = balloon_over_merged("6s", || {}, |_| {});
@@ -609,15 +618,7 @@ fn ballooning_shared_pages_is_accounted_and_verify_holds_on_the_rest() {
     // Each sharer gone lowers the saving by one page while its frame keeps another sharer; a
     // frame left with one mapping is a page of its own again (not shared, nothing saved).
     for r in [&before, after] {
-        let saved = r.shared_saved_mib * 256.0;
-        assert!(
-            (saved - (pages(r.shared_mib) - r.shared_frames) as f64).abs() < 1e-6,
-            "SHRDSVD = SHRD − frames: {r:?}"
-        );
-        assert!(
-            (r.host_mib - (r.backed_mib - r.shared_saved_mib + r.overhead_mib)).abs() < 0.01,
-            "host = backed − saved + ovhd: {r:?}"
-        );
+        assert_sharing_within_the_vm(r);
     }
     let saved_drop = (before.shared_saved_mib - after.shared_saved_mib) * 256.0;
     assert!(
@@ -655,11 +656,7 @@ fn ballooning_shared_pages_is_accounted_and_verify_holds_on_the_rest() {
 fn the_kernels_count_keeps_ballooned_sharers_until_ksmds_next_pass() {
     use memvisor::memory::ksm;
     let test = "the_kernels_count_keeps_ballooned_sharers_until_ksmds_next_pass";
-    if !common::kvm(test) || !common::root(test) {
-        return;
-    }
-    let _one = one_guest();
-    let Some(ksmd) = ksmd_fast(test) else {
+    let Some((_one, ksmd)) = ksm_guest(test) else {
         return;
     };
     let ksmd = std::cell::RefCell::new(ksmd);
