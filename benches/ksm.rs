@@ -383,7 +383,9 @@ fn sharing(runs: &[(bool, &str)], series: bool) {
             hosts.push(kernel_gap(&rows, tail));
         }
         if on && series {
-            println!("period  pages_sharing−saved  ours_merging−SHRD  SWCUR moves  BAL  (MiB)");
+            println!(
+                "period  pages_sharing−saved  ours_merging−SHRD  SWCUR moves  SWCUR   BAL  SHRDSVD  (MiB, all VMs)"
+            );
             let per_mib = (MIB / 4096) as f64;
             for (r, k) in &rows {
                 let sum = |key: &str| -> f64 {
@@ -392,12 +394,14 @@ fn sharing(runs: &[(bool, &str)], series: bool) {
                         .map_or(0.0, |vs| vs.iter().map(|v| f(v, key)).sum())
                 };
                 println!(
-                    "{:>6} {:>20.1} {:>18.1} {:>12.1} {:>4.1}",
+                    "{:>6} {:>20.1} {:>18.1} {:>12.1} {:>6.1} {:>5.1} {:>8.1}",
                     r["period"],
                     k.pages_sharing as f64 / per_mib - sum("saved_mib"),
                     k.ours_merging as f64 / per_mib - sum("shared_mib"),
                     swap_moves(&rows, r),
+                    sum("swapped_mib"),
                     sum("balloon_mib"),
+                    sum("saved_mib"),
                 );
             }
         }
