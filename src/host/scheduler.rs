@@ -35,6 +35,12 @@
 //! Pages worth exactly `ρ*` (equal VMs, zero shares, the idle pages at `τ = 1`) are split evenly
 //! among the VMs that hold them, the odd pages going to the VMs listed first.
 //!
+//! # Page sharing
+//! Targets are machine memory. A VM's savings from page sharing (its SHRDSVD) are not charged, as
+//! ESX charges `consumed = GRANT − SHRDSVD`: it is given at most its cap less its savings, and it
+//! may hold its target plus its savings in guest pages ([`Target::guest_pages`]), which is what
+//! reclamation works toward (`docs/design.md`, "Sharing and the targets").
+//!
 //! # Admission
 //! Each VM's overhead is charged against the budget first; the VMs share the rest. If the
 //! reservations plus the overheads exceed the budget, nothing is allocated: [`AdmissionError`] says
