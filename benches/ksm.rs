@@ -1,7 +1,7 @@
 //! Page sharing (KSM) experiments (README, "Page sharing"). Each needs root, /dev/kvm and
 //! /sys/kernel/mm/ksm; every KSM knob changed is put back at the end (also on a panic).
 //!
-//! `cargo bench --bench ksm [-- identical [N...]|cow|bias|sharing]`
+//! `cargo bench --bench ksm [-- identical [N...]|cow|bias|sharing|gap [BUDGET]]`
 //!
 //! 1. `identical`: after Waldspurger, OSDI'02 (Fig. 4): n identical guests (`memvisor host
 //!    --ksm-run`, the same workload writing 32 MiB whose contents depend only on the page index),
@@ -14,8 +14,10 @@
 //!    sampler replaces them by unshared pages; reads of only the merged half are then missed.
 //! 4. `sharing`: the host scheduler with and without sharing on the same overcommitted budget:
 //!    three identical VMs under `memvisor host`, once without `ksm` and once with `ksm` and
-//!    `--ksm-run`; each VM's target, grant, saving, balloon, swap and work rate, and the host's
-//!    state and free memory.
+//!    `--ksm-run` (and a control with `ksm` and no pressure); each VM's target, guest target,
+//!    grant, saving, balloon, swap and work rate, and the host's state and free memory.
+//! 5. `gap [BUDGET]`: the `sharing` run with `ksm` on a tight budget (60M by default), the
+//!    kernel's `pages_sharing` and `ksm_merging_pages` against the PFN count period by period.
 
 mod common;
 
@@ -216,8 +218,51 @@ fn bias() {
     }
 }
 
-/// One `memvisor host --json` run of `args` for `secs` seconds: its rows.
-fn host_rows(args: &[String], secs: f64) -> Vec<Value> {
+/// The kernel's KSM figures at one moment, pages: host-wide, and `ksm_merging_pages` summed over
+/// the host's VMs (the children of `host_pid`) and over every other process.
+#[derive(Clone, Copy, Default)]
+struct KernelSample {
+    pages_sharing: u64,
+    pages_shared: u64,
+    zero_pages: u64,
+    ours_merging: u64,
+    others_merging: u64,
+}
+
+fn kernel_sample(host_pid: u32) -> KernelSample {
+    let h = ksm::host().unwrap_or_default();
+    let children: Vec<u32> =
+        std::fs::read_to_string(format!("/proc/{host_pid}/task/{host_pid}/children"))
+            .unwrap_or_default()
+            .split_whitespace()
+            .filter_map(|p| p.parse().ok())
+            .collect();
+    let (mut ours, mut others) = (0, 0);
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Some(pid) = e.file_name().to_str().and_then(|n| n.parse::<u32>().ok()) else {
+            continue;
+        };
+        let Ok(p) = ksm::process(Some(pid)) else {
+            continue;
+        };
+        if children.contains(&pid) {
+            ours += p.merging_pages;
+        } else {
+            others += p.merging_pages;
+        }
+    }
+    KernelSample {
+        pages_sharing: h.pages_sharing,
+        pages_shared: h.pages_shared,
+        zero_pages: h.zero_pages,
+        ours_merging: ours,
+        others_merging: others,
+    }
+}
+
+/// One `memvisor host --json` run of `args` for `secs` seconds: its rows, each with the kernel's
+/// figures read as it arrived.
+fn host_rows(args: &[String], secs: f64) -> Vec<(Value, KernelSample)> {
     let mut child = Command::new(env!("CARGO_BIN_EXE_memvisor"))
         .arg("host")
         .arg("--json")
@@ -230,7 +275,8 @@ fn host_rows(args: &[String], secs: f64) -> Vec<Value> {
     let mut rows = Vec::new();
     for line in BufReader::new(child.stdout.take().unwrap()).lines() {
         let Ok(line) = line else { break };
-        rows.push(serde_json::from_str::<Value>(&line).expect("a JSON row"));
+        let row = serde_json::from_str::<Value>(&line).expect("a JSON row");
+        rows.push((row, kernel_sample(child.id())));
         if started.elapsed().as_secs_f64() > secs {
             break;
         }
@@ -241,25 +287,38 @@ fn host_rows(args: &[String], secs: f64) -> Vec<Value> {
     rows
 }
 
-fn sharing() {
+/// `runs`: (ksm on, budget) per run; `series`: print the kernel's figures against the PFN count
+/// at every period of the runs with ksm.
+fn sharing(runs: &[(bool, &str)], series: bool) {
     // ksmd 10 times its default rate (restored at the end), so that merging is done within the
     // run; `run` itself is left to `memvisor host --ksm-run`.
     let before = ksm::knob("run").unwrap();
     let mut k = KsmRun::start().unwrap();
     k.set("pages_to_scan", 1000).unwrap();
     ksm::set_knob("run", before).unwrap();
-    let (budget, secs, tail) = ("100M", 45.0, 10);
+    let (secs, tail) = (45.0, 10);
     println!(
         "3 VMs of 48 MiB, each writing the same 32 MiB (fill unique, seed 1) then reading it at \
-         random; budget {budget}, {secs} s, 1 s periods; ksmd pages_to_scan 1000; per VM: the last \
-         period, rate: mean of the last {tail} periods"
+         random; {secs} s, 1 s periods; ksmd pages_to_scan 1000 (use_zero_pages {}); per VM: the \
+         last period, rate: mean of the last {tail} periods",
+        ksm::knob("use_zero_pages").unwrap_or(0)
     );
     println!(
-        "{:<4} {:<4} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9}",
-        "ksm", "VM", "SZTGT", "GRANT", "SHRDSVD", "MCTLSZ", "SWCUR", "SWTGT", "rate"
+        "{:<4} {:<6} {:<4} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>9}",
+        "ksm",
+        "budget",
+        "VM",
+        "SZTGT",
+        "guest",
+        "GRANT",
+        "SHRDSVD",
+        "MCTLSZ",
+        "SWCUR",
+        "SWTGT",
+        "rate"
     );
     let mut hosts = Vec::new();
-    for on in [false, true] {
+    for &(on, budget) in runs {
         let ksm_opt = if on { "ksm," } else { "" };
         let mut args: Vec<String> = ["--budget", budget, "--period", "1s"]
             .iter()
@@ -276,16 +335,22 @@ fn sharing() {
             ));
         }
         let rows = host_rows(&args, secs);
-        let last = rows.last().expect("rows");
+        let (last, _) = rows.last().expect("rows");
         let recent = &rows[rows.len().saturating_sub(tail)..];
+        let label = if on { "on" } else { "off" };
         for (i, v) in last["vms"].as_array().unwrap().iter().enumerate() {
-            let rate =
-                recent.iter().map(|r| f(&r["vms"][i], "rate")).sum::<f64>() / recent.len() as f64;
+            let rate = recent
+                .iter()
+                .map(|(r, _)| f(&r["vms"][i], "rate"))
+                .sum::<f64>()
+                / recent.len() as f64;
             println!(
-                "{:<4} {:<4} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>9.3e}",
-                if on { "on" } else { "off" },
+                "{:<4} {:<6} {:<4} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>7.1} {:>9.3e}",
+                label,
+                budget,
                 v["name"].as_str().unwrap_or("?"),
                 f(v, "target_mib"),
+                f(v, "guest_target_mib"),
                 f(v, "granted_mib"),
                 f(v, "saved_mib"),
                 f(v, "balloon_mib"),
@@ -296,7 +361,7 @@ fn sharing() {
         }
         // The host: its state over the run (periods in each), free memory at the end.
         let mut states: Vec<(String, usize)> = Vec::new();
-        for r in &rows {
+        for (r, _) in &rows {
             let s = r["host"]["state"].as_str().unwrap_or("?").to_string();
             match states.iter_mut().find(|(n, _)| *n == s) {
                 Some((_, c)) => *c += 1,
@@ -305,9 +370,8 @@ fn sharing() {
         }
         let h = &last["host"];
         hosts.push(format!(
-            "{:<4} state at the end {}, periods per state {:?}, changes {}, free {:.1} MiB, \
-             saved {:.1} MiB (kernel pages_sharing {:.1} MiB)",
-            if on { "on" } else { "off" },
+            "{label:<4} {budget:<6} state at the end {}, periods per state {:?}, changes {}, \
+             free {:.1} MiB, saved {:.1} MiB (kernel pages_sharing {:.1} MiB)",
             h["state"].as_str().unwrap_or("?"),
             states,
             h["transitions"],
@@ -315,10 +379,96 @@ fn sharing() {
             f(h, "saved_mib"),
             f(h, "ksm_pages_sharing_mib"),
         ));
+        if on {
+            hosts.push(kernel_gap(&rows, tail));
+        }
+        if on && series {
+            println!(
+                "period  pages_sharing−saved  ours_merging−SHRD  SWCUR moves  SWCUR   BAL  SHRDSVD  (MiB, all VMs)"
+            );
+            let per_mib = (MIB / 4096) as f64;
+            for (r, k) in &rows {
+                let sum = |key: &str| -> f64 {
+                    r["vms"]
+                        .as_array()
+                        .map_or(0.0, |vs| vs.iter().map(|v| f(v, key)).sum())
+                };
+                println!(
+                    "{:>6} {:>20.1} {:>18.1} {:>12.1} {:>6.1} {:>5.1} {:>8.1}",
+                    r["period"],
+                    k.pages_sharing as f64 / per_mib - sum("saved_mib"),
+                    k.ours_merging as f64 / per_mib - sum("shared_mib"),
+                    swap_moves(&rows, r),
+                    sum("swapped_mib"),
+                    sum("balloon_mib"),
+                    sum("saved_mib"),
+                );
+            }
+        }
     }
     for h in hosts {
         println!("{h}");
     }
+}
+
+/// The kernel's `pages_sharing` against the PFN count, over the last `tail` periods (MiB, mean
+/// and range), split into what the kernel counts for our VMs' processes beyond the pages the
+/// PFN count finds shared (mappings gone but still in ksmd's stable tree until its next pass),
+/// and what other processes of the host merge.
+fn kernel_gap(rows: &[(Value, KernelSample)], tail: usize) -> String {
+    let per_mib = (MIB / 4096) as f64;
+    let sum = |r: &Value, k: &str| -> f64 {
+        r["vms"]
+            .as_array()
+            .map_or(0.0, |vs| vs.iter().map(|v| f(v, k)).sum())
+    };
+    let recent = &rows[rows.len().saturating_sub(tail)..];
+    let series = |g: &dyn Fn(&Value, &KernelSample) -> f64| -> String {
+        let xs: Vec<f64> = recent.iter().map(|(r, k)| g(r, k)).collect();
+        let mean = xs.iter().sum::<f64>() / xs.len().max(1) as f64;
+        let (lo, hi) = xs
+            .iter()
+            .fold((f64::MAX, f64::MIN), |(a, b), &x| (a.min(x), b.max(x)));
+        format!("{mean:.1} ({lo:.1} to {hi:.1})")
+    };
+    let mib = |p: u64| p as f64 / per_mib;
+    let (r_last, k_last) = &rows[rows.len() - 1];
+    format!(
+        "     kernel over the last {tail} periods, MiB mean (range): pages_sharing − PFN saved {}; \
+         our VMs' ksm_merging_pages − PFN SHRD {}; other processes' ksm_merging_pages {}; \
+         pages_sharing + pages_shared − all ksm_merging_pages {}; ksm_zero_pages {}; \
+         swap out+in MiB per period {}; at the end: pages_sharing {:.1}, pages_shared {:.1}, \
+         ours merging {:.1}, PFN saved {:.1}, PFN SHRD {:.1}",
+        series(&|r, k| mib(k.pages_sharing) - sum(r, "saved_mib")),
+        series(&|r, k| mib(k.ours_merging) - sum(r, "shared_mib")),
+        series(&|_, k| mib(k.others_merging)),
+        series(
+            &|_, k| mib(k.pages_sharing + k.pages_shared) - mib(k.ours_merging + k.others_merging)
+        ),
+        series(&|_, k| mib(k.zero_pages)),
+        series(&|r, _| swap_moves(rows, r)),
+        mib(k_last.pages_sharing),
+        mib(k_last.pages_shared),
+        mib(k_last.ours_merging),
+        sum(r_last, "saved_mib"),
+        sum(r_last, "shared_mib"),
+    )
+}
+
+/// MiB swapped out or in by all VMs since the row before `r` (from SWCUR's changes: a lower bound).
+fn swap_moves(rows: &[(Value, KernelSample)], r: &Value) -> f64 {
+    let Some(i) = rows.iter().position(|(x, _)| std::ptr::eq(x, r)) else {
+        return 0.0;
+    };
+    let Some((prev, _)) = i.checked_sub(1).map(|j| &rows[j]) else {
+        return 0.0;
+    };
+    let vms = |x: &Value| x["vms"].as_array().cloned().unwrap_or_default();
+    vms(r)
+        .iter()
+        .zip(vms(prev))
+        .map(|(a, b)| (f(a, "swapped_mib") - f(&b, "swapped_mib")).abs())
+        .sum()
 }
 
 fn main() {
@@ -343,6 +493,13 @@ fn main() {
         bias();
     }
     if matches!(which, None | Some("sharing")) {
-        sharing();
+        // The third run is the control for the kernel's figures: no pressure, so nothing is ever
+        // ballooned or swapped.
+        sharing(&[(false, "100M"), (true, "100M"), (true, "400M")], false);
+    }
+    if which == Some("gap") {
+        // `gap BUDGET`: the kernel's figures against the PFN count period by period, with ksm, on
+        // a budget tight enough that sharing does not spare the VMs reclamation.
+        sharing(&[(true, args.get(1).map_or("60M", String::as_str))], true);
     }
 }

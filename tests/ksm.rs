@@ -139,14 +139,39 @@ fn host(r: &Row) -> &memvisor::row::HostUsage {
     r.host.as_ref().expect("host usage on every row")
 }
 
+/// A VM whose sharers are all its own: SHRDSVD = SHRD − frames (m pages on a frame save m − 1),
+/// and host usage = `backed` − `saved` + `ovhd`.
+fn assert_sharing_within_the_vm(r: &memvisor::row::HostUsage) {
+    let saved = r.shared_saved_mib * 256.0;
+    assert!(
+        (saved - (pages(r.shared_mib) - r.shared_frames) as f64).abs() < 1e-6,
+        "SHRDSVD = SHRD − frames: {r:?}"
+    );
+    assert!(
+        (r.host_mib - (r.backed_mib - r.shared_saved_mib + r.overhead_mib)).abs() < 0.01,
+        "host = backed − saved + ovhd: {r:?}"
+    );
+}
+
+/// What a test with a guest under a fast ksmd needs: KVM, root (PFNs), the guest to itself and
+/// ksmd started fast (restored when dropped); `None` (skipped, saying why) without one of them.
+fn ksm_guest(
+    test: &str,
+) -> Option<(
+    std::sync::MutexGuard<'static, ()>,
+    memvisor::memory::ksm::KsmRun,
+)> {
+    if !common::kvm(test) || !common::root(test) {
+        return None;
+    }
+    let one = one_guest();
+    ksmd_fast(test).map(|k| (one, k))
+}
+
 #[test]
 fn identical_pages_merge_and_a_write_unshares_them_within_an_interval() {
     let test = "identical_pages_merge_and_a_write_unshares_them_within_an_interval";
-    if !common::kvm(test) || !common::root(test) {
-        return;
-    }
-    let _one = one_guest();
-    let Some(_ksmd) = ksmd_fast(test) else {
+    let Some((_one, _ksmd)) = ksm_guest(test) else {
         return;
     };
     // 16 MiB of identical pages, merged while the guest idles; then a quarter is written unique
@@ -359,11 +384,7 @@ fn pages(mib: f64) -> u64 {
 #[test]
 fn swap_takes_unshared_pages_first_and_verify_holds_after_it() {
     let test = "swap_takes_unshared_pages_first_and_verify_holds_after_it";
-    if !common::kvm(test) || !common::root(test) {
-        return;
-    }
-    let _one = one_guest();
-    let Some(_ksmd) = ksmd_fast(test) else {
+    let Some((_one, _ksmd)) = ksm_guest(test) else {
         return;
     };
     let dir = tempfile::tempdir().unwrap();
@@ -451,15 +472,7 @@ fn swap_takes_unshared_pages_first_and_verify_holds_after_it() {
         s.shared_page_outs
     );
     for r in [before, after] {
-        let saved = r.shared_saved_mib * 256.0;
-        assert!(
-            (saved - (pages(r.shared_mib) - r.shared_frames) as f64).abs() < 1e-6,
-            "SHRDSVD = SHRD − frames: {r:?}"
-        );
-        assert!(
-            (r.host_mib - (r.backed_mib - r.shared_saved_mib + r.overhead_mib)).abs() < 0.01,
-            "{r:?}"
-        );
+        assert_sharing_within_the_vm(r);
     }
     // Whole frames went: the frames left are fewer by at least the full frames swapped out.
     assert!(
@@ -477,4 +490,219 @@ fn swap_takes_unshared_pages_first_and_verify_holds_after_it() {
         .sum();
     // (the heap's unique 8 MiB, unshared, all went out).
     assert!(ins >= 8 * 256, "page-ins {ins}");
+}
+
+/// A guest that writes 24 MiB of identical pages (merged within the VM into 256-way frames),
+/// frees the top half and idles `idle`; once they are merged the balloon is inflated into all of
+/// its free memory but 2 MiB: it takes from the top, the never-touched pages first, then the
+/// freed shared ones; the run ends with `verify` and `check` over the 12 MiB left. `at_merge` and
+/// `after_balloon` run when the balloon is asked to inflate and at each row once it is full (with
+/// the number of rows since). Returns the rows, the index of the row that asked and the target
+/// in MiB.
+fn balloon_over_merged(
+    idle: &str,
+    mut at_merge: impl FnMut(),
+    mut after_balloon: impl FnMut(usize),
+) -> (Vec<Row>, usize, u64) {
+    let mut opts = common::config(
+        &format!(
+            "alloc 24M; touch 24M fill same; free 12M; idle {idle}; touch 12M read verify; \
+             check 12M; idle 600ms"
+        ),
+        32 * MIB,
+    );
+    opts.ksm = true;
+    opts.access_samples = 0;
+    opts.interval = Duration::from_millis(200);
+    let vm = memvisor::Run::from_options(opts)
+        .console(memvisor::Console::Discard)
+        .start()
+        .unwrap_or_else(|e| panic!("{e}"));
+    let mut rows: Vec<Row> = Vec::new();
+    let mut asked: Option<(usize, u64)> = None;
+    let mut full: Option<usize> = None;
+    for row in vm.rows().iter() {
+        let idling = row.phase.contains(&format!("idle {idle}"));
+        if asked.is_none() && idling && pages(host(&row).shared_mib) >= 24 * 256 {
+            at_merge();
+            let mib = (row.guest.free_mib as u64).saturating_sub(2);
+            vm.controller()
+                .set_balloon_target(mib)
+                .expect("balloon target");
+            asked = Some((rows.len(), mib));
+        }
+        if let Some((_, mib)) = asked
+            && row
+                .balloon
+                .as_ref()
+                .is_some_and(|b| b.balloon_mib >= mib as f64)
+        {
+            let first = *full.get_or_insert(rows.len());
+            after_balloon(rows.len() - first);
+        }
+        rows.push(row);
+    }
+    let summary = vm
+        .wait()
+        .unwrap_or_else(|e| panic!("verify holds on the pages left: {e}"));
+    let (k, target) = asked.expect("24 MiB merged during the idle");
+    assert!(target >= 12, "the guest had {target} + 2 MiB free");
+    assert!(summary.balloon.unwrap().inflated_pages >= target * 256);
+    // verify (in wait) and check hold on the 12 MiB left.
+    assert_eq!(checks(&rows), (12 * 256, 12 * 256, 0));
+    (rows, k, target)
+}
+
+/// The first row with the balloon at `target` MiB, after row `k`.
+fn balloon_full(rows: &[Row], k: usize, target: u64) -> usize {
+    k + rows[k..]
+        .iter()
+        .position(|r| {
+            r.balloon
+                .as_ref()
+                .is_some_and(|b| b.balloon_mib >= target as f64)
+        })
+        .expect("the balloon reached its target")
+}
+
+/// The balloon over merged pages: each shared page ballooned drops one mapping of its frame:
+/// SHRD and `backed` fall by as many pages, SHRDSVD stays SHRD − frames, host usage stays
+/// `backed` − `saved` + `ovhd`, the kernel's own count for this process follows within two
+/// intervals, and `verify` holds on the pages left.
+#[test]
+fn ballooning_shared_pages_is_accounted_and_verify_holds_on_the_rest() {
+    let test = "ballooning_shared_pages_is_accounted_and_verify_holds_on_the_rest";
+    let Some((_one, _ksmd)) = ksm_guest(test) else {
+        return;
+    };
+    let (rows, k, target) = balloon_over_merged("6s", || {}, |_| {});
+    let before = host(&rows[k]).clone();
+    // The row after the first with the balloon full (a boundary's release shows at the next
+    // harvest).
+    let full = balloon_full(&rows, k, target);
+    let after_row = rows.get(full + 1).unwrap_or(&rows[full]);
+    assert!(
+        after_row.phase.contains("idle 6s"),
+        "still idle two intervals after: {}",
+        after_row.phase
+    );
+    let after = host(after_row);
+    let (shrd_drop, backed_drop) = (
+        pages(before.shared_mib) - pages(after.shared_mib),
+        before.backed_pages - after.backed_pages,
+    );
+    eprintln!(
+        "{test}: balloon {target} MiB; SHRD {} -> {} pages, backed {} -> {}, frames {} -> {}, \
+         saved {:.2} -> {:.2} MiB, host {:.2} -> {:.2} MiB",
+        pages(before.shared_mib),
+        pages(after.shared_mib),
+        before.backed_pages,
+        after.backed_pages,
+        before.shared_frames,
+        after.shared_frames,
+        before.shared_saved_mib,
+        after.shared_saved_mib,
+        before.host_mib,
+        after.host_mib
+    );
+    // The balloon reached into the freed shared pages (it takes at most 12 MiB of them), and every
+    // backed page it took was a shared one.
+    assert!(
+        (4 * 256..=12 * 256 + 64).contains(&shrd_drop),
+        "SHRD fell by {shrd_drop} pages"
+    );
+    assert!(
+        backed_drop.abs_diff(shrd_drop) <= 64,
+        "backed fell by {backed_drop}, SHRD by {shrd_drop}"
+    );
+    // Each sharer gone lowers the saving by one page while its frame keeps another sharer; a
+    // frame left with one mapping is a page of its own again (not shared, nothing saved).
+    for r in [&before, after] {
+        assert_sharing_within_the_vm(r);
+    }
+    let saved_drop = (before.shared_saved_mib - after.shared_saved_mib) * 256.0;
+    assert!(
+        saved_drop <= shrd_drop as f64 + 1e-6 && saved_drop >= (shrd_drop as f64) * 0.9,
+        "saved fell by {saved_drop} pages for {shrd_drop} sharers gone"
+    );
+    // The machine memory the guest's pages use (`backed` − `saved`) falls only by the frames left
+    // with no sharer: far less than what was ballooned. (`host` adds the VMM's overhead, which in
+    // a test process moves with the other tests.)
+    let machine = |r: &memvisor::row::HostUsage| r.backed_pages as f64 - r.shared_saved_mib * 256.0;
+    let freed = machine(&before) - machine(after);
+    assert!(
+        freed <= (before.shared_frames - after.shared_frames) as f64 + 64.0,
+        "backed − saved fell by {freed} pages, frames {} -> {}",
+        before.shared_frames,
+        after.shared_frames
+    );
+    // The kernel's count for this process (immune to other processes merging) follows within two
+    // intervals: ksmd drops a zapped mapping from its tree at its next pass.
+    let kernel = after.ksm.as_ref().expect("kernel figures");
+    assert!(
+        kernel.merging_pages.abs_diff(pages(after.shared_mib)) <= 64,
+        "ksm_merging_pages {} vs SHRD {}",
+        kernel.merging_pages,
+        pages(after.shared_mib)
+    );
+}
+
+/// Why the kernel's `pages_sharing` can run above the PFN count: ksmd keeps a mapping it merged
+/// in its stable tree until its next pass over that address, whatever happened to the mapping
+/// since. With ksmd stopped (`run` = 0 keeps merged pages merged) and shared pages ballooned, the
+/// PFN count drops them at once and the kernel's `ksm_merging_pages` keeps every one; once ksmd
+/// runs again, they agree within a few intervals.
+#[test]
+fn the_kernels_count_keeps_ballooned_sharers_until_ksmds_next_pass() {
+    use memvisor::memory::ksm;
+    let test = "the_kernels_count_keeps_ballooned_sharers_until_ksmds_next_pass";
+    let Some((_one, ksmd)) = ksm_guest(test) else {
+        return;
+    };
+    let ksmd = std::cell::RefCell::new(ksmd);
+    // Stop ksmd as the balloon inflates; start it again two rows after the balloon is full.
+    let (rows, k, target) = balloon_over_merged(
+        "8s",
+        || ksmd.borrow_mut().set("run", 0).expect("stop ksmd"),
+        |since| {
+            if since == 2 {
+                ksm::set_knob("run", 1).expect("start ksmd");
+            }
+        },
+    );
+    drop(ksmd);
+    let full = balloon_full(&rows, k, target);
+    let kernel = |r: &Row| host(r).ksm.as_ref().expect("kernel figures").merging_pages;
+    let shrd = |r: &Row| pages(host(r).shared_mib);
+    let before = &rows[k];
+    // Stopped: the sharers ballooned left SHRD, not the kernel's count.
+    let stopped = &rows[full + 1];
+    let gone = shrd(before) - shrd(stopped);
+    eprintln!(
+        "{test}: before SHRD {} kernel {}; ksmd stopped, balloon full: SHRD {} kernel {}",
+        shrd(before),
+        kernel(before),
+        shrd(stopped),
+        kernel(stopped)
+    );
+    assert!(gone >= 4 * 256, "SHRD fell by {gone}");
+    assert!(
+        kernel(stopped) + 64 >= kernel(before) && kernel(stopped) >= shrd(stopped) + gone - 64,
+        "the kernel still counts the {gone} sharers gone: {} (SHRD {})",
+        kernel(stopped),
+        shrd(stopped)
+    );
+    // Running again (from the third row after the balloon was full): agreement within the idle.
+    let agreed = rows[full + 3..]
+        .iter()
+        .take_while(|r| r.phase.contains("idle 8s"))
+        .find(|r| kernel(r).abs_diff(shrd(r)) <= 64);
+    assert!(
+        agreed.is_some(),
+        "the kernel's count never came back to SHRD: {:?}",
+        rows[full + 3..]
+            .iter()
+            .map(|r| (kernel(r), shrd(r)))
+            .collect::<Vec<_>>()
+    );
 }

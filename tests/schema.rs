@@ -166,6 +166,7 @@ fn full_host_row() -> HostRow {
             exit_code: Some(0),
             mem_mib: 128.0,
             target_mib: 90.0,
+            guest_target_mib: 93.0,
             granted_mib: 100.0,
             active_mib: 60.0,
             active_source: ActiveSource::Writes,

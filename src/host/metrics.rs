@@ -261,7 +261,7 @@ fn add_host(m: &mut Metrics, r: &HostRow) {
 
 fn add_vms(m: &mut Metrics, vms: &[VmLine], totals: &Totals) {
     type Field = (&'static str, &'static str, fn(&VmLine) -> Option<f64>);
-    let sizes: [Field; 10] = [
+    let sizes: [Field; 11] = [
         (
             "memvisor_host_configured",
             "The VM's configured memory (MEMSZ)",
@@ -269,8 +269,13 @@ fn add_vms(m: &mut Metrics, vms: &[VmLine], totals: &Totals) {
         ),
         (
             "memvisor_host_target",
-            "The VM's target allocation (SZTGT): min-funding revocation with the idle memory tax",
+            "The VM's target allocation (SZTGT): machine memory, by min-funding revocation with the idle memory tax",
             |v| Some(v.target_mib),
+        ),
+        (
+            "memvisor_host_guest_target",
+            "The guest memory the VM may hold on its target: SZTGT plus its sharing savings (SHRDSVD), at most its size or limit; balloon and swap reclaim what it holds beyond this",
+            |v| Some(v.guest_target_mib),
         ),
         (
             "memvisor_host_granted",
@@ -436,6 +441,10 @@ mod tests {
             assert_eq!(
                 value(&s, "memvisor_host_target_bytes", &vm),
                 v.target_mib * M
+            );
+            assert_eq!(
+                value(&s, "memvisor_host_guest_target_bytes", &vm),
+                v.guest_target_mib * M
             );
             assert_eq!(
                 value(&s, "memvisor_host_granted_bytes", &vm),

@@ -64,7 +64,8 @@ pub const STUCK_PERIODS: u32 = 3;
 pub struct VmMemory {
     /// Configured memory (MEMSZ).
     pub mem_pages: u64,
-    /// The scheduler's target (SZTGT).
+    /// The guest pages it may hold: the scheduler's target (SZTGT, machine memory) plus its
+    /// sharing savings, at most its size or limit ([`Target::guest_pages`](crate::host::scheduler::Target::guest_pages)).
     pub target_pages: u64,
     /// Guest pages the VM holds now (GRANT less swapped, i.e. backed).
     pub granted_pages: u64,

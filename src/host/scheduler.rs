@@ -35,6 +35,12 @@
 //! Pages worth exactly `ρ*` (equal VMs, zero shares, the idle pages at `τ = 1`) are split evenly
 //! among the VMs that hold them, the odd pages going to the VMs listed first.
 //!
+//! # Page sharing
+//! Targets are machine memory. A VM's savings from page sharing (its SHRDSVD) are not charged, as
+//! ESX charges `consumed = GRANT − SHRDSVD`: it is given at most its cap less its savings, and it
+//! may hold its target plus its savings in guest pages ([`Target::guest_pages`]), which is what
+//! reclamation works toward (`docs/design.md`, "Sharing and the targets").
+//!
 //! # Admission
 //! Each VM's overhead is charged against the budget first; the VMs share the rest. If the
 //! reservations plus the overheads exceed the budget, nothing is allocated: [`AdmissionError`] says
@@ -86,6 +92,10 @@ pub struct VmInput {
     /// Active pages `A`: the active fraction at an allocation `P` is `min(1, A / P)`.
     pub active_pages: u64,
     pub active_source: ActiveSource,
+    /// Machine pages its page sharing saves now (its SHRDSVD): not charged. Its target is machine
+    /// memory, so it is given at most `max(reservation, cap − saved)` of it, and its guest pages
+    /// may hold its target plus its savings ([`Target::guest_pages`]).
+    pub saved_pages: u64,
 }
 
 impl VmInput {
@@ -101,13 +111,32 @@ impl VmInput {
             overhead_pages: 0,
             active_pages,
             active_source: ActiveSource::Accesses,
+            saved_pages: 0,
         }
     }
 
-    /// The most it may be given: `min(limit, configured size)`.
+    /// The most guest memory it may hold: `min(limit, configured size)`.
     pub fn cap_pages(&self) -> u64 {
         self.limit_pages
             .map_or(self.mem_pages, |l| l.min(self.mem_pages))
+    }
+
+    /// The most machine memory it may be given: its cap less what its sharing saves (the cap's
+    /// guest pages need no more), but not below its reservation.
+    pub fn machine_cap_pages(&self) -> u64 {
+        self.cap_pages()
+            .saturating_sub(self.saved_pages)
+            .max(self.reservation_pages)
+    }
+
+    /// The guest pages it may hold for a machine-memory target of `machine_pages`: the target
+    /// plus its savings, at most its cap. Holding that many, it is charged
+    /// `guest − saved ≤ machine_pages`.
+    pub fn guest_pages(&self, machine_pages: u64) -> u64 {
+        machine_pages
+            .saturating_add(self.saved_pages)
+            .min(self.cap_pages())
+            .max(machine_pages)
     }
 }
 
@@ -128,7 +157,12 @@ pub enum Bound {
 /// One VM's target allocation (ESX's SZTGT), in the order of the input.
 #[derive(Clone, Debug, PartialEq, Serialize)]
 pub struct Target {
+    /// Machine memory (SZTGT): what it is charged for, its savings not included.
     pub pages: u64,
+    /// The guest pages it may hold (GRANT plus balloon plus swapped, less what the balloon and
+    /// swap keep reclaimed): `min(cap, pages + saved)` ([`VmInput::guest_pages`]). Reclamation
+    /// works toward this.
+    pub guest_pages: u64,
     /// The active fraction `f = min(1, A / P)` at the target (0 for an empty target of an idle VM,
     /// 1 for an empty target of an active one).
     pub active_fraction: f64,
@@ -194,7 +228,7 @@ impl Curve {
             active: vm.active_pages,
             k,
             lo: vm.reservation_pages,
-            hi: vm.cap_pages(),
+            hi: vm.machine_cap_pages(),
         }
     }
 
@@ -241,8 +275,12 @@ impl Curve {
 /// Each VM's target allocation, in pages, for a `budget` of pages and an idle memory tax `tax`
 /// (0 to 1): min-funding revocation with the idle memory tax, exactly (see the module's text).
 ///
-/// When the VMs' caps (`min(limit, size)`) fit the budget less the overheads, each gets its cap.
-/// Otherwise the targets sum to exactly the budget less the overheads.
+/// Targets are machine memory: a VM's savings from page sharing (`saved_pages`) are not charged,
+/// so its guest target is its target plus its savings, at most its cap ([`Target::guest_pages`]),
+/// and it is given at most [`VmInput::machine_cap_pages`].
+///
+/// When the VMs' machine caps fit the budget less the overheads, each gets its machine cap (and
+/// its cap of guest pages). Otherwise the targets sum to exactly the budget less the overheads.
 pub fn targets(vms: &[VmInput], budget_pages: u64, tax: f64) -> Result<Vec<Target>, SchedError> {
     if !(0.0..=1.0).contains(&tax) {
         return Err(SchedError::BadTax(tax));
@@ -391,6 +429,7 @@ fn describe(vm: &VmInput, c: &Curve, pages: u64, level: Level) -> Target {
     };
     Target {
         pages,
+        guest_pages: vm.guest_pages(pages),
         active_fraction,
         active_source: vm.active_source,
         rho: (pages > 0).then(|| c.value(pages)),
@@ -631,6 +670,46 @@ mod tests {
     }
 
     #[test]
+    fn savings_are_not_charged() {
+        // Three equal VMs of 12 000 pages on 27 000: 9 000 each. The first saves 3 000 pages by
+        // sharing: the budget still gives it 9 000 pages of machine memory, and it may hold 12 000
+        // guest pages (its cap) on them.
+        let plain = vm("b", 12_000, 12_000);
+        let mut sharing = vm("a", 12_000, 12_000);
+        sharing.saved_pages = 3_000;
+        let ts = targets(
+            &[sharing.clone(), plain.clone(), plain.clone()],
+            27_000,
+            DEFAULT_TAX,
+        )
+        .unwrap();
+        assert_eq!(pages(&ts), [9_000, 9_000, 9_000]);
+        assert_eq!(
+            ts.iter().map(|t| t.guest_pages).collect::<Vec<_>>(),
+            [12_000, 9_000, 9_000]
+        );
+        // Saving 5 000, it needs only 7 000 machine pages for its cap: the 2 000 it cannot use go
+        // to the others.
+        sharing.saved_pages = 5_000;
+        let ts = targets(
+            &[sharing.clone(), plain.clone(), plain],
+            27_000,
+            DEFAULT_TAX,
+        )
+        .unwrap();
+        assert_eq!(pages(&ts), [7_000, 10_000, 10_000]);
+        assert_eq!(ts[0].guest_pages, 12_000);
+        assert_eq!(ts[0].bound, Bound::Size);
+        // A limit caps guest pages, savings or not; a reservation is machine memory, kept whole.
+        sharing.limit_pages = Some(8_000);
+        sharing.reservation_pages = 4_000;
+        assert_eq!(sharing.machine_cap_pages(), 4_000);
+        assert_eq!(sharing.guest_pages(4_000), 8_000);
+        let ts = targets(&[sharing], 1_000_000, DEFAULT_TAX).unwrap();
+        assert_eq!((ts[0].pages, ts[0].guest_pages), (4_000, 8_000));
+    }
+
+    #[test]
     fn huge_budgets_are_exact_and_quick() {
         // 64 VMs of 4 TiB each (2^30 pages) under a budget of a third of them: one solve, no
         // page-by-page loop.
@@ -695,6 +774,12 @@ mod tests {
                 )
                     .prop_map(move |(resv, limit, overhead, active)| {
                         let cap = limit.map_or(mem, |l| l.min(mem));
+                        // Savings in about half of the VMs, from a few pages to all of them.
+                        let saved = if active % 2 == 0 {
+                            0
+                        } else {
+                            (active / 2).min(mem)
+                        };
                         VmInput {
                             name: "v".into(),
                             mem_pages: mem,
@@ -708,6 +793,7 @@ mod tests {
                             } else {
                                 ActiveSource::Accesses
                             },
+                            saved_pages: saved,
                         }
                     })
             })
@@ -751,14 +837,25 @@ mod tests {
                     Err(e) => prop_assert!(false, "{}", e),
                     Ok(ts) => {
                         prop_assert_eq!(ts.len(), vms.len());
+                        let mut charged = 0u64;
                         for (v, t) in vms.iter().zip(&ts) {
                             prop_assert!(t.pages >= v.reservation_pages);
-                            prop_assert!(t.pages <= v.cap_pages());
+                            prop_assert!(t.pages <= v.machine_cap_pages());
                             prop_assert!((0.0..=1.0).contains(&t.active_fraction));
                             prop_assert_eq!(t.active_source, v.active_source);
+                            // Guest pages: never fewer than the target, never more than the cap
+                            // (a reservation above the cap less the savings aside), and a VM
+                            // holding them is charged at most its target.
+                            prop_assert!(t.guest_pages >= t.pages);
+                            prop_assert!(t.guest_pages <= v.cap_pages().max(t.pages));
+                            let charge = t.guest_pages.saturating_sub(v.saved_pages);
+                            prop_assert!(charge <= t.pages);
+                            charged += charge;
                         }
+                        // The machine memory the VMs are charged at their guest targets fits.
+                        prop_assert!(charged + overheads <= budget);
                         let sum: u64 = ts.iter().map(|t| t.pages).sum();
-                        let caps: u64 = vms.iter().map(|v| v.cap_pages()).sum();
+                        let caps: u64 = vms.iter().map(|v| v.machine_cap_pages()).sum();
                         prop_assert_eq!(sum, caps.min(budget - overheads));
                         if sum < caps {
                             assert_optimal(&vms, &pages(&ts), tax);
@@ -814,6 +911,26 @@ mod tests {
             }
 
             #[test]
+            fn more_savings_never_give_less(
+                (vms, budget) in admitted(1 << 30, 6),
+                extra in 1u64..1 << 30,
+                tax in tax(),
+            ) {
+                // A VM whose sharing saves more may hold at least as many guest pages, and the
+                // others get at least as much machine memory (it needs less of it).
+                if let Ok(before) = targets(&vms, budget, tax) {
+                    let mut more = vms.clone();
+                    more[0].saved_pages = (more[0].saved_pages + extra).min(more[0].mem_pages);
+                    let after = targets(&more, budget, tax).unwrap();
+                    prop_assert!(after[0].guest_pages >= before[0].guest_pages,
+                        "{} < {}", after[0].guest_pages, before[0].guest_pages);
+                    for (a, b) in after.iter().zip(&before).skip(1) {
+                        prop_assert!(a.pages >= b.pages, "{:?} < {:?}", pages(&after), pages(&before));
+                    }
+                }
+            }
+
+            #[test]
             fn no_tax_ignores_activity(
                 (vms, budget) in setup(1 << 40, 6),
                 actives in prop::collection::vec(any::<u64>(), 6),
@@ -848,6 +965,7 @@ mod tests {
                         overhead_pages: overhead,
                         active_pages: active,
                         active_source: ActiveSource::Writes,
+                        saved_pages: active / 3,
                     })
                     .collect();
                 if let Ok(ts) = targets(&vms, budget, tax) {

@@ -93,8 +93,11 @@ pub struct VmLine {
     pub exit_code: Option<i32>,
     /// MEMSZ.
     pub mem_mib: f64,
-    /// SZTGT.
+    /// SZTGT: machine memory, what the VM is charged for (its sharing savings are not).
     pub target_mib: f64,
+    /// The guest memory it may hold on that target: SZTGT plus its SHRDSVD, at most its size or
+    /// limit. Its balloon and swap targets are what it holds beyond this.
+    pub guest_target_mib: f64,
     /// GRANT: guest pages backed by machine memory now.
     pub granted_mib: f64,
     /// TCHD: the active estimate the scheduler used, and where it came from.
@@ -196,6 +199,7 @@ fn input(spec: &VmSpec, overhead_pages: u64, active_pages: u64, source: ActiveSo
         overhead_pages,
         active_pages,
         active_source: source,
+        saved_pages: 0,
     }
 }
 
@@ -323,8 +327,10 @@ fn decide(
             Some(_) => vm.process.rows_to_the_end(LAST_ROW_WAIT).latest.clone(),
             None => vm.process.rows().latest.clone(),
         };
-        let (input, memory, rate) = observed(&vm.process.spec, row.as_ref());
+        let (mut input, memory, rate) = observed(&vm.process.spec, row.as_ref());
         let sharing = sharing_of(row.as_ref());
+        // Its savings are not charged: the scheduler gives it machine memory.
+        input.saved_pages = sharing.saved_pages;
         views.push((status, input, memory, rate, row, sharing));
     }
     let used: u64 = views
@@ -363,6 +369,7 @@ fn decide(
                 .iter()
                 .map(|v| scheduler::Target {
                     pages: v.reservation_pages,
+                    guest_pages: v.guest_pages(v.reservation_pages),
                     active_fraction: 0.0,
                     active_source: v.active_source,
                     rho: None,
@@ -373,9 +380,10 @@ fn decide(
     };
     let mut lines = Vec::with_capacity(vms.len());
     let mut targets_pages = 0;
+    // (machine, guest) target pages.
     let mut target_of = vec![None; views.len()];
     for (&i, t) in running.iter().zip(&targets) {
-        target_of[i] = Some(t.pages);
+        target_of[i] = Some((t.pages, t.guest_pages));
         targets_pages += t.pages;
     }
     for (i, vm) in vms.iter_mut().enumerate() {
@@ -394,8 +402,10 @@ fn decide(
         let mut stuck = false;
         let mut plan_balloon = memory.balloon_pages;
         let mut plan_swap = memory.swapped_pages;
-        if let Some(target) = target_of[i] {
-            memory.target_pages = target;
+        if let Some((_, guest_target)) = target_of[i] {
+            // Reclamation keeps the VM's guest pages (held, ballooned, swapped) within its
+            // machine target plus its savings (`docs/design.md`, "Sharing and the targets").
+            memory.target_pages = guest_target;
             let plan = reclaim::plan(&memory, state, vm.history);
             vm.history = plan.history;
             stuck = plan.balloon_stuck;
@@ -452,7 +462,8 @@ fn decide(
             },
             exit_code: status.and_then(|s| s.code()),
             mem_mib: mib(spec.mem),
-            target_mib: target_of[i].map_or(0.0, pages_mib),
+            target_mib: target_of[i].map_or(0.0, |t| pages_mib(t.0)),
+            guest_target_mib: target_of[i].map_or(0.0, |t| pages_mib(t.1)),
             granted_mib: granted,
             active_mib: active,
             active_source: input.active_source,
@@ -598,5 +609,69 @@ mod tests {
         );
         assert_eq!(memory.granted_pages, 0);
         assert_eq!(rate, None);
+    }
+
+    /// The loop the host closes with sharing: the guest target is the machine target plus the
+    /// VM's savings, and reclamation may take shared pages, which lowers the savings. A VM of
+    /// 10 000 pages holds 8 000, 4 000 of them 4 to a frame (3 000 saved), on a machine target
+    /// of 4 000, in `soft`. Whatever pages the balloon takes, the balloon target only grows while
+    /// the savings fall (no back and forth), and it stops at or below what it would be without
+    /// sharing (8 000 − 4 000).
+    #[test]
+    fn falling_savings_only_raise_the_balloon_up_to_the_unshared_need() {
+        use crate::host::reclaim;
+        let (mem, machine_target, frames, per_frame) = (10_000u64, 4_000u64, 1_000u64, 4u64);
+        let cap = reclaim::balloon_max(mem);
+        // Which pages the guest gives: unshared ones (its free pages are private), or the worst
+        // case, shared ones first, each of which lowers the saving and frees nothing while its
+        // frame has other sharers.
+        for shared_first in [false, true] {
+            let mut vm = VmInput::new("a", mem, 0);
+            let mut memory = VmMemory {
+                mem_pages: mem,
+                target_pages: 0,
+                granted_pages: 8_000,
+                balloon_pages: 0,
+                swapped_pages: 0,
+                balloon_device: true,
+            };
+            let (mut history, mut targets) = (History::default(), Vec::new());
+            // Sharers left on each frame (all frames alike: the balloon takes frame by frame).
+            let mut sharers = vec![per_frame; frames as usize];
+            let mut unshared = 8_000 - frames * per_frame;
+            for _ in 0..60 {
+                vm.saved_pages = sharers.iter().map(|&m| m.saturating_sub(1)).sum();
+                memory.target_pages = vm.guest_pages(machine_target);
+                let plan = reclaim::plan(&memory, MemState::Soft, history);
+                history = plan.history;
+                targets.push(plan.balloon_target_pages);
+                // The guest inflates to the target, giving the pages as chosen.
+                for _ in memory.balloon_pages..plan.balloon_target_pages {
+                    let frame = sharers.iter_mut().find(|m| **m > 0);
+                    match frame {
+                        Some(m) if shared_first || unshared == 0 => *m -= 1,
+                        _ => unshared -= 1,
+                    }
+                }
+                memory.balloon_pages = memory.balloon_pages.max(plan.balloon_target_pages);
+                memory.granted_pages = mem - memory.balloon_pages - 2_000;
+            }
+            assert!(
+                targets.windows(2).all(|w| w[0] <= w[1]),
+                "shared_first {shared_first}: {targets:?}"
+            );
+            let last = *targets.last().unwrap();
+            let held: u64 = unshared + sharers.iter().sum::<u64>();
+            let saved: u64 = sharers.iter().map(|&m| m.saturating_sub(1)).sum();
+            // Settled: charged no more than the machine target.
+            assert!(held - saved <= machine_target, "{held} - {saved}");
+            if shared_first {
+                // Every saving gone, then what is left reclaimed as without sharing.
+                assert_eq!((saved, last), (0, (8_000 - machine_target).min(cap)));
+            } else {
+                // Only the machine excess: 8 000 − 3 000 − 4 000.
+                assert_eq!((saved, last), (3_000, 1_000));
+            }
+        }
     }
 }

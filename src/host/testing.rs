@@ -12,6 +12,7 @@ pub fn vm(name: &str, granted: f64, target: f64, active: f64) -> VmLine {
         exit_code: None,
         mem_mib: 128.0,
         target_mib: target,
+        guest_target_mib: target,
         granted_mib: granted,
         active_mib: active,
         active_source: ActiveSource::Accesses,
