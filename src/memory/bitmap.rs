@@ -299,6 +299,47 @@ pub fn union_windows(a: &[Range<usize>], b: &[Range<usize>]) -> Vec<Range<usize>
     out
 }
 
+/// The words lying wholly inside ascending page ranges `ranges` (word `w`: pages
+/// `64w..64w + 64`), ascending, disjoint, adjacent ones merged.
+pub fn inner_words(ranges: impl IntoIterator<Item = Range<u64>>) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for r in ranges {
+        let w = r.start.div_ceil(WORD_BITS) as usize..(r.end / WORD_BITS) as usize;
+        if w.start >= w.end {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if w.start <= last.end => last.end = last.end.max(w.end),
+            _ => out.push(w),
+        }
+    }
+    out
+}
+
+/// The words of `a` not in `b` (both sorted and disjoint), sorted and disjoint.
+pub fn difference_windows(a: &[Range<usize>], b: &[Range<usize>]) -> Vec<Range<usize>> {
+    let mut out = Vec::with_capacity(a.len());
+    let mut j = 0;
+    for r in a {
+        let mut start = r.start;
+        while j < b.len() && b[j].end <= start {
+            j += 1;
+        }
+        let mut k = j;
+        while start < r.end && k < b.len() && b[k].start < r.end {
+            if b[k].start > start {
+                out.push(start..b[k].start);
+            }
+            start = start.max(b[k].end);
+            k += 1;
+        }
+        if start < r.end {
+            out.push(start..r.end);
+        }
+    }
+    out
+}
+
 /// The bits of a stretch of pages, word-aligned: bit `i` of the words is page `first_page + i`,
 /// with `first_page` a multiple of 64, the way `KVM_CLEAR_DIRTY_LOG` takes a window of a slot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -787,6 +828,16 @@ mod tests {
             word_windows(std::iter::once(5..5)),
             Vec::<Range<usize>>::new()
         );
+        assert_eq!(
+            inner_words([0..64, 64..130, 190..256, 300..310, 320..448]),
+            vec![0..2, 3..4, 5..7]
+        );
+        assert_eq!(
+            difference_windows(&[0..10, 12..14, 20..30], &[2..3, 9..13, 25..40]),
+            vec![0..2, 3..9, 13..14, 20..25]
+        );
+        assert_eq!(difference_windows(&[0..4], &[]), vec![0..4]);
+        assert!(difference_windows(&[3..4], &[0..10]).is_empty());
         assert_eq!(
             union_windows(&[0..2, 10..12], &[1..3, 5..6, 12..13]),
             vec![0..3, 5..6, 10..13]
