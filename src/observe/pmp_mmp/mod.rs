@@ -1808,8 +1808,9 @@ mod tests {
             Err(e) => eprintln!("SKIPPED (move-out part): {e}"),
         }
 
-        // A release in word 4 (pages 256..320): words 0..5 are scanned again (fewer than
-        // MIN_SKIP_WORDS skippable before it), 5..25 still skipped.
+        // A release in word 2 (pages 128..192): words 0..3 are scanned again (fewer than
+        // MIN_SKIP_WORDS skippable before it), 3..25 still skipped.
+        assert_eq!(MIN_SKIP_WORDS, 4);
         let release = |old: &mut PmpMmpMap, new: &mut PmpMmpMap, log: &mut Bitmap, r: Range<u64>| {
             let window = Window::of(log.words(), r.clone());
             log.clear_range(r.clone());
@@ -1819,30 +1820,30 @@ mod tests {
                 m.note_cleared_in(r.clone());
             }
         };
-        release(&mut old, &mut new, &mut log, 300..310);
+        release(&mut old, &mut new, &mut log, 130..140);
         harvest_both(&mut old, &mut new, &log, &none, 3);
         if skips {
-            assert_eq!(new.last_scan().skipped_pages, 1600 - 5 * 64);
+            assert_eq!(new.last_scan().skipped_pages, 22 * 64);
         }
-        // Word 4 is not wholly present any more: the next scan looks at 0..5 again.
+        // Word 2 is not wholly present any more: the next scan looks at 0..3 again.
         harvest_both(&mut old, &mut new, &log, &none, 4);
         if skips {
-            assert_eq!(new.last_scan().skipped_pages, 1600 - 5 * 64);
+            assert_eq!(new.last_scan().skipped_pages, 22 * 64);
         }
 
-        // A swap-out in word 20 (released, then swapped): scanned again, and exact.
-        release(&mut old, &mut new, &mut log, 1290..1293);
-        let swapped = [(1290, true), (1291, false), (1292, true)];
+        // A swap-out in word 22 (released, then swapped): scanned again, and exact.
+        release(&mut old, &mut new, &mut log, 1450..1453);
+        let swapped = [(1450, true), (1451, false), (1452, true)];
         old.note_vmm_swapped(&swapped);
         new.note_vmm_swapped(&swapped);
         harvest_both(&mut old, &mut new, &log, &none, 5);
         if skips {
-            // Words 5..20 skipped; 21..25 are too few to skip.
-            assert_eq!(new.last_scan().skipped_pages, 15 * 64);
+            // Words 3..22 skipped; 23..25 are too few to skip.
+            assert_eq!(new.last_scan().skipped_pages, 19 * 64);
         }
 
-        // Read back, word 4 and 20 are wholly present again: skipped from the harvest after.
-        for g in (300..310).chain(1290..1293) {
+        // Read back, words 2 and 22 are wholly present again: skipped from the harvest after.
+        for g in (130..140).chain(1450..1453) {
             read(g);
         }
         harvest_both(&mut old, &mut new, &log, &none, 6);
