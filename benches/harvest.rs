@@ -9,8 +9,9 @@
 //! too.
 //!
 //! `cargo bench --bench harvest -- pause` instead measures the pause per interval of real runs:
-//! `memvisor run --json` at 1, 4, 16, 64 and 256 GiB (MAP_NORESERVE; the built-in guest's page
-//! tables map 448 GiB), the guest writing 256 MiB (and 4 GiB at 16 and 64 GiB) every interval,
+//! `memvisor run --json` at 1, 4, 16, 64, 256 and 448 GiB (MAP_NORESERVE; the built-in guest's
+//! page tables map 448 GiB), the guest writing 256 MiB (and 4 GiB at 16, 64 and 448 GiB) every
+//! interval,
 //! and reports the median of the steady rows' `vmm` block (every interval after the first two,
 //! the last one left out: it re-reads the whole map).
 //!
@@ -227,10 +228,13 @@ fn pause_run(gib: u64, touch: &str) -> Result<Vec<f64>, String> {
     let parts = [
         "work_ms",
         "harvest_ms",
+        "scan_ms",
         "access_round_ms",
         "write_round_ms",
+        "map_ms",
         "row_ms",
         "dirty_log_slots",
+        "scan_ioctls",
     ];
     Ok(parts
         .iter()
@@ -244,8 +248,18 @@ fn pause_run(gib: u64, touch: &str) -> Result<Vec<f64>, String> {
 fn pause_table() {
     println!("Pause per interval (vmm block of real rows, median of the steady ones), ms");
     println!(
-        "{:>5} {:>6} | {:>7} {:>7} {:>7} {:>7} {:>7} | {:>5}",
-        "GiB", "touch", "work", "harvest", "access", "write", "row", "slots"
+        "{:>5} {:>6} | {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} | {:>5} {:>6}",
+        "GiB",
+        "touch",
+        "work",
+        "harvest",
+        "scan",
+        "access",
+        "write",
+        "map",
+        "row",
+        "slots",
+        "ioctls"
     );
     for (gib, touch) in [
         (1, "256M"),
@@ -253,13 +267,15 @@ fn pause_table() {
         (16, "256M"),
         (64, "256M"),
         (256, "256M"),
+        (448, "256M"),
         (16, "4G"),
         (64, "4G"),
+        (448, "4G"),
     ] {
         match pause_run(gib, touch) {
             Ok(p) => println!(
-                "{:>5} {:>6} | {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} | {:>5}",
-                gib, touch, p[0], p[1], p[2], p[3], p[4], p[5]
+                "{:>5} {:>6} | {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} | {:>5} {:>6}",
+                gib, touch, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
             ),
             Err(e) => eprintln!("{gib} GiB, {touch}: {e}"),
         }
