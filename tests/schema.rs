@@ -357,7 +357,10 @@ fn real_run_rows_validate() {
         .sum();
         assert!(part("work_ms") > 0.0 && parts <= part("work_ms"), "{w}");
         assert!(w["dirty_log_slots"].as_u64().unwrap() >= 1, "{w}");
-        assert!(part("scan_ms") <= part("harvest_ms"), "the scan is part of the harvest: {w}");
+        assert!(
+            part("scan_ms") <= part("harvest_ms"),
+            "the scan is part of the harvest: {w}"
+        );
         assert!(w["scan_ioctls"].as_u64().unwrap() >= 1, "{w}");
     }
 }

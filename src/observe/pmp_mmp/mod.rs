@@ -1740,8 +1740,18 @@ mod tests {
         let a = old.harvest(log.words(), vmm.words(), i).unwrap();
         let b = new.harvest(&partial, &vmm_partial, i).unwrap();
         assert_eq!(
-            (a.newly_touched, a.newly_written, a.guest_writes, a.vmm_writes),
-            (b.newly_touched, b.newly_written, b.guest_writes, b.vmm_writes),
+            (
+                a.newly_touched,
+                a.newly_written,
+                a.guest_writes,
+                a.vmm_writes
+            ),
+            (
+                b.newly_touched,
+                b.newly_written,
+                b.guest_writes,
+                b.vmm_writes
+            ),
             "interval {i}"
         );
         for g in 0..old.pages() {
@@ -1811,15 +1821,16 @@ mod tests {
         // A release in word 2 (pages 128..192): words 0..3 are scanned again (fewer than
         // MIN_SKIP_WORDS skippable before it), 3..25 still skipped.
         assert_eq!(MIN_SKIP_WORDS, 4);
-        let release = |old: &mut PmpMmpMap, new: &mut PmpMmpMap, log: &mut Bitmap, r: Range<u64>| {
-            let window = Window::of(log.words(), r.clone());
-            log.clear_range(r.clone());
-            mem.discard(r.clone()).unwrap();
-            for m in [old, new] {
-                m.note_released(r.clone(), &window, 3);
-                m.note_cleared_in(r.clone());
-            }
-        };
+        let release =
+            |old: &mut PmpMmpMap, new: &mut PmpMmpMap, log: &mut Bitmap, r: Range<u64>| {
+                let window = Window::of(log.words(), r.clone());
+                log.clear_range(r.clone());
+                mem.discard(r.clone()).unwrap();
+                for m in [old, new] {
+                    m.note_released(r.clone(), &window, 3);
+                    m.note_cleared_in(r.clone());
+                }
+            };
         release(&mut old, &mut new, &mut log, 130..140);
         harvest_both(&mut old, &mut new, &log, &none, 3);
         if skips {
