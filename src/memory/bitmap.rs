@@ -448,6 +448,38 @@ impl Ranks {
         }
         None
     }
+
+    /// [`Ranks::select`] of each of the ascending ranks `rs`, in one sweep over the words they
+    /// fall in (each word counted once, not once per rank): the bits' indexes, ascending. Ranks
+    /// not below [`Ranks::total`] give nothing.
+    pub fn select_sorted(&self, bitmap: &Bitmap, rs: &[u64]) -> Vec<u64> {
+        let mut out = Vec::with_capacity(rs.len());
+        // The word the sweep is at, and the set bits before it.
+        let (mut w, mut before_w) = (0usize, 0u64);
+        for &r in rs {
+            if r >= self.total {
+                break;
+            }
+            let block = self.before.partition_point(|&b| b <= r) - 1;
+            if block * RANK_BLOCK_WORDS > w || out.is_empty() {
+                (w, before_w) = (block * RANK_BLOCK_WORDS, self.before[block]);
+            }
+            while w < bitmap.words.len() {
+                let mut x = bitmap.words[w] & bitmap.word_mask(w);
+                let c = u64::from(x.count_ones());
+                if r - before_w < c {
+                    for _ in 0..r - before_w {
+                        x &= x - 1;
+                    }
+                    out.push(w as u64 * WORD_BITS + u64::from(x.trailing_zeros()));
+                    break;
+                }
+                before_w += c;
+                w += 1;
+            }
+        }
+        out
+    }
 }
 
 impl Ranks {
@@ -815,6 +847,12 @@ mod tests {
             for r in [0, a.total() / 2, a.total().saturating_sub(1), a.total()] {
                 proptest::prop_assert_eq!(a.select(plain, r), b.select(plain, r));
             }
+            // One sweep for many ascending ranks (repeats and one past the end among them).
+            let mut rs: Vec<u64> = (0..=a.total()).step_by(1 + (bits as usize % 7)).collect();
+            rs.extend([a.total() / 3, a.total() / 3, a.total() + 5]);
+            rs.sort_unstable();
+            let one_by_one: Vec<u64> = rs.iter().filter_map(|&r| a.select(plain, r)).collect();
+            proptest::prop_assert_eq!(a.select_sorted(plain, &rs), one_by_one);
         }
     }
 
