@@ -91,3 +91,15 @@ pub fn dirty_rate_mib_s(estimate_mib: f64, interval: Duration) -> f64 {
     let s = interval.as_secs_f64();
     if s > 0.0 { estimate_mib / s } else { 0.0 }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_swap_is_read_from_the_process_status() {
+        // Whatever the host has in swap, this process's line is there and parses.
+        let bytes = kernel_swap_bytes().expect("VmSwap in /proc/self/status");
+        assert_eq!(bytes % 1024, 0, "whole KiB");
+    }
+}
