@@ -9,12 +9,18 @@
 //! too.
 //!
 //! `cargo bench --bench harvest -- pause` instead measures the pause per interval of real runs:
-//! `memvisor run --json` at 1, 4, 16, 64 and 256 GiB (MAP_NORESERVE; the built-in guest's page
-//! tables map 448 GiB), the guest writing 256 MiB (and 4 GiB at 16 and 64 GiB) every interval,
+//! `memvisor run --json` at 1, 4, 16, 64, 256 and 448 GiB (MAP_NORESERVE; the built-in guest's
+//! page tables map 448 GiB), the guest writing 256 MiB (and 4 GiB at 16, 64 and 448 GiB) every
+//! interval,
 //! and reports the median of the steady rows' `vmm` block (every interval after the first two,
 //! the last one left out: it re-reads the whole map).
 //!
-//! Run: `cargo bench --bench harvest`, `cargo bench --bench harvest -- pause`.
+//! `cargo bench --bench harvest -- scan` measures the windowed scan (which skips the words wholly
+//! present at the last scan) against fragmentation: 256 MiB present in random runs of 4 KiB to
+//! 16 MiB at 4 and 64 GiB, its ms and ioctls per steady harvest.
+//!
+//! Run: `cargo bench --bench harvest`, `cargo bench --bench harvest -- pause`,
+//! `cargo bench --bench harvest -- scan`.
 
 use std::time::Instant;
 
@@ -222,10 +228,13 @@ fn pause_run(gib: u64, touch: &str) -> Result<Vec<f64>, String> {
     let parts = [
         "work_ms",
         "harvest_ms",
+        "scan_ms",
         "access_round_ms",
         "write_round_ms",
+        "map_ms",
         "row_ms",
         "dirty_log_slots",
+        "scan_ioctls",
     ];
     Ok(parts
         .iter()
@@ -239,8 +248,18 @@ fn pause_run(gib: u64, touch: &str) -> Result<Vec<f64>, String> {
 fn pause_table() {
     println!("Pause per interval (vmm block of real rows, median of the steady ones), ms");
     println!(
-        "{:>5} {:>6} | {:>7} {:>7} {:>7} {:>7} {:>7} | {:>5}",
-        "GiB", "touch", "work", "harvest", "access", "write", "row", "slots"
+        "{:>5} {:>6} | {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} {:>7} | {:>5} {:>6}",
+        "GiB",
+        "touch",
+        "work",
+        "harvest",
+        "scan",
+        "access",
+        "write",
+        "map",
+        "row",
+        "slots",
+        "ioctls"
     );
     for (gib, touch) in [
         (1, "256M"),
@@ -248,15 +267,94 @@ fn pause_table() {
         (16, "256M"),
         (64, "256M"),
         (256, "256M"),
+        (448, "256M"),
         (16, "4G"),
         (64, "4G"),
+        (448, "4G"),
     ] {
         match pause_run(gib, touch) {
             Ok(p) => println!(
-                "{:>5} {:>6} | {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} | {:>5}",
-                gib, touch, p[0], p[1], p[2], p[3], p[4], p[5]
+                "{:>5} {:>6} | {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} {:>7.2} | {:>5} {:>6}",
+                gib, touch, p[0], p[1], p[2], p[3], p[4], p[5], p[6], p[7], p[8]
             ),
             Err(e) => eprintln!("{gib} GiB, {touch}: {e}"),
+        }
+    }
+}
+
+/// The windowed scan with 256 MiB present in runs of `run` pages at random places (seeded), in a
+/// guest of `gib` GiB, once all of it has been harvested: (scan ms, ioctls, MiB skipped) of the
+/// steady windowed harvests (means), and the ms of one `PAGEMAP_SCAN` over all of RAM (the
+/// whole-RAM residency pass) for comparison.
+fn scan_pattern(gib: u64, run: u64) -> Result<(f64, f64, f64, f64), String> {
+    let pages = gib * GIB / PAGE_SIZE;
+    let region = AnonMapping::new((gib * GIB) as usize).map_err(|e| format!("mmap: {e}"))?;
+    let mut dirty = Bitmap::new(pages);
+    let mut x = 0x9e37_79b9_7f4a_7c15u64;
+    let mut left = TOUCHED / PAGE_SIZE;
+    while left > 0 {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let first = x % (pages - run);
+        for g in first..first + run {
+            if !dirty.get(g) {
+                region.write_volatile((g * PAGE_SIZE) as usize, 1);
+                dirty.set(g);
+                left = left.saturating_sub(1);
+            }
+        }
+    }
+    let mut map = PmpMmpMap::new(region.addr(), pages).map_err(|e| e.to_string())?;
+    let mut whole = PmpMmpMap::with_options(
+        region.addr(),
+        pages,
+        MapOptions {
+            residency: ResidencyMethod::PagemapScan,
+            windowed: false,
+            ..Default::default()
+        },
+    )
+    .map_err(|e| e.to_string())?;
+    timed_harvest(&mut map, &dirty, 0)?;
+    timed_harvest(&mut whole, &dirty, 0)?;
+    let none = Bitmap::new(pages);
+    let (mut ms, mut ioctls, mut skipped, mut whole_ms) = (0.0, 0.0, 0.0, 0.0);
+    for i in 1..=STEADY_RUNS {
+        timed_harvest(&mut map, &none, i)?;
+        let s = map.last_scan();
+        ms += s.ms;
+        ioctls += s.ioctls as f64;
+        skipped += (s.skipped_pages * PAGE_SIZE) as f64 / f64::from(1 << 20);
+        whole_ms += timed_harvest(&mut whole, &none, i)?.1.residency_ms;
+    }
+    let n = f64::from(STEADY_RUNS);
+    Ok((ms / n, ioctls / n, skipped / n, whole_ms / n))
+}
+
+fn scan_table() {
+    println!(
+        "Windowed scan, 256 MiB present in random runs; steady harvests (mean of {STEADY_RUNS}): \
+         scan ms, ioctls, MiB skipped; whole: one PAGEMAP_SCAN over all of RAM, ms"
+    );
+    println!(
+        "{:>4} {:>9} | {:>7} {:>7} {:>8} | {:>7}",
+        "GiB", "run", "scan", "ioctls", "skipped", "whole"
+    );
+    for gib in [4u64, 64] {
+        for run in [1u64, 16, 64, 512, 4096] {
+            match scan_pattern(gib, run) {
+                Ok((ms, ioctls, skipped, whole)) => println!(
+                    "{:>4} {:>7}KiB | {:>7.3} {:>7.0} {:>8.1} | {:>7.3}",
+                    gib,
+                    run * PAGE_SIZE / 1024,
+                    ms,
+                    ioctls,
+                    skipped,
+                    whole
+                ),
+                Err(e) => eprintln!("{gib} GiB, runs of {run} pages: {e}"),
+            }
         }
     }
 }
@@ -264,6 +362,10 @@ fn pause_table() {
 fn main() {
     if std::env::args().any(|a| a == "pause") {
         pause_table();
+        return;
+    }
+    if std::env::args().any(|a| a == "scan") {
+        scan_table();
         return;
     }
     // `cargo bench` passes --bench; any other argument is ignored.

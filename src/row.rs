@@ -190,6 +190,12 @@ pub struct VmmWork {
     pub row_ms: f64,
     /// Memslots whose dirty log was read (the others could hold no dirty page).
     pub dirty_log_slots: u64,
+    /// Of `harvest_ms`: the `PAGEMAP_SCAN` of guest RAM that finds the populated pages (0 when
+    /// the map harvests by whole-RAM passes).
+    pub scan_ms: f64,
+    /// The scan's `PAGEMAP_SCAN` ioctls: one per range between runs of words wholly present at
+    /// the last scan, which it skips.
+    pub scan_ioctls: u64,
 }
 
 /// The virtio-balloon's side of a row.

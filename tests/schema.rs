@@ -131,6 +131,8 @@ fn full_run_row() -> Row {
             map_ms: 0.0,
             row_ms: 0.125,
             dirty_log_slots: 1,
+            scan_ms: 0.25,
+            scan_ioctls: 2,
         }),
     };
     r.attach_truth(Truth {
@@ -356,6 +358,11 @@ fn real_run_rows_validate() {
         .sum();
         assert!(part("work_ms") > 0.0 && parts <= part("work_ms"), "{w}");
         assert!(w["dirty_log_slots"].as_u64().unwrap() >= 1, "{w}");
+        assert!(
+            part("scan_ms") <= part("harvest_ms"),
+            "the scan is part of the harvest: {w}"
+        );
+        assert!(w["scan_ioctls"].as_u64().unwrap() >= 1, "{w}");
     }
 }
 

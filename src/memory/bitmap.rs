@@ -299,6 +299,47 @@ pub fn union_windows(a: &[Range<usize>], b: &[Range<usize>]) -> Vec<Range<usize>
     out
 }
 
+/// The words lying wholly inside ascending page ranges `ranges` (word `w`: pages
+/// `64w..64w + 64`), ascending, disjoint, adjacent ones merged.
+pub fn inner_words(ranges: impl IntoIterator<Item = Range<u64>>) -> Vec<Range<usize>> {
+    let mut out: Vec<Range<usize>> = Vec::new();
+    for r in ranges {
+        let w = r.start.div_ceil(WORD_BITS) as usize..(r.end / WORD_BITS) as usize;
+        if w.start >= w.end {
+            continue;
+        }
+        match out.last_mut() {
+            Some(last) if w.start <= last.end => last.end = last.end.max(w.end),
+            _ => out.push(w),
+        }
+    }
+    out
+}
+
+/// The words of `a` not in `b` (both sorted and disjoint), sorted and disjoint.
+pub fn difference_windows(a: &[Range<usize>], b: &[Range<usize>]) -> Vec<Range<usize>> {
+    let mut out = Vec::with_capacity(a.len());
+    let mut j = 0;
+    for r in a {
+        let mut start = r.start;
+        while j < b.len() && b[j].end <= start {
+            j += 1;
+        }
+        let mut k = j;
+        while start < r.end && k < b.len() && b[k].start < r.end {
+            if b[k].start > start {
+                out.push(start..b[k].start);
+            }
+            start = start.max(b[k].end);
+            k += 1;
+        }
+        if start < r.end {
+            out.push(start..r.end);
+        }
+    }
+    out
+}
+
 /// The bits of a stretch of pages, word-aligned: bit `i` of the words is page `first_page + i`,
 /// with `first_page` a multiple of 64, the way `KVM_CLEAR_DIRTY_LOG` takes a window of a slot.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
@@ -406,6 +447,38 @@ impl Ranks {
             left -= c;
         }
         None
+    }
+
+    /// [`Ranks::select`] of each of the ascending ranks `rs`, in one sweep over the words they
+    /// fall in (each word counted once, not once per rank): the bits' indexes, ascending. Ranks
+    /// not below [`Ranks::total`] give nothing.
+    pub fn select_sorted(&self, bitmap: &Bitmap, rs: &[u64]) -> Vec<u64> {
+        let mut out = Vec::with_capacity(rs.len());
+        // The word the sweep is at, and the set bits before it.
+        let (mut w, mut before_w) = (0usize, 0u64);
+        for &r in rs {
+            if r >= self.total {
+                break;
+            }
+            let block = self.before.partition_point(|&b| b <= r) - 1;
+            if block * RANK_BLOCK_WORDS > w || out.is_empty() {
+                (w, before_w) = (block * RANK_BLOCK_WORDS, self.before[block]);
+            }
+            while w < bitmap.words.len() {
+                let mut x = bitmap.words[w] & bitmap.word_mask(w);
+                let c = u64::from(x.count_ones());
+                if r - before_w < c {
+                    for _ in 0..r - before_w {
+                        x &= x - 1;
+                    }
+                    out.push(w as u64 * WORD_BITS + u64::from(x.trailing_zeros()));
+                    break;
+                }
+                before_w += c;
+                w += 1;
+            }
+        }
+        out
     }
 }
 
@@ -774,6 +847,12 @@ mod tests {
             for r in [0, a.total() / 2, a.total().saturating_sub(1), a.total()] {
                 proptest::prop_assert_eq!(a.select(plain, r), b.select(plain, r));
             }
+            // One sweep for many ascending ranks (repeats and one past the end among them).
+            let mut rs: Vec<u64> = (0..=a.total()).step_by(1 + (bits as usize % 7)).collect();
+            rs.extend([a.total() / 3, a.total() / 3, a.total() + 5]);
+            rs.sort_unstable();
+            let one_by_one: Vec<u64> = rs.iter().filter_map(|&r| a.select(plain, r)).collect();
+            proptest::prop_assert_eq!(a.select_sorted(plain, &rs), one_by_one);
         }
     }
 
@@ -787,6 +866,16 @@ mod tests {
             word_windows(std::iter::once(5..5)),
             Vec::<Range<usize>>::new()
         );
+        assert_eq!(
+            inner_words([0..64, 64..130, 190..256, 300..310, 320..448]),
+            vec![0..2, 3..4, 5..7]
+        );
+        assert_eq!(
+            difference_windows(&[0..10, 12..14, 20..30], &[2..3, 9..13, 25..40]),
+            vec![0..2, 3..9, 13..14, 20..25]
+        );
+        assert_eq!(difference_windows(&[0..4, 6..7], &[]), [0..4, 6..7]);
+        assert!(difference_windows(&[3..4, 5..6], &[0..10, 12..13]).is_empty());
         assert_eq!(
             union_windows(&[0..2, 10..12], &[1..3, 5..6, 12..13]),
             vec![0..3, 5..6, 10..13]

@@ -379,10 +379,11 @@ impl Pagemap {
         f: impl FnMut(&PageRegion),
     ) -> Result<(), PagemapError> {
         self.scan_masks(vaddr, pages, (required, 0), buf, f)
+            .map(|_| ())
     }
 
     /// [`Pagemap::scan`] for runs of pages whose categories include any of `any_of` (each run's
-    /// `categories` says which).
+    /// `categories` says which); returns how many ioctls it took.
     pub fn scan_any(
         &self,
         vaddr: usize,
@@ -390,11 +391,11 @@ impl Pagemap {
         any_of: u64,
         buf: &mut Vec<PageRegion>,
         f: impl FnMut(&PageRegion),
-    ) -> Result<(), PagemapError> {
+    ) -> Result<u64, PagemapError> {
         self.scan_masks(vaddr, pages, (0, any_of), buf, f)
     }
 
-    /// `PAGEMAP_SCAN` with `(category_mask, category_anyof_mask)`.
+    /// `PAGEMAP_SCAN` with `(category_mask, category_anyof_mask)`; returns the ioctls made.
     fn scan_masks(
         &self,
         vaddr: usize,
@@ -402,7 +403,7 @@ impl Pagemap {
         (required, any_of): (u64, u64),
         buf: &mut Vec<PageRegion>,
         mut f: impl FnMut(&PageRegion),
-    ) -> Result<(), PagemapError> {
+    ) -> Result<u64, PagemapError> {
         if !vaddr.is_multiple_of(self.page_size) {
             return Err(PagemapError::Unaligned {
                 what: "PAGEMAP_SCAN",
@@ -430,7 +431,9 @@ impl Pagemap {
         }
         let mut start = vaddr as u64;
         let end = end as u64;
+        let mut ioctls = 0u64;
         while start < end {
+            ioctls += 1;
             let mut arg = PmScanArg {
                 size: std::mem::size_of::<PmScanArg>() as u64,
                 start,
@@ -467,7 +470,7 @@ impl Pagemap {
             }
             start = arg.walk_end;
         }
-        Ok(())
+        Ok(ioctls)
     }
 
     /// The page size the entries describe.

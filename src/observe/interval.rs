@@ -423,6 +423,8 @@ impl IntervalWork {
         }
         // The windows that can hold news (a windowed map), then the dirty logs over them.
         let windows = self.core.map_mut().windows()?.map(<[_]>::to_vec);
+        let scan = self.core.map().last_scan();
+        (work.scan_ms, work.scan_ioctls) = (scan.ms, scan.ioctls);
         work.dirty_log_slots =
             vm.dirty_log_in(&mut self.dirty, windows.as_deref(), &mut self.slots_read)?;
         match &windows {

@@ -184,14 +184,13 @@ impl Sampler {
         taken.clear();
         self.armed.clear();
         while (self.armed.len() as u64) < k {
-            let drawn = self.draw_ranks(k - self.armed.len() as u64, total, &mut taken);
+            let mut drawn = self.draw_ranks(k - self.armed.len() as u64, total, &mut taken);
             if drawn.is_empty() {
                 break;
             }
-            for r in drawn {
-                if let Some(p) = ranks.select(population, r)
-                    && !exclude.get(p)
-                {
+            drawn.sort_unstable();
+            for p in ranks.select_sorted(population, &drawn) {
+                if !exclude.get(p) {
                     self.armed.push(p);
                 }
             }

@@ -73,9 +73,33 @@ pub fn rss_bytes() -> std::io::Result<u64> {
     Ok(resident * PAGE_SIZE)
 }
 
+/// The VMM process's pages in the host kernel's swap, in bytes (`VmSwap` of
+/// `/proc/self/status`: its swap entries now; the VMM's own swap file is not in it).
+pub fn kernel_swap_bytes() -> std::io::Result<u64> {
+    let s = std::fs::read_to_string("/proc/self/status")?;
+    s.lines()
+        .find_map(|l| l.strip_prefix("VmSwap:"))
+        .and_then(|v| v.trim().strip_suffix("kB"))
+        .and_then(|v| v.trim().parse::<u64>().ok())
+        .map(|kib| kib << 10)
+        .ok_or_else(|| std::io::Error::other("no VmSwap in /proc/self/status"))
+}
+
 /// Dirty rate, MiB/s: the write estimate of an interval divided by the interval's length (0 for
 /// an interval of no length).
 pub fn dirty_rate_mib_s(estimate_mib: f64, interval: Duration) -> f64 {
     let s = interval.as_secs_f64();
     if s > 0.0 { estimate_mib / s } else { 0.0 }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn kernel_swap_is_read_from_the_process_status() {
+        // Whatever the host has in swap, this process's line is there and parses.
+        let bytes = kernel_swap_bytes().expect("VmSwap in /proc/self/status");
+        assert_eq!(bytes % 1024, 0, "whole KiB");
+    }
 }

@@ -88,6 +88,7 @@ use thiserror::Error;
 pub use file::{MapFile, MapFileError, MapHeader, check_target};
 pub use record::{PageInfo, PageState};
 pub use residency::ResidencyMethod;
+pub use windows::{MIN_SKIP_WORDS, ScanStats};
 
 use crate::memory::bitmap::{Bitmap, Counted, Ranks, WORD_BITS, Window, words_for};
 use crate::memory::pagemap::{
@@ -1650,11 +1651,12 @@ mod tests {
         #![proptest_config(proptest::test_runner::Config::with_cases(32))]
         /// The windowed harvest and the whole-RAM passes give the same map and the same first
         /// touches and first writes, interval by interval, whatever the guest and the VMM write,
-        /// read, release and clear.
+        /// read, release, swap out and clear. Long runs read or written make wholly present
+        /// words, which the windowed scan skips in the next harvests until a release meets them.
         #[test]
         fn windowed_and_whole_ram_harvests_agree(
             steps in proptest::collection::vec(
-                proptest::collection::vec((0u8..5, 0u64..3000), 0..60), 1..7),
+                proptest::collection::vec((0u8..8, 0u64..3000), 0..60), 1..7),
         ) {
             const PAGES: u64 = 3000;
             let ram = Ram::new(PAGES);
@@ -1687,40 +1689,178 @@ mod tests {
                             old.note_cleared_in(g..g + 1);
                             new.note_cleared_in(g..g + 1);
                         }
+                        5 => {
+                            for p in g..(g + 1100).min(PAGES) {
+                                ram.read(p);
+                            }
+                        }
+                        6 => {
+                            for p in g..(g + 1100).min(PAGES) {
+                                ram.write(p, 3);
+                                log.set(p);
+                            }
+                        }
                         _ => {
+                            // A release (op 4), or a swap-out (op 7: released, then swapped).
                             let r = g..(g + 70).min(PAGES);
                             let window = Window::of(log.words(), r.clone());
                             log.clear_range(r.clone());
                             ram.discard(r.clone());
+                            let swapped: Vec<(u64, bool)> =
+                                r.clone().step_by(3).map(|p| (p, p % 2 == 0)).collect();
                             for m in [&mut old, &mut new] {
                                 m.note_released(r.clone(), &window, i as u32);
                                 m.note_cleared_in(r.clone());
+                                if op == 7 {
+                                    m.note_vmm_swapped(&swapped);
+                                }
                             }
                         }
                     }
                 }
-                // The windowed map's dirty log is right in its windows only: garbage elsewhere.
-                let windows: Vec<_> = new.windows().unwrap().expect("windowed").to_vec();
-                let mut partial = vec![u64::MAX; log.words().len()];
-                for w in windows.iter().flat_map(Clone::clone) {
-                    partial[w] = log.words()[w];
-                }
-                let mut vmm_partial = partial.clone();
-                for w in windows.iter().flat_map(Clone::clone) {
-                    vmm_partial[w] = vmm.words()[w];
-                }
-                let a = old.harvest(log.words(), vmm.words(), i as u32).unwrap();
-                let b = new.harvest(&partial, &vmm_partial, i as u32).unwrap();
-                proptest::prop_assert_eq!(
-                    (a.newly_touched, a.newly_written, a.guest_writes, a.vmm_writes),
-                    (b.newly_touched, b.newly_written, b.guest_writes, b.vmm_writes),
-                    "interval {}", i
-                );
-                for g in 0..PAGES {
-                    proptest::prop_assert_eq!(old.page(g), new.page(g), "page {} interval {}", g, i);
-                }
-                proptest::prop_assert_eq!(old.summary(), new.summary());
+                harvest_both(&mut old, &mut new, &log, &vmm, i as u32);
             }
+        }
+    }
+
+    /// Harvests `old` (whole-RAM passes) and `new` (windowed) in interval `i`, KVM's dirty log
+    /// reading `log` and the VMM having written `vmm`, and asserts that they agree: first
+    /// touches, first writes, every page's record, the summary. The windowed map's dirty logs are
+    /// right in its windows only: garbage elsewhere.
+    fn harvest_both(old: &mut PmpMmpMap, new: &mut PmpMmpMap, log: &Bitmap, vmm: &Bitmap, i: u32) {
+        let windows: Vec<_> = new.windows().unwrap().expect("windowed").to_vec();
+        let mut partial = vec![u64::MAX; log.words().len()];
+        for w in windows.iter().flat_map(Clone::clone) {
+            partial[w] = log.words()[w];
+        }
+        let mut vmm_partial = partial.clone();
+        for w in windows.iter().flat_map(Clone::clone) {
+            vmm_partial[w] = vmm.words()[w];
+        }
+        let a = old.harvest(log.words(), vmm.words(), i).unwrap();
+        let b = new.harvest(&partial, &vmm_partial, i).unwrap();
+        assert_eq!(
+            (
+                a.newly_touched,
+                a.newly_written,
+                a.guest_writes,
+                a.vmm_writes
+            ),
+            (
+                b.newly_touched,
+                b.newly_written,
+                b.guest_writes,
+                b.vmm_writes
+            ),
+            "interval {i}"
+        );
+        for g in 0..old.pages() {
+            assert_eq!(old.page(g), new.page(g), "page {g} interval {i}");
+        }
+        assert_eq!(old.summary(), new.summary(), "interval {i}");
+    }
+
+    /// The windowed scan skips the words wholly present at the last scan, and stays exact when
+    /// the access sampler moves pages of them out and back (a real `UFFDIO_MOVE`), and when a
+    /// release or a swap-out meets them (those words are scanned again).
+    #[test]
+    fn skipped_words_stay_exact_across_move_out_release_and_swap() {
+        use crate::memory::GuestMemory;
+        use crate::memory::faults::Sampled;
+        use crate::memory::ram::GuestRam;
+
+        let mem = GuestMemory::new(GuestRam::new(8 << 20, false).unwrap());
+        let ram = mem.ram();
+        let pages = ram.pages();
+        let whole = MapOptions {
+            residency: ResidencyMethod::PagemapScan,
+            windowed: false,
+            ..Default::default()
+        };
+        let Ok(mut old) = PmpMmpMap::with_options(ram.host_addr(), pages, whole) else {
+            eprintln!("SKIPPED: no PAGEMAP_SCAN");
+            return;
+        };
+        let mut new = PmpMmpMap::new(ram.host_addr(), pages).unwrap();
+        let (mut log, none) = (Bitmap::new(pages), Bitmap::new(pages));
+        let read = |g: u64| ram.read_obj::<u8>(g * PAGE_SIZE).unwrap();
+        // Pages 0..1600 written: words 0..25 wholly present.
+        for g in 0..1600 {
+            ram.write(g * PAGE_SIZE, &[g as u8 | 1]).unwrap();
+            log.set(g);
+        }
+        harvest_both(&mut old, &mut new, &log, &none, 0);
+        assert_eq!(new.last_scan().skipped_pages, 0, "nothing known yet");
+        harvest_both(&mut old, &mut new, &log, &none, 1);
+        let skips = !new.last_scan().kernel_swap;
+        if skips {
+            assert_eq!(new.last_scan().skipped_pages, 1600);
+            assert_eq!(new.last_scan().ioctls, 1, "the rest, 1600..2048");
+        }
+
+        // The access sampler moves pages 100 and 700 out; the guest reads 700 (the handler moves
+        // it back), the round's end moves 100 back. Both words stay skipped, and exact.
+        match mem.start_faults(4) {
+            Ok(f) => {
+                assert!(matches!(f.sample(100, 0).unwrap(), Sampled::Armed { .. }));
+                assert!(matches!(f.sample(700, 1).unwrap(), Sampled::Armed { .. }));
+                assert_eq!(read(700), (700u64 as u8) | 1);
+                assert_eq!(f.end_samples().unwrap().len(), 2);
+                for r in f.take_zero_mapped() {
+                    old.note_zero_mapped(r.clone());
+                    new.note_zero_mapped(r);
+                }
+                harvest_both(&mut old, &mut new, &log, &none, 2);
+                if skips {
+                    assert_eq!(new.last_scan().skipped_pages, 1600);
+                }
+            }
+            Err(e) => eprintln!("SKIPPED (move-out part): {e}"),
+        }
+
+        // A release in word 2 (pages 128..192): words 0..3 are scanned again (fewer than
+        // MIN_SKIP_WORDS skippable before it), 3..25 still skipped.
+        assert_eq!(MIN_SKIP_WORDS, 4);
+        let release =
+            |old: &mut PmpMmpMap, new: &mut PmpMmpMap, log: &mut Bitmap, r: Range<u64>| {
+                let window = Window::of(log.words(), r.clone());
+                log.clear_range(r.clone());
+                mem.discard(r.clone()).unwrap();
+                for m in [old, new] {
+                    m.note_released(r.clone(), &window, 3);
+                    m.note_cleared_in(r.clone());
+                }
+            };
+        release(&mut old, &mut new, &mut log, 130..140);
+        harvest_both(&mut old, &mut new, &log, &none, 3);
+        if skips {
+            assert_eq!(new.last_scan().skipped_pages, 22 * 64);
+        }
+        // Word 2 is not wholly present any more: the next scan looks at 0..3 again.
+        harvest_both(&mut old, &mut new, &log, &none, 4);
+        if skips {
+            assert_eq!(new.last_scan().skipped_pages, 22 * 64);
+        }
+
+        // A swap-out in word 22 (released, then swapped): scanned again, and exact.
+        release(&mut old, &mut new, &mut log, 1450..1453);
+        let swapped = [(1450, true), (1451, false), (1452, true)];
+        old.note_vmm_swapped(&swapped);
+        new.note_vmm_swapped(&swapped);
+        harvest_both(&mut old, &mut new, &log, &none, 5);
+        if skips {
+            // Words 3..22 skipped; 23..25 are too few to skip.
+            assert_eq!(new.last_scan().skipped_pages, 19 * 64);
+        }
+
+        // Read back, words 2 and 22 are wholly present again: skipped from the harvest after.
+        for g in (130..140).chain(1450..1453) {
+            read(g);
+        }
+        harvest_both(&mut old, &mut new, &log, &none, 6);
+        harvest_both(&mut old, &mut new, &log, &none, 7);
+        if skips {
+            assert_eq!(new.last_scan().skipped_pages, 1600);
         }
     }
 }
