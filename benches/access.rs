@@ -798,6 +798,7 @@ fn main() {
     let sections = [
         "cost",
         "overhead",
+        "trap",
         "firsttouch",
         "sparse",
         "bias",
