@@ -496,7 +496,14 @@ fn trap_cost() {
     }
     let secs = cycle.len() as u32 + 2;
     let spec = format!("alloc 64M; touch 64M write; touch 64M read random {secs}s");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("trap-trace");
+    // SAFETY: no other thread of the bench runs now (the last run's threads are joined), so
+    // nothing reads the environment while it changes.
+    unsafe { std::env::set_var("MEMVISOR_TRAP_TRACE", &trace) };
     let timed_rows = steady_cycled_rows(&spec, 256 * MIB, &cycle, 5);
+    // SAFETY: as above.
+    unsafe { std::env::remove_var("MEMVISOR_TRAP_TRACE") };
     let points: Vec<(f64, f64, f64)> = timed_rows
         .iter()
         .filter_map(|r| {
@@ -511,6 +518,58 @@ fn trap_cost() {
         "Trap cost: {c:.0} ± {se_c:.0} µs of guest time per trapped access (fit over {} intervals, up to {most:.0} traps per interval)",
         points.len()
     );
+    trap_steps(&trace);
+}
+
+/// The handler's side of a trap, from its own timestamps (`MEMVISOR_TRAP_TRACE`): medians and
+/// 90th percentiles over the traps of the run.
+fn trap_steps(trace: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(trace) else {
+        println!("(no trap trace: the fault handler did not run)");
+        return;
+    };
+    let b: Vec<[f64; 4]> = text
+        .lines()
+        .filter_map(|l| {
+            let v: Vec<f64> = l.split(' ').filter_map(|x| x.parse().ok()).collect();
+            (v.len() == 4).then(|| [v[0] / 1e3, v[1] / 1e3, v[2] / 1e3, v[3]])
+        })
+        .collect();
+    if b.len() < 2 {
+        return;
+    }
+    let most = b.iter().map(|x| x[3]).fold(0.0, f64::max);
+    let steps: [(&str, Vec<f64>); 4] = [
+        (
+            "poll returns → faults read",
+            b.iter().map(|x| x[1] - x[0]).collect(),
+        ),
+        (
+            "faults read → resolved (copy back, wake)",
+            b.iter().map(|x| x[2] - x[1]).collect(),
+        ),
+        (
+            "resolved → poll returns again (the vCPU runs on, traps, the handler wakes)",
+            b.windows(2).map(|w| w[1][0] - w[0][2]).collect(),
+        ),
+        (
+            "poll return to poll return (one trap, end to end)",
+            b.windows(2).map(|w| w[1][0] - w[0][0]).collect(),
+        ),
+    ];
+    println!();
+    println!(
+        "Handler's own timestamps over {} batches of faults (at most {most:.0} in a batch):",
+        b.len()
+    );
+    println!();
+    println!("| step | median µs | p90 µs |");
+    println!("|---|---|---|");
+    for (name, mut v) in steps {
+        let m = median(&mut v);
+        let p90 = v[v.len() * 9 / 10];
+        println!("| {name} | {m:.1} | {p90:.1} |");
+    }
 }
 
 fn overhead() {
