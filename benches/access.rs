@@ -583,7 +583,7 @@ fn overhead() {
     //    off every other interval, so slow drifts of the host hit every size alike.
     let n_default = RunOptions::default().access_samples;
     // Up to 1000 traps per interval, so that the slope stands out of a busy host's noise.
-    let cycle = [0u64, 40, 0, 120, 0, 400, 0, 1000];
+    let cycle = [0u64, 40, 0, n_default, 0, 400, 0, 1000];
     let rounds = 10u32;
     let secs = rounds * cycle.len() as u32 + 2;
     let spec = format!("alloc 512M; touch 512M write; touch 512M read random {secs}s");
