@@ -63,6 +63,8 @@ struct Errors {
     /// The binomial expectation of the mean absolute error for the stratified form.
     expected_mae: f64,
     coverage: f64,
+    /// The mean width of the 95% interval (MiB).
+    ci_width: f64,
     /// The same, for pooling with other rows.
     pool: Pool,
 }
@@ -112,6 +114,7 @@ fn errors(
     let mut expected = 0.0;
     let mut expected2 = 0.0;
     let mut t_sum = 0.0;
+    let mut width = 0.0;
     for r in rows {
         let (Some(a), Some(_)) = (est(r), &r.truth) else {
             continue;
@@ -119,6 +122,7 @@ fn errors(
         let t = truth(r);
         t_sum += t;
         e.push(a.estimate_mib - t);
+        width += a.ci_high_mib - a.ci_low_mib;
         if a.ci_low_mib <= t && t <= a.ci_high_mib {
             covered += 1;
         }
@@ -147,6 +151,7 @@ fn errors(
         mae: e.iter().map(|x| x.abs()).sum::<f64>() / k,
         expected_mae: expected / k,
         coverage: 100.0 * covered as f64 / k,
+        ci_width: width / k,
         pool: Pool {
             k: e.len(),
             covered,
@@ -187,9 +192,9 @@ fn accuracy(only: &[String]) {
     );
     println!();
     println!(
-        "| pattern | W | estimate | truth (MiB) | intervals | mean error | RMS error | mean abs error | expected mean abs | 95% CI coverage |"
+        "| pattern | W | estimate | truth (MiB) | intervals | mean error | RMS error | mean abs error | expected mean abs | 95% CI coverage | mean 95% CI width |"
     );
-    println!("|---|---|---|---|---|---|---|---|---|---|");
+    println!("|---|---|---|---|---|---|---|---|---|---|---|");
     let mut pools: Vec<(&str, Pool, Pool)> = Vec::new();
     for (i, (name, opts)) in [
         ("read", "read"),
@@ -231,8 +236,8 @@ fn accuracy(only: &[String]) {
             }
             for (which, e) in [("access", a), ("writes", w)] {
                 println!(
-                    "| {name} | {pct}% | {which} | {:.1} | {} | {:+.2} | {:.2} | {:.2} | {:.2} | {:.1}% |",
-                    e.truth, e.k, e.mean, e.rms, e.mae, e.expected_mae, e.coverage
+                    "| {name} | {pct}% | {which} | {:.1} | {} | {:+.2} | {:.2} | {:.2} | {:.2} | {:.1}% | {:.1} |",
+                    e.truth, e.k, e.mean, e.rms, e.mae, e.expected_mae, e.coverage, e.ci_width
                 );
             }
         }
@@ -496,7 +501,14 @@ fn trap_cost() {
     }
     let secs = cycle.len() as u32 + 2;
     let spec = format!("alloc 64M; touch 64M write; touch 64M read random {secs}s");
+    let dir = tempfile::tempdir().expect("temp dir");
+    let trace = dir.path().join("trap-trace");
+    // SAFETY: no other thread of the bench runs now (the last run's threads are joined), so
+    // nothing reads the environment while it changes.
+    unsafe { std::env::set_var("MEMVISOR_TRAP_TRACE", &trace) };
     let timed_rows = steady_cycled_rows(&spec, 256 * MIB, &cycle, 5);
+    // SAFETY: as above.
+    unsafe { std::env::remove_var("MEMVISOR_TRAP_TRACE") };
     let points: Vec<(f64, f64, f64)> = timed_rows
         .iter()
         .filter_map(|r| {
@@ -511,6 +523,58 @@ fn trap_cost() {
         "Trap cost: {c:.0} ± {se_c:.0} µs of guest time per trapped access (fit over {} intervals, up to {most:.0} traps per interval)",
         points.len()
     );
+    trap_steps(&trace);
+}
+
+/// The handler's side of a trap, from its own timestamps (`MEMVISOR_TRAP_TRACE`): medians and
+/// 90th percentiles over the traps of the run.
+fn trap_steps(trace: &std::path::Path) {
+    let Ok(text) = std::fs::read_to_string(trace) else {
+        println!("(no trap trace: the fault handler did not run)");
+        return;
+    };
+    let b: Vec<[f64; 4]> = text
+        .lines()
+        .filter_map(|l| {
+            let v: Vec<f64> = l.split(' ').filter_map(|x| x.parse().ok()).collect();
+            (v.len() == 4).then(|| [v[0] / 1e3, v[1] / 1e3, v[2] / 1e3, v[3]])
+        })
+        .collect();
+    if b.len() < 2 {
+        return;
+    }
+    let most = b.iter().map(|x| x[3]).fold(0.0, f64::max);
+    let steps: [(&str, Vec<f64>); 4] = [
+        (
+            "poll returns → faults read",
+            b.iter().map(|x| x[1] - x[0]).collect(),
+        ),
+        (
+            "faults read → resolved (copy back, wake)",
+            b.iter().map(|x| x[2] - x[1]).collect(),
+        ),
+        (
+            "resolved → poll returns again (the vCPU runs on, traps, the handler wakes)",
+            b.windows(2).map(|w| w[1][0] - w[0][2]).collect(),
+        ),
+        (
+            "poll return to poll return (one trap, end to end)",
+            b.windows(2).map(|w| w[1][0] - w[0][0]).collect(),
+        ),
+    ];
+    println!();
+    println!(
+        "Handler's own timestamps over {} batches of faults (at most {most:.0} in a batch):",
+        b.len()
+    );
+    println!();
+    println!("| step | median µs | p90 µs |");
+    println!("|---|---|---|");
+    for (name, mut v) in steps {
+        let m = median(&mut v);
+        let p90 = v[v.len() * 9 / 10];
+        println!("| {name} | {m:.1} | {p90:.1} |");
+    }
 }
 
 fn overhead() {
@@ -518,7 +582,8 @@ fn overhead() {
     // 1. The whole heap active: the access sample size cycles interval by interval in one run,
     //    off every other interval, so slow drifts of the host hit every size alike.
     let n_default = RunOptions::default().access_samples;
-    let cycle = [0u64, n_default, 0, n_default, 0, 200, 0, 400];
+    // Up to 1000 traps per interval, so that the slope stands out of a busy host's noise.
+    let cycle = [0u64, 40, 0, n_default, 0, 400, 0, 1000];
     let rounds = 10u32;
     let secs = rounds * cycle.len() as u32 + 2;
     let spec = format!("alloc 512M; touch 512M write; touch 512M read random {secs}s");
@@ -621,12 +686,14 @@ fn overhead() {
 }
 
 /// First touches by pattern: a 1 GiB guest writes 512 MiB of fresh memory in one pass, with the
-/// access sampler off, at the default and at 200, in turn (every pattern and size once per
+/// access sampler off, at 40 (the former default), at the default and at 200, in turn (every pattern and size once per
 /// repetition, the same seed within a repetition), three repetitions.
 fn first_touch() {
     let mem = GIB;
     let n_default = RunOptions::default().access_samples;
-    let sizes = [0u64, n_default, 200];
+    // The former default (40) beside today's.
+    let mut sizes = vec![0u64, 40, n_default, 200];
+    sizes.dedup();
     let patterns = [
         ("seq", "alloc 512M; touch 512M write; idle 10ms"),
         ("random", "alloc 512M; touch 512M write random; idle 10ms"),
@@ -798,6 +865,7 @@ fn main() {
     let sections = [
         "cost",
         "overhead",
+        "trap",
         "firsttouch",
         "sparse",
         "bias",

@@ -13,7 +13,7 @@
 //! the figures). One handler thread resolves every fault by what the page is:
 //!
 //! - a page moved out (`MovedOut`): its kind says what to do (a sampled page records its first
-//!   access, read or write, and moves back from the stash; a swapped page is read from its slot of
+//!   access, read or write, and comes back from the stash as a copy; a swapped page is read from its slot of
 //!   the swap file into a bounce page and copied into place with `UFFDIO_COPY`, or filled as zero
 //!   when it read as zero at swap-out, and its slot is freed);
 //! - any other missing page in a registered region (released since its last touch; a
@@ -26,10 +26,12 @@
 //! no mapping of it and would map it writable on the guest's next read, logging that read as a
 //! write; protected, the read maps it read-only, and a write faults here once and is let through.
 //!
-//! A sampled page is not copied: it moves (`UFFDIO_MOVE`, the same physical page), so contents stay
-//! intact. The handler never reads or writes guest memory itself: it puts pages into it. Every
-//! operation here takes guest page
-//! numbers and checks them against guest RAM, so no page outside guest RAM and the stash can move.
+//! A sampled page moves out (`UFFDIO_MOVE`, the same physical page, nothing copied) and, if
+//! accessed, comes back as a copy (`UFFDIO_COPY` from the stash: cheaper than moving it back,
+//! `docs/design.md` has the figures; the original is dropped when the round ends); a page nobody
+//! touched moves back at the round's end. The handler never reads or writes guest memory itself:
+//! it puts pages into it. Every operation here takes guest page numbers and checks them against
+//! guest RAM, so no page outside guest RAM and the stash can move.
 
 use std::collections::HashMap;
 use std::ops::Range;
@@ -435,6 +437,15 @@ impl Faults {
         drop(table);
         sampled.sort_unstable_by_key(|(gfn, _)| *gfn);
         let mut out = Vec::with_capacity(sampled.len());
+        // The slots past the last one used hold nothing.
+        let used = sampled
+            .iter()
+            .filter_map(|(_, m)| match m {
+                MovedOut::Sampled { slot: Some(s), .. } => Some(s + 1),
+                _ => None,
+            })
+            .max()
+            .unwrap_or(0);
         for (gfn, m) in sampled {
             let MovedOut::Sampled { slot, first } = m else {
                 continue;
@@ -456,6 +467,8 @@ impl Faults {
             }
             out.push(SampleOutcome { gfn, first });
         }
+        // The pages accessed came back as copies: their originals are still in the stash.
+        drop_stash(self.layout, 0..used);
         Ok(out)
     }
 
@@ -487,7 +500,7 @@ impl Faults {
                 MovedOut::Sampled { first: Some(_), .. } => true,
                 MovedOut::Sampled { slot, first: None } => {
                     if let Some(s) = slot.take() {
-                        drop_stash_copy(at, *gfn, s);
+                        drop_stash(at, s..s + 1);
                     }
                     true
                 }
@@ -610,21 +623,25 @@ fn populate_read(addr: u64, pages: u64) -> std::io::Result<()> {
     Ok(())
 }
 
-/// Drops the stash copy of sampled page `gfn` (slot `slot`).
-fn drop_stash_copy(at: Layout, gfn: u64, slot: u64) {
-    let addr = at.slot_addr(slot);
-    // SAFETY: the slot is one page of our own stash mapping, which nothing else uses;
-    // MADV_DONTNEED only drops its contents.
+/// Drops the contents of stash slots `slots` (pages moved out or copied back already, or of
+/// released guest pages).
+fn drop_stash(at: Layout, slots: Range<u64>) {
+    if slots.is_empty() {
+        return;
+    }
+    let addr = at.slot_addr(slots.start);
+    // SAFETY: the slots are pages of our own stash mapping, which nothing else uses;
+    // MADV_DONTNEED only drops their contents.
     let rc = unsafe {
         libc::madvise(
             addr as *mut libc::c_void,
-            PAGE_SIZE as usize,
+            ((slots.end - slots.start) * PAGE_SIZE) as usize,
             libc::MADV_DONTNEED,
         )
     };
     if rc != 0 {
         log::warn!(
-            "faults: dropping the stash copy of released page {gfn:#x}: {}",
+            "faults: dropping stash slots {slots:?}: {}",
             std::io::Error::last_os_error()
         );
     }
@@ -657,10 +674,12 @@ fn protect_returned(uffd: &Uffd, at: &Layout, gfn: u64) -> Result<(), errno::Err
 /// The handler thread: resolves each fault by what the page is, until `done`.
 fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layout) {
     let mut faults: Vec<Fault> = Vec::new();
+    let mut trace = TrapTrace::from_env();
     while !done.load(Ordering::Relaxed) {
         if !uffd.wait(20) {
             continue;
         }
+        let woke = Instant::now();
         faults.clear();
         if let Err(e) = uffd.read_faults(&mut faults) {
             lock(table).error.get_or_insert(HandlerError::Read(e));
@@ -698,9 +717,11 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
                     match slot {
                         // SAFETY: a page of guest RAM (no reference covers it) and a slot of our
                         // own stash; both stay mapped while this thread runs.
-                        Some(s) => unsafe {
-                            uffd.move_page(f.page, at.slot_addr(*s), PAGE_SIZE, true)
-                        },
+                        // Back as a copy (`UFFDIO_COPY`), not moved: moving clears the stash's
+                        // page-table entry, which flushes the TLBs of every CPU this process ran
+                        // on (an IPI, costly under a nested hypervisor); a copy only fills the
+                        // missing entry. The stash keeps the old page until the round ends.
+                        Some(s) => unsafe { uffd.copy_page(f.page, at.slot_addr(*s)) },
                         // SAFETY: a registered page of guest RAM; `zeros` is our zeroed page.
                         None => unsafe { uffd.fill_missing(f.page, f.write, at.zeros) },
                     }
@@ -761,6 +782,52 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
                     source,
                 });
             }
+        }
+        if let Some(tr) = &mut trace {
+            tr.record(woke, read_at, faults.len());
+        }
+    }
+    if let Some(tr) = trace {
+        tr.write();
+    }
+}
+
+/// The handler's own timestamps, one line per batch of faults read, for the trap's per-step
+/// breakdown: on when `MEMVISOR_TRAP_TRACE` names a file, which gets them when the handler stops
+/// (`cargo bench --bench access -- trap` reads it; `docs/design.md`, "The trap's cost"). A line is
+/// `woke read resolved faults`: nanoseconds since the handler started at which `poll` returned,
+/// the faults were read and all of them were resolved, and how many there were.
+struct TrapTrace {
+    path: std::path::PathBuf,
+    start: Instant,
+    batches: Vec<[u64; 4]>,
+}
+
+impl TrapTrace {
+    fn from_env() -> Option<Self> {
+        let path = std::env::var_os("MEMVISOR_TRAP_TRACE")?;
+        Some(TrapTrace {
+            path: path.into(),
+            start: Instant::now(),
+            batches: Vec::new(),
+        })
+    }
+
+    fn record(&mut self, woke: Instant, read: Instant, faults: usize) {
+        let ns = |t: Instant| t.duration_since(self.start).as_nanos() as u64;
+        let done = ns(Instant::now());
+        self.batches.push([ns(woke), ns(read), done, faults as u64]);
+    }
+
+    fn write(self) {
+        let text: String = (self.batches.iter())
+            .map(|b| format!("{} {} {} {}\n", b[0], b[1], b[2], b[3]))
+            .collect();
+        if let Err(e) = std::fs::write(&self.path, text) {
+            log::warn!(
+                "faults: writing the trap trace to {}: {e}",
+                self.path.display()
+            );
         }
     }
 }
@@ -950,6 +1017,14 @@ mod tests {
                     first: Some(Access::Write)
                 }
             ]
+        );
+        // Both came back as copies; their originals left the stash with the round.
+        let mut stash = [0u64; 2];
+        let at = f.layout.slot_addr(0) as usize;
+        f.pagemap.as_ref().unwrap().read(at, 2, &mut stash).unwrap();
+        assert!(
+            stash.iter().all(|&e| !PageEntry(e).present()),
+            "stash slots still hold pages: {stash:x?}"
         );
         // Contents: page 0 as written, 2 zero, 3 and the never-touched ones as written since.
         let got: Vec<[u8; 9]> = [0u64, 2, 3, 4, 300]

@@ -9,8 +9,9 @@
 //!
 //! MISSING mode on anonymous memory: a registered page that has no page table entry faults to
 //! this descriptor instead of being filled in, whoever touches it (a vCPU through KVM, or a VMM
-//! thread), and the toucher sleeps until the page is resolved: here by `UFFDIO_MOVE`, which moves a
-//! page (the same physical page, data intact) into place and wakes it.
+//! thread), and the toucher sleeps until the page is resolved: here by `UFFDIO_COPY`, which puts a
+//! copy of a page of ours into place and wakes it (`UFFDIO_MOVE` moves pages out, and back when
+//! nobody touched them).
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};

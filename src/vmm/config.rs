@@ -57,10 +57,10 @@ pub struct RunOptions {
     #[arg(long)]
     pub no_sampling: bool,
     /// Pages per interval the access sampler (reads and writes, userfaultfd) watches; 0 turns it
-    /// off. Each watched page that the guest touches costs it one trapped access (about 0.18 ms
-    /// on the development host), so the default keeps a busy guest's slowdown under 1% at 1 s
-    /// intervals with a margin (README, `cargo bench --bench access -- overhead`).
-    #[arg(long, default_value_t = 40)]
+    /// off. Each watched page that the guest touches costs it one trapped access (about 0.15 ms
+    /// on the development host with a fully active guest), so the default keeps a busy guest's
+    /// slowdown under 1% at 1 s intervals (README, `cargo bench --bench access -- overhead`).
+    #[arg(long, default_value_t = 60)]
     pub access_samples: u64,
     /// Sample all of guest RAM uniformly, as ESX does, instead of only the pages touched before
     /// (first touches are then estimated too, not counted exactly).
