@@ -462,6 +462,8 @@ pub fn run(opts: &HostOptions) -> Result<(), Box<dyn std::error::Error>> {
     let mut signals = 0;
     let result = super::supervisor::run(&cfg, &mut |row| {
         signals = crate::vmm::stop::signal_count();
+        // The exporters first: a reader who sees this period's line can scrape this period.
+        let exported = outputs.period(row);
         let line = if json {
             serde_json::to_string(row).map_err(std::io::Error::other)?
         } else {
@@ -469,7 +471,7 @@ pub fn run(opts: &HostOptions) -> Result<(), Box<dyn std::error::Error>> {
         };
         writeln!(out, "{line}")?;
         out.flush()?;
-        outputs.period(row)
+        exported
     });
     let plot = outputs.finish(opts.prometheus_linger.unwrap_or_default(), &|| {
         crate::vmm::stop::signal_count() > signals
