@@ -171,6 +171,9 @@ struct Table {
     /// Missing pages not moved out that the handler filled since the last take (first touches
     /// that came through the handler).
     fills: u64,
+    /// Sampled pages armed while not a page of their own (the shared zero page): an access moves
+    /// them back, where a copy would give each a machine page the guest never wrote.
+    shared_sampled: std::collections::HashSet<u64>,
 }
 
 /// Where things are: guest RAM, the stash and its zero page. Plain addresses, valid while the
@@ -404,6 +407,13 @@ impl Faults {
             }
         };
         let (addr, to) = (self.layout.page_addr(gfn), self.layout.slot_addr(slot));
+        // The shared zero page (mapped by this process not only here) must come back as itself.
+        let mut entry = [0u64; 1];
+        let shared = self.pagemap.as_ref().is_some_and(|p| {
+            p.read(addr as usize, 1, &mut entry).is_ok()
+                && PageEntry(entry[0]).present()
+                && !PageEntry(entry[0]).exclusive()
+        });
         // SAFETY: `addr` is a page of guest RAM (checked above), which the VMM reaches only through
         // vm-memory's volatile copies, never a Rust reference, and which outlives `self` (the owner
         // drops `Faults` first); `to` is a slot of our own stash, which nothing else uses.
@@ -416,9 +426,13 @@ impl Faults {
                 return Ok(Sampled::Refused);
             }
         };
-        lock(&self.table)
+        let mut table = lock(&self.table);
+        table
             .out
             .insert(gfn, MovedOut::Sampled { slot, first: None });
+        if shared {
+            table.shared_sampled.insert(gfn);
+        }
         Ok(Sampled::Armed { new_region })
     }
 
@@ -434,6 +448,7 @@ impl Faults {
             }
             MovedOut::Swapped { .. } => true,
         });
+        table.shared_sampled.clear();
         drop(table);
         sampled.sort_unstable_by_key(|(gfn, _)| *gfn);
         let mut out = Vec::with_capacity(sampled.len());
@@ -711,10 +726,15 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
                 }
                 continue;
             }
+            let shared = t.shared_sampled.contains(&gfn);
             let result = match t.out.get_mut(&gfn) {
                 Some(MovedOut::Sampled { slot, first }) if first.is_none() => {
                     *first = Some(if f.write { Access::Write } else { Access::Read });
                     match slot {
+                        // SAFETY: as below; the page moves back whole (the zero page stays one).
+                        Some(s) if shared => unsafe {
+                            uffd.move_page(f.page, at.slot_addr(*s), PAGE_SIZE, true)
+                        },
                         // SAFETY: a page of guest RAM (no reference covers it) and a slot of our
                         // own stash; both stay mapped while this thread runs.
                         // Back as a copy (`UFFDIO_COPY`), not moved: moving clears the stash's
