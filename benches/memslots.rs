@@ -12,6 +12,9 @@
 
 use std::time::Instant;
 
+mod common;
+use common::median;
+
 use kvm_bindings::{KVM_MEM_LOG_DIRTY_PAGES, kvm_userspace_memory_region};
 use memvisor::kvm::vm::{SLOT_PAGES, Vm};
 use memvisor::memory::GuestRam;
@@ -29,11 +32,6 @@ fn kernel_kib() -> u64 {
         .sum()
 }
 
-fn median(mut v: Vec<f64>) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v[v.len() / 2]
-}
-
 /// Milliseconds to create the VM with `slot_pages`-page memslots, and the kernel memory (MiB) the
 /// VM holds, the median of [`REPS`] runs.
 fn layout(gib: u64, slot_pages: u64) -> Result<(f64, f64, u64), String> {
@@ -49,7 +47,7 @@ fn layout(gib: u64, slot_pages: u64) -> Result<(f64, f64, u64), String> {
         slots = (gib * GIB / PAGE_SIZE).div_ceil(vm.slot_pages());
         drop(vm);
     }
-    Ok((median(times), median(kernel), slots))
+    Ok((median(&mut times), median(&mut kernel), slots))
 }
 
 /// Milliseconds to add one 1 GiB memslot to a VM whose RAM has `gib` GiB and all its other
@@ -77,7 +75,7 @@ fn one_slot_added(gib: u64) -> Result<f64, String> {
         times.push(t.elapsed().as_secs_f64() * 1e3);
         region.memory_size = 0;
     }
-    Ok(median(times))
+    Ok(median(&mut times))
 }
 
 fn main() {
