@@ -33,7 +33,7 @@
 //! it puts pages into it. Every operation here takes guest page numbers and checks them against
 //! guest RAM, so no page outside guest RAM and the stash can move.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -173,7 +173,7 @@ struct Table {
     fills: u64,
     /// Sampled pages armed while not a page of their own (the shared zero page): an access moves
     /// them back, where a copy would give each a machine page the guest never wrote.
-    shared_sampled: std::collections::HashSet<u64>,
+    shared_sampled: HashSet<u64>,
 }
 
 /// Where things are: guest RAM, the stash and its zero page. Plain addresses, valid while the
