@@ -27,7 +27,7 @@ fn written_pages_are_backed_and_match_mincore() {
         boot.reserved_pages
     );
     // The map agrees with the kernel's own residency count (which also counts zero-page mappings).
-    assert_eq!(backed + s.map.zero, s.mincore_resident);
+    assert_eq!(backed + s.map.zero + s.vmm_zero_mapped, s.mincore_resident);
     // And the host column says the same.
     let host = rows.last().unwrap().host.as_ref().unwrap();
     assert_eq!(host.backed_pages, backed);
@@ -81,7 +81,10 @@ fn read_only_touch_gives_zero_pages_without_backing() {
     );
     assert!(s.map.zero >= 16 * MIB_PAGES, "zero pages: {}", s.map.zero);
     assert!(s.map.pfn_visible, "tests run as root and see PFNs");
-    assert_eq!(s.map.backed + s.map.shared + s.map.zero, s.mincore_resident);
+    assert_eq!(
+        s.map.backed + s.map.shared + s.map.zero + s.vmm_zero_mapped,
+        s.mincore_resident
+    );
 }
 
 #[test]

@@ -616,6 +616,7 @@ impl Vmm<'_, '_> {
         });
         Ok(RunSummary {
             mincore_resident: ram.resident_pages().map_err(RunError::Memory)?,
+            vmm_zero_mapped: map.vmm_zero_mapped(),
             pool_backed,
             setup_ms: setup.as_secs_f64() * 1e3,
             elapsed_s: self.clock.elapsed().as_secs_f64(),

@@ -98,6 +98,10 @@ pub struct RunSummary {
     pub map: MapSummary,
     /// At the end: guest pages mincore() calls resident (backed + zero-page mappings).
     pub mincore_resident: u64,
+    /// At the end: untouched guest pages the VMM mapped to the shared zero page (the fault
+    /// handler does so before registering a region; they stay `untouched` in the map, with no
+    /// machine page of their own). `mincore_resident` counts them, the map's states do not.
+    pub vmm_zero_mapped: u64,
     /// At the end: backed pages inside the guest kernel's pool (the pages its lists manage).
     pub pool_backed: u64,
     /// Malformed report-channel accesses and protocol violations.

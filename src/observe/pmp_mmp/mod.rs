@@ -688,7 +688,8 @@ impl PmpMmpMap {
     /// touched and written in `interval` first, so nothing the guest wrote is lost; then every
     /// touched page in the range becomes `Released` and not resident, so a later write (a new
     /// dirty bit) or read (the residency pass) is seen afresh, and none counts as written since
-    /// its release (a later read maps the zero page). Untouched pages stay untouched.
+    /// its release (a later read maps the zero page). Untouched pages stay untouched (and
+    /// not resident, if the VMM had mapped them to the zero page).
     pub fn note_released(&mut self, pages: Range<u64>, guest_dirty: &Window, interval: u32) {
         let end = pages.end.min(self.pages);
         let interval = interval.min(NO_WRITE - 1);
@@ -707,9 +708,11 @@ impl PmpMmpMap {
             }
             if self.touched.get(gfn) {
                 self.records.set_state(gfn, PageState::Released);
-                self.resident.clear(gfn);
                 self.written_since_release.clear(gfn);
             }
+            // An untouched page the VMM had mapped to the zero page is no longer resident
+            // either: a later read of it is seen afresh.
+            self.resident.clear(gfn);
         }
     }
 
@@ -725,6 +728,17 @@ impl PmpMmpMap {
                 self.resident.set(gfn);
             }
         }
+    }
+
+    /// Untouched pages the VMM mapped to the zero page ([`PmpMmpMap::note_zero_mapped`]) and
+    /// that no harvest has seen touched since: resident to `mincore`, in no state of the map.
+    pub fn vmm_zero_mapped(&self) -> u64 {
+        let (resident, touched) = (self.resident.words(), self.touched.bitmap().words());
+        resident
+            .iter()
+            .zip(touched)
+            .map(|(r, t)| u64::from((r & !t).count_ones()))
+            .sum()
     }
 
     /// The VMM swapped guest pages `pages` out (hypervisor swap) just after releasing them
@@ -1465,6 +1479,7 @@ mod tests {
         assert_eq!(st.newly_touched, 0, "{st:?}");
         let s = map.summary();
         assert_eq!((s.backed, s.zero, s.untouched), (1, 0, 127));
+        assert_eq!(map.vmm_zero_mapped(), 63, "resident, in no state");
         assert_eq!(map.page(5).unwrap().state, PageState::Untouched);
         // A write to one is seen (the dirty log), a read of another page still is.
         ram.write(5, 2);
@@ -1474,6 +1489,10 @@ mod tests {
         assert_eq!(map.page(5).unwrap().first_touch, Some(2));
         let s = map.summary();
         assert_eq!((s.backed, s.zero, s.untouched), (2, 1, 125));
+        assert_eq!(map.vmm_zero_mapped(), 62, "page 5 is backed now");
+        // Released, an untouched zero-mapped page is no longer resident.
+        map.note_released(10..12, &Window::default(), 3);
+        assert_eq!(map.vmm_zero_mapped(), 60);
     }
 
     #[test]
