@@ -173,8 +173,9 @@ fn top_in_tmux_shows_the_vms_sorts_and_quits_cleanly() {
     };
     let dir = tempfile::tempdir().unwrap();
     tmux.start(&top_command(&host_stream(dir.path())));
+    // The whole frame, to its key line (a capture may catch tmux half-way through drawing it).
     let s = tmux.wait_for("the VM lines", |s| {
-        s.contains("period 1") && s.lines().any(|l| l.starts_with("app "))
+        s.contains("period 1") && s.lines().any(|l| l.starts_with("app ")) && s.contains("q quit")
     });
     assert!(s.contains("memvisor top  host"), "{s}");
     assert!(s.contains("state soft"), "{s}");

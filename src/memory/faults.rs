@@ -414,6 +414,10 @@ impl Faults {
                 && PageEntry(entry[0]).present()
                 && !PageEntry(entry[0]).exclusive()
         });
+        // The table stays locked from the move to the insert: a fault on this page still queued
+        // from before (a vCPU the pause interrupted in one) must find it moved out, not fill the
+        // hole with the zero page behind the sampler's back.
+        let mut table = lock(&self.table);
         // SAFETY: `addr` is a page of guest RAM (checked above), which the VMM reaches only through
         // vm-memory's volatile copies, never a Rust reference, and which outlives `self` (the owner
         // drops `Faults` first); `to` is a slot of our own stash, which nothing else uses.
@@ -426,7 +430,6 @@ impl Faults {
                 return Ok(Sampled::Refused);
             }
         };
-        let mut table = lock(&self.table);
         table
             .out
             .insert(gfn, MovedOut::Sampled { slot, first: None });
