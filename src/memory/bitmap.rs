@@ -180,6 +180,16 @@ impl Bitmap {
             .sum()
     }
 
+    /// Number of bits set here and not in `other` (over the shorter of the two).
+    pub fn count_and_not(&self, other: &Bitmap) -> u64 {
+        self.words
+            .iter()
+            .zip(&other.words)
+            .enumerate()
+            .map(|(w, (x, y))| u64::from((x & !y & self.word_mask(w)).count_ones()))
+            .sum()
+    }
+
     /// Number of set bits in `range` (clipped to the bitmap).
     pub fn count_ones_in(&self, range: Range<u64>) -> u64 {
         word_masks(range.start..range.end.min(self.bits))
@@ -741,6 +751,20 @@ mod tests {
         assert_eq!(Window::new(70, vec![1]).first_page(), 64);
         assert!(!Window::default().get(0));
         assert!(Window::of(b.words(), 1000..2000).words().is_empty());
+    }
+
+    #[test]
+    fn count_and_not_counts_the_bits_only_here() {
+        let (mut a, mut b) = (Bitmap::new(130), Bitmap::new(130));
+        for i in [0, 5, 64, 100, 129] {
+            a.set(i);
+        }
+        for i in [5, 100, 128] {
+            b.set(i);
+        }
+        assert_eq!(a.count_and_not(&b), 3);
+        assert_eq!(b.count_and_not(&a), 1);
+        assert_eq!(a.count_and_not(&a), 0);
     }
 
     #[test]

@@ -127,12 +127,7 @@ impl Sampler {
         let is_candidate = |p: u64| population.get(p) && !exclude.is_some_and(|e| e.get(p));
         let candidates = match exclude {
             None => population.count_ones(),
-            Some(e) => population
-                .words()
-                .iter()
-                .zip(e.words())
-                .map(|(p, x)| u64::from((p & !x).count_ones()))
-                .sum(),
+            Some(e) => population.count_and_not(e),
         };
         let k = self.samples.min(candidates);
         self.picked.clear();

@@ -733,12 +733,7 @@ impl PmpMmpMap {
     /// Untouched pages the VMM mapped to the zero page ([`PmpMmpMap::note_zero_mapped`]) and
     /// that no harvest has seen touched since: resident to `mincore`, in no state of the map.
     pub fn vmm_zero_mapped(&self) -> u64 {
-        let (resident, touched) = (self.resident.words(), self.touched.bitmap().words());
-        resident
-            .iter()
-            .zip(touched)
-            .map(|(r, t)| u64::from((r & !t).count_ones()))
-            .sum()
+        self.resident.count_and_not(self.touched.bitmap())
     }
 
     /// The VMM swapped guest pages `pages` out (hypervisor swap) just after releasing them
