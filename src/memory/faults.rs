@@ -33,7 +33,7 @@
 //! it puts pages into it. Every operation here takes guest page numbers and checks them against
 //! guest RAM, so no page outside guest RAM and the stash can move.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -121,6 +121,9 @@ enum MovedOut {
     Sampled {
         slot: Option<u64>,
         first: Option<Access>,
+        /// It was the shared zero page when armed: an access moves it back, where a copy would
+        /// give it a machine page the guest never wrote.
+        shared: bool,
     },
     /// Swapped out by the VMM to slot `slot` of the swap file (`None`: it read as zero, and comes
     /// back as zero): the first access reads it back and frees the slot.
@@ -171,9 +174,6 @@ struct Table {
     /// Missing pages not moved out that the handler filled since the last take (first touches
     /// that came through the handler).
     fills: u64,
-    /// Sampled pages armed while not a page of their own (the shared zero page): an access moves
-    /// them back, where a copy would give each a machine page the guest never wrote.
-    shared_sampled: HashSet<u64>,
 }
 
 /// Where things are: guest RAM, the stash and its zero page. Plain addresses, valid while the
@@ -430,12 +430,14 @@ impl Faults {
                 return Ok(Sampled::Refused);
             }
         };
-        table
-            .out
-            .insert(gfn, MovedOut::Sampled { slot, first: None });
-        if shared {
-            table.shared_sampled.insert(gfn);
-        }
+        table.out.insert(
+            gfn,
+            MovedOut::Sampled {
+                slot,
+                first: None,
+                shared,
+            },
+        );
         Ok(Sampled::Armed { new_region })
     }
 
@@ -451,7 +453,6 @@ impl Faults {
             }
             MovedOut::Swapped { .. } => true,
         });
-        table.shared_sampled.clear();
         drop(table);
         sampled.sort_unstable_by_key(|(gfn, _)| *gfn);
         let mut out = Vec::with_capacity(sampled.len());
@@ -465,7 +466,7 @@ impl Faults {
             .max()
             .unwrap_or(0);
         for (gfn, m) in sampled {
-            let MovedOut::Sampled { slot, first } = m else {
+            let MovedOut::Sampled { slot, first, .. } = m else {
                 continue;
             };
             if let (None, Some(s)) = (first, slot) {
@@ -516,7 +517,9 @@ impl Faults {
                     false
                 }
                 MovedOut::Sampled { first: Some(_), .. } => true,
-                MovedOut::Sampled { slot, first: None } => {
+                MovedOut::Sampled {
+                    slot, first: None, ..
+                } => {
                     if let Some(s) = slot.take() {
                         drop_stash(at, s..s + 1);
                     }
@@ -729,13 +732,16 @@ fn handle_faults(uffd: &Uffd, table: &Mutex<Table>, done: &AtomicBool, at: Layou
                 }
                 continue;
             }
-            let shared = t.shared_sampled.contains(&gfn);
             let result = match t.out.get_mut(&gfn) {
-                Some(MovedOut::Sampled { slot, first }) if first.is_none() => {
+                Some(MovedOut::Sampled {
+                    slot,
+                    first,
+                    shared,
+                }) if first.is_none() => {
                     *first = Some(if f.write { Access::Write } else { Access::Read });
                     match slot {
                         // SAFETY: as below; the page moves back whole (the zero page stays one).
-                        Some(s) if shared => unsafe {
+                        Some(s) if *shared => unsafe {
                             uffd.move_page(f.page, at.slot_addr(*s), PAGE_SIZE, true)
                         },
                         // SAFETY: a page of guest RAM (no reference covers it) and a slot of our
