@@ -10,7 +10,7 @@ use std::time::{Duration, Instant};
 
 use memvisor::memory::bitmap::{Bitmap, Ranks};
 use memvisor::memory::{GuestMemory, GuestRam};
-use memvisor::observe::access::AccessSampler;
+use memvisor::observe::access::{AccessSampler, Population};
 use memvisor::row::{Active, Row};
 use memvisor::units::PAGE_SIZE;
 use memvisor::vmm;
@@ -791,7 +791,8 @@ fn cost() {
             let t0 = Instant::now();
             let ranks = std::hint::black_box(Ranks::new(&pop));
             let t1 = Instant::now();
-            a.arm(&mem, &pop, &ranks, 200).expect("arm");
+            a.arm(&mem, &Population::of(&pop, &ranks), 200)
+                .expect("arm");
             let t2 = Instant::now();
             a.disarm(&mem).expect("disarm");
             let t3 = Instant::now();

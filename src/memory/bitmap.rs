@@ -506,6 +506,80 @@ impl Ranks {
     }
 }
 
+/// Words per block of an [`AndNotRanks`] index (512 bits).
+pub const SPARSE_BLOCK_WORDS: usize = 8;
+
+/// A rank index over the bits set in one bitmap and not in another, kept to some blocks of 512
+/// bits (the only ones that can hold such bits): built in O(blocks), it finds the r-th such bit
+/// in O(log blocks + 8), so a stratum that lives in a few places of a large guest is drawn from
+/// at the cost of those places, not of the guest.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct AndNotRanks {
+    /// Each block with some bits: its first word, and the bits before it; ascending.
+    blocks: Vec<(usize, u64)>,
+    total: u64,
+}
+
+impl AndNotRanks {
+    /// The index of the bits set in `a` and not in `b` within `blocks` (block numbers, each
+    /// [`SPARSE_BLOCK_WORDS`] words; ascending), and the blocks found empty.
+    pub fn new(a: &Bitmap, b: &Bitmap, blocks: impl IntoIterator<Item = u64>) -> (Self, Vec<u64>) {
+        let mut out = AndNotRanks::default();
+        let mut empty = Vec::new();
+        for block in blocks {
+            let first = usize::try_from(block).unwrap_or(usize::MAX) * SPARSE_BLOCK_WORDS;
+            let c = Self::block_words(a, b, first)
+                .map(|x| u64::from(x.count_ones()))
+                .sum::<u64>();
+            if c == 0 {
+                empty.push(block);
+                continue;
+            }
+            out.blocks.push((first, out.total));
+            out.total += c;
+        }
+        (out, empty)
+    }
+
+    /// The words of `a & !b` in the block that starts at word `first` (those that exist).
+    fn block_words<'a>(
+        a: &'a Bitmap,
+        b: &'a Bitmap,
+        first: usize,
+    ) -> impl Iterator<Item = u64> + 'a {
+        let last = first.saturating_add(SPARSE_BLOCK_WORDS).min(a.words.len());
+        (first.min(last)..last)
+            .map(move |w| a.words[w] & !b.words.get(w).copied().unwrap_or(0) & a.word_mask(w))
+    }
+
+    /// The bits indexed.
+    pub fn total(&self) -> u64 {
+        self.total
+    }
+
+    /// The `r`-th (from 0) bit set in `a` and not in `b`, which must be the bitmaps this index was
+    /// built from, unchanged; `None` when `r` is not below [`AndNotRanks::total`].
+    pub fn select(&self, a: &Bitmap, b: &Bitmap, r: u64) -> Option<u64> {
+        if r >= self.total {
+            return None;
+        }
+        let i = self.blocks.partition_point(|&(_, before)| before <= r) - 1;
+        let (first, before) = self.blocks[i];
+        let mut left = r - before;
+        for (k, mut x) in Self::block_words(a, b, first).enumerate() {
+            let c = u64::from(x.count_ones());
+            if left < c {
+                for _ in 0..left {
+                    x &= x - 1;
+                }
+                return Some((first + k) as u64 * WORD_BITS + u64::from(x.trailing_zeros()));
+            }
+            left -= c;
+        }
+        None
+    }
+}
+
 /// Bits per block of a [`Counted`] bitmap's counts (as a [`Ranks`] block).
 const COUNT_BLOCK_BITS: u64 = RANK_BLOCK_WORDS as u64 * WORD_BITS;
 
@@ -653,6 +727,36 @@ impl Iterator for Runs<'_> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn and_not_ranks_select_every_bit_of_a_minus_b_in_their_blocks() {
+        // 3000 bits: blocks 0..6 (512 each), the last one partial.
+        let (mut a, mut b) = (Bitmap::new(3000), Bitmap::new(3000));
+        for i in (0..3000).step_by(3) {
+            a.set(i);
+        }
+        for i in (0..3000).step_by(5) {
+            b.set(i);
+        }
+        // Blocks 1 and 5 (partial) indexed, block 3 named but empty once cleared.
+        a.clear_range(3 * 512..4 * 512);
+        let (r, empty) = AndNotRanks::new(&a, &b, [1, 3, 5]);
+        assert_eq!(empty, vec![3]);
+        let want: Vec<u64> = (512..1024)
+            .chain(2560..3000)
+            .filter(|&i| a.get(i) && !b.get(i))
+            .collect();
+        assert_eq!(r.total(), want.len() as u64);
+        let got: Vec<u64> = (0..r.total())
+            .map(|k| r.select(&a, &b, k).unwrap())
+            .collect();
+        assert_eq!(got, want);
+        assert_eq!(r.select(&a, &b, r.total()), None);
+        // Nothing indexed: nothing to select; a block past the end counts nothing.
+        let (none, empty) = AndNotRanks::new(&a, &b, [99]);
+        assert_eq!((none.total(), empty), (0, vec![99]));
+        assert_eq!(none.select(&a, &b, 0), None);
+    }
 
     #[test]
     fn ranks_select_every_set_bit_in_order() {

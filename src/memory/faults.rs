@@ -210,6 +210,9 @@ pub struct SampleOutcome {
     pub gfn: u64,
     /// Its first access, if any.
     pub first: Option<Access>,
+    /// It was the shared zero page when armed: it came back as the zero page, which KVM maps
+    /// read-only, so a read of it cannot have set its dirty bit.
+    pub zero: bool,
 }
 
 /// What moving a page out for sampling did.
@@ -466,7 +469,12 @@ impl Faults {
             .max()
             .unwrap_or(0);
         for (gfn, m) in sampled {
-            let MovedOut::Sampled { slot, first, .. } = m else {
+            let MovedOut::Sampled {
+                slot,
+                first,
+                shared,
+            } = m
+            else {
                 continue;
             };
             if let (None, Some(s)) = (first, slot) {
@@ -484,7 +492,11 @@ impl Faults {
                 protect_returned(&self.uffd, &self.layout, gfn)
                     .map_err(|source| FaultsError::Protect { gfn, source })?;
             }
-            out.push(SampleOutcome { gfn, first });
+            out.push(SampleOutcome {
+                gfn,
+                first,
+                zero: shared,
+            });
         }
         // The pages accessed came back as copies: their originals are still in the stash.
         drop_stash(self.layout, 0..used);
@@ -1039,11 +1051,13 @@ mod tests {
             vec![
                 SampleOutcome {
                     gfn: 1,
-                    first: Some(Access::Read)
+                    first: Some(Access::Read),
+                    zero: false
                 },
                 SampleOutcome {
                     gfn: 10,
-                    first: Some(Access::Write)
+                    first: Some(Access::Write),
+                    zero: true
                 }
             ]
         );

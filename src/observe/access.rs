@@ -48,8 +48,13 @@ pub struct Round {
     pub t: u64,
     /// Of the accessed, first by a write.
     pub writes: u64,
-    /// Pages first accessed by a read (KVM may have set their dirty bits while resolving it).
+    /// Pages first accessed by a read (KVM may have set their dirty bits while resolving it;
+    /// not the zero page, which it maps read-only).
     pub read_first: Vec<u64>,
+    /// Pages drawn from the untouched stratum ([`Population`]) that were accessed: not in `t`,
+    /// since an access that the harvest saw as a first touch is counted there already; the
+    /// estimate adds the others (reads of the zero page, which show nowhere else).
+    pub untouched_hits: Vec<u64>,
     /// Picked pages that could not be armed (pinned, shared, part of a huge page), replaced.
     pub skipped: u64,
     /// The population the pages were drawn from.
@@ -70,6 +75,27 @@ pub struct Arming {
     pub previous: Vec<u64>,
 }
 
+/// What one round's sample is drawn from, by rank: `size` pages, the `r`-th given by `select`.
+/// Ranks from `untouched_from` on are untouched pages the VMM mapped to the zero page: a guest
+/// read of one shows in no dirty log and no residency pass, so only a sample sees it (a write
+/// does show, as a first touch).
+pub struct Population<'a> {
+    pub size: u64,
+    pub untouched_from: u64,
+    pub select: Box<dyn Fn(u64) -> Option<u64> + 'a>,
+}
+
+impl<'a> Population<'a> {
+    /// The pages set in `pages`, indexed by `ranks`, and nothing else.
+    pub fn of(pages: &'a Bitmap, ranks: &'a Ranks) -> Self {
+        Population {
+            size: ranks.total(),
+            untouched_from: ranks.total(),
+            select: Box::new(move |r| ranks.select(pages, r)),
+        }
+    }
+}
+
 /// The access sampler of one guest memory.
 pub struct AccessSampler {
     sampler: Sampler,
@@ -77,6 +103,8 @@ pub struct AccessSampler {
     skipped: u64,
     /// The pages of the last arming.
     last_armed: Vec<u64>,
+    /// Those of them drawn from the untouched stratum (sorted).
+    untouched: Vec<u64>,
     /// The stash's size: the most pages one round can arm.
     capacity: u64,
     /// Whether a round is armed now.
@@ -98,6 +126,7 @@ impl AccessSampler {
             population: 0,
             skipped: 0,
             last_armed: Vec::new(),
+            untouched: Vec::new(),
             capacity: samples.min(faults.stash_pages()),
             round_open: false,
         })
@@ -132,15 +161,13 @@ impl AccessSampler {
     }
 
     /// Arms a fresh sample of `samples` pages (at most the stash's size; 0: none this round)
-    /// drawn uniformly from `population` (one bit per guest page), whose rank index is `ranks`.
-    /// Picked pages that refuse to move are replaced by fresh draws, so n stays what was asked
-    /// for, up to four tries per page asked for. The cost is O(samples): it does not depend on
-    /// the guest's size. Call with the guest stopped.
+    /// drawn uniformly from `population`. Picked pages that refuse to move are replaced by fresh
+    /// draws, so n stays what was asked for, up to four tries per page asked for. The cost is
+    /// O(samples): it does not depend on the guest's size. Call with the guest stopped.
     pub fn arm(
         &mut self,
         memory: &GuestMemory,
-        population: &Bitmap,
-        ranks: &Ranks,
+        population: &Population<'_>,
         samples: u64,
     ) -> Result<Arming, AccessError> {
         let faults = faults(memory)?;
@@ -150,8 +177,9 @@ impl AccessSampler {
             previous: std::mem::take(&mut self.last_armed),
             ..Arming::default()
         };
-        self.population = ranks.total();
+        self.population = population.size;
         self.skipped = 0;
+        self.untouched.clear();
         let want = samples.min(self.population);
         let mut taken = HashSet::new();
         let mut todo = Vec::new();
@@ -162,23 +190,29 @@ impl AccessSampler {
                 self.sampler
                     .draw_ranks(missing, self.population, &mut taken)
                     .into_iter()
-                    .filter_map(|r| ranks.select(population, r)),
+                    .filter_map(|r| {
+                        (population.select)(r).map(|gfn| (gfn, r >= population.untouched_from))
+                    }),
             );
             if todo.is_empty() {
                 break;
             }
             todo.sort_unstable();
-            for &gfn in &todo {
+            for &(gfn, untouched) in &todo {
                 match faults.sample(gfn, out.pages.len() as u64)? {
                     Sampled::Armed { new_region } => {
                         out.new_regions.extend(new_region);
                         out.pages.push(gfn);
+                        if untouched {
+                            self.untouched.push(gfn);
+                        }
                     }
                     Sampled::Refused => self.skipped += 1,
                 }
             }
         }
         out.pages.sort_unstable();
+        self.untouched.sort_unstable();
         self.last_armed = out.pages.clone();
         Ok(out)
     }
@@ -201,16 +235,19 @@ impl AccessSampler {
             ..Round::default()
         };
         for o in outcomes {
-            match o.first {
-                Some(Access::Write) => {
-                    round.t += 1;
-                    round.writes += 1;
-                }
-                Some(Access::Read) => {
-                    round.t += 1;
-                    round.read_first.push(o.gfn);
-                }
-                None => {}
+            if o.first == Some(Access::Read) && !o.zero {
+                round.read_first.push(o.gfn);
+            }
+            if o.first.is_none() {
+                continue;
+            }
+            if self.untouched.binary_search(&o.gfn).is_ok() {
+                round.untouched_hits.push(o.gfn);
+                continue;
+            }
+            round.t += 1;
+            if o.first == Some(Access::Write) {
+                round.writes += 1;
             }
         }
         Ok(open.then_some(round))

@@ -18,8 +18,8 @@ use std::time::{Duration, Instant};
 use thiserror::Error;
 
 use crate::kvm::vm::{Released, Vm, VmError};
-use crate::memory::bitmap::{Bitmap, Ranks, Window};
-use crate::observe::access::{AccessError, AccessSampler, Arming, Round};
+use crate::memory::bitmap::{AndNotRanks, Bitmap, Ranks, Window};
+use crate::observe::access::{AccessError, AccessSampler, Arming, Population, Round};
 use crate::observe::pmp_mmp::{MapError, PmpMmpMap};
 use crate::observe::sampler::Sampler;
 use crate::observe::stats::{Smoother, Stratified};
@@ -102,6 +102,10 @@ pub struct Estimator {
     /// The rank index of the access sample's population: the pages touched so far (all of RAM
     /// when not stratifying), built by the count after each harvest.
     population: Ranks,
+    /// The rank index of the untouched pages the VMM mapped to the zero page (stratified
+    /// sampling only): the access sample draws them too, since a guest read of one shows only
+    /// there.
+    zero_mapped: AndNotRanks,
     /// Scratch: pages the write sample leaves out (the access sample, moved out now, and the one
     /// before; pages moved back untouched come back write-protected, so a read of them is not
     /// logged as a write: `memory::faults`).
@@ -142,6 +146,7 @@ impl Estimator {
             everything,
             everything_ranks,
             population,
+            zero_mapped: AndNotRanks::default(),
             exclude: Bitmap::new(pages),
             written_pages: 0,
             remapped: Vec::new(),
@@ -166,21 +171,30 @@ impl Estimator {
             .map_or(&[], |s| s.armed())
     }
 
-    /// The access sample's population for `interval` (the pages touched so far, or all of RAM),
-    /// its rank index, and how many pages to draw (`u64::MAX`: the sampler's own size).
-    pub fn access_draw(&self, interval: u64) -> (&Bitmap, &Ranks, u64) {
-        let touched = if self.stratify {
-            self.map.touched()
-        } else {
-            &self.everything
-        };
+    /// The access sample's population for `interval` and how many pages to draw (`u64::MAX`:
+    /// the sampler's own size). Stratified: the pages touched so far, then the untouched ones
+    /// the VMM mapped to the zero page (a guest read of one shows nowhere else); plain: all of
+    /// RAM.
+    pub fn access_draw(&self, interval: u64) -> (Population<'_>, u64) {
         let cycle = &self.access_cycle;
         let n = if cycle.is_empty() {
             u64::MAX
         } else {
             cycle[(interval % cycle.len() as u64) as usize]
         };
-        (touched, &self.population, n)
+        if !self.stratify {
+            return (Population::of(&self.everything, &self.population), n);
+        }
+        let (map, touched, zero) = (&self.map, &self.population, &self.zero_mapped);
+        let population = Population {
+            size: touched.total() + zero.total(),
+            untouched_from: touched.total(),
+            select: Box::new(move |r| match r.checked_sub(touched.total()) {
+                None => touched.select(map.touched(), r),
+                Some(z) => map.select_zero_mapped(zero, z),
+            }),
+        };
+        (population, n)
     }
 
     /// Ends interval `interval`, which lasted `length`: `dirty` is KVM's dirty bitmap (whole RAM;
@@ -211,6 +225,7 @@ impl Estimator {
         )?;
         if self.stratify {
             self.population = self.map.touched_ranks();
+            self.zero_mapped = self.map.zero_mapped_ranks();
         }
         self.written_pages = self.map.guest_written_pages();
         let pages = self.map.pages();
@@ -222,7 +237,14 @@ impl Estimator {
             exact(harvested.newly_written),
         );
         let access = round.map(|r| {
-            let s = Stratified::new(new_touches, r.t, r.n, r.population);
+            // An untouched page's access counts unless the harvest counted it as a first touch
+            // (a write, or a read KVM mapped afresh): only its reads of the zero page are news.
+            let unseen = r
+                .untouched_hits
+                .iter()
+                .filter(|&&gfn| !self.map.touched().get(gfn))
+                .count() as u64;
+            let s = Stratified::new(new_touches, r.t + unseen, r.n, r.population);
             active(s, r.skipped, &mut self.access_smoother, pages, None)
         });
         let writes = write_t.map(|(n, t, population)| {
@@ -512,8 +534,8 @@ impl IntervalWork {
         let t0 = Instant::now();
         let arming = match &mut self.access {
             Some(a) => {
-                let (touched, ranks, n) = self.core.access_draw(interval);
-                a.arm(vm.memory(), touched, ranks, n)?
+                let (population, n) = self.core.access_draw(interval);
+                a.arm(vm.memory(), &population, n)?
             }
             None => Arming::default(),
         };
@@ -764,10 +786,16 @@ mod tests {
         rig.write(0..100);
         rig.close(None, 0);
         rig.arm(1, &Arming::default());
-        let (population, ranks, n) = rig.core.access_draw(1);
-        assert_eq!((population.count_ones(), ranks.total(), n), (100, 100, 0));
+        let (population, n) = rig.core.access_draw(1);
         assert_eq!(
-            rig.core.access_draw(0).2,
+            (population.size, population.untouched_from, n),
+            (100, 100, 0)
+        );
+        assert_eq!((population.select)(99), Some(99));
+        assert_eq!((population.select)(100), None);
+        drop(population);
+        assert_eq!(
+            rig.core.access_draw(0).1,
             3,
             "the cycle's size for interval 0"
         );
@@ -783,7 +811,7 @@ mod tests {
             read_first: vec![150],
             skipped: 2,
             population: 100,
-            fills: 0,
+            ..Round::default()
         };
         let e = rig.close(Some(round), 1);
         let a = e.access.expect("an access round was closed");
@@ -814,5 +842,52 @@ mod tests {
             !cleared.contains(&150),
             "re-protected once, not every interval"
         );
+    }
+
+    #[test]
+    fn untouched_pages_the_vmm_zero_mapped_are_drawn_and_only_their_unseen_reads_count() {
+        let mut rig = Rig::new(Some(10), true);
+        rig.write(0..100);
+        rig.close(None, 0);
+        // The fault handler maps pages 200..300 to the zero page (as a read would) and says so.
+        for p in 200..300 {
+            rig.read(p);
+        }
+        rig.core.map_mut().note_zero_mapped(200..300);
+        let e = rig.close(None, 1);
+        assert!(e.access.is_none());
+        assert_eq!(rig.core.map().vmm_zero_mapped(), 100);
+        // The population: the 100 touched pages, then the 100 zero-mapped ones, by rank.
+        let (population, _) = rig.core.access_draw(2);
+        assert_eq!((population.size, population.untouched_from), (200, 100));
+        let drawn: Vec<u64> = (0..200).map(|r| (population.select)(r).unwrap()).collect();
+        assert_eq!(drawn, (0..100).chain(200..300).collect::<Vec<_>>());
+        assert_eq!((population.select)(200), None);
+        drop(population);
+        // Sampled and accessed in the round: 210 only read (nothing else sees it), 220 written
+        // (the dirty log shows a first touch, counted exactly).
+        rig.write([220]);
+        let round = Round {
+            n: 20,
+            t: 3,
+            untouched_hits: vec![210, 220],
+            population: 200,
+            ..Round::default()
+        };
+        let a = rig.close(Some(round), 2).access.unwrap();
+        assert_eq!(a.exact_mib, mib(1.0), "page 220's first touch");
+        assert_eq!(a.t, 4, "three touched pages and page 210's read");
+        assert_eq!(a.estimate_mib, mib(1.0 + 4.0 / 20.0 * 200.0));
+        // Page 220 left the stratum; 210 stays in it (no harvest saw it).
+        let (population, _) = rig.core.access_draw(3);
+        assert_eq!((population.size, population.untouched_from), (200, 101));
+        drop(population);
+        // Plain sampling draws from all of RAM, which holds them already.
+        let mut plain = Rig::new(Some(10), false);
+        plain.write(0..10);
+        plain.core.map_mut().note_zero_mapped(200..300);
+        plain.close(None, 0);
+        let (population, _) = plain.core.access_draw(1);
+        assert_eq!((population.size, population.untouched_from), (PAGES, PAGES));
     }
 }

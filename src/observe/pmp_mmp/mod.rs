@@ -90,7 +90,9 @@ pub use record::{PageInfo, PageState};
 pub use residency::ResidencyMethod;
 pub use windows::{MIN_SKIP_WORDS, ScanStats};
 
-use crate::memory::bitmap::{Bitmap, Counted, Ranks, WORD_BITS, Window, words_for};
+use crate::memory::bitmap::{
+    AndNotRanks, Bitmap, Counted, Ranks, SPARSE_BLOCK_WORDS, WORD_BITS, Window, words_for,
+};
 use crate::memory::pagemap::{
     PageCounts, PageEntry, PageRegion, Pagemap, PagemapError, READ_CHUNK_ENTRIES, Residency,
 };
@@ -102,6 +104,9 @@ use record::{
 
 /// Pages of gap a pagemap read reads through rather than starting a new `pread`.
 const LOOKUP_GAP_PAGES: u64 = 64;
+
+/// Pages per block of the map's record of where the VMM mapped untouched pages to the zero page.
+const ZERO_BLOCK_PAGES: u64 = SPARSE_BLOCK_WORDS as u64 * WORD_BITS;
 
 /// Errors of the map, naming the step that failed.
 #[derive(Debug, Error)]
@@ -304,6 +309,9 @@ pub struct PmpMmpMap {
     known_dirty: Bitmap,
     /// Pages present (resident) at the last look.
     resident: Bitmap,
+    /// Blocks of [`ZERO_BLOCK_PAGES`] pages where the VMM mapped untouched pages to the zero page
+    /// ([`PmpMmpMap::note_zero_mapped`]): the only places an untouched page can be resident.
+    zero_blocks: Bitmap,
     /// Scratch: pages to look up in this harvest.
     pending: Bitmap,
     records: Records,
@@ -390,6 +398,7 @@ impl PmpMmpMap {
             written_since_release: Bitmap::new(guest_pages),
             known_dirty: Bitmap::new(guest_pages),
             resident: Bitmap::new(guest_pages),
+            zero_blocks: Bitmap::new(guest_pages.div_ceil(ZERO_BLOCK_PAGES)),
             pending: Bitmap::new(guest_pages),
             records: Records::new(guest_pages),
             interval_count: 0,
@@ -726,8 +735,30 @@ impl PmpMmpMap {
         for gfn in pages.start..pages.end.min(self.pages) {
             if !self.touched.get(gfn) {
                 self.resident.set(gfn);
+                self.zero_blocks.set(gfn / ZERO_BLOCK_PAGES);
             }
         }
+    }
+
+    /// The rank index of the pages [`PmpMmpMap::vmm_zero_mapped`] counts: a guest read of one
+    /// shows nowhere, so the access sampler draws them too. The cost is the blocks that hold
+    /// such pages (512 pages each), not the RAM.
+    pub fn zero_mapped_ranks(&mut self) -> AndNotRanks {
+        let (ranks, empty) = AndNotRanks::new(
+            &self.resident,
+            self.touched.bitmap(),
+            self.zero_blocks.iter_ones(),
+        );
+        for b in empty {
+            self.zero_blocks.clear(b);
+        }
+        ranks
+    }
+
+    /// The `r`-th page of [`PmpMmpMap::zero_mapped_ranks`] (`ranks`, built since the last change
+    /// to the map).
+    pub fn select_zero_mapped(&self, ranks: &AndNotRanks, r: u64) -> Option<u64> {
+        ranks.select(&self.resident, self.touched.bitmap(), r)
     }
 
     /// Untouched pages the VMM mapped to the zero page ([`PmpMmpMap::note_zero_mapped`]) and
@@ -1488,6 +1519,14 @@ mod tests {
         // Released, an untouched zero-mapped page is no longer resident.
         map.note_released(10..12, &Window::default(), 3);
         assert_eq!(map.vmm_zero_mapped(), 60);
+        // The access sampler's index of them: every one, by rank, and nothing else.
+        let ranks = map.zero_mapped_ranks();
+        assert_eq!(ranks.total(), 60);
+        let drawn: Vec<u64> = (0..60)
+            .map(|r| map.select_zero_mapped(&ranks, r).unwrap())
+            .collect();
+        let want: Vec<u64> = (1..64).filter(|&g| g != 5 && g != 10 && g != 11).collect();
+        assert_eq!(drawn, want);
     }
 
     #[test]
