@@ -143,7 +143,9 @@ pub struct Active {
     pub t: u64,
     /// The part counted exactly: first touches (first writes) seen by the harvest.
     pub exact_mib: f64,
-    /// The stratum the sample was drawn from (all of RAM with `--plain-sampling`).
+    /// The population the sample was drawn from: the pages touched (written) before, and for
+    /// the access estimate the untouched pages the VMM mapped to the zero page too (all of RAM
+    /// with `--plain-sampling`).
     pub sampled_from_mib: f64,
     /// Picked pages that could not be armed and were replaced (access estimate only).
     pub skipped: u64,

@@ -7,7 +7,9 @@
 //! guest (a vCPU blocks inside `KVM_RUN`) or by the VMM, faults to guest memory's handler thread,
 //! which records whether it was a read or a write and moves the page back, waking the toucher.
 //! Disarming moves back the pages nobody touched. No data is ever copied, so contents are intact.
-//! This module is the sampling: which pages, how many, and what a round saw.
+//! This module is the sampling: which pages, how many, and what a round saw. The pages are drawn
+//! from the ones touched so far and, since a guest read of one shows nowhere else, the untouched
+//! ones the VMM mapped to the zero page ([`Population`]).
 //!
 //! Why whole regions, registered once: registering and unregistering single pages every interval
 //! splits and merges the mapping, and on this development host (nested KVM, PVM) that makes KVM

@@ -729,8 +729,9 @@ impl PmpMmpMap {
     /// fault handler does so for the never-touched pages of a region before registering it, so
     /// that their first touch does not fault to it). Untouched ones among them stay untouched:
     /// they are taken as resident already, so the residency pass does not count them as read. A
-    /// write gives one a machine page, which the dirty log shows; a guest read of one is not seen
-    /// (`docs/design.md`, the access sampler). Tell the map before the next harvest.
+    /// write gives one a machine page, which the dirty log shows; a guest read of one shows
+    /// nowhere, so the access sampler draws these pages too ([`PmpMmpMap::zero_mapped_ranks`]).
+    /// Tell the map before the next harvest.
     pub fn note_zero_mapped(&mut self, pages: Range<u64>) {
         for gfn in pages.start..pages.end.min(self.pages) {
             if !self.touched.get(gfn) {
