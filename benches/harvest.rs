@@ -32,6 +32,9 @@ use memvisor::memory::pagemap::AnonMapping;
 use memvisor::observe::pmp_mmp::{HarvestStats, MapOptions, PmpMmpMap, ResidencyMethod};
 use memvisor::units::PAGE_SIZE;
 
+mod common;
+use common::median;
+
 const GIB: u64 = 1 << 30;
 const TOUCHED: u64 = 256 << 20;
 const BLOCK_PAGES: u64 = 512;
@@ -189,12 +192,6 @@ fn bench(gib: u64, kvm: Option<&Kvm>) -> Result<Row, String> {
         overhead_mib: map.overhead_bytes() as f64 / f64::from(1 << 20),
         backed,
     })
-}
-
-/// The median of `v` (sorted in place); 0 when empty.
-fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(f64::total_cmp);
-    v.get(v.len() / 2).copied().unwrap_or(0.0)
 }
 
 /// One real run's steady rows: medians of the `vmm` parts, ms, and the slots read.

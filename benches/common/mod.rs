@@ -26,8 +26,9 @@ pub fn mean_se(v: &[f64]) -> (f64, f64) {
     (m, (var / k).sqrt())
 }
 
-/// The median of `v` (sorted in place; the upper one of an even count).
+/// The median of `v` (sorted in place; the upper one of an even count), NaN when `v` is empty
+/// (a table then shows that nothing was measured, not a zero).
 pub fn median(v: &mut [f64]) -> f64 {
-    v.sort_by(|a, b| a.partial_cmp(b).unwrap());
-    v[v.len() / 2]
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }

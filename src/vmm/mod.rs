@@ -281,6 +281,16 @@ struct Vmm<'vm, 'o> {
     pause: Pause,
 }
 
+/// What one step of waiting outside the guest came to ([`Vmm::wait`]).
+enum Waited {
+    /// An interval ended, and its work was done.
+    Ticked,
+    /// The time waited for came, or a reason to stop.
+    Over,
+    /// Neither yet.
+    Slept,
+}
+
 impl Vmm<'_, '_> {
     fn run_loop(&mut self, vcpu: &mut Vcpu<'_>) -> Result<Ended, RunError> {
         loop {
@@ -439,33 +449,17 @@ impl Vmm<'_, '_> {
         None
     }
 
-    /// The guest's SLEEP: until `d` has passed, the next tick or a stop, whichever is first;
-    /// does the tick's work if it came (and lets a row go whose grace ran out meanwhile). True if
-    /// a tick ended the sleep.
+    /// The guest's SLEEP: until `d` has passed, the next tick or a reason to stop, whichever is
+    /// first; does the tick's work if it came (and lets a row go whose grace ran out meanwhile).
+    /// True if a tick ended the sleep.
     fn sleep(&mut self, d: Duration) -> Result<bool, RunError> {
         let until = Instant::now().checked_add(d);
         loop {
-            let now = Instant::now();
-            let tick = self.clock.ends();
-            if now >= tick {
-                self.tick(None)?;
-                return Ok(true);
+            match self.wait(until)? {
+                Waited::Ticked => return Ok(true),
+                Waited::Over => return Ok(false),
+                Waited::Slept => {}
             }
-            if let Some(row) = self.joiner.expired(now) {
-                self.emit(row);
-            }
-            if until.is_some_and(|u| now >= u) || self.clock.past_deadline() {
-                return Ok(false);
-            }
-            self.take_commands();
-            if stop::requested().is_some() || self.stopped {
-                return Ok(false);
-            }
-            let wake = [until, self.joiner.deadline()]
-                .into_iter()
-                .flatten()
-                .fold(tick, Instant::min);
-            std::thread::sleep(wake.saturating_duration_since(now).min(POLL));
         }
     }
 
@@ -474,24 +468,38 @@ impl Vmm<'_, '_> {
     /// reason to stop.
     fn hold(&mut self) -> Result<(), RunError> {
         while self.pause.is_paused() {
-            let now = Instant::now();
-            let tick = self.clock.ends();
-            if now >= tick {
-                self.tick(None)?;
-                continue;
+            if let Waited::Over = self.wait(None)? {
+                break;
             }
-            if let Some(row) = self.joiner.expired(now) {
-                self.emit(row);
-            }
-            self.take_commands();
-            let stop = stop::requested().is_some() || self.stopped;
-            if stop || self.clock.past_deadline() || self.output.is_err() {
-                return Ok(());
-            }
-            let wake = self.joiner.deadline().map_or(tick, |d| d.min(tick));
-            std::thread::sleep(wake.saturating_duration_since(now).min(POLL));
         }
         Ok(())
+    }
+
+    /// One step of waiting outside the guest: the interval's work if its boundary came;
+    /// otherwise a row whose grace ran out goes and commands are taken, and, unless `until` came
+    /// or there is a reason to stop (the deadline, a signal, a controller's stop, a failed
+    /// output), a sleep until the next thing due (at most [`POLL`]).
+    fn wait(&mut self, until: Option<Instant>) -> Result<Waited, RunError> {
+        let now = Instant::now();
+        let tick = self.clock.ends();
+        if now >= tick {
+            self.tick(None)?;
+            return Ok(Waited::Ticked);
+        }
+        if let Some(row) = self.joiner.expired(now) {
+            self.emit(row);
+        }
+        self.take_commands();
+        let stop = stop::requested().is_some() || self.stopped || self.output.is_err();
+        if stop || until.is_some_and(|u| now >= u) || self.clock.past_deadline() {
+            return Ok(Waited::Over);
+        }
+        let wake = [until, self.joiner.deadline()]
+            .into_iter()
+            .flatten()
+            .fold(tick, Instant::min);
+        std::thread::sleep(wake.saturating_duration_since(now).min(POLL));
+        Ok(Waited::Slept)
     }
 
     /// The guest answers the statistics request of an interval tick on its next system call,

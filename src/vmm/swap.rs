@@ -8,7 +8,6 @@
 //! balloon's releases; the map then calls it `VmmSwapped`.
 
 use std::collections::HashMap;
-use std::ops::Range;
 use std::time::{Duration, Instant};
 
 use rand::SeedableRng;
@@ -18,6 +17,7 @@ use vm_memory::{Bytes, GuestAddress};
 
 use crate::kvm::vcpu::kick;
 use crate::kvm::vm::Vm;
+use crate::memory::bitmap::gap_ranges_of;
 use crate::memory::faults::{Access, Faults, FaultsError, Stored};
 use crate::memory::pagemap::PageCounts;
 use crate::memory::swap::policy::{Candidate, SharedFrame, choose, choose_shared};
@@ -220,7 +220,7 @@ impl HypervisorSwap {
         if stored.is_empty() {
             return Ok((0, 0));
         }
-        let ranges = ranges(stored.iter().map(|&(gfn, _)| gfn));
+        let ranges = gap_ranges_of(stored.iter().map(|&(gfn, _)| gfn), 0, u64::MAX);
         if let Err(e) = work.release(vm, &ranges, interval) {
             faults.swap_abort(stored.iter().filter_map(|&(_, s)| s));
             return Err(SwapError::Release(e));
@@ -288,18 +288,6 @@ impl HypervisorSwap {
     }
 }
 
-/// Ascending pages merged into ranges.
-fn ranges(pages: impl Iterator<Item = u64>) -> Vec<Range<u64>> {
-    let mut out: Vec<Range<u64>> = Vec::new();
-    for p in pages {
-        match out.last_mut() {
-            Some(r) if r.end == p => r.end += 1,
-            _ => out.push(p..p + 1),
-        }
-    }
-    out
-}
-
 /// The `q` quantile of sorted `v` (nearest rank), `None` when empty.
 fn percentile(v: &[f64], q: f64) -> Option<f64> {
     if v.is_empty() {
@@ -312,15 +300,6 @@ fn percentile(v: &[f64], q: f64) -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn pages_merge_into_ranges() {
-        assert_eq!(
-            ranges([1, 2, 3, 7, 9, 10].into_iter()),
-            vec![1..4, 7..8, 9..11]
-        );
-        assert!(ranges(std::iter::empty()).is_empty());
-    }
 
     #[test]
     fn percentiles_are_nearest_rank() {
