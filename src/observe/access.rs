@@ -48,8 +48,6 @@ pub struct Round {
     pub n: u64,
     /// Of them, accessed.
     pub t: u64,
-    /// Of the accessed, first by a write.
-    pub writes: u64,
     /// Pages first accessed by a read (KVM may have set their dirty bits while resolving it;
     /// not the zero page, which it maps read-only).
     pub read_first: Vec<u64>,
@@ -248,9 +246,6 @@ impl AccessSampler {
                 continue;
             }
             round.t += 1;
-            if o.first == Some(Access::Write) {
-                round.writes += 1;
-            }
         }
         Ok(open.then_some(round))
     }

@@ -807,7 +807,6 @@ mod tests {
         let round = Round {
             n: 20,
             t: 5,
-            writes: 4,
             read_first: vec![150],
             skipped: 2,
             population: 100,

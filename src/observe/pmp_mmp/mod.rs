@@ -765,7 +765,10 @@ impl PmpMmpMap {
     /// Untouched pages the VMM mapped to the zero page ([`PmpMmpMap::note_zero_mapped`]) and
     /// that no harvest has seen touched since: resident to `mincore`, in no state of the map.
     pub fn vmm_zero_mapped(&self) -> u64 {
-        self.resident.count_and_not(self.touched.bitmap())
+        let blocks = self.zero_blocks.iter_ones();
+        AndNotRanks::new(&self.resident, self.touched.bitmap(), blocks)
+            .0
+            .total()
     }
 
     /// The VMM swapped guest pages `pages` out (hypervisor swap) just after releasing them
