@@ -398,6 +398,14 @@ impl Window {
     }
 }
 
+/// The position of the `n`-th (from 0) set bit of `x`, which has more than `n` set bits.
+fn nth_set_bit(mut x: u64, n: u64) -> u64 {
+    for _ in 0..n {
+        x &= x - 1;
+    }
+    u64::from(x.trailing_zeros())
+}
+
 /// Words per block of a [`Ranks`] index (4096 bits).
 const RANK_BLOCK_WORDS: usize = 64;
 
@@ -446,13 +454,10 @@ impl Ranks {
         let first = block * RANK_BLOCK_WORDS;
         let last = (first + RANK_BLOCK_WORDS).min(bitmap.words.len());
         for w in first..last {
-            let mut x = bitmap.words[w] & bitmap.word_mask(w);
+            let x = bitmap.words[w] & bitmap.word_mask(w);
             let c = u64::from(x.count_ones());
             if left < c {
-                for _ in 0..left {
-                    x &= x - 1;
-                }
-                return Some(w as u64 * WORD_BITS + u64::from(x.trailing_zeros()));
+                return Some(w as u64 * WORD_BITS + nth_set_bit(x, left));
             }
             left -= c;
         }
@@ -475,13 +480,10 @@ impl Ranks {
                 (w, before_w) = (block * RANK_BLOCK_WORDS, self.before[block]);
             }
             while w < bitmap.words.len() {
-                let mut x = bitmap.words[w] & bitmap.word_mask(w);
+                let x = bitmap.words[w] & bitmap.word_mask(w);
                 let c = u64::from(x.count_ones());
                 if r - before_w < c {
-                    for _ in 0..r - before_w {
-                        x &= x - 1;
-                    }
-                    out.push(w as u64 * WORD_BITS + u64::from(x.trailing_zeros()));
+                    out.push(w as u64 * WORD_BITS + nth_set_bit(x, r - before_w));
                     break;
                 }
                 before_w += c;
@@ -566,13 +568,10 @@ impl AndNotRanks {
         let i = self.blocks.partition_point(|&(_, before)| before <= r) - 1;
         let (first, before) = self.blocks[i];
         let mut left = r - before;
-        for (k, mut x) in Self::block_words(a, b, first).enumerate() {
+        for (k, x) in Self::block_words(a, b, first).enumerate() {
             let c = u64::from(x.count_ones());
             if left < c {
-                for _ in 0..left {
-                    x &= x - 1;
-                }
-                return Some((first + k) as u64 * WORD_BITS + u64::from(x.trailing_zeros()));
+                return Some((first + k) as u64 * WORD_BITS + nth_set_bit(x, left));
             }
             left -= c;
         }
